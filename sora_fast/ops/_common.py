@@ -1,0 +1,135 @@
+"""Helpers shared by the op families: argument validation with clear messages, the math dtype of the
+references, and the reference backward (a vector-Jacobian product through a reference function)."""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """References compute in fp32; fp64 inputs (gradcheck) stay in fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fmt_shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_tensor(name: str, t, *, ndim: Optional[int] = None, layout: str = "",
+                 dtypes: Optional[Sequence[torch.dtype]] = None, device: Optional[torch.device] = None) -> None:
+    """TypeError unless ``t`` is a tensor; ValueError on rank, dtype or device mismatch."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be a {ndim}-D tensor {layout}, got shape {_fmt_shape(t)}".replace("  ", " "))
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on {device} like the main input, got {t.device}")
+
+
+def check_float(name: str, t, *, ndim: Optional[int] = None, layout: str = "", device=None) -> None:
+    check_tensor(name, t, ndim=ndim, layout=layout, dtypes=FLOAT_DTYPES, device=device)
+
+
+def check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def like_layout(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Give a 5-D output x's memory format (channels_last_3d in, channels_last_3d out)."""
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return out.contiguous(memory_format=torch.channels_last_3d)
+    return out.contiguous()
+
+
+def empty_grad(g: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Custom ops cannot return None: absent gradients travel as empty tensors."""
+    return g if g is not None else like.new_empty(0)
+
+
+def check_same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+
+
+def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str = "") -> None:
+    if tuple(t.shape) != tuple(expected):
+        exp = "(" + ", ".join(str(s) for s in expected) + ")"
+        raise ValueError(f"{name} must have shape {exp}{' ' + what if what else ''}, got {_fmt_shape(t)}")
+
+
+def check_int_tuple(name: str, value, n: int, *, minimum: int = 0) -> tuple[int, ...]:
+    """Accept an int (repeated n times) or a sequence of n ints, each >= minimum."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a tuple of {n} ints, got {value!r}")
+    if isinstance(value, int):
+        value = (value,) * n
+    try:
+        out = tuple(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a tuple of {n} ints, got {type(value).__name__}") from None
+    if len(out) != n or not all(isinstance(v, int) and not isinstance(v, bool) for v in out):
+        raise ValueError(f"{name} must be {n} ints, got {value!r}")
+    if any(v < minimum for v in out):
+        raise ValueError(f"{name} must be {n} ints >= {minimum}, got {out}")
+    return out
+
+
+def check_index_values(name: str, ids: torch.Tensor, bound: int, what: str) -> None:
+    """Values of an index vector lie in [0, bound): kernels index tables with them, unchecked."""
+    if ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= bound:
+        raise ValueError(f"{name} values must lie in [0, {bound}) ({what}), got min {lo}, max {hi}")
+
+
+def check_cu_seqlens_values(name: str, cu: torch.Tensor, n_tokens: int) -> list[int]:
+    """cu_seqlens starts at 0, never decreases and ends at the token count; returns it as a list."""
+    vals = cu.tolist()
+    if vals[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {vals[0]}")
+    for i in range(1, len(vals)):
+        if vals[i] < vals[i - 1]:
+            raise ValueError(f"{name} must be non-decreasing, got {name}[{i - 1}]={vals[i - 1]} > {name}[{i}]={vals[i]}")
+    if vals[-1] != n_tokens:
+        raise ValueError(f"{name}[-1] must equal the number of tokens ({n_tokens}), got {vals[-1]}")
+    return vals
+
+
+def reference_vjp(fn: Callable, inputs: dict, grads: Sequence[Optional[torch.Tensor]],
+                  differentiable: Sequence[str], **static) -> dict:
+    """Gradients of ``fn(**inputs, **static)`` w.r.t. the tensors named in ``differentiable``.
+
+    The reference backward of every op: a vector-Jacobian product through its plain-torch reference.
+    ``grads`` match fn's outputs (a tensor or a tuple); None entries count as zeros. Returns
+    name -> gradient, or None for an absent input. ``torch.func.vjp`` is used rather than
+    ``torch.autograd.grad`` because custom-op implementations run with autograd dispatch disabled.
+    """
+    names = [k for k in differentiable if inputs.get(k) is not None]
+    result = {k: None for k in differentiable}
+    if not names:
+        return result
+
+    def call(*primals):
+        return fn(**{**inputs, **dict(zip(names, primals))}, **static)
+
+    outs, vjp_fn = torch.func.vjp(call, *(inputs[k] for k in names))
+    single = not isinstance(outs, tuple)
+    outs_t = (outs,) if single else outs
+    cot = tuple(torch.zeros_like(o) if g is None else g.to(o.dtype) for o, g in zip(outs_t, grads))
+    got = vjp_fn(cot[0] if single else cot)
+    # A custom op may not return an alias of an input or of another output (the gradient of a plain
+    # add is the incoming gradient itself): copy those.
+    seen = {t.untyped_storage().data_ptr() for t in (*inputs.values(), *grads) if isinstance(t, torch.Tensor)}
+    for k, g in zip(names, got):
+        ptr = g.untyped_storage().data_ptr()
+        result[k] = g.clone() if ptr in seen else g
+        seen.add(ptr)
+    return result

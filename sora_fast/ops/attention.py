@@ -1,0 +1,268 @@
+"""Packed varlen spacetime attention: many videos of different sizes in one token stream.
+
+q ``(Nq, H, D)``, k/v ``(Nk, H, D)``; sequence ``i`` is rows ``cu_seqlens[i]:cu_seqlens[i+1]``. No token
+attends across sequences. Optional 3D local window over each video's (t, h, w) patch grid, optional 3D
+RoPE on q and k (fused into the kernels' loads), LSE output. Zero-length sequences are legal; a query
+sequence whose key sequence is empty (cross-attention to an empty caption) gets zeros and LSE = -inf.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _dispatch
+from ._common import (check_cu_seqlens_values, check_float, check_int_tuple, check_positive, check_same_dtype,
+                      check_tensor, math_dtype, reference_vjp)
+from .rope import apply_rope3d_ref, validate_rope_args
+
+OP = "spacetime_attention"
+
+__all__ = ["grid_coords", "window_mask", "spacetime_attention_ref", "spacetime_attention", "SpacetimeAttention"]
+
+
+def grid_coords(grid_thw: Sequence[int], device=None) -> torch.Tensor:
+    """(t, h, w) of every token of one video in packing order (t-major raster): ``(T*H*W, 3)`` int64."""
+    t, h, w = (int(g) for g in grid_thw)
+    axes = [torch.arange(n, device=device) for n in (t, h, w)]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+
+
+def window_mask(grid_thw: Sequence[int], window: Sequence[int], device=None) -> torch.Tensor:
+    """``(L, L)`` bool: query token i may attend key token j (|dt| <= wt, |dh| <= wh, |dw| <= ww)."""
+    c = grid_coords(grid_thw, device)
+    dist = (c[:, None, :] - c[None, :, :]).abs()
+    return (dist <= torch.tensor(window, device=device)).all(dim=-1)
+
+
+# --- reference ---------------------------------------------------------------------------------
+def spacetime_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, scale=None, window=None, grid=None,
+                            rope_coords=None, rope_theta=10000.0, return_lse=False):
+    """Per-sequence softmax attention in fp32 (fp64 for fp64 inputs). Returns out in q's dtype and,
+    with ``return_lse``, the natural-log LSE ``(H, Nq)`` in fp32 (fp64 for fp64 inputs)."""
+    md = math_dtype(q.dtype)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qf, kf, vf = q.to(md), k.to(md), v.to(md)
+    if rope_coords is not None:
+        qf = apply_rope3d_ref(qf, rope_coords, theta=rope_theta)
+        kf = apply_rope3d_ref(kf, rope_coords, theta=rope_theta)
+    cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
+    bq, bk = cu_seqlens_q.tolist(), cu_k.tolist()
+    heads, dv = q.shape[1], v.shape[2]
+    outs = [qf.new_zeros(0, heads, dv)]
+    lses = [qf.new_zeros(heads, 0)]
+    for i in range(len(bq) - 1):
+        lq, lk = bq[i + 1] - bq[i], bk[i + 1] - bk[i]
+        if lq == 0:
+            continue
+        if lk == 0:
+            outs.append(qf.new_zeros(lq, heads, dv))
+            lses.append(qf.new_full((heads, lq), float("-inf")))
+            continue
+        qi = qf[bq[i]:bq[i + 1]].transpose(0, 1)                     # (H, Lq, D)
+        ki = kf[bk[i]:bk[i + 1]].transpose(0, 1)                     # (H, Lk, D)
+        vi = vf[bk[i]:bk[i + 1]].transpose(0, 1)                     # (H, Lk, Dv)
+        s = (qi @ ki.transpose(1, 2)) * scale                         # (H, Lq, Lk)
+        if window is not None:
+            s = s.masked_fill(~window_mask(grid[i].tolist(), window, q.device), float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)                              # (H, Lq)
+        p = torch.exp(s - lse[..., None])
+        outs.append((p @ vi).transpose(0, 1))                         # (Lq, H, Dv)
+        lses.append(lse)
+    out = torch.cat(outs).to(q.dtype)
+    if return_lse:
+        return out, torch.cat(lses, dim=1)
+    return out
+
+
+# --- validation ---------------------------------------------------------------------------------
+def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window, grid,
+              rope_coords, rope_theta):
+    check_float("q", q, ndim=3, layout="(Nq, H, D)")
+    check_float("k", k, ndim=3, layout="(Nk, H, D)", device=q.device)
+    check_float("v", v, ndim=3, layout="(Nk, H, Dv)", device=q.device)
+    check_same_dtype("k", k, "q", q)
+    check_same_dtype("v", v, "q", q)
+    if k.shape[1:] != q.shape[1:]:
+        raise ValueError(f"k must have q's heads and head dim (_, {q.shape[1]}, {q.shape[2]}), got {tuple(k.shape)}")
+    if v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"v must have k's rows and heads ({k.shape[0]}, {k.shape[1]}, _), got {tuple(v.shape)}")
+    check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, layout="(B+1,)", dtypes=(torch.int32,), device=q.device)
+    if cu_seqlens_q.shape[0] < 2:
+        raise ValueError(f"cu_seqlens_q must hold B+1 >= 2 offsets, got {cu_seqlens_q.shape[0]}")
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    if cu_seqlens_k is None:
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"self-attention (cu_seqlens_k=None) needs as many k rows as q rows ({q.shape[0]}), "
+                             f"got {k.shape[0]}; pass cu_seqlens_k for cross-attention")
+    else:
+        check_tensor("cu_seqlens_k", cu_seqlens_k, ndim=1, layout="(B+1,)", dtypes=(torch.int32,), device=q.device)
+        if cu_seqlens_k.shape != cu_seqlens_q.shape:
+            raise ValueError(f"cu_seqlens_k must have cu_seqlens_q's length {num_seqs + 1}, got {cu_seqlens_k.shape[0]}")
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
+            raise ValueError(f"{name} must be None or an int >= 0, got {m!r}")
+    if scale is not None:
+        check_positive("scale", scale)
+    if window is not None:
+        window = check_int_tuple("window", window, 3)
+        if cu_seqlens_k is not None:
+            raise ValueError("window needs self-attention (cu_seqlens_k=None): keys must share the queries' grid")
+        if grid is None:
+            raise ValueError("window needs grid: the (T', H', W') patch grid of each sequence, shape (B, 3)")
+    if grid is not None:
+        check_tensor("grid", grid, ndim=2, layout="(B, 3)", dtypes=(torch.int32,), device=q.device)
+        if grid.shape != (num_seqs, 3):
+            raise ValueError(f"grid must have shape ({num_seqs}, 3), one (T', H', W') per sequence, got {tuple(grid.shape)}")
+    if rope_coords is not None:
+        if cu_seqlens_k is not None:
+            raise ValueError("rope_coords needs self-attention (cu_seqlens_k=None): keys must share the queries' coordinates")
+        validate_rope_args(q, rope_coords, rope_theta, None, name="q", cname="rope_coords")
+    return window
+
+
+def _check_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, grid):
+    """Data-dependent checks, run on real tensors inside the op (also under torch.compile)."""
+    bq = check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0])
+    bk = check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0])
+    for name, m, b in (("max_seqlen_q", max_seqlen_q, bq), ("max_seqlen_k", max_seqlen_k, bk)):
+        longest = max(b[i + 1] - b[i] for i in range(len(b) - 1))
+        if m is not None and m < longest:
+            raise ValueError(f"{name} must be >= the longest sequence ({longest}), got {m}")
+    if grid is not None:
+        g = grid.tolist()
+        for i, (t, h, w) in enumerate(g):
+            if min(t, h, w) < 0 or t * h * w != bq[i + 1] - bq[i]:
+                raise ValueError(f"grid[{i}]={g[i]} must be >= 0 and multiply to sequence {i}'s length "
+                                 f"{bq[i + 1] - bq[i]}")
+
+
+# --- custom op ----------------------------------------------------------------------------------
+@torch.library.custom_op("sora_fast::spacetime_attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                  cu_seqlens_k: torch.Tensor, max_seqlen_q: Optional[int], max_seqlen_k: Optional[int],
+                  scale: float, window: Optional[Sequence[int]], grid: Optional[torch.Tensor],
+                  rope_coords: Optional[torch.Tensor], rope_theta: float, backend: str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, grid)
+    kernel = _dispatch.get_kernel(OP, backend, q.device)
+    return kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale,
+                  window=None if window is None else tuple(window), grid=grid, rope_coords=rope_coords,
+                  rope_theta=rope_theta)
+
+
+@_attention_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window, grid, rope_coords,
+      rope_theta, backend):
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[1], q.shape[0], dtype=lse_dtype)
+
+
+@torch.library.custom_op("sora_fast::spacetime_attention_backward", mutates_args=())
+def _attention_bwd_op(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                      cu_seqlens_k: torch.Tensor, max_seqlen_q: Optional[int], max_seqlen_k: Optional[int],
+                      scale: float, window: Optional[Sequence[int]], grid: Optional[torch.Tensor],
+                      rope_coords: Optional[torch.Tensor], rope_theta: float, backend: str
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kernel = _dispatch.get_kernel(OP + "_backward", backend, q.device)
+    return kernel(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                  scale=scale, window=None if window is None else tuple(window), grid=grid,
+                  rope_coords=rope_coords, rope_theta=rope_theta)
+
+
+@_attention_bwd_op.register_fake
+def _(dout, dlse, q, k, v, out, lse, *args):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, window, grid, rope_coords, rope_theta, backend = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k, grid, rope_coords)
+    ctx.args = (max_q, max_k, scale, window)
+    ctx.rope_args = (rope_theta, backend)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k, grid, rope_coords = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd_op(dout, dlse, q, k, v, out, lse, cu_q, cu_k, *ctx.args, grid, rope_coords,
+                                   *ctx.rope_args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _forward_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kw):
+    return spacetime_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, return_lse=True, **kw)
+
+
+def _backward_ref(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kw):
+    g = reference_vjp(spacetime_attention_ref, {"q": q, "k": k, "v": v}, (dout, dlse), ["q", "k", "v"],
+                      cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=True, **kw)
+    return g["q"], g["k"], g["v"]
+
+
+_dispatch.register_kernel(OP, "torch", _forward_ref)
+_dispatch.register_kernel(OP + "_backward", "torch", _backward_ref)
+
+
+# --- public API ---------------------------------------------------------------------------------
+def spacetime_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                        cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_q: Optional[int] = None,
+                        max_seqlen_k: Optional[int] = None, *, scale: Optional[float] = None,
+                        window: Optional[Sequence[int]] = None, grid: Optional[torch.Tensor] = None,
+                        rope_coords: Optional[torch.Tensor] = None, rope_theta: float = 10000.0,
+                        return_lse: bool = False, backend: Optional[str] = None):
+    """Attention over packed sequences, each attending only to itself.
+
+    Args:
+        q: ``(Nq, H, D)`` fp16/bf16/fp32. k, v: ``(Nk, H, D)`` / ``(Nk, H, Dv)``, q's dtype and device.
+        cu_seqlens_q: ``(B+1,)`` int32 offsets of the query sequences.
+        cu_seqlens_k: ``(B+1,)`` int32 offsets of the key sequences (cross-attention, e.g. video
+            queries against packed text); None for self-attention.
+        max_seqlen_q, max_seqlen_k: longest sequence, an upper bound is fine (kernel grids); None
+            computes it.
+        scale: softmax scale, default ``D ** -0.5``.
+        window: ``(wt, wh, ww)``: a query attends only to keys of its own video with |dt| <= wt,
+            |dh| <= wh, |dw| <= ww, coordinates taken from the packing order (t-major raster of
+            ``grid``). Self-attention only; needs ``grid``.
+        grid: ``(B, 3)`` int32 patch grid (T', H', W') of each sequence.
+        rope_coords: ``(Nq, 3)`` int32 (t, h, w) per token: 3D RoPE applied to q and k first, exactly
+            :func:`sora_fast.ops.apply_rope3d` with the default split. Self-attention only.
+        return_lse: also return the LSE ``(H, Nq)`` fp32, natural log (-inf for rows with no keys).
+
+    Returns ``out`` ``(Nq, H, Dv)`` in q's dtype, or ``(out, lse)``. Differentiable in q, k, v.
+    """
+    window = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window, grid,
+                       rope_coords, rope_theta)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    backend = _dispatch.resolve_backend(OP, backend, q.device)
+    out, lse = _attention_op(q, k, v, cu_seqlens_q, cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k,
+                             max_seqlen_q, max_seqlen_q if cu_seqlens_k is None else max_seqlen_k,
+                             float(q.shape[-1] ** -0.5 if scale is None else scale),
+                             None if window is None else list(window), grid, rope_coords, float(rope_theta),
+                             backend)
+    return (out, lse) if return_lse else out
+
+
+class SpacetimeAttention(torch.nn.Module):
+    """Module form of :func:`spacetime_attention` (no weights: fixed window, RoPE theta and backend).
+
+    ``forward(q, k, v, cu_seqlens_q, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, *,
+    grid=None, rope_coords=None)``."""
+
+    def __init__(self, window: Optional[Sequence[int]] = None, rope_theta: float = 10000.0,
+                 scale: Optional[float] = None, backend: Optional[str] = None):
+        super().__init__()
+        self.window, self.rope_theta, self.scale, self.backend = window, rope_theta, scale, backend
+
+    def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, *,
+                grid=None, rope_coords=None):
+        return spacetime_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                   scale=self.scale, window=self.window, grid=grid, rope_coords=rope_coords,
+                                   rope_theta=self.rope_theta, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"window={self.window}, rope_theta={self.rope_theta}, scale={self.scale}"

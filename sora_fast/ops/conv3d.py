@@ -1,0 +1,233 @@
+"""Causal 3D convolution, the workhorse of the video VAE.
+
+Time is padded causally: output frame ``j`` sees input frames ``j*st - (kt-1) ... j*st``. The ``kt-1``
+frames in front of the first are zeros or copies of the first frame (``pad_mode``), or come from
+``cache``: the last input frames of the previous chunk, so a long video decoded chunk by chunk gives
+exactly the result of decoding it at once (chunk boundaries on multiples of the time stride). A cache
+shorter than ``kt-1`` frames (the stream so far was shorter) is padded in front by ``pad_mode``, just
+as the whole video would be. Height and width get symmetric zero padding.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import _dispatch
+from ._common import (check_float, check_int_tuple, check_same_dtype, check_shape, empty_grad, like_layout,
+                      math_dtype, reference_vjp)
+
+OP = "causal_conv3d"
+PAD_MODES = ("zeros", "replicate")
+
+__all__ = ["causal_conv3d_ref", "causal_conv3d_output_shape", "causal_conv3d_next_cache", "causal_conv3d",
+           "CausalConv3d"]
+
+
+def causal_conv3d_output_shape(x_shape: Sequence[int], weight_shape: Sequence[int], stride: Sequence[int],
+                               padding: Sequence[int]) -> tuple[int, int, int, int, int]:
+    """``(B, Cout, T_out, H_out, W_out)`` of a causal conv (time padded by kt-1 frames in front)."""
+    b, _, t, h, w = x_shape
+    cout, _, kt, kh, kw = weight_shape
+    (st, sh, sw), (ph, pw) = stride, padding
+    return b, cout, (t - 1) // st + 1, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+
+
+def _front_frames(x: torch.Tensor, kt: int, pad_mode: str, cache: Optional[torch.Tensor]) -> torch.Tensor:
+    """The kt-1 frames that stand before x in the stream: [pad ..., cache ...]."""
+    have = cache if cache is not None else x[:, :, :0]
+    missing = kt - 1 - have.shape[2]
+    if missing > 0:
+        first = have[:, :, :1] if have.shape[2] else x[:, :, :1]
+        pad = first.expand(-1, -1, missing, -1, -1) if pad_mode == "replicate" else torch.zeros_like(first).expand(
+            -1, -1, missing, -1, -1)
+        have = torch.cat([pad, have], dim=2)
+    return have
+
+
+# --- reference ---------------------------------------------------------------------------------
+def causal_conv3d_ref(x, weight, bias=None, *, stride=1, padding=None, pad_mode="zeros", cache=None, residual=None):
+    """Plain-torch causal conv3d in fp32 (fp64 for fp64 inputs); x's dtype and memory format out."""
+    md = math_dtype(x.dtype)
+    kt, kh, kw = weight.shape[2:]
+    stride = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
+    padding = (kh // 2, kw // 2) if padding is None else ((padding,) * 2 if isinstance(padding, int) else tuple(padding))
+    xf = x.to(md)
+    if kt > 1:
+        xf = torch.cat([_front_frames(xf, kt, pad_mode, None if cache is None else cache.to(md)), xf], dim=2)
+    out = F.conv3d(xf, weight.to(md), None if bias is None else bias.to(md), stride=stride,
+                   padding=(0, *padding))
+    if residual is not None:
+        out = out + residual.to(md)
+    return like_layout(out.to(x.dtype), x)
+
+
+def causal_conv3d_next_cache(x: torch.Tensor, cache: Optional[torch.Tensor], kernel_t: int) -> Optional[torch.Tensor]:
+    """The cache for the next chunk: the last ``kernel_t - 1`` frames of the stream ``[cache, x]``."""
+    if kernel_t <= 1:
+        return None
+    stream = x if cache is None else torch.cat([cache, x], dim=2)
+    return stream[:, :, -(kernel_t - 1):].clone()
+
+
+# --- validation ---------------------------------------------------------------------------------
+def _validate(x, weight, bias, stride, padding, pad_mode, cache, residual):
+    check_float("x", x, ndim=5, layout="(B, Cin, T, H, W)")
+    check_float("weight", weight, ndim=5, layout="(Cout, Cin, kt, kh, kw)", device=x.device)
+    check_same_dtype("weight", weight, "x", x)
+    b, cin, t, h, w = x.shape
+    cout, wcin, kt, kh, kw = weight.shape
+    if wcin != cin:
+        raise ValueError(f"weight must have x's {cin} input channels in dim 1, got shape {tuple(weight.shape)}")
+    if min(b, cin, t, h, w) < 1 or min(cout, kt, kh, kw) < 1:
+        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} must have no empty dims")
+    stride = check_int_tuple("stride", stride, 3, minimum=1)
+    padding = (kh // 2, kw // 2) if padding is None else check_int_tuple("padding", padding, 2)
+    if h + 2 * padding[0] < kh or w + 2 * padding[1] < kw:
+        raise ValueError(f"the padded input ({h + 2 * padding[0]}, {w + 2 * padding[1]}) is smaller than the kernel "
+                         f"({kh}, {kw}); x shape {tuple(x.shape)}, padding {padding}")
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+    if bias is not None:
+        check_float("bias", bias, ndim=1, layout="(Cout,)", device=x.device)
+        check_shape("bias", bias, (cout,))
+    if cache is not None:
+        check_float("cache", cache, ndim=5, layout="(B, Cin, frames, H, W)", device=x.device)
+        check_same_dtype("cache", cache, "x", x)
+        if cache.shape[:2] != x.shape[:2] or cache.shape[3:] != x.shape[3:] or cache.shape[2] > kt - 1:
+            raise ValueError(f"cache must have shape ({b}, {cin}, f, {h}, {w}) with f <= kt-1 = {kt - 1} "
+                             f"(the previous chunk's last input frames), got {tuple(cache.shape)}")
+    if residual is not None:
+        check_float("residual", residual, ndim=5, device=x.device)
+        check_shape("residual", residual, causal_conv3d_output_shape(x.shape, weight.shape, stride, padding),
+                    "(the output's)")
+    return stride, padding
+
+
+# --- custom op ----------------------------------------------------------------------------------
+@torch.library.custom_op("sora_fast::causal_conv3d", mutates_args=())
+def _conv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
+             padding: Sequence[int], pad_mode: str, cache: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+             backend: str) -> torch.Tensor:
+    kernel = _dispatch.get_kernel(OP, backend, x.device)
+    return kernel(x, weight, bias, stride=tuple(stride), padding=tuple(padding), pad_mode=pad_mode, cache=cache,
+                  residual=residual)
+
+
+@_conv_op.register_fake
+def _(x, weight, bias, stride, padding, pad_mode, cache, residual, backend):
+    out = x.new_empty(causal_conv3d_output_shape(x.shape, weight.shape, stride, padding))
+    return like_layout(out, x)
+
+
+@torch.library.custom_op("sora_fast::causal_conv3d_backward", mutates_args=())
+def _conv_bwd_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 stride: Sequence[int], padding: Sequence[int], pad_mode: str, cache: Optional[torch.Tensor],
+                 residual: Optional[torch.Tensor], backend: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    kernel = _dispatch.get_kernel(OP + "_backward", backend, x.device)
+    dx, dw, db, dcache, dres = kernel(grad, x, weight, bias, stride=tuple(stride), padding=tuple(padding),
+                                      pad_mode=pad_mode, cache=cache, residual=residual)
+    return dx, dw, empty_grad(db, x), empty_grad(dcache, x), empty_grad(dres, x)
+
+
+@_conv_bwd_op.register_fake
+def _(grad, x, weight, bias, stride, padding, pad_mode, cache, residual, backend):
+    return tuple(torch.empty_like(t) if t is not None else x.new_empty(0) for t in (x, weight, bias, cache, residual))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, stride, padding, pad_mode, cache, residual, backend = inputs
+    ctx.save_for_backward(x, weight, bias, cache, residual)
+    ctx.args = (stride, padding, pad_mode)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad):
+    x, weight, bias, cache, residual = ctx.saved_tensors
+    stride, padding, pad_mode = ctx.args
+    dx, dw, db, dcache, dres = _conv_bwd_op(grad, x, weight, bias, stride, padding, pad_mode, cache, residual,
+                                            ctx.backend)
+    return (dx, dw, db if bias is not None else None, None, None, None,
+            dcache if cache is not None else None, dres if residual is not None else None, None)
+
+
+_conv_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _backward_ref(grad, x, weight, bias, **kw):
+    names = ["x", "weight", "bias", "cache", "residual"]
+    inputs = {"x": x, "weight": weight, "bias": bias, "cache": kw.pop("cache"), "residual": kw.pop("residual")}
+    g = reference_vjp(causal_conv3d_ref, inputs, (grad,), names, **kw)
+    return tuple(g[k] for k in names)
+
+
+_dispatch.register_kernel(OP, "torch", causal_conv3d_ref)
+_dispatch.register_kernel(OP + "_backward", "torch", _backward_ref)
+
+
+# --- public API ---------------------------------------------------------------------------------
+def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                  stride: Union[int, Sequence[int]] = 1, padding: Union[None, int, Sequence[int]] = None,
+                  pad_mode: str = "zeros", cache: Optional[torch.Tensor] = None,
+                  residual: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """Causal 3D convolution with fused bias and residual.
+
+    Args:
+        x: ``(B, Cin, T, H, W)``, contiguous or channels_last_3d; fp16/bf16/fp32.
+        weight: ``(Cout, Cin, kt, kh, kw)`` in x's dtype. bias: ``(Cout,)`` or None.
+        stride: int or ``(st, sh, sw)``.
+        padding: ``(ph, pw)`` symmetric zero padding of H and W (int for both); default
+            ``(kh // 2, kw // 2)``. Time is always padded causally with ``kt - 1`` frames in front.
+        pad_mode: ``"zeros"`` or ``"replicate"`` (copies of the first frame) for the causal frames.
+        cache: ``(B, Cin, f, H, W)``, ``f <= kt - 1``: the last input frames of the previous chunk
+            (see :func:`causal_conv3d_next_cache`); replaces that much of the causal padding.
+        residual: added to the output, shape ``(B, Cout, T_out, H_out, W_out)``.
+
+    Returns ``(B, Cout, (T-1)//st + 1, (H + 2ph - kh)//sh + 1, (W + 2pw - kw)//sw + 1)`` in x's dtype
+    and memory format. Differentiable in x, weight, bias, cache and residual.
+    """
+    stride, padding = _validate(x, weight, bias, stride, padding, pad_mode, cache, residual)
+    backend = _dispatch.resolve_backend(OP, backend, x.device)
+    return _conv_op(x, weight, bias, list(stride), list(padding), pad_mode, cache, residual, backend)
+
+
+class CausalConv3d(torch.nn.Module):
+    """Causal Conv3d layer with an optional streaming cache for chunk-by-chunk processing.
+
+    ``forward(x, residual=None, stream=False)``: with ``stream=True`` the layer reads and updates its
+    cache, so calling it on consecutive chunks equals calling it once on the whole video;
+    :meth:`reset_cache` starts a new video.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Union[int, Sequence[int]] = 3,
+                 stride: Union[int, Sequence[int]] = 1, padding: Union[None, int, Sequence[int]] = None,
+                 bias: bool = True, pad_mode: str = "zeros", backend: Optional[str] = None):
+        super().__init__()
+        kt, kh, kw = check_int_tuple("kernel_size", kernel_size, 3, minimum=1)
+        self.stride = check_int_tuple("stride", stride, 3, minimum=1)
+        self.padding = (kh // 2, kw // 2) if padding is None else check_int_tuple("padding", padding, 2)
+        if pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+        self.pad_mode, self.backend = pad_mode, backend
+        ref = torch.nn.Conv3d(in_channels, out_channels, (kt, kh, kw), bias=bias)  # PyTorch's default init
+        self.weight = torch.nn.Parameter(ref.weight.detach().clone())
+        self.bias = torch.nn.Parameter(ref.bias.detach().clone()) if bias else None
+        self._cache: Optional[torch.Tensor] = None
+
+    def reset_cache(self) -> None:
+        self._cache = None
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, stream: bool = False) -> torch.Tensor:
+        cache = self._cache if stream else None
+        out = causal_conv3d(x, self.weight, self.bias, stride=self.stride, padding=self.padding,
+                            pad_mode=self.pad_mode, cache=cache, residual=residual, backend=self.backend)
+        if stream:
+            self._cache = causal_conv3d_next_cache(x.detach(), cache, self.weight.shape[2])
+        return out
+
+    def extra_repr(self) -> str:
+        cout, cin, *k = self.weight.shape
+        return f"{cin}, {cout}, kernel_size={tuple(k)}, stride={self.stride}, padding={self.padding}, " \
+               f"pad_mode={self.pad_mode!r}"

@@ -1,0 +1,142 @@
+"""3D rotary position embedding over (t, h, w) token coordinates, as Wan2.1 and diffusers' Wan apply it.
+
+The D/2 rotary pairs of a head are split over the three axes (default: D - 4*(D//6), 2*(D//6),
+2*(D//6) dims for t, h, w); pairs are interleaved ``(x[2i], x[2i+1])`` and rotated by
+``coord_axis * theta ** (-2j / d_axis)`` for the j-th pair of that axis.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _dispatch
+from ._common import check_float, check_int_tuple, check_positive, check_tensor, math_dtype, reference_vjp
+
+OP = "apply_rope3d"
+
+__all__ = ["rope3d_split", "rope3d_angles", "apply_rope3d_ref", "apply_rope3d", "Rope3D"]
+
+
+def rope3d_split(head_dim: int) -> tuple[int, int, int]:
+    """Wan2.1's split of a head's ``head_dim`` dims over (t, h, w)."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def rope3d_angles(coords: torch.Tensor, split: Sequence[int], theta: float = 10000.0) -> torch.Tensor:
+    """Rotation angle of every rotary pair: ``(N, sum(split) // 2)`` float64 (exact for long videos)."""
+    parts = []
+    for axis, dims in enumerate(split):
+        freqs = theta ** (-torch.arange(0, dims, 2, dtype=torch.float64, device=coords.device) / dims)
+        parts.append(coords[:, axis, None].to(torch.float64) * freqs)
+    return torch.cat(parts, dim=-1)
+
+
+# --- reference ---------------------------------------------------------------------------------
+def apply_rope3d_ref(x: torch.Tensor, coords: torch.Tensor, *, theta: float = 10000.0,
+                     split: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Plain-torch 3D RoPE. x ``(N, H, D)``, coords ``(N, 3)`` int; fp32 math, x's dtype out."""
+    split = tuple(split) if split is not None else rope3d_split(x.shape[-1])
+    md = math_dtype(x.dtype)
+    angles = rope3d_angles(coords, split, theta)[:, None, :]        # (N, 1, D/2)
+    cos, sin = angles.cos().to(md), angles.sin().to(md)
+    pairs = x.to(md).unflatten(-1, (-1, 2))                           # (N, H, D/2, 2)
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+# --- validation ---------------------------------------------------------------------------------
+def validate_rope_args(x: torch.Tensor, coords, theta, split, *, name: str = "x",
+                       cname: str = "coords") -> tuple[int, int, int]:
+    """Checks shared with attention's fused RoPE; returns the resolved split."""
+    head_dim = x.shape[-1]
+    if head_dim % 2:
+        raise ValueError(f"3D RoPE needs an even head dim, got {name}.shape[-1]={head_dim}")
+    check_tensor(cname, coords, ndim=2, layout="(N, 3)", dtypes=(torch.int32,), device=x.device)
+    if coords.shape != (x.shape[0], 3):
+        raise ValueError(f"{cname} must have shape ({x.shape[0]}, 3) (one (t, h, w) per row of {name}), "
+                         f"got {tuple(coords.shape)}")
+    check_positive("theta" if name == "x" else "rope_theta", theta)
+    if split is None:
+        return rope3d_split(head_dim)
+    split = check_int_tuple("split", split, 3)
+    if any(s % 2 for s in split) or sum(split) != head_dim:
+        raise ValueError(f"split must be 3 even dim counts summing to the head dim {head_dim}, got {split}")
+    return split
+
+
+# --- custom op ----------------------------------------------------------------------------------
+@torch.library.custom_op("sora_fast::apply_rope3d", mutates_args=())
+def _rope_op(x: torch.Tensor, coords: torch.Tensor, theta: float, split: Sequence[int], backend: str) -> torch.Tensor:
+    kernel = _dispatch.get_kernel(OP, backend, x.device)
+    return kernel(x, coords, theta=theta, split=tuple(split))
+
+
+@_rope_op.register_fake
+def _(x, coords, theta, split, backend):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("sora_fast::apply_rope3d_backward", mutates_args=())
+def _rope_bwd_op(grad: torch.Tensor, x: torch.Tensor, coords: torch.Tensor, theta: float,
+                 split: Sequence[int], backend: str) -> torch.Tensor:
+    kernel = _dispatch.get_kernel(OP + "_backward", backend, x.device)
+    return kernel(grad, x, coords, theta=theta, split=tuple(split))
+
+
+@_rope_bwd_op.register_fake
+def _(grad, x, coords, theta, split, backend):
+    return torch.empty_like(x)
+
+
+def _setup(ctx, inputs, output):
+    x, coords, theta, split, backend = inputs
+    ctx.save_for_backward(x, coords)
+    ctx.args = (theta, split, backend)
+
+
+def _backward(ctx, grad):
+    x, coords = ctx.saved_tensors
+    return _rope_bwd_op(grad, x, coords, *ctx.args), None, None, None, None
+
+
+_rope_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _rope_backward_ref(grad, x, coords, *, theta, split):
+    return reference_vjp(apply_rope3d_ref, {"x": x, "coords": coords}, (grad,), ["x"],
+                         theta=theta, split=split)["x"]
+
+
+_dispatch.register_kernel(OP, "torch", apply_rope3d_ref)
+_dispatch.register_kernel(OP + "_backward", "torch", _rope_backward_ref)
+
+
+# --- public API ---------------------------------------------------------------------------------
+def apply_rope3d(x: torch.Tensor, coords: torch.Tensor, *, theta: float = 10000.0,
+                 split: Optional[Sequence[int]] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """Rotate ``x`` ``(N, H, D)`` by 3D RoPE at token coordinates ``coords`` ``(N, 3)`` int32 (t, h, w).
+
+    ``split``: dims given to (t, h, w), even, summing to D (default Wan2.1's, :func:`rope3d_split`).
+    Returns a tensor like ``x``. Differentiable in ``x``.
+    """
+    check_float("x", x, ndim=3, layout="(N, H, D)")
+    split = validate_rope_args(x, coords, theta, split)
+    backend = _dispatch.resolve_backend(OP, backend, x.device)
+    return _rope_op(x, coords, float(theta), list(split), backend)
+
+
+class Rope3D(torch.nn.Module):
+    """Module form of :func:`apply_rope3d` with a fixed ``theta`` and ``split``."""
+
+    def __init__(self, theta: float = 10000.0, split: Optional[Sequence[int]] = None, backend: Optional[str] = None):
+        super().__init__()
+        self.theta, self.split, self.backend = theta, split, backend
+
+    def forward(self, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        return apply_rope3d(x, coords, theta=self.theta, split=self.split, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"theta={self.theta}, split={self.split}"

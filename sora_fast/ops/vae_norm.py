@@ -1,0 +1,235 @@
+"""VAE normalization + SiLU on video feature maps ``(B, C, T, H, W)`` (contiguous or channels_last_3d).
+
+    group_norm_silu:        GroupNorm over C/G channels x T x H x W, affine, then SiLU
+    channel_rms_norm_silu:  Wan-VAE's norm: x / max(||x||_2 over C, eps) * sqrt(C) * weight + bias, then SiLU
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _dispatch
+from ._common import check_float, check_positive, check_shape, empty_grad, like_layout, math_dtype, reference_vjp
+
+__all__ = ["group_norm_silu_ref", "channel_rms_norm_silu_ref", "group_norm_silu", "channel_rms_norm_silu",
+           "GroupNormSiLU", "ChannelRMSNormSiLU"]
+
+
+def _per_channel(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return p.to(x.dtype).reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
+# --- references --------------------------------------------------------------------------------
+def group_norm_silu_ref(x, num_groups, weight=None, bias=None, *, eps=1e-6, silu=True):
+    """Plain-torch GroupNorm (+ SiLU) in fp32; x's dtype and memory format out."""
+    md = math_dtype(x.dtype)
+    xf = x.to(md)
+    g = xf.reshape(x.shape[0], num_groups, -1)                       # (B, G, C/G * T*H*W)
+    mean = g.mean(dim=-1, keepdim=True)
+    var = (g - mean).square().mean(dim=-1, keepdim=True)
+    y = ((g - mean) * torch.rsqrt(var + eps)).reshape(x.shape)
+    if weight is not None:
+        y = y * _per_channel(weight, y)
+    if bias is not None:
+        y = y + _per_channel(bias, y)
+    if silu:
+        y = y * torch.sigmoid(y)
+    return like_layout(y.to(x.dtype), x)
+
+
+def channel_rms_norm_silu_ref(x, weight, bias=None, *, eps=1e-12, silu=True):
+    """Plain-torch Wan-VAE channel RMS norm (+ SiLU) in fp32; x's dtype and memory format out."""
+    md = math_dtype(x.dtype)
+    xf = x.to(md)
+    norm = xf.square().sum(dim=1, keepdim=True).sqrt().clamp_min(eps)  # as F.normalize
+    y = xf / norm * (x.shape[1] ** 0.5) * _per_channel(weight, xf)
+    if bias is not None:
+        y = y + _per_channel(bias, y)
+    if silu:
+        y = y * torch.sigmoid(y)
+    return like_layout(y.to(x.dtype), x)
+
+
+# --- validation ---------------------------------------------------------------------------------
+def _validate(x, weight, bias, eps, silu, num_groups=None):
+    check_float("x", x, ndim=5, layout="(B, C, T, H, W)")
+    c = x.shape[1]
+    if num_groups is not None:
+        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
+            raise ValueError(f"num_groups must be a positive int dividing the {c} channels, got {num_groups!r}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_float(name, t, ndim=1, layout="(C,)", device=x.device)
+            check_shape(name, t, (c,))
+    check_positive("eps", eps)
+    if not isinstance(silu, bool):
+        raise TypeError(f"silu must be a bool, got {type(silu).__name__}")
+
+
+def _optional_grads(g, weight, bias):
+    return g[0], (g[1] if weight is not None else None), (g[2] if bias is not None else None)
+
+
+# --- group_norm_silu op --------------------------------------------------------------------------
+@torch.library.custom_op("sora_fast::group_norm_silu", mutates_args=())
+def _gn_op(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+           eps: float, silu: bool, backend: str) -> torch.Tensor:
+    kernel = _dispatch.get_kernel("group_norm_silu", backend, x.device)
+    return kernel(x, num_groups, weight, bias, eps=eps, silu=silu)
+
+
+@_gn_op.register_fake
+def _(x, num_groups, weight, bias, eps, silu, backend):
+    return like_layout(torch.empty_like(x), x)
+
+
+@torch.library.custom_op("sora_fast::group_norm_silu_backward", mutates_args=())
+def _gn_bwd_op(grad: torch.Tensor, x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor],
+               bias: Optional[torch.Tensor], eps: float, silu: bool, backend: str
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kernel = _dispatch.get_kernel("group_norm_silu_backward", backend, x.device)
+    dx, dw, db = kernel(grad, x, num_groups, weight, bias, eps=eps, silu=silu)
+    return dx, empty_grad(dw, x), empty_grad(db, x)
+
+
+@_gn_bwd_op.register_fake
+def _(grad, x, num_groups, weight, bias, eps, silu, backend):
+    return tuple(torch.empty_like(t) if t is not None else x.new_empty(0) for t in (x, weight, bias))
+
+
+def _gn_setup(ctx, inputs, output):
+    x, num_groups, weight, bias, eps, silu, backend = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.args = (num_groups, eps, silu, backend)
+
+
+def _gn_backward(ctx, grad):
+    x, weight, bias = ctx.saved_tensors
+    num_groups, eps, silu, backend = ctx.args
+    dx, dw, db = _optional_grads(_gn_bwd_op(grad, x, num_groups, weight, bias, eps, silu, backend), weight, bias)
+    return dx, None, dw, db, None, None, None
+
+
+_gn_op.register_autograd(_gn_backward, setup_context=_gn_setup)
+
+
+def _gn_backward_ref(grad, x, num_groups, weight, bias, **kw):
+    g = reference_vjp(group_norm_silu_ref, {"x": x, "num_groups": num_groups, "weight": weight, "bias": bias},
+                      (grad,), ["x", "weight", "bias"], **kw)
+    return g["x"], g["weight"], g["bias"]
+
+
+_dispatch.register_kernel("group_norm_silu", "torch", group_norm_silu_ref)
+_dispatch.register_kernel("group_norm_silu_backward", "torch", _gn_backward_ref)
+
+
+# --- channel_rms_norm_silu op ----------------------------------------------------------------------
+@torch.library.custom_op("sora_fast::channel_rms_norm_silu", mutates_args=())
+def _rms_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float, silu: bool,
+            backend: str) -> torch.Tensor:
+    kernel = _dispatch.get_kernel("channel_rms_norm_silu", backend, x.device)
+    return kernel(x, weight, bias, eps=eps, silu=silu)
+
+
+@_rms_op.register_fake
+def _(x, weight, bias, eps, silu, backend):
+    return like_layout(torch.empty_like(x), x)
+
+
+@torch.library.custom_op("sora_fast::channel_rms_norm_silu_backward", mutates_args=())
+def _rms_bwd_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                eps: float, silu: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kernel = _dispatch.get_kernel("channel_rms_norm_silu_backward", backend, x.device)
+    dx, dw, db = kernel(grad, x, weight, bias, eps=eps, silu=silu)
+    return dx, dw, empty_grad(db, x)
+
+
+@_rms_bwd_op.register_fake
+def _(grad, x, weight, bias, eps, silu, backend):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias) if bias is not None else x.new_empty(0)
+
+
+def _rms_setup(ctx, inputs, output):
+    x, weight, bias, eps, silu, backend = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.args = (eps, silu, backend)
+
+
+def _rms_backward(ctx, grad):
+    x, weight, bias = ctx.saved_tensors
+    dx, dw, db = _optional_grads(_rms_bwd_op(grad, x, weight, bias, *ctx.args), weight, bias)
+    return dx, dw, db, None, None, None
+
+
+_rms_op.register_autograd(_rms_backward, setup_context=_rms_setup)
+
+
+def _rms_backward_ref(grad, x, weight, bias, **kw):
+    g = reference_vjp(channel_rms_norm_silu_ref, {"x": x, "weight": weight, "bias": bias}, (grad,),
+                      ["x", "weight", "bias"], **kw)
+    return g["x"], g["weight"], g["bias"]
+
+
+_dispatch.register_kernel("channel_rms_norm_silu", "torch", channel_rms_norm_silu_ref)
+_dispatch.register_kernel("channel_rms_norm_silu_backward", "torch", _rms_backward_ref)
+
+
+# --- public API ---------------------------------------------------------------------------------
+def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
+                    bias: Optional[torch.Tensor] = None, *, eps: float = 1e-6, silu: bool = True,
+                    backend: Optional[str] = None) -> torch.Tensor:
+    """GroupNorm + SiLU of ``x`` ``(B, C, T, H, W)`` (contiguous or channels_last_3d).
+
+    Statistics over each group of ``C / num_groups`` channels and all of T, H, W, in fp32; optional
+    ``(C,)`` affine ``weight``/``bias``; SiLU unless ``silu=False``. Returns x's dtype and memory
+    format. Differentiable in x, weight, bias.
+    """
+    _validate(x, weight, bias, eps, silu, num_groups)
+    backend = _dispatch.resolve_backend("group_norm_silu", backend, x.device)
+    return _gn_op(x, num_groups, weight, bias, float(eps), silu, backend)
+
+
+def channel_rms_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                          eps: float = 1e-12, silu: bool = True, backend: Optional[str] = None) -> torch.Tensor:
+    """Wan-VAE's channel norm + SiLU of ``x`` ``(B, C, T, H, W)``.
+
+    ``y = x / max(||x||_2 over C, eps) * sqrt(C) * weight + bias`` at every (b, t, h, w), in fp32
+    (``F.normalize`` semantics), then SiLU unless ``silu=False``. weight ``(C,)``, bias ``(C,)`` or
+    None. Returns x's dtype and memory format. Differentiable in x, weight, bias.
+    """
+    if weight is None:
+        raise TypeError("weight must be a (C,) tensor, got None")
+    _validate(x, weight, bias, eps, silu)
+    backend = _dispatch.resolve_backend("channel_rms_norm_silu", backend, x.device)
+    return _rms_op(x, weight, bias, float(eps), silu, backend)
+
+
+class GroupNormSiLU(torch.nn.Module):
+    """``GroupNorm(num_groups, C)`` followed by SiLU, in one op."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-6, affine: bool = True,
+                 silu: bool = True, backend: Optional[str] = None):
+        super().__init__()
+        if num_channels % num_groups:
+            raise ValueError(f"num_groups ({num_groups}) must divide num_channels ({num_channels})")
+        self.num_groups, self.eps, self.silu, self.backend = num_groups, eps, silu, backend
+        self.weight = torch.nn.Parameter(torch.ones(num_channels)) if affine else None
+        self.bias = torch.nn.Parameter(torch.zeros(num_channels)) if affine else None
+
+    def forward(self, x):
+        return group_norm_silu(x, self.num_groups, self.weight, self.bias, eps=self.eps, silu=self.silu,
+                               backend=self.backend)
+
+
+class ChannelRMSNormSiLU(torch.nn.Module):
+    """Wan-VAE ``RMS_norm`` over channels followed by SiLU, in one op."""
+
+    def __init__(self, num_channels: int, bias: bool = False, silu: bool = True, backend: Optional[str] = None):
+        super().__init__()
+        self.silu, self.backend = silu, backend
+        self.weight = torch.nn.Parameter(torch.ones(num_channels))
+        self.bias = torch.nn.Parameter(torch.zeros(num_channels)) if bias else None
+
+    def forward(self, x):
+        return channel_rms_norm_silu(x, self.weight, self.bias, silu=self.silu, backend=self.backend)
