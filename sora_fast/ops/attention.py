@@ -205,6 +205,8 @@ def _backward_ref(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
 
 _dispatch.register_kernel(OP, "torch", _forward_ref)
 _dispatch.register_kernel(OP + "_backward", "torch", _backward_ref)
+_dispatch.register_kernel(OP, "triton", "sora_fast.triton.attention:attention_forward")
+_dispatch.register_kernel(OP + "_backward", "triton", "sora_fast.triton.attention:attention_backward")
 
 
 # --- public API ---------------------------------------------------------------------------------

@@ -1,0 +1,563 @@
+"""Packed varlen spacetime attention in Triton: forward, backward, 3D windows, fused 3D RoPE.
+
+One program per (query block, head) from the pack's real block table (``_blocks.block_table``).
+Online softmax in base 2 with fp32 statistics; LSE out. Backward in the FlashAttention-2 style:
+``delta = rowsum(dO * O)``, then one kernel for dK/dV (a program per key block, looping over query
+blocks) and one for dQ (a program per query block, looping over key blocks) — every gradient row is
+written by exactly one program, so the result is deterministic without atomics.
+
+Windows (``window=(wt, wh, ww)`` on the t-major grid): the key loop starts and ends at the frames the
+window can reach, and a key block whose coordinate box is farther than the window from the query
+block's box is skipped before any load (see ``_blocks``); partial blocks are masked per element.
+
+Fused RoPE: q and k are loaded as their even and odd columns (the rotary pairs), rotated in
+registers, and ``q.k`` is the sum of two half-width dots; gradients are rotated back before the
+store. No rotated copy of q or k is ever written to memory.
+
+bf16 under the Triton interpreter: its bf16 arithmetic is wrong, so ``UPCAST`` converts tiles to fp32
+right after loading (interpreter only; on a GPU bf16 tiles feed the tensor cores).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops.rope import rope3d_split
+from ._blocks import block_table
+from ._spec import KernelConfig
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+
+
+# --- device helpers ------------------------------------------------------------------------------
+@triton.jit
+def _load_tile(base, rows, row_mask, stride_n, cols, col_mask, UPCAST: tl.constexpr):
+    x = tl.load(base + rows[:, None] * stride_n + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
+                other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _rope_cos_sin(COORDS, tokens, row_mask, AXIS, FREQ, pairs, pair_mask):
+    """cos/sin of the rotation of every (token, rotary pair): (rows, BLOCK_DH) fp32."""
+    axis = tl.load(AXIS + pairs, mask=pair_mask, other=0)
+    freq = tl.load(FREQ + pairs, mask=pair_mask, other=0.0)
+    pos = tl.load(COORDS + tokens[:, None] * 3 + axis[None, :], mask=row_mask[:, None] & pair_mask[None, :],
+                  other=0).to(tl.float32)
+    angle = pos * freq[None, :]
+    return tl.cos(angle), tl.sin(angle)
+
+
+@triton.jit
+def _load_rotated(base, tokens, rows, row_mask, stride_n, COORDS, AXIS, FREQ, pairs, pair_mask,
+                  UPCAST: tl.constexpr):
+    """Even and odd columns of a tile, rotated by 3D RoPE, in the input dtype (fp32 if UPCAST)."""
+    xe = _load_tile(base, rows, row_mask, stride_n, 2 * pairs, pair_mask, True)
+    xo = _load_tile(base, rows, row_mask, stride_n, 2 * pairs + 1, pair_mask, True)
+    c, s = _rope_cos_sin(COORDS, tokens, row_mask, AXIS, FREQ, pairs, pair_mask)
+    dtype = base.dtype.element_ty
+    if UPCAST:
+        dtype = tl.float32
+    return (xe * c - xo * s).to(dtype), (xe * s + xo * c).to(dtype), c, s
+
+
+@triton.jit
+def _block_box(first, last, gh, gw):
+    """Coordinate bounding box of rows first..last of a t-major (T, gh, gw) grid."""
+    hw = gh * gw
+    t0 = first // hw
+    t1 = last // hw
+    same_frame = t0 == t1
+    same_row = (first // gw) == (last // gw)
+    h0 = tl.where(same_frame, (first // gw) % gh, 0)
+    h1 = tl.where(same_frame, (last // gw) % gh, gh - 1)
+    w0 = tl.where(same_row, first % gw, 0)
+    w1 = tl.where(same_row, last % gw, gw - 1)
+    return t0, t1, h0, h1, w0, w1
+
+
+@triton.jit
+def _boxes_far(a_first, a_last, b_first, b_last, gh, gw, win_t, win_h, win_w):
+    at0, at1, ah0, ah1, aw0, aw1 = _block_box(a_first, a_last, gh, gw)
+    bt0, bt1, bh0, bh1, bw0, bw1 = _block_box(b_first, b_last, gh, gw)
+    far_t = (bt0 - at1 > win_t) | (at0 - bt1 > win_t)
+    far_h = (bh0 - ah1 > win_h) | (ah0 - bh1 > win_h)
+    far_w = (bw0 - aw1 > win_w) | (aw0 - bw1 > win_w)
+    return far_t | far_h | far_w
+
+
+@triton.jit
+def _window_mask(rows_a, rows_b, gh, gw, win_t, win_h, win_w):
+    hw = gh * gw
+    dt = tl.abs(rows_a[:, None] // hw - rows_b[None, :] // hw)
+    dh = tl.abs((rows_a[:, None] // gw) % gh - (rows_b[None, :] // gw) % gh)
+    dw = tl.abs(rows_a[:, None] % gw - rows_b[None, :] % gw)
+    return (dt <= win_t) & (dh <= win_h) & (dw <= win_w)
+
+
+@triton.jit
+def _loop_range(first, last, length, gh, gw, win_t, BLOCK: tl.constexpr, WINDOW: tl.constexpr):
+    """Rows of the other side a block can interact with, block-aligned: [lo, hi)."""
+    lo = 0
+    hi = length
+    if WINDOW:
+        hw = gh * gw
+        lo = tl.maximum(first // hw - win_t, 0) * hw
+        lo = (lo // BLOCK) * BLOCK
+        hi = tl.minimum((last // hw + win_t + 1) * hw, length)
+    return lo, hi
+
+
+# --- forward -------------------------------------------------------------------------------------
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TABLE, GRID, COORDS, AXIS, FREQ,
+                     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
+                     n_q, qk_scale, win_t, win_h, win_w,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, ROPE: tl.constexpr,
+                     UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.load(TABLE + 2 * pid)
+    m0 = tl.load(TABLE + 2 * pid + 1)
+    q_start = tl.load(CU_Q + seq)
+    q_len = tl.load(CU_Q + seq + 1) - q_start
+    k_start = tl.load(CU_K + seq)
+    k_len = tl.load(CU_K + seq + 1) - k_start
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < q_len
+    q_tok = (q_start + offs_m).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    pairs = tl.arange(0, BLOCK_DH)
+    pair_mask = pairs < HEAD_DIM // 2
+    q_base = Q + head * stride_qh
+    k_base = K + head * stride_kh
+    v_base = V + head * stride_vh
+
+    if ROPE:
+        qa, qb, _, _ = _load_rotated(q_base, q_tok, q_tok, m_mask, stride_qn, COORDS, AXIS, FREQ, pairs, pair_mask,
+                                     UPCAST)
+    else:
+        q = _load_tile(q_base, q_tok, m_mask, stride_qn, offs_d, d_mask, UPCAST)
+
+    gh = 1
+    gw = 1
+    if WINDOW:
+        gh = tl.load(GRID + 3 * seq + 1)
+        gw = tl.load(GRID + 3 * seq + 2)
+    m_last = tl.minimum(m0 + BLOCK_M, q_len) - 1
+    lo, hi = _loop_range(m0, m_last, k_len, gh, gw, win_t, BLOCK_N, WINDOW)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        n_last = tl.minimum(n0 + BLOCK_N, k_len) - 1
+        skip = False
+        if WINDOW:
+            skip = _boxes_far(m0, m_last, n0, n_last, gh, gw, win_t, win_h, win_w)
+        if not skip:
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < k_len
+            k_tok = (k_start + offs_n).to(tl.int64)
+            if ROPE:
+                ka, kb, _, _ = _load_rotated(k_base, k_tok, k_tok, n_mask, stride_kn, COORDS, AXIS, FREQ, pairs,
+                                             pair_mask, UPCAST)
+                s = tl.dot(qa, tl.trans(ka), input_precision=PRECISION)
+                s += tl.dot(qb, tl.trans(kb), input_precision=PRECISION)
+            else:
+                k = _load_tile(k_base, k_tok, n_mask, stride_kn, offs_d, d_mask, UPCAST)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            valid = n_mask[None, :] & m_mask[:, None]
+            if WINDOW:
+                valid = valid & _window_mask(offs_m, offs_n, gh, gw, win_t, win_h, win_w)
+            s = tl.where(valid, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = _load_tile(v_base, k_tok, n_mask, stride_vn, offs_d, d_mask, UPCAST)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    tl.store(O + q_tok[:, None] * stride_on + head * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=m_mask[:, None] & d_mask[None, :])
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
+    tl.store(LSE + head * n_q + q_tok, lse, mask=m_mask)
+
+
+# --- backward ------------------------------------------------------------------------------------
+@triton.jit
+def _unrotate_store(base, tokens, row_mask, stride_n, ga, gb, c, s, pairs, pair_mask):
+    """Store the gradient w.r.t. unrotated columns from the gradient w.r.t. rotated halves."""
+    ptr = base + tokens[:, None] * stride_n
+    mask = row_mask[:, None] & pair_mask[None, :]
+    dtype = base.dtype.element_ty
+    tl.store(ptr + 2 * pairs[None, :], (ga * c + gb * s).to(dtype), mask=mask)
+    tl.store(ptr + 2 * pairs[None, :] + 1, (gb * c - ga * s).to(dtype), mask=mask)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, TABLE, GRID, COORDS, AXIS, FREQ,
+                          stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+                          stride_don, stride_doh, stride_dkn, stride_dkh, stride_dvn, stride_dvh,
+                          n_q, sm_scale, qk_scale, win_t, win_h, win_w,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, ROPE: tl.constexpr,
+                          UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.load(TABLE + 2 * pid)
+    n0 = tl.load(TABLE + 2 * pid + 1)
+    q_start = tl.load(CU_Q + seq)
+    q_len = tl.load(CU_Q + seq + 1) - q_start
+    k_start = tl.load(CU_K + seq)
+    k_len = tl.load(CU_K + seq + 1) - k_start
+
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < k_len
+    k_tok = (k_start + offs_n).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    pairs = tl.arange(0, BLOCK_DH)
+    pair_mask = pairs < HEAD_DIM // 2
+    q_base = Q + head * stride_qh
+    do_base = DO + head * stride_doh
+
+    if ROPE:
+        ka, kb, kc, ks = _load_rotated(K + head * stride_kh, k_tok, k_tok, n_mask, stride_kn, COORDS, AXIS, FREQ,
+                                       pairs, pair_mask, UPCAST)
+        dka = tl.zeros([BLOCK_N, BLOCK_DH], tl.float32)
+        dkb = tl.zeros([BLOCK_N, BLOCK_DH], tl.float32)
+    else:
+        k = _load_tile(K + head * stride_kh, k_tok, n_mask, stride_kn, offs_d, d_mask, UPCAST)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    v = _load_tile(V + head * stride_vh, k_tok, n_mask, stride_vn, offs_d, d_mask, UPCAST)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    gh = 1
+    gw = 1
+    if WINDOW:
+        gh = tl.load(GRID + 3 * seq + 1)
+        gw = tl.load(GRID + 3 * seq + 2)
+    n_last = tl.minimum(n0 + BLOCK_N, k_len) - 1
+    lo, hi = _loop_range(n0, n_last, q_len, gh, gw, win_t, BLOCK_M, WINDOW)
+    for m0 in range(lo, hi, BLOCK_M):
+        m_last = tl.minimum(m0 + BLOCK_M, q_len) - 1
+        skip = False
+        if WINDOW:
+            skip = _boxes_far(m0, m_last, n0, n_last, gh, gw, win_t, win_h, win_w)
+        if not skip:
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < q_len
+            q_tok = (q_start + offs_m).to(tl.int64)
+            if ROPE:
+                qa, qb, _, _ = _load_rotated(q_base, q_tok, q_tok, m_mask, stride_qn, COORDS, AXIS, FREQ, pairs,
+                                             pair_mask, UPCAST)
+                s = tl.dot(qa, tl.trans(ka), input_precision=PRECISION)
+                s += tl.dot(qb, tl.trans(kb), input_precision=PRECISION)
+            else:
+                q = _load_tile(q_base, q_tok, m_mask, stride_qn, offs_d, d_mask, UPCAST)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            lse2 = tl.load(LSE + head * n_q + q_tok, mask=m_mask, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + head * n_q + q_tok, mask=m_mask, other=0.0)
+            valid = n_mask[None, :] & m_mask[:, None]
+            if WINDOW:
+                valid = valid & _window_mask(offs_m, offs_n, gh, gw, win_t, win_h, win_w)
+            p = tl.where(valid, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+            do = _load_tile(do_base, q_tok, m_mask, stride_don, offs_d, d_mask, UPCAST)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            if ROPE:
+                dka += tl.dot(tl.trans(ds.to(qa.dtype)), qa, input_precision=PRECISION)
+                dkb += tl.dot(tl.trans(ds.to(qb.dtype)), qb, input_precision=PRECISION)
+            else:
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+
+    dv_ptr = DV + k_tok[:, None] * stride_dvn + head * stride_dvh + offs_d[None, :]
+    tl.store(dv_ptr, dv.to(DV.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
+    if ROPE:
+        _unrotate_store(DK + head * stride_dkh, k_tok, n_mask, stride_dkn, dka * sm_scale, dkb * sm_scale, kc, ks,
+                        pairs, pair_mask)
+    else:
+        dk_ptr = DK + k_tok[:, None] * stride_dkn + head * stride_dkh + offs_d[None, :]
+        tl.store(dk_ptr, (dk * sm_scale).to(DK.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, TABLE, GRID, COORDS, AXIS, FREQ,
+                        stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+                        stride_don, stride_doh, stride_dqn, stride_dqh,
+                        n_q, sm_scale, qk_scale, win_t, win_h, win_w,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, ROPE: tl.constexpr,
+                        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.load(TABLE + 2 * pid)
+    m0 = tl.load(TABLE + 2 * pid + 1)
+    q_start = tl.load(CU_Q + seq)
+    q_len = tl.load(CU_Q + seq + 1) - q_start
+    k_start = tl.load(CU_K + seq)
+    k_len = tl.load(CU_K + seq + 1) - k_start
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < q_len
+    q_tok = (q_start + offs_m).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    pairs = tl.arange(0, BLOCK_DH)
+    pair_mask = pairs < HEAD_DIM // 2
+    k_base = K + head * stride_kh
+    v_base = V + head * stride_vh
+
+    if ROPE:
+        qa, qb, qc, qs = _load_rotated(Q + head * stride_qh, q_tok, q_tok, m_mask, stride_qn, COORDS, AXIS, FREQ,
+                                       pairs, pair_mask, UPCAST)
+        dqa = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
+        dqb = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
+    else:
+        q = _load_tile(Q + head * stride_qh, q_tok, m_mask, stride_qn, offs_d, d_mask, UPCAST)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    do = _load_tile(DO + head * stride_doh, q_tok, m_mask, stride_don, offs_d, d_mask, UPCAST)
+    lse2 = tl.load(LSE + head * n_q + q_tok, mask=m_mask, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + head * n_q + q_tok, mask=m_mask, other=0.0)
+
+    gh = 1
+    gw = 1
+    if WINDOW:
+        gh = tl.load(GRID + 3 * seq + 1)
+        gw = tl.load(GRID + 3 * seq + 2)
+    m_last = tl.minimum(m0 + BLOCK_M, q_len) - 1
+    lo, hi = _loop_range(m0, m_last, k_len, gh, gw, win_t, BLOCK_N, WINDOW)
+    for n0 in range(lo, hi, BLOCK_N):
+        n_last = tl.minimum(n0 + BLOCK_N, k_len) - 1
+        skip = False
+        if WINDOW:
+            skip = _boxes_far(m0, m_last, n0, n_last, gh, gw, win_t, win_h, win_w)
+        if not skip:
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < k_len
+            k_tok = (k_start + offs_n).to(tl.int64)
+            if ROPE:
+                ka, kb, _, _ = _load_rotated(k_base, k_tok, k_tok, n_mask, stride_kn, COORDS, AXIS, FREQ, pairs,
+                                             pair_mask, UPCAST)
+                s = tl.dot(qa, tl.trans(ka), input_precision=PRECISION)
+                s += tl.dot(qb, tl.trans(kb), input_precision=PRECISION)
+            else:
+                k = _load_tile(k_base, k_tok, n_mask, stride_kn, offs_d, d_mask, UPCAST)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            valid = n_mask[None, :] & m_mask[:, None]
+            if WINDOW:
+                valid = valid & _window_mask(offs_m, offs_n, gh, gw, win_t, win_h, win_w)
+            p = tl.where(valid, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+            v = _load_tile(v_base, k_tok, n_mask, stride_vn, offs_d, d_mask, UPCAST)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            if ROPE:
+                dqa += tl.dot(ds.to(ka.dtype), ka, input_precision=PRECISION)
+                dqb += tl.dot(ds.to(kb.dtype), kb, input_precision=PRECISION)
+            else:
+                dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+    if ROPE:
+        _unrotate_store(DQ + head * stride_dqh, q_tok, m_mask, stride_dqn, dqa * sm_scale, dqb * sm_scale, qc, qs,
+                        pairs, pair_mask)
+    else:
+        dq_ptr = DQ + q_tok[:, None] * stride_dqn + head * stride_dqh + offs_d[None, :]
+        tl.store(dq_ptr, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+# --- launch configuration ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Config:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# GPU configs by kernel; small tiles under the interpreter (it costs per tile op, not per element).
+FWD_BLOCK_M, FWD_BLOCK_N = 128, 64
+_GPU_CONFIGS = {
+    "fwd": _Config(FWD_BLOCK_M, FWD_BLOCK_N, num_warps=8, num_stages=2),
+    "dkdv": _Config(64, 128, num_warps=8, num_stages=2),
+    "dq": _Config(128, 64, num_warps=8, num_stages=2),
+}
+_INTERPRETER_CONFIG = _Config(32, 32, num_warps=4, num_stages=1)
+
+
+def _config(kernel: str) -> _Config:
+    return _INTERPRETER_CONFIG if _interpreting() else _GPU_CONFIGS[kernel]
+
+
+def _dims(head_dim: int) -> tuple[int, int]:
+    return max(16, triton.next_power_of_2(head_dim)), max(16, triton.next_power_of_2(head_dim // 2))
+
+
+def _rope_tables(head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per rotary pair: the axis (0=t, 1=h, 2=w) whose coordinate rotates it, and its frequency."""
+    axes, freqs = [], []
+    for axis, dims in enumerate(rope3d_split(head_dim)):
+        for j in range(dims // 2):
+            axes.append(axis)
+            freqs.append(theta ** (-2.0 * j / dims))
+    return (torch.tensor(axes, dtype=torch.int32, device=device),
+            torch.tensor(freqs, dtype=torch.float32, device=device))
+
+
+def _check_supported(q: torch.Tensor, v: torch.Tensor) -> None:
+    head_dim = q.shape[-1]
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"the triton attention kernel supports head dims up to {MAX_HEAD_DIM}, got q.shape[-1]={head_dim}")
+    if v.shape[-1] != head_dim:
+        raise ValueError(f"the triton attention kernel needs v's head dim equal to q's ({head_dim}), "
+                         f"got v.shape[-1]={v.shape[-1]}")
+    if q.dtype == torch.float64:
+        raise ValueError("the triton attention kernel takes fp16, bf16 or fp32 inputs, got float64")
+
+
+def _contig_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _common_args(q, cu_seqlens_q, grid, rope_coords, rope_theta):
+    """Tensors the kernels read beside q/k/v (unused ones are any valid pointer)."""
+    if rope_coords is not None:
+        axis, freq = _rope_tables(q.shape[-1], rope_theta, q.device)
+        coords = rope_coords.contiguous()
+    else:
+        axis = freq = coords = cu_seqlens_q
+    grid_t = grid.contiguous() if grid is not None else cu_seqlens_q
+    return grid_t, coords, axis, freq
+
+
+def _constexprs(q, window, rope_coords, cfg: _Config) -> dict:
+    block_d, block_dh = _dims(q.shape[-1])
+    return dict(HEAD_DIM=q.shape[-1], BLOCK_D=block_d, BLOCK_DH=block_dh, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                WINDOW=window is not None, ROPE=rope_coords is not None,
+                UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _window_args(window):
+    return tuple(window) if window is not None else (0, 0, 0)
+
+
+# --- launchers (the triton backend of sora_fast.ops.spacetime_attention) -----------------------
+def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale, window, grid,
+                      rope_coords, rope_theta):
+    """Returns ``(out (Nq, H, D) in q's dtype, lse (H, Nq) fp32)``."""
+    _check_supported(q, v)
+    q, k, v = (_contig_last(t) for t in (q, k, v))
+    n_q, heads, head_dim = q.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(heads, n_q, dtype=torch.float32, device=q.device)
+    cfg = _config("fwd")
+    table = block_table(cu_seqlens_q.diff().tolist(), cfg.block_m, q.device)
+    if table.shape[0] == 0 or heads == 0:
+        return out, lse
+    grid_t, coords, axis, freq = _common_args(q, cu_seqlens_q, grid, rope_coords, rope_theta)
+    _attn_fwd_kernel[(table.shape[0], heads)](
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, table, grid_t, coords, axis, freq,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        n_q, scale * LOG2E, *_window_args(window), **_constexprs(q, window, rope_coords, cfg))
+    return out, lse
+
+
+def attention_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                       scale, window, grid, rope_coords, rope_theta):
+    """Returns ``(dq, dk, dv)`` like q, k, v. ``dlse`` (gradient of the LSE output) may be None."""
+    _check_supported(q, v)
+    q, k, v, dout = (_contig_last(t) for t in (q, k, v, dout))
+    n_q, heads, head_dim = q.shape
+    delta = (dout.float() * out.float()).sum(-1).transpose(0, 1)        # (H, Nq)
+    if dlse is not None:
+        delta = delta - dlse.float()       # d lse / d s = p, so dS = P * (dP - (delta - dlse))
+    delta = delta.contiguous()
+    lse = lse.contiguous()
+    dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
+    dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
+    if heads == 0:
+        return dq, dk, dv
+    grid_t, coords, axis, freq = _common_args(q, cu_seqlens_q, grid, rope_coords, rope_theta)
+    common = (lse, delta, cu_seqlens_q, cu_seqlens_k)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+               dout.stride(0), dout.stride(1))
+    scalars = (n_q, scale, scale * LOG2E, *_window_args(window))
+
+    cfg = _config("dkdv")
+    table = block_table(cu_seqlens_k.diff().tolist(), cfg.block_n, q.device)
+    if table.shape[0]:
+        _attn_bwd_dkdv_kernel[(table.shape[0], heads)](
+            q, k, v, dout, dk, dv, *common, table, grid_t, coords, axis, freq, *strides,
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *scalars,
+            **_constexprs(q, window, rope_coords, cfg))
+    cfg = _config("dq")
+    table = block_table(cu_seqlens_q.diff().tolist(), cfg.block_m, q.device)
+    if table.shape[0]:
+        _attn_bwd_dq_kernel[(table.shape[0], heads)](
+            q, k, v, dout, dq, *common, table, grid_t, coords, axis, freq, *strides,
+            dq.stride(0), dq.stride(1), *scalars, **_constexprs(q, window, rope_coords, cfg))
+    return dq, dk, dv
+
+
+# --- what the offline kernel report compiles ----------------------------------------------------
+def shipped_configs() -> list[KernelConfig]:
+    """Every (kernel, head dim, dtype, variant) config the GPU launchers can pick, for the report."""
+    configs = []
+    ptr_args = {
+        "fwd": ["Q", "K", "V", "O", "LSE", "CU_Q", "CU_K", "TABLE", "GRID", "COORDS", "AXIS", "FREQ"],
+        "dkdv": ["Q", "K", "V", "DO", "DK", "DV", "LSE", "DELTA", "CU_Q", "CU_K", "TABLE", "GRID", "COORDS", "AXIS",
+                 "FREQ"],
+        "dq": ["Q", "K", "V", "DO", "DQ", "LSE", "DELTA", "CU_Q", "CU_K", "TABLE", "GRID", "COORDS", "AXIS", "FREQ"],
+    }
+    fns = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+    float_ptrs = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ"}
+    fp32_ptrs = {"LSE", "DELTA", "FREQ"}
+    for kernel, fn in fns.items():
+        cfg = _GPU_CONFIGS[kernel]
+        for head_dim in (64, 128):
+            block_d, block_dh = _dims(head_dim)
+            for dtype in ("bf16", "fp16"):
+                for window, rope in ((False, False), (True, True)):
+                    sig = {}
+                    for name in fn.arg_names:
+                        if name in ptr_args[kernel]:
+                            sig[name] = f"*{dtype}" if name in float_ptrs else ("*fp32" if name in fp32_ptrs else "*i32")
+                        elif name.startswith("stride") or name in ("n_q", "win_t", "win_h", "win_w"):
+                            sig[name] = "i32"
+                        elif name in ("qk_scale", "sm_scale"):
+                            sig[name] = "fp32"
+                        else:
+                            sig[name] = "constexpr"
+                    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_DH=block_dh, BLOCK_M=cfg.block_m,
+                                      BLOCK_N=cfg.block_n, WINDOW=window, ROPE=rope, UPCAST=False, PRECISION="tf32")
+                    aligned = tuple(n for n in sig if sig[n].startswith("*") or n.startswith("stride"))
+                    variant = "window+rope" if window else "dense"
+                    configs.append(KernelConfig(
+                        name=f"attention_{kernel} d{head_dim} {dtype} {variant} m{cfg.block_m} n{cfg.block_n}",
+                        fn=fn, signature=sig, constexprs=constexprs, num_warps=cfg.num_warps,
+                        num_stages=cfg.num_stages, divisible_by_16=aligned))
+    return configs
