@@ -46,6 +46,17 @@ def _load_tile(base, rows, row_mask, stride_n, cols, col_mask, UPCAST: tl.conste
 
 
 @triton.jit
+def _to_store(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """Cast for a store. The interpreter truncates fp32 -> bf16 (the GPU rounds to nearest even), so
+    under UPCAST round to nearest even on the fp32 bits first; the truncating cast is then exact."""
+    if UPCAST:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _rope_cos_sin(COORDS, tokens, row_mask, AXIS, FREQ, pairs, pair_mask):
     """cos/sin of the rotation of every (token, rotary pair): (rows, BLOCK_DH) fp32."""
     axis = tl.load(AXIS + pairs, mask=pair_mask, other=0)
@@ -194,7 +205,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TABLE, GRID, COORDS, AXIS, FRE
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    tl.store(O + q_tok[:, None] * stride_on + head * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty),
+    tl.store(O + q_tok[:, None] * stride_on + head * stride_oh + offs_d[None, :], _to_store(out, O.dtype.element_ty, UPCAST),
              mask=m_mask[:, None] & d_mask[None, :])
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
     tl.store(LSE + head * n_q + q_tok, lse, mask=m_mask)
@@ -202,13 +213,13 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TABLE, GRID, COORDS, AXIS, FRE
 
 # --- backward ------------------------------------------------------------------------------------
 @triton.jit
-def _unrotate_store(base, tokens, row_mask, stride_n, ga, gb, c, s, pairs, pair_mask):
+def _unrotate_store(base, tokens, row_mask, stride_n, ga, gb, c, s, pairs, pair_mask, UPCAST: tl.constexpr):
     """Store the gradient w.r.t. unrotated columns from the gradient w.r.t. rotated halves."""
     ptr = base + tokens[:, None] * stride_n
     mask = row_mask[:, None] & pair_mask[None, :]
-    dtype = base.dtype.element_ty
-    tl.store(ptr + 2 * pairs[None, :], (ga * c + gb * s).to(dtype), mask=mask)
-    tl.store(ptr + 2 * pairs[None, :] + 1, (gb * c - ga * s).to(dtype), mask=mask)
+    dtype: tl.constexpr = base.dtype.element_ty
+    tl.store(ptr + 2 * pairs[None, :], _to_store(ga * c + gb * s, dtype, UPCAST), mask=mask)
+    tl.store(ptr + 2 * pairs[None, :] + 1, _to_store(gb * c - ga * s, dtype, UPCAST), mask=mask)
 
 
 @triton.jit
@@ -290,13 +301,13 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, TABLE, GR
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
 
     dv_ptr = DV + k_tok[:, None] * stride_dvn + head * stride_dvh + offs_d[None, :]
-    tl.store(dv_ptr, dv.to(DV.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
+    tl.store(dv_ptr, _to_store(dv, DV.dtype.element_ty, UPCAST), mask=n_mask[:, None] & d_mask[None, :])
     if ROPE:
         _unrotate_store(DK + head * stride_dkh, k_tok, n_mask, stride_dkn, dka * sm_scale, dkb * sm_scale, kc, ks,
-                        pairs, pair_mask)
+                        pairs, pair_mask, UPCAST)
     else:
         dk_ptr = DK + k_tok[:, None] * stride_dkn + head * stride_dkh + offs_d[None, :]
-        tl.store(dk_ptr, (dk * sm_scale).to(DK.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
+        tl.store(dk_ptr, _to_store(dk * sm_scale, DK.dtype.element_ty, UPCAST), mask=n_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
@@ -377,10 +388,10 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, TABLE, GRID, CO
 
     if ROPE:
         _unrotate_store(DQ + head * stride_dqh, q_tok, m_mask, stride_dqn, dqa * sm_scale, dqb * sm_scale, qc, qs,
-                        pairs, pair_mask)
+                        pairs, pair_mask, UPCAST)
     else:
         dq_ptr = DQ + q_tok[:, None] * stride_dqn + head * stride_dqh + offs_d[None, :]
-        tl.store(dq_ptr, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+        tl.store(dq_ptr, _to_store(dq * sm_scale, DQ.dtype.element_ty, UPCAST), mask=m_mask[:, None] & d_mask[None, :])
 
 
 # --- launch configuration ------------------------------------------------------------------------
@@ -436,6 +447,11 @@ def _check_supported(q: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError("the triton attention kernel takes fp16, bf16 or fp32 inputs, got float64")
 
 
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Output allocation; every element is written by exactly one program (tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _contig_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -471,8 +487,8 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     _check_supported(q, v)
     q, k, v = (_contig_last(t) for t in (q, k, v))
     n_q, heads, head_dim = q.shape
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty(heads, n_q, dtype=torch.float32, device=q.device)
+    out = _empty(q.shape, q.dtype, q.device)
+    lse = _empty((heads, n_q), torch.float32, q.device)
     cfg = _config("fwd")
     table = block_table(cu_seqlens_q.diff().tolist(), cfg.block_m, q.device)
     if table.shape[0] == 0 or heads == 0:
@@ -496,9 +512,7 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
         delta = delta - dlse.float()       # d lse / d s = p, so dS = P * (dP - (delta - dlse))
     delta = delta.contiguous()
     lse = lse.contiguous()
-    dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
-    dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
-    dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
+    dq, dk, dv = (_empty(t.shape, t.dtype, t.device) for t in (q, k, v))
     if heads == 0:
         return dq, dk, dv
     grid_t, coords, axis, freq = _common_args(q, cu_seqlens_q, grid, rope_coords, rope_theta)
