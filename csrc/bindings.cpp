@@ -3,9 +3,15 @@
 // Layout
 //   kernels/<op>.cuh    device code only (__global__ / __device__), shared with the host-emulation
 //                       build, so no host CUDA API calls and no pybind11 there
-//   csrc/<op>.cu        launcher: validates sizes/strides at the boundary, picks the grid, launches
-//                       on the caller's stream, dispatches on dtype; declared in csrc/<op>.h
-//   csrc/bindings.cpp   this file: one m.def per launcher, inside `#if SORA_FAST_WITH_CUDA`
+//   kernels/<op>_params.h  plain-C++ argument struct of the kernels (shared with the launchers)
+//   csrc/launch_impl.inc   launchers: validate sizes/strides/alignment at the boundary, pick the
+//                       grid and the vector width, dispatch on dtype. Compiled twice: by nvcc in
+//                       csrc/kernels_cuda.cu (sora_fast::gpu, launches on the caller's stream) and by
+//                       the host compiler in csrc/kernels_emu.cpp through csrc/emulation.h
+//                       (sora_fast::emu: the same kernels on CPU memory, no nvcc needed)
+//   csrc/launchers.h    their declarations
+//   csrc/bindings.cpp   this file: the GPU launchers at the top level of _C (inside
+//                       `#if SORA_FAST_WITH_CUDA`), the emulated ones in the submodule _C.emu
 //   CMakeLists.txt      nothing to do: every csrc/*.cpp and csrc/*.cu is picked up by a glob
 //
 // The module does not link libtorch (builds stay fast and independent of the torch ABI). Bound
@@ -13,21 +19,26 @@
 // int handle (torch.cuda.current_stream().cuda_stream); sora_fast/ops wraps them as torch ops.
 //
 // Adding a CUDA op touches these files:
-//   1. kernels/<op>.cuh                 the kernel(s)
-//   2. csrc/<op>.h, csrc/<op>.cu        the launcher
-//   3. csrc/bindings.cpp                the binding (below, in the CUDA section)
-//   4. sora_fast/ops/<family>.py        the wrapper: sora_fast._ext.require_extension("the cuda
-//                                       backend of <op>"), pointers/strides from the tensors, and
-//                                       the backend dispatch registration
-//   5. tests/test_<op>.py               against the <op>_ref reference (and bench/bench_<op>.py)
+//   1. kernels/<op>.cuh (+ <op>_params.h)   the kernel(s), included by kernels_cuda.cu and kernels_emu.cpp
+//   2. csrc/launch_impl.inc, csrc/launchers.h   the launcher (one definition, both builds)
+//   3. csrc/bindings.cpp                the binding (below: GPU section and the emu submodule)
+//   4. sora_fast/ops/_cuda.py           the wrapper: tensors -> pointers/strides, outputs allocated,
+//                                       GPU or emulated launcher by device; and one
+//                                       _dispatch.register_kernel(op, "cuda", ...) line in
+//                                       sora_fast/ops/<family>.py
+//   5. tests/test_<family>_cuda.py      against the <op>_ref reference on CPU through the emulation;
+//                                       sora_fast/tools/cuda_report.py lists the kernel for the
+//                                       sm_90a resource gates; bench/bench_<op>.py
 //
 // Python-facing errors: throw std::runtime_error / std::invalid_argument from a launcher and
 // pybind11 turns them into RuntimeError / ValueError with the same message.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <string>
 
 #include "build_config.h"
+#include "launchers.h"
 
 #if SORA_FAST_WITH_CUDA
 #include "cuda_info.h"
@@ -52,9 +63,51 @@ py::dict build_info() {
   info["cuda_expected"] = static_cast<bool>(SORA_FAST_EXPECT_CUDA);
   info["cuda_archs"] = SORA_FAST_CUDA_ARCHS;
   info["cuda_version"] = none_if_empty(SORA_FAST_CUDA_VERSION);
-  // The host-emulated CUDA build (CPU tests of kernels/*.cuh) is not part of this module yet.
-  info["emulation"] = false;
+  // The host-emulated build of kernels/*.cuh (csrc/kernels_emu.cpp) is always compiled in: _C.emu.
+  info["emulation"] = true;
   return info;
+}
+
+// The same launcher set from either namespace (sora_fast::gpu or sora_fast::emu).
+struct EmuLaunchers {
+  static constexpr auto adaln_forward = &sora_fast::emu::adaln_forward;
+  static constexpr auto adaln_backward = &sora_fast::emu::adaln_backward;
+  static constexpr auto adaln_param_reduce = &sora_fast::emu::adaln_param_reduce;
+  static constexpr auto adaln_vector_width = &sora_fast::emu::adaln_vector_width;
+  static constexpr auto group_norm_silu = &sora_fast::emu::group_norm_silu;
+  static constexpr auto channel_rms_norm_silu = &sora_fast::emu::channel_rms_norm_silu;
+};
+
+#if SORA_FAST_WITH_CUDA
+struct GpuLaunchers {
+  static constexpr auto adaln_forward = &sora_fast::gpu::adaln_forward;
+  static constexpr auto adaln_backward = &sora_fast::gpu::adaln_backward;
+  static constexpr auto adaln_param_reduce = &sora_fast::gpu::adaln_param_reduce;
+  static constexpr auto adaln_vector_width = &sora_fast::gpu::adaln_vector_width;
+  static constexpr auto group_norm_silu = &sora_fast::gpu::group_norm_silu;
+  static constexpr auto channel_rms_norm_silu = &sora_fast::gpu::channel_rms_norm_silu;
+};
+#endif
+
+// Arguments: a dict of name -> int (pointers as ints, sizes and strides in elements, flags, dtype
+// codes 0 float32 / 1 float16 / 2 bfloat16), eps, and the CUDA stream handle (ignored by _C.emu).
+// The GIL is released while the kernels run.
+template <typename L>
+void bind_launchers(py::module_& m) {
+  using py::arg;
+  auto gil = py::call_guard<py::gil_scoped_release>();
+  m.def("adaln_forward", L::adaln_forward, arg("args"), arg("eps"), arg("stream") = 0, gil,
+        "adaln_modulate / gated_residual_adaln forward (kernels/adaln.cuh).");
+  m.def("adaln_backward", L::adaln_backward, arg("args"), arg("eps"), arg("stream") = 0, gil,
+        "adaLN backward: dx, dbranch, per-token table gradients, per-segment parameter partials.");
+  m.def("adaln_param_reduce", L::adaln_param_reduce, arg("args"), arg("stream") = 0, gil,
+        "Second pass of the deterministic parameter-gradient reduction (fixed order).");
+  m.def("adaln_vector_width", L::adaln_vector_width, arg("args"),
+        "Elements per access the adaLN launcher picks for these arguments (1: scalar path).");
+  m.def("group_norm_silu", L::group_norm_silu, arg("args"), arg("eps"), arg("stream") = 0, gil,
+        "GroupNorm + SiLU forward (kernels/vae_norm.cuh).");
+  m.def("channel_rms_norm_silu", L::channel_rms_norm_silu, arg("args"), arg("eps"), arg("stream") = 0, gil,
+        "Channel RMS norm + SiLU forward (kernels/vae_norm.cuh).");
 }
 
 }  // namespace
@@ -69,7 +122,13 @@ PYBIND11_MODULE(_C, m) {
         "nvcc), cuda_archs ('90a;80', '' without CUDA), cuda_version (nvcc's, or None),\n"
         "emulation.");
 
+  // ---- host emulation of the CUDA kernels (CPU memory; same launchers as the GPU section) ----
+  py::module_ emu = m.def_submodule(
+      "emu", "The CUDA kernels of kernels/*.cuh run on CPU memory through csrc/emulation.h (slow, exact).");
+  bind_launchers<EmuLaunchers>(emu);
+
 #if SORA_FAST_WITH_CUDA
+  bind_launchers<GpuLaunchers>(m);
   // ---- CUDA section: bindings of csrc/*.cu launchers go below. ----
   m.def("cuda_runtime_version", &sora_fast::cuda_runtime_version,
         "Version of the statically linked CUDA runtime, 'major.minor'. Needs no driver.");

@@ -24,6 +24,7 @@ def _adaln_inputs():
 def test_resolve_explicit_env_and_auto(monkeypatch, registry):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.delenv("SORA_FAST_BACKEND", raising=False)
+    registry._KERNELS.pop(("adaln_modulate", "cuda"), None)  # the real CUDA kernel registers at import
     assert registry.resolve_backend("adaln_modulate", "cuda", cpu) == "cuda"
     assert registry.resolve_backend("adaln_modulate", None, cpu) == "torch"
     # auto on CUDA tensors: torch until a kernel registers, then the first registered kernel

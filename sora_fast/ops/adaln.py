@@ -162,6 +162,8 @@ def _modulate_backward_ref(dy, x, shift, scale, seq_ids, **kw):
 
 _dispatch.register_kernel("adaln_modulate", "torch", adaln_modulate_ref)
 _dispatch.register_kernel("adaln_modulate_backward", "torch", _modulate_backward_ref)
+_dispatch.register_kernel("adaln_modulate", "cuda", "sora_fast.ops._cuda:adaln_modulate")
+_dispatch.register_kernel("adaln_modulate_backward", "cuda", "sora_fast.ops._cuda:adaln_modulate_backward")
 
 
 # --- gated_residual_adaln op ---------------------------------------------------------------------
@@ -227,6 +229,8 @@ def _gated_backward_ref(dx_new, dy, x, branch, gate, shift, scale, seq_ids, **kw
 
 _dispatch.register_kernel("gated_residual_adaln", "torch", gated_residual_adaln_ref)
 _dispatch.register_kernel("gated_residual_adaln_backward", "torch", _gated_backward_ref)
+_dispatch.register_kernel("gated_residual_adaln", "cuda", "sora_fast.ops._cuda:gated_residual_adaln")
+_dispatch.register_kernel("gated_residual_adaln_backward", "cuda", "sora_fast.ops._cuda:gated_residual_adaln_backward")
 
 
 # --- public API ---------------------------------------------------------------------------------

@@ -122,6 +122,8 @@ def _gn_backward_ref(grad, x, num_groups, weight, bias, **kw):
 
 _dispatch.register_kernel("group_norm_silu", "torch", group_norm_silu_ref)
 _dispatch.register_kernel("group_norm_silu_backward", "torch", _gn_backward_ref)
+_dispatch.register_kernel("group_norm_silu", "cuda", "sora_fast.ops._cuda:group_norm_silu")
+_dispatch.register_kernel("group_norm_silu_backward", "cuda", "sora_fast.ops._cuda:group_norm_silu_backward")
 
 
 # --- channel_rms_norm_silu op ----------------------------------------------------------------------
@@ -173,6 +175,8 @@ def _rms_backward_ref(grad, x, weight, bias, **kw):
 
 _dispatch.register_kernel("channel_rms_norm_silu", "torch", channel_rms_norm_silu_ref)
 _dispatch.register_kernel("channel_rms_norm_silu_backward", "torch", _rms_backward_ref)
+_dispatch.register_kernel("channel_rms_norm_silu", "cuda", "sora_fast.ops._cuda:channel_rms_norm_silu")
+_dispatch.register_kernel("channel_rms_norm_silu_backward", "cuda", "sora_fast.ops._cuda:channel_rms_norm_silu_backward")
 
 
 # --- public API ---------------------------------------------------------------------------------

@@ -1,0 +1,196 @@
+"""The CUDA C++ adaLN kernels (kernels/adaln.cuh) on CPU tensors through the host emulation, against
+the fp32 references: every output and gradient, fp32/bf16/fp16, awkward hidden sizes, packs with a
+1-token and an empty sequence, per-sequence and per-token tables, determinism, bad input."""
+import pytest
+import torch
+
+import sora_fast.ops as O
+from sora_fast import _ext
+from sora_fast.ops import _cuda
+from sora_fast.ops.adaln import _gated_backward_ref, _modulate_backward_ref
+
+from _utils import TOL, assert_close, assert_within_lowp_error
+
+pytestmark = pytest.mark.skipif(not _ext.build_info().get("emulation", False),
+                                reason="sora_fast._C was built without the host emulation")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """NaN-fill every kernel output before the launch: an unwritten element fails the comparison."""
+    monkeypatch.setattr(_cuda, "POISON_OUTPUTS", True)
+
+
+def _pack(lengths, shuffle=False):
+    ids = torch.cat([torch.full((n,), i, dtype=torch.int32) for i, n in enumerate(lengths)])
+    return ids[torch.randperm(ids.numel())] if shuffle else ids
+
+
+def _inputs(n, d, dtype, *, per_seq, gated, affine, table_dtype=torch.float32, lengths=None, shuffle=False):
+    ids = _pack(lengths, shuffle) if per_seq else None
+    rows = len(lengths) if per_seq else n
+    t = lambda: (torch.randn(rows, d) * 0.5).to(table_dtype)  # noqa: E731
+    kw = {"weight": torch.randn(d) if affine else None, "bias": torch.randn(d) if affine == "wb" else None}
+    args = {"x": torch.randn(n, d).to(dtype) * 2 + 0.5, "shift": t(), "scale": t(), "seq_ids": ids}
+    if gated:
+        args.update(branch=torch.randn(n, d).to(dtype), gate=t())
+    return args, kw
+
+
+def _fwd(gated, backend, a, kw, norm):
+    if gated:
+        return O.gated_residual_adaln(a["x"], a["branch"], a["gate"], a["shift"], a["scale"], a["seq_ids"],
+                                      norm=norm, backend=backend, **kw)
+    return O.adaln_modulate(a["x"], a["shift"], a["scale"], a["seq_ids"], norm=norm, backend=backend, **kw)
+
+
+def _upcast(a):
+    return {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in a.items()}
+
+
+FWD_CASES = [
+    # (d, n rows / pack lengths): small hidden sizes with many dtypes, big ones with few rows
+    (64, [3, 1, 0, 4]),
+    (769, [2, 0, 1, 3]),
+    (1536, [1, 2]),
+    (5120, [1, 0, 1]),
+]
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["modulate", "gated"])
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d,lengths", FWD_CASES, ids=[f"d{c[0]}" for c in FWD_CASES])
+def test_forward_matches_reference(gated, norm, dtype, d, lengths):
+    big = d >= 1536
+    if big and (dtype == torch.float16 or norm == "rms") and gated:
+        pytest.skip("big hidden sizes: a representative subset keeps the emulated suite fast")
+    n = sum(lengths)
+    per_seq = (d + len(lengths) + (dtype == torch.bfloat16)) % 2 == 0 or big  # both kinds across the grid
+    affine = "wb" if norm == "layer" else "w"
+    table_dtype = dtype if d == 769 else torch.float32  # tables in x's dtype, or fp32 with lowp x
+    a, kw = _inputs(n, d, dtype, per_seq=per_seq, gated=gated, affine=affine, table_dtype=table_dtype,
+                    lengths=lengths)
+    got = _fwd(gated, "cuda", a, kw, norm)
+    ref = _fwd(gated, "torch", a, kw, norm)
+    for g, r, name in zip(got if gated else (got,), ref if gated else (ref,), ("x_new", "y") if gated else ("y",)):
+        assert g.dtype == dtype and g.shape == (n, d)
+        if name == "x_new":
+            assert torch.equal(g, r), "x_new = round(x + gate * branch) must match the reference bit for bit"
+        else:
+            assert_close(g, r, dtype, msg=name)
+
+
+BWD_CASES = [
+    (64, torch.float32, [3, 1, 0, 4], True),
+    (64, torch.bfloat16, [3, 1, 0, 4], False),
+    (769, torch.float16, [2, 0, 1, 2], True),
+    (769, torch.float32, [2, 1, 2], False),
+    (1536, torch.bfloat16, [2, 0, 1], True),
+    (5120, torch.bfloat16, [1, 1], True),
+]
+
+
+def _backward(gated, backend_fn, a, kw, norm, dy, dxn):
+    if gated:
+        return backend_fn["gated"](dxn, dy, a["x"], a["branch"], a["gate"], a["shift"], a["scale"], a["seq_ids"],
+                                   norm=norm, **kw)
+    return backend_fn["mod"](dy, a["x"], a["shift"], a["scale"], a["seq_ids"], norm=norm, **kw)
+
+
+CUDA_BWD = {"gated": _cuda.gated_residual_adaln_backward, "mod": _cuda.adaln_modulate_backward}
+REF_BWD = {"gated": lambda *a, **k: _gated_backward_ref(*a, eps=1e-6, **k),
+           "mod": lambda *a, **k: _modulate_backward_ref(*a, eps=1e-6, **k)}
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["modulate", "gated"])
+@pytest.mark.parametrize("d,dtype,lengths,per_seq", BWD_CASES,
+                         ids=[f"d{c[0]}-{str(c[1])[6:]}-{'seq' if c[3] else 'tok'}" for c in BWD_CASES])
+def test_backward_every_gradient(gated, d, dtype, lengths, per_seq):
+    norm = "layer" if d != 769 else "rms"
+    n = sum(lengths)
+    a, kw = _inputs(n, d, dtype, per_seq=per_seq, gated=gated, affine="wb" if norm == "layer" else "w",
+                    lengths=lengths, shuffle=per_seq and d == 64)
+    dy, dxn = torch.randn(n, d).to(dtype), torch.randn(n, d).to(dtype)
+    got = _backward(gated, CUDA_BWD, a, kw, norm, dy, dxn)
+    ref32 = _backward(gated, REF_BWD, _upcast(a), kw, norm, dy.float(), dxn.float())
+    peer = _backward(gated, REF_BWD, a, kw, norm, dy, dxn)
+    names = ("dx", "dbranch", "dgate", "dshift", "dscale", "dweight", "dbias") if gated else \
+        ("dx", "dshift", "dscale", "dweight", "dbias")
+    for g, r, p, name in zip(got, ref32, peer, names):
+        if r is None:
+            assert g is None, name
+            continue
+        assert g.shape == p.shape and g.dtype == p.dtype, (name, g.shape, g.dtype, p.dtype)
+        assert not torch.isnan(g).any(), f"{name}: unwritten (NaN-poisoned) elements"
+        # fp32 reductions in another order: error up to ~1e-5 of the gradient's scale
+        atol = TOL[torch.float32][0] * max(1.0, r.abs().max().item())
+        if dtype == torch.float32:
+            torch.testing.assert_close(g.double(), r.double(), atol=atol, rtol=TOL[torch.float32][1], msg=name)
+        else:  # lowp x: x_new is rounded to x's dtype, so even fp32 table gradients carry that error
+            assert_within_lowp_error(g, r, p, atol=atol, msg=name)
+
+
+def test_backward_is_deterministic():
+    a, kw = _inputs(9, 64, torch.float32, per_seq=True, gated=True, affine="wb", lengths=[4, 0, 5], shuffle=True)
+    dy, dxn = torch.randn(9, 64), torch.randn(9, 64)
+    one = _backward(True, CUDA_BWD, a, kw, "layer", dy, dxn)
+    two = _backward(True, CUDA_BWD, a, kw, "layer", dy, dxn)
+    for g1, g2 in zip(one, two):
+        assert torch.equal(g1, g2)
+
+
+def test_autograd_through_the_op():
+    """The registered cuda backend (forward + backward) drives torch autograd like the reference."""
+    a, kw = _inputs(5, 64, torch.float32, per_seq=True, gated=True, affine="wb", lengths=[2, 0, 3])
+    leaves = {k: v.clone().requires_grad_(True) for k, v in a.items() if k != "seq_ids"}
+    leaves_r = {k: v.clone().requires_grad_(True) for k, v in a.items() if k != "seq_ids"}
+    for lv, backend in ((leaves, "cuda"), (leaves_r, "torch")):
+        x_new, y = O.gated_residual_adaln(lv["x"], lv["branch"], lv["gate"], lv["shift"], lv["scale"], a["seq_ids"],
+                                          backend=backend, **kw)
+        (x_new.square().sum() + (y * torch.linspace(-1, 1, 64)).sum()).backward()
+    for k in leaves:
+        assert_close(leaves[k].grad, leaves_r[k].grad, torch.float32, msg=k)
+
+
+def test_vector_width_main_path_and_scalar_fallback():
+    """16-byte accesses when every row is 16-byte aligned, the scalar path otherwise."""
+    C = _ext.require_extension("test")
+
+    def width(d, dtype):
+        x = torch.empty(2, d, dtype=dtype)
+        t = torch.empty(2, d)
+        return C.emu.adaln_vector_width({
+            "n_rows": 2, "d": d, "rms": 0, "gated": 0, "dtype_x": _cuda._DTYPE_CODE[dtype], "dtype_p": 0,
+            "x": x.data_ptr(), "x_stride": d, "shift": t.data_ptr(), "shift_stride": d, "scale": t.data_ptr(),
+            "scale_stride": d, "y": x.data_ptr(), "y_stride": d})
+
+    assert width(1536, torch.bfloat16) == 8
+    assert width(5120, torch.float32) == 4
+    assert width(769, torch.bfloat16) == 1
+
+
+def test_bad_input_is_rejected_before_launch():
+    x, t, ids = torch.randn(3, 8), torch.randn(2, 8), torch.tensor([0, 1, 1], dtype=torch.int32)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16, got float64"):
+        O.adaln_modulate(x.double(), t, t, ids, backend="cuda")
+    with pytest.raises(ValueError, match="branch in x's dtype"):
+        O.gated_residual_adaln(x, x.half(), t, t, t, ids, backend="cuda")
+    with pytest.raises(ValueError, match="seq_ids values must lie in"):
+        O.adaln_modulate(x, t, t, torch.tensor([0, 2, 1], dtype=torch.int32), backend="cuda")
+    with pytest.raises(ValueError, match="hidden sizes 1..16384, got D=16385"):
+        _cuda.adaln_modulate(torch.randn(1, 16385), torch.randn(1, 16385), torch.randn(1, 16385), None)
+    C = _ext.require_extension("test")
+    with pytest.raises(ValueError, match="launcher argument 'x' must be a non-null pointer"):
+        C.emu.adaln_forward({"n_rows": 1, "d": 8, "rms": 0, "gated": 0, "dtype_x": 0, "dtype_p": 0}, 1e-6)
+
+
+def test_strided_rows_are_read_in_place():
+    """A column slice (row stride > D) and a non-contiguous last dim give the reference's result."""
+    base = torch.randn(6, 72)
+    x = base[:, :64]
+    shift, scale = torch.randn(2, 64), torch.randn(2, 64).t().contiguous().t()
+    ids = torch.tensor([0, 0, 1, 1, 1, 0], dtype=torch.int32)
+    assert_close(O.adaln_modulate(x, shift, scale, ids, backend="cuda"), O.adaln_modulate_ref(x, shift, scale, ids))
