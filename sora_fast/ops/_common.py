@@ -2,6 +2,7 @@
 references, and the reference backward (a vector-Jacobian product through a reference function)."""
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -15,7 +16,7 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _fmt_shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+    return str(tuple(t.shape))
 
 
 def check_tensor(name: str, t, *, ndim: Optional[int] = None, layout: str = "",
@@ -37,7 +38,7 @@ def check_float(name: str, t, *, ndim: Optional[int] = None, layout: str = "", d
 
 
 def check_positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
         raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
@@ -60,7 +61,7 @@ def check_same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tenso
 
 def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str = "") -> None:
     if tuple(t.shape) != tuple(expected):
-        exp = "(" + ", ".join(str(s) for s in expected) + ")"
+        exp = str(tuple(expected))
         raise ValueError(f"{name} must have shape {exp}{' ' + what if what else ''}, got {_fmt_shape(t)}")
 
 

@@ -198,7 +198,8 @@ class CausalConv3d(torch.nn.Module):
 
     ``forward(x, residual=None, stream=False)``: with ``stream=True`` the layer reads and updates its
     cache, so calling it on consecutive chunks equals calling it once on the whole video;
-    :meth:`reset_cache` starts a new video.
+    :meth:`reset_cache` starts a new video. With a time stride, every chunk but the last must hold a
+    multiple of the stride's frames (else the output frames would fall off the whole video's grid).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Union[int, Sequence[int]] = 3,
@@ -215,16 +216,23 @@ class CausalConv3d(torch.nn.Module):
         self.weight = torch.nn.Parameter(ref.weight.detach().clone())
         self.bias = torch.nn.Parameter(ref.bias.detach().clone()) if bias else None
         self._cache: Optional[torch.Tensor] = None
+        self._frames_seen = 0
 
     def reset_cache(self) -> None:
         self._cache = None
+        self._frames_seen = 0
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, stream: bool = False) -> torch.Tensor:
         cache = self._cache if stream else None
+        if stream and self._frames_seen % self.stride[0]:
+            raise ValueError(f"streaming with time stride {self.stride[0]}: the previous chunks held {self._frames_seen} "
+                             f"frames, not a multiple of the stride; split the video on multiples of "
+                             f"{self.stride[0]} frames (or call reset_cache() for a new video)")
         out = causal_conv3d(x, self.weight, self.bias, stride=self.stride, padding=self.padding,
                             pad_mode=self.pad_mode, cache=cache, residual=residual, backend=self.backend)
         if stream:
             self._cache = causal_conv3d_next_cache(x.detach(), cache, self.weight.shape[2])
+            self._frames_seen += x.shape[2]
         return out
 
     def extra_repr(self) -> str:

@@ -215,8 +215,8 @@ class GroupNormSiLU(torch.nn.Module):
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-6, affine: bool = True,
                  silu: bool = True, backend: Optional[str] = None):
         super().__init__()
-        if num_channels % num_groups:
-            raise ValueError(f"num_groups ({num_groups}) must divide num_channels ({num_channels})")
+        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or num_channels % num_groups:
+            raise ValueError(f"num_groups must be a positive int dividing num_channels ({num_channels}), got {num_groups!r}")
         self.num_groups, self.eps, self.silu, self.backend = num_groups, eps, silu, backend
         self.weight = torch.nn.Parameter(torch.ones(num_channels)) if affine else None
         self.bias = torch.nn.Parameter(torch.zeros(num_channels)) if affine else None
