@@ -19,7 +19,6 @@ Backward of group_norm_silu and channel_rms_norm_silu: there is no CUDA kernel y
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 

@@ -10,16 +10,20 @@ Windows (``window=(wt, wh, ww)`` on the t-major grid): the key loop starts and e
 window can reach, and a key block whose coordinate box is farther than the window from the query
 block's box is skipped before any load (see ``_blocks``); partial blocks are masked per element.
 
-Fused RoPE: q and k are loaded as their even and odd columns (the rotary pairs), rotated in
-registers, and ``q.k`` is the sum of two half-width dots; gradients are rotated back before the
-store. No rotated copy of q or k is ever written to memory.
+Fused RoPE: q and k tiles are loaded whole (16-byte loads), split into their rotary pairs, rotated in
+registers and re-joined, so the dots are the plain ones; dQ and dK are rotated back the same way before
+the store. No rotated copy of q or k is ever written to memory. cos/sin come from a polynomial
+(``_sincos``) rather than libdevice, whose slow path would put a local-memory array in every kernel.
+
+Blocking: each (kernel, window, RoPE) variant has its own tile shape, chosen with the offline sm_90
+report so that every shipped config compiles with 0 spill bytes and issues wgmma. The dK/dV kernel
+works on transposed scores (keys x queries) so no computed tile is transposed before a dot.
 
 bf16 under the Triton interpreter: its bf16 arithmetic is wrong, so ``UPCAST`` converts tiles to fp32
 right after loading (interpreter only; on a GPU bf16 tiles feed the tensor cores).
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -32,7 +36,7 @@ from ._blocks import block_table
 from ._spec import KernelConfig
 
 LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 128
 
 
 # --- device helpers ------------------------------------------------------------------------------
@@ -57,27 +61,50 @@ def _to_store(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _rope_cos_sin(COORDS, tokens, row_mask, AXIS, FREQ, pairs, pair_mask):
-    """cos/sin of the rotation of every (token, rotary pair): (rows, BLOCK_DH) fp32."""
-    axis = tl.load(AXIS + pairs, mask=pair_mask, other=0)
-    freq = tl.load(FREQ + pairs, mask=pair_mask, other=0.0)
-    pos = tl.load(COORDS + tokens[:, None] * 3 + axis[None, :], mask=row_mask[:, None] & pair_mask[None, :],
-                  other=0).to(tl.float32)
-    angle = pos * freq[None, :]
-    return tl.cos(angle), tl.sin(angle)
+def _sincos(x):
+    """sin and cos in fp32 by Cody-Waite reduction to [-pi/4, pi/4] and minimax polynomials (cephes
+    sinf/cosf, ~1 ulp for |x| < 1e5). libdevice's sinf/cosf carry a Payne-Hanek slow path with a
+    local-memory array: stack bytes in every kernel that calls them, although RoPE angles never need it."""
+    q = tl.floor(x * 0.6366197723675814 + 0.5)                    # nearest multiple of pi/2
+    r = x - q * 1.5703125
+    r = r - q * 4.837512969970703125e-4
+    r = r - q * 7.54978995489188216e-8
+    r2 = r * r
+    sin_r = r + r * r2 * (-1.6666654611e-1 + r2 * (8.3321608736e-3 + r2 * -1.9515295891e-4))
+    cos_r = 1.0 - 0.5 * r2 + r2 * r2 * (4.166664568298827e-2 + r2 * (-1.388731625493765e-3
+                                                                    + r2 * 2.443315711809948e-5))
+    quadrant = q.to(tl.int32) & 3
+    sin_x = tl.where(quadrant == 0, sin_r, tl.where(quadrant == 1, cos_r, tl.where(quadrant == 2, -sin_r, -cos_r)))
+    cos_x = tl.where(quadrant == 0, cos_r, tl.where(quadrant == 1, -sin_r, tl.where(quadrant == 2, -cos_r, sin_r)))
+    return sin_x, cos_x
 
 
 @triton.jit
-def _load_rotated(base, tokens, rows, row_mask, stride_n, COORDS, AXIS, FREQ, pairs, pair_mask,
-                  UPCAST: tl.constexpr):
-    """Even and odd columns of a tile, rotated by 3D RoPE, in the input dtype (fp32 if UPCAST)."""
-    xe = _load_tile(base, rows, row_mask, stride_n, 2 * pairs, pair_mask, True)
-    xo = _load_tile(base, rows, row_mask, stride_n, 2 * pairs + 1, pair_mask, True)
+def _rope_cos_sin(COORDS, tokens, row_mask, AXIS, FREQ, pairs, pair_mask):
+    """cos/sin of the rotation of every (token, rotary pair): (rows, BLOCK_DH) fp32."""
+    axis = tl.load(AXIS + pairs, mask=pair_mask, other=0)[None, :]
+    freq = tl.load(FREQ + pairs, mask=pair_mask, other=0.0)
+    # three coordinate vectors and a select, not a (rows, pairs) gather: far fewer address registers
+    ct = tl.load(COORDS + tokens * 3, mask=row_mask, other=0).to(tl.float32)[:, None]
+    ch = tl.load(COORDS + tokens * 3 + 1, mask=row_mask, other=0).to(tl.float32)[:, None]
+    cw = tl.load(COORDS + tokens * 3 + 2, mask=row_mask, other=0).to(tl.float32)[:, None]
+    angle = tl.where(axis == 0, ct, tl.where(axis == 1, ch, cw)) * freq[None, :]
+    sin, cos = _sincos(angle)
+    return cos, sin
+
+
+@triton.jit
+def _load_rotated(base, tokens, row_mask, stride_n, cols, col_mask, COORDS, AXIS, FREQ, pairs, pair_mask,
+                  ROWS: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """A tile rotated by 3D RoPE in registers, same layout and dtype as an unrotated load (fp32 if
+    UPCAST). One contiguous load of whole rows (16-byte loads), pairs split and re-joined in registers."""
+    x = _load_tile(base, tokens, row_mask, stride_n, cols, col_mask, True)
+    xe, xo = tl.split(tl.reshape(x, (ROWS, BLOCK_D // 2, 2)))
     c, s = _rope_cos_sin(COORDS, tokens, row_mask, AXIS, FREQ, pairs, pair_mask)
-    dtype = base.dtype.element_ty
+    x = tl.reshape(tl.join(xe * c - xo * s, xe * s + xo * c), (ROWS, BLOCK_D))
     if UPCAST:
-        dtype = tl.float32
-    return (xe * c - xo * s).to(dtype), (xe * s + xo * c).to(dtype), c, s
+        return x
+    return x.to(base.dtype.element_ty)
 
 
 @triton.jit
@@ -146,20 +173,22 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TABLE, GRID, COORDS, AXIS, FRE
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     m_mask = offs_m < q_len
-    q_tok = (q_start + offs_m).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     pairs = tl.arange(0, BLOCK_DH)
     pair_mask = pairs < HEAD_DIM // 2
-    q_base = Q + head * stride_qh
-    k_base = K + head * stride_kh
-    v_base = V + head * stride_vh
+    # 64-bit scalar bases per program, 32-bit offsets inside a sequence: few address registers
+    q_base = Q + q_start.to(tl.int64) * stride_qn + head * stride_qh
+    k_base = K + k_start.to(tl.int64) * stride_kn + head * stride_kh
+    v_base = V + k_start.to(tl.int64) * stride_vn + head * stride_vh
+    q_coords = COORDS + q_start * 3
+    k_coords = COORDS + k_start * 3
 
     if ROPE:
-        qa, qb, _, _ = _load_rotated(q_base, q_tok, q_tok, m_mask, stride_qn, COORDS, AXIS, FREQ, pairs, pair_mask,
-                                     UPCAST)
+        q = _load_rotated(q_base, offs_m, m_mask, stride_qn, offs_d, d_mask, q_coords, AXIS, FREQ, pairs, pair_mask,
+                          BLOCK_M, BLOCK_D, UPCAST)
     else:
-        q = _load_tile(q_base, q_tok, m_mask, stride_qn, offs_d, d_mask, UPCAST)
+        q = _load_tile(q_base, offs_m, m_mask, stride_qn, offs_d, d_mask, UPCAST)
 
     gh = 1
     gw = 1
@@ -180,15 +209,12 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TABLE, GRID, COORDS, AXIS, FRE
         if not skip:
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < k_len
-            k_tok = (k_start + offs_n).to(tl.int64)
             if ROPE:
-                ka, kb, _, _ = _load_rotated(k_base, k_tok, k_tok, n_mask, stride_kn, COORDS, AXIS, FREQ, pairs,
-                                             pair_mask, UPCAST)
-                s = tl.dot(qa, tl.trans(ka), input_precision=PRECISION)
-                s += tl.dot(qb, tl.trans(kb), input_precision=PRECISION)
+                k = _load_rotated(k_base, offs_n, n_mask, stride_kn, offs_d, d_mask, k_coords, AXIS, FREQ, pairs,
+                                  pair_mask, BLOCK_N, BLOCK_D, UPCAST)
             else:
-                k = _load_tile(k_base, k_tok, n_mask, stride_kn, offs_d, d_mask, UPCAST)
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+                k = _load_tile(k_base, offs_n, n_mask, stride_kn, offs_d, d_mask, UPCAST)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             valid = n_mask[None, :] & m_mask[:, None]
             if WINDOW:
                 valid = valid & _window_mask(offs_m, offs_n, gh, gw, win_t, win_h, win_w)
@@ -198,28 +224,31 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TABLE, GRID, COORDS, AXIS, FRE
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = _load_tile(v_base, k_tok, n_mask, stride_vn, offs_d, d_mask, UPCAST)
+            v = _load_tile(v_base, offs_n, n_mask, stride_vn, offs_d, d_mask, UPCAST)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    tl.store(O + q_tok[:, None] * stride_on + head * stride_oh + offs_d[None, :], _to_store(out, O.dtype.element_ty, UPCAST),
+    o_base = O + q_start.to(tl.int64) * stride_on + head * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], _to_store(out, O.dtype.element_ty, UPCAST),
              mask=m_mask[:, None] & d_mask[None, :])
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
-    tl.store(LSE + head * n_q + q_tok, lse, mask=m_mask)
+    tl.store(LSE + head * n_q + q_start + offs_m, lse, mask=m_mask)
 
 
 # --- backward ------------------------------------------------------------------------------------
 @triton.jit
-def _unrotate_store(base, tokens, row_mask, stride_n, ga, gb, c, s, pairs, pair_mask, UPCAST: tl.constexpr):
-    """Store the gradient w.r.t. unrotated columns from the gradient w.r.t. rotated halves."""
-    ptr = base + tokens[:, None] * stride_n
-    mask = row_mask[:, None] & pair_mask[None, :]
-    dtype: tl.constexpr = base.dtype.element_ty
-    tl.store(ptr + 2 * pairs[None, :], _to_store(ga * c + gb * s, dtype, UPCAST), mask=mask)
-    tl.store(ptr + 2 * pairs[None, :] + 1, _to_store(gb * c - ga * s, dtype, UPCAST), mask=mask)
+def _unrotate_store(base, tokens, row_mask, stride_n, cols, col_mask, g, COORDS, AXIS, FREQ, pairs, pair_mask,
+                    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """Store the gradient w.r.t. the unrotated input from the gradient w.r.t. the rotated one
+    (cos/sin recomputed here rather than kept live through the loop: registers are the scarce part)."""
+    ga, gb = tl.split(tl.reshape(g, (ROWS, BLOCK_D // 2, 2)))
+    c, s = _rope_cos_sin(COORDS, tokens, row_mask, AXIS, FREQ, pairs, pair_mask)
+    g = tl.reshape(tl.join(ga * c + gb * s, gb * c - ga * s), (ROWS, BLOCK_D))
+    tl.store(base + tokens[:, None] * stride_n + cols[None, :], _to_store(g, base.dtype.element_ty, UPCAST),
+             mask=row_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit
@@ -241,23 +270,26 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, TABLE, GR
 
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < k_len
-    k_tok = (k_start + offs_n).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     pairs = tl.arange(0, BLOCK_DH)
     pair_mask = pairs < HEAD_DIM // 2
-    q_base = Q + head * stride_qh
-    do_base = DO + head * stride_doh
+    q_start64 = q_start.to(tl.int64)
+    k_start64 = k_start.to(tl.int64)
+    q_base = Q + q_start64 * stride_qn + head * stride_qh
+    do_base = DO + q_start64 * stride_don + head * stride_doh
+    lse_base = LSE + head * n_q + q_start
+    delta_base = DELTA + head * n_q + q_start
+    q_coords = COORDS + q_start * 3
+    k_coords = COORDS + k_start * 3
 
     if ROPE:
-        ka, kb, kc, ks = _load_rotated(K + head * stride_kh, k_tok, k_tok, n_mask, stride_kn, COORDS, AXIS, FREQ,
-                                       pairs, pair_mask, UPCAST)
-        dka = tl.zeros([BLOCK_N, BLOCK_DH], tl.float32)
-        dkb = tl.zeros([BLOCK_N, BLOCK_DH], tl.float32)
+        k = _load_rotated(K + k_start64 * stride_kn + head * stride_kh, offs_n, n_mask, stride_kn, offs_d, d_mask,
+                          k_coords, AXIS, FREQ, pairs, pair_mask, BLOCK_N, BLOCK_D, UPCAST)
     else:
-        k = _load_tile(K + head * stride_kh, k_tok, n_mask, stride_kn, offs_d, d_mask, UPCAST)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    v = _load_tile(V + head * stride_vh, k_tok, n_mask, stride_vn, offs_d, d_mask, UPCAST)
+        k = _load_tile(K + k_start64 * stride_kn + head * stride_kh, offs_n, n_mask, stride_kn, offs_d, d_mask, UPCAST)
+    v = _load_tile(V + k_start64 * stride_vn + head * stride_vh, offs_n, n_mask, stride_vn, offs_d, d_mask, UPCAST)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
     gh = 1
@@ -275,38 +307,34 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, TABLE, GR
         if not skip:
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_mask = offs_m < q_len
-            q_tok = (q_start + offs_m).to(tl.int64)
             if ROPE:
-                qa, qb, _, _ = _load_rotated(q_base, q_tok, q_tok, m_mask, stride_qn, COORDS, AXIS, FREQ, pairs,
-                                             pair_mask, UPCAST)
-                s = tl.dot(qa, tl.trans(ka), input_precision=PRECISION)
-                s += tl.dot(qb, tl.trans(kb), input_precision=PRECISION)
+                q = _load_rotated(q_base, offs_m, m_mask, stride_qn, offs_d, d_mask, q_coords, AXIS, FREQ, pairs,
+                                  pair_mask, BLOCK_M, BLOCK_D, UPCAST)
             else:
-                q = _load_tile(q_base, q_tok, m_mask, stride_qn, offs_d, d_mask, UPCAST)
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            lse2 = tl.load(LSE + head * n_q + q_tok, mask=m_mask, other=0.0) * 1.4426950408889634
-            delta = tl.load(DELTA + head * n_q + q_tok, mask=m_mask, other=0.0)
-            valid = n_mask[None, :] & m_mask[:, None]
+                q = _load_tile(q_base, offs_m, m_mask, stride_qn, offs_d, d_mask, UPCAST)
+            # transposed scores (keys x queries), so every computed tile is used as the left operand
+            # as it is: no register transposes feeding the tensor cores (as in Triton's FA2 tutorial)
+            st = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+            lse2 = tl.load(lse_base + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+            valid = n_mask[:, None] & m_mask[None, :]
             if WINDOW:
-                valid = valid & _window_mask(offs_m, offs_n, gh, gw, win_t, win_h, win_w)
-            p = tl.where(valid, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-            do = _load_tile(do_base, q_tok, m_mask, stride_don, offs_d, d_mask, UPCAST)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            if ROPE:
-                dka += tl.dot(tl.trans(ds.to(qa.dtype)), qa, input_precision=PRECISION)
-                dkb += tl.dot(tl.trans(ds.to(qb.dtype)), qb, input_precision=PRECISION)
-            else:
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+                valid = valid & _window_mask(offs_n, offs_m, gh, gw, win_t, win_h, win_w)
+            pt = tl.where(valid, tl.exp2(st * qk_scale - lse2[None, :]), 0.0)
+            do = _load_tile(do_base, offs_m, m_mask, stride_don, offs_d, d_mask, UPCAST)
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+            delta = tl.load(delta_base + offs_m, mask=m_mask, other=0.0)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
 
-    dv_ptr = DV + k_tok[:, None] * stride_dvn + head * stride_dvh + offs_d[None, :]
+    dv_ptr = DV + k_start64 * stride_dvn + head * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
     tl.store(dv_ptr, _to_store(dv, DV.dtype.element_ty, UPCAST), mask=n_mask[:, None] & d_mask[None, :])
+    dk_base = DK + k_start64 * stride_dkn + head * stride_dkh
     if ROPE:
-        _unrotate_store(DK + head * stride_dkh, k_tok, n_mask, stride_dkn, dka * sm_scale, dkb * sm_scale, kc, ks,
-                        pairs, pair_mask, UPCAST)
+        _unrotate_store(dk_base, offs_n, n_mask, stride_dkn, offs_d, d_mask, dk * sm_scale, k_coords, AXIS, FREQ,
+                        pairs, pair_mask, BLOCK_N, BLOCK_D, UPCAST)
     else:
-        dk_ptr = DK + k_tok[:, None] * stride_dkn + head * stride_dkh + offs_d[None, :]
+        dk_ptr = dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :]
         tl.store(dk_ptr, _to_store(dk * sm_scale, DK.dtype.element_ty, UPCAST), mask=n_mask[:, None] & d_mask[None, :])
 
 
@@ -329,25 +357,26 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, TABLE, GRID, CO
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     m_mask = offs_m < q_len
-    q_tok = (q_start + offs_m).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     pairs = tl.arange(0, BLOCK_DH)
     pair_mask = pairs < HEAD_DIM // 2
-    k_base = K + head * stride_kh
-    v_base = V + head * stride_vh
+    q_start64 = q_start.to(tl.int64)
+    k_base = K + k_start.to(tl.int64) * stride_kn + head * stride_kh
+    v_base = V + k_start.to(tl.int64) * stride_vn + head * stride_vh
+    q_coords = COORDS + q_start * 3
+    k_coords = COORDS + k_start * 3
 
     if ROPE:
-        qa, qb, qc, qs = _load_rotated(Q + head * stride_qh, q_tok, q_tok, m_mask, stride_qn, COORDS, AXIS, FREQ,
-                                       pairs, pair_mask, UPCAST)
-        dqa = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
-        dqb = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
+        q = _load_rotated(Q + q_start64 * stride_qn + head * stride_qh, offs_m, m_mask, stride_qn, offs_d, d_mask,
+                          q_coords, AXIS, FREQ, pairs, pair_mask, BLOCK_M, BLOCK_D, UPCAST)
     else:
-        q = _load_tile(Q + head * stride_qh, q_tok, m_mask, stride_qn, offs_d, d_mask, UPCAST)
-        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    do = _load_tile(DO + head * stride_doh, q_tok, m_mask, stride_don, offs_d, d_mask, UPCAST)
-    lse2 = tl.load(LSE + head * n_q + q_tok, mask=m_mask, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + head * n_q + q_tok, mask=m_mask, other=0.0)
+        q = _load_tile(Q + q_start64 * stride_qn + head * stride_qh, offs_m, m_mask, stride_qn, offs_d, d_mask, UPCAST)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    do = _load_tile(DO + q_start64 * stride_don + head * stride_doh, offs_m, m_mask, stride_don, offs_d, d_mask,
+                    UPCAST)
+    lse2 = tl.load(LSE + head * n_q + q_start + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + head * n_q + q_start + offs_m, mask=m_mask, other=0.0)
 
     gh = 1
     gw = 1
@@ -364,33 +393,27 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, TABLE, GRID, CO
         if not skip:
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < k_len
-            k_tok = (k_start + offs_n).to(tl.int64)
             if ROPE:
-                ka, kb, _, _ = _load_rotated(k_base, k_tok, k_tok, n_mask, stride_kn, COORDS, AXIS, FREQ, pairs,
-                                             pair_mask, UPCAST)
-                s = tl.dot(qa, tl.trans(ka), input_precision=PRECISION)
-                s += tl.dot(qb, tl.trans(kb), input_precision=PRECISION)
+                k = _load_rotated(k_base, offs_n, n_mask, stride_kn, offs_d, d_mask, k_coords, AXIS, FREQ, pairs,
+                                  pair_mask, BLOCK_N, BLOCK_D, UPCAST)
             else:
-                k = _load_tile(k_base, k_tok, n_mask, stride_kn, offs_d, d_mask, UPCAST)
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+                k = _load_tile(k_base, offs_n, n_mask, stride_kn, offs_d, d_mask, UPCAST)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             valid = n_mask[None, :] & m_mask[:, None]
             if WINDOW:
                 valid = valid & _window_mask(offs_m, offs_n, gh, gw, win_t, win_h, win_w)
             p = tl.where(valid, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-            v = _load_tile(v_base, k_tok, n_mask, stride_vn, offs_d, d_mask, UPCAST)
+            v = _load_tile(v_base, offs_n, n_mask, stride_vn, offs_d, d_mask, UPCAST)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
-            if ROPE:
-                dqa += tl.dot(ds.to(ka.dtype), ka, input_precision=PRECISION)
-                dqb += tl.dot(ds.to(kb.dtype), kb, input_precision=PRECISION)
-            else:
-                dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
+    dq_base = DQ + q_start64 * stride_dqn + head * stride_dqh
     if ROPE:
-        _unrotate_store(DQ + head * stride_dqh, q_tok, m_mask, stride_dqn, dqa * sm_scale, dqb * sm_scale, qc, qs,
-                        pairs, pair_mask, UPCAST)
+        _unrotate_store(dq_base, offs_m, m_mask, stride_dqn, offs_d, d_mask, dq * sm_scale, q_coords, AXIS, FREQ, pairs,
+                        pair_mask, BLOCK_M, BLOCK_D, UPCAST)
     else:
-        dq_ptr = DQ + q_tok[:, None] * stride_dqn + head * stride_dqh + offs_d[None, :]
+        dq_ptr = dq_base + offs_m[:, None] * stride_dqn + offs_d[None, :]
         tl.store(dq_ptr, _to_store(dq * sm_scale, DQ.dtype.element_ty, UPCAST), mask=m_mask[:, None] & d_mask[None, :])
 
 
@@ -407,22 +430,38 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# GPU configs by kernel; small tiles under the interpreter (it costs per tile op, not per element).
-FWD_BLOCK_M, FWD_BLOCK_N = 128, 64
+# GPU configs per (kernel, window, fused RoPE), chosen with the offline sm_90 report
+# (`python -m sora_fast.tools.kernel_report`): every shipped config compiles with 0 spill bytes, fits
+# shared memory and issues wgmma (HGMMA). RoPE keeps cos/sin tiles live, so its configs are smaller.
 _GPU_CONFIGS = {
-    "fwd": _Config(FWD_BLOCK_M, FWD_BLOCK_N, num_warps=8, num_stages=2),
-    "dkdv": _Config(64, 128, num_warps=8, num_stages=2),
-    "dq": _Config(128, 64, num_warps=8, num_stages=2),
+    ("fwd", False, False): _Config(128, 64, num_warps=8, num_stages=2),
+    ("fwd", True, False): _Config(128, 64, num_warps=8, num_stages=2),
+    ("fwd", False, True): _Config(64, 32, num_warps=8, num_stages=2),
+    ("fwd", True, True): _Config(64, 32, num_warps=8, num_stages=2),
+    ("dkdv", False, False): _Config(64, 64, num_warps=8, num_stages=2),
+    ("dkdv", True, False): _Config(32, 64, num_warps=8, num_stages=2),
+    ("dkdv", False, True): _Config(32, 64, num_warps=8, num_stages=2),
+    ("dkdv", True, True): _Config(32, 64, num_warps=8, num_stages=2),
+    ("dq", False, False): _Config(128, 64, num_warps=8, num_stages=2),
+    ("dq", True, False): _Config(128, 64, num_warps=8, num_stages=2),
+    ("dq", False, True): _Config(64, 32, num_warps=8, num_stages=2),
+    ("dq", True, True): _Config(64, 32, num_warps=8, num_stages=2),
 }
+FWD_BLOCK_M, FWD_BLOCK_N = _GPU_CONFIGS[("fwd", False, False)].block_m, _GPU_CONFIGS[("fwd", False, False)].block_n
+# Small tiles under the interpreter: it costs per tile operation, not per element.
 _INTERPRETER_CONFIG = _Config(32, 32, num_warps=4, num_stages=1)
 
 
-def _config(kernel: str) -> _Config:
-    return _INTERPRETER_CONFIG if _interpreting() else _GPU_CONFIGS[kernel]
+def _config(kernel: str, window, rope_coords) -> _Config:
+    if _interpreting():
+        return _INTERPRETER_CONFIG
+    return _GPU_CONFIGS[(kernel, window is not None, rope_coords is not None)]
 
 
 def _dims(head_dim: int) -> tuple[int, int]:
-    return max(16, triton.next_power_of_2(head_dim)), max(16, triton.next_power_of_2(head_dim // 2))
+    """(BLOCK_D, BLOCK_DH): padded head dim and its rotary half; tl.dot needs K >= 16 on the halves."""
+    block_d = max(32, triton.next_power_of_2(head_dim))
+    return block_d, block_d // 2
 
 
 def _rope_tables(head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -489,7 +528,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     n_q, heads, head_dim = q.shape
     out = _empty(q.shape, q.dtype, q.device)
     lse = _empty((heads, n_q), torch.float32, q.device)
-    cfg = _config("fwd")
+    cfg = _config("fwd", window, rope_coords)
     table = block_table(cu_seqlens_q.diff().tolist(), cfg.block_m, q.device)
     if table.shape[0] == 0 or heads == 0:
         return out, lse
@@ -521,14 +560,14 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
                dout.stride(0), dout.stride(1))
     scalars = (n_q, scale, scale * LOG2E, *_window_args(window))
 
-    cfg = _config("dkdv")
+    cfg = _config("dkdv", window, rope_coords)
     table = block_table(cu_seqlens_k.diff().tolist(), cfg.block_n, q.device)
     if table.shape[0]:
         _attn_bwd_dkdv_kernel[(table.shape[0], heads)](
             q, k, v, dout, dk, dv, *common, table, grid_t, coords, axis, freq, *strides,
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *scalars,
             **_constexprs(q, window, rope_coords, cfg))
-    cfg = _config("dq")
+    cfg = _config("dq", window, rope_coords)
     table = block_table(cu_seqlens_q.diff().tolist(), cfg.block_m, q.device)
     if table.shape[0]:
         _attn_bwd_dq_kernel[(table.shape[0], heads)](
@@ -551,11 +590,11 @@ def shipped_configs() -> list[KernelConfig]:
     float_ptrs = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ"}
     fp32_ptrs = {"LSE", "DELTA", "FREQ"}
     for kernel, fn in fns.items():
-        cfg = _GPU_CONFIGS[kernel]
         for head_dim in (64, 128):
             block_d, block_dh = _dims(head_dim)
             for dtype in ("bf16", "fp16"):
-                for window, rope in ((False, False), (True, True)):
+                for window, rope in ((False, False), (True, False), (False, True), (True, True)):
+                    cfg = _GPU_CONFIGS[(kernel, window, rope)]
                     sig = {}
                     for name in fn.arg_names:
                         if name in ptr_args[kernel]:
@@ -569,7 +608,7 @@ def shipped_configs() -> list[KernelConfig]:
                     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_DH=block_dh, BLOCK_M=cfg.block_m,
                                       BLOCK_N=cfg.block_n, WINDOW=window, ROPE=rope, UPCAST=False, PRECISION="tf32")
                     aligned = tuple(n for n in sig if sig[n].startswith("*") or n.startswith("stride"))
-                    variant = "window+rope" if window else "dense"
+                    variant = "+".join(n for n, on in (("window", window), ("rope", rope)) if on) or "dense"
                     configs.append(KernelConfig(
                         name=f"attention_{kernel} d{head_dim} {dtype} {variant} m{cfg.block_m} n{cfg.block_n}",
                         fn=fn, signature=sig, constexprs=constexprs, num_warps=cfg.num_warps,

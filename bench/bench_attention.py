@@ -1,0 +1,443 @@
+"""Packed spacetime attention: sora_fast against SDPA, FlexAttention and flash-attn, in TFLOP/s and % of floor.
+
+On a GPU, for each case (Wan 480p, Wan 720p, a packed batch of four videos of different sizes, 3D-windowed
+attention) and each provider (sora_fast Triton, SDPA flash backend, FlexAttention with a document/window
+block mask, flash-attn varlen / FA3 where importable), forward and backward are timed with
+``triton.testing.do_bench`` (median) and reported as ms, TFLOP/s and % of the dense bf16 floor
+(989 TFLOP/s for H100 SXM and H200 by datasheet). FLOPs: forward 4·Sq·Sk·H·D per sequence, summed over the
+pack; backward 2.5x forward; windowed cases are scaled by the fraction of (query block, key block) pairs
+the kernel visits, so every provider is credited with the same useful work.
+
+Without a GPU (or with ``--cpu``) it says so and runs the CPU-side parts: reference timings on a small
+pack (sora_fast's torch reference against an SDPA per-sequence loop, interleaved in one process), the
+visited / skipped block fraction of the window masks for the benchmark shapes, and packed vs padded FLOPs
+of the packed batch.
+
+Rows (kernel, provider, shape, dtype, metric, value, gpu, versions, note) go to ``OUT/bench_attention.json``
+and ``OUT/bench_attention.csv``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+KERNEL = "spacetime_attention"
+FLOOR_TFLOPS = {"H100": 989.0, "H200": 989.0}   # dense bf16/fp16 datasheet numbers (SXM)
+DEFAULT_BLOCK_M, DEFAULT_BLOCK_N = 128, 64       # used when the kernel module does not expose its own
+DEFAULT_WINDOW = (3, 8, 8)                       # +-3 latent frames, +-8 patches: a typical local 3D window
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    grids: tuple[tuple[int, int, int], ...]      # (T', H', W') patch grid per packed video
+    heads: int
+    head_dim: int = 128
+    window: Optional[tuple[int, int, int]] = None
+
+    @property
+    def seqlens(self) -> list[int]:
+        return [t * h * w for t, h, w in self.grids]
+
+    @property
+    def shape(self) -> str:
+        grids = "+".join(f"{t}x{h}x{w}" for t, h, w in self.grids)
+        win = f" window={self.window}" if self.window else ""
+        return f"{self.name} [{grids}] N={sum(self.seqlens)} H={self.heads} D={self.head_dim}{win}"
+
+
+WAN480 = (21, 30, 52)     # Wan2.1 480p, 81 frames: 32,760 tokens
+WAN720 = (21, 45, 80)     # Wan2.1 720p, 81 frames: 75,600 tokens
+# Four videos of different sizes and lengths, 64,032 tokens in one pack.
+PACKED4 = (WAN480, (11, 30, 52), (21, 20, 24), (6, 24, 28))
+
+
+def gpu_cases(window: tuple[int, int, int], quick: bool) -> list[Case]:
+    cases = [Case("wan480", (WAN480,), 12), Case("wan720", (WAN720,), 40), Case("packed4", PACKED4, 24),
+             Case("wan480-window", (WAN480,), 12, window=window), Case("wan720-window", (WAN720,), 40, window=window)]
+    return [c for c in cases if c.name in ("wan480", "packed4", "wan480-window")] if quick else cases
+
+
+# --- environment ----------------------------------------------------------------------------------
+def versions() -> dict[str, str]:
+    v = {"torch": torch.__version__, "cuda": str(torch.version.cuda), "python": platform.python_version()}
+    for mod in ("triton", "sora_fast", "flash_attn", "flash_attn_interface"):
+        try:
+            v[mod] = str(getattr(importlib.import_module(mod), "__version__", "installed"))
+        except Exception:
+            pass
+    return v
+
+
+def block_sizes() -> tuple[int, int, str]:
+    """(BLOCK_M, BLOCK_N, where from): the forward kernel's own block sizes when it exposes them, since the
+    skipped fraction depends on them."""
+    try:
+        mod = importlib.import_module("sora_fast.triton.attention")
+        return int(mod.FWD_BLOCK_M), int(mod.FWD_BLOCK_N), "sora_fast.triton.attention"
+    except Exception as e:
+        return DEFAULT_BLOCK_M, DEFAULT_BLOCK_N, f"defaults ({type(e).__name__}: {e})"
+
+
+def floor_tflops(gpu_name: str, override: Optional[float]) -> Optional[float]:
+    if override:
+        return override
+    return next((v for k, v in FLOOR_TFLOPS.items() if k in gpu_name), None)
+
+
+# --- FLOPs and block density (host only) -----------------------------------------------------------
+def dense_fwd_flops(seqlens: Sequence[int], heads: int, head_dim: int) -> float:
+    return float(sum(4 * n * n * heads * head_dim for n in seqlens))
+
+
+def window_density(grids, window, block_m: int, block_n: int) -> tuple[int, int]:
+    from sora_fast.triton._blocks import window_block_density
+
+    return window_block_density(grids, window, block_m, block_n)
+
+
+class Rows:
+    """Result rows with the columns every benchmark here writes."""
+
+    def __init__(self, gpu: str, dtype: str):
+        self.rows: list[dict] = []
+        self.gpu, self.dtype, self.versions = gpu, dtype, versions()
+
+    def add(self, provider: str, shape: str, metric: str, value, kernel: str = KERNEL, note: str = "",
+            dtype: Optional[str] = None):
+        self.rows.append({"kernel": kernel, "provider": provider, "shape": shape, "dtype": dtype or self.dtype,
+                          "metric": metric, "value": value, "gpu": self.gpu, "versions": self.versions, "note": note})
+
+    def write(self, out: Path) -> tuple[Path, Path]:
+        out.mkdir(parents=True, exist_ok=True)
+        jpath, cpath = out / "bench_attention.json", out / "bench_attention.csv"
+        jpath.write_text(json.dumps(self.rows, indent=1))
+        with cpath.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(self.rows[0]) if self.rows else ["kernel"])
+            w.writeheader()
+            for r in self.rows:
+                w.writerow({**r, "versions": json.dumps(r["versions"], sort_keys=True)})
+        return jpath, cpath
+
+
+def analysis_rows(rows: Rows, window, block_m: int, block_n: int, block_src: str, heads_packed: int = 24):
+    """Host-side facts the GPU numbers are read against: skipped-block fraction of the window masks for
+    every benchmark shape, and the FLOPs a padded batch would waste on the packed one."""
+    shapes = (("wan480", (WAN480,), 12), ("wan720", (WAN720,), 40), ("packed4", PACKED4, heads_packed))
+    for name, grids, heads in shapes:
+        case = Case(name, grids, heads, window=window)
+        t0 = time.perf_counter()
+        visited, total = window_density(grids, window, block_m, block_n)
+        note = f"BLOCK_M={block_m} BLOCK_N={block_n} from {block_src}; {time.perf_counter() - t0:.1f} s on host"
+        rows.add("sora_fast", case.shape, "visited_blocks", visited, kernel=KERNEL + "_window", note=note, dtype="-")
+        rows.add("sora_fast", case.shape, "total_blocks", total, kernel=KERNEL + "_window", note=note, dtype="-")
+        rows.add("sora_fast", case.shape, "block_density", visited / total, kernel=KERNEL + "_window", note=note,
+                 dtype="-")
+        rows.add("sora_fast", case.shape, "skipped_block_fraction", 1 - visited / total, kernel=KERNEL + "_window",
+                 note=note, dtype="-")
+        print(f"  window {window} on {name}: visits {visited}/{total} block pairs = {visited / total:.1%} "
+              f"(skips {1 - visited / total:.1%})")
+    case = Case("packed4", PACKED4, heads_packed)
+    packed = dense_fwd_flops(case.seqlens, case.heads, case.head_dim)
+    padded = dense_fwd_flops([max(case.seqlens)] * len(case.seqlens), case.heads, case.head_dim)
+    for metric, value in (("fwd_flops_packed", packed), ("fwd_flops_padded", padded),
+                          ("padded_over_packed", padded / packed)):
+        rows.add("sora_fast", case.shape, metric, value, kernel=KERNEL + "_flops", dtype="-",
+                 note="padded: every video padded to the longest, as a (B, S_max) batch would be")
+    print(f"  packed4 forward FLOPs: packed {packed / 1e12:.1f} T vs padded {padded / 1e12:.1f} T "
+          f"({padded / packed:.2f}x)")
+
+
+# --- inputs --------------------------------------------------------------------------------------
+def make_inputs(case: Case, dtype, device, requires_grad=False):
+    """Packed (N, H, D) q, k, v with N(0, 1) entries (never zeros), cu_seqlens, grid, and per-sequence
+    (1, H, L, D) contiguous copies for the per-sequence peers (made up front, not inside the timing)."""
+    n = sum(case.seqlens)
+    q, k, v = (torch.randn(n, case.heads, case.head_dim, device=device, dtype=dtype) for _ in range(3))
+    cu = torch.tensor([0, *torch.tensor(case.seqlens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    grid = torch.tensor(case.grids, dtype=torch.int32, device=device)
+    for t in (q, k, v):
+        t.requires_grad_(requires_grad)
+    return q, k, v, cu, grid
+
+
+def per_sequence(t: torch.Tensor, seqlens: Sequence[int], requires_grad: bool) -> list[torch.Tensor]:
+    """(N, H, D) -> [(1, H, L, D)] contiguous leaves, the layout SDPA's flash path wants."""
+    return [x.detach().transpose(0, 1).unsqueeze(0).contiguous().requires_grad_(requires_grad)
+            for x in t.split(list(seqlens))]
+
+
+# --- providers (GPU) -------------------------------------------------------------------------------
+class Skip(Exception):
+    """Provider cannot run this case; the message is the reason written to the row."""
+
+
+def provider_sora_fast(case: Case, q, k, v, cu, grid):
+    from sora_fast import ops
+
+    return lambda: ops.spacetime_attention(q, k, v, cu, max_seqlen_q=max(case.seqlens), window=case.window,
+                                           grid=grid, backend="triton"), [q, k, v]
+
+
+def provider_sdpa(case: Case, q, k, v, cu, grid):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    if case.window:
+        raise Skip("SDPA's flash backend takes no mask (a dense 3D-window mask is O(N^2) memory)")
+    rg = q.requires_grad
+    qs, ks, vs = (per_sequence(t, case.seqlens, rg) for t in (q, k, v))
+
+    def fn():   # one launch per sequence: SDPA has no varlen entry point
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return [sdpa(a, b, c) for a, b, c in zip(qs, ks, vs)]
+    return fn, qs + ks + vs
+
+
+_FLEX = {}
+
+
+def provider_flex(case: Case, q, k, v, cu, grid):
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as e:
+        raise Skip(f"torch.nn.attention.flex_attention not importable: {e}")
+    import inspect
+
+    n, dev = q.shape[0], q.device
+    seq_ids = torch.repeat_interleave(torch.arange(len(case.seqlens), device=dev),
+                                      torch.tensor(case.seqlens, device=dev))
+    if case.window:
+        from sora_fast.ops import grid_coords
+
+        coords = torch.cat([grid_coords(g, dev) for g in case.grids])       # (N, 3) t-major raster
+        wt, wh, ww = case.window
+
+        def mask_mod(b, h, qi, ki):
+            d = (coords[qi] - coords[ki]).abs()
+            return (seq_ids[qi] == seq_ids[ki]) & (d[0] <= wt) & (d[1] <= wh) & (d[2] <= ww)
+    else:
+        def mask_mod(b, h, qi, ki):
+            return seq_ids[qi] == seq_ids[ki]
+    kw = {"_compile": True} if "_compile" in inspect.signature(create_block_mask).parameters else {}
+    block_mask = create_block_mask(mask_mod, None, None, n, n, device=dev, **kw)
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    flex = _FLEX["fn"]
+    rg = q.requires_grad
+    qf, kf, vf = (t.detach().transpose(0, 1).unsqueeze(0).contiguous().requires_grad_(rg) for t in (q, k, v))
+    return lambda: flex(qf, kf, vf, block_mask=block_mask), [qf, kf, vf]
+
+
+def provider_flash_attn(case: Case, q, k, v, cu, grid, module="flash_attn"):
+    if case.window:
+        raise Skip(f"{module}'s window is 1D over the token order, not a 3D box")
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:
+        raise Skip(f"{module} not importable: {type(e).__name__}: {e}")
+    m = max(case.seqlens)
+    rg = q.requires_grad
+    qd, kd, vd = (t.detach().clone().requires_grad_(rg) for t in (q, k, v))
+
+    def fn():
+        out = mod.flash_attn_varlen_func(qd, kd, vd, cu, cu, m, m)
+        return out[0] if isinstance(out, tuple) else out   # FA3 returns (out, lse) in some versions
+    return fn, [qd, kd, vd]
+
+
+PROVIDERS: dict[str, Callable] = {
+    "sora_fast": provider_sora_fast,
+    "sdpa_flash": provider_sdpa,
+    "flex": provider_flex,
+    "flash_attn": provider_flash_attn,
+    "fa3": lambda *a: provider_flash_attn(*a, module="flash_attn_interface"),
+}
+
+
+def _outputs(res) -> list[torch.Tensor]:
+    return res if isinstance(res, list) else [res]
+
+
+def run_gpu(args, rows: Rows, block_m: int, block_n: int) -> None:
+    import triton.testing
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    floor = floor_tflops(rows.gpu, args.floor_tflops)
+    if floor is None:
+        print(f"  no datasheet floor known for {rows.gpu!r}: pass --floor-tflops to get % of floor")
+    providers = [p for p in PROVIDERS if p in args.providers]
+    for case in gpu_cases(args.window, args.quick):
+        flops_fwd = dense_fwd_flops(case.seqlens, case.heads, case.head_dim)
+        note = ""
+        if case.window:
+            visited, total = window_density(case.grids, case.window, block_m, block_n)
+            flops_fwd *= visited / total
+            note = f"FLOPs scaled by block density {visited}/{total}"
+        print(f"{case.shape}: {flops_fwd / 1e12:.2f} TFLOP forward")
+        ref_out = None
+        for mode in args.modes:
+            kernel = f"{KERNEL}_{mode}"
+            flops = flops_fwd * (2.5 if mode == "bwd" else 1.0)
+            for name in providers:
+                torch.cuda.empty_cache()
+                try:
+                    q, k, v, cu, grid = make_inputs(case, dtype, "cuda", requires_grad=mode == "bwd")
+                    fn, leaves = PROVIDERS[name](case, q, k, v, cu, grid)
+                    if mode == "fwd":
+                        bench = fn
+                        with torch.no_grad():
+                            outs = _outputs(fn())
+                        if name in ("sora_fast", "sdpa_flash") and not case.window:
+                            out = torch.cat([o[0].transpose(0, 1) if o.dim() == 4 else o for o in outs])
+                            if ref_out is None:
+                                ref_out = (name, out.float())
+                            else:
+                                rows.add(name, case.shape, f"max_abs_diff_vs_{ref_out[0]}",
+                                         (out.float() - ref_out[1]).abs().max().item(), kernel=kernel)
+                    else:
+                        outs = _outputs(fn())
+                        douts = [torch.randn_like(o) for o in outs]
+
+                        def bench(outs=outs, douts=douts, leaves=leaves):
+                            torch.autograd.grad(outs, leaves, douts, retain_graph=True)
+                    # Inputs are >= 100 MB per tensor at these shapes, past the 50 MB L2: no rotation needed.
+                    ms = triton.testing.do_bench(bench, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
+                except Skip as e:
+                    rows.add(name, case.shape, "skipped", None, kernel=kernel, note=str(e))
+                    print(f"  {mode} {name:<11} skipped: {e}")
+                    continue
+                except Exception as e:   # e.g. backend not registered yet, out of memory: report, keep going
+                    reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                    rows.add(name, case.shape, "skipped", None, kernel=kernel, note=reason)
+                    print(f"  {mode} {name:<11} skipped: {reason}")
+                    continue
+                finally:
+                    fn = bench = outs = leaves = None   # free the case's activations before the next provider
+                tflops = flops / ms / 1e9
+                rows.add(name, case.shape, "ms", ms, kernel=kernel, note=note)
+                rows.add(name, case.shape, "tflops", tflops, kernel=kernel, note=note)
+                pct = None if floor is None else 100 * tflops / floor
+                rows.add(name, case.shape, "pct_of_floor", pct, kernel=kernel,
+                         note=f"floor {floor} TFLOP/s" if floor else "no floor known")
+                pct_s = "" if pct is None else f"  {pct:5.1f}% of floor"
+                print(f"  {mode} {name:<11} {ms:9.3f} ms  {tflops:7.1f} TFLOP/s{pct_s}")
+
+
+# --- CPU-side parts ------------------------------------------------------------------------------
+def run_cpu_reference(args, rows: Rows) -> None:
+    """Reference timings on a small pack: sora_fast's torch backend (its fp32 reference) against an SDPA
+    loop, interleaved in one process so machine noise hits both alike; reported as the ratio."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    from sora_fast import ops
+
+    grids = ((2, 8, 8), (3, 6, 10), (1, 12, 12), (4, 5, 5)) if args.quick else ((4, 16, 16), (3, 12, 20), (2, 24, 24))
+    heads, d = (4, 64) if args.quick else (8, 64)
+    reps = 3 if args.quick else 15
+    for window in (None, args.window):
+        case = Case("cpu-small" + ("-window" if window else ""), grids, heads, d, window)
+        q, k, v, cu, grid = make_inputs(case, torch.float32, "cpu")
+        qs, ks, vs = (per_sequence(t, case.seqlens, False) for t in (q, k, v))
+        fns = {"sora_fast_torch_ref": lambda: ops.spacetime_attention(q, k, v, cu, window=window, grid=grid,
+                                                                      backend="torch")}
+        if window is None:
+            fns["sdpa_loop"] = lambda: [sdpa(a, b, c) for a, b, c in zip(qs, ks, vs)]
+        times = {p: [] for p in fns}
+        with torch.no_grad():
+            for p, f in fns.items():     # warm-up
+                f()
+            for _ in range(reps):
+                for p, f in fns.items():
+                    t0 = time.perf_counter()
+                    f()
+                    times[p].append((time.perf_counter() - t0) * 1e3)
+            if "sdpa_loop" in fns:
+                a = fns["sora_fast_torch_ref"]()
+                b = torch.cat([o[0].transpose(0, 1) for o in fns["sdpa_loop"]()])
+                rows.add("sora_fast_torch_ref", case.shape, "max_abs_diff_vs_sdpa_loop", (a - b).abs().max().item(),
+                         kernel=KERNEL + "_fwd", dtype="fp32")
+        for p, ts in times.items():
+            ms = statistics.median(ts)
+            rows.add(p, case.shape, "ms", ms, kernel=KERNEL + "_fwd", dtype="fp32",
+                     note=f"CPU, median of {reps} interleaved runs")
+            print(f"  {case.name:<17} {p:<20} {ms:8.2f} ms")
+        if "sdpa_loop" in times:
+            ratio = statistics.median(times["sora_fast_torch_ref"]) / statistics.median(times["sdpa_loop"])
+            rows.add("sora_fast_torch_ref", case.shape, "ratio_vs_sdpa_loop", ratio, kernel=KERNEL + "_fwd",
+                     dtype="fp32", note="time ratio, >1 means the reference is slower")
+            print(f"  {case.name:<17} reference / SDPA loop time ratio {ratio:.2f}")
+
+
+def parse_window(s: str) -> tuple[int, int, int]:
+    try:
+        w = tuple(int(x) for x in s.split(","))
+    except ValueError:
+        w = ()
+    if len(w) != 3 or min(w) < 0:
+        raise argparse.ArgumentTypeError(f"--window must be three integers >= 0 like 3,8,8, got {s!r}")
+    return w
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer cases (Wan 480p, packed4, windowed 480p) and shorter timing; on CPU a smaller "
+                             "reference pack")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                        help="directory for bench_attention.json and .csv (default: bench/results, git-ignored)")
+    parser.add_argument("--cpu", action="store_true", help="run only the CPU-side parts even when a GPU is present")
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS), metavar="P",
+                        help=f"GPU providers to run, side by side (default: all of {', '.join(PROVIDERS)}); one "
+                             "that cannot run is reported as skipped with the reason")
+    parser.add_argument("--modes", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"],
+                        help="forward and/or backward (default both)")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="GPU input dtype (default bf16)")
+    parser.add_argument("--window", type=parse_window, default=DEFAULT_WINDOW, metavar="WT,WH,WW",
+                        help="3D window half-sizes for the windowed cases and the density report (default 3,8,8)")
+    parser.add_argument("--warmup-ms", type=float, default=None,
+                        help="do_bench warm-up in ms (default 100, 25 with --quick)")
+    parser.add_argument("--rep-ms", type=float, default=None,
+                        help="do_bench measuring time in ms (default 500, 100 with --quick)")
+    parser.add_argument("--floor-tflops", type=float, default=None,
+                        help="dense floor in TFLOP/s for %% of floor (default: 989 for H100/H200, else none)")
+    args = parser.parse_args(argv)
+    args.warmup_ms = args.warmup_ms or (25 if args.quick else 100)
+    args.rep_ms = args.rep_ms or (100 if args.quick else 500)
+
+    on_gpu = torch.cuda.is_available() and not args.cpu
+    gpu = torch.cuda.get_device_name() if on_gpu else f"cpu ({platform.processor() or platform.machine()})"
+    rows = Rows(gpu, args.dtype if on_gpu else "fp32")
+    block_m, block_n, block_src = block_sizes()
+    t0 = time.perf_counter()
+    if on_gpu:
+        print(f"GPU: {gpu}; {args.dtype}; providers {', '.join(args.providers)}")
+    else:
+        why = "--cpu given" if args.cpu else "no CUDA GPU"
+        print(f"{why}: GPU timings are skipped; running the CPU-side parts (reference timings, window block "
+              "density, packed vs padded FLOPs)")
+    print(f"window block density (BLOCK_M={block_m}, BLOCK_N={block_n} from {block_src}):")
+    analysis_rows(rows, args.window, block_m, block_n, block_src)
+    if on_gpu:
+        run_gpu(args, rows, block_m, block_n)
+    else:
+        print("CPU reference timings:")
+        run_cpu_reference(args, rows)
+    jpath, cpath = rows.write(args.out)
+    print(f"{len(rows.rows)} rows -> {jpath}, {cpath} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Developer tools: offline kernel reports (resources, instruction mix, gates) for the shipped kernels."""

@@ -1,0 +1,61 @@
+"""The attention benchmark's CPU path (``bench/bench_attention.py --quick --cpu``) runs and writes its rows."""
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_attention.py"
+COLUMNS = {"kernel", "provider", "shape", "dtype", "metric", "value", "gpu", "versions", "note"}
+
+
+def test_bench_attention_cpu_quick_writes_expected_rows(tmp_path):
+    # --cpu: on a GPU machine the quick GPU run would take minutes; this test is about the CPU-side parts.
+    proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--cpu", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "GPU timings are skipped" in proc.stdout
+    rows = json.loads((tmp_path / "bench_attention.json").read_text())
+    with (tmp_path / "bench_attention.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert rows and all(set(r) == COLUMNS for r in rows)
+    assert all("torch" in r["versions"] for r in rows)
+    by = {(r["kernel"], r["provider"], r["shape"].split()[0], r["metric"]): r["value"] for r in rows}
+
+    # Window block density for every benchmark shape: a fraction, and visited + skipped add up.
+    for shape in ("wan480", "wan720", "packed4"):
+        density = by[("spacetime_attention_window", "sora_fast", shape, "block_density")]
+        visited = by[("spacetime_attention_window", "sora_fast", shape, "visited_blocks")]
+        total = by[("spacetime_attention_window", "sora_fast", shape, "total_blocks")]
+        assert 0 < density < 1 and visited / total == density
+        skipped = by[("spacetime_attention_window", "sora_fast", shape, "skipped_block_fraction")]
+        assert abs(skipped + density - 1) < 1e-12
+    # Wan 480p in one sequence: cdiv(32760, BLOCK_M) x cdiv(32760, BLOCK_N) block pairs.
+    note = next(r["note"] for r in rows if r["metric"] == "total_blocks" and r["shape"].startswith("wan480"))
+    bm, bn = (int(re.search(rf"{k}=(\d+)", note).group(1)) for k in ("BLOCK_M", "BLOCK_N"))
+    total = by[("spacetime_attention_window", "sora_fast", "wan480", "total_blocks")]
+    assert total == -(-32760 // bm) * -(-32760 // bn)
+
+    # Packed vs padded FLOPs of the four-video pack: 4·L²·H·D summed vs padded to the longest video.
+    lens, heads, d = [32760, 17160, 10080, 4032], 24, 128
+    packed = by[("spacetime_attention_flops", "sora_fast", "packed4", "fwd_flops_packed")]
+    padded = by[("spacetime_attention_flops", "sora_fast", "packed4", "fwd_flops_padded")]
+    assert packed == sum(4 * n * n * heads * d for n in lens)
+    assert padded == 4 * 4 * max(lens) ** 2 * heads * d
+    assert by[("spacetime_attention_flops", "sora_fast", "packed4", "padded_over_packed")] == padded / packed
+
+    # Reference timings on the small pack, the SDPA loop beside it, and their agreement.
+    assert by[("spacetime_attention_fwd", "sora_fast_torch_ref", "cpu-small", "ms")] > 0
+    assert by[("spacetime_attention_fwd", "sdpa_loop", "cpu-small", "ms")] > 0
+    assert by[("spacetime_attention_fwd", "sora_fast_torch_ref", "cpu-small", "ratio_vs_sdpa_loop")] > 0
+    assert by[("spacetime_attention_fwd", "sora_fast_torch_ref", "cpu-small", "max_abs_diff_vs_sdpa_loop")] < 1e-4
+    assert by[("spacetime_attention_fwd", "sora_fast_torch_ref", "cpu-small-window", "ms")] > 0
+
+
+def test_bench_attention_help_documents_every_flag():
+    out = subprocess.run([sys.executable, str(BENCH), "--help"], capture_output=True, text=True, timeout=60).stdout
+    for flag in ("--quick", "--out", "--cpu", "--providers", "--modes", "--dtype", "--window", "--warmup-ms",
+                 "--rep-ms", "--floor-tflops"):
+        assert flag in out
