@@ -165,6 +165,8 @@ def _backward_ref(grad, x, weight, bias, **kw):
 
 _dispatch.register_kernel(OP, "torch", causal_conv3d_ref)
 _dispatch.register_kernel(OP + "_backward", "torch", _backward_ref)
+_dispatch.register_kernel(OP, "triton", "sora_fast.triton.conv3d:causal_conv3d_forward")
+_dispatch.register_kernel(OP + "_backward", "triton", _backward_ref)  # reference VJP for now
 
 
 # --- public API ---------------------------------------------------------------------------------
