@@ -114,11 +114,48 @@ def _cu_seqlens(seqlens: list[int], device) -> tuple[torch.Tensor, torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------------
+# packed streams
+
+
+class _Packed:
+    """What every packed stream has: ``tokens (N, D)`` and ``cu_seqlens (B+1,)`` (plus metadata)."""
+
+    tokens: torch.Tensor
+    cu_seqlens: torch.Tensor
+
+    @property
+    def num_sequences(self) -> int:
+        return self.cu_seqlens.shape[0] - 1
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def seqlens(self) -> list[int]:
+        return self.cu_seqlens.diff().tolist()
+
+    def to(self, device):
+        """A copy with every tensor field on ``device``."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **moved)
+
+    def with_tokens(self, tokens: torch.Tensor):
+        """A copy sharing all metadata with ``tokens`` ``(N, D')`` in place of the features."""
+        _check_rows("tokens", tokens, self.num_tokens, "(N, D)")
+        return dataclasses.replace(self, tokens=tokens)
+
+
+# ----------------------------------------------------------------------------------------------
 # videos
 
 
 @dataclass(eq=False)
-class PackedVideos:
+class PackedVideos(_Packed):
     """B videos as one stream of N spacetime-patch tokens (DESIGN.md's packed layout).
 
     tokens:      ``(N, C*pt*ph*pw)``, the latents' dtype and device; sequences back to back.
@@ -144,39 +181,9 @@ class PackedVideos:
     patch: tuple[int, int, int]
 
     @property
-    def num_sequences(self) -> int:
-        return self.grid.shape[0]
-
-    def __len__(self) -> int:
-        return self.num_sequences
-
-    @property
-    def num_tokens(self) -> int:
-        return self.tokens.shape[0]
-
-    @property
-    def seqlens(self) -> list[int]:
-        return self.cu_seqlens.diff().tolist()
-
-    @property
     def shapes(self) -> list[tuple[int, int, int]]:
         """``(T, H, W)`` of each video in latent units (patches times patch size)."""
         return [tuple(g * p for g, p in zip(row, self.patch)) for row in self.grid.tolist()]
-
-    def to(self, device) -> "PackedVideos":
-        return dataclasses.replace(
-            self,
-            tokens=self.tokens.to(device),
-            cu_seqlens=self.cu_seqlens.to(device),
-            grid=self.grid.to(device),
-            coords=self.coords.to(device),
-            seq_ids=self.seq_ids.to(device),
-        )
-
-    def with_tokens(self, tokens: torch.Tensor) -> "PackedVideos":
-        """A copy sharing all metadata with ``tokens`` ``(N, D)`` in place of the patch features."""
-        _check_rows("tokens", tokens, self.num_tokens, "(N, D)")
-        return dataclasses.replace(self, tokens=tokens)
 
     def unpack(self, tokens_out: torch.Tensor, channels: int | None = None) -> list[torch.Tensor]:
         """``(N, C'*pt*ph*pw)`` tokens (same feature order as ``tokens``) -> list of ``(C', T, H, W)``.
@@ -272,7 +279,7 @@ def pack_videos(
 
 
 @dataclass(eq=False)
-class PackedSequences:
+class PackedSequences(_Packed):
     """B token sequences ``(L_i, D)`` back to back (L_i = 0 allowed), e.g. text for cross-attention.
 
     tokens:      ``(N, D)``, the inputs' dtype and device.
@@ -285,34 +292,6 @@ class PackedSequences:
     cu_seqlens: torch.Tensor
     seq_ids: torch.Tensor
     max_seqlen: int
-
-    @property
-    def num_sequences(self) -> int:
-        return self.cu_seqlens.shape[0] - 1
-
-    def __len__(self) -> int:
-        return self.num_sequences
-
-    @property
-    def num_tokens(self) -> int:
-        return self.tokens.shape[0]
-
-    @property
-    def seqlens(self) -> list[int]:
-        return self.cu_seqlens.diff().tolist()
-
-    def to(self, device) -> "PackedSequences":
-        return dataclasses.replace(
-            self,
-            tokens=self.tokens.to(device),
-            cu_seqlens=self.cu_seqlens.to(device),
-            seq_ids=self.seq_ids.to(device),
-        )
-
-    def with_tokens(self, tokens: torch.Tensor) -> "PackedSequences":
-        """A copy sharing all metadata with ``tokens`` ``(N, D')`` in place of the features."""
-        _check_rows("tokens", tokens, self.num_tokens, "(N, D)")
-        return dataclasses.replace(self, tokens=tokens)
 
     def unpack(self, tokens_out: torch.Tensor) -> list[torch.Tensor]:
         """``(N, D')`` -> list of ``(L_i, D')`` views of ``tokens_out``."""

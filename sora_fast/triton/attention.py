@@ -154,6 +154,25 @@ def _loop_range(first, last, length, gh, gw, win_t, BLOCK: tl.constexpr, WINDOW:
     return lo, hi
 
 
+@triton.jit
+def _program_block(TABLE, CU_Q, CU_K, GRID, WINDOW: tl.constexpr):
+    """This program's (sequence, first row of its block), the sequence's query and key ranges, and the
+    sequence's grid rows/columns (used by windows; 1 without)."""
+    pid = tl.program_id(0)
+    seq = tl.load(TABLE + 2 * pid)
+    start = tl.load(TABLE + 2 * pid + 1)
+    q_start = tl.load(CU_Q + seq)
+    q_len = tl.load(CU_Q + seq + 1) - q_start
+    k_start = tl.load(CU_K + seq)
+    k_len = tl.load(CU_K + seq + 1) - k_start
+    gh = 1
+    gw = 1
+    if WINDOW:
+        gh = tl.load(GRID + 3 * seq + 1)
+        gw = tl.load(GRID + 3 * seq + 2)
+    return start, q_start, q_len, k_start, k_len, gh, gw
+
+
 # --- forward -------------------------------------------------------------------------------------
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TABLE, GRID, COORDS, AXIS, FREQ,
@@ -162,14 +181,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TABLE, GRID, COORDS, AXIS, FRE
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, ROPE: tl.constexpr,
                      UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
     head = tl.program_id(1)
-    seq = tl.load(TABLE + 2 * pid)
-    m0 = tl.load(TABLE + 2 * pid + 1)
-    q_start = tl.load(CU_Q + seq)
-    q_len = tl.load(CU_Q + seq + 1) - q_start
-    k_start = tl.load(CU_K + seq)
-    k_len = tl.load(CU_K + seq + 1) - k_start
+    m0, q_start, q_len, k_start, k_len, gh, gw = _program_block(TABLE, CU_Q, CU_K, GRID, WINDOW)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     m_mask = offs_m < q_len
@@ -190,11 +203,6 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TABLE, GRID, COORDS, AXIS, FRE
     else:
         q = _load_tile(q_base, offs_m, m_mask, stride_qn, offs_d, d_mask, UPCAST)
 
-    gh = 1
-    gw = 1
-    if WINDOW:
-        gh = tl.load(GRID + 3 * seq + 1)
-        gw = tl.load(GRID + 3 * seq + 2)
     m_last = tl.minimum(m0 + BLOCK_M, q_len) - 1
     lo, hi = _loop_range(m0, m_last, k_len, gh, gw, win_t, BLOCK_N, WINDOW)
 
@@ -259,14 +267,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, TABLE, GR
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, ROPE: tl.constexpr,
                           UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
     head = tl.program_id(1)
-    seq = tl.load(TABLE + 2 * pid)
-    n0 = tl.load(TABLE + 2 * pid + 1)
-    q_start = tl.load(CU_Q + seq)
-    q_len = tl.load(CU_Q + seq + 1) - q_start
-    k_start = tl.load(CU_K + seq)
-    k_len = tl.load(CU_K + seq + 1) - k_start
+    n0, q_start, q_len, k_start, k_len, gh, gw = _program_block(TABLE, CU_Q, CU_K, GRID, WINDOW)
 
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < k_len
@@ -292,11 +294,6 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, TABLE, GR
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
-    gh = 1
-    gw = 1
-    if WINDOW:
-        gh = tl.load(GRID + 3 * seq + 1)
-        gw = tl.load(GRID + 3 * seq + 2)
     n_last = tl.minimum(n0 + BLOCK_N, k_len) - 1
     lo, hi = _loop_range(n0, n_last, q_len, gh, gw, win_t, BLOCK_M, WINDOW)
     for m0 in range(lo, hi, BLOCK_M):
@@ -346,14 +343,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, TABLE, GRID, CO
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, ROPE: tl.constexpr,
                         UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
     head = tl.program_id(1)
-    seq = tl.load(TABLE + 2 * pid)
-    m0 = tl.load(TABLE + 2 * pid + 1)
-    q_start = tl.load(CU_Q + seq)
-    q_len = tl.load(CU_Q + seq + 1) - q_start
-    k_start = tl.load(CU_K + seq)
-    k_len = tl.load(CU_K + seq + 1) - k_start
+    m0, q_start, q_len, k_start, k_len, gh, gw = _program_block(TABLE, CU_Q, CU_K, GRID, WINDOW)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     m_mask = offs_m < q_len
@@ -378,11 +369,6 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, TABLE, GRID, CO
     lse2 = tl.load(LSE + head * n_q + q_start + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + head * n_q + q_start + offs_m, mask=m_mask, other=0.0)
 
-    gh = 1
-    gw = 1
-    if WINDOW:
-        gh = tl.load(GRID + 3 * seq + 1)
-        gw = tl.load(GRID + 3 * seq + 2)
     m_last = tl.minimum(m0 + BLOCK_M, q_len) - 1
     lo, hi = _loop_range(m0, m_last, k_len, gh, gw, win_t, BLOCK_N, WINDOW)
     for n0 in range(lo, hi, BLOCK_N):
