@@ -76,6 +76,7 @@ struct EmuLaunchers {
   static constexpr auto adaln_vector_width = &sora_fast::emu::adaln_vector_width;
   static constexpr auto group_norm_silu = &sora_fast::emu::group_norm_silu;
   static constexpr auto channel_rms_norm_silu = &sora_fast::emu::channel_rms_norm_silu;
+  static constexpr auto vae_vector_widths = &sora_fast::emu::vae_vector_widths;
 };
 
 #if SORA_FAST_WITH_CUDA
@@ -86,6 +87,7 @@ struct GpuLaunchers {
   static constexpr auto adaln_vector_width = &sora_fast::gpu::adaln_vector_width;
   static constexpr auto group_norm_silu = &sora_fast::gpu::group_norm_silu;
   static constexpr auto channel_rms_norm_silu = &sora_fast::gpu::channel_rms_norm_silu;
+  static constexpr auto vae_vector_widths = &sora_fast::gpu::vae_vector_widths;
 };
 #endif
 
@@ -108,6 +110,9 @@ void bind_launchers(py::module_& m) {
         "GroupNorm + SiLU forward (kernels/vae_norm.cuh).");
   m.def("channel_rms_norm_silu", L::channel_rms_norm_silu, arg("args"), arg("eps"), arg("stream") = 0, gil,
         "Channel RMS norm + SiLU forward (kernels/vae_norm.cuh).");
+  m.def("vae_vector_widths", L::vae_vector_widths, arg("args"),
+        "Elements per access the VAE launchers pick for these arguments: [stats, apply] for group norm\n"
+        "(args with 'groups'), [V] for channel RMS (0: the scalar fallback kernel).");
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <vector>
 
 namespace sora_fast {
 
@@ -26,7 +27,9 @@ enum DtypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
   void group_norm_silu(const ArgMap& args, double eps, int64_t stream);         \
   void channel_rms_norm_silu(const ArgMap& args, double eps, int64_t stream);   \
   /* kernel names and the vector width the launcher would pick, for tests */    \
-  int adaln_vector_width(const ArgMap& args);
+  int adaln_vector_width(const ArgMap& args);                                    \
+  /* group norm (args with "groups"): {stats V, apply V}; channel RMS: {V}, 0 = scalar fallback */ \
+  std::vector<int> vae_vector_widths(const ArgMap& args);
 
 namespace gpu {
 SORA_FAST_DECLARE_LAUNCHERS

@@ -17,7 +17,8 @@ def rows():
 def test_every_kernel_is_reported_without_spills(rows):
     names = {r.kernel.split("<")[0] for r in rows}
     assert {"adaln_fwd_kernel", "adaln_bwd_kernel", "adaln_param_reduce_kernel", "group_norm_stats_kernel",
-            "group_norm_finalize_kernel", "group_norm_apply_kernel", "channel_rms_norm_kernel"} <= names
+            "group_norm_finalize_kernel", "group_norm_apply_kernel", "channel_rms_norm_kernel",
+            "channel_rms_norm_cf_kernel", "channel_rms_norm_cl_kernel"} <= names
     assert len(rows) == len(cuda_report._instantiations()) + 2  # + the two non-template kernels
     spilling = [(r.kernel, r.spill_bytes) for r in rows if r.spill_bytes]
     assert not spilling, spilling
@@ -26,6 +27,15 @@ def test_every_kernel_is_reported_without_spills(rows):
 
 def test_main_path_uses_16_byte_global_accesses(rows):
     main = [r for r in rows if r.main_path]
-    assert len(main) == 10  # adaln fwd + bwd, 5 dtype combinations each
+    by_kernel = {}
     for r in main:
-        assert r.ldg128 > 0 and r.stg128 > 0, r
+        by_kernel.setdefault(r.kernel.split("<")[0], []).append(r)
+    # adaln fwd + bwd, group_norm_apply and both channel RMS main paths: 5 (x, param) dtype
+    # combinations each; group_norm_stats: one per x dtype.
+    assert {k: len(v) for k, v in by_kernel.items()} == {
+        "adaln_fwd_kernel": 5, "adaln_bwd_kernel": 5, "group_norm_apply_kernel": 5, "group_norm_stats_kernel": 3,
+        "channel_rms_norm_cf_kernel": 5, "channel_rms_norm_cl_kernel": 5}
+    for r in main:
+        assert r.ldg128 > 0, r
+        if not r.kernel.startswith("group_norm_stats_kernel"):  # stats writes 3 floats per block, no y
+            assert r.stg128 > 0, r

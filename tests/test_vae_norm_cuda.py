@@ -24,12 +24,17 @@ def _x(shape, dtype, layout):
     return x.contiguous(memory_format=torch.channels_last_3d) if layout == "cl" else x
 
 
-CASES = [((2, 8, 3, 5, 7), 4), ((1, 6, 1, 4, 3), 3), ((1, 8, 4, 16, 16), 2)]  # last: > 4096 per group, 2 chunks
+# B2: S = 105, C/G = 2: contiguous takes the scalar paths; channels_last C = 8: 16-byte apply, scalar stats.
+# 1frame: C = 6, S = 12: scalar except the fp32 contiguous (S % 4 == 0) path.
+# 2chunks: 5120 elements per group (2 stats chunks), S = 1280, C/G = 4: 16-byte stats + apply
+# (channels_last: fp32 stats vectorized, 16-bit stats scalar since C/G % 8 != 0).
+# vec8: C/G = 8, S = 64: every path 16-byte in both layouts.
+CASES = [((2, 8, 3, 5, 7), 4), ((1, 6, 1, 4, 3), 3), ((1, 8, 4, 16, 20), 2), ((2, 16, 2, 4, 8), 2)]
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "cl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("shape,groups", CASES, ids=["B2", "1frame", "2chunks"])
+@pytest.mark.parametrize("shape,groups", CASES, ids=["B2", "1frame", "2chunks", "vec8"])
 def test_group_norm_silu_forward(layout, dtype, shape, groups):
     x = _x(shape, dtype, layout)
     c = shape[1]
@@ -43,7 +48,7 @@ def test_group_norm_silu_forward(layout, dtype, shape, groups):
 
 @pytest.mark.parametrize("layout", ["contiguous", "cl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("shape", [(2, 8, 3, 5, 7), (1, 12, 1, 4, 3)], ids=["B2", "1frame"])
+@pytest.mark.parametrize("shape", [(2, 8, 3, 5, 7), (1, 12, 1, 4, 3), (2, 16, 2, 4, 8)], ids=["B2", "1frame", "vec8"])
 def test_channel_rms_norm_silu_forward(layout, dtype, shape):
     x = _x(shape, dtype, layout)
     c = shape[1]
@@ -78,3 +83,79 @@ def test_strided_input_and_bad_dtype():
     assert_close(O.channel_rms_norm_silu(x, w, backend="cuda"), O.channel_rms_norm_silu_ref(x, w))
     with pytest.raises(ValueError, match="float32, float16 or bfloat16, got float64"):
         O.group_norm_silu(x.double(), 2, backend="cuda")
+
+
+# --- which path runs: the launchers' own choice (C.emu.vae_vector_widths), then the numerics ------
+def _vae_args(x, weight=None, bias=None, groups=None):
+    """The launcher arguments the wrapper builds (sora_fast/ops/_cuda.py), for the width query only."""
+    cl = not x.is_contiguous()
+    b, c, t, h, w = x.shape
+    y = torch.empty_like(x)
+    args = {"batch": b, "channels": c, "spatial": t * h * w, "channels_last": int(cl), "silu": 1,
+            "dtype_x": _cuda._DTYPE_CODE[x.dtype], "x": x.data_ptr(), "y": y.data_ptr(),
+            "weight": 0 if weight is None else weight.data_ptr(), "bias": 0 if bias is None else bias.data_ptr()}
+    if weight is not None:
+        args["dtype_p"] = _cuda._DTYPE_CODE[weight.dtype]
+    if groups is not None:
+        m = c // groups * t * h * w
+        args.update({"groups": groups, "partial": 8, "stats": 8, "chunk": -(-m // 8) * 8, "nchunks": 1})
+    return args
+
+
+def _misaligned(shape, dtype, layout):
+    """x whose data pointer is 1 element past a 16-byte boundary (a slice of a bigger buffer)."""
+    n = torch.Size(shape).numel()
+    x = (torch.randn(n + 1) * 3 + 1).to(dtype)[1:]
+    if layout == "cl":
+        b, c, t, h, w = shape
+        return x.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)
+    return x.view(shape)
+
+
+def test_vector_widths_main_path_and_fallbacks():
+    C = _ext.require_extension("test")
+    W = lambda *a, **k: C.emu.vae_vector_widths(_vae_args(*a, **k))  # noqa: E731
+    bf, f32 = torch.bfloat16, torch.float32
+    # group norm: [stats V, apply V]
+    assert W(_x((2, 16, 2, 4, 8), bf, "contiguous"), groups=2) == [8, 8]
+    assert W(_x((2, 16, 2, 4, 8), bf, "cl"), groups=2) == [8, 8]
+    assert W(_x((2, 16, 2, 4, 8), bf, "cl"), groups=4) == [1, 8]      # C/G = 4 < 8: scalar stats
+    assert W(_x((2, 16, 2, 4, 8), f32, "cl"), groups=4) == [4, 4]
+    assert W(_x((2, 8, 3, 5, 7), bf, "contiguous"), groups=4) == [1, 1]  # S = 105
+    assert W(_x((1, 12, 1, 4, 3), f32, "contiguous"), groups=3) == [4, 4]
+    assert W(_x((1, 12, 1, 4, 3), bf, "cl"), groups=3) == [1, 1]       # C = 12
+    assert W(_misaligned((2, 16, 2, 4, 8), bf, "contiguous"), groups=2) == [1, 1]
+    assert W(_misaligned((2, 16, 2, 4, 8), bf, "cl"), groups=2) == [1, 1]
+    # channel RMS: [V], 0 = the scalar per-position fallback kernel
+    w8 = torch.randn(8)
+    assert W(_x((2, 8, 2, 4, 8), bf, "contiguous"), w8) == [8]
+    assert W(_x((2, 8, 2, 4, 8), bf, "cl"), w8) == [8]
+    assert W(_x((2, 8, 3, 5, 7), bf, "contiguous"), w8) == [0]          # S = 105
+    assert W(_x((2, 8, 3, 5, 7), f32, "cl"), w8) == [4]
+    assert W(_x((1, 12, 1, 4, 3), bf, "cl"), torch.randn(12)) == [1]    # C % 8 != 0: warp kernel, scalar
+    assert W(_x((1, 1040, 1, 1, 2), bf, "cl"), torch.randn(1040)) == [0]  # C > 1024: fallback
+    assert W(_x((2, 8, 2, 4, 8), bf, "cl"), torch.randn(9)[1:]) == [1]  # misaligned weight
+    assert W(_misaligned((2, 8, 2, 4, 8), bf, "contiguous"), w8) == [0]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_misaligned_storage_offset_takes_the_scalar_path(layout, dtype):
+    shape = (2, 16, 2, 4, 8)
+    x = _misaligned(shape, dtype, layout)
+    assert x.data_ptr() % 16 != 0
+    w, b = torch.randn(16), torch.randn(16)
+    assert_close(O.group_norm_silu(x, 2, w, b, backend="cuda"), O.group_norm_silu_ref(x, 2, w, b), dtype)
+    wm = torch.randn(17)[1:]  # misaligned weight too
+    assert_close(O.channel_rms_norm_silu(x, wm, b, backend="cuda"), O.channel_rms_norm_silu_ref(x, wm, b), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,layout", [((1, 1024, 1, 1, 3), "cl"), ((1, 1040, 1, 1, 2), "cl"),
+                                          ((1, 1000, 1, 1, 2), "cl"), ((1, 20, 1, 2, 8), "contiguous")],
+                         ids=["C1024-warp", "C1040-fallback", "C1000-warp", "C20-vec"])
+def test_channel_rms_wide_and_odd_channels(dtype, shape, layout):
+    x = _x(shape, dtype, layout)
+    w, b = torch.randn(shape[1]), torch.randn(shape[1])
+    got = O.channel_rms_norm_silu(x, w, b, silu=False, backend="cuda")
+    assert_close(got, O.channel_rms_norm_silu_ref(x, w, b, silu=False), dtype)

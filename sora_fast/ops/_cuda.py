@@ -311,7 +311,8 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, *, eps=1e-6, silu=Tru
         raise ValueError(f"num_groups must be a positive int dividing the {c} channels, got {num_groups!r}")
     m = c // num_groups * args["spatial"]
     nchunks = min(64, max(1, -(-m // 4096)))
-    chunk = max(1, -(-m // nchunks))
+    chunk = -(-max(1, -(-m // nchunks)) // 8) * 8  # a multiple of every vector width: 16-byte stats loads
+    nchunks = max(1, -(-m // chunk))
     bg = x.shape[0] * num_groups
     partial = torch.empty((bg, nchunks, 3), dtype=torch.float32, device=x.device)
     stats = torch.empty((bg, 2), dtype=torch.float32, device=x.device)

@@ -38,10 +38,15 @@ def _instantiations() -> list[tuple[str, str, bool]]:
             args = f"{v}, {_q(t)}, {_q(p)}"
             out.append((kernel, args, v != "1"))
     for t in ("float", "bf16", "fp16"):
-        out.append(("group_norm_stats_kernel", _q(t), False))
-        for p in {t, "float"}:
-            out.append(("group_norm_apply_kernel", f"{_q(t)}, {_q(p)}", False))
-            out.append(("channel_rms_norm_kernel", f"{_q(t)}, {_q(p)}", False))
+        vec = "4" if t == "float" else "8"  # 16 bytes of x's dtype
+        for v in (vec, "1"):
+            out.append(("group_norm_stats_kernel", f"{v}, {_q(t)}", v != "1"))
+        for p in sorted({t, "float"}):
+            for v in (vec, "1"):
+                out.append(("group_norm_apply_kernel", f"{v}, {_q(t)}, {_q(p)}", v != "1"))
+                out.append(("channel_rms_norm_cl_kernel", f"{v}, {_q(t)}, {_q(p)}", v != "1"))
+            out.append(("channel_rms_norm_cf_kernel", f"{vec}, {_q(t)}, {_q(p)}", True))
+            out.append(("channel_rms_norm_kernel", f"{_q(t)}, {_q(p)}", False))  # scalar fallback
     return out
 
 
