@@ -52,7 +52,7 @@ def _causal_conv3d_fwd_kernel(
         sob, soc, sot, soh, sow,                  # out
         ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
         KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-        REPLICATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+        REPLICATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, OFF64: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -64,40 +64,58 @@ def _causal_conv3d_fwd_kernel(
     ho = r % H_out
     r = r // H_out
     to = r % T_out
-    b = (r // T_out).to(tl.int64)
+    b = r // T_out
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < Cout
+    if OFF64:                                     # int32 offsets otherwise: fewer address registers
+        b = b.to(tl.int64)
+        to = to.to(tl.int64)
+        ho = ho.to(tl.int64)
+        wo = wo.to(tl.int64)
+        n_idx = offs_n.to(tl.int64)
+    else:
+        n_idx = offs_n
     offs_k = tl.arange(0, BLOCK_K)
+    # per-row origin of the receptive field; per tap only scalar offsets are added
+    t0 = to * ST - (KT - 1)
+    h0 = ho * SH - PH
+    w0 = wo * SW - PW
+    x_row = b * sxb + t0 * sxt + h0 * sxh + w0 * sxw
+    c_row = b * scb + (t0 + n_cache) * sct + h0 * sch + w0 * scw
 
     n_chunks = tl.cdiv(Cin, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for it in range(0, KT * KH * KW * n_chunks):
         tap = it // n_chunks
-        c0 = (it % n_chunks) * BLOCK_K
+        c0 = (it - tap * n_chunks) * BLOCK_K
         dw = tap % KW
         dh = (tap // KW) % KH
         dt = tap // (KW * KH)
-        # time: x frame ti if ti >= 0, else front frame p = ti + KT-1 of [pad (KT-1-n_cache), cache]
-        ti = to * ST - (KT - 1) + dt
-        in_x = ti >= 0
-        cf = ti + n_cache                         # cache frame index (negative: a pad frame)
-        use_cache = (~in_x) & (cf >= 0)
+        # time: x frame ti if ti >= 0, else cache frame ti + n_cache if that is >= 0, else a pad frame
+        ti = t0 + dt
+        hi = h0 + dh
+        wi = w0 + dw
+        use_cache = (ti < 0) & (ti + n_cache >= 0)
+        row_ok = m_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        x_off = x_row + (dt * sxt + dh * sxh + dw * sxw)
+        c_off = c_row + (dt * sct + dh * sch + dw * scw)
         if REPLICATE:                             # pad frames copy the stream's first frame
-            use_cache = use_cache | ((~in_x) & (n_cache > 0))
-            t_ok = m_mask
+            use_cache = (ti < 0) & (tl.zeros_like(ti) + n_cache > 0)   # a vector compare: bool in the interpreter too
+            x_off -= tl.minimum(ti, 0) * sxt
+            c_off -= tl.minimum(ti + n_cache, 0) * sct
         else:
-            t_ok = m_mask & (in_x | use_cache)
-        hi = ho * SH - PH + dh
-        wi = wo * SW - PW + dw
-        row_ok = t_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-        x_off = b * sxb + tl.maximum(ti, 0) * sxt + hi * sxh + wi * sxw
-        c_off = b * scb + tl.maximum(cf, 0) * sct + hi * sch + wi * scw
-        rows = tl.where(use_cache, C + c_off, X + x_off)
+            row_ok = row_ok & ((ti >= 0) | use_cache)
         cc = c0 + offs_k
         c_mask = cc < Cin
-        a = tl.load(rows[:, None] + cc[None, :], mask=row_ok[:, None] & c_mask[None, :], other=0.0)
-        kk = tap * Cin + cc
-        w = tl.load(Wp + kk[:, None] * Cout + offs_n[None, :], mask=c_mask[:, None] & n_mask[None, :], other=0.0)
+        # two masked loads rather than a select of pointers: a pointer select costs ~100 registers and
+        # the 16-byte vectorization of the gather
+        a_x = tl.load(X + x_off[:, None] + cc[None, :], mask=(row_ok & ~use_cache)[:, None] & c_mask[None, :],
+                      other=0.0)
+        a_c = tl.load(C + c_off[:, None] + cc[None, :], mask=(row_ok & use_cache)[:, None] & c_mask[None, :],
+                      other=0.0)
+        a = tl.where(use_cache[:, None], a_c, a_x)
+        w = tl.load(Wp + (tap * Cin + cc)[:, None] * Cout + offs_n[None, :], mask=c_mask[:, None] & n_mask[None, :],
+                    other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
@@ -108,10 +126,10 @@ def _causal_conv3d_fwd_kernel(
     mask = m_mask[:, None] & n_mask[None, :]
     if HAS_RES:
         r_off = b * srb + to * srt + ho * srh + wo * srw
-        res = tl.load(RES + r_off[:, None] + offs_n[None, :].to(tl.int64) * src, mask=mask, other=0.0)
+        res = tl.load(RES + r_off[:, None] + n_idx[None, :] * src, mask=mask, other=0.0)
         acc += res.to(tl.float32)
     o_off = b * sob + to * sot + ho * soh + wo * sow
-    tl.store(OUT + o_off[:, None] + offs_n[None, :].to(tl.int64) * soc, _to_store(acc, OUT.dtype.element_ty, UPCAST),
+    tl.store(OUT + o_off[:, None] + n_idx[None, :] * soc, _to_store(acc, OUT.dtype.element_ty, UPCAST),
              mask=mask)
 
 
@@ -174,6 +192,11 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last_3d)
 
 
+def _extent(t: torch.Tensor) -> int:
+    """One past the largest element offset of t."""
+    return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+
+
 def _out_format(x: torch.Tensor):
     """x's memory format, as the reference's ``like_layout`` decides it."""
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
@@ -209,8 +232,63 @@ def causal_conv3d_forward(x, weight, bias, *, stride, padding, pad_mode, cache, 
         *res.stride(), *out.stride(),
         ST=stride[0], SH=stride[1], SW=stride[2], PH=padding[0], PW=padding[1], KT=kt, KH=kh, KW=kw,
         REPLICATE=pad_mode == "replicate", HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        OFF64=max(_extent(t) for t in (xc, cc, res, out)) >= 2 ** 31,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         UPCAST=_interpreting() and x.dtype == torch.bfloat16,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
+
+
+# --- what the offline kernel report compiles ----------------------------------------------------
+# Specializations the report gates, per (Cin, Cout) bucket and dtype: (kernel, stride, pad_mode, bias, residual).
+# Other kernel/stride combinations are the same code with other constexprs.
+# (OFF64: 64-bit offsets, which the launcher picks for tensors of 2**31 elements or more.)
+_REPORT_VARIANTS = (
+    ((3, 3, 3), (1, 1, 1), "replicate", True, True, False),
+    ((1, 1, 1), (1, 1, 1), "zeros", True, False, False),
+)
+_REPORT_EXTRA = (  # the down-sampling convs and 64-bit offsets, at the large bucket only
+    ((3, 1, 1), (2, 1, 1), "zeros", True, False, False),
+    ((1, 3, 3), (1, 2, 2), "zeros", True, False, False),
+    ((3, 3, 3), (1, 1, 1), "zeros", True, True, True),
+)
+
+
+def shipped_configs() -> list[KernelConfig]:
+    """Every GPU config of the launcher (per bucket and dtype), channels-last in and out, as the runtime
+    specializes it for VAE channel counts (multiples of 16): 16-divisible pointers, channel counts and
+    NDHWC strides; unit channel strides of the output and residual become the constant 1."""
+    fn = _causal_conv3d_fwd_kernel
+    configs = []
+    ptrs = ("X", "C", "Wp", "BIAS", "RES", "OUT")
+    aligned_ints = ("Cin", "Cout", "sxb", "sxt", "sxh", "sxw", "scb", "sct", "sch", "scw", "srb", "srt", "srh", "srw",
+                    "sob", "sot", "soh", "sow")
+    for (cin_b, cout_b), cfg in _GPU_CONFIGS.items():
+        variants = _REPORT_VARIANTS + (_REPORT_EXTRA if (cin_b, cout_b) == ("large", "large") else ())
+        for dtype in ("bf16", "fp16"):
+            for k, stride, pad_mode, has_bias, has_res, off64 in variants:
+                sig, constexprs = {}, {}
+                for name in fn.arg_names:
+                    if name in ptrs:
+                        sig[name] = f"*{dtype}"
+                    elif name in ("soc", "src"):
+                        sig[name] = "constexpr"
+                        constexprs[name] = 1
+                    elif name[0].islower() or name in ("M", "T_out", "H_out", "W_out", "H", "W", "Cin", "Cout"):
+                        sig[name] = "i32"
+                    else:
+                        sig[name] = "constexpr"
+                constexprs.update(ST=stride[0], SH=stride[1], SW=stride[2], PH=k[1] // 2, PW=k[2] // 2, KT=k[0],
+                                  KH=k[1], KW=k[2], REPLICATE=pad_mode == "replicate", HAS_BIAS=has_bias,
+                                  HAS_RES=has_res, OFF64=off64, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                                  UPCAST=False, PRECISION="tf32")
+                aligned = ptrs + tuple(n for n in aligned_ints if sig.get(n) == "i32")
+                variant = f"k{''.join(map(str, k))} s{''.join(map(str, stride))} {pad_mode}" + \
+                          (" +bias" if has_bias else "") + (" +res" if has_res else "") + (" off64" if off64 else "")
+                configs.append(KernelConfig(
+                    name=f"causal_conv3d_fwd cin:{cin_b} cout:{cout_b} {dtype} {variant} "
+                         f"m{cfg.block_m} n{cfg.block_n} k{cfg.block_k}",
+                    fn=fn, signature=sig, constexprs=constexprs, num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages, divisible_by_16=aligned))
+    return configs
