@@ -7,7 +7,6 @@ fp32 accumulation error relative to the sum of |terms| (a conv of |x| with |w|).
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 from sora_fast.ops import CausalConv3d, causal_conv3d
 from sora_fast.ops.conv3d import causal_conv3d_ref
@@ -154,6 +153,16 @@ def test_gradients_through_reference_backward():
         grads[backend] = [t.grad.clone() for t in leaves]
     for name, a, e in zip(("x", "weight", "bias", "cache", "residual"), grads["triton"], grads["torch"]):
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5, msg=lambda m: f"grad of {name}: {m}")
+
+
+def test_opcheck_with_triton_backend():
+    from sora_fast.ops import conv3d
+
+    req = lambda *ts: tuple(t.requires_grad_(True) for t in ts)
+    x, weight, cache, residual = req(torch.randn(1, 3, 2, 3, 5).contiguous(memory_format=CL),
+                                     torch.randn(5, 3, 3, 1, 1), torch.randn(1, 3, 1, 3, 5), torch.randn(1, 5, 1, 3, 5))
+    torch.library.opcheck(conv3d._conv_op, (x, weight, None, [2, 1, 1], [0, 0], "replicate", cache, residual,
+                                            "triton"))
 
 
 # --- unsupported inputs: clear errors that name the supported set --------------------------------

@@ -281,8 +281,8 @@ def shipped_configs() -> list[KernelConfig]:
                         sig[name] = "constexpr"
                 constexprs.update(ST=stride[0], SH=stride[1], SW=stride[2], PH=k[1] // 2, PW=k[2] // 2, KT=k[0],
                                   KH=k[1], KW=k[2], REPLICATE=pad_mode == "replicate", HAS_BIAS=has_bias,
-                                  HAS_RES=has_res, OFF64=off64, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                                  UPCAST=False, PRECISION="tf32")
+                                  HAS_RES=has_res, OFF64=off64, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                  BLOCK_K=cfg.block_k, UPCAST=False, PRECISION="tf32")
                 aligned = ptrs + tuple(n for n in aligned_ints if sig.get(n) == "i32")
                 variant = f"k{''.join(map(str, k))} s{''.join(map(str, stride))} {pad_mode}" + \
                           (" +bias" if has_bias else "") + (" +res" if has_res else "") + (" off64" if off64 else "")
