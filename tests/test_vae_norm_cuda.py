@@ -10,8 +10,8 @@ from sora_fast.ops import _cuda
 
 from _utils import assert_close
 
-pytestmark = pytest.mark.skipif(not _ext.build_info().get("emulation", False),
-                                reason="sora_fast._C was built without the host emulation")
+# No skip when the emulation is missing: it is always built (tests/test_build.py), so its absence is a
+# broken build and these tests must fail on it.
 
 
 @pytest.fixture(autouse=True)
