@@ -94,17 +94,20 @@ def _rope_cos_sin(COORDS, tokens, row_mask, AXIS, FREQ, pairs, pair_mask):
 
 
 @triton.jit
-def _load_rotated(base, tokens, row_mask, stride_n, cols, col_mask, COORDS, AXIS, FREQ, pairs, pair_mask,
-                  ROWS: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
-    """A tile rotated by 3D RoPE in registers, same layout and dtype as an unrotated load (fp32 if
-    UPCAST). One contiguous load of whole rows (16-byte loads), pairs split and re-joined in registers."""
-    x = _load_tile(base, tokens, row_mask, stride_n, cols, col_mask, True)
-    xe, xo = tl.split(tl.reshape(x, (ROWS, BLOCK_D // 2, 2)))
-    c, s = _rope_cos_sin(COORDS, tokens, row_mask, AXIS, FREQ, pairs, pair_mask)
-    x = tl.reshape(tl.join(xe * c - xo * s, xe * s + xo * c), (ROWS, BLOCK_D))
-    if UPCAST:
-        return x
-    return x.to(base.dtype.element_ty)
+def _load_qk(base, tokens, row_mask, stride_n, cols, col_mask, COORDS, AXIS, FREQ, pairs, pair_mask,
+             ROWS: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr, UPCAST: tl.constexpr):
+    """A q or k tile, rotated by 3D RoPE in registers when ROPE, in the input dtype (fp32 if UPCAST).
+    One contiguous load of whole rows (16-byte loads), pairs split and re-joined in registers."""
+    if ROPE:
+        x = _load_tile(base, tokens, row_mask, stride_n, cols, col_mask, True)
+        xe, xo = tl.split(tl.reshape(x, (ROWS, BLOCK_D // 2, 2)))
+        c, s = _rope_cos_sin(COORDS, tokens, row_mask, AXIS, FREQ, pairs, pair_mask)
+        x = tl.reshape(tl.join(xe * c - xo * s, xe * s + xo * c), (ROWS, BLOCK_D))
+        if not UPCAST:
+            x = x.to(base.dtype.element_ty)
+    else:
+        x = _load_tile(base, tokens, row_mask, stride_n, cols, col_mask, UPCAST)
+    return x
 
 
 @triton.jit
@@ -197,11 +200,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TABLE, GRID, COORDS, AXIS, FRE
     q_coords = COORDS + q_start * 3
     k_coords = COORDS + k_start * 3
 
-    if ROPE:
-        q = _load_rotated(q_base, offs_m, m_mask, stride_qn, offs_d, d_mask, q_coords, AXIS, FREQ, pairs, pair_mask,
-                          BLOCK_M, BLOCK_D, UPCAST)
-    else:
-        q = _load_tile(q_base, offs_m, m_mask, stride_qn, offs_d, d_mask, UPCAST)
+    q = _load_qk(q_base, offs_m, m_mask, stride_qn, offs_d, d_mask, q_coords, AXIS, FREQ, pairs, pair_mask, BLOCK_M,
+                 BLOCK_D, ROPE, UPCAST)
 
     m_last = tl.minimum(m0 + BLOCK_M, q_len) - 1
     lo, hi = _loop_range(m0, m_last, k_len, gh, gw, win_t, BLOCK_N, WINDOW)
@@ -217,11 +217,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TABLE, GRID, COORDS, AXIS, FRE
         if not skip:
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < k_len
-            if ROPE:
-                k = _load_rotated(k_base, offs_n, n_mask, stride_kn, offs_d, d_mask, k_coords, AXIS, FREQ, pairs,
-                                  pair_mask, BLOCK_N, BLOCK_D, UPCAST)
-            else:
-                k = _load_tile(k_base, offs_n, n_mask, stride_kn, offs_d, d_mask, UPCAST)
+            k = _load_qk(k_base, offs_n, n_mask, stride_kn, offs_d, d_mask, k_coords, AXIS, FREQ, pairs, pair_mask,
+                         BLOCK_N, BLOCK_D, ROPE, UPCAST)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             valid = n_mask[None, :] & m_mask[:, None]
             if WINDOW:
@@ -285,11 +282,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, TABLE, GR
     q_coords = COORDS + q_start * 3
     k_coords = COORDS + k_start * 3
 
-    if ROPE:
-        k = _load_rotated(K + k_start64 * stride_kn + head * stride_kh, offs_n, n_mask, stride_kn, offs_d, d_mask,
-                          k_coords, AXIS, FREQ, pairs, pair_mask, BLOCK_N, BLOCK_D, UPCAST)
-    else:
-        k = _load_tile(K + k_start64 * stride_kn + head * stride_kh, offs_n, n_mask, stride_kn, offs_d, d_mask, UPCAST)
+    k = _load_qk(K + k_start64 * stride_kn + head * stride_kh, offs_n, n_mask, stride_kn, offs_d, d_mask, k_coords,
+                 AXIS, FREQ, pairs, pair_mask, BLOCK_N, BLOCK_D, ROPE, UPCAST)
     v = _load_tile(V + k_start64 * stride_vn + head * stride_vh, offs_n, n_mask, stride_vn, offs_d, d_mask, UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -304,11 +298,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, TABLE, GR
         if not skip:
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_mask = offs_m < q_len
-            if ROPE:
-                q = _load_rotated(q_base, offs_m, m_mask, stride_qn, offs_d, d_mask, q_coords, AXIS, FREQ, pairs,
-                                  pair_mask, BLOCK_M, BLOCK_D, UPCAST)
-            else:
-                q = _load_tile(q_base, offs_m, m_mask, stride_qn, offs_d, d_mask, UPCAST)
+            q = _load_qk(q_base, offs_m, m_mask, stride_qn, offs_d, d_mask, q_coords, AXIS, FREQ, pairs, pair_mask,
+                         BLOCK_M, BLOCK_D, ROPE, UPCAST)
             # transposed scores (keys x queries), so every computed tile is used as the left operand
             # as it is: no register transposes feeding the tensor cores (as in Triton's FA2 tutorial)
             st = tl.dot(k, tl.trans(q), input_precision=PRECISION)
@@ -358,11 +349,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, TABLE, GRID, CO
     q_coords = COORDS + q_start * 3
     k_coords = COORDS + k_start * 3
 
-    if ROPE:
-        q = _load_rotated(Q + q_start64 * stride_qn + head * stride_qh, offs_m, m_mask, stride_qn, offs_d, d_mask,
-                          q_coords, AXIS, FREQ, pairs, pair_mask, BLOCK_M, BLOCK_D, UPCAST)
-    else:
-        q = _load_tile(Q + q_start64 * stride_qn + head * stride_qh, offs_m, m_mask, stride_qn, offs_d, d_mask, UPCAST)
+    q = _load_qk(Q + q_start64 * stride_qn + head * stride_qh, offs_m, m_mask, stride_qn, offs_d, d_mask, q_coords,
+                 AXIS, FREQ, pairs, pair_mask, BLOCK_M, BLOCK_D, ROPE, UPCAST)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     do = _load_tile(DO + q_start64 * stride_don + head * stride_doh, offs_m, m_mask, stride_don, offs_d, d_mask,
                     UPCAST)
@@ -379,11 +367,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, TABLE, GRID, CO
         if not skip:
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < k_len
-            if ROPE:
-                k = _load_rotated(k_base, offs_n, n_mask, stride_kn, offs_d, d_mask, k_coords, AXIS, FREQ, pairs,
-                                  pair_mask, BLOCK_N, BLOCK_D, UPCAST)
-            else:
-                k = _load_tile(k_base, offs_n, n_mask, stride_kn, offs_d, d_mask, UPCAST)
+            k = _load_qk(k_base, offs_n, n_mask, stride_kn, offs_d, d_mask, k_coords, AXIS, FREQ, pairs, pair_mask,
+                         BLOCK_N, BLOCK_D, ROPE, UPCAST)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             valid = n_mask[None, :] & m_mask[:, None]
             if WINDOW:
