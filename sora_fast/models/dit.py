@@ -1,0 +1,426 @@
+"""VideoDiT: a lean Wan2.1 video diffusion transformer on packed spacetime patches.
+
+Per block (Wan2.1 / diffusers ``WanTransformerBlock``), with ``mod = scale_shift_table + time_proj(temb)``
+split into six per-video ``(B, D)`` rows (shift, scale, gate for self-attention; shift, scale, gate for
+the FFN):
+
+    x = x + gate1 * SelfAttn(LN(x) * (1 + scale1) + shift1)          QK-RMSNorm over all heads, 3D RoPE
+    x = x + CrossAttn(LN_affine(x), text)                             ungated
+    x = x + gate2 * FFN(LN(x) * (1 + scale2) + shift2)                GELU(tanh)
+
+Gated adds run in fp32 (``sora_fast.ops.gated_residual_adaln``), fused with the norm + modulation that
+follows them, so the residual stream is read once per add: a block takes ``(x, y)`` (``y`` = its first
+modulated norm) and returns ``(x, y_next)`` where ``y_next`` is already the next block's (or the output
+head's) modulated norm. Every video in a pack has its own timestep; tables are indexed by ``seq_ids``.
+:meth:`VideoDiT.from_diffusers` / :func:`convert_wan_transformer_state_dict` load diffusers
+``WanTransformer3DModel`` weights; the same weights give the same output (fp32 parity is tested).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .. import ops
+from ..packing import PackedSequences, PackedVideos, pack_sequences, pack_videos
+from ._convert import load_converted
+
+__all__ = ["DiTConfig", "VideoDiT", "PRESETS", "timestep_embedding", "convert_wan_transformer_state_dict"]
+
+OP_FAMILIES = ("attention", "adaln")
+Backend = Union[None, str, Mapping[str, Optional[str]]]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass
+class DiTConfig:
+    """Architecture of a :class:`VideoDiT` (names follow Wan2.1; diffusers' in brackets).
+
+    dim [num_attention_heads * attention_head_dim], ffn_dim, num_heads [num_attention_heads],
+    num_layers, in_channels / out_channels (latent channels), text_dim (text encoder width),
+    freq_dim (sinusoidal timestep features), patch [patch_size] ``(pt, ph, pw)``, eps (every norm),
+    cross_attn_norm (affine LayerNorm before cross-attention), qk_norm (only "rms_norm_across_heads"),
+    rope_theta, window: optional ``(wt, wh, ww)`` local 3D window of self-attention (None: global).
+    """
+
+    dim: int
+    ffn_dim: int
+    num_heads: int
+    num_layers: int
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    patch: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    cross_attn_norm: bool = True
+    qk_norm: str = "rms_norm_across_heads"
+    rope_theta: float = 10000.0
+    window: Optional[tuple[int, int, int]] = None
+
+    def __post_init__(self):
+        for name in ("dim", "ffn_dim", "num_heads", "num_layers", "in_channels", "out_channels", "text_dim",
+                     "freq_dim"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"DiTConfig.{name} must be a positive int, got {v!r}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"DiTConfig.dim must be divisible by num_heads, got dim={self.dim}, "
+                             f"num_heads={self.num_heads}")
+        if self.head_dim % 2 or self.head_dim < 6:
+            raise ValueError(f"DiTConfig head dim (dim / num_heads) must be even and >= 6 for the t/h/w RoPE "
+                             f"split, got {self.dim} / {self.num_heads} = {self.head_dim}")
+        if self.freq_dim % 2:
+            raise ValueError(f"DiTConfig.freq_dim must be even (cos and sin halves), got {self.freq_dim}")
+        patch = tuple(self.patch) if isinstance(self.patch, (tuple, list)) else None
+        if patch is None or len(patch) != 3 or not all(_is_int(p) and p >= 1 for p in patch):
+            raise ValueError(f"DiTConfig.patch must be 3 positive ints (pt, ph, pw), got {self.patch!r}")
+        self.patch = patch
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps < 1:
+            raise ValueError(f"DiTConfig.eps must be a number in (0, 1), got {self.eps!r}")
+        if not isinstance(self.cross_attn_norm, bool):
+            raise TypeError(f"DiTConfig.cross_attn_norm must be a bool, got {self.cross_attn_norm!r}")
+        if self.qk_norm != "rms_norm_across_heads":
+            raise ValueError(f"DiTConfig.qk_norm must be 'rms_norm_across_heads' (RMSNorm of q and k over "
+                             f"all heads, as Wan2.1), got {self.qk_norm!r}")
+        if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) \
+                or not 0 < self.rope_theta < math.inf:
+            raise ValueError(f"DiTConfig.rope_theta must be a positive number, got {self.rope_theta!r}")
+        if self.window is not None:
+            w = tuple(self.window) if isinstance(self.window, (tuple, list)) else None
+            if w is None or len(w) != 3 or not all(_is_int(v) and v >= 0 for v in w):
+                raise ValueError(f"DiTConfig.window must be None or 3 ints >= 0 (wt, wh, ww), got {self.window!r}")
+            self.window = w
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def patch_volume(self) -> int:
+        return math.prod(self.patch)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "DiTConfig":
+        """A preset (see ``PRESETS``), optionally with fields replaced, e.g. ``from_name("demo", in_channels=4)``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown DiT preset {name!r}; valid names: {', '.join(sorted(PRESETS))}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    @classmethod
+    def from_diffusers_config(cls, cfg) -> "DiTConfig":
+        """From a diffusers ``WanTransformer3DModel`` config (the model's ``.config`` or a dict).
+
+        Text-to-video models only: an image embedder (``image_dim``, ``pos_embed_seq_len``) or I2V
+        image keys (``added_kv_proj_dim``) raise ValueError naming the field. diffusers builds QK
+        RMSNorm over all heads whatever its ``qk_norm`` says, so that is what the config gets.
+        """
+        cfg = dict(cfg)
+        for field in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len"):
+            if cfg.get(field) is not None:
+                raise ValueError(f"unsupported diffusers config: {field}={cfg[field]!r} (image conditioning, "
+                                 f"Wan I2V); VideoDiT supports text-to-video models with {field}=None")
+        heads, head_dim = cfg.get("num_attention_heads", 40), cfg.get("attention_head_dim", 128)
+        in_channels = cfg.get("in_channels", 16)
+        return cls(dim=heads * head_dim, ffn_dim=cfg.get("ffn_dim", 13824), num_heads=heads,
+                   num_layers=cfg.get("num_layers", 40), in_channels=in_channels,
+                   out_channels=cfg.get("out_channels") or in_channels, text_dim=cfg.get("text_dim", 4096),
+                   freq_dim=cfg.get("freq_dim", 256), patch=tuple(cfg.get("patch_size", (1, 2, 2))),
+                   eps=cfg.get("eps", 1e-6), cross_attn_norm=bool(cfg.get("cross_attn_norm", True)))
+
+
+PRESETS: dict[str, DiTConfig] = {
+    "wan2.1-1.3b": DiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+    "wan2.1-14b": DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    # tests: heads of 32 (RoPE split t/h/w = 12/10/10), 2 layers
+    "tiny": DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_channels=4, out_channels=4,
+                      text_dim=32, freq_dim=32),
+    # a small CPU-trainable model: 2.3M parameters, heads of 48 (RoPE split 16/16/16)
+    "demo": DiTConfig(dim=192, ffn_dim=512, num_heads=4, num_layers=4, in_channels=16, out_channels=16,
+                      text_dim=64, freq_dim=64),
+}
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of ``t`` ``(B,)``: ``(B, dim)`` fp32, ``[cos | sin]`` (diffusers' ``Timesteps``
+    with ``flip_sin_to_cos=True, downscale_freq_shift=0``, bit for bit)."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    args = t[:, None].float() * torch.exp(exponent)[None, :]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def _mlp(d_in: int, d_hidden: int, d_out: int, act: nn.Module) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d_hidden), act, nn.Linear(d_hidden, d_out))
+
+
+class Attention(nn.Module):
+    """Multi-head attention over packed tokens with QK RMSNorm across heads (over ``dim``).
+
+    Self-attention (``context=None``) applies 3D RoPE at the videos' patch coordinates inside the
+    attention op; cross-attention attends each video to its own packed text sequence.
+    """
+
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = nn.RMSNorm(dim, eps=eps), nn.RMSNorm(dim, eps=eps)
+
+    def _rms(self, norm: nn.RMSNorm, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """RMSNorm over all heads in fp32 (also under autocast), then split heads: ``(N, D) -> (N, H, d)``."""
+        t = F.rms_norm(t.float(), norm.normalized_shape, norm.weight.float(), norm.eps)
+        return t.to(dtype).unflatten(1, (self.num_heads, -1))
+
+    def forward(self, y: torch.Tensor, x: PackedVideos, context: Optional[torch.Tensor] = None,
+                text: Optional[PackedSequences] = None, *, window=None, rope_theta: float = 10000.0,
+                backend: Optional[str] = None) -> torch.Tensor:
+        """y ``(N, D)`` modulated tokens of ``x``; context ``(L, D)`` projected tokens of ``text``."""
+        kv = y if context is None else context                               # (N or L, D)
+        v = self.to_v(kv).unflatten(1, (self.num_heads, -1))                  # (N or L, H, d)
+        q = self._rms(self.norm_q, self.to_q(y), v.dtype)                     # (N, H, d)
+        k = self._rms(self.norm_k, self.to_k(kv), v.dtype)                    # (N or L, H, d)
+        if context is None:
+            o = ops.spacetime_attention(q, k, v, x.cu_seqlens, max_seqlen_q=x.max_seqlen, window=window,
+                                        grid=x.grid, rope_coords=x.coords, rope_theta=rope_theta,
+                                        backend=backend)                     # (N, H, d)
+        else:
+            o = ops.spacetime_attention(q, k, v, x.cu_seqlens, text.cu_seqlens, max_seqlen_q=x.max_seqlen,
+                                        max_seqlen_k=text.max_seqlen, backend=backend)  # (N, H, d)
+        return self.to_out(o.flatten(1))                                      # (N, D)
+
+
+class DiTBlock(nn.Module):
+    """One Wan2.1 block on the packed stream; see the module docstring for the math."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.attn1 = Attention(cfg.dim, cfg.num_heads, cfg.eps)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.eps) if cfg.cross_attn_norm else None
+        self.attn2 = Attention(cfg.dim, cfg.num_heads, cfg.eps)
+        self.ffn = _mlp(cfg.dim, cfg.ffn_dim, cfg.dim, nn.GELU(approximate="tanh"))
+        self.scale_shift_table = nn.Parameter(torch.randn(6, cfg.dim) / cfg.dim**0.5)
+
+    def modulation(self, t6: torch.Tensor) -> torch.Tensor:
+        """``t6`` ``(B, 6, D)`` shared time projection -> this block's ``(6, B, D)`` fp32 tables."""
+        return (self.scale_shift_table[:, None, :].float() + t6.float().transpose(0, 1)).contiguous()
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor, mod: torch.Tensor, next_shift: torch.Tensor,
+                next_scale: torch.Tensor, x: PackedVideos, context: torch.Tensor, text: PackedSequences,
+                backends: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """h ``(N, D)`` residual stream, y ``(N, D)`` = LN(h)·(1+scale1)+shift1, mod ``(6, B, D)``,
+        next_shift/next_scale ``(B, D)`` of the norm after this block -> ``(h_new, y_next)``, each ``(N, D)``."""
+        cfg, ids, ada = self.cfg, x.seq_ids, backends["adaln"]
+        _, _, gate1, shift2, scale2, gate2 = mod.unbind(0)                      # each (B, D) fp32
+        zero, one = torch.zeros_like(gate1), torch.ones_like(gate1)            # (B, D): plain norm, ungated add
+        a = self.attn1(y, x, window=cfg.window, rope_theta=cfg.rope_theta, backend=backends["attention"])  # (N, D)
+        n2w, n2b = (self.norm2.weight, self.norm2.bias) if self.norm2 is not None else (None, None)
+        h, y = ops.gated_residual_adaln(h, a, gate1, zero, zero, ids, weight=n2w, bias=n2b, eps=cfg.eps,
+                                        backend=ada)                           # (N, D) h + g1*a, LN_affine(h)
+        if self.norm2 is None:
+            y = h                                                              # (N, D) no cross-attn norm
+        c = self.attn2(y, x, context, text, backend=backends["attention"])    # (N, D)
+        h, y = ops.gated_residual_adaln(h, c, one, shift2, scale2, ids, eps=cfg.eps,
+                                        backend=ada)                           # (N, D) h + c, LN(h)*(1+s2)+sh2
+        f = self.ffn(y)                                                        # (N, D)
+        return ops.gated_residual_adaln(h, f, gate2, next_shift, next_scale, ids, eps=cfg.eps,
+                                        backend=ada)                           # (N, D) h + g2*f, next y
+
+
+class VideoDiT(nn.Module):
+    """Wan2.1 text-to-video DiT on :class:`~sora_fast.packing.PackedVideos`.
+
+    backend: None / "torch" / "triton" / "cuda" for every op, or a mapping ``{"attention": ...,
+    "adaln": ...}`` choosing per op family (missing keys: None). A backend with no kernel for an op
+    raises :class:`sora_fast.ops.BackendUnavailableError`; nothing falls back silently.
+    checkpointing: recompute each block in backward (``torch.utils.checkpoint``, non-reentrant).
+    Both are plain attributes and may be changed at any time.
+    """
+
+    def __init__(self, config: DiTConfig, *, backend: Backend = None, checkpointing: bool = False):
+        super().__init__()
+        if not isinstance(config, DiTConfig):
+            raise TypeError(f"config must be a DiTConfig, got {type(config).__name__}")
+        self.config, self.backend, self.checkpointing = config, backend, checkpointing
+        c, d = config, config.dim
+        self.patch_embed = nn.Linear(c.in_channels * c.patch_volume, d)        # == Conv3d(kernel=stride=patch)
+        self.text_embed = _mlp(c.text_dim, d, d, nn.GELU(approximate="tanh"))
+        self.time_embed = _mlp(c.freq_dim, d, d, nn.SiLU())
+        self.time_proj = nn.Linear(d, 6 * d)
+        self.blocks = nn.ModuleList(DiTBlock(c) for _ in range(c.num_layers))
+        self.scale_shift_table = nn.Parameter(torch.randn(2, d) / d**0.5)     # output (shift, scale)
+        self.proj_out = nn.Linear(d, c.out_channels * c.patch_volume)           # features (C, pt, ph, pw)
+        self.initialize_weights()
+
+    @classmethod
+    def from_config(cls, config: DiTConfig, **kwargs) -> "VideoDiT":
+        return cls(config, **kwargs)
+
+    @classmethod
+    def from_name(cls, name: str, *, backend: Backend = None, checkpointing: bool = False,
+                  **overrides) -> "VideoDiT":
+        """A freshly initialized preset model, e.g. ``VideoDiT.from_name("demo", in_channels=4)``."""
+        return cls(DiTConfig.from_name(name, **overrides), backend=backend, checkpointing=checkpointing)
+
+    @classmethod
+    def from_diffusers(cls, model, **kwargs) -> "VideoDiT":
+        """The same network as a diffusers ``WanTransformer3DModel``: same weights, device, and each
+        tensor in the dtype diffusers holds it (e.g. fp32 tables and norms in a bf16 model)."""
+        config = DiTConfig.from_diffusers_config(model.config)
+        sd = convert_wan_transformer_state_dict(model.state_dict(), config)
+        device = next(model.parameters()).device
+        with torch.device("meta"):
+            dit = cls(config, **kwargs)                     # no memory, no init: every tensor is loaded below
+        for name, p in list(dit.named_parameters()):
+            owner, _, leaf = name.rpartition(".")
+            dtype = sd[name].dtype if name in sd else p.dtype
+            dit.get_submodule(owner)._parameters[leaf] = nn.Parameter(torch.empty_like(p, dtype=dtype, device=device))
+        load_converted(dit, sd, source="diffusers WanTransformer3DModel state dict")
+        return dit
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """Wan-style init for training from scratch, adaLN-zero: xavier linears with zero bias, N(0, 0.02)
+        text/time embedders, and zero time_proj, gate rows and output head, so every block starts as the
+        identity and the model outputs zeros. Converted weights overwrite all of it."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in (*self.text_embed, *self.time_embed):
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        for blk in self.blocks:
+            blk.scale_shift_table[2].zero_()
+            blk.scale_shift_table[5].zero_()
+        for p in (self.time_proj.weight, self.time_proj.bias, self.proj_out.weight, self.proj_out.bias):
+            nn.init.zeros_(p)
+
+    def _backends(self) -> dict:
+        b = self.backend
+        if b is None or isinstance(b, str):
+            return dict.fromkeys(OP_FAMILIES, b)
+        if not isinstance(b, Mapping) or set(b) - set(OP_FAMILIES):
+            raise ValueError(f"backend must be None, a backend name or a mapping with keys in {OP_FAMILIES}, "
+                             f"got {b!r}")
+        return {k: b.get(k) for k in OP_FAMILIES}
+
+    def _validate(self, x, timesteps, text) -> None:
+        c = self.config
+        if not isinstance(x, PackedVideos):
+            raise TypeError(f"x must be a PackedVideos (sora_fast.packing.pack_videos), got {type(x).__name__}")
+        if not isinstance(text, PackedSequences):
+            raise TypeError(f"text must be a PackedSequences (sora_fast.packing.pack_sequences), "
+                            f"got {type(text).__name__}")
+        if tuple(x.patch) != c.patch:
+            raise ValueError(f"x.patch must be the model's patch {c.patch}, got {tuple(x.patch)}")
+        feats = x.tokens.shape[1]
+        if feats != c.in_channels * c.patch_volume:
+            raise ValueError(f"x has {feats / c.patch_volume:g} latent channels ({feats} features per token, "
+                             f"patch {c.patch}), the model expects in_channels={c.in_channels}")
+        if text.num_sequences != x.num_sequences:
+            raise ValueError(f"text has {text.num_sequences} sequences, x has {x.num_sequences} videos; "
+                             f"every video needs its own (possibly empty) text sequence")
+        if text.tokens.shape[1] != c.text_dim:
+            raise ValueError(f"text tokens must have text_dim={c.text_dim} features, got {text.tokens.shape[1]}")
+        if not isinstance(timesteps, torch.Tensor):
+            raise TypeError(f"timesteps must be a torch.Tensor of shape ({x.num_sequences},), "
+                            f"got {type(timesteps).__name__}")
+        if tuple(timesteps.shape) != (x.num_sequences,):
+            raise ValueError(f"timesteps must have shape ({x.num_sequences},), one per video of x, "
+                             f"got {tuple(timesteps.shape)}")
+        if timesteps.device != x.tokens.device or text.tokens.device != x.tokens.device:
+            raise ValueError(f"timesteps and text must be on x's device {x.tokens.device}, "
+                             f"got {timesteps.device} and {text.tokens.device}")
+
+    def forward(self, x: PackedVideos, timesteps: torch.Tensor, text: PackedSequences) -> torch.Tensor:
+        """Predict the flow/noise of every patch token.
+
+        x: B packed videos, tokens ``(N, in_channels*pt*ph*pw)``. timesteps: ``(B,)`` one per video
+        (diffusion time in [0, 1000] as Wan). text: B packed sequences, tokens ``(L, text_dim)``.
+        Returns ``(N, out_channels*pt*ph*pw)`` tokens in ``x``'s feature order: ``x.unpack(out)``
+        gives the B videos ``(out_channels, T, H, W)``.
+        """
+        self._validate(x, timesteps, text)
+        c, ids, backends = self.config, x.seq_ids, self._backends()
+        h = self.patch_embed(x.tokens)                                              # (N, D)
+        context = self.text_embed(text.tokens)                                      # (L, D)
+        t_freq = timestep_embedding(timesteps, c.freq_dim)                          # (B, freq_dim) fp32
+        temb = self.time_embed(t_freq.to(self.time_embed[0].weight.dtype)).to(h.dtype)  # (B, D)
+        t6 = self.time_proj(F.silu(temb)).unflatten(1, (6, c.dim))                  # (B, 6, D)
+        mods = [blk.modulation(t6) for blk in self.blocks]                          # L x (6, B, D) fp32
+        out_mod = (self.scale_shift_table[:, None].float() + temb.float()).contiguous()  # (2, B, D)
+        norms = [m[:2] for m in mods[1:]] + [out_mod]                               # shift/scale after each block
+        y = ops.adaln_modulate(h, mods[0][0], mods[0][1], ids, eps=c.eps, backend=backends["adaln"])  # (N, D)
+        for blk, mod, (shift, scale) in zip(self.blocks, mods, norms):
+            args = (h, y, mod, shift, scale, x, context, text, backends)
+            if self.checkpointing and torch.is_grad_enabled():
+                h, y = checkpoint(blk, *args, use_reentrant=False)                  # (N, D), (N, D)
+            else:
+                h, y = blk(*args)                                                   # (N, D), (N, D)
+        return self.proj_out(y)                                                     # (N, C_out*pt*ph*pw)
+
+    def forward_videos(self, latents: Sequence[torch.Tensor], timesteps, text_embeddings: Sequence[torch.Tensor]
+                       ) -> list[torch.Tensor]:
+        """Convenience: list of ``(C, T, H, W)`` latents, timesteps ``(B,)`` (or one number for all),
+        list of ``(L_i, text_dim)`` text embeddings -> list of ``(out_channels, T, H, W)`` predictions."""
+        x = pack_videos(latents, self.config.patch)
+        if not isinstance(timesteps, torch.Tensor):
+            timesteps = torch.as_tensor(timesteps, dtype=torch.float32, device=x.tokens.device)
+            timesteps = timesteps.expand(x.num_sequences) if timesteps.dim() == 0 else timesteps
+        out = self(x, timesteps, pack_sequences(text_embeddings))                   # (N, C_out*P)
+        return x.unpack(out, channels=self.config.out_channels)
+
+
+# ----------------------------------------------------------------------------------------------
+# diffusers WanTransformer3DModel -> VideoDiT
+
+_RENAMES = [  # (diffusers prefix, ours), first match wins
+    ("condition_embedder.time_embedder.linear_1.", "time_embed.0."),
+    ("condition_embedder.time_embedder.linear_2.", "time_embed.2."),
+    ("condition_embedder.time_proj.", "time_proj."),
+    ("condition_embedder.text_embedder.linear_1.", "text_embed.0."),
+    ("condition_embedder.text_embedder.linear_2.", "text_embed.2."),
+    ("patch_embedding.", "patch_embed."),
+]
+_BLOCK_RENAMES = [(".to_out.0.", ".to_out."), (".ffn.net.0.proj.", ".ffn.0."), (".ffn.net.2.", ".ffn.2.")]
+
+
+def convert_wan_transformer_state_dict(sd: Mapping[str, torch.Tensor], config: DiTConfig) -> dict:
+    """A diffusers ``WanTransformer3DModel`` state dict -> a :class:`VideoDiT` state dict for ``config``.
+
+    Renames keys; flattens the Conv3d patch embedding ``(D, C, pt, ph, pw)`` to the Linear ``(D, C*P)``;
+    squeezes the ``(1, 6, D)`` / ``(1, 2, D)`` scale-shift tables; permutes ``proj_out`` rows from
+    diffusers' ``(pt, ph, pw, C)`` feature order to the packing's ``(C, pt, ph, pw)``. Keys it does not
+    know pass through unchanged, so loading with :func:`~sora_fast.models._convert.load_converted`
+    names them (and any missing or mis-shaped tensor).
+    """
+    p, c_out = config.patch_volume, config.out_channels
+    out = {}
+    for key, t in sd.items():
+        new = key
+        for old, ours in _RENAMES:
+            if key.startswith(old):
+                new = ours + key[len(old):]
+                break
+        if new.startswith("blocks."):
+            for old, ours in _BLOCK_RENAMES:
+                new = new.replace(old, ours)
+        if new == "patch_embed.weight" and t.dim() == 5:
+            t = t.reshape(t.shape[0], -1)                                   # (D, C*pt*ph*pw)
+        elif new.endswith("scale_shift_table") and t.dim() == 3 and t.shape[0] == 1:
+            t = t[0]                                                        # (6, D) or (2, D)
+        elif new.startswith("proj_out.") and t.shape[0] == p * c_out:
+            t = t.reshape(p, c_out, *t.shape[1:]).transpose(0, 1).reshape(t.shape)  # rows (pt,ph,pw,C)->(C,pt,ph,pw)
+        out[new] = t
+    return out
