@@ -1,5 +1,6 @@
 """Training building blocks: flow matching, LoRA, EMA, checkpoints, metrics — on small stand-in modules."""
 import copy
+import dataclasses
 import io
 import json
 import math
@@ -608,6 +609,17 @@ def test_metrics_jsonl_progress_and_plot(tmp_path):
     lines = out.getvalue().splitlines()
     assert len(lines) == 3 and lines[0].startswith("train 5/10 loss 0.5000 tok/s") and "eta" in lines[0]
     assert lines[-1] == summary and summary.startswith("train: 10 steps in") and "10,000 tokens" in summary
+
+    class _Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = _Terminal()
+    bar = ProgressBar(5, initial=1, file=term)  # tqdm on a terminal
+    for _ in range(4):
+        bar.update(loss=0.25, tokens=10, lr=1e-4)
+    assert bar.close().startswith("train: 4 steps in")
+    assert "5/5" in term.getvalue() and "loss=0.2500" in term.getvalue() and "lr=0.0001" in term.getvalue()
     quiet = io.StringIO()
     bar = ProgressBar(4, file=quiet, disable=True)
     bar.update(loss=1.0)
@@ -620,3 +632,63 @@ def test_plot_without_matplotlib_says_what_to_install(tmp_path, monkeypatch):
     (tmp_path / "m.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     with pytest.raises(ImportError, match="pip install matplotlib"):
         plot_loss_curve(tmp_path / "m.jsonl", tmp_path / "m.png")
+
+
+# ----------------------------------------------------------------------------------------------
+# the real model: LoRA targets, a flow-matching step, a checkpoint with its dataclass config
+
+
+def test_video_dit_lora_flow_step_and_checkpoint(tmp_path):
+    dit = pytest.importorskip("sora_fast.models.dit")  # developed alongside; runs once it is in the tree
+    from sora_fast.packing import pack_sequences, pack_videos
+
+    cfg = dit.DiTConfig(dim=24, ffn_dim=40, num_heads=2, num_layers=2, in_channels=4, out_channels=4,
+                        text_dim=8, freq_dim=16)
+    model = dit.VideoDiT(cfg)
+    with torch.no_grad():  # away from adaLN-zero, so every layer matters
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    x = pack_videos([torch.randn(4, 1, 6, 4), torch.randn(4, 3, 4, 6)], cfg.patch)
+    text = pack_sequences([torch.randn(3, 8), torch.randn(0, 8)])
+    t = torch.tensor([0.3, 0.8])
+    base = model(x, t * 1000, text)
+
+    names = apply_lora(model, rank=4)
+    per_block = {f"{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out")} | {"ffn.0", "ffn.2"}
+    assert set(names) == {f"blocks.{i}.{n}" for i in range(2) for n in per_block}
+    assert torch.equal(model(x, t * 1000, text), base)
+
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ema = EMA(model, 0.9)
+    noise = torch.randn_like(x.tokens)
+    for _ in range(2):
+        tt = t[x.seq_ids.long()]
+        pred = model(x.with_tokens(add_noise(x.tokens, noise, tt)), t * 1000, text)
+        loss = flow_matching_loss(pred, x.tokens, noise, x.seq_ids, x.num_sequences)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ema.update()
+    model.eval()
+    tuned = model(x, t * 1000, text)
+    assert (tuned - base).abs().max() > 1e-4
+
+    save_checkpoint(tmp_path, model=model, optimizer=opt, ema=ema, state={"step": 2, "config": cfg})
+    merge_lora(model)
+    torch.testing.assert_close(model(x, t * 1000, text), tuned, atol=1e-4, rtol=1e-4)
+
+    other = dit.VideoDiT(cfg)
+    apply_lora(other, rank=4)
+    state = load_checkpoint(tmp_path, other, config=cfg)
+    assert state["config"]["dim"] == 24
+    other.eval()
+    assert torch.equal(other(x, t * 1000, text), tuned)
+    wider_cfg = dataclasses.replace(cfg, ffn_dim=48)
+    wider = dit.VideoDiT(wider_cfg)
+    apply_lora(wider, rank=4)
+    with pytest.raises(StateDictMismatchError) as info:
+        load_checkpoint(tmp_path, wider, config=wider_cfg)
+    assert "config.ffn_dim: checkpoint has 40, expected 48" in str(info.value)
+    assert "blocks.0.ffn.0.bias (model (48,), checkpoint (40,))" in str(info.value)

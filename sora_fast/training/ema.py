@@ -28,9 +28,10 @@ class EMA:
             parameters. The shadow lives on each parameter's device.
     decay:  in [0, 1], e.g. 0.9999 for long runs, 0.999 for short ones.
     warmup: >= 0. The decay used by update number n (0-based) is ``min(decay, n / (n + warmup))``: the
-            first update copies the weights, and the averaging horizon grows over the first few
-            ``warmup / (1 − decay)`` updates, so early (near-random) weights are forgotten quickly.
-            0 (default) uses ``decay`` from the first update.
+            first update copies the weights and the averaging horizon grows with n (like the
+            ``(1 + n) / (10 + n)`` rule of TF / DiT-era code for ``warmup=10``), reaching ``decay`` after
+            ``warmup·decay / (1 − decay)`` updates, so early near-random weights are forgotten quickly
+            when training from scratch. 0 (default) uses ``decay`` from the first update (fine-tuning).
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, *, warmup: float = 0.0):

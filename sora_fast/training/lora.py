@@ -30,12 +30,13 @@ __all__ = [
     "remove_lora",
 ]
 
-# Attention projections and FFN linears under the common naming schemes: Wan2.1 originals
-# (self_attn.q/k/v/o, ffn.0/ffn.2), diffusers (attn1.to_q … to_out.0, ffn.net.0.proj, ffn.net.2),
-# and fused / DiT-style (qkv, proj, mlp.fc1/fc2). Patterns are fnmatch globs (see apply_lora).
+# Attention projections and FFN linears under the common naming schemes: sora_fast's VideoDiT
+# (attn1/attn2.to_q/to_k/to_v/to_out, ffn.0/ffn.2), Wan2.1 originals (self_attn.q/k/v/o, ffn.0/ffn.2),
+# diffusers (attn1.to_q … to_out.0, ffn.net.0.proj, ffn.net.2), and fused / DiT-style (qkv, attn.proj,
+# mlp.fc1/fc2). Embedders, time projections and the output head are left alone. fnmatch globs (see apply_lora).
 DEFAULT_TARGETS = (
     "q", "k", "v", "o", "qkv", "kv",
-    "to_q", "to_k", "to_v", "to_out.0", "to_qkv", "to_kv",
+    "to_q", "to_k", "to_v", "to_out", "to_out.0", "to_qkv", "to_kv",
     "attn*.proj", "attn*.out", "attn*.out_proj",
     "ffn.*", "mlp.*",
 )
@@ -124,7 +125,8 @@ def apply_lora(
     alpha:   scaling numerator (scaling = alpha / rank); default ``rank`` (scaling 1).
     targets: fnmatch patterns over dotted module names; a pattern matches a module whose full name it
              matches or whose name ends with ``"." + pattern`` (so ``"q"`` matches ``blocks.3.attn.q`` and
-             ``"ffn.*"`` every linear under an ``ffn``). Only ``nn.Linear`` modules are adapted.
+             ``"ffn.*"`` every linear under an ``ffn``). Only modules of type exactly ``nn.Linear`` are
+             adapted (not subclasses such as MultiheadAttention's out_proj, whose forward is bypassed).
     dropout: dropout probability on the adapter's input, in [0, 1).
     Afterwards only the adapters' A and B are trainable. Modifies ``model`` in place; returns the
     adapted module names. Raises ValueError for a bad rank / alpha / dropout, when no linear matches

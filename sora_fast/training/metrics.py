@@ -169,9 +169,9 @@ class ProgressBar:
             self._bar.set_postfix(shown, refresh=False)
             self._bar.update(n)
         elif (self.step - self._initial) % self.print_every == 0 or self.step >= self.total:
-            fields = " ".join(f"{k} {v}" for k, v in shown.items())
-            print(f"{self.desc} {self.step}/{self.total} {fields} elapsed {_fmt_duration(self.elapsed)} "
-                  f"eta {_fmt_duration(self.eta)}".replace("  ", " "), file=self.file, flush=True)
+            parts = [f"{self.desc} {self.step}/{self.total}", *(f"{k} {v}" for k, v in shown.items()),
+                     f"elapsed {_fmt_duration(self.elapsed)}", f"eta {_fmt_duration(self.eta)}"]
+            print(" ".join(parts), file=self.file, flush=True)
 
     def summary(self) -> str:
         """``"train: 100 steps in 01:23, 1,234,567 tokens (14,874 tok/s), last loss 0.4321"``."""
