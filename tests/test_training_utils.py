@@ -14,6 +14,8 @@ import pytest
 import torch
 from torch import nn
 
+from sora_fast.models.dit import DiTConfig, VideoDiT
+from sora_fast.packing import pack_sequences, pack_videos
 from sora_fast.training import checkpoint as ckpt_mod
 from sora_fast.training import (
     EMA,
@@ -639,12 +641,9 @@ def test_plot_without_matplotlib_says_what_to_install(tmp_path, monkeypatch):
 
 
 def test_video_dit_lora_flow_step_and_checkpoint(tmp_path):
-    dit = pytest.importorskip("sora_fast.models.dit")  # developed alongside; runs once it is in the tree
-    from sora_fast.packing import pack_sequences, pack_videos
-
-    cfg = dit.DiTConfig(dim=24, ffn_dim=40, num_heads=2, num_layers=2, in_channels=4, out_channels=4,
+    cfg = DiTConfig(dim=24, ffn_dim=40, num_heads=2, num_layers=2, in_channels=4, out_channels=4,
                         text_dim=8, freq_dim=16)
-    model = dit.VideoDiT(cfg)
+    model = VideoDiT(cfg)
     with torch.no_grad():  # away from adaLN-zero, so every layer matters
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -679,14 +678,14 @@ def test_video_dit_lora_flow_step_and_checkpoint(tmp_path):
     merge_lora(model)
     torch.testing.assert_close(model(x, t * 1000, text), tuned, atol=1e-4, rtol=1e-4)
 
-    other = dit.VideoDiT(cfg)
+    other = VideoDiT(cfg)
     apply_lora(other, rank=4)
     state = load_checkpoint(tmp_path, other, config=cfg)
     assert state["config"]["dim"] == 24
     other.eval()
     assert torch.equal(other(x, t * 1000, text), tuned)
     wider_cfg = dataclasses.replace(cfg, ffn_dim=48)
-    wider = dit.VideoDiT(wider_cfg)
+    wider = VideoDiT(wider_cfg)
     apply_lora(wider, rank=4)
     with pytest.raises(StateDictMismatchError) as info:
         load_checkpoint(tmp_path, wider, config=wider_cfg)
