@@ -1,0 +1,509 @@
+"""CausalVAE: the Wan2.1 video VAE (diffusers ``AutoencoderKLWan``) on sora_fast ops.
+
+A video ``(B, 3, T, H, W)`` in [-1, 1] with ``T = 1 + tf*k`` frames becomes latents
+``(B, z, 1 + k, H/sf, W/sf)`` (Wan2.1: tf = 4, sf = 8, z = 16) and back. Both directions run chunk by
+chunk in time — the encoder takes the first frame, then ``tf`` frames per chunk; the decoder one latent
+frame per chunk — and each causal conv hands its last input frames to the next chunk through
+``causal_conv3d(cache=...)``. The result is the one of the whole video at once, and the working memory
+does not grow with the number of frames (outputs are written into one preallocated tensor).
+
+Wan's chunk conventions, reproduced exactly:
+- a k=3 causal conv sees zeros before the first frame, then the stream's previous frames;
+- downsample3d (time stride 2, no padding) passes the first chunk through; output m >= 1 covers the
+  stream frames 2m-2 .. 2m;
+- upsample3d passes the first chunk through and time-convolves the stream of the later chunks (zeros in
+  front), doubling their frames.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops import causal_conv3d, causal_conv3d_next_cache, channel_rms_norm_silu, spacetime_attention
+from ._convert import load_converted
+from .vae_convert import convert_wan_vae_state_dict, tiled, wan_config_kwargs
+
+__all__ = ["VAEConfig", "VAE_PRESETS", "CausalVAE", "LatentPosterior", "convert_wan_vae_state_dict"]
+
+OPS = ("causal_conv3d", "channel_rms_norm_silu", "spacetime_attention")
+WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                      0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+WAN21_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
+
+# --- config -----------------------------------------------------------------------------------
+@dataclass
+class VAEConfig:
+    """Wan-VAE hyper-parameters, with diffusers' names (``temperal_downsample`` spelled right).
+
+    One stage per ``dim_mult`` entry; every stage but the last halves H and W, and those flagged in
+    ``temporal_downsample`` also halve time. ``latents_mean``/``latents_std`` (z values each) normalize
+    latents for the DiT; None means 0 and 1.
+    """
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_scales: tuple = ()
+    temporal_downsample: tuple = (False, True, True)
+    decoder_base_dim: Optional[int] = None
+    dropout: float = 0.0
+    in_channels: int = 3
+    out_channels: int = 3
+    latents_mean: Optional[tuple] = None
+    latents_std: Optional[tuple] = None
+
+    def __post_init__(self):
+        for name in ("dim_mult", "attn_scales", "temporal_downsample", "latents_mean", "latents_std"):
+            if getattr(self, name) is not None:
+                setattr(self, name, tuple(getattr(self, name)))
+        ints = {n: getattr(self, n) for n in ("base_dim", "z_dim", "num_res_blocks", "in_channels", "out_channels",
+                                              "decoder_base_dim")}
+        ints.update({f"dim_mult[{i}]": m for i, m in enumerate(self.dim_mult)})
+        for name, v in ints.items():
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"VAEConfig.{name} must be a positive int, got {v!r}")
+        if not self.dim_mult:
+            raise ValueError("VAEConfig.dim_mult must hold at least one stage multiplier, got ()")
+        if len(self.temporal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError(f"VAEConfig.temporal_downsample must hold one bool per downsampling stage "
+                             f"(len(dim_mult) - 1 = {len(self.dim_mult) - 1}), got {self.temporal_downsample}")
+        if self.attn_scales:  # diffusers' and Wan's chunked encoders cannot run them (no feat_cache argument)
+            raise ValueError(f"VAEConfig.attn_scales must be empty (attention only in the mid blocks, as every "
+                             f"released Wan VAE), got {self.attn_scales}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"VAEConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("latents_mean", "latents_std"):
+            v = getattr(self, name)
+            if v is not None and len(v) != self.z_dim:
+                raise ValueError(f"VAEConfig.{name} must hold z_dim={self.z_dim} values, got {len(v)}")
+        if self.latents_std is not None and any(s == 0 for s in self.latents_std):
+            raise ValueError(f"VAEConfig.latents_std must be nonzero, got {self.latents_std}")
+
+    @property
+    def temporal_factor(self) -> int:
+        """Frames per latent frame (after the first): 2 ** (number of temporal downsamplings)."""
+        return 2 ** sum(bool(t) for t in self.temporal_downsample)
+
+    @property
+    def spatial_factor(self) -> int:
+        """Pixels per latent pixel along H and W: 2 ** (len(dim_mult) - 1)."""
+        return 2 ** (len(self.dim_mult) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.z_dim
+
+    @classmethod
+    def from_name(cls, name: str) -> "VAEConfig":
+        """A preset: ``"wan2.1"`` (4x time, 8x space, 16 channels), ``"tiny"`` (tests: 4x, 8x, 4) or
+        ``"demo"`` (a CPU-trainable VAE: 2x time, 4x space, 8 channels)."""
+        if name not in VAE_PRESETS:
+            raise ValueError(f"unknown VAE preset {name!r}; valid names: {', '.join(sorted(VAE_PRESETS))}")
+        return cls(**VAE_PRESETS[name])
+
+    @classmethod
+    def from_diffusers_config(cls, config: Mapping) -> "VAEConfig":
+        """From an ``AutoencoderKLWan.config``. Wan2.2-only fields (``is_residual=True``, ``patch_size``)
+        are rejected by name; ``scale_factor_*`` are ignored (the factors follow from the architecture)."""
+        return cls(**wan_config_kwargs(config, {f.name for f in fields(cls)}))
+
+
+VAE_PRESETS = {
+    "wan2.1": dict(latents_mean=WAN21_LATENTS_MEAN, latents_std=WAN21_LATENTS_STD),
+    "tiny": dict(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
+    "demo": dict(base_dim=16, z_dim=8, dim_mult=(1, 2, 4), num_res_blocks=1, temporal_downsample=(False, True)),
+}
+
+
+# --- layers -----------------------------------------------------------------------------------
+class _Stream:
+    """One video going through chunk by chunk: each causal conv's cache (its last input frames; for the
+    time resamplers, that the first chunk has passed) and the backend of each op."""
+
+    def __init__(self, backends: dict):
+        self.cache: dict = {}
+        self.backends = backends
+
+
+class CausalConv(nn.Module):
+    """Wan's causal conv (zeros before the first frame) on :func:`causal_conv3d`; ``forward`` streams."""
+
+    def __init__(self, cin: int, cout: int, kernel, stride=1, padding=None):
+        super().__init__()
+        kernel = (kernel,) * 3 if isinstance(kernel, int) else tuple(kernel)
+        self.stride, self.padding = stride, padding
+        self.weight = nn.Parameter(torch.empty(cout, cin, *kernel))
+        self.bias = nn.Parameter(torch.empty(cout))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Conv3d's default init
+        bound = (cin * math.prod(kernel)) ** -0.5
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def conv(self, x, s: _Stream, cache=None, residual=None):
+        return causal_conv3d(x, self.weight, self.bias, stride=self.stride, padding=self.padding, cache=cache,
+                             residual=residual, backend=s.backends["causal_conv3d"])
+
+    def forward(self, x, s: _Stream, residual=None):
+        """The next chunk of the stream ``(B, Cin, t, h, w)``; ``residual`` is added to the output."""
+        kt = self.weight.shape[2]
+        if kt == 1:
+            return self.conv(x, s, residual=residual)
+        cache = s.cache.get(self)
+        out = self.conv(x, s, cache, residual)
+        s.cache[self] = causal_conv3d_next_cache(x, cache, kt)  # not detached: gradients cross chunks
+        return out
+
+
+class RMSNorm(nn.Module):
+    """Wan's ``RMS_norm`` over channels (``F.normalize * sqrt(C) * gamma``), fused with SiLU if ``silu``."""
+
+    def __init__(self, dim: int, silu: bool = True):
+        super().__init__()
+        self.silu = silu
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x, s: _Stream):
+        return channel_rms_norm_silu(x, self.gamma, silu=self.silu, backend=s.backends["channel_rms_norm_silu"])
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, dropout: float):
+        super().__init__()
+        self.norm1, self.conv1 = RMSNorm(cin), CausalConv(cin, cout, 3)
+        self.norm2, self.conv2 = RMSNorm(cout), CausalConv(cout, cout, 3)
+        self.conv_shortcut = CausalConv(cin, cout, 1) if cin != cout else None
+        self.dropout = dropout
+
+    def forward(self, x, s):                                                   # x: (B, Cin, t, h, w)
+        h = x if self.conv_shortcut is None else self.conv_shortcut(x, s)       # (B, Cout, t, h, w)
+        y = self.conv1(self.norm1(x, s), s)                                     # (B, Cout, t, h, w)
+        y = self.norm2(y, s)
+        if self.dropout and self.training:
+            y = F.dropout(y, self.dropout, True)
+        return self.conv2(y, s, residual=h)                                     # conv2(y) + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention inside each frame (the h*w pixels), one packed sequence per frame."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = RMSNorm(dim, silu=False)
+        self.to_qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x, s):                                                   # x: (B, C, t, h, w)
+        b, c, t, h, w = x.shape
+        y = self.norm(x, s).permute(0, 2, 3, 4, 1).reshape(b * t * h * w, c)     # (N, C), frame after frame
+        q, k, v = self.to_qkv(y).view(-1, 3, 1, c).unbind(1)                    # 3 x (N, 1, C)
+        cu = torch.arange(b * t + 1, device=x.device, dtype=torch.int32) * (h * w)  # (B*t + 1,)
+        o = spacetime_attention(q, k, v, cu, max_seqlen_q=h * w, backend=s.backends["spacetime_attention"])
+        o = self.proj(o.reshape(-1, c))                                         # (N, C)
+        return x + o.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)                 # (B, C, t, h, w)
+
+
+class Resample(nn.Module):
+    """2x resampling: a per-frame 3x3 conv after nearest 2x upsampling (C -> C/2), or with stride 2 after
+    a right/bottom zero pad; the *3d modes add Wan's causal time conv."""
+
+    def __init__(self, dim: int, mode: str):
+        super().__init__()
+        self.mode, up = mode, mode.startswith("up")
+        self.conv = CausalConv(dim, dim // 2 if up else dim, (1, 3, 3), stride=1 if up else (1, 2, 2),
+                               padding=1 if up else 0)
+        self.time_conv = (CausalConv(dim, 2 * dim, (3, 1, 1)) if mode == "upsample3d" else
+                          CausalConv(dim, dim, (3, 1, 1), stride=(2, 1, 1)) if mode == "downsample3d" else None)
+
+    def forward(self, x, s):                                                   # x: (B, C, t, h, w)
+        if self.mode == "upsample3d":
+            x = self._time_up(x, s)                                             # (B, C, 2t, h, w) (t: first chunk)
+        if self.mode.startswith("up"):
+            x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest-exact")  # (B, C, t, 2h, 2w)
+            return self.conv(x, s)                                              # (B, C/2, t, 2h, 2w)
+        x = self.conv(F.pad(x, (0, 1, 0, 1)), s)  # (B, C, t, h/2, w/2); the op pads only symmetrically
+        return self._time_down(x, s) if self.mode == "downsample3d" else x     # (B, C, t/2, h/2, w/2)
+
+    def _time_up(self, x, s):
+        if self not in s.cache:                                                 # the first chunk passes
+            s.cache[self] = True
+            return x
+        b, c, t, h, w = x.shape
+        y = self.time_conv(x, s)                                                # (B, 2C, t, h, w)
+        return y.reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)  # interleave
+
+    def _time_down(self, x, s):
+        prev = s.cache.get(self)
+        s.cache[self] = x[:, :, -1:].clone()
+        if prev is None:                                                        # the first chunk passes
+            return x
+        # output m covers stream frames 2m-2 .. 2m: convolve x[1:] with the two frames before it as cache
+        return self.time_conv.conv(x[:, :, 1:], s, cache=torch.cat([prev, x[:, :, :1]], dim=2))
+
+
+class MidBlock(nn.Module):
+    def __init__(self, dim: int, dropout: float):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResidualBlock(dim, dim, dropout) for _ in range(2)])
+        self.attentions = nn.ModuleList([AttentionBlock(dim)])
+
+    def forward(self, x, s):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x, s), s), s)
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: VAEConfig):
+        super().__init__()
+        dims = [c.base_dim * m for m in (1, *c.dim_mult)]
+        self.conv_in = CausalConv(c.in_channels, dims[0], 3)
+        blocks = []
+        for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+            blocks += [ResidualBlock(cin if j == 0 else cout, cout, c.dropout) for j in range(c.num_res_blocks)]
+            if i < len(c.dim_mult) - 1:
+                blocks.append(Resample(cout, "downsample3d" if c.temporal_downsample[i] else "downsample2d"))
+        self.down_blocks = nn.ModuleList(blocks)
+        self.mid_block = MidBlock(dims[-1], c.dropout)
+        self.norm_out = RMSNorm(dims[-1])
+        self.conv_out = CausalConv(dims[-1], 2 * c.z_dim, 3)
+
+    def forward(self, x, s):                                                   # x: (B, 3, t, H, W), one chunk
+        x = self.conv_in(x, s)                                                  # (B, d0, t, H, W)
+        for block in self.down_blocks:
+            x = block(x, s)                                                     # ... (B, dL, 1, H/sf, W/sf)
+        return self.conv_out(self.norm_out(self.mid_block(x, s), s), s)          # (B, 2z, 1, H/sf, W/sf)
+
+
+class UpBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, num_res_blocks: int, dropout: float, mode: Optional[str]):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResidualBlock(cin if i == 0 else cout, cout, dropout)
+                                      for i in range(num_res_blocks + 1)])
+        self.upsampler = Resample(cout, mode) if mode else None
+
+    def forward(self, x, s):
+        for resnet in self.resnets:
+            x = resnet(x, s)
+        return x if self.upsampler is None else self.upsampler(x, s)
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: VAEConfig):
+        super().__init__()
+        base, n = c.decoder_base_dim or c.base_dim, len(c.dim_mult)
+        dims = [base * m for m in (c.dim_mult[-1], *c.dim_mult[::-1])]
+        time_up = c.temporal_downsample[::-1]
+        self.conv_in = CausalConv(c.z_dim, dims[0], 3)
+        self.mid_block = MidBlock(dims[0], c.dropout)
+        self.up_blocks = nn.ModuleList([
+            UpBlock(cin // 2 if i > 0 else cin, cout, c.num_res_blocks, c.dropout,  # upsamplers halve C
+                    None if i == n - 1 else "upsample3d" if time_up[i] else "upsample2d")
+            for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:]))])
+        self.norm_out = RMSNorm(dims[-1])
+        self.conv_out = CausalConv(dims[-1], c.out_channels, 3)
+
+    def forward(self, x, s):                                                   # x: (B, z, 1, h, w), one chunk
+        x = self.mid_block(self.conv_in(x, s), s)                               # (B, d0, 1, h, w)
+        for block in self.up_blocks:
+            x = block(x, s)                                                     # ... (B, d, t, H, W)
+        return self.conv_out(self.norm_out(x, s), s)                            # (B, 3, 1 or tf, H, W)
+
+
+# --- the model --------------------------------------------------------------------------------
+class LatentPosterior:
+    """Diagonal Gaussian q(z | video) (diffusers' ``DiagonalGaussianDistribution``): ``mean``,
+    ``logvar`` (clamped to [-30, 20]) and ``std``, each ``(B, z, T', h, w)``."""
+
+    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor):
+        self.mean, self.logvar = mean, logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """``mean + std * eps``; eps drawn as diffusers' ``randn_tensor`` draws it (same generator, same z)."""
+        device = generator.device if generator is not None else self.mean.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps.to(self.mean.device)
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) summed over all but the batch dim: ``(B,)``."""
+        return 0.5 * (self.mean.square() + self.logvar.exp() - 1.0 - self.logvar).flatten(1).sum(1)
+
+
+class CausalVAE(nn.Module):
+    """Wan2.1-style causal video VAE; loads diffusers ``AutoencoderKLWan`` weights (:meth:`from_diffusers`).
+
+    ``backend``: None (auto), one backend name for every op, or a mapping from op name
+    (``"causal_conv3d"``, ``"channel_rms_norm_silu"``, ``"spacetime_attention"``) to a backend; an op the
+    backend lacks raises ``BackendUnavailableError``. Everything is differentiable.
+    """
+
+    def __init__(self, config: Union[VAEConfig, str, None] = None, *,
+                 backend: Union[None, str, Mapping[str, Optional[str]]] = None):
+        super().__init__()
+        config = VAEConfig.from_name(config) if isinstance(config, str) else config or VAEConfig()
+        if not isinstance(config, VAEConfig):
+            raise TypeError(f"config must be a VAEConfig, a preset name or None, got {type(config).__name__}")
+        self.config, self.backend, self.tiling = config, backend, None
+        self._backends()  # validates backend
+        self.encoder = Encoder(config)
+        self.quant_conv = CausalConv(2 * config.z_dim, 2 * config.z_dim, 1)
+        self.post_quant_conv = CausalConv(config.z_dim, config.z_dim, 1)
+        self.decoder = Decoder(config)
+
+    @property
+    def temporal_factor(self) -> int:
+        return self.config.temporal_factor
+
+    @property
+    def spatial_factor(self) -> int:
+        return self.config.spatial_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.z_dim
+
+    def _backends(self) -> dict:
+        b = self.backend
+        if b is None or isinstance(b, str):
+            return dict.fromkeys(OPS, b)
+        if not isinstance(b, Mapping):
+            raise TypeError(f"backend must be None, a backend name or a mapping op -> backend, got {type(b).__name__}")
+        unknown = sorted(set(b) - set(OPS))
+        if unknown:
+            raise ValueError(f"backend mapping has unknown ops {unknown}; valid keys: {', '.join(OPS)}")
+        return {op: b.get(op) for op in OPS}
+
+    # --- input checks ---
+    def _check(self, name: str, t, channels: int, layout: str, frame_rule: bool, hw_multiple: int):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.dim() != 5:
+            raise ValueError(f"{name} must be a 5-D tensor {layout}, got shape {tuple(t.shape)}")
+        p = self.post_quant_conv.weight
+        if t.device != p.device:
+            raise ValueError(f"{name} must be on the model's device {p.device}, got {t.device}")
+        b, c, n, h, w = t.shape
+        if c != channels:
+            raise ValueError(f"{name} must have {channels} channels in dim 1 {layout}, got {c} (shape {tuple(t.shape)})")
+        tf = self.temporal_factor
+        if b < 1 or n < 1 or (frame_rule and (n - 1) % tf):
+            want = f"1 + {tf}k frames (1, {1 + tf}, {1 + 2 * tf}, ...)" if frame_rule else "at least 1 frame"
+            raise ValueError(f"{name} must have {want} in dim 2 and a batch >= 1, got shape {tuple(t.shape)}")
+        for what, size in (("height", h), ("width", w)):
+            if size < 1 or size % hw_multiple:
+                raise ValueError(f"{name} {what} must be a positive multiple of {hw_multiple} (the spatial factor)"
+                                 f", got {size} (shape {tuple(t.shape)})" if hw_multiple > 1 else
+                                 f"{name} {what} must be >= 1, got shape {tuple(t.shape)}")
+        return t.to(p.dtype)
+
+    # --- encode / decode ---
+    def _encode_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 1 + tf*k, H, W) -> moments (B, 2z, 1 + k, H/sf, W/sf): the first frame, then tf at a time."""
+        b, _, t, h, w = x.shape
+        tf, sf, s = self.temporal_factor, self.spatial_factor, _Stream(self._backends())
+        moments = x.new_empty(b, 2 * self.config.z_dim, 1 + (t - 1) // tf, h // sf, w // sf)
+        for i in range(moments.shape[2]):
+            chunk = x[:, :, max(0, 1 + tf * (i - 1)):1 + tf * i]                # (B, 3, 1 or tf, H, W)
+            moments[:, :, i:i + 1] = self.quant_conv(self.encoder(chunk, s), s)  # (B, 2z, 1, h, w)
+        return moments
+
+    def _decode_frames(self, z: torch.Tensor, clamp: bool) -> torch.Tensor:
+        """(B, z, T', h, w) -> (B, 3, 1 + tf*(T'-1), h*sf, w*sf), one latent frame at a time."""
+        b, _, t, h, w = z.shape
+        tf, sf, s = self.temporal_factor, self.spatial_factor, _Stream(self._backends())
+        out = z.new_empty(b, self.config.out_channels, 1 + tf * (t - 1), h * sf, w * sf)
+        for i in range(t):
+            y = self.decoder(self.post_quant_conv(z[:, :, i:i + 1], s), s)      # (B, 3, 1 or tf, H, W)
+            out[:, :, max(0, 1 + tf * (i - 1)):1 + tf * i] = y.clamp(-1.0, 1.0) if clamp else y
+        return out
+
+    def encode_posterior(self, video: torch.Tensor) -> LatentPosterior:
+        """q(z | video) for ``video`` ``(B, 3, 1 + tf*k, H, W)`` in [-1, 1]; mean/std ``(B, z, 1 + k, H/sf, W/sf)``."""
+        x = self._check("video", video, self.config.in_channels, f"(B, {self.config.in_channels}, T, H, W)",
+                        True, self.spatial_factor)
+        tl = self.tiling
+        if tl is not None and (x.shape[3] > tl[0] or x.shape[4] > tl[1]):
+            sf = self.spatial_factor
+            moments = tiled(x, self._encode_frames, tl[:2], tl[2:], [v // sf for v in tl[:2]],
+                             [v // sf for v in tl[2:]], [v // sf for v in x.shape[3:]])
+        else:
+            moments = self._encode_frames(x)
+        return LatentPosterior(*moments.chunk(2, dim=1))
+
+    def encode(self, video: torch.Tensor, *, sample: bool = False,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Latents ``(B, z, 1 + (T-1)/tf, H/sf, W/sf)`` of ``video`` ``(B, 3, T, H, W)`` in [-1, 1]: the
+        posterior mean, or a sample of it with ``sample=True`` (drawn from ``generator``)."""
+        posterior = self.encode_posterior(video)
+        return posterior.sample(generator) if sample else posterior.mean
+
+    def decode(self, latent: torch.Tensor, *, clamp: bool = True) -> torch.Tensor:
+        """Video ``(B, 3, 1 + tf*(T'-1), h*sf, w*sf)`` from latents ``(B, z, T', h, w)``, clamped to
+        [-1, 1] unless ``clamp=False`` (training may want the gradient beyond the range)."""
+        z = self._check("latent", latent, self.config.z_dim, f"(B, {self.config.z_dim}, T', h, w)", False, 1)
+        tl, sf = self.tiling, self.spatial_factor
+        if tl is not None and (z.shape[3] > tl[0] // sf or z.shape[4] > tl[1] // sf):
+            out = tiled(z, lambda t: self._decode_frames(t, clamp=False), [v // sf for v in tl[:2]],
+                         [v // sf for v in tl[2:]], tl[:2], tl[2:], [v * sf for v in z.shape[3:]])
+            return out.clamp(-1.0, 1.0) if clamp else out
+        return self._decode_frames(z, clamp)
+
+    def forward(self, video: torch.Tensor, *, sample_posterior: bool = False,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Reconstruction ``(B, 3, T, H, W)`` of ``video``: decode(encode(video))."""
+        return self.decode(self.encode(video, sample=sample_posterior, generator=generator))
+
+    def enable_tiling(self, tile_sample_min_height: int = 256, tile_sample_min_width: int = 256,
+                      tile_sample_stride_height: int = 192, tile_sample_stride_width: int = 192) -> None:
+        """Spatial tiling as diffusers' ``enable_tiling`` (same arguments, defaults and blending): frames
+        larger than the tile are processed in overlapping tiles whose overlaps fade linearly."""
+        args = dict(tile_sample_min_height=tile_sample_min_height, tile_sample_min_width=tile_sample_min_width,
+                    tile_sample_stride_height=tile_sample_stride_height, tile_sample_stride_width=tile_sample_stride_width)
+        sf = self.spatial_factor
+        for name, v in args.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < sf or v % sf:
+                raise ValueError(f"{name} must be a positive multiple of the spatial factor {sf}, got {v!r}")
+        for dim in ("height", "width"):
+            if args[f"tile_sample_stride_{dim}"] > args[f"tile_sample_min_{dim}"]:
+                raise ValueError(f"tile_sample_stride_{dim} must be <= tile_sample_min_{dim} "
+                                 f"({args[f'tile_sample_min_{dim}']}), got {args[f'tile_sample_stride_{dim}']}")
+        self.tiling = tuple(args.values())
+
+    def disable_tiling(self) -> None:
+        self.tiling = None
+
+    # --- latent normalization (as diffusers' Wan pipelines) ---
+    def _stats(self, z: torch.Tensor):
+        z = self._check("latents", z, self.config.z_dim, f"(B, {self.config.z_dim}, T', h, w)", False, 1)
+        c = self.config
+        mean = torch.tensor(c.latents_mean or [0.0] * c.z_dim).view(1, -1, 1, 1, 1).to(z.device, z.dtype)
+        inv_std = 1.0 / torch.tensor(c.latents_std or [1.0] * c.z_dim).view(1, -1, 1, 1, 1).to(z.device, z.dtype)
+        return z, mean, inv_std
+
+    def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """``(latents - latents_mean) / latents_std`` per channel: what the DiT trains on."""
+        z, mean, inv_std = self._stats(latents)
+        return (z - mean) * inv_std
+
+    def denormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`normalize_latents`, applied to DiT outputs before :meth:`decode`."""
+        z, mean, inv_std = self._stats(latents)
+        return z / inv_std + mean
+
+    # --- diffusers ---
+    @classmethod
+    def from_diffusers(cls, vae: nn.Module, *, backend=None) -> "CausalVAE":
+        """The same model as a diffusers ``AutoencoderKLWan`` (weights copied, its dtype and device)."""
+        if not hasattr(vae, "config") or not hasattr(vae, "state_dict"):
+            raise TypeError(f"vae must be a diffusers AutoencoderKLWan, got {type(vae).__name__}")
+        config = VAEConfig.from_diffusers_config(vae.config)
+        p = next(vae.parameters())
+        model = cls(config, backend=backend).to(device=p.device, dtype=p.dtype)
+        load_converted(model, convert_wan_vae_state_dict(vae.state_dict(), config),
+                       "the diffusers AutoencoderKLWan state dict")
+        return model.train(vae.training)
