@@ -1,0 +1,303 @@
+"""The DiT trainer: flow matching on packed, mixed-resolution latent batches at native resolution.
+
+One step = one :func:`~sora_fast.packing.plan_batches` batch (videos of any size and duration, never
+cropped, at most ``token_budget`` tokens), packed into one stream; per-video logit-normal timesteps
+shifted by each video's token count; loss ``‖v_θ(x_t, t, text) − (ε − x0)‖²`` averaged per video.
+
+Reproducible and resumable bit for bit: the batch order of every epoch and all random draws of a step
+(noise, timesteps, caption dropout) come from generators seeded by ``(seed, epoch)`` and ``(seed, step)``,
+so a run resumed from a checkpoint continues with exactly the losses of an uninterrupted one.
+Checkpoints are atomic (:mod:`sora_fast.training.checkpoint`); Ctrl-C writes one before stopping.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..packing import pack_videos, plan_batches
+from .checkpoint import check_writable, latest_checkpoint, load_checkpoint, save_checkpoint
+from .ema import EMA
+from .flow import add_noise, flow_matching_loss, resolution_shift, sample_timesteps
+from .lora import apply_lora, load_lora, lora_state_dict
+from .metrics import MetricsLogger, ProgressBar, plot_loss_curve
+
+__all__ = ["TrainConfig", "Trainer", "LatentItem", "config_from_dict"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a DiT training run needs besides the model and the data (all have defaults).
+
+    steps:            optimizer steps in total (a resumed run continues up to this number).
+    token_budget:     max tokens per packed batch (videos are never cropped; a larger one is an error).
+    lr, betas, weight_decay, warmup_steps: AdamW with a linear warm-up, then constant lr.
+    grad_clip:        max global gradient norm (0: off).
+    ema_decay:        EMA of the trainable weights (None: off); ``ema_warmup`` as in :class:`EMA`.
+    caption_dropout:  probability a caption is replaced by the empty prompt (trains the CFG branch).
+    timestep_shift:   ``"auto"`` (per video, from its token count) or a fixed positive number.
+    checkpointing:    activation checkpointing of the DiT blocks.
+    autocast:         ``"auto"`` (bf16 on CUDA, off on CPU), ``"bf16"`` or ``"off"``.
+    lora_rank:        0 trains all weights; r >= 1 trains LoRA adapters of rank r on the attention and
+                      FFN linears only (``lora_alpha`` default r), and saves adapters only.
+    train_text_encoder: also train the text encoder (the tiny one; a frozen T5 never trains).
+    save_every, keep_last, log_every: checkpoint / metrics cadence.
+    seed:             all randomness of the run.
+    """
+
+    steps: int = 1000
+    token_budget: int = 4096
+    lr: float = 3e-4
+    betas: tuple = (0.9, 0.99)
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    ema_decay: Optional[float] = 0.999
+    ema_warmup: float = 10.0
+    caption_dropout: float = 0.1
+    timestep_shift: Union[str, float] = "auto"
+    checkpointing: bool = False
+    autocast: str = "auto"
+    lora_rank: int = 0
+    lora_alpha: Optional[float] = None
+    train_text_encoder: bool = True
+    save_every: int = 500
+    keep_last: int = 2
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        def positive_int(name, minimum=1):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+                raise ValueError(f"TrainConfig.{name} must be an int >= {minimum}, got {v!r}")
+
+        for name in ("steps", "token_budget", "save_every", "keep_last", "log_every"):
+            positive_int(name)
+        for name in ("warmup_steps", "lora_rank", "seed"):
+            positive_int(name, 0)
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"TrainConfig.caption_dropout must be in [0, 1), got {self.caption_dropout!r}")
+        if self.ema_decay is not None and not 0 <= self.ema_decay <= 1:
+            raise ValueError(f"TrainConfig.ema_decay must be None or in [0, 1], got {self.ema_decay!r}")
+        if self.autocast not in ("auto", "bf16", "off"):
+            raise ValueError(f"TrainConfig.autocast must be 'auto', 'bf16' or 'off', got {self.autocast!r}")
+        if not (self.timestep_shift == "auto" or (isinstance(self.timestep_shift, (int, float))
+                                                 and not isinstance(self.timestep_shift, bool)
+                                                 and self.timestep_shift > 0)):
+            raise ValueError(f"TrainConfig.timestep_shift must be 'auto' or a positive number, "
+                             f"got {self.timestep_shift!r}")
+        self.betas = tuple(self.betas)
+
+
+def config_from_dict(cls, data: Mapping[str, Any], where: str = "config"):
+    """``cls(**data)`` for a dataclass, with unknown keys named (and the valid ones listed)."""
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{where} must be a mapping of field -> value, got {type(data).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(k for k in data if k not in names)
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {unknown}; valid keys of {cls.__name__}: {', '.join(names)}")
+    return cls(**data)
+
+
+@dataclass
+class LatentItem:
+    """One training sample: a normalized latent ``(C, T, H, W)`` and its caption."""
+
+    latent: torch.Tensor
+    caption: str
+
+
+class _Adapters(nn.Module):
+    """A view whose state dict is the LoRA adapters only (what LoRA checkpoints hold)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self._model = [model]  # not a submodule: its own weights must not appear here
+
+    def state_dict(self, *args, **kwargs):
+        return lora_state_dict(self._model[0])
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        load_lora(self._model[0], state_dict)
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + 12_345) % (2**63))
+
+
+class Trainer:
+    """Trains ``dit`` (and a trainable text encoder) on ``items`` with flow matching.
+
+    Args:
+        dit: a :class:`sora_fast.models.VideoDiT` (any module with its forward signature and ``config``).
+        text_encoder: a :class:`sora_fast.models.text.TextEncoder`.
+        items: a sequence of :class:`LatentItem` (or of dicts with ``latent`` and ``caption``); latents are
+            already normalized and have ``dit.config.in_channels`` channels.
+        config: a :class:`TrainConfig`.
+        run_dir: where checkpoints (``step_XXXXXX/``, ``latest``), ``metrics.jsonl`` and ``loss.png`` go;
+            checked writable before anything runs.
+        model_config: JSON-able description of the model, stored in checkpoints and compared on resume
+            (a checkpoint of another configuration is refused, its mismatched tensors listed).
+    """
+
+    def __init__(self, dit: nn.Module, text_encoder: nn.Module, items: Sequence, config: TrainConfig,
+                 run_dir: Union[str, Path], *, model_config: Optional[Mapping[str, Any]] = None,
+                 progress: bool = True):
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        self.config, self.dit, self.text_encoder = config, dit, text_encoder
+        self.run_dir = check_writable(run_dir)
+        self.items = [it if isinstance(it, LatentItem) else LatentItem(it["latent"], it["caption"]) for it in items]
+        if not self.items:
+            raise ValueError("items is empty: nothing to train on")
+        self.patch = tuple(dit.config.patch)
+        c_in = dit.config.in_channels
+        for i, it in enumerate(self.items):
+            if it.latent.dim() != 4 or it.latent.shape[0] != c_in:
+                raise ValueError(f"items[{i}].latent must be (C={c_in}, T, H, W) for this DiT, got "
+                                 f"{tuple(it.latent.shape)}")
+        self.plan = plan_batches([tuple(it.latent.shape) for it in self.items], config.token_budget, self.patch)
+        self.model_config = dict(model_config or {})
+        self.progress = progress
+
+        dit.checkpointing = config.checkpointing
+        if config.lora_rank:
+            apply_lora(dit, config.lora_rank, config.lora_alpha)
+            text_encoder.requires_grad_(False)
+        elif not config.train_text_encoder:
+            text_encoder.requires_grad_(False)
+        self.model = nn.ModuleDict({"dit": dit, "text": text_encoder})
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("nothing to train: every parameter of the DiT and text encoder is frozen")
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas,
+                                           weight_decay=config.weight_decay)
+        self.ema = EMA(self.model, config.ema_decay, warmup=config.ema_warmup) if config.ema_decay else None
+        self.step = 0
+        self.device = next(dit.parameters()).device
+
+    # --- data order -------------------------------------------------------------------------------
+    def batch_for_step(self, step: int) -> list[int]:
+        """Item indices of step ``step``: epoch ``step // len(plan)``, batches in a seeded shuffled order."""
+        n = len(self.plan)
+        epoch, k = divmod(step, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 7_907 + epoch))
+        return self.plan.batches[int(order[k])]
+
+    def _lr(self, step: int) -> float:
+        w = self.config.warmup_steps
+        return self.config.lr * (min(1.0, (step + 1) / w) if w else 1.0)
+
+    def _autocast(self):
+        mode = self.config.autocast
+        on = mode == "bf16" or (mode == "auto" and self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on)
+
+    # --- one step -------------------------------------------------------------------------------
+    def draw(self, step: int) -> dict[str, Any]:
+        """All of step ``step``'s data and random draws (a function of the seed and the step only):
+        ``indices``, ``captions`` (after dropout), ``x0`` (PackedVideos of the latents), ``noise``
+        ``(N, C·p)`` and ``t`` ``(B,)`` in [0, 1]."""
+        cfg = self.config
+        g = _step_generator(cfg.seed, step)
+        idx = self.batch_for_step(step)
+        latents = [self.items[i].latent.to(self.device, torch.float32) for i in idx]
+        drop = torch.rand(len(idx), generator=g) < cfg.caption_dropout
+        captions = ["" if d else self.items[i].caption for i, d in zip(idx, drop.tolist())]
+        x0 = pack_videos(latents, patch=self.patch)                               # (N, C·p) tokens
+        noise = torch.randn(x0.tokens.shape, generator=g).to(self.device)          # (N, C·p)
+        shift = (resolution_shift(x0.cu_seqlens.diff()) if cfg.timestep_shift == "auto"
+                 else float(cfg.timestep_shift))
+        t = sample_timesteps(len(idx), generator=g, shift=shift).to(self.device)  # (B,)
+        return {"indices": idx, "captions": captions, "x0": x0, "noise": noise, "t": t}
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg = self.config
+        d = self.draw(step)
+        x0, noise, t, idx = d["x0"], d["noise"], d["t"], d["indices"]
+        xt = add_noise(x0.tokens, noise, t[x0.seq_ids.long()])                    # (N, C·p)
+
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr(step)
+        self.model.train()
+        with self._autocast():
+            text = self.text_encoder.encode(d["captions"])
+            pred = self.dit(x0.with_tokens(xt), t * 1000, text)                    # (N, C·p) velocity
+        loss = flow_matching_loss(pred.float(), x0.tokens, noise, x0.seq_ids, len(idx))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
+        return {"loss": loss.item(), "grad_norm": float(gnorm), "lr": self._lr(step), "tokens": x0.num_tokens,
+                "videos": len(idx)}
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def _ckpt_model(self) -> nn.Module:
+        return _Adapters(self.dit) if self.config.lora_rank else self.model
+
+    def _state(self) -> dict[str, Any]:
+        return {"step": self.step, "config": self.model_config, "train": dataclasses.asdict(self.config)}
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current step (atomically) and return its directory."""
+        return save_checkpoint(self.run_dir, model=self._ckpt_model(), optimizer=self.optimizer, ema=self.ema,
+                               state=self._state(), keep_last=self.config.keep_last)
+
+    def resume(self, path: Optional[Union[str, Path]] = None) -> int:
+        """Load ``path`` (default: this run's latest checkpoint) and continue from its step."""
+        path = path or latest_checkpoint(self.run_dir)
+        if path is None:
+            raise FileNotFoundError(f"no complete checkpoint to resume from in {self.run_dir}")
+        # the model configuration must match (differences and mismatched tensors are listed); the training
+        # configuration may change between runs (e.g. more steps)
+        state = load_checkpoint(path, self._ckpt_model(), self.optimizer, self.ema, config=self.model_config,
+                                restore_rng=False)
+        self.step = int(state["step"])
+        return self.step
+
+    # --- the loop -------------------------------------------------------------------------------
+    def train(self, *, on_step: Optional[Callable[[int, dict], None]] = None) -> dict[str, Any]:
+        """Run from ``self.step`` to ``config.steps``. Returns a summary dict (``interrupted`` is True
+        when stopped by Ctrl-C, after a checkpoint was written)."""
+        cfg = self.config
+        logger = MetricsLogger(self.run_dir / "metrics.jsonl")
+        bar = ProgressBar(cfg.steps, initial=self.step, desc="train dit", disable=not self.progress)
+        losses, start, interrupted = [], time.perf_counter(), False
+        try:
+            while self.step < cfg.steps:
+                m = self.train_step(self.step)
+                self.step += 1
+                losses.append(m["loss"])
+                bar.update(1, loss=m["loss"], tokens=m["tokens"])
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    logger.log(self.step, m)
+                if on_step is not None:
+                    on_step(self.step, m)
+                if self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    self.save()
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            bar.close()
+            logger.close()
+        ckpt = self.save()
+        try:
+            plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+        except (ImportError, ValueError):
+            pass  # matplotlib missing or nothing logged: the JSONL log is the record
+        return {"steps": self.step, "interrupted": interrupted, "checkpoint": str(ckpt),
+                "seconds": time.perf_counter() - start, "losses": losses, "plan": self.plan.summary()}
+
