@@ -169,6 +169,7 @@ class T5TextEncoder(TextEncoder):
         if device is not None:
             self.model.to(device)
         self.dim, self.max_length, self.pad_to = self.model.config.d_model, max_length, pad_to
+        self.path = os.fspath(path)
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> PackedSequences:
