@@ -161,7 +161,9 @@ def test_posterior_and_sample_match_diffusers(tiny):
         assert rel_err(post.std, ref.std) <= RTOL and rel_err(post.logvar, ref.logvar) <= RTOL
         got = ours.encode(x, sample=True, generator=torch.Generator().manual_seed(7))
         want = ref.sample(generator=torch.Generator().manual_seed(7))
-    assert rel_err(got, want) <= RTOL
+        recon = ours(x, sample_posterior=True, generator=torch.Generator().manual_seed(7))
+        ref_recon = dv(x, sample_posterior=True, generator=torch.Generator().manual_seed(7)).sample
+    assert rel_err(got, want) <= RTOL and rel_err(recon, ref_recon) <= RTOL
     assert rel_err(post.kl(), 0.5 * (ref.mean ** 2 + ref.var - 1 - ref.logvar).flatten(1).sum(1)) <= RTOL
 
 
