@@ -78,6 +78,14 @@ def resolve_backend(op: str, backend: Optional[str], device: torch.device) -> st
     return "torch"
 
 
+def eager_reference(backend: str) -> bool:
+    """True when ``backend`` is the torch reference and nothing is being compiled: the functional API then
+    runs the reference directly, so autograd differentiates it natively (one forward, one backward)
+    instead of recomputing it inside the custom op's backward. Under ``torch.compile`` the custom op is
+    kept, an opaque node of the graph."""
+    return backend == "torch" and not torch.compiler.is_compiling()
+
+
 def _unavailable(op: str, backend: str, why: str) -> BackendUnavailableError:
     return BackendUnavailableError(f"the {backend} backend of {op} cannot run: {why}")
 

@@ -252,6 +252,9 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, se
     """
     _validate(x, {"shift": shift, "scale": scale}, seq_ids, norm, weight, bias, eps)
     backend = _dispatch.resolve_backend("adaln_modulate", backend, x.device)
+    if _dispatch.eager_reference(backend):
+        _check_values(seq_ids, shift)
+        return adaln_modulate_ref(x, shift, scale, seq_ids, norm=norm, weight=weight, bias=bias, eps=float(eps))
     return _modulate_op(x, shift, scale, seq_ids, norm, weight, bias, float(eps), backend)
 
 
@@ -269,6 +272,10 @@ def gated_residual_adaln(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tens
     _validate(x, {"gate": gate, "shift": shift, "scale": scale}, seq_ids, norm, weight, bias, eps,
               extra={"branch": branch})
     backend = _dispatch.resolve_backend("gated_residual_adaln", backend, x.device)
+    if _dispatch.eager_reference(backend):
+        _check_values(seq_ids, shift)
+        return gated_residual_adaln_ref(x, branch, gate, shift, scale, seq_ids, norm=norm, weight=weight, bias=bias,
+                                        eps=float(eps))
     return _gated_op(x, branch, gate, shift, scale, seq_ids, norm, weight, bias, float(eps), backend)
 
 

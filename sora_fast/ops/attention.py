@@ -241,6 +241,11 @@ def spacetime_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     backend = _dispatch.resolve_backend(OP, backend, q.device)
+    if _dispatch.eager_reference(backend):
+        _check_values(q, k, cu_seqlens_q, cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k, max_seqlen_q,
+                      max_seqlen_q if cu_seqlens_k is None else max_seqlen_k, grid)
+        return spacetime_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale, window=window, grid=grid,
+                                       rope_coords=rope_coords, rope_theta=float(rope_theta), return_lse=return_lse)
     out, lse = _attention_op(q, k, v, cu_seqlens_q, cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k,
                              max_seqlen_q, max_seqlen_q if cu_seqlens_k is None else max_seqlen_k,
                              float(q.shape[-1] ** -0.5 if scale is None else scale),

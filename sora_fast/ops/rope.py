@@ -125,6 +125,8 @@ def apply_rope3d(x: torch.Tensor, coords: torch.Tensor, *, theta: float = 10000.
     check_float("x", x, ndim=3, layout="(N, H, D)")
     split = validate_rope_args(x, coords, theta, split)
     backend = _dispatch.resolve_backend(OP, backend, x.device)
+    if _dispatch.eager_reference(backend):
+        return apply_rope3d_ref(x, coords, theta=float(theta), split=split)
     return _rope_op(x, coords, float(theta), list(split), backend)
 
 

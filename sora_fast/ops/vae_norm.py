@@ -191,6 +191,8 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
     """
     _validate(x, weight, bias, eps, silu, num_groups)
     backend = _dispatch.resolve_backend("group_norm_silu", backend, x.device)
+    if _dispatch.eager_reference(backend):
+        return group_norm_silu_ref(x, num_groups, weight, bias, eps=float(eps), silu=silu)
     return _gn_op(x, num_groups, weight, bias, float(eps), silu, backend)
 
 
@@ -206,6 +208,8 @@ def channel_rms_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
         raise TypeError("weight must be a (C,) tensor, got None")
     _validate(x, weight, bias, eps, silu)
     backend = _dispatch.resolve_backend("channel_rms_norm_silu", backend, x.device)
+    if _dispatch.eager_reference(backend):
+        return channel_rms_norm_silu_ref(x, weight, bias, eps=float(eps), silu=silu)
     return _rms_op(x, weight, bias, float(eps), silu, backend)
 
 
