@@ -1,0 +1,57 @@
+"""Data layer: video folders, synthetic captioned clips, an automatic clip checker, latent caches, writers.
+
+- :class:`VideoFolder` — videos and images of a folder with captions, native size (optional downscale to a
+  pixel budget and frame-count rule), broken files skipped and counted.
+- :mod:`~sora_fast.data.synthetic` — deterministic clips of coloured shapes moving in captioned directions,
+  written as a video folder by :func:`make_synthetic_dataset`.
+- :mod:`~sora_fast.data.checker` — :func:`check_clip` judges whether a generated clip matches its synthetic
+  prompt (presence, colour, direction); :func:`checker_summary` gives ``"checker pass rate: 7/8"``.
+- :func:`cache_latents` / :class:`LatentDataset` — encode once into safetensors shards, train from latents.
+- :func:`write_video`, :func:`write_contact_sheet`, :func:`to_uint8` — mp4/gif/png output.
+
+PyAV and Pillow (the ``video`` extra) are imported only when a file is read or written.
+"""
+from . import checker, synthetic
+from .checker import CheckerThresholds, CheckResult, check_clip, check_clips
+from .checker import summary as checker_summary
+from .io import to_uint8, write_contact_sheet, write_video
+from .latents import LatentDataset, cache_latents
+from .synthetic import (
+    ClipSpec,
+    Prompt,
+    SyntheticClip,
+    caption_for,
+    make_synthetic_dataset,
+    parse_caption,
+    prompts,
+    render_clip,
+    sample_spec,
+)
+from .video_folder import Skipped, UnreadableFileError, VideoFolder
+
+__all__ = [
+    "checker",
+    "synthetic",
+    "VideoFolder",
+    "Skipped",
+    "UnreadableFileError",
+    "ClipSpec",
+    "Prompt",
+    "SyntheticClip",
+    "caption_for",
+    "parse_caption",
+    "prompts",
+    "sample_spec",
+    "render_clip",
+    "make_synthetic_dataset",
+    "CheckerThresholds",
+    "CheckResult",
+    "check_clip",
+    "check_clips",
+    "checker_summary",
+    "cache_latents",
+    "LatentDataset",
+    "write_video",
+    "write_contact_sheet",
+    "to_uint8",
+]

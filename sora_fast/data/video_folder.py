@@ -1,0 +1,393 @@
+"""A folder of captioned videos and images as a torch Dataset, at native resolution and duration.
+
+Files: videos (``.mp4 .webm .gif .mov .mkv .avi``, decoded with PyAV) and images (``.png .jpg .jpeg
+.bmp .webp``, read with Pillow, as 1-frame videos). Captions come from a sidecar ``<stem>.txt`` next to
+each file, or from a JSONL manifest of ``{"path": ..., "caption": ...}`` lines.
+
+Nothing is cropped or flipped. Two optional reductions keep samples model-friendly:
+
+- **space**: frames are downscaled (never upscaled; bilinear with antialiasing) to at most ``max_area``
+  pixels with both sides multiples of ``size_multiple`` ``m`` (e.g. VAE factor x patch size = 16). With
+  ``s = min(1, sqrt(max_area / (H * W)))`` each side ``H*s``, ``W*s`` is rounded down or up to a multiple
+  of ``m``; of the (at most four) combinations that stay within ``max_area`` and the native size, the
+  one whose aspect ratio is closest to the native one is used, the larger on ties (:func:`fit_size`).
+  So the result is the largest multiple-of-``m`` size near the scaled size that keeps the aspect best:
+  ``48x64`` at ``max_area=1024, m=16`` gives ``32x32`` (rounding both sides down would give ``16x32``).
+  Without ``max_area`` only the rounding down to multiples happens. A frame with a side below ``m``
+  cannot be resized without upscaling and is skipped.
+- **time**: the first ``T'`` frames are kept, ``T'`` the largest count <= ``min(T, max_frames)`` of the
+  form ``frame_offset + k * frame_multiple`` (``frame_multiple=4, frame_offset=1`` gives the ``1 + 4k``
+  frames a 4x causal VAE needs), or whatever a custom ``frames_rule(T) -> T'`` returns.
+
+Broken files never stop a run. Strategy: at construction every file is *probed* (container and stream
+opened, the first frame decoded, the frame count read from the metadata or counted from the packets),
+with a progress bar; files that fail are left out and listed in :attr:`VideoFolder.skipped` with the
+reason, and a summary line says how many. A file can still turn out truncated past its first frame;
+``__getitem__`` then records it in :attr:`skipped`, warns, and returns the next readable item instead
+(its ``index`` says which), so a training loop goes on. ``verify=True`` decodes every file completely at
+construction instead (exact frame counts, no surprises later, slower). With DataLoader workers, skips
+found in ``__getitem__`` are recorded in the worker process that found them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from .io import _import_av, _import_pil, _progress
+
+__all__ = ["VideoFolder", "Skipped", "UnreadableFileError", "fit_size", "VIDEO_EXTENSIONS", "IMAGE_EXTENSIONS"]
+
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".gif", ".mov", ".mkv", ".avi")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+class UnreadableFileError(OSError):
+    """A file of the folder could not be decoded (raised by :meth:`VideoFolder.load`)."""
+
+
+class Skipped(NamedTuple):
+    """A file left out of the dataset: its path and why (``"<kind>: <detail>"``)."""
+
+    path: str
+    reason: str
+
+    @property
+    def kind(self) -> str:
+        return self.reason.split(":", 1)[0]
+
+
+@dataclass
+class _Entry:
+    path: Path
+    caption: str
+    is_image: bool
+    native: tuple[int, int, int]  # (T, H, W) as stored
+    size: tuple[int, int, int]  # (T', H', W') as returned
+    fps: float
+    has_caption: bool
+
+
+def _positive_int(name: str, v, allow_none: bool = False, minimum: int = 1):
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+        expected = f"an int >= {minimum}" + (" or None" if allow_none else "")
+        raise ValueError(f"{name} must be {expected}, got {v!r}")
+    return int(v)
+
+
+def fit_size(h: int, w: int, max_area: Optional[int] = None, size_multiple: int = 1) -> tuple[int, int]:
+    """The ``(H', W')`` a ``(h, w)`` frame is resized to (module docstring); never larger than ``(h, w)``.
+
+    Raises :class:`UnreadableFileError` ("too small") when a side is below one ``size_multiple``.
+    """
+    m = size_multiple
+    s = 1.0 if max_area is None else min(1.0, math.sqrt(max_area / (h * w)))
+    best = None
+    for hc in {math.floor(h * s / m + 1e-9) * m, math.ceil(h * s / m - 1e-9) * m}:
+        for wc in {math.floor(w * s / m + 1e-9) * m, math.ceil(w * s / m - 1e-9) * m}:
+            if not (m <= hc <= h and m <= wc <= w) or (max_area is not None and hc * wc > max_area):
+                continue
+            key = (abs(math.log((wc / hc) / (w / h))), -hc * wc)
+            if best is None or key < best[0]:
+                best = (key, (int(hc), int(wc)))
+    if best is None:
+        raise UnreadableFileError(f"too small: {h}x{w} px cannot be resized to sides that are multiples of"
+                                  f" size_multiple={m}" + (f" within max_area={max_area}" if max_area else "")
+                                  + " without upscaling")
+    return best[1]
+
+
+def _err(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+class VideoFolder(Dataset):
+    """Captioned videos and images of a folder, at native size (module docstring: reductions, broken files).
+
+    root:           the folder; files are found recursively (``recursive``), hidden files (``.name``) ignored,
+                    in sorted path order. With a ``manifest``, exactly the manifest's files are used.
+    manifest:       optional JSONL file, one ``{"path": ..., "caption": ...}`` object per line; relative paths
+                    are relative to ``root``; a missing ``caption`` falls back to the sidecar ``.txt``.
+                    A relative manifest path that does not exist is looked up inside ``root``.
+    max_area:       optional pixel budget per frame (H*W) for downscaling; None keeps the native size.
+    size_multiple:  both output sides are multiples of it (default 1: any size).
+    max_frames:     optional cap on the number of frames kept.
+    frame_multiple, frame_offset: kept frame counts are ``frame_offset + k * frame_multiple`` (>= 1).
+    frames_rule:    optional ``f(T) -> T'`` replacing the two above; ``T`` is the frame count after
+                    ``max_frames``, ``0 <= T' <= T``, 0 skips the file.
+    verify:         decode every file completely at construction (see the module docstring).
+    progress:       progress bar while probing, and a summary line on stderr at the end.
+
+    Items: ``{"video": (3, T, H, W) float32 in [-1, 1], "caption": str, "path": str, "fps": float,
+    "index": int}``. :attr:`shapes` gives every item's ``(3, T, H, W)`` without decoding (for
+    :func:`sora_fast.packing.plan_batches` after the VAE's reduction), :attr:`skipped` the files left out.
+    """
+
+    def __init__(self, root: Union[str, "os.PathLike[str]"], *, manifest: Union[str, "os.PathLike[str]", None] = None,
+                 max_area: Optional[int] = None, size_multiple: int = 1, max_frames: Optional[int] = None,
+                 frame_multiple: int = 1, frame_offset: int = 0, frames_rule: Optional[Callable[[int], int]] = None,
+                 recursive: bool = True, verify: bool = False, progress: bool = True):
+        self.root = Path(os.fspath(root)).expanduser()
+        if not self.root.is_dir():
+            what = "is a file" if self.root.exists() else "does not exist"
+            raise FileNotFoundError(f"root must be a folder of videos/images, got {str(self.root)!r}, which {what}")
+        self.size_multiple = _positive_int("size_multiple", size_multiple)
+        self.max_area = _positive_int("max_area", max_area, allow_none=True)
+        if self.max_area is not None and self.max_area < self.size_multiple ** 2:
+            raise ValueError(f"max_area must be >= size_multiple**2 = {self.size_multiple ** 2} (one multiple per"
+                             f" side), got max_area={self.max_area}")
+        self.max_frames = _positive_int("max_frames", max_frames, allow_none=True)
+        self.frame_multiple = _positive_int("frame_multiple", frame_multiple)
+        self.frame_offset = _positive_int("frame_offset", frame_offset, minimum=0)
+        if frames_rule is not None and not callable(frames_rule):
+            raise TypeError(f"frames_rule must be a callable f(T) -> T' or None, got {type(frames_rule).__name__}")
+        self.frames_rule = frames_rule
+        self.verify = bool(verify)
+        self.skipped: list[Skipped] = []
+        self.entries: list[_Entry] = []
+        self._broken: set[int] = set()
+
+        candidates = self._candidates(manifest, recursive)  # (path, caption or None) in order
+        if not candidates and not self.skipped:
+            if manifest is not None:
+                raise ValueError(f"manifest {str(manifest)!r} lists no files (root {str(self.root)!r})")
+            raise ValueError(
+                f"no video or image files found in {str(self.root)!r} (looked for"
+                f" {', '.join(VIDEO_EXTENSIONS + IMAGE_EXTENSIONS)}{', recursively' if recursive else ''})"
+            )
+        for path, caption in _progress(candidates, total=len(candidates), desc=f"probing {self.root.name}",
+                                       enable=progress):
+            try:
+                self.entries.append(self._probe(path, caption))
+            except UnreadableFileError as e:
+                self.skipped.append(Skipped(str(path), str(e)))
+        if not self.entries:
+            reasons = "; ".join(f"{Path(s.path).name}: {s.reason}" for s in self.skipped[:3])
+            more = f" (and {len(self.skipped) - 3} more)" if len(self.skipped) > 3 else ""
+            raise ValueError(f"no readable video or image in {str(self.root)!r}: all {len(self.skipped)} files tried"
+                             f" failed ({reasons}{more})")
+        if progress:
+            print(self.summary(), file=sys.stderr)
+
+    # ------------------------------------------------------------------------------------------
+    # indexing
+
+    def _candidates(self, manifest, recursive: bool) -> list[tuple[Path, Optional[str]]]:
+        exts = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
+        if manifest is None:
+            it = self.root.rglob("*") if recursive else self.root.iterdir()
+            files = [p for p in it if p.suffix.lower() in exts and p.is_file()
+                     and not any(part.startswith(".") for part in p.relative_to(self.root).parts)]
+            return [(p, None) for p in sorted(files, key=lambda p: p.relative_to(self.root).as_posix())]
+        mpath = Path(os.fspath(manifest)).expanduser()
+        if not mpath.is_absolute() and not mpath.exists():
+            mpath = self.root / mpath
+        if not mpath.is_file():
+            raise FileNotFoundError(f"manifest must be a JSONL file, got {str(mpath)!r}, which does not exist")
+        out = []
+        with open(mpath, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{mpath}:{n}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    self.skipped.append(Skipped(where, f"bad manifest line: {e}"))
+                    continue
+                if not isinstance(row, dict) or not isinstance(row.get("path"), str):
+                    self.skipped.append(Skipped(where, 'bad manifest line: expected {"path": str, "caption": str}'
+                                                       f", got {line.strip()[:80]}"))
+                    continue
+                caption = row.get("caption")
+                if caption is not None and not isinstance(caption, str):
+                    self.skipped.append(Skipped(where, f"bad manifest line: caption must be a str, got {caption!r}"))
+                    continue
+                p = Path(row["path"]).expanduser()
+                out.append((p if p.is_absolute() else self.root / p, caption))
+        return out
+
+    def _out_size(self, t: int, h: int, w: int) -> tuple[int, int, int]:
+        n = t if self.max_frames is None else min(t, self.max_frames)
+        if self.frames_rule is not None:
+            t2 = self.frames_rule(n)
+            if isinstance(t2, bool) or not isinstance(t2, (int, np.integer)) or not 0 <= t2 <= n:
+                raise ValueError(f"frames_rule must return an int in [0, T] for T={n} frames, got {t2!r}")
+            t2 = int(t2)
+            if t2 == 0:
+                raise UnreadableFileError(f"too short: frames_rule kept 0 of {n} frames")
+        else:
+            m, o = self.frame_multiple, self.frame_offset
+            t2 = o + (n - o) // m * m if n >= o else 0
+            if t2 < 1:
+                first = o if o >= 1 else m
+                raise UnreadableFileError(f"too short: {n} frames, need at least {first} "
+                                          f"(frame_offset={o} + k * frame_multiple={m}, >= 1)")
+        return (t2, *fit_size(h, w, self.max_area, self.size_multiple))
+
+    def _probe(self, path: Path, caption: Optional[str]) -> _Entry:
+        if not path.is_file():
+            raise UnreadableFileError("not found: no such file")
+        if path.stat().st_size == 0:
+            raise UnreadableFileError("unreadable: empty file (0 bytes)")
+        is_image = path.suffix.lower() in IMAGE_EXTENSIONS
+        try:
+            if is_image:
+                t, h, w, fps = self._probe_image(path)
+            else:
+                t, h, w, fps = self._probe_video(path)
+        except UnreadableFileError:
+            raise
+        except Exception as e:  # any decoder failure: the file is broken, not the run
+            raise UnreadableFileError(f"unreadable: {_err(e)}") from e
+        has_caption = caption is not None
+        if caption is None:
+            sidecar = path.with_suffix(".txt")
+            if sidecar.is_file():
+                try:
+                    caption, has_caption = sidecar.read_text(encoding="utf-8").strip(), True
+                except (OSError, UnicodeDecodeError):
+                    caption = None
+        return _Entry(path, caption or "", is_image, (t, h, w), self._out_size(t, h, w), fps, has_caption)
+
+    def _probe_image(self, path: Path) -> tuple[int, int, int, float]:
+        Image = _import_pil("to read images")
+        with Image.open(path) as im:
+            w, h = im.size
+            if self.verify:
+                im.convert("RGB").load()
+            else:
+                im.verify()  # structure and checksums, without decoding the pixels
+        return 1, h, w, 0.0
+
+    def _probe_video(self, path: Path) -> tuple[int, int, int, float]:
+        av = _import_av("to read videos")
+        with av.open(str(path)) as c:
+            if not c.streams.video:
+                raise UnreadableFileError("unreadable: no video stream")
+            s = c.streams.video[0]
+            rate = s.average_rate or s.guessed_rate or s.base_rate
+            fps = float(rate) if rate else 0.0
+            frames = c.decode(s)
+            first = next(frames, None)
+            if first is None:
+                raise UnreadableFileError("unreadable: no decodable frame")
+            h, w = first.height, first.width
+            if self.verify:
+                return 1 + sum(1 for _ in frames), h, w, fps
+            t = s.frames
+        if t <= 0:  # no frame count in the metadata (webm, gif): count the packets, without decoding
+            with av.open(str(path)) as c:
+                t = sum(1 for p in c.demux(c.streams.video[0]) if p.size)
+        return max(t, 1), h, w, fps
+
+    # ------------------------------------------------------------------------------------------
+    # reading
+
+    def _decode(self, e: _Entry) -> np.ndarray:
+        t, h, w = e.native
+        if e.is_image:
+            Image = _import_pil("to read images")
+            with Image.open(e.path) as im:
+                return np.array(im.convert("RGB"))[None]
+        av = _import_av("to read videos")
+        need = e.size[0]
+        out = []
+        with av.open(str(e.path)) as c:
+            for f in c.decode(c.streams.video[0]):
+                if f.height != h or f.width != w:  # resolution change mid-stream: follow the first frame
+                    f = f.reformat(width=w, height=h)
+                out.append(f.to_ndarray(format="rgb24"))
+                if len(out) == need:
+                    break
+        if len(out) < need:
+            raise UnreadableFileError(f"truncated: decoded {len(out)} of the {need} frames needed"
+                                      f" ({t} in the metadata)")
+        return np.stack(out)
+
+    def load(self, index: int) -> dict:
+        """Decode item ``index`` (no fallback); raises :class:`UnreadableFileError` when the file is broken."""
+        e = self.entries[index]
+        try:
+            frames = self._decode(e)
+        except UnreadableFileError:
+            raise
+        except Exception as err:
+            raise UnreadableFileError(f"unreadable: {_err(err)}") from err
+        x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # (T, 3, H, W) in [0, 255]
+        t2, h2, w2 = e.size
+        if x.shape[-2:] != (h2, w2):
+            x = F.interpolate(x, size=(h2, w2), mode="bilinear", antialias=True, align_corners=False)
+        video = (x.clamp_(0, 255) / 127.5 - 1.0).permute(1, 0, 2, 3).contiguous()  # (3, T, H, W)
+        return {"video": video, "caption": e.caption, "path": str(e.path), "fps": e.fps, "index": index}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict:
+        """Item ``index``; if its file turns out broken, the next readable item (see the module docstring)."""
+        n = len(self.entries)
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"index must be an int, got {type(index).__name__}")
+        if not -n <= index < n:
+            raise IndexError(f"index {index} is out of range for a VideoFolder of {n} items")
+        index = int(index) % n
+        for k in range(n):
+            j = (index + k) % n
+            if j in self._broken:
+                continue
+            try:
+                return self.load(j)
+            except UnreadableFileError as err:
+                self._broken.add(j)
+                self.skipped.append(Skipped(str(self.entries[j].path), str(err)))
+                warnings.warn(f"VideoFolder: skipping {self.entries[j].path} ({err}); "
+                              f"returning the next readable item instead", RuntimeWarning, stacklevel=2)
+        raise RuntimeError(f"every one of the {n} files of {str(self.root)!r} failed to decode; see .skipped")
+
+    # ------------------------------------------------------------------------------------------
+    # metadata
+
+    @property
+    def shapes(self) -> list[tuple[int, int, int, int]]:
+        """``(3, T, H, W)`` of every item as returned (after the reductions), without decoding."""
+        return [(3, *e.size) for e in self.entries]
+
+    @property
+    def captions(self) -> list[str]:
+        return [e.caption for e in self.entries]
+
+    @property
+    def paths(self) -> list[Path]:
+        return [e.path for e in self.entries]
+
+    def summary(self) -> str:
+        """One line: readable files, videos/images, reductions, missing captions and skips by reason."""
+        n_img = sum(e.is_image for e in self.entries)
+        n_small = sum(e.size[1:] != e.native[1:] for e in self.entries)
+        n_cut = sum(e.size[0] != e.native[0] for e in self.entries)
+        n_nocap = sum(not e.has_caption for e in self.entries)
+        kinds: dict[str, int] = {}
+        for s in self.skipped:
+            kinds[s.kind] = kinds.get(s.kind, 0) + 1
+        skipped = ", ".join(f"{v} {k}" for k, v in sorted(kinds.items()))
+        tried = len(self.entries) + len(self.skipped) - len(self._broken)
+        return (f"VideoFolder {self.root}: {len(self.entries) - len(self._broken)} of {tried} files readable"
+                f" ({len(self.entries) - n_img} videos, {n_img} images; {n_small} downscaled, {n_cut} cut in time;"
+                f" {n_nocap} without caption); skipped {len(self.skipped)}" + (f" ({skipped})" if skipped else ""))
+
+    def __repr__(self) -> str:
+        return f"VideoFolder({str(self.root)!r}, items={len(self)}, skipped={len(self.skipped)})"
