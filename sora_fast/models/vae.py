@@ -118,7 +118,7 @@ class VAEConfig:
 VAE_PRESETS = {
     "wan2.1": dict(latents_mean=WAN21_LATENTS_MEAN, latents_std=WAN21_LATENTS_STD),
     "tiny": dict(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
-    "demo": dict(base_dim=16, z_dim=8, dim_mult=(1, 2, 4), num_res_blocks=1, temporal_downsample=(False, True)),
+    "demo": dict(base_dim=8, z_dim=8, dim_mult=(1, 2, 4), num_res_blocks=1, temporal_downsample=(False, True)),
 }
 
 

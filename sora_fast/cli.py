@@ -1,0 +1,237 @@
+"""The ``sora-fast`` command: ``demo``, ``train``, ``generate`` (``sora-fast <command> --help`` for each)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+__all__ = ["main", "TrainRunConfig", "load_run_config"]
+
+
+# --- train: a run described by one JSON / TOML file ---------------------------------------------------
+@dataclass
+class TrainRunConfig:
+    """A ``sora-fast train --config FILE`` run (JSON, or TOML with Python >= 3.11).
+
+    data:          a video folder (videos + images with .txt captions or a manifest.jsonl).
+    out:           the run directory: latents/, checkpoints, metrics.jsonl, loss.png, pipeline/.
+    pipeline:      a saved pipeline (``VideoPipeline.save``, e.g. the demo's ``pipeline/``) giving the VAE, the
+                   text encoder and the starting DiT.
+    dit:           optional DiT preset name: train a fresh DiT of that size instead of the pipeline's
+                   (latent channels and text width are taken from the pipeline).
+    diffusers_transformer: optional directory of a diffusers ``WanTransformer3DModel`` to fine-tune
+                   (converted with ``VideoDiT.from_diffusers``).
+    manifest, max_area, max_frames: passed to ``VideoFolder`` (captions, down-scaling only, never crops).
+    train:         :class:`sora_fast.training.TrainConfig` fields.
+    """
+
+    data: str
+    out: str
+    pipeline: str
+    dit: Optional[str] = None
+    diffusers_transformer: Optional[str] = None
+    manifest: Optional[str] = None
+    max_area: Optional[int] = None
+    max_frames: Optional[int] = None
+    train: dict = field(default_factory=dict)
+
+
+def load_run_config(path: str) -> tuple[TrainRunConfig, Any]:
+    """Read and validate a run file: unknown keys (top level or in ``train``) are named in the error."""
+    from .training.trainer import TrainConfig, config_from_dict
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--config {path!r} does not exist")
+    text = p.read_text()
+    if p.suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            raise ValueError(f"--config {p.name}: TOML needs Python >= 3.11; use a .json file") from None
+        raw = tomllib.loads(text)
+    elif p.suffix == ".json":
+        raw = json.loads(text)
+    else:
+        raise ValueError(f"--config must be a .json or .toml file, got {p.name!r}")
+    for key in ("data", "out", "pipeline"):
+        if key not in raw:
+            raise ValueError(f"{p.name} is missing the required key {key!r}")
+    run = config_from_dict(TrainRunConfig, raw, where=p.name)
+    if run.dit is not None and run.diffusers_transformer is not None:
+        raise ValueError(f"{p.name}: give at most one of 'dit' and 'diffusers_transformer'")
+    train = config_from_dict(TrainConfig, run.train, where=f"{p.name} [train]")
+    return run, train
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from .data import LatentDataset, VideoFolder, cache_latents
+    from .models.dit import DiTConfig, VideoDiT
+    from .pipeline import VideoPipeline
+    from .training.checkpoint import check_writable, latest_checkpoint
+    from .training.lora import merge_lora
+    from .training.trainer import Trainer
+
+    run, train_cfg = load_run_config(args.config)
+    if args.steps is not None:
+        train_cfg = dataclasses.replace(train_cfg, steps=args.steps)
+    out = check_writable(run.out)
+    pipe = VideoPipeline.load(run.pipeline)
+    vae, text = pipe.vae, pipe.text_encoder
+    if run.dit is not None:
+        dit = VideoDiT(DiTConfig.from_name(run.dit, in_channels=vae.latent_channels,
+                                           out_channels=vae.latent_channels, text_dim=text.dim))
+    elif run.diffusers_transformer is not None:
+        from diffusers import WanTransformer3DModel
+        dit = VideoDiT.from_diffusers(WanTransformer3DModel.from_pretrained(run.diffusers_transformer))
+    else:
+        dit = pipe.dit
+    pipe = VideoPipeline(dit, vae, text)  # checks channels and text width agree
+
+    ph = dit.config.patch[1]
+    folder = VideoFolder(run.data, manifest=run.manifest, max_area=run.max_area, max_frames=run.max_frames,
+                         size_multiple=vae.spatial_factor * ph, frame_multiple=vae.temporal_factor, frame_offset=1)
+    cache = out / "latents"
+    if not (cache / "index.json").exists():
+        with torch.no_grad():
+            cache_latents(folder, lambda v: vae.normalize_latents(vae.encode(v[None]))[0], cache, overwrite=True)
+    latents = LatentDataset(cache)
+    items = [{"latent": latents[i]["latent"].float(), "caption": latents[i]["caption"]} for i in range(len(latents))]
+    model_config = {"dit": dataclasses.asdict(dit.config), "text": pipe.describe()["text"]}
+    trainer = Trainer(dit, text, items, train_cfg, out, model_config=model_config)
+    if args.resume:
+        if latest_checkpoint(out) is None:
+            print(f"--resume: no checkpoint in {out} yet, starting at step 0", file=sys.stderr)
+        else:
+            print(f"resuming from step {trainer.resume()}", file=sys.stderr)
+    print(trainer.plan.summary(), file=sys.stderr)
+    res = trainer.train()
+    if trainer.ema is not None:
+        trainer.ema.copy_to(trainer.model)
+    if train_cfg.lora_rank:
+        merge_lora(dit)
+    pipe.save(out / "pipeline")
+    state = "interrupted at" if res["interrupted"] else "finished"
+    print(f"{state} step {res['steps']}; checkpoint {res['checkpoint']}; pipeline {out / 'pipeline'}")
+    return 130 if res["interrupted"] else 0
+
+
+# --- generate --------------------------------------------------------------------------------------
+def _size(text: str) -> tuple[int, int, int]:
+    try:
+        t, h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a size is FRAMESxHEIGHTxWIDTH, e.g. 9x32x48; got {text!r}") from None
+    return t, h, w
+
+
+def cmd_generate(args) -> int:
+    from .data import write_contact_sheet, write_video
+    from .pipeline import VideoPipeline
+    from .training.checkpoint import check_writable
+
+    out = check_writable(args.out)
+    pipe = VideoPipeline.load(args.pipeline)
+    sizes = args.size or [(9, 32, 32)]
+    if len(sizes) not in (1, len(args.prompt)):
+        raise ValueError(f"--size given {len(sizes)} times; give it once or once per --prompt ({len(args.prompt)})")
+    sizes = sizes * len(args.prompt) if len(sizes) == 1 else sizes
+    for i, s in enumerate(sizes):
+        pipe.check_size(s, name=f"--size #{i + 1}")
+    clips = pipe.generate(args.prompt, sizes, steps=args.steps, guidance=args.guidance, shift=args.shift,
+                          negative_prompt=args.negative_prompt, seed=args.seed)
+    written = []
+    for i, (clip, p) in enumerate(zip(clips, args.prompt)):
+        stem = f"{i:02d}_" + "_".join("".join(c for c in w if c.isalnum()) for w in p.split()[:6])
+        for fmt in args.format:
+            ext = "png" if fmt == "mp4" and clip.shape[1] == 1 else fmt
+            written.append(write_video(out / f"{stem}.{ext}", clip, fps=args.fps))
+    write_contact_sheet(out / "contact_sheet.png", clips, args.prompt)
+    t = pipe.last_timings
+    print(f"text {t['text'] * 1e3:.0f} ms | denoise {t['denoise']:.2f} s ({args.steps} steps, "
+          f"{1e3 * t['denoise'] / args.steps:.0f} ms/step) | decode {t['decode'] * 1e3:.0f} ms")
+    print(f"wrote {len(written)} files and contact_sheet.png to {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick, progress=not args.no_progress)
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sora-fast", description=__doc__.split("\n")[0].split(": ", 1)[-1])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="data -> VAE -> packed DiT training -> sampling -> videos, on a CPU",
+                       description="Runs every stage on a CPU with no download: synthetic captioned clips, a VAE "
+                                   "and a DiT trained from scratch, packed CFG sampling, MP4/GIF + contact sheet, "
+                                   "an automatic checker of the clips and a latency table. About 10 minutes on 2 "
+                                   "cores (--quick: about 1 minute, a smoke run whose clips are not expected to "
+                                   "pass the checker).")
+    d.add_argument("--quick", action="store_true", help="a ~1-minute smoke run (tiny data and step counts)")
+    d.add_argument("--out", default="sora_fast_demo", metavar="DIR", help="output directory (default: %(default)s)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars (summary lines only)")
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="train or fine-tune the DiT on a video folder",
+                       description="Train (or fine-tune, full or LoRA) the DiT of a saved pipeline on a folder of "
+                                   "captioned videos and images at native resolution. " + TrainRunConfig.__doc__)
+    t.add_argument("--config", required=True, metavar="FILE", help="run description (.json or .toml), see above")
+    t.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    t.add_argument("--steps", type=int, metavar="N", help="override train.steps")
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="generate videos from prompts with a saved pipeline",
+                       description="All prompts are denoised together in one packed stream (CFG in the same "
+                                   "forward), then decoded chunk by chunk.")
+    g.add_argument("--pipeline", required=True, metavar="DIR", help="a saved pipeline (e.g. the demo's pipeline/)")
+    g.add_argument("--prompt", required=True, action="append", metavar="TEXT", help="a prompt; repeat for several")
+    g.add_argument("--size", action="append", type=_size, metavar="TxHxW",
+                   help="frames x height x width, once for all or once per prompt (default 9x32x32)")
+    g.add_argument("--steps", type=int, default=20, metavar="N", help="Euler steps (default: %(default)s)")
+    g.add_argument("--guidance", type=float, default=4.0, metavar="G", help="CFG scale (default: %(default)s)")
+    g.add_argument("--shift", default="auto", metavar="S",
+                   help="schedule shift: a number, or 'auto' per video from its size (default: %(default)s)")
+    g.add_argument("--negative-prompt", default="", metavar="TEXT", help="unconditional text (default: empty)")
+    g.add_argument("--seed", type=int, default=0, metavar="N", help="video i uses seed + i (default: %(default)s)")
+    g.add_argument("--format", nargs="+", default=["mp4", "gif"], choices=["mp4", "gif"],
+                   help="files to write per clip (default: mp4 gif; 1-frame clips as png instead of mp4)")
+    g.add_argument("--fps", type=float, default=8.0, metavar="F", help="frames per second (default: %(default)s)")
+    g.add_argument("--out", default="samples", metavar="DIR", help="output directory (default: %(default)s)")
+    g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "shift", None) not in (None, "auto"):
+        try:
+            args.shift = float(args.shift)
+        except ValueError:
+            print(f"sora-fast: error: --shift must be a number or 'auto', got {args.shift!r}", file=sys.stderr)
+            return 2
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, OSError) as e:
+        if os.environ.get("SORA_FAST_DEBUG"):
+            raise
+        print(f"sora-fast {args.command}: error: {e} (SORA_FAST_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sora-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Training a (small) causal VAE from scratch on videos at native size, and fitting its latent statistics.
+
+Loss: ``MSE(decode(z), video) + kl_weight · KL(q(z|video) ‖ N(0, I)) / numel(video)`` with ``z`` sampled from
+the posterior. One video per step (any size and duration, never cropped), picked by a seeded generator,
+so runs are reproducible. Used by ``sora-fast demo``; a real Wan VAE is loaded, not trained.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .metrics import ProgressBar
+
+__all__ = ["VAETrainConfig", "train_vae", "fit_latent_stats"]
+
+
+@dataclass
+class VAETrainConfig:
+    """steps (one video each), lr (AdamW, constant after ``warmup_steps``), kl_weight, grad_clip, seed."""
+
+    steps: int = 400
+    lr: float = 2e-3
+    warmup_steps: int = 20
+    kl_weight: float = 1e-3
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "warmup_steps", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (1 if name == "steps" else 0):
+                raise ValueError(f"VAETrainConfig.{name} must be an int >= {1 if name == 'steps' else 0}, got {v!r}")
+        for name in ("lr", "kl_weight", "grad_clip"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (name == "lr" and v == 0):
+                raise ValueError(f"VAETrainConfig.{name} must be a number {'> 0' if name == 'lr' else '>= 0'}, "
+                                 f"got {v!r}")
+
+
+def _check_videos(videos, vae) -> None:
+    if not isinstance(videos, Sequence) or len(videos) == 0:
+        raise ValueError("videos must be a non-empty list of (3, T, H, W) tensors")
+    f, s = vae.temporal_factor, vae.spatial_factor
+    for i, v in enumerate(videos):
+        if not isinstance(v, torch.Tensor) or v.dim() != 4 or v.shape[0] != 3:
+            raise ValueError(f"videos[{i}] must be a (3, T, H, W) tensor, got "
+                             f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
+        t, h, w = v.shape[1:]
+        if (t - 1) % f or h % s or w % s:
+            raise ValueError(f"videos[{i}] has (T, H, W)=({t}, {h}, {w}); the VAE needs T = 1 + {f}k and H, W "
+                             f"multiples of {s}")
+
+
+def train_vae(vae, videos: Sequence[torch.Tensor], config: Optional[VAETrainConfig] = None, *,
+              progress: bool = True) -> dict:
+    """Train ``vae`` (a :class:`sora_fast.models.CausalVAE`) in place on ``videos`` ``(3, T, H, W)`` in [-1, 1].
+
+    Returns ``{"losses": [...], "recon": [...], "seconds": s}`` (total and reconstruction loss per step).
+    """
+    cfg = config or VAETrainConfig()
+    _check_videos(videos, vae)
+    device = next(vae.parameters()).device
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    g = torch.Generator().manual_seed(cfg.seed)
+    losses, recons, start = [], [], time.perf_counter()
+    bar = ProgressBar(cfg.steps, desc="train vae", disable=not progress)
+    vae.train()
+    try:
+        for step in range(cfg.steps):
+            video = videos[int(torch.randint(len(videos), (1,), generator=g))][None].to(device, torch.float32)
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+            post = vae.encode_posterior(video)
+            z = post.sample(generator=torch.Generator(device="cpu").manual_seed(cfg.seed * 100_003 + step))
+            recon = vae.decode(z, clamp=False)                                  # (1, 3, T, H, W)
+            mse = (recon - video).square().mean()
+            loss = mse + cfg.kl_weight * post.kl().sum() / video.numel()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+            opt.step()
+            losses.append(loss.item())
+            recons.append(mse.item())
+            bar.update(1, loss=mse.item(), tokens=video.shape[2])
+    finally:
+        bar.close()
+    vae.eval()
+    return {"losses": losses, "recon": recons, "seconds": time.perf_counter() - start}
+
+
+@torch.no_grad()
+def fit_latent_stats(vae, videos: Sequence[torch.Tensor]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the posterior means of ``videos`` (every latent pixel weighs the same);
+    stored as the VAE's ``latents_mean`` / ``latents_std`` so the DiT sees ~unit-variance latents."""
+    _check_videos(videos, vae)
+    device = next(vae.parameters()).device
+    total = s1 = s2 = 0
+    for v in videos:
+        z = vae.encode(v[None].to(device, torch.float32))[0].double()           # (z, T', h, w)
+        s1 = s1 + z.sum(dim=(1, 2, 3))
+        s2 = s2 + z.square().sum(dim=(1, 2, 3))
+        total += z[0].numel()
+    mean = s1 / total
+    std = (s2 / total - mean.square()).clamp_min(1e-12).sqrt()
+    mean_l, std_l = [float(x) for x in mean], [float(x) for x in std]
+    vae.config.latents_mean, vae.config.latents_std = tuple(mean_l), tuple(std_l)
+    return mean_l, std_l
