@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Union
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -262,11 +263,11 @@ class LatentDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         n = len(self.items)
-        if isinstance(index, bool) or not isinstance(index, int):
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
             raise TypeError(f"index must be an int, got {type(index).__name__}")
         if not -n <= index < n:
             raise IndexError(f"index {index} is out of range for a LatentDataset of {n} items")
-        index %= n
+        index = int(index) % n
         for k in range(n):
             j = (index + k) % n
             if j in self._broken:

@@ -85,6 +85,7 @@ DEFAULT_LENGTHS: tuple[int, ...] = (1, 5, 9, 13, 17)
 _OBJECT_SIZE = 0.25  # object diameter / side, in fractions of min(H, W)
 _MARGIN = 1.0  # px kept between the object and the frame border
 _SUPERSAMPLE = 4  # anti-aliasing: coverage from 4x4 sub-pixel samples
+_CLIP_NAME = re.compile(r"^\d{5}\.(mp4|png|txt)$")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,7 +324,7 @@ def sample_spec(rng: Union[int, np.random.Generator], *, sizes: Sequence[tuple[i
     t = lengths[rng.integers(len(lengths))]
     color = colors[rng.integers(len(colors))]
     shape = shapes[rng.integers(len(shapes))]
-    size = max(4.0, round(_OBJECT_SIZE * min(h, w)))
+    size = float(max(4, round(_OBJECT_SIZE * min(h, w))))
     (xlo, xhi), (ylo, yhi) = _center_range(w, size), _center_range(h, size)
     start = [rng.uniform(xlo, xhi), rng.uniform(ylo, yhi)]
     base = dict(shape=shape, color=color, height=h, width=w, frames=t, size=size)
@@ -440,8 +441,10 @@ def make_synthetic_dataset(out_dir: Union[str, "os.PathLike[str]"], n: int, *, s
     per clip, usable as a VideoFolder manifest). Clip ``i`` is drawn from its own child of
     ``numpy.random.SeedSequence(seed)``, so the same ``(seed, i)`` gives the same clip whatever ``n`` is.
     Options as in :func:`sample_spec`; ``fps`` of the mp4 files.
-    overwrite: allow writing into a non-empty ``out_dir`` (files of the same names are replaced);
-        otherwise a non-empty ``out_dir`` is a FileExistsError.
+    overwrite: allow writing into a non-empty ``out_dir``: files of the same names are replaced and clip
+        files of an earlier run (``NNNNN.mp4|png|txt``) that this run did not write are removed, so the
+        folder then holds exactly these ``n`` clips (other files are left alone). Without it a non-empty
+        ``out_dir`` is a FileExistsError.
     returns: one :class:`SyntheticClip` per clip, in order.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -478,6 +481,10 @@ def make_synthetic_dataset(out_dir: Union[str, "os.PathLike[str]"], n: int, *, s
         rows.append(row)
     with _AtomicFile(out / "manifest.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    written = {c.path.name for c in clips} | {c.path.with_suffix(".txt").name for c in clips}
+    for old in out.iterdir():  # clips of an earlier, larger or different run: the folder holds exactly this set
+        if _CLIP_NAME.match(old.name) and old.name not in written and old.is_file():
+            old.unlink()
     if progress:
         n_img = sum(c.spec.frames == 1 for c in clips)
         n_occ = sum(c.spec.occluder for c in clips)

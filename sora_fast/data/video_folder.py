@@ -239,9 +239,13 @@ class VideoFolder(Dataset):
         return (t2, *fit_size(h, w, self.max_area, self.size_multiple))
 
     def _probe(self, path: Path, caption: Optional[str]) -> _Entry:
-        if not path.is_file():
+        try:
+            size = path.stat().st_size if path.is_file() else None
+        except OSError as e:
+            raise UnreadableFileError(f"unreadable: {_err(e)}") from e
+        if size is None:
             raise UnreadableFileError("not found: no such file")
-        if path.stat().st_size == 0:
+        if size == 0:
             raise UnreadableFileError("unreadable: empty file (0 bytes)")
         is_image = path.suffix.lower() in IMAGE_EXTENSIONS
         try:
