@@ -434,3 +434,18 @@ def test_reads_gif_webm_and_jpg(tmp_path, fresh_seed):
     torch.testing.assert_close(ds[0]["video"], truth, atol=0, rtol=0)  # gif: exact for five colours
     for i, ref in ((1, truth), (2, truth[:, :1])):
         assert ds[i]["video"].shape == ref.shape and (ds[i]["video"] - ref).abs().mean() < 6 / 127.5
+
+
+def test_object_size_scales_the_rendered_object():
+    from sora_fast.data.synthetic import render_clip, sample_spec
+
+    areas = []
+    for frac in (0.2, 0.4):
+        spec = sample_spec(7, sizes=((40, 40),), lengths=(1,), shapes=("square",), object_size=frac)
+        frame = render_clip(spec)[0].astype(int)
+        background = frame[0, 0]
+        areas.append(int((abs(frame - background).sum(axis=-1) > 60).sum()))
+    # a square of side s covers ~s^2 pixels: doubling the side is ~4x the area (anti-aliased edges aside)
+    assert 3.0 < areas[1] / areas[0] < 5.0, areas
+    with pytest.raises(ValueError, match=r"object_size must be a number in \(0, 0.6\], got 0.9"):
+        sample_spec(0, object_size=0.9)

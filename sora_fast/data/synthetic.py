@@ -303,11 +303,13 @@ def _check_prob(name: str, p) -> float:
 
 def sample_spec(rng: Union[int, np.random.Generator], *, sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES,
                 lengths: Sequence[int] = DEFAULT_LENGTHS, colors: Sequence[str] = tuple(COLORS),
-                shapes: Sequence[str] = SHAPES, occluder_prob: float = 0.3, bounce_prob: float = 0.0) -> ClipSpec:
+                shapes: Sequence[str] = SHAPES, occluder_prob: float = 0.3, bounce_prob: float = 0.0,
+                object_size: float = _OBJECT_SIZE) -> ClipSpec:
     """Draw one random :class:`ClipSpec` (deterministic for an int seed or a seeded Generator).
 
     sizes:   ``(H, W)`` choices (uniform), sides >= 16. lengths: frame-count choices (uniform); 1 = image.
     colors, shapes: name choices (uniform).
+    object_size: the object's diameter / side as a fraction of min(H, W), in (0, 0.6].
     occluder_prob: chance of a gray bar across the path, for videos whose object travels at least its
         own size (so it passes the bar). bounce_prob: chance of a bouncing clip.
     A non-bouncing clip gets a speed at which its whole path fits inside the frame (the caption stays true);
@@ -324,7 +326,9 @@ def sample_spec(rng: Union[int, np.random.Generator], *, sizes: Sequence[tuple[i
     t = lengths[rng.integers(len(lengths))]
     color = colors[rng.integers(len(colors))]
     shape = shapes[rng.integers(len(shapes))]
-    size = float(max(4, round(_OBJECT_SIZE * min(h, w))))
+    if isinstance(object_size, bool) or not isinstance(object_size, (int, float)) or not 0 < object_size <= 0.6:
+        raise ValueError(f"object_size must be a number in (0, 0.6], got {object_size!r}")
+    size = float(max(4, round(object_size * min(h, w))))
     (xlo, xhi), (ylo, yhi) = _center_range(w, size), _center_range(h, size)
     start = [rng.uniform(xlo, xhi), rng.uniform(ylo, yhi)]
     base = dict(shape=shape, color=color, height=h, width=w, frames=t, size=size)
@@ -433,6 +437,7 @@ def make_synthetic_dataset(out_dir: Union[str, "os.PathLike[str]"], n: int, *, s
                            lengths: Sequence[int] = DEFAULT_LENGTHS, fps: float = 8, occluder_prob: float = 0.3,
                            bounce_prob: float = 0.0, colors: Sequence[str] = tuple(COLORS),
                            shapes: Sequence[str] = SHAPES, overwrite: bool = False,
+                           object_size: float = _OBJECT_SIZE,
                            progress: bool = True) -> list[SyntheticClip]:
     """Write ``n`` synthetic clips to ``out_dir`` as a video folder :class:`~sora_fast.data.VideoFolder` reads.
 
@@ -468,7 +473,8 @@ def make_synthetic_dataset(out_dir: Union[str, "os.PathLike[str]"], n: int, *, s
     children = np.random.SeedSequence(int(seed)).spawn(n)
     for i in _progress(range(n), total=n, desc="synthetic clips", enable=progress):
         spec = sample_spec(np.random.default_rng(children[i]), sizes=sizes, lengths=lengths, colors=colors,
-                           shapes=shapes, occluder_prob=occluder_prob, bounce_prob=bounce_prob)
+                           shapes=shapes, occluder_prob=occluder_prob, bounce_prob=bounce_prob,
+                           object_size=object_size)
         video = render_clip(spec)
         path = out / f"{i:05d}{'.png' if spec.frames == 1 else '.mp4'}"
         write_video(path, video, fps)

@@ -19,21 +19,37 @@ __all__ = ["VAETrainConfig", "train_vae", "fit_latent_stats"]
 
 @dataclass
 class VAETrainConfig:
-    """steps (one video each), lr (AdamW, constant after ``warmup_steps``), kl_weight, grad_clip, seed."""
+    """steps, lr (AdamW, constant after ``warmup_steps``), kl_weight, grad_clip, seed.
+
+    batch_size: videos per step, all of one shape (a random shape group, then random members of it;
+        videos are never cropped or resized to make a batch).
+
+    sample: decode a posterior sample (a VAE) or the posterior mean (an autoencoder with a KL penalty). The
+    default is the mean: with small objects on a plain background, sampled latents (std 1 at
+    initialization) drown the objects' signal and the decoder settles on the mean frame.
+    l1_weight: adds ``l1_weight · |decode(z) − video|`` to the MSE; L1 keeps small objects' gradient alive.
+    focus: per-pixel loss weight ``1 + focus · |video − background|`` (background: the video's per-channel
+        median), which makes pixels unlike the background (small objects) count more; 0 is a plain mean.
+    """
 
     steps: int = 400
+    batch_size: int = 4
     lr: float = 2e-3
     warmup_steps: int = 20
     kl_weight: float = 1e-3
     grad_clip: float = 1.0
+    sample: bool = False
+    l1_weight: float = 1.0
+    focus: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("steps", "warmup_steps", "seed"):
+        for name in ("steps", "batch_size", "warmup_steps", "seed"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < (1 if name == "steps" else 0):
-                raise ValueError(f"VAETrainConfig.{name} must be an int >= {1 if name == 'steps' else 0}, got {v!r}")
-        for name in ("lr", "kl_weight", "grad_clip"):
+            lo = 1 if name in ("steps", "batch_size") else 0
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"VAETrainConfig.{name} must be an int >= {lo}, got {v!r}")
+        for name in ("lr", "kl_weight", "grad_clip", "l1_weight", "focus"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (name == "lr" and v == 0):
                 raise ValueError(f"VAETrainConfig.{name} must be a number {'> 0' if name == 'lr' else '>= 0'}, "
@@ -65,19 +81,34 @@ def train_vae(vae, videos: Sequence[torch.Tensor], config: Optional[VAETrainConf
     device = next(vae.parameters()).device
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed)
+    groups: dict = {}
+    for i, v in enumerate(videos):
+        groups.setdefault(tuple(v.shape), []).append(i)
+    groups = list(groups.values())
     losses, recons, start = [], [], time.perf_counter()
     bar = ProgressBar(cfg.steps, desc="train vae", disable=not progress)
     vae.train()
     try:
         for step in range(cfg.steps):
-            video = videos[int(torch.randint(len(videos), (1,), generator=g))][None].to(device, torch.float32)
+            group = groups[int(torch.randint(len(groups), (1,), generator=g))]
+            pick = torch.randperm(len(group), generator=g)[:cfg.batch_size].tolist()
+            video = torch.stack([videos[group[j]] for j in pick]).to(device, torch.float32)   # (b, 3, T, H, W)
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
             post = vae.encode_posterior(video)
-            z = post.sample(generator=torch.Generator(device="cpu").manual_seed(cfg.seed * 100_003 + step))
-            recon = vae.decode(z, clamp=False)                                  # (1, 3, T, H, W)
-            mse = (recon - video).square().mean()
-            loss = mse + cfg.kl_weight * post.kl().sum() / video.numel()
+            z = (post.sample(generator=torch.Generator(device="cpu").manual_seed(cfg.seed * 100_003 + step))
+                 if cfg.sample else post.mean)
+            recon = vae.decode(z, clamp=False)                                  # (b, 3, T, H, W)
+            err = recon - video
+            mse = err.square().mean()
+            if cfg.focus:
+                bg = video.flatten(2).median(dim=2).values[..., None, None, None]     # (b, 3, 1, 1, 1)
+                w = 1 + cfg.focus * (video - bg).abs().mean(dim=1, keepdim=True)      # (b, 1, T, H, W)
+                w = w / w.mean()
+            else:
+                w = 1.0
+            loss = ((err.square() + cfg.l1_weight * err.abs()) * w).mean() \
+                + cfg.kl_weight * post.kl().sum() / video.numel()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -85,7 +116,7 @@ def train_vae(vae, videos: Sequence[torch.Tensor], config: Optional[VAETrainConf
             opt.step()
             losses.append(loss.item())
             recons.append(mse.item())
-            bar.update(1, loss=mse.item(), tokens=video.shape[2])
+            bar.update(1, loss=mse.item(), tokens=video.shape[0] * video.shape[2])
     finally:
         bar.close()
     vae.eval()
