@@ -6,6 +6,8 @@
 - :mod:`.ema`: fp32 exponential moving average of the trainable weights.
 - :mod:`.checkpoint`: atomic safetensors + JSON checkpoints with RNG state for bit-identical resume.
 - :mod:`.metrics`: JSONL metrics log, progress bar, loss-curve plot.
+- :mod:`.trainer`: :class:`Trainer` / :class:`TrainConfig`, the DiT training loop built from the above.
+- :mod:`.vae`: :func:`train_vae` and :func:`fit_latent_stats` for a VAE trained from scratch (the demo's).
 """
 from .checkpoint import (
     StateDictMismatchError,
@@ -28,8 +30,15 @@ from .flow import (
 )
 from .lora import DEFAULT_TARGETS, LoRALinear, apply_lora, load_lora, lora_state_dict, merge_lora, remove_lora
 from .metrics import MetricsLogger, ProgressBar, plot_loss_curve, read_metrics
+from .trainer import TrainConfig, Trainer
+from .vae import VAETrainConfig, fit_latent_stats, train_vae
 
 __all__ = [
+    "Trainer",
+    "TrainConfig",
+    "train_vae",
+    "VAETrainConfig",
+    "fit_latent_stats",
     # flow
     "shift_sigmas",
     "resolution_shift",
