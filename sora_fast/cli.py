@@ -89,8 +89,7 @@ def cmd_train(args) -> int:
         dit = VideoDiT(DiTConfig.from_name(run.dit, in_channels=vae.latent_channels,
                                            out_channels=vae.latent_channels, text_dim=text.dim))
     elif run.diffusers_transformer is not None:
-        from diffusers import WanTransformer3DModel
-        dit = VideoDiT.from_diffusers(WanTransformer3DModel.from_pretrained(run.diffusers_transformer))
+        dit = VideoDiT.from_diffusers_dir(run.diffusers_transformer)
     else:
         dit = pipe.dit
     pipe = VideoPipeline(dit, vae, text)  # checks channels and text width agree

@@ -118,3 +118,26 @@ def test_train_config_errors(tiny_pipeline, tmp_path, capsys):
     assert cli.main(["train", "--config", str(f), "--resume", "--steps", "3"]) == 2
     err = capsys.readouterr().err
     assert "config.dit.dim" in err and "missing" in err, err
+
+
+def test_train_fine_tunes_a_diffusers_wan_transformer(tiny_pipeline, tmp_path, capsys):
+    """`diffusers_transformer`: a saved WanTransformer3DModel is converted, fine-tuned with LoRA, merged and
+    saved; the merged pipeline's DiT then differs from the converted start only through the adapters."""
+    from diffusers import WanTransformer3DModel
+
+    pipe, path = tiny_pipeline
+    wan = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                out_channels=4, text_dim=pipe.text_encoder.dim, freq_dim=32, ffn_dim=48, num_layers=1)
+    for p in wan.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    wan.save_pretrained(tmp_path / "wan")
+    f = _run_file(tmp_path, path, diffusers_transformer=str(tmp_path / "wan"))
+    cfg = json.loads(f.read_text())
+    cfg["train"].update(lora_rank=2, steps=2)
+    f.write_text(json.dumps(cfg))
+    assert cli.main(["train", "--config", str(f)]) == 0, capsys.readouterr().err
+    tuned = VideoPipeline.load(tmp_path / "run" / "pipeline")
+    start = VideoDiT.from_diffusers(wan)
+    assert tuned.dit.config == start.config
+    changed = [n for n, p in start.state_dict().items() if not torch.equal(p, tuned.dit.state_dict()[n])]
+    assert changed and all(any(t in n for t in ("to_q", "to_k", "to_v", "to_out", "ffn")) for n in changed), changed

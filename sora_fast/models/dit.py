@@ -278,15 +278,46 @@ class VideoDiT(nn.Module):
         tensor in the dtype diffusers holds it (e.g. fp32 tables and norms in a bf16 model)."""
         config = DiTConfig.from_diffusers_config(model.config)
         sd = convert_wan_transformer_state_dict(model.state_dict(), config)
-        device = next(model.parameters()).device
+        return cls._from_converted(config, sd, next(model.parameters()).device,
+                                   "diffusers WanTransformer3DModel state dict", **kwargs)
+
+    @classmethod
+    def _from_converted(cls, config: DiTConfig, sd: dict, device, source: str, **kwargs) -> "VideoDiT":
         with torch.device("meta"):
             dit = cls(config, **kwargs)                     # no memory, no init: every tensor is loaded below
         for name, p in list(dit.named_parameters()):
             owner, _, leaf = name.rpartition(".")
             dtype = sd[name].dtype if name in sd else p.dtype
             dit.get_submodule(owner)._parameters[leaf] = nn.Parameter(torch.empty_like(p, dtype=dtype, device=device))
-        load_converted(dit, sd, source="diffusers WanTransformer3DModel state dict")
+        load_converted(dit, sd, source=source)
         return dit
+
+    @classmethod
+    def from_diffusers_dir(cls, path, **kwargs) -> "VideoDiT":
+        """A diffusers ``WanTransformer3DModel`` saved in ``path`` (``config.json`` + one or sharded
+        ``diffusion_pytorch_model*.safetensors``), read with safetensors directly: neither diffusers nor
+        accelerate is needed, and nothing is unpickled. Tensors keep their stored dtypes."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        d = Path(path)
+        if not (d / "config.json").is_file():
+            raise FileNotFoundError(f"{d} is not a saved diffusers model: {d / 'config.json'} is missing")
+        index = d / "diffusion_pytorch_model.safetensors.index.json"
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (d / "diffusion_pytorch_model.safetensors").is_file():
+            files = ["diffusion_pytorch_model.safetensors"]
+        else:
+            raise FileNotFoundError(f"{d} holds no diffusion_pytorch_model*.safetensors weights")
+        config = DiTConfig.from_diffusers_config(json.loads((d / "config.json").read_text()))
+        sd = {}
+        for f in files:
+            sd.update(load_file(str(d / f)))
+        return cls._from_converted(config, convert_wan_transformer_state_dict(sd, config), torch.device("cpu"),
+                                   f"diffusers WanTransformer3DModel in {d}", **kwargs)
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
