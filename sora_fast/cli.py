@@ -1,4 +1,4 @@
-"""The ``sora-fast`` command: ``demo``, ``train``, ``generate`` (``sora-fast <command> --help`` for each)."""
+"""The ``sora-fast`` command: ``demo``, ``train``, ``generate``, ``report`` (``sora-fast <command> --help``)."""
 from __future__ import annotations
 
 import argparse
@@ -160,6 +160,12 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .tools import kernel_report
+
+    return kernel_report.main(args.args, prog="sora-fast report")
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -169,7 +175,9 @@ def cmd_demo(args) -> int:
 
 # --- parser --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sora-fast", description=__doc__.split("\n")[0].split(": ", 1)[-1])
+    parser = argparse.ArgumentParser(prog="sora-fast",
+                                     description="sora_fast: packed video diffusion with custom kernels. "
+                                                 "`sora-fast COMMAND --help` documents each command.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("demo", help="data -> VAE -> packed DiT training -> sampling -> videos, on a CPU",
@@ -209,10 +217,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fps", type=float, default=8.0, metavar="F", help="frames per second (default: %(default)s)")
     g.add_argument("--out", default="samples", metavar="DIR", help="output directory (default: %(default)s)")
     g.set_defaults(func=cmd_generate)
+
+    r = sub.add_parser("report", add_help=False,
+                       help="offline sm_90 report of every shipped Triton config and CUDA kernel (registers, "
+                            "spills, shared memory, tensor-core / vector-load counts, occupancy)",
+                       description="See `sora-fast report --help`.")
+    r.add_argument("args", nargs=argparse.REMAINDER,
+                   help="the report's own options (`sora-fast report --help` lists them)")
+    r.set_defaults(func=cmd_report)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:  # the report parses its own options (argparse's REMAINDER misses a leading flag)
+        return cmd_report(argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
     if getattr(args, "shift", None) not in (None, "auto"):
         try:

@@ -26,10 +26,12 @@ class DemoConfig:
     clips: int = 160
     sizes: tuple = ((32, 32), (32, 48), (48, 32))
     lengths: tuple = (1, 5, 9)
-    vae_steps: int = 240
-    dit_steps: int = 1400
+    object_size: float = 0.4
+    vae_steps: int = 700
+    vae_focus: float = 4.0
+    dit_steps: int = 1200
     token_budget: int = 1152
-    lr: float = 1e-3
+    lr: float = 1.5e-3
     sample_steps: int = 20
     guidance: float = 4.0
     prompts: int = 8
@@ -39,7 +41,7 @@ class DemoConfig:
 
 DEMO_PRESETS = {
     "default": DemoConfig(),
-    "quick": DemoConfig(clips=24, vae_steps=30, dit_steps=60, sample_steps=6, prompts=4),
+    "quick": DemoConfig(clips=24, vae_steps=20, dit_steps=40, sample_steps=6, prompts=4),
 }
 
 
@@ -101,7 +103,7 @@ def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, config: Op
     # 1. data: a real video folder of captioned synthetic clips, read back at native size
     with timer.stage("data: synthetic clips") as st:
         make_synthetic_dataset(out / "data", cfg.clips, seed=cfg.seed, sizes=cfg.sizes, lengths=cfg.lengths,
-                               overwrite=True, progress=progress)
+                               object_size=cfg.object_size, overwrite=True, progress=progress)
         st.detail = f"{cfg.clips} clips, sizes {list(cfg.sizes)}, frames {list(cfg.lengths)}"
     vae = CausalVAE("demo")
     tf, sf = vae.temporal_factor, vae.spatial_factor
@@ -113,7 +115,8 @@ def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, config: Op
 
     # 2. VAE from scratch, then its latent statistics
     with timer.stage("train vae") as st:
-        r = train_vae(vae, videos, VAETrainConfig(steps=cfg.vae_steps, seed=cfg.seed), progress=progress)
+        r = train_vae(vae, videos, VAETrainConfig(steps=cfg.vae_steps, focus=cfg.vae_focus, seed=cfg.seed),
+                      progress=progress)
         fit_latent_stats(vae, videos)
         st.detail = f"{cfg.vae_steps} steps, recon MSE {sum(r['recon'][-20:]) / len(r['recon'][-20:]):.4f}"
 

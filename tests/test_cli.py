@@ -141,3 +141,11 @@ def test_train_fine_tunes_a_diffusers_wan_transformer(tiny_pipeline, tmp_path, c
     assert tuned.dit.config == start.config
     changed = [n for n, p in start.state_dict().items() if not torch.equal(p, tuned.dit.state_dict()[n])]
     assert changed and all(any(t in n for t in ("to_q", "to_k", "to_v", "to_out", "ffn")) for n in changed), changed
+
+
+def test_report_is_the_kernel_report(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["report", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: sora-fast report") and "--per-kernel" in out

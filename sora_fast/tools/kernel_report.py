@@ -374,8 +374,8 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sora_fast.tools.kernel_report",
+def main(argv=None, prog: str = "python -m sora_fast.tools.kernel_report") -> int:
+    parser = argparse.ArgumentParser(prog=prog,
                                      description=__doc__.split("\n\n")[0],
                                      epilog="Exit status: 0 when every gate of every row passes, 1 otherwise, "
                                             "2 on a usage error.")
