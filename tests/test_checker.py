@@ -65,7 +65,7 @@ def test_wrong_direction_fails(fresh_seed):
 
 def test_perpendicular_motion_fails():
     s = ClipSpec(shape="circle", color="blue", height=48, width=48, frames=13, size=12, start=(24.0, 38.0),
-                 direction="up", speed="fast")
+                 direction="up", speed="slow")
     r = check_clip(render_clip(s), "a blue circle moving left quickly")
     assert not r.passed and r.direction_ok is False and "wrong direction" in r.reasons[0]
     assert abs(r.displacement[1]) > 10 and abs(r.displacement[0]) < 0.5
@@ -108,7 +108,7 @@ def test_empty_frames_fail(fresh_seed):
 
 def test_object_hidden_in_too_many_frames_fails():
     s = ClipSpec(shape="square", color="green", height=32, width=64, frames=17, size=8, start=(8.0, 16.0),
-                 direction="right", speed="fast")
+                 direction="right", speed="slow")
     frames = render_clip(s)
     frames[4:8] = BACKGROUND  # gone for 4 of 17 frames (76% present)
     r = check_clip(frames, s.caption)

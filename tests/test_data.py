@@ -188,7 +188,7 @@ def test_broken_files_are_skipped_and_counted(tmp_path, fresh_seed):
     write_video(png, render_clip(sample_spec(fresh_seed, lengths=(1,))))
     png.write_bytes(png.read_bytes()[:60])
     late = ClipSpec(shape="square", color="green", height=32, width=32, frames=17, size=8, start=(6.0, 16.0),
-                    direction="right", speed="fast")
+                    direction="right", speed="slow")
     _faststart_truncated_mp4(tmp_path / "late.mp4", late)
 
     ds = VideoFolder(tmp_path, progress=False)
@@ -279,7 +279,7 @@ def test_fit_size(h, w, max_area, m):
 
 def test_downscale_and_frame_rule(tmp_path, fresh_seed):
     spec = ClipSpec(shape="circle", color="yellow", height=48, width=64, frames=17, size=12, start=(10.0, 24.0),
-                    direction="right", speed="fast")
+                    direction="right", speed="slow")
     write_video(tmp_path / "clip.mp4", render_clip(spec), fps=8)
     full = VideoFolder(tmp_path, progress=False)[0]["video"]
     ds = VideoFolder(tmp_path, max_area=32 * 40, size_multiple=16, max_frames=12, frame_multiple=4, frame_offset=1,
