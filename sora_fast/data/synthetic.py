@@ -71,7 +71,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = ("left", "right", "up", "down")
 #: Speed in fractions of the frame side along the motion axis per frame.
-SPEEDS: dict[str, float] = {"slow": 0.03, "fast": 0.06}
+SPEEDS: dict[str, float] = {"slow": 0.02, "fast": 0.04}
 _SPEED_WORDS = {"slow": "slowly", "fast": "quickly"}
 _AXIS_WORDS = {"x": "left and right", "y": "up and down"}
 BACKGROUND = (18, 18, 26)
