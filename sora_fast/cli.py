@@ -173,6 +173,35 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from .pipeline import VideoPipeline
+    from .profile import PROFILE_PRESETS, build_preset_pipeline, default_size, format_report, profile_pipeline
+
+    if args.preset is not None and args.pipeline is not None:
+        raise ValueError(f"give at most one of --preset and --pipeline, got --preset {args.preset} and "
+                         f"--pipeline {args.pipeline}")
+    for flag, v, lo in (("--steps", args.steps, 1), ("--prompts", args.prompts, 1), ("--warmup", args.warmup, 0),
+                        ("--top", args.top, 1)):
+        if v < lo:
+            raise ValueError(f"{flag} must be >= {lo}, got {v}")
+    if args.pipeline is not None:
+        pipe = VideoPipeline.load(args.pipeline)
+    else:
+        if (args.preset or "tiny") not in PROFILE_PRESETS:
+            raise ValueError(f"--preset must be one of {', '.join(PROFILE_PRESETS)}; got {args.preset!r}")
+        pipe = build_preset_pipeline(args.preset or "tiny")
+    size = pipe.check_size(args.size, name="--size") if args.size else default_size(pipe)
+    prompts = [f"profile prompt {i}" for i in range(args.prompts)]
+    report = profile_pipeline(pipe, prompts=prompts, size=size, steps=args.steps, guidance=args.guidance,
+                              warmup=args.warmup, trace=args.trace, top=args.top)
+    print(format_report(report, top=args.top))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
 # --- parser --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sora-fast",
@@ -217,6 +246,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fps", type=float, default=8.0, metavar="F", help="frames per second (default: %(default)s)")
     g.add_argument("--out", default="samples", metavar="DIR", help="output directory (default: %(default)s)")
     g.set_defaults(func=cmd_generate)
+
+    pr = sub.add_parser("profile", help="inference latency of a pipeline: stages, top ops, memory, throughput",
+                        description="Warm-up run(s), then one timed run of generate (text encode, every denoising "
+                                    "step, VAE decode), one under torch.profiler (top ops, optional Chrome trace) "
+                                    "and, on a CPU, one under a tensor-memory tracker. With no --pipeline, a "
+                                    "random-weight tiny pipeline is profiled (no checkpoint needed).")
+    pr.add_argument("--preset", metavar="NAME",
+                    help="random-weight pipeline to profile: tiny or demo (default: tiny unless --pipeline)")
+    pr.add_argument("--pipeline", metavar="DIR", help="a saved pipeline to profile instead of a preset")
+    pr.add_argument("--size", type=_size, metavar="TxHxW",
+                    help="frames x height x width of every video (default 9x32x32, or the smallest valid size)")
+    pr.add_argument("--prompts", type=int, default=1, metavar="N",
+                    help="videos generated together in one packed stream (default: %(default)s)")
+    pr.add_argument("--steps", type=int, default=10, metavar="N", help="Euler steps (default: %(default)s)")
+    pr.add_argument("--guidance", type=float, default=4.0, metavar="G",
+                    help="CFG scale; 1 runs without the unconditional copy (default: %(default)s)")
+    pr.add_argument("--warmup", type=int, default=1, metavar="N",
+                    help="unmeasured runs before the measured one (default: %(default)s)")
+    pr.add_argument("--trace", metavar="PATH", help="write a Chrome trace of the profiled run (chrome://tracing)")
+    pr.add_argument("--json", metavar="PATH", help="also write the full result as JSON")
+    pr.add_argument("--top", type=int, default=15, metavar="K", help="ops listed in the table (default: %(default)s)")
+    pr.set_defaults(func=cmd_profile)
 
     r = sub.add_parser("report", add_help=False,
                        help="offline sm_90 report of every shipped Triton config and CUDA kernel (registers, "
