@@ -22,16 +22,14 @@ import os
 import struct
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Union
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from .io import _AtomicFile, _progress
-from .video_folder import Skipped, UnreadableFileError
+from .video_folder import Skipped, UnreadableFileError, first_readable
 
 __all__ = ["cache_latents", "LatentDataset", "INDEX_NAME"]
 
@@ -262,24 +260,8 @@ class LatentDataset(Dataset):
         return {"latent": z, "caption": it.caption, "path": it.path, "index": index}
 
     def __getitem__(self, index: int) -> dict:
-        n = len(self.items)
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-            raise TypeError(f"index must be an int, got {type(index).__name__}")
-        if not -n <= index < n:
-            raise IndexError(f"index {index} is out of range for a LatentDataset of {n} items")
-        index = int(index) % n
-        for k in range(n):
-            j = (index + k) % n
-            if j in self._broken:
-                continue
-            try:
-                return self.load(j)
-            except UnreadableFileError as e:
-                self._broken.add(j)
-                self.skipped.append(Skipped(f"{self.items[j].shard}:{self.items[j].key}", str(e)))
-                warnings.warn(f"LatentDataset: skipping item {j} ({e}); returning the next readable item instead",
-                              RuntimeWarning, stacklevel=2)
-        raise RuntimeError(f"every item of the latent cache {str(self.root)!r} failed to load; see .skipped")
+        return first_readable(self, index, len(self.items), lambda j: f"{self.items[j].shard}:{self.items[j].key}",
+                              f"every item of the latent cache {str(self.root)!r} failed to load")
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:

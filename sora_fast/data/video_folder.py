@@ -114,6 +114,30 @@ def _err(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
+def first_readable(ds, index, n: int, name_of: Callable[[int], str], all_failed: str) -> dict:
+    """``ds.load(index)``, or when that item turns out unreadable the next readable one (wrapping around):
+    the broken item is remembered in ``ds._broken``, recorded in ``ds.skipped`` (named by ``name_of``) and
+    warned about, so one bad file never stops a training loop. ``n`` is ``len(ds)``; RuntimeError with
+    ``all_failed`` when no item loads."""
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+        raise TypeError(f"index must be an int, got {type(index).__name__}")
+    if not -n <= index < n:
+        raise IndexError(f"index {index} is out of range for a {type(ds).__name__} of {n} items")
+    index = int(index) % n
+    for k in range(n):
+        j = (index + k) % n
+        if j in ds._broken:
+            continue
+        try:
+            return ds.load(j)
+        except UnreadableFileError as err:
+            ds._broken.add(j)
+            ds.skipped.append(Skipped(name_of(j), str(err)))
+            warnings.warn(f"{type(ds).__name__}: skipping {name_of(j)} ({err}); returning the next readable item "
+                          "instead", RuntimeWarning, stacklevel=3)
+    raise RuntimeError(f"{all_failed}; see .skipped")
+
+
 class VideoFolder(Dataset):
     """Captioned videos and images of a folder, at native size (module docstring: reductions, broken files).
 
@@ -343,24 +367,8 @@ class VideoFolder(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         """Item ``index``; if its file turns out broken, the next readable item (see the module docstring)."""
-        n = len(self.entries)
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-            raise TypeError(f"index must be an int, got {type(index).__name__}")
-        if not -n <= index < n:
-            raise IndexError(f"index {index} is out of range for a VideoFolder of {n} items")
-        index = int(index) % n
-        for k in range(n):
-            j = (index + k) % n
-            if j in self._broken:
-                continue
-            try:
-                return self.load(j)
-            except UnreadableFileError as err:
-                self._broken.add(j)
-                self.skipped.append(Skipped(str(self.entries[j].path), str(err)))
-                warnings.warn(f"VideoFolder: skipping {self.entries[j].path} ({err}); "
-                              f"returning the next readable item instead", RuntimeWarning, stacklevel=2)
-        raise RuntimeError(f"every one of the {n} files of {str(self.root)!r} failed to decode; see .skipped")
+        return first_readable(self, index, len(self.entries), lambda j: str(self.entries[j].path),
+                              f"every one of the {len(self.entries)} files of {str(self.root)!r} failed to decode")
 
     # ------------------------------------------------------------------------------------------
     # metadata
