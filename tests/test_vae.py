@@ -5,18 +5,15 @@ weights keep PyTorch's random init, norm gammas and all biases are drawn anew). 
 max |ours - diffusers| / max |diffusers| ("relative error"); fp32 rounding through ~40 layers gives
 ~1e-7 to 1e-6, so 1e-5 catches any real difference (a wrong cache frame or a missing term is O(1)).
 """
-import weakref
 
 import pytest
 import torch
 from diffusers import AutoencoderKLWan
-from torch._library.custom_ops import OPDEFS
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from sora_fast.models._convert import StateDictMismatchError, load_converted
 from sora_fast.models.vae import CausalVAE, VAEConfig, convert_wan_vae_state_dict
 from sora_fast.ops import BackendUnavailableError
+from sora_fast.tools.memory import PeakMemory
 
 # Wan2.1's layout at width 8: 4x time, 8x space (downsample2d, then two downsample3d), 4 latent channels.
 TINY = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
@@ -208,46 +205,9 @@ def test_posterior_sample_backprops():
 
 
 # --- memory -----------------------------------------------------------------------------------
-class PeakStorage(TorchDispatchMode):
-    """Live bytes of tensor storage allocated while active, and their peak — deterministic on CPU.
-
-    Every op output's storage is counted once when it first appears and uncounted when it is freed (a
-    weakref finalizer on the storage object, which lives exactly as long as the storage). sora_fast's
-    custom ops run their Python body inside the mode, so their temporaries count too. Storages of
-    ``exclude`` (inputs, parameters) and views of them are not counted.
-    """
-
-    def __init__(self, exclude=()):
-        super().__init__()
-        self.live = self.peak = 0
-        self._ptrs = {t.untyped_storage().data_ptr() for t in exclude}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        opdef = OPDEFS.get(func._schema.name)
-        if opdef is not None and func.namespace == "sora_fast":
-            with self:
-                out = opdef._init_fn(*args, **(kwargs or {}))
-        else:
-            out = func(*args, **(kwargs or {}))
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                ptr, n = st.data_ptr(), st.nbytes()
-                if n and ptr not in self._ptrs:
-                    self._ptrs.add(ptr)
-                    self.live += n
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(st, self._free, ptr, n)
-        return out
-
-    def _free(self, ptr, n):
-        self._ptrs.discard(ptr)
-        self.live -= n
-
-
 def working_bytes(fn, inp, model):
     """Peak storage bytes during ``fn(inp)`` minus the bytes of the output it returns."""
-    with torch.no_grad(), PeakStorage(exclude=[inp, *model.parameters()]) as mem:
+    with torch.no_grad(), PeakMemory(exclude=[inp, *model.parameters()]) as mem:
         out = fn(inp)
     return mem.peak - out.untyped_storage().nbytes(), out
 
