@@ -1,0 +1,57 @@
+"""The system benchmark (``bench/bench_system.py --quick``) runs in-process, every row passes its
+correctness check, and the JSON/CSV hold the four sections with positive finite ratios."""
+import csv
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_system.py"
+SECTIONS = ("packed", "diffusers", "cfg", "vae")
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_system", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_system_quick(tmp_path, capsys):
+    bench = _load()
+    js, cs = tmp_path / "system.json", tmp_path / "system.csv"
+    threads = torch.get_num_threads()
+    assert bench.main(["--quick", "--threads", "1", "--json", str(js), "--csv", str(cs)]) == 0
+    assert torch.get_num_threads() == threads  # restored for the rest of the session
+    out = capsys.readouterr().out
+    assert "0 failed correctness checks" in out
+    result = json.loads(js.read_text())
+    assert set(SECTIONS) <= set(result)
+    meta = result["meta"]
+    assert meta["dtype"] == "float32" and meta["cpu_threads"] == 1 and "torch" in meta
+    rows = [r for s in SECTIONS for r in result[s]]
+    for s in SECTIONS:
+        assert result[s], f"section {s} is empty"
+    for r in rows:
+        assert r["passed"] is True, r
+        assert r["max_rel_err_out"] <= bench.REL_TOL, r
+        for key in ("ratio", "mem_ratio"):
+            if key in r or key == "ratio":
+                assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+    assert result["packed"][0]["tokens_padded"] > result["packed"][0]["tokens_real"]
+    assert len(result["diffusers"]) == 2 and len(result["vae"]) >= 2
+    with cs.open() as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+
+
+def test_only_rejects_unknown_sections(capsys):
+    bench = _load()
+    try:
+        bench.main(["--quick", "--only", "packed,video"])
+    except SystemExit as e:
+        assert e.code == 2
+    else:
+        raise AssertionError("--only video should be rejected")
+    assert "--only takes sections from" in capsys.readouterr().err
