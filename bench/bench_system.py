@@ -38,14 +38,10 @@ import platform
 import statistics
 import sys
 import time
-import weakref
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch._library.custom_ops import OPDEFS
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
 SECTIONS = ("packed", "diffusers", "cfg", "vae")
 TF, SF = 4, 8  # Wan VAE: 4x time, 8x space
@@ -90,44 +86,6 @@ def time_interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: in
             f()
             times[k].append(time.perf_counter() - t0)
     return {**{k: statistics.median(v) for k, v in times.items()}, **{f"min:{k}": min(v) for k, v in times.items()}}
-
-
-# --- memory --------------------------------------------------------------------------------------------
-class PeakStorage(TorchDispatchMode):
-    """Live bytes of tensor storage allocated while active, and their peak — deterministic on CPU.
-
-    Every op output's storage is counted once when it first appears and uncounted when it is freed (a
-    weakref finalizer on the storage object, which lives exactly as long as the storage). sora_fast's
-    custom ops run their Python body inside the mode, so their temporaries count too. Storages of
-    ``exclude`` (inputs, parameters) and views of them are not counted.
-    """
-
-    def __init__(self, exclude=()):
-        super().__init__()
-        self.live = self.peak = 0
-        self._ptrs = {t.untyped_storage().data_ptr() for t in exclude}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        opdef = OPDEFS.get(func._schema.name)
-        if opdef is not None and func.namespace == "sora_fast":
-            with self:
-                out = opdef._init_fn(*args, **(kwargs or {}))
-        else:
-            out = func(*args, **(kwargs or {}))
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                ptr, n = st.data_ptr(), st.nbytes()
-                if n and ptr not in self._ptrs:
-                    self._ptrs.add(ptr)
-                    self.live += n
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(st, self._free, ptr, n)
-        return out
-
-    def _free(self, ptr, n):
-        self._ptrs.discard(ptr)
-        self.live -= n
 
 
 # --- models --------------------------------------------------------------------------------------------
@@ -375,7 +333,9 @@ def make_vaes(base_dim: int, seed: int = 0):
 
 def peak_bytes(fn, inp, model) -> tuple[int, int]:
     """(peak live storage bytes during ``fn(inp)``, bytes of the returned output)."""
-    with torch.no_grad(), PeakStorage(exclude=[inp, *model.parameters()]) as mem:
+    from sora_fast.tools.memory import PeakMemory
+
+    with torch.no_grad(), PeakMemory(exclude=[inp, *model.parameters()]) as mem:
         out = fn(inp)
     return mem.peak, out.untyped_storage().nbytes()
 
