@@ -33,7 +33,7 @@ class DemoConfig:
     token_budget: int = 1152
     lr: float = 1.5e-3
     sample_steps: int = 20
-    guidance: float = 4.0
+    guidance: float = 8.0
     prompts: int = 8
     gen_sizes: tuple = ((9, 32, 32), (9, 32, 48), (9, 48, 32))
     seed: int = 0
