@@ -41,7 +41,6 @@ def test_ground_truth_passes(fresh_seed):
 def test_ground_truth_passes_after_mp4_round_trip(tmp_path, fresh_seed):
     from sora_fast.data import VideoFolder, make_synthetic_dataset
 
-    pytest.importorskip("av")
     make_synthetic_dataset(tmp_path, 8, seed=fresh_seed, lengths=(5, 9, 17), occluder_prob=0.5, progress=False)
     ds = VideoFolder(tmp_path, progress=False)
     results = [check_clip(ds[i]["video"], ds[i]["caption"]) for i in range(len(ds))]  # (3, T, H, W) float

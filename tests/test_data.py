@@ -9,13 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("av")
-pytest.importorskip("PIL")
-pytest.importorskip("safetensors")
+import av  # the test extra installs av, Pillow and safetensors: missing ones fail here, never skip
 
-import av  # noqa: E402
-
-from sora_fast.data import (  # noqa: E402
+from sora_fast.data import (
     ClipSpec,
     LatentDataset,
     VideoFolder,
@@ -30,8 +26,8 @@ from sora_fast.data import (  # noqa: E402
     write_contact_sheet,
     write_video,
 )
-from sora_fast.data.synthetic import COLORS, DIRECTIONS, SHAPES, SPEEDS  # noqa: E402
-from sora_fast.data.video_folder import UnreadableFileError, fit_size  # noqa: E402
+from sora_fast.data.synthetic import COLORS, DIRECTIONS, SHAPES, SPEEDS
+from sora_fast.data.video_folder import UnreadableFileError, fit_size
 
 
 def _to_float(frames: np.ndarray) -> torch.Tensor:
