@@ -166,6 +166,12 @@ def cmd_report(args) -> int:
     return kernel_report.main(args.args, prog="sora-fast report")
 
 
+def cmd_bench(args) -> int:
+    from .bench import runner
+
+    return runner.main(args.args, prog="sora-fast bench")
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -276,6 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("args", nargs=argparse.REMAINDER,
                    help="the report's own options (`sora-fast report --help` lists them)")
     r.set_defaults(func=cmd_report)
+
+    b = sub.add_parser("bench", add_help=False,
+                       help="kernel benchmarks: every op across providers side by side (ms, TFLOP/s or GB/s, %% of "
+                            "floor), checked against a reference before timing; JSON, CSV and plots",
+                       description="See `sora-fast bench --help`.")
+    b.add_argument("args", nargs=argparse.REMAINDER,
+                   help="the benchmark's own options (`sora-fast bench --help` lists them)")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -283,6 +297,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["report"]:  # the report parses its own options (argparse's REMAINDER misses a leading flag)
         return cmd_report(argparse.Namespace(args=argv[1:]))
+    if argv[:1] == ["bench"]:  # the same for the benchmark
+        return cmd_bench(argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
     if getattr(args, "shift", None) not in (None, "auto"):
         try:

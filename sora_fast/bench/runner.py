@@ -1,0 +1,481 @@
+"""``sora-fast bench``: every op across providers side by side in one run, checked, timed, written as rows.
+
+For each op (:mod:`sora_fast.bench.suites`) and each of its cases:
+
+1. the independent reference runs in float64 on the same inputs, and once more in the benchmark dtype
+   (PyTorch's own error at that precision);
+2. every provider is built (or skipped, with the reason) and run once; its output must be within
+   ``2 x`` the reference's own low-precision error plus a few units in the last place of the dtype
+   (``REL_TOL``, relative to the largest output) of the float64 reference. A provider that fails the
+   check (or raises) gets a row with the error and no timing: no number is ever reported from a wrong run;
+3. the providers that passed are timed: on a CPU by pytest-benchmark (``benchmark.pedantic`` in
+   :mod:`sora_fast.bench.timing_suite`, run through ``pytest.main``; the passes over all cases and
+   providers are interleaved so that machine noise hits every provider alike), on a GPU with
+   ``triton.testing.do_bench`` (median, KERNELS.md §5) while NVML telemetry is sampled.
+
+Rows (one per op x case x provider) carry ms, the roofline throughput (TFLOP/s or GB/s), % of the
+device's datasheet floor when it is known, the time relative to eager torch, the check's error and
+tolerance, shape, dtype, device name and versions. Outputs: ``bench.json`` (``meta`` + ``rows``),
+``bench.csv`` and one PNG per op (throughput against sequence length, hidden size or channels).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from .suites import KERNEL_BACKENDS, OP_ALIASES, PROVIDERS, SUITES, BenchCase, ProviderFn, Skip, expand_ops
+
+__all__ = ["run_bench", "main", "FLOORS", "REL_TOL", "COLUMNS", "DEVICES"]
+
+DEVICES = ("auto", "cpu", "cuda")
+# Datasheet floors (KERNELS.md §4): dense bf16/fp16 tensor-core math and HBM bandwidth (SXM parts).
+FLOORS = {"H100": {"TFLOP/s": 989.0, "GB/s": 3350.0}, "H200": {"TFLOP/s": 989.0, "GB/s": 4800.0}}
+# A few units in the last place of each dtype (unit roundoff: fp32 6e-8, fp16 4.9e-4, bf16 3.9e-3), relative to
+# the largest reference output: the allowance on top of 2x the reference's own error at that dtype.
+REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}
+COLUMNS = ("kernel", "case", "provider", "status", "ms", "ms_min", "rounds", "throughput", "unit", "pct_of_floor",
+           "vs_eager", "max_error", "tolerance", "shape", "dtype", "device", "x", "timer", "note", "versions")
+
+
+@dataclass
+class _Timed:
+    """A provider that passed its check, waiting to be timed."""
+
+    key: str
+    group: str
+    fn: Callable[[], Any]
+    rounds: int
+    row: dict
+
+
+# --- environment -----------------------------------------------------------------------------------
+def resolve_device(device: str) -> torch.device:
+    if device not in DEVICES:
+        raise ValueError(f"--device must be one of {', '.join(DEVICES)}; got {device!r}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda needs a CUDA GPU, but torch.cuda.is_available() is False here "
+                         "(use --device cpu or auto)")
+    return torch.device(device)
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def versions() -> dict[str, str]:
+    from .._version import __version__
+
+    v = {"sora_fast": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    if torch.version.cuda:
+        v["cuda"] = str(torch.version.cuda)
+    for mod in ("triton", "pytest_benchmark", "flash_attn", "liger_kernel"):
+        try:
+            v[mod] = str(getattr(importlib.import_module(mod), "__version__", "installed"))
+        except Exception:
+            pass
+    return v
+
+
+def floor_for(name: str, unit: str) -> Optional[float]:
+    return next((f[unit] for k, f in FLOORS.items() if k in name), None)
+
+
+# --- the correctness gate ------------------------------------------------------------------------------
+def _to64(a: dict) -> dict:
+    return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in a.items()}
+
+
+def _max_diff(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
+    if len(got) != len(ref):
+        raise ValueError(f"the provider returned {len(got)} tensors, the reference {len(ref)}")
+    err = 0.0
+    for g, r in zip(got, ref):
+        if tuple(g.shape) != tuple(r.shape):
+            raise ValueError(f"output shape {tuple(g.shape)} differs from the reference's {tuple(r.shape)}")
+        err = max(err, (g.double() - r.double()).abs().max().item() if g.numel() else 0.0)
+    return err
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+# --- timing --------------------------------------------------------------------------------------------
+class _SuitePlugin:
+    """Parametrizes the timing suite's ``bench_item`` with the providers to time (in pass order)."""
+
+    def __init__(self, items: list[_Timed]):
+        self.items = items
+
+    def pytest_generate_tests(self, metafunc):
+        if "bench_item" in metafunc.fixturenames:
+            metafunc.parametrize("bench_item", self.items, ids=[f"p{i}-{t.key}" for i, t in enumerate(self.items)])
+
+
+def time_with_pytest_benchmark(items: list[_Timed], passes: int, quiet: bool = False,
+                               json_path: Optional[Path] = None) -> dict[str, list[float]]:
+    """Seconds per round of each item, timed by pytest-benchmark in ``passes`` interleaved passes.
+
+    pytest-benchmark's own JSON (every round, machine info) is kept at ``json_path`` when given."""
+    import pytest
+
+    from . import timing_suite
+
+    if not items:
+        return {}
+    per_pass = []
+    for p in range(passes):
+        for t in items:
+            per_pass.append(_Timed(t.key, t.group, t.fn, max(1, math.ceil(t.rounds / passes)), t.row))
+    with tempfile.TemporaryDirectory() as tmp:
+        js = Path(json_path) if json_path is not None else Path(tmp) / "benchmark.json"
+        js.parent.mkdir(parents=True, exist_ok=True)
+        args = [timing_suite.__file__, "-p", "no:cacheprovider", "-q", "--no-header", "-o", "console_output_style=classic",
+                f"--benchmark-json={js}", "--benchmark-disable-gc", "--benchmark-group-by=group",
+                "--benchmark-columns=median,min,rounds", "--benchmark-sort=name"]
+        if quiet:
+            args.append("--benchmark-quiet")
+        rc = pytest.main(args, plugins=[_SuitePlugin(per_pass)])
+        data = json.loads(js.read_text()) if js.exists() else {"benchmarks": []}
+    if rc not in (0, pytest.ExitCode.OK) and not data["benchmarks"]:
+        raise RuntimeError(f"the pytest-benchmark run failed (exit code {int(rc)}); its output is above")
+    times: dict[str, list[float]] = {}
+    for b in data["benchmarks"]:
+        times.setdefault(b["extra_info"]["key"], []).extend(b["stats"]["data"])
+    return times
+
+
+def _gpu_time(fn: Callable[[], Any], quick: bool) -> tuple[float, float]:
+    import triton.testing
+
+    median, fastest = triton.testing.do_bench(fn, warmup=25 if quick else 100, rep=100 if quick else 500,
+                                              quantiles=[0.5, 0.0])
+    return median, fastest
+
+
+# --- the run -------------------------------------------------------------------------------------------
+def _default_skip(provider: str, op: str, dev: torch.device, quick: bool, explicit: bool) -> Optional[str]:
+    """Why a provider is left out unless asked for by name (None: it runs)."""
+    if explicit:
+        return None
+    if dev.type == "cpu" and provider in ("sora_fast_triton", "sora_fast_cuda"):
+        tool = "the Triton interpreter" if provider == "sora_fast_triton" else "the host emulation of the CUDA kernels"
+        return (f"on a CPU the {provider[len('sora_fast_'):]} backend runs under {tool}: a correctness tool, not a "
+                f"speed provider (--provider {provider} times it anyway)")
+    if quick and provider == "torch_compile":
+        return ("--quick leaves out torch.compile (compiling every shape takes seconds to minutes); run without "
+                "--quick or pass --provider torch_compile")
+    return None
+
+
+def _check_names(ops: list[str], providers: Optional[Sequence[str]], suites: dict[str, dict[str, ProviderFn]]):
+    if providers is None:
+        return None
+    if isinstance(providers, str):
+        raise TypeError(f"providers must be a list of names, got the string {providers!r}")
+    valid = list(dict.fromkeys([*PROVIDERS, *(p for s in suites.values() for p in s)]))
+    for p in providers:
+        if p not in valid:
+            raise ValueError(f"--provider must be among {', '.join(valid)}; got {p!r}")
+    chosen = {p for op in ops for p in suites[op]}
+    missing = [p for p in providers if p not in chosen]
+    if missing:
+        every = {op: {**SUITES[op].providers, **suites.get(op, {})} for op in SUITES}
+        where = {p: [op for op, s in every.items() if p in s] for p in missing}
+        detail = "; ".join(f"{p} applies to {', '.join(w) or 'no op'}" for p, w in where.items())
+        raise ValueError(f"--provider {', '.join(missing)} does not apply to the chosen ops ({', '.join(ops)}): {detail}")
+    return set(providers)
+
+
+def run_bench(ops: Optional[Sequence[str]] = None, providers: Optional[Sequence[str]] = None, *,
+              device: str = "auto", quick: bool = False, out: Optional[str] = "bench_results",
+              extra_providers: Optional[dict[str, dict[str, ProviderFn]]] = None, plots: bool = True,
+              quiet: bool = False, argv: Optional[Sequence[str]] = None) -> dict:
+    """Run the op suites and write ``bench.json``, ``bench.csv`` and ``bench_<op>.png`` to ``out``.
+
+    Args:
+        ops: op names or aliases (``adaln``, ``vae_norm``); None: every op.
+        providers: provider names to run; None: every provider of the chosen ops, with the CPU kernel
+            emulations and (with ``quick``) ``torch_compile`` reported as skipped unless named here.
+        device: ``auto`` (a CUDA GPU if there is one), ``cpu`` or ``cuda``.
+        quick: the smallest cases and short timing (seconds on a CPU).
+        out: output directory; None writes nothing.
+        extra_providers: ``{op: {name: builder}}`` added to the suites (a builder as in
+            :mod:`sora_fast.bench.suites`), e.g. a provider under development.
+    Returns ``{"meta": ..., "rows": [...]}``.
+    """
+    ops = expand_ops([ops] if isinstance(ops, str) else ops)
+    dev = resolve_device(device)
+    provs = {op: {**SUITES[op].providers, **(extra_providers or {}).get(op, {})} for op in ops}
+    explicit = _check_names(ops, providers, provs)
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    dname, vers = device_name(dev), versions()
+    say = (lambda *a, **k: None) if quiet else print
+    load_start = os.getloadavg()
+    say(f"sora-fast bench on {dname}, {str(dtype).replace('torch.', '')}, ops: {', '.join(ops)}"
+        + (" (--quick)" if quick else ""))
+
+    from ..profile import _NvmlSampler, _environment
+
+    rows: list[dict] = []
+    pending: list[_Timed] = []
+    t_start = time.perf_counter()
+    with _NvmlSampler(dev) as nvml:
+        for op in ops:
+            suite = SUITES[op]
+            floor = None if dev.type == "cpu" else floor_for(dname, suite.unit)
+            floor_note = ("no floor on a CPU (floors are GPU datasheet numbers)" if dev.type == "cpu" else
+                          f"floor {floor} {suite.unit}" if floor else f"no datasheet floor known for {dname}")
+            for case in suite.cases(dev.type, quick, dtype):
+                rows_case = _run_case(op, case, provs[op], explicit, dev, dtype, quick, dname, vers, floor,
+                                      floor_note, pending, say)
+                rows += rows_case
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+    if pending:   # CPU: time every provider that passed, interleaved, through pytest-benchmark
+        passes = 1 if quick else 3
+        say(f"timing {len(pending)} providers with pytest-benchmark ({passes} interleaved pass(es))")
+        times = time_with_pytest_benchmark(pending, passes, quiet=quiet,
+                                           json_path=None if out is None else Path(out) / "pytest_benchmark.json")
+        for t in pending:
+            data = times.get(t.key)
+            if not data:
+                t.row.update(status="failed", note=f"the pytest-benchmark run of this provider raised "
+                                                   f"(see its output); {t.row['note']}".strip("; "))
+                continue
+            _fill_timing(t.row, 1e3 * statistics.median(data), 1e3 * min(data), len(data))
+    _relative_to_eager(rows)
+    meta = {"command": "sora-fast bench " + " ".join(argv) if argv is not None else None,
+            "device": dname, "dtype": str(dtype).replace("torch.", ""), "quick": quick, "ops": ops,
+            "providers": sorted(explicit) if explicit else "all",
+            "timer": ("pytest-benchmark (benchmark.pedantic, 1 call per round, 1 warm-up round, GC off), median of "
+                      f"{1 if quick else 3} interleaved passes") if dev.type == "cpu" else
+                     "triton.testing.do_bench (median; min beside it)",
+            "check": "max |provider - float64 reference| <= 2 x |reference at the dtype - float64 reference| + "
+                     f"{REL_TOL[dtype]:g} x max(1, max |reference|)",
+            "work": {op: SUITES[op].work_note for op in ops}, "floors": FLOORS, "versions": vers,
+            "environment": _environment(dev), "telemetry": nvml.summary(),
+            "load_average": {"start": load_start, "end": os.getloadavg()},
+            "seconds": time.perf_counter() - t_start}
+    result = {"meta": meta, "rows": rows}
+    _print_summary(rows, say)
+    if out is not None:
+        for path in write_outputs(result, Path(out), plots=plots):
+            say(f"wrote {path}")
+    return result
+
+
+def _run_case(op, case: BenchCase, providers: dict[str, ProviderFn], explicit, dev, dtype, quick, dname, vers,
+              floor, floor_note, pending: list[_Timed], say) -> list[dict]:
+    suite = SUITES[op]
+    a = suite.make_inputs(case, dev, dtype)
+    ref = suite.reference(_to64(a))
+    base_err = _max_diff(suite.reference(a), ref)
+    scale = max(r.abs().max().item() for r in ref)
+    tol = 2 * base_err + REL_TOL[dtype] * max(1.0, scale)
+    rows = []
+    for name, build in providers.items():
+        if explicit is not None and name not in explicit:
+            continue
+        row = {"kernel": op, "case": case.name, "provider": name, "status": "ok", "ms": None, "ms_min": None,
+               "rounds": None, "throughput": None, "unit": suite.unit, "pct_of_floor": None, "vs_eager": None,
+               "max_error": None, "tolerance": tol, "shape": case.shape, "dtype": str(dtype).replace("torch.", ""),
+               "device": dname, "x": case.x, "timer": None, "note": "", "versions": vers,
+               "_work": case.work, "_floor": floor, "_floor_note": floor_note}
+        rows.append(row)
+        why = _default_skip(name, op, dev, quick, explicit is not None and name in explicit)
+        if why is not None:
+            row.update(status="skipped", note=why)
+            say(f"  {op:<22} {case.name:<10} {name:<17} skipped: {why}")
+            continue
+        ctx = {"device": dev, "note": ""}
+        try:
+            fn, canon = build(a, ctx)
+            out = fn()
+            _sync(dev)
+            t0 = time.perf_counter()
+            out = fn()      # the first call may compile: the second estimates a call's time
+            _sync(dev)
+            t_call = time.perf_counter() - t0
+            err = _max_diff(canon(out), ref)
+        except Skip as e:
+            row.update(status="skipped", note=str(e))
+            say(f"  {op:<22} {case.name:<10} {name:<17} skipped: {e}")
+            continue
+        except Exception as e:
+            from ..ops import BackendUnavailableError
+
+            status = "skipped" if isinstance(e, BackendUnavailableError) else "failed"
+            row.update(status=status, note=_first_line(e))
+            say(f"  {op:<22} {case.name:<10} {name:<17} {status}: {row['note']}")
+            continue
+        finally:
+            out = None
+        row.update(max_error=err, note=ctx["note"])
+        if not err <= tol:   # also catches NaN
+            row.update(status="failed",
+                       note=f"correctness check failed: max |error| {err:.3g} > tolerance {tol:.3g}; not timed")
+            say(f"  {op:<22} {case.name:<10} {name:<17} FAILED its check (max |error| {err:.3g} > {tol:.3g}): "
+                "not timed")
+            continue
+        if dev.type == "cuda":
+            ms, ms_min = _gpu_time(fn, quick)
+            _fill_timing(row, ms, ms_min, None, timer="triton.testing.do_bench")
+            say(f"  {op:<22} {case.name:<10} {name:<17} {ms:9.3f} ms  {row['throughput']:8.2f} {suite.unit}"
+                + (f"  {row['pct_of_floor']:5.1f}% of floor" if row["pct_of_floor"] is not None else ""))
+        else:
+            target = 0.1 if quick else 1.0     # seconds of timed calls per provider and case
+            rounds = min(1000, max(3 if quick else 10, math.ceil(target / max(t_call, 1e-6))))
+            pending.append(_Timed(f"{op}/{case.name}/{name}", f"{op} {case.name}", fn, rounds, row))
+    return rows
+
+
+def _fill_timing(row: dict, ms: float, ms_min: float, rounds: Optional[int], timer: str = "pytest-benchmark"):
+    tp = row["_work"] / (ms * 1e-3) / (1e12 if row["unit"] == "TFLOP/s" else 1e9)
+    row.update(ms=ms, ms_min=ms_min, rounds=rounds, throughput=tp, timer=timer,
+               pct_of_floor=100 * tp / row["_floor"] if row["_floor"] else None)
+    row["note"] = "; ".join(n for n in (row["note"], row["_floor_note"]) if n)
+
+
+def _relative_to_eager(rows: list[dict]) -> None:
+    """``vs_eager``: eager torch's time / the provider's time in the same case (> 1: faster than eager)."""
+    eager = {(r["kernel"], r["case"]): r["ms"] for r in rows if r["provider"] == "eager" and r["ms"]}
+    for r in rows:
+        e = eager.get((r["kernel"], r["case"]))
+        if e and r["ms"]:
+            r["vs_eager"] = e / r["ms"]
+
+
+def _print_summary(rows: list[dict], say) -> None:
+    say(f"\n{'op':<22} {'case':<10} {'provider':<17} {'ms':>9} {'throughput':>16} {'% floor':>8} {'vs eager':>9}")
+    for r in rows:
+        if r["status"] != "ok" or r["ms"] is None:
+            say(f"{r['kernel']:<22} {r['case']:<10} {r['provider']:<17} {r['status']}")
+            continue
+        pct = f"{r['pct_of_floor']:.1f}" if r["pct_of_floor"] is not None else "-"
+        say(f"{r['kernel']:<22} {r['case']:<10} {r['provider']:<17} {r['ms']:9.3f} "
+            f"{r['throughput']:9.3f} {r['unit']:<6} {pct:>8} {r['vs_eager'] or 0:8.2f}x")
+    n = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
+    say(f"{len(rows)} rows: {n['ok']} timed, {n['skipped']} skipped, {n['failed']} failed")
+
+
+# --- outputs -------------------------------------------------------------------------------------------
+def public_rows(rows: list[dict]) -> list[dict]:
+    return [{c: r[c] for c in COLUMNS} for r in rows]
+
+
+def write_outputs(result: dict, out: Path, plots: bool = True) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = public_rows(result["rows"])
+    paths = [out / "bench.json", out / "bench.csv"]
+    paths[0].write_text(json.dumps({"meta": result["meta"], "rows": rows}, indent=1) + "\n")
+    with paths[1].open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(COLUMNS))
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "versions": json.dumps(r["versions"], sort_keys=True)})
+    if plots:
+        paths += plot_rows(rows, out)
+    return paths
+
+
+def plot_rows(rows: list[dict], out: Path) -> list[Path]:
+    """One PNG per op with timed rows: throughput of every provider against the op's size axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for op in dict.fromkeys(r["kernel"] for r in rows):
+        timed = [r for r in rows if r["kernel"] == op and r["ms"] is not None]
+        if not timed:
+            continue
+        suite = SUITES[op]
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for prov in dict.fromkeys(r["provider"] for r in timed):
+            pts = sorted((r["x"], r["throughput"]) for r in timed if r["provider"] == prov)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(suite.x_label)
+        ax.set_ylabel(suite.unit)
+        ax.set_title(f"{op} on {timed[0]['device']} ({timed[0]['dtype']})", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"bench_{op}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# --- command line --------------------------------------------------------------------------------------
+def build_parser(prog: str = "sora-fast bench") -> argparse.ArgumentParser:
+    ops = ", ".join([*SUITES, *(f"{a} (= {' + '.join(v)})" for a, v in OP_ALIASES.items())])
+    p = argparse.ArgumentParser(
+        prog=prog, description="Every op across providers side by side in one run: each provider's output is "
+                                "checked against a float64 reference, then timed (pytest-benchmark on a CPU, "
+                                "triton.testing.do_bench on a GPU); rows with ms, TFLOP/s or GB/s and %% of the "
+                                "floor go to JSON, CSV and one plot per op.",
+        epilog=f"Ops: {ops}. Providers: {', '.join(PROVIDERS)} (sora_fast_<backend> is the op's kernel backend: "
+               f"{', '.join(f'{k} {v}' for k, v in KERNEL_BACKENDS.items())}). A provider that cannot run here "
+               "is a skipped row with the reason; one that fails its correctness check is a failed row with no "
+               "timing.")
+    p.add_argument("--quick", action="store_true",
+                   help="the smallest cases, short timing, no torch.compile unless named (seconds on a CPU)")
+    p.add_argument("--op", nargs="+", metavar="OP", help="ops to run (default: all)")
+    p.add_argument("--provider", nargs="+", metavar="P",
+                   help="providers to run (default: all of the chosen ops'); naming a CPU emulation or, with "
+                        "--quick, torch_compile runs it")
+    p.add_argument("--device", default="auto", metavar="DEV",
+                   help=f"one of {', '.join(DEVICES)} (default: %(default)s: a CUDA GPU when there is one)")
+    p.add_argument("--out", default="bench_results", metavar="DIR",
+                   help="directory for bench.json, bench.csv and bench_<op>.png (default: %(default)s)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for torch (default: torch's); 1 gives steadier CPU numbers on a shared machine")
+    p.add_argument("--no-plots", action="store_true", help="write JSON and CSV only")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "sora-fast bench") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    threads = torch.get_num_threads()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        result = run_bench(args.op, args.provider, device=args.device, quick=args.quick, out=args.out,
+                           plots=not args.no_plots, argv=argv)
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+    finally:
+        torch.set_num_threads(threads)
+    return 1 if any(r["status"] == "failed" for r in result["rows"]) else 0
