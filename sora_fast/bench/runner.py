@@ -154,7 +154,7 @@ def time_with_pytest_benchmark(items: list[_Timed], passes: int, quiet: bool = F
     with tempfile.TemporaryDirectory() as tmp:
         js = Path(json_path) if json_path is not None else Path(tmp) / "benchmark.json"
         js.parent.mkdir(parents=True, exist_ok=True)
-        args = [timing_suite.__file__, "-p", "no:cacheprovider", "-q", "--no-header", "-o", "console_output_style=classic",
+        args = [timing_suite.__file__, "-p", "no:cacheprovider", "-p", "no:logging", "-q", "--no-header", "-o", "console_output_style=classic",
                 f"--benchmark-json={js}", "--benchmark-disable-gc", "--benchmark-group-by=group",
                 "--benchmark-columns=median,min,rounds", "--benchmark-sort=name"]
         if quiet:
@@ -278,11 +278,13 @@ def run_bench(ops: Optional[Sequence[str]] = None, providers: Optional[Sequence[
             "check": "max |provider - float64 reference| <= 2 x |reference at the dtype - float64 reference| + "
                      f"{REL_TOL[dtype]:g} x max(1, max |reference|)",
             "work": {op: SUITES[op].work_note for op in ops}, "floors": FLOORS, "versions": vers,
-            "environment": _environment(dev), "telemetry": nvml.summary(),
+            "environment": _environment(dev),
+            "telemetry": nvml.summary() if dev.type == "cuda" else {"available": False,
+                                                                    "reason": "a CPU run: NVML reads NVIDIA GPUs"},
             "load_average": {"start": load_start, "end": os.getloadavg()},
             "seconds": time.perf_counter() - t_start}
-    result = {"meta": meta, "rows": rows}
     _print_summary(rows, say)
+    result = {"meta": meta, "rows": public_rows(rows)}
     if out is not None:
         for path in write_outputs(result, Path(out), plots=plots):
             say(f"wrote {path}")
@@ -329,7 +331,9 @@ def _run_case(op, case: BenchCase, providers: dict[str, ProviderFn], explicit, d
         except Exception as e:
             from ..ops import BackendUnavailableError
 
-            status = "skipped" if isinstance(e, BackendUnavailableError) else "failed"
+            # Not available here or too large for this device's memory: skipped; anything else is a failure.
+            unavailable = isinstance(e, (BackendUnavailableError, torch.OutOfMemoryError))
+            status = "skipped" if unavailable else "failed"
             row.update(status=status, note=_first_line(e))
             say(f"  {op:<22} {case.name:<10} {name:<17} {status}: {row['note']}")
             continue
@@ -390,7 +394,7 @@ def public_rows(rows: list[dict]) -> list[dict]:
 
 def write_outputs(result: dict, out: Path, plots: bool = True) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    rows = public_rows(result["rows"])
+    rows = result["rows"]
     paths = [out / "bench.json", out / "bench.csv"]
     paths[0].write_text(json.dumps({"meta": result["meta"], "rows": rows}, indent=1) + "\n")
     with paths[1].open("w", newline="") as f:
