@@ -32,8 +32,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from sora_fast.bench import FLOORS
+
 KERNEL = "spacetime_attention"
-FLOOR_TFLOPS = {"H100": 989.0, "H200": 989.0}   # dense bf16/fp16 datasheet numbers (SXM)
+FLOOR_TFLOPS = {gpu: f["TFLOP/s"] for gpu, f in FLOORS.items()}   # dense bf16/fp16 datasheet numbers (SXM)
 DEFAULT_BLOCK_M, DEFAULT_BLOCK_N = 128, 64       # used when the kernel module does not expose its own
 DEFAULT_WINDOW = (3, 8, 8)                       # +-3 latent frames, +-8 patches: a typical local 3D window
 

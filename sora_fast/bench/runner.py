@@ -154,7 +154,8 @@ def time_with_pytest_benchmark(items: list[_Timed], passes: int, quiet: bool = F
     with tempfile.TemporaryDirectory() as tmp:
         js = Path(json_path) if json_path is not None else Path(tmp) / "benchmark.json"
         js.parent.mkdir(parents=True, exist_ok=True)
-        args = [timing_suite.__file__, "-p", "no:cacheprovider", "-p", "no:logging", "-q", "--no-header", "-o", "console_output_style=classic",
+        args = [timing_suite.__file__, "-p", "no:cacheprovider", "-p", "no:logging", "-q", "--no-header",
+                "-o", "console_output_style=classic",
                 f"--benchmark-json={js}", "--benchmark-disable-gc", "--benchmark-group-by=group",
                 "--benchmark-columns=median,min,rounds", "--benchmark-sort=name"]
         if quiet:
@@ -207,7 +208,8 @@ def _check_names(ops: list[str], providers: Optional[Sequence[str]], suites: dic
         every = {op: {**SUITES[op].providers, **suites.get(op, {})} for op in SUITES}
         where = {p: [op for op, s in every.items() if p in s] for p in missing}
         detail = "; ".join(f"{p} applies to {', '.join(w) or 'no op'}" for p, w in where.items())
-        raise ValueError(f"--provider {', '.join(missing)} does not apply to the chosen ops ({', '.join(ops)}): {detail}")
+        raise ValueError(f"--provider {', '.join(missing)} does not apply to the chosen ops ({', '.join(ops)}): "
+                         f"{detail}")
     return set(providers)
 
 
@@ -234,7 +236,14 @@ def run_bench(ops: Optional[Sequence[str]] = None, providers: Optional[Sequence[
     explicit = _check_names(ops, providers, provs)
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     dname, vers = device_name(dev), versions()
-    say = (lambda *a, **k: None) if quiet else print
+    said: set[str] = set()
+
+    def say(text: str = "", once: Optional[str] = None) -> None:
+        """Progress on stdout; a line with ``once`` set is printed the first time that key comes up only."""
+        if quiet or (once is not None and once in said):
+            return
+        said.add(once)
+        print(text)
     load_start = os.getloadavg()
     say(f"sora-fast bench on {dname}, {str(dtype).replace('torch.', '')}, ops: {', '.join(ops)}"
         + (" (--quick)" if quick else ""))
@@ -294,6 +303,7 @@ def run_bench(ops: Optional[Sequence[str]] = None, providers: Optional[Sequence[
 def _run_case(op, case: BenchCase, providers: dict[str, ProviderFn], explicit, dev, dtype, quick, dname, vers,
               floor, floor_note, pending: list[_Timed], say) -> list[dict]:
     suite = SUITES[op]
+    say(f"{op} {case.shape}")
     a = suite.make_inputs(case, dev, dtype)
     ref = suite.reference(_to64(a))
     base_err = _max_diff(suite.reference(a), ref)
@@ -312,7 +322,7 @@ def _run_case(op, case: BenchCase, providers: dict[str, ProviderFn], explicit, d
         why = _default_skip(name, op, dev, quick, explicit is not None and name in explicit)
         if why is not None:
             row.update(status="skipped", note=why)
-            say(f"  {op:<22} {case.name:<10} {name:<17} skipped: {why}")
+            say(f"  {op:<22} {name:<17} skipped: {why}", once=f"{op}/{name}/{why}")
             continue
         ctx = {"device": dev, "note": ""}
         try:
@@ -326,7 +336,7 @@ def _run_case(op, case: BenchCase, providers: dict[str, ProviderFn], explicit, d
             err = _max_diff(canon(out), ref)
         except Skip as e:
             row.update(status="skipped", note=str(e))
-            say(f"  {op:<22} {case.name:<10} {name:<17} skipped: {e}")
+            say(f"  {op:<22} {name:<17} skipped: {e}", once=f"{op}/{name}/{e}")
             continue
         except Exception as e:
             from ..ops import BackendUnavailableError

@@ -73,11 +73,12 @@ def _sora_fast(op_call: Callable[[dict, str], Any], backend: str) -> ProviderFn:
     return build
 
 
-def _compiled(ref_call: Callable[[dict], Any], make_fn: Callable[[], Callable]) -> ProviderFn:
-    """``torch.compile`` of sora_fast's reference of the op (compiled once per case, on the first call)."""
+def _compiled(reference: Callable[[dict], tuple]) -> ProviderFn:
+    """``torch.compile`` of the plain-PyTorch reference (what compile makes of the eager code; compiled for
+    each case's shapes on its first call, which the correctness check makes)."""
     def build(a: dict, ctx: dict):
-        fn = torch.compile(make_fn(), dynamic=False)
-        return (lambda: ref_call(a, fn)), _tuple
+        fn = torch.compile(reference, dynamic=False)
+        return (lambda: fn(a)), _tuple
     return build
 
 
@@ -150,16 +151,22 @@ def attention_reference(a: dict) -> tuple:
     return (torch.cat(out),)
 
 
-def _attn_eager(a: dict, ctx: dict):
-    """The full eager computation (every query row), the way a PyTorch model without SDPA writes it."""
-    def fn():
-        scale = a["q"].shape[-1] ** -0.5
-        outs = []
-        for s, n in zip(a["cu"].tolist(), a["lens"]):
-            qs, ks, vs = (t[s:s + n].transpose(0, 1) for t in (a["q"], a["k"], a["v"]))
-            outs.append((torch.softmax((qs @ ks.transpose(1, 2)) * scale, dim=-1) @ vs).transpose(0, 1))
-        return torch.cat(outs)
-    return fn, lambda out: (out[a["rows"]],)
+def _attention_full(q, k, v, starts: list[int], lens: list[int]) -> torch.Tensor:
+    """Every query row, the way a PyTorch model without SDPA writes it (offsets as Python ints)."""
+    scale = q.shape[-1] ** -0.5
+    outs = []
+    for s, n in zip(starts, lens):
+        qs, ks, vs = (t[s:s + n].transpose(0, 1) for t in (q, k, v))
+        outs.append((torch.softmax((qs @ ks.transpose(1, 2)) * scale, dim=-1) @ vs).transpose(0, 1))
+    return torch.cat(outs)
+
+
+def _attn_eager(compiled: bool) -> ProviderFn:
+    def build(a: dict, ctx: dict):
+        fn = torch.compile(_attention_full, dynamic=False) if compiled else _attention_full
+        starts = a["cu"].tolist()[:-1]
+        return (lambda: fn(a["q"], a["k"], a["v"], starts, a["lens"])), lambda out: (out[a["rows"]],)
+    return build
 
 
 def _attn_sora_fast(backend: str) -> ProviderFn:
@@ -173,11 +180,6 @@ def _attn_sora_fast(backend: str) -> ProviderFn:
     return build
 
 
-def _attn_compile(a: dict, ctx: dict):
-    from sora_fast.ops import spacetime_attention_ref
-
-    fn = torch.compile(spacetime_attention_ref, dynamic=False)
-    return (lambda: fn(a["q"], a["k"], a["v"], a["cu"], max_seqlen_q=a["max_len"])), lambda out: (out[a["rows"]],)
 
 
 def _per_sequence(a: dict) -> list[tuple[torch.Tensor, ...]]:
@@ -303,18 +305,8 @@ def _gated_liger(a: dict, ctx: dict):
     return fn, _tuple
 
 
-def _adaln_compile(a: dict, ctx: dict):
-    from sora_fast.ops import adaln_modulate_ref
-
-    fn = torch.compile(adaln_modulate_ref, dynamic=False)
-    return (lambda: fn(a["x"], a["shift"], a["scale"], a["seq_ids"])), _tuple
 
 
-def _gated_compile(a: dict, ctx: dict):
-    from sora_fast.ops import gated_residual_adaln_ref
-
-    fn = torch.compile(gated_residual_adaln_ref, dynamic=False)
-    return (lambda: fn(a["x"], a["branch"], a["gate"], a["shift"], a["scale"], a["seq_ids"])), _tuple
 
 
 # --- VAE norms -------------------------------------------------------------------------------------
@@ -361,18 +353,8 @@ def _rms_call(a: dict, backend: str):
     return ops.channel_rms_norm_silu(a["x"], a["weight"], a["bias"], backend=backend)
 
 
-def _gn_compile(a: dict, ctx: dict):
-    from sora_fast.ops import group_norm_silu_ref
-
-    fn = torch.compile(group_norm_silu_ref, dynamic=False)
-    return (lambda: fn(a["x"], a["groups"], a["weight"], a["bias"])), _tuple
 
 
-def _rms_compile(a: dict, ctx: dict):
-    from sora_fast.ops import channel_rms_norm_silu_ref
-
-    fn = torch.compile(channel_rms_norm_silu_ref, dynamic=False)
-    return (lambda: fn(a["x"], a["weight"], a["bias"])), _tuple
 
 
 def _gn_liger(a: dict, ctx: dict):
@@ -418,11 +400,6 @@ def _conv_call(a: dict, backend: str):
     return ops.causal_conv3d(a["x"], a["weight"], a["bias"], cache=a["cache"], backend=backend)
 
 
-def _conv_compile(a: dict, ctx: dict):
-    from sora_fast.ops import causal_conv3d_ref
-
-    fn = torch.compile(causal_conv3d_ref, dynamic=False)
-    return (lambda: fn(a["x"], a["weight"], a["bias"], cache=a["cache"])), _tuple
 
 
 def _conv_cudnn(a: dict, ctx: dict):
@@ -441,7 +418,13 @@ KERNEL_BACKENDS = {"attention": "triton", "adaln_modulate": "cuda", "gated_resid
 
 
 def _sora_fast_providers(call: Callable[[dict, str], Any], kernel_backend: str) -> dict[str, ProviderFn]:
-    return {"sora_fast_torch": _sora_fast(call, "torch"), f"sora_fast_{kernel_backend}": _sora_fast(call, kernel_backend)}
+    return {"sora_fast_torch": _sora_fast(call, "torch"),
+            f"sora_fast_{kernel_backend}": _sora_fast(call, kernel_backend)}
+
+
+def _peers(reference: Callable[[dict], tuple], **others: ProviderFn) -> dict[str, ProviderFn]:
+    """eager torch (the plain-PyTorch reference), torch.compile of it, and the op's other peers."""
+    return {"eager": _eager(reference), "torch_compile": _compiled(reference), **others}
 
 
 SUITES: dict[str, OpSuite] = {
@@ -449,35 +432,30 @@ SUITES: dict[str, OpSuite] = {
         "attention", "TFLOP/s", "sequence length (tokens per sequence)", _attn_cases, _attn_inputs,
         attention_reference,
         {"sora_fast_torch": _attn_sora_fast("torch"), "sora_fast_triton": _attn_sora_fast("triton"),
-         "eager": _attn_eager, "torch_compile": _attn_compile, "sdpa": _attn_sdpa, "flex": _attn_flex,
+         "eager": _attn_eager(False), "torch_compile": _attn_eager(True), "sdpa": _attn_sdpa, "flex": _attn_flex,
          "flash_attn": _attn_flash},
         "forward FLOPs 4·L²·H·D per sequence, summed over the pack"),
     "adaln_modulate": OpSuite(
         "adaln_modulate", "GB/s", "hidden size D", _adaln_cases(2), _adaln_inputs, adaln_modulate_reference,
-        {**_sora_fast_providers(_adaln_call, "cuda"), "eager": _eager(adaln_modulate_reference),
-         "torch_compile": _adaln_compile, "liger": _adaln_liger},
+        {**_sora_fast_providers(_adaln_call, "cuda"), **_peers(adaln_modulate_reference, liger=_adaln_liger)},
         "bytes 2·N·D·s (read x, write y)"),
     "gated_residual_adaln": OpSuite(
         "gated_residual_adaln", "GB/s", "hidden size D", _adaln_cases(4), _adaln_inputs,
         gated_residual_adaln_reference,
-        {**_sora_fast_providers(_gated_call, "cuda"), "eager": _eager(gated_residual_adaln_reference),
-         "torch_compile": _gated_compile, "liger": _gated_liger},
+        {**_sora_fast_providers(_gated_call, "cuda"), **_peers(gated_residual_adaln_reference, liger=_gated_liger)},
         "bytes 4·N·D·s (read x, branch; write x_new, y)"),
     "group_norm_silu": OpSuite(
         "group_norm_silu", "GB/s", "channels C", _vae_norm_cases, _vae_norm_inputs, group_norm_silu_reference,
-        {**_sora_fast_providers(_gn_call, "cuda"), "eager": _eager(group_norm_silu_reference),
-         "torch_compile": _gn_compile, "liger": _gn_liger},
+        {**_sora_fast_providers(_gn_call, "cuda"), **_peers(group_norm_silu_reference, liger=_gn_liger)},
         "bytes 2·numel·s (read x, write y; a group fits on chip)"),
     "channel_rms_norm_silu": OpSuite(
         "channel_rms_norm_silu", "GB/s", "channels C", _vae_norm_cases, _vae_norm_inputs,
         channel_rms_norm_silu_reference,
-        {**_sora_fast_providers(_rms_call, "cuda"), "eager": _eager(channel_rms_norm_silu_reference),
-         "torch_compile": _rms_compile},
+        {**_sora_fast_providers(_rms_call, "cuda"), **_peers(channel_rms_norm_silu_reference)},
         "bytes 2·numel·s (read x, write y)"),
     "conv3d": OpSuite(
         "conv3d", "TFLOP/s", "channels Cin = Cout", _conv_cases, _conv_inputs, causal_conv3d_reference,
-        {**_sora_fast_providers(_conv_call, "triton"), "eager": _eager(causal_conv3d_reference),
-         "torch_compile": _conv_compile, "cudnn": _conv_cudnn},
+        {**_sora_fast_providers(_conv_call, "triton"), **_peers(causal_conv3d_reference, cudnn=_conv_cudnn)},
         "FLOPs 2·B·Cin·Cout·27·T·H·W"),
 }
 
