@@ -16,4 +16,15 @@ __all__ = [
     "pack_videos",
     "pack_sequences",
     "plan_batches",
+    "accelerate",
 ]
+
+
+def __getattr__(name: str):
+    """``sora_fast.accelerate`` (diffusers pipelines on sora_fast kernels), imported on first use so that
+    ``import sora_fast`` does not import diffusers."""
+    if name == "accelerate":
+        from .integrations.diffusers import accelerate
+
+        return accelerate
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
