@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,8 @@ class Trainer:
             (a checkpoint of another configuration is refused, its mismatched tensors listed).
     """
 
+    is_main = True  # False on the ranks of a distributed run that must not write logs or plots
+
     def __init__(self, dit: nn.Module, text_encoder: nn.Module, items: Sequence, config: TrainConfig,
                  run_dir: Union[str, Path], *, model_config: Optional[Mapping[str, Any]] = None,
                  progress: bool = True):
@@ -176,7 +179,7 @@ class Trainer:
             text_encoder.requires_grad_(False)
         elif not config.train_text_encoder:
             text_encoder.requires_grad_(False)
-        self.model = nn.ModuleDict({"dit": dit, "text": text_encoder})
+        self.model = self._wrap_model(nn.ModuleDict({"dit": dit, "text": text_encoder}))
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("nothing to train: every parameter of the DiT and text encoder is frozen")
@@ -185,6 +188,10 @@ class Trainer:
         self.ema = EMA(self.model, config.ema_decay, warmup=config.ema_warmup) if config.ema_decay else None
         self.step = 0
         self.device = next(dit.parameters()).device
+
+    def _wrap_model(self, model: nn.Module) -> nn.Module:
+        """Hook for distributed trainers (e.g. FSDP sharding), run before the optimizer and EMA are built."""
+        return model
 
     # --- data order -------------------------------------------------------------------------------
     def batch_for_step(self, step: int) -> list[int]:
@@ -273,7 +280,7 @@ class Trainer:
         """Run from ``self.step`` to ``config.steps``. Returns a summary dict (``interrupted`` is True
         when stopped by Ctrl-C, after a checkpoint was written)."""
         cfg = self.config
-        logger = MetricsLogger(self.run_dir / "metrics.jsonl")
+        logger = MetricsLogger(self.run_dir / "metrics.jsonl" if self.is_main else os.devnull)
         bar = ProgressBar(cfg.steps, initial=self.step, desc="train dit", disable=not self.progress)
         losses, start, interrupted = [], time.perf_counter(), False
         try:
@@ -295,7 +302,8 @@ class Trainer:
             logger.close()
         ckpt = self.save()
         try:
-            plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+            if self.is_main:
+                plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
         except (ImportError, ValueError):
             pass  # matplotlib missing or nothing logged: the JSONL log is the record
         return {"steps": self.step, "interrupted": interrupted, "checkpoint": str(ckpt),

@@ -1,0 +1,159 @@
+"""Sharded checkpoints through ``torch.distributed.checkpoint`` (DCP), resumable at another world size.
+
+Each rank writes only its shards of the model, the optimizer state and the EMA; DCP stores them with
+their global shapes, so a run saved on 2 ranks loads on 1, 4 or 8 (or into a plain single-process
+model). Layout of a run directory::
+
+    dcp_step_000100/          DCP files (.metadata, __0_0.distcp, ...) + meta.json (step, model config, mesh)
+    latest_dcp                name of the newest complete checkpoint
+
+A checkpoint directory appears under its final name only once complete (written under a temporary name,
+renamed by rank 0 after every rank finished). Before anything is loaded, every rank reads ``meta.json``
+and the DCP metadata itself and compares the model config and every tensor's name and global shape, so
+a checkpoint of another model raises the same :class:`StateDictMismatchError` on every rank, without a
+collective that could hang.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..models._convert import StateDictMismatchError
+from ..training.checkpoint import _config_diff, _listing, _plain, check_writable
+from ..training.ema import EMA
+
+__all__ = ["save_sharded", "load_sharded", "latest_sharded", "list_sharded"]
+
+FORMAT = "sora_fast-dcp-1"
+_PREFIX, _LATEST, _META, _TMP = "dcp_step_", "latest_dcp", "meta.json", ".tmp-"
+PathLike = Union[str, Path]
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def list_sharded(run_dir: PathLike) -> list[Path]:
+    """Complete sharded checkpoints of a run, oldest first."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        return []
+    return sorted(p for p in run.iterdir() if p.name.startswith(_PREFIX) and (p / _META).is_file())
+
+
+def latest_sharded(run_dir: PathLike) -> Optional[Path]:
+    """The checkpoint ``latest_dcp`` names (or the newest complete one), None when there is none."""
+    run = Path(run_dir)
+    pointer = run / _LATEST
+    if pointer.is_file():
+        p = run / pointer.read_text().strip()
+        if (p / _META).is_file():
+            return p
+    found = list_sharded(run)
+    return found[-1] if found else None
+
+
+def _state(model: nn.Module, optimizer, ema: Optional[EMA]) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer if optimizer is not None else [])
+    state = {"model": msd}
+    if optimizer is not None:
+        state["optim"] = osd
+    if ema is not None:
+        state["ema"] = {"params": ema.params, "buffers": ema.buffers}
+    return state
+
+
+def save_sharded(run_dir: PathLike, step: int, model: nn.Module, optimizer=None, ema: Optional[EMA] = None, *,
+                 meta: Optional[Mapping[str, Any]] = None, keep_last: Optional[int] = None) -> Path:
+    """Write step ``step``'s sharded checkpoint (a collective: every rank calls it) and return its path.
+
+    meta: JSON-able extras stored in ``meta.json`` (``config`` is what :func:`load_sharded` compares).
+    keep_last: keep only the newest ``keep_last`` checkpoints (None: all).
+    """
+    import torch.distributed.checkpoint as dcp
+
+    run = check_writable(run_dir) if _is_main() else Path(run_dir)
+    name = f"{_PREFIX}{step:06d}"
+    final, tmp = run / name, run / f"{_TMP}{name}"
+    if _is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dcp.save(_state(model, optimizer, ema), checkpoint_id=str(tmp))
+    if _is_main():
+        record = {"format": FORMAT, "step": int(step), "ema_updates": ema.num_updates if ema is not None else None,
+                  "world_size": dist.get_world_size() if dist.is_initialized() else 1, **dict(meta or {})}
+        (tmp / _META).write_text(json.dumps(_plain(record), indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        (run / _LATEST).write_text(name + "\n")
+        if keep_last is not None:
+            for old in list_sharded(run)[:-keep_last]:
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _check_fits(ckpt: Path, record: dict, state: dict, config: Any) -> None:
+    """Compare the model config and every tensor's name and global shape with the checkpoint's."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    saved = {k: tuple(v.size) for k, v in FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata.items()
+             if isinstance(v, TensorStorageMetadata)}
+    own = {f"model.{k}": tuple(v.shape) for k, v in state["model"].items() if isinstance(v, torch.Tensor)}
+    saved_model = {k: v for k, v in saved.items() if k.startswith("model.")}
+    problems = _config_diff(_plain(record.get("config")), _plain(config)) if config is not None else []
+    missing = sorted(k for k in own if k not in saved_model)
+    unexpected = sorted(k for k in saved_model if k not in own)
+    shapes = sorted(f"{k} (model {own[k]}, checkpoint {saved_model[k]})" for k in own
+                    if k in saved_model and own[k] != saved_model[k])
+    parts = ([_listing("config differs", problems)] if problems else []) + [
+        _listing(t, n) for t, n in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if n]
+    if "ema" in state and not any(k.startswith("ema.") for k in saved):
+        parts.append("EMA state was requested but the checkpoint was saved without one")
+    if "optim" in state and not any(k.startswith("optim.") for k in saved):
+        parts.append("optimizer state was requested but the checkpoint was saved without one")
+    if parts:
+        raise StateDictMismatchError(f"checkpoint {str(ckpt)!r} does not fit this model: " + "; ".join(parts))
+
+
+def load_sharded(path: PathLike, model: nn.Module, optimizer=None, ema: Optional[EMA] = None, *,
+                 config: Any = None) -> dict[str, Any]:
+    """Load a sharded checkpoint (a run directory: its latest) into ``model`` / ``optimizer`` / ``ema``,
+    resharded to this run's world size; returns ``meta.json``. A collective under a process group."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    ckpt = Path(path)
+    if not (ckpt / _META).is_file():
+        found = latest_sharded(ckpt)
+        if found is None:
+            raise FileNotFoundError(f"no complete sharded checkpoint (dcp_step_*/{_META}) in {str(ckpt)!r}")
+        ckpt = found
+    record = json.loads((ckpt / _META).read_text())
+    if record.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {str(ckpt)!r} has format {record.get('format')!r}, expected {FORMAT!r}")
+    state = _state(model, optimizer, ema)
+    _check_fits(ckpt, record, state, config)
+    dcp.load(state, checkpoint_id=str(ckpt))
+    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
+                   optim_state_dict=state.get("optim", {}))
+    if ema is not None:
+        ema.num_updates = int(record["ema_updates"])
+    return record

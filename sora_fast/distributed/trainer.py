@@ -1,0 +1,119 @@
+"""Training on a ``(dp, sp)`` mesh: FSDP2-sharded weights and optimizer state, Ulysses sequence
+parallelism, sharded (DCP) checkpoints.
+
+A step is the single-process step of :class:`~sora_fast.training.trainer.Trainer`, cut across ranks:
+every rank draws the same batch and random numbers (seeded by the step), the ``dp`` groups each take a
+contiguous range of its videos (balanced by tokens), and the ``sp`` ranks of a group split that range's
+tokens (:mod:`sora_fast.distributed.ulysses`). Each dp group's loss is scaled by its share of the batch's
+videos, so the gradients summed by FSDP2's reduce-scatter, and the reported loss summed over dp groups,
+are the single-process ones: the loss curve does not depend on the mesh (up to rounding).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..training.flow import add_noise, flow_matching_loss
+from ..training.trainer import TrainConfig, Trainer
+from .checkpoint import latest_sharded, load_sharded, save_sharded
+from .fsdp import apply_fsdp, default_param_dtype
+from .mesh import ParallelMesh, check_same_on_all_ranks
+from .packs import select_videos, video_ranges
+from .ulysses import enable_sequence_parallel, sequence_parallel_forward
+
+__all__ = ["DistributedTrainer"]
+
+
+class DistributedTrainer(Trainer):
+    """:class:`~sora_fast.training.trainer.Trainer` on a :class:`ParallelMesh` (``make_mesh(sp)``).
+
+    Arguments as the Trainer's, plus ``mesh`` (None: one process, which still writes sharded
+    checkpoints) and ``param_dtype`` (FSDP2 compute dtype of the weights; default bf16 on CUDA, the
+    weights' own on the CPU). Checkpoints are :mod:`sora_fast.distributed.checkpoint` directories and
+    resume at any world size. Every rank must construct it with the same arguments.
+    """
+
+    def __init__(self, dit: nn.Module, text_encoder: nn.Module, items: Sequence, config: TrainConfig,
+                 run_dir: Union[str, Path], *, mesh: Optional[ParallelMesh] = None,
+                 model_config: Optional[dict] = None, progress: bool = True,
+                 param_dtype: Optional[torch.dtype] = None):
+        self.mesh = mesh or ParallelMesh.single()
+        if self.mesh.outer != "dp":
+            raise ValueError(f"a training mesh must be ('dp', 'sp'), got outer dimension {self.mesh.outer!r}")
+        if config.lora_rank:
+            raise ValueError(f"lora_rank={config.lora_rank}: LoRA fine-tuning runs in one process; distributed "
+                             f"training supports full training (lora_rank=0)")
+        check_same_on_all_ranks("the model config", dataclasses.asdict(dit.config) if dataclasses.is_dataclass(
+            getattr(dit, "config", None)) else None)
+        enable_sequence_parallel(dit, self.mesh.sp_size)
+        device = next(dit.parameters()).device
+        self._param_dtype = param_dtype if param_dtype is not None else default_param_dtype(device)
+        self.is_main = self.mesh.is_main
+        super().__init__(dit, text_encoder, items, config, run_dir, model_config=model_config,
+                         progress=progress and self.mesh.is_main)
+
+    def _wrap_model(self, model: nn.Module) -> nn.Module:
+        return apply_fsdp(model, self.mesh, param_dtype=self._param_dtype)
+
+    def _local_batch(self, d: dict) -> tuple[Any, torch.Tensor, torch.Tensor, list[str]]:
+        """This dp group's contiguous range of the step's videos: ``(x0, noise, t, captions)``."""
+        x0, noise, t, captions = d["x0"], d["noise"], d["t"], d["captions"]
+        if self.mesh.outer_size == 1:
+            return x0, noise, t, captions
+        lo, hi = video_ranges(x0.seqlens, self.mesh.outer_size)[self.mesh.outer_rank]
+        a, b = int(x0.cu_seqlens[lo]), int(x0.cu_seqlens[hi])
+        return select_videos(x0, lo, hi), noise[a:b], t[lo:hi], captions[lo:hi]
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg = self.config
+        d = self.draw(step)
+        num_videos = len(d["indices"])
+        x0, noise, t, captions = self._local_batch(d)
+        xt = add_noise(x0.tokens, noise, t[x0.seq_ids.long()])                     # (N_dp, C·p)
+
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr(step)
+        self.model.train()
+        with self._autocast():
+            text = self.text_encoder.encode(captions)
+            pred = sequence_parallel_forward(self.dit, x0.with_tokens(xt), t * 1000, text,
+                                             self.mesh.sp_group)                   # (N_dp, C·p)
+        # the mean over this group's videos, weighted by its share of the batch's videos
+        loss = flow_matching_loss(pred.float(), x0.tokens, noise, x0.seq_ids, x0.num_sequences) \
+            * (x0.num_sequences / num_videos)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
+        total = loss.detach().clone()
+        if self.mesh.outer_group is not None:
+            dist.all_reduce(total, group=self.mesh.outer_group)
+        if hasattr(gnorm, "full_tensor"):
+            gnorm = gnorm.full_tensor()
+        return {"loss": total.item(), "grad_norm": float(gnorm), "lr": self._lr(step),
+                "tokens": d["x0"].num_tokens, "videos": num_videos}
+
+    # --- sharded checkpoints ----------------------------------------------------------------------
+    def save(self) -> Path:
+        """Write the sharded checkpoint of the current step (every rank must call it)."""
+        meta = {"config": self.model_config, "train": dataclasses.asdict(self.config), "mesh": self.mesh.describe()}
+        return save_sharded(self.run_dir, self.step, self.model, self.optimizer, self.ema, meta=meta,
+                            keep_last=self.config.keep_last)
+
+    def resume(self, path: Optional[Union[str, Path]] = None) -> int:
+        """Load ``path`` (default: this run's latest sharded checkpoint), saved at any world size."""
+        path = path or latest_sharded(self.run_dir)
+        if path is None:
+            raise FileNotFoundError(f"no complete sharded checkpoint to resume from in {self.run_dir}")
+        record = load_sharded(path, self.model, self.optimizer, self.ema, config=self.model_config)
+        self.step = int(record["step"])
+        return self.step

@@ -1,0 +1,270 @@
+"""sora_fast.distributed on CPU: 2 gloo processes spawned by the test against single-process references.
+
+One spawned run (process start-up dominates on CPU) holds every 2-rank check; each rank writes its results
+to a file and the assertions run here, against the same computation in this single process:
+  * Ulysses sequence parallel forward and backward of a fp64 DiT (windows, fused RoPE, uneven shards
+    cutting through videos, a 1-token video, an empty caption) == one process;
+  * FSDP2 training, mesh (dp=1, sp=2) and (dp=2, sp=1): the losses of the single-process Trainer;
+  * a sharded checkpoint written at world size 2 resumes at world size 1 onto the same loss curve;
+  * CFG-parallel and sequence-parallel sampling == single-process sample_euler for the same seed;
+  * bad input (heads not divisible, mismatched meshes, a checkpoint of another model) raises the same clear
+    error on every rank and nothing hangs: the process group's timeout bounds every collective, and the
+    spawned run as a whole is killed (and the test failed) after a deadline.
+"""
+import contextlib
+import math
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from sora_fast.distributed import (CFGParallelDenoiser, DistributedTrainer, ParallelMesh, enable_sequence_parallel,
+                                   init_distributed, make_denoiser, make_mesh, sequence_parallel_forward)
+from sora_fast.models._convert import StateDictMismatchError
+from sora_fast.models.dit import DiTConfig, VideoDiT
+from sora_fast.models.text import TinyTextEncoder
+from sora_fast.packing import pack_sequences, pack_videos
+from sora_fast.sampling import sample_euler
+from sora_fast.training.trainer import TrainConfig, Trainer
+
+WORLD = 2
+DEADLINE_S = 240          # the whole spawned run; a hang fails the test instead of blocking CI
+COLLECTIVE_TIMEOUT_S = 60
+
+SHAPES = [(4, 1, 4, 6), (4, 3, 2, 4), (4, 2, 6, 2), (4, 1, 2, 2), (4, 4, 4, 4)]   # 6, 6, 6, 1, 16 tokens
+CAPTIONS = ["a red circle", "blue square up", "green", "", "a yellow dot moving left fast"]
+
+
+# --- shared setups (built identically in every process) ------------------------------------------
+@contextlib.contextmanager
+def _fp64_throughout():
+    """Keep fp64 tensors fp64 where the DiT computes in fp32 on purpose (modulation tables, QK RMSNorm):
+    ``Tensor.float()`` of a fp64 tensor returns it unchanged. Then a fp64 model is fp64 end to end and the
+    only differences between two evaluation orders are fp64 roundings."""
+    orig = torch.Tensor.float
+    torch.Tensor.float = lambda self, *a, **k: self if self.dtype == torch.float64 else orig(self, *a, **k)
+    try:
+        yield
+    finally:
+        torch.Tensor.float = orig
+
+
+def _sp_problem():
+    """A fp64 DiT with a local window, and an awkward pack: 25 tokens (shards of 13 and 12 cut through the
+    first two videos' boundary), a 1-token video, an empty caption."""
+    torch.manual_seed(0)
+    dit = VideoDiT(DiTConfig.from_name("tiny", window=(1, 1, 2))).double()
+    for p in dit.parameters():
+        torch.nn.init.normal_(p, std=0.1)   # adaLN-zero init would zero most gradients
+    g = torch.Generator().manual_seed(1)
+    f64 = dict(generator=g, dtype=torch.float64)
+    lat = [torch.randn(4, 3, 4, 6, **f64), torch.randn(4, 1, 2, 2, **f64), torch.randn(4, 2, 6, 2, **f64)]
+    texts = [torch.randn(3, 32, **f64), torch.randn(0, 32, dtype=torch.float64), torch.randn(5, 32, **f64)]
+    t = torch.rand(3, **f64) * 1000
+    target = torch.randn(sum(a * b * c // 4 for _, a, b, c in (x.shape for x in lat)), 16, **f64)
+    return dit, lat, texts, t, target
+
+
+def _sp_loss_and_grads(dit, out, target):
+    (out * target).sum().backward()
+    return {n: p.grad.clone() for n, p in dit.named_parameters()}
+
+
+def _train_parts(run_dir, mesh=None, steps=4, dit_config=None, model_config="tiny"):
+    torch.manual_seed(0)
+    dit = VideoDiT(dit_config or DiTConfig.from_name("tiny"))
+    for p in dit.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    text = TinyTextEncoder(dim=dit.config.text_dim)
+    items = [{"latent": torch.randn(s, generator=torch.Generator().manual_seed(i)), "caption": c}
+             for i, (s, c) in enumerate(zip(SHAPES, CAPTIONS))]
+    cfg = TrainConfig(steps=steps, token_budget=24, lr=1e-3, warmup_steps=2, save_every=2, log_every=1, seed=3)
+    kw = dict(model_config={"dit": model_config}, progress=False)
+    if mesh is False:
+        return Trainer(dit, text, items, cfg, run_dir, **kw)
+    return DistributedTrainer(dit, text, items, cfg, run_dir, mesh=mesh, **kw)
+
+
+def _sampling_problem():
+    torch.manual_seed(0)
+    dit = VideoDiT.from_name("tiny").eval()
+    for p in dit.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    g = torch.Generator().manual_seed(7)
+    noise = [torch.randn(4, 3, 4, 6, generator=g), torch.randn(4, 1, 2, 2, generator=g)]
+    text = pack_sequences([torch.randn(4, 32, generator=g), torch.randn(2, 32, generator=g)])
+    uncond = pack_sequences([torch.zeros(0, 32), torch.zeros(0, 32)])
+    return dit, noise, dict(text=text, uncond_text=uncond, patch=(1, 2, 2), steps=4, guidance=4.0, shift="auto")
+
+
+# --- the spawned ranks ----------------------------------------------------------------------------
+def _attempt(fn):
+    try:
+        return ("ok", fn())
+    except Exception as e:  # every rank records its error; the test asserts them all
+        return ("error", type(e).__name__, str(e), traceback.format_exc())
+
+
+def _rank_main(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    assert init_distributed(timeout_s=COLLECTIVE_TIMEOUT_S)
+    out_dir = Path(out_dir)
+    res = {}
+
+    def sp_forward_backward():
+        dit, lat, texts, t, target = _sp_problem()
+        enable_sequence_parallel(dit, WORLD)
+        with _fp64_throughout():
+            out = sequence_parallel_forward(dit, pack_videos(lat, (1, 2, 2)), t, pack_sequences(texts),
+                                            dist.group.WORLD)
+            grads = _sp_loss_and_grads(dit, out, target)
+        for gr in grads.values():
+            dist.all_reduce(gr)        # what FSDP2's reduce-scatter sums
+        return {"out": out.detach(), "grads": grads}
+    res["sp"] = _attempt(sp_forward_backward)
+
+    def train(sp, name):
+        tr = _train_parts(out_dir / name, make_mesh(sp))
+        return {"losses": tr.train()["losses"],
+                "local_numel": sum(p.to_local().numel() for p in tr.model.parameters())}
+    res["train_sp"] = _attempt(lambda: train(2, "sp"))
+    res["train_dp"] = _attempt(lambda: train(1, "dp"))
+
+    def sample(sp):
+        dit, noise, kw = _sampling_problem()
+        mesh = make_mesh(sp, outer="cfg")
+        return sample_euler(make_denoiser(dit, mesh), noise, **kw)
+    res["sample_cfg"] = _attempt(lambda: sample(1))
+    res["sample_sp"] = _attempt(lambda: sample(2))
+
+    # bad input: every rank must raise
+    res["bad_heads"] = _attempt(lambda: enable_sequence_parallel(
+        VideoDiT(DiTConfig(dim=96, ffn_dim=64, num_heads=3, num_layers=1, in_channels=4, out_channels=4,
+                           text_dim=32, freq_dim=32)), WORLD))
+    res["bad_mesh"] = _attempt(lambda: make_mesh(2 if rank == 0 else 1))
+    res["bad_ckpt"] = _attempt(lambda: _train_parts(out_dir / "sp", make_mesh(2), model_config="tiny-3-layers",
+                                                    dit_config=DiTConfig.from_name("tiny", num_layers=3)).resume())
+    res["cfg_odd_pack"] = _attempt(lambda: CFGParallelDenoiser(_sampling_problem()[0], dist.group.WORLD)(
+        pack_videos([torch.randn(4, 1, 2, 2)], (1, 2, 2)), torch.ones(1), pack_sequences([torch.zeros(1, 32)])))
+    torch.save(res, out_dir / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Run :func:`_rank_main` on 2 spawned gloo processes (bounded by DEADLINE_S); their result dicts."""
+    out = tmp_path_factory.mktemp("dist")
+    ctx = mp.start_processes(_rank_main, args=(_free_port(), str(out)), nprocs=WORLD, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + DEADLINE_S
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {WORLD}-process run did not finish within {DEADLINE_S} s (a hang)")
+    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _ok(res, key):
+    status, *rest = res[key]
+    assert status == "ok", f"{key} failed on a rank: {rest[0]}: {rest[1]}\n{rest[2]}"
+    return rest[0]
+
+
+# --- the checks -------------------------------------------------------------------------------------
+def test_sequence_parallel_forward_backward_equals_one_process(ranks):
+    dit, lat, texts, t, target = _sp_problem()
+    x, text = pack_videos(lat, (1, 2, 2)), pack_sequences(texts)
+    with _fp64_throughout():
+        ref = dit(x, t, text)
+        ref_grads = _sp_loss_and_grads(dit, ref, target)
+    # fp64 rounding of reductions over at most N tokens (and the all-to-all moves values exactly)
+    tol = x.num_tokens * torch.finfo(torch.float64).eps
+    for res in ranks[1]:
+        got = _ok(res, "sp")
+        torch.testing.assert_close(got["out"], ref.detach(), rtol=0, atol=tol * ref.abs().max().item())
+        assert got["grads"].keys() == ref_grads.keys()
+        for n, g in got["grads"].items():
+            torch.testing.assert_close(g, ref_grads[n], rtol=0, atol=tol * ref_grads[n].abs().max().item(), msg=n)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """The single-process Trainer on the same model and data: its losses and parameter shapes."""
+    tr = _train_parts(tmp_path_factory.mktemp("ref"), False)
+    return tr.train()["losses"], [tuple(p.shape) for p in tr.model.parameters()]
+
+
+# the loss is a fp32 value; one process and the mesh evaluate the same fp32 sums in other orders (per shard,
+# then across ranks), which changes it by a few ulps per step (measured: at most 1 ulp over 4 steps)
+LOSS_RTOL = 16 * torch.finfo(torch.float32).eps
+
+
+def test_fsdp_training_losses_equal_one_process(ranks, reference_run):
+    ref, shapes = reference_run
+    total = sum(math.prod(s) for s in shapes)
+    shard = sum(math.ceil(s[0] / WORLD) * math.prod(s[1:]) for s in shapes)      # FSDP2: dim-0 chunks
+    for key in ("train_sp", "train_dp"):
+        per_rank = [_ok(res, key) for res in ranks[1]]
+        for got in per_rank:
+            assert got["losses"] == pytest.approx(ref, rel=LOSS_RTOL, abs=0), key
+        # weights sharded, not duplicated: the ranks' local shards add up to the model
+        assert sum(g["local_numel"] for g in per_rank) == total
+        assert max(g["local_numel"] for g in per_rank) <= shard
+
+
+def test_checkpoint_from_world_size_2_resumes_at_world_size_1(ranks, reference_run):
+    out, _ = ranks
+    resumed = _train_parts(out / "sp", None)          # one process, no process group
+    assert resumed.resume(out / "sp" / "dcp_step_000002") == 2
+    assert resumed.train()["losses"] == pytest.approx(reference_run[0][2:], rel=LOSS_RTOL, abs=0)
+
+
+def test_cfg_and_sequence_parallel_sampling_equal_one_process(ranks):
+    dit, noise, kw = _sampling_problem()
+    ref = sample_euler(dit, noise, **kw)
+    eps32 = torch.finfo(torch.float32).eps
+    for key in ("sample_cfg", "sample_sp"):
+        for res in ranks[1]:
+            got = _ok(res, key)
+            for a, b in zip(got, ref):
+                torch.testing.assert_close(a, b, rtol=0, atol=16 * eps32 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("key, error, words", [
+    ("bad_heads", "ValueError", ["sequence_parallel=2", "num_heads=3"]),
+    ("bad_mesh", "ValueError", ["same on every rank", "rank 0: (2, 'dp')", "rank 1: (1, 'dp')"]),
+    ("bad_ckpt", "StateDictMismatchError", ["config differs", "tiny-3-layers", "blocks.2"]),
+    ("cfg_odd_pack", "ValueError", ["multiple of 2", "got 1 videos"]),
+])
+def test_bad_input_raises_on_every_rank(ranks, key, error, words):
+    for res in ranks[1]:
+        status, name, msg, _ = res[key]
+        assert (status, name) == ("error", error), res[key]
+        for w in words:
+            assert w in msg, (w, msg)
+
+
+def test_single_process_mesh_and_errors():
+    assert make_mesh(1).mesh is None and not init_distributed()
+    with pytest.raises(ValueError, match="must divide the world size 1"):
+        make_mesh(2)
+    with pytest.raises(ValueError, match="outer must be one of"):
+        make_mesh(1, outer="tp")
+    assert issubclass(StateDictMismatchError, ValueError)
+    assert ParallelMesh.single().world_size == 1
