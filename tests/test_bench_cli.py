@@ -209,3 +209,4 @@ def test_command_in_a_fresh_process(tmp_path):
                                text=True, timeout=60, env=env).stdout
     for flag in ("--quick", "--op", "--provider", "--device", "--out", "--threads", "--no-plots"):
         assert flag in help_text
+

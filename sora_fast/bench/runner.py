@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -235,6 +236,9 @@ def run_bench(ops: Optional[Sequence[str]] = None, providers: Optional[Sequence[
     provs = {op: {**SUITES[op].providers, **(extra_providers or {}).get(op, {})} for op in ops}
     explicit = _check_names(ops, providers, provs)
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    if dev.type == "cpu" and importlib.util.find_spec("pytest_benchmark") is None:
+        raise ValueError("timing on a CPU uses pytest-benchmark, which is not installed: "
+                         "pip install 'sora-fast[bench]' (or pytest-benchmark)")
     dname, vers = device_name(dev), versions()
     said: set[str] = set()
 
@@ -413,7 +417,10 @@ def write_outputs(result: dict, out: Path, plots: bool = True) -> list[Path]:
         for r in rows:
             w.writerow({**r, "versions": json.dumps(r["versions"], sort_keys=True)})
     if plots:
-        paths += plot_rows(rows, out)
+        try:
+            paths += plot_rows(rows, out)
+        except ImportError as e:
+            print(f"plots not written: {e} (pip install matplotlib)")
     return paths
 
 
@@ -434,6 +441,10 @@ def plot_rows(rows: list[dict], out: Path) -> list[Path]:
         for prov in dict.fromkeys(r["provider"] for r in timed):
             pts = sorted((r["x"], r["throughput"]) for r in timed if r["provider"] == prov)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
+        with_floor = next((r for r in timed if r["pct_of_floor"]), None)
+        if with_floor is not None:
+            ax.axhline(100 * with_floor["throughput"] / with_floor["pct_of_floor"], color="gray", linestyle="--",
+                       label="datasheet floor")
         ax.set_xscale("log", base=2)
         ax.set_xlabel(suite.x_label)
         ax.set_ylabel(suite.unit)
