@@ -5,6 +5,8 @@ gates or tables cannot hide a bug): Wan transformer (2.1 T2V, I2V, 2.2 TI2V per-
 backend and the kernel backends (Triton interpreter, CUDA host emulation); undo() bit for bit; the packed
 multi-latent forward; every bad input, each leaving the model untouched."""
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -43,9 +45,13 @@ def run(model, **kw):
 def state(model):
     """Everything that identifies a model's behaviour without running it: its weights by identity and
     value, every submodule and processor object, and which forwards are instance attributes."""
+    def processor_backend(m):
+        p = getattr(m, "processor", None)
+        return None if p is None else vars(p).get("_attention_backend")
+
     return ({k: (v.data_ptr(), v.clone()) for k, v in model.state_dict().items()},
-            [(n, m, "forward" in vars(m), getattr(m, "processor", None),
-              vars(getattr(m, "processor", None) or object).get("_attention_backend")) for n, m in model.named_modules()])
+            [(n, m, "forward" in vars(m), getattr(m, "processor", None), processor_backend(m))
+             for n, m in model.named_modules()])
 
 
 def assert_same_state(a, b):
@@ -170,6 +176,25 @@ def test_wan_training_gradients_match():
         got = grads()
     for r, g in zip(ref, got):
         assert rel_err(g, r) <= FP32_REL
+
+
+def test_wan_bf16_within_bf16_error():
+    """A bf16 model (weights, activations and diffusers' RoPE tables in bf16): against the fp32 run of the
+    same bf16-rounded weights, the accelerated model's error is at most 2x diffusers' own bf16 error plus
+    u = 2^-8 (flash-attention's rule; each bf16 rounding is a relative error <= u)."""
+    m = tiny_wan()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    kw = wan_inputs(thw=(2, 6, 8))
+    kw = {k: v.to(torch.bfloat16).float() if v.is_floating_point() else v for k, v in kw.items()}
+    ref = run(m, **kw)
+    m16, kw16 = m.to(torch.bfloat16), {k: v.to(torch.bfloat16) for k, v in kw.items()}
+    peer = run(m16, **kw16)
+    with accelerate(m16):
+        out = run(m16, **kw16)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, ref) <= 2 * rel_err(peer, ref) + 2.0**-8, (rel_err(out, ref), rel_err(peer, ref))
 
 
 def test_wan_kernel_backends(kernels):
@@ -600,3 +625,7 @@ def test_undo_refuses_when_a_patch_was_replaced_since():
 def test_lazy_public_api():
     assert sora_fast.accelerate is accelerate
     assert sora_fast.integrations.wan_packed_forward is wan_packed_forward
+    code = ("import sys, sora_fast, sora_fast.integrations, sora_fast.integrations.diffusers; "
+            "print('diffusers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"            # importing never imports diffusers; using it does

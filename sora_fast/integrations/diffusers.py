@@ -7,7 +7,9 @@ What changes, per diffusers model (everything else keeps running diffusers' own 
   the 3D RoPE fused into the kernel (coordinates from the latent grid, which the model's ``rope``
   module now hands along with its cos/sin tables); each ``WanTransformerBlock`` runs its
   norm -> modulate -> gate -> residual chain through ``adaln_modulate`` / ``gated_residual_adaln``, and
-  in inference the last gated add of a block is fused with the next block's first norm.
+  in inference the last gated add of a block is fused with the next block's first norm. (Wan takes a
+  processor, not the dispatcher backend below: a dispatcher backend receives q and k already rotated,
+  so RoPE could not be fused.)
 - ``AutoencoderKLWan``: ``WanCausalConv3d`` runs :func:`~sora_fast.ops.causal_conv3d` (the time-stride-2
   downsampling conv, which has no causal padding, stays diffusers'), ``WanRMS_norm`` runs
   :func:`~sora_fast.ops.channel_rms_norm_silu` with the SiLU that follows it fused in.
@@ -462,8 +464,8 @@ def _wan_block_forward(block, next_block, chain: _WanChain, backend: Optional[st
             return out
         # last block (its output norm needs the transformer's temb), or training: a plain gated add,
         # as diffusers writes it, so no fused norm tensor outlives the block
-        g = gate2 if ids is None else gate2[ids.long()]
-        return (h.float() + f.float() * g).to(h.dtype).view(b, s, d)
+        g = gate2.view(b, s, d) if ids is None else gate2[:, None]                     # (B, S|1, D)
+        return (h.view(b, s, d).float() + f.view(b, s, d).float() * g).to(h.dtype)
 
     return forward
 
@@ -498,7 +500,8 @@ def _plan_wan(name: str, model: nn.Module, flags: dict, backends: dict) -> list:
             raise ValueError(f"{name}: RoPE split {(rope.t_dim, rope.h_dim, rope.w_dim)} differs from Wan's "
                              f"{ops.rope3d_split(head_dim)} for head dim {head_dim}")
         _own_forward_free(rope, f"{name}.rope")
-        attns = [(f"{name}.blocks.{i}.{a}", getattr(blk, a)) for i, blk in enumerate(blocks) for a in ("attn1", "attn2")]
+        attns = [(f"{name}.blocks.{i}.{a}", getattr(blk, a)) for i, blk in enumerate(blocks)
+                 for a in ("attn1", "attn2")]
         for where, attn in attns:
             if not isinstance(attn.processor, proc_cls):
                 raise ValueError(f"{where} has processor {type(attn.processor).__name__}; sora_fast replaces "
