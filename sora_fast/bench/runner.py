@@ -155,7 +155,12 @@ def time_with_pytest_benchmark(items: list[_Timed], passes: int, quiet: bool = F
     with tempfile.TemporaryDirectory() as tmp:
         js = Path(json_path) if json_path is not None else Path(tmp) / "benchmark.json"
         js.parent.mkdir(parents=True, exist_ok=True)
-        args = [timing_suite.__file__, "-p", "no:cacheprovider", "-p", "no:logging", "-q", "--no-header",
+        # An empty ini of our own: no project's addopts (e.g. xdist's -n, which disables pytest-benchmark) and no
+        # plugin that reorders tests (the order is the interleaving) changes how the providers are timed.
+        ini = Path(tmp) / "pytest.ini"
+        ini.write_text("[pytest]\n")
+        args = [timing_suite.__file__, "-c", str(ini), "--rootdir", str(Path(timing_suite.__file__).parent),
+                "-p", "no:cacheprovider", "-p", "no:logging", "-p", "no:randomly", "-q", "--no-header",
                 "-o", "console_output_style=classic",
                 f"--benchmark-json={js}", "--benchmark-disable-gc", "--benchmark-group-by=group",
                 "--benchmark-columns=median,min,rounds", "--benchmark-sort=name"]
