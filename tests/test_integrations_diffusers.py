@@ -568,6 +568,18 @@ def test_diffusers_without_wan_hooks(monkeypatch):
     assert_same_state(state(m), before)
 
 
+def test_diffusers_without_vae_hooks():
+    """A WanRMS_norm without an attribute the patch reads (as a diffusers that renamed it would build)."""
+    vae = tiny_vae(VAE21)
+    before = state(vae)
+    del vae.decoder.norm_out.channel_first
+    with pytest.raises(DiffusersHooksError, match=r"decoder\.norm_out \(WanRMS_norm\) has no channel_first in the "
+                                                  r"installed diffusers .*, which the Wan VAE acceleration needs"):
+        accelerate(vae)
+    vae.decoder.norm_out.channel_first = True
+    assert_same_state(state(vae), before)
+
+
 def test_unknown_processor_and_hooked_forward_are_refused():
     from diffusers.models.attention_processor import AttnProcessor2_0
 

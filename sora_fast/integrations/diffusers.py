@@ -417,16 +417,17 @@ class _WanChain:
         return y
 
 
-def _wan_tables(block, temb: torch.Tensor, n: int):
-    """A block's six fp32 modulation tables: (B, D) each with per-token seq_ids (Wan 2.1, 2.2 A14B), or
-    (N, D) per token and seq_ids None (Wan 2.2 TI2V, whose time projection is (B, S, 6, D))."""
+def _wan_tables(block, temb: torch.Tensor, n: int, count: int = 6):
+    """The first ``count`` of a block's six fp32 modulation tables (shift, scale, gate of self-attention,
+    then of the FFN): (B, D) each with per-token seq_ids (Wan 2.1, 2.2 A14B), or (N, D) per token and
+    seq_ids None (Wan 2.2 TI2V, whose time projection is (B, S, 6, D))."""
     if temb.dim() == 4:
         mod = (block.scale_shift_table.unsqueeze(0) + temb.float()).reshape(n, 6, -1)   # (N, 6, D)
         per_token = True
     else:
         mod = block.scale_shift_table + temb.float()                                   # (B, 6, D)
         per_token = False
-    return tuple(t.contiguous() for t in mod.unbind(1)), per_token
+    return tuple(t.contiguous() for t in mod.unbind(1)[:count]), per_token
 
 
 def _wan_block_forward(block, next_block, chain: _WanChain, backend: Optional[str]) -> Callable:
@@ -456,7 +457,7 @@ def _wan_block_forward(block, next_block, chain: _WanChain, backend: Optional[st
                                         backend=backend)                                # h + c, LN(h)*(1+s2)+sh2
         f = block.ffn(y.view(b, s, d)).reshape(n, d)                                    # (N, D)
         if next_block is not None and not torch.is_grad_enabled():
-            (nshift, nscale, *_), _ = _wan_tables(next_block, temb, n)
+            (nshift, nscale), _ = _wan_tables(next_block, temb, n, count=2)
             h, y_next = ops.gated_residual_adaln(h, f, gate2, nshift, nscale, ids, eps=next_block.norm1.eps,
                                                  backend=backend)                       # h + g2*f, next y
             out = h.view(b, s, d)
@@ -584,6 +585,15 @@ def _plan_wan_vae(name: str, model: nn.Module, flags: dict, backends: dict) -> l
     if not flags["vae"]:
         return steps
     mods = dict(model.named_modules())
+    for n, m in mods.items():
+        need = ("_padding",) if type(m) is conv_cls else ("gamma", "bias", "channel_first") \
+            if type(m) is norm_cls else ()
+        lacking = [a for a in need if not hasattr(m, a)]
+        if lacking:
+            import diffusers
+
+            raise DiffusersHooksError(f"{name}.{n} ({type(m).__name__}) has no {', '.join(lacking)} in the installed "
+                                      f"diffusers {diffusers.__version__}, which {purpose} needs")
     convs = [(n, m) for n, m in mods.items() if type(m) is conv_cls and _causal_conv_fits(m)]
     for n, m in convs:
         _own_forward_free(m, f"{name}.{n}")
