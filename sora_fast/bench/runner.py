@@ -32,7 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -185,14 +185,17 @@ def _gpu_time(fn: Callable[[], Any], quick: bool) -> tuple[float, float]:
 
 
 # --- the run -------------------------------------------------------------------------------------------
-def _default_skip(provider: str, op: str, dev: torch.device, quick: bool, explicit: bool) -> Optional[str]:
+_CPU_EMULATIONS = {"sora_fast_triton": "the Triton interpreter",
+                   "sora_fast_cuda": "the host emulation of the CUDA kernels"}
+
+
+def _default_skip(provider: str, dev: torch.device, quick: bool, explicit: bool) -> Optional[str]:
     """Why a provider is left out unless asked for by name (None: it runs)."""
     if explicit:
         return None
-    if dev.type == "cpu" and provider in ("sora_fast_triton", "sora_fast_cuda"):
-        tool = "the Triton interpreter" if provider == "sora_fast_triton" else "the host emulation of the CUDA kernels"
-        return (f"on a CPU the {provider[len('sora_fast_'):]} backend runs under {tool}: a correctness tool, not a "
-                f"speed provider (--provider {provider} times it anyway)")
+    if dev.type == "cpu" and provider in _CPU_EMULATIONS:
+        return (f"on a CPU the {provider[len('sora_fast_'):]} backend runs under {_CPU_EMULATIONS[provider]}: a "
+                f"correctness tool, not a speed provider (--provider {provider} times it anyway)")
     if quick and provider == "torch_compile":
         return ("--quick leaves out torch.compile (compiling every shape takes seconds to minutes); run without "
                 "--quick or pass --provider torch_compile")
@@ -219,6 +222,38 @@ def _check_names(ops: list[str], providers: Optional[Sequence[str]], suites: dic
     return set(providers)
 
 
+class _Progress:
+    """Progress lines on stdout (none when quiet); a line with a ``once`` key is printed the first time only."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.seen = quiet, set()
+
+    def __call__(self, text: str = "", once: Optional[str] = None) -> None:
+        if self.quiet or once in self.seen:
+            return
+        if once is not None:
+            self.seen.add(once)
+        print(text)
+
+
+@dataclass
+class _Run:
+    """What every case of one ``run_bench`` call shares."""
+
+    dev: torch.device
+    dtype: torch.dtype
+    quick: bool
+    device_name: str
+    versions: dict
+    explicit: Optional[set]
+    say: _Progress
+    pending: list = field(default_factory=list)     # [_Timed]: CPU providers that passed, timed at the end
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+
 def run_bench(ops: Optional[Sequence[str]] = None, providers: Optional[Sequence[str]] = None, *,
               device: str = "auto", quick: bool = False, out: Optional[str] = "bench_results",
               extra_providers: Optional[dict[str, dict[str, ProviderFn]]] = None, plots: bool = True,
@@ -234,147 +269,153 @@ def run_bench(ops: Optional[Sequence[str]] = None, providers: Optional[Sequence[
         out: output directory; None writes nothing.
         extra_providers: ``{op: {name: builder}}`` added to the suites (a builder as in
             :mod:`sora_fast.bench.suites`), e.g. a provider under development.
+        quiet: no progress output; argv: the command line, recorded in ``meta``.
     Returns ``{"meta": ..., "rows": [...]}``.
     """
+    from ..profile import _NvmlSampler, _environment
+
     ops = expand_ops([ops] if isinstance(ops, str) else ops)
     dev = resolve_device(device)
     provs = {op: {**SUITES[op].providers, **(extra_providers or {}).get(op, {})} for op in ops}
     explicit = _check_names(ops, providers, provs)
-    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     if dev.type == "cpu" and importlib.util.find_spec("pytest_benchmark") is None:
         raise ValueError("timing on a CPU uses pytest-benchmark, which is not installed: "
                          "pip install 'sora-fast[bench]' (or pytest-benchmark)")
-    dname, vers = device_name(dev), versions()
-    said: set[str] = set()
-
-    def say(text: str = "", once: Optional[str] = None) -> None:
-        """Progress on stdout; a line with ``once`` set is printed the first time that key comes up only."""
-        if quiet or (once is not None and once in said):
-            return
-        said.add(once)
-        print(text)
-    load_start = os.getloadavg()
-    say(f"sora-fast bench on {dname}, {str(dtype).replace('torch.', '')}, ops: {', '.join(ops)}"
-        + (" (--quick)" if quick else ""))
-
-    from ..profile import _NvmlSampler, _environment
-
+    run = _Run(dev, torch.float32 if dev.type == "cpu" else torch.bfloat16, quick, device_name(dev), versions(),
+               explicit, _Progress(quiet))
+    passes = 1 if quick else 3
+    load_start, t_start = os.getloadavg(), time.perf_counter()
+    run.say(f"sora-fast bench on {run.device_name}, {run.dtype_name}, ops: {', '.join(ops)}"
+            + (" (--quick)" if quick else ""))
     rows: list[dict] = []
-    pending: list[_Timed] = []
-    t_start = time.perf_counter()
     with _NvmlSampler(dev) as nvml:
         for op in ops:
-            suite = SUITES[op]
-            floor = None if dev.type == "cpu" else floor_for(dname, suite.unit)
-            floor_note = ("no floor on a CPU (floors are GPU datasheet numbers)" if dev.type == "cpu" else
-                          f"floor {floor} {suite.unit}" if floor else f"no datasheet floor known for {dname}")
-            for case in suite.cases(dev.type, quick, dtype):
-                rows_case = _run_case(op, case, provs[op], explicit, dev, dtype, quick, dname, vers, floor,
-                                      floor_note, pending, say)
-                rows += rows_case
+            for case in SUITES[op].cases(dev.type, quick, run.dtype):
+                rows += _run_case(run, op, case, provs[op])
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-    if pending:   # CPU: time every provider that passed, interleaved, through pytest-benchmark
-        passes = 1 if quick else 3
-        say(f"timing {len(pending)} providers with pytest-benchmark ({passes} interleaved pass(es))")
-        times = time_with_pytest_benchmark(pending, passes, quiet=quiet,
-                                           json_path=None if out is None else Path(out) / "pytest_benchmark.json")
-        for t in pending:
-            data = times.get(t.key)
-            if not data:
-                t.row.update(status="failed", note=f"the pytest-benchmark run of this provider raised "
-                                                   f"(see its output); {t.row['note']}".strip("; "))
-                continue
-            _fill_timing(t.row, 1e3 * statistics.median(data), 1e3 * min(data), len(data))
+    if run.pending:
+        run.say(f"timing {len(run.pending)} providers with pytest-benchmark ({passes} interleaved pass(es))")
+        _time_pending(run, passes, None if out is None else Path(out) / "pytest_benchmark.json")
     _relative_to_eager(rows)
-    meta = {"command": "sora-fast bench " + " ".join(argv) if argv is not None else None,
-            "device": dname, "dtype": str(dtype).replace("torch.", ""), "quick": quick, "ops": ops,
+    meta = {"command": None if argv is None else "sora-fast bench " + " ".join(argv),
+            "device": run.device_name, "dtype": run.dtype_name, "quick": quick, "ops": ops,
             "providers": sorted(explicit) if explicit else "all",
-            "timer": ("pytest-benchmark (benchmark.pedantic, 1 call per round, 1 warm-up round, GC off), median of "
-                      f"{1 if quick else 3} interleaved passes") if dev.type == "cpu" else
+            "timer": ("pytest-benchmark (benchmark.pedantic, 1 call per round, 1 warm-up round, GC off): median "
+                      f"of the rounds of {passes} interleaved pass(es)") if dev.type == "cpu" else
                      "triton.testing.do_bench (median; min beside it)",
             "check": "max |provider - float64 reference| <= 2 x |reference at the dtype - float64 reference| + "
-                     f"{REL_TOL[dtype]:g} x max(1, max |reference|)",
-            "work": {op: SUITES[op].work_note for op in ops}, "floors": FLOORS, "versions": vers,
+                     f"{REL_TOL[run.dtype]:g} x max(1, max |reference|)",
+            "work": {op: SUITES[op].work_note for op in ops}, "floors": FLOORS, "versions": run.versions,
             "environment": _environment(dev),
             "telemetry": nvml.summary() if dev.type == "cuda" else {"available": False,
                                                                     "reason": "a CPU run: NVML reads NVIDIA GPUs"},
             "load_average": {"start": load_start, "end": os.getloadavg()},
             "seconds": time.perf_counter() - t_start}
-    _print_summary(rows, say)
+    _print_summary(rows, run.say)
     result = {"meta": meta, "rows": public_rows(rows)}
     if out is not None:
         for path in write_outputs(result, Path(out), plots=plots):
-            say(f"wrote {path}")
+            run.say(f"wrote {path}")
     return result
 
 
-def _run_case(op, case: BenchCase, providers: dict[str, ProviderFn], explicit, dev, dtype, quick, dname, vers,
-              floor, floor_note, pending: list[_Timed], say) -> list[dict]:
+def _run_case(run: _Run, op: str, case: BenchCase, providers: dict[str, ProviderFn]) -> list[dict]:
+    """Check every provider of one case against the float64 reference; time those that pass (GPU) or queue
+    them for the interleaved pytest-benchmark run (CPU). One row per provider."""
     suite = SUITES[op]
-    say(f"{op} {case.shape}")
-    a = suite.make_inputs(case, dev, dtype)
+    run.say(f"{op} {case.shape}")
+    a = suite.make_inputs(case, run.dev, run.dtype)
     ref = suite.reference(_to64(a))
-    base_err = _max_diff(suite.reference(a), ref)
-    scale = max(r.abs().max().item() for r in ref)
-    tol = 2 * base_err + REL_TOL[dtype] * max(1.0, scale)
+    tol = 2 * _max_diff(suite.reference(a), ref) + REL_TOL[run.dtype] * max(1.0, max(r.abs().max().item() for r in ref))
+    floor = None if run.dev.type == "cpu" else floor_for(run.device_name, suite.unit)
+    floor_note = ("no floor on a CPU (floors are GPU datasheet numbers)" if run.dev.type == "cpu" else
+                  f"floor {floor} {suite.unit}" if floor else f"no datasheet floor known for {run.device_name}")
     rows = []
     for name, build in providers.items():
-        if explicit is not None and name not in explicit:
+        if run.explicit is not None and name not in run.explicit:
             continue
         row = {"kernel": op, "case": case.name, "provider": name, "status": "ok", "ms": None, "ms_min": None,
                "rounds": None, "throughput": None, "unit": suite.unit, "pct_of_floor": None, "vs_eager": None,
-               "max_error": None, "tolerance": tol, "shape": case.shape, "dtype": str(dtype).replace("torch.", ""),
-               "device": dname, "x": case.x, "timer": None, "note": "", "versions": vers,
+               "max_error": None, "tolerance": tol, "shape": case.shape, "dtype": run.dtype_name,
+               "device": run.device_name, "x": case.x, "timer": None, "note": "", "versions": run.versions,
                "_work": case.work, "_floor": floor, "_floor_note": floor_note}
         rows.append(row)
-        why = _default_skip(name, op, dev, quick, explicit is not None and name in explicit)
+        label = f"  {op:<22} {case.name:<10} {name:<17}"
+        why = _default_skip(name, run.dev, run.quick, run.explicit is not None and name in run.explicit)
         if why is not None:
             row.update(status="skipped", note=why)
-            say(f"  {op:<22} {name:<17} skipped: {why}", once=f"{op}/{name}/{why}")
+            run.say(f"  {op:<22} {name:<17} skipped: {why}", once=f"{op}/{name}/{why}")
             continue
-        ctx = {"device": dev, "note": ""}
         try:
-            fn, canon = build(a, ctx)
-            out = fn()
-            _sync(dev)
-            t0 = time.perf_counter()
-            out = fn()      # the first call may compile: the second estimates a call's time
-            _sync(dev)
-            t_call = time.perf_counter() - t0
-            err = _max_diff(canon(out), ref)
-        except Skip as e:
-            row.update(status="skipped", note=str(e))
-            say(f"  {op:<22} {name:<17} skipped: {e}", once=f"{op}/{name}/{e}")
-            continue
+            fn, t_call = _check(build, a, ref, row, run.dev)
         except Exception as e:
-            from ..ops import BackendUnavailableError
-
-            # Not available here or too large for this device's memory: skipped; anything else is a failure.
-            unavailable = isinstance(e, (BackendUnavailableError, torch.OutOfMemoryError))
-            status = "skipped" if unavailable else "failed"
-            row.update(status=status, note=_first_line(e))
-            say(f"  {op:<22} {case.name:<10} {name:<17} {status}: {row['note']}")
+            row.update(status=_status_of(e), note=str(e) if isinstance(e, (Skip, _CheckFailed)) else _first_line(e))
+            if isinstance(e, Skip):
+                run.say(f"  {op:<22} {name:<17} skipped: {e}", once=f"{op}/{name}/{e}")
+            else:
+                run.say(f"{label} {row['status']}: {row['note']}")
             continue
-        finally:
-            out = None
-        row.update(max_error=err, note=ctx["note"])
-        if not err <= tol:   # also catches NaN
-            row.update(status="failed",
-                       note=f"correctness check failed: max |error| {err:.3g} > tolerance {tol:.3g}; not timed")
-            say(f"  {op:<22} {case.name:<10} {name:<17} FAILED its check (max |error| {err:.3g} > {tol:.3g}): "
-                "not timed")
-            continue
-        if dev.type == "cuda":
-            ms, ms_min = _gpu_time(fn, quick)
+        if run.dev.type == "cpu" and name in _CPU_EMULATIONS:
+            row["note"] = f"{_CPU_EMULATIONS[name]} on a CPU, asked for by name: not a performance number"
+        if run.dev.type == "cuda":
+            try:
+                ms, ms_min = _gpu_time(fn, run.quick)
+            except Exception as e:
+                row.update(status=_status_of(e), note=f"timing raised {_first_line(e)}")
+                run.say(f"{label} {row['status']}: {row['note']}")
+                continue
             _fill_timing(row, ms, ms_min, None, timer="triton.testing.do_bench")
-            say(f"  {op:<22} {case.name:<10} {name:<17} {ms:9.3f} ms  {row['throughput']:8.2f} {suite.unit}"
-                + (f"  {row['pct_of_floor']:5.1f}% of floor" if row["pct_of_floor"] is not None else ""))
+            pct = row["pct_of_floor"]
+            run.say(f"{label} {ms:9.3f} ms  {row['throughput']:8.2f} {suite.unit}"
+                    + (f"  {pct:5.1f}% of floor" if pct is not None else ""))
         else:
-            target = 0.1 if quick else 1.0     # seconds of timed calls per provider and case
-            rounds = min(1000, max(3 if quick else 10, math.ceil(target / max(t_call, 1e-6))))
-            pending.append(_Timed(f"{op}/{case.name}/{name}", f"{op} {case.name}", fn, rounds, row))
+            target = 0.1 if run.quick else 1.0     # seconds of timed calls per provider and case
+            rounds = min(1000, max(3 if run.quick else 10, math.ceil(target / max(t_call, 1e-6))))
+            run.pending.append(_Timed(f"{op}/{case.name}/{name}", f"{op} {case.name}", fn, rounds, row))
     return rows
+
+
+class _CheckFailed(Exception):
+    """The provider ran but its output is not within the tolerance of the reference."""
+
+
+def _check(build: ProviderFn, a: dict, ref: tuple, row: dict, dev: torch.device) -> tuple[Callable[[], Any], float]:
+    """Build the provider and run it twice (the first call may compile; the second's time sizes the timing
+    run); its output must be within ``row["tolerance"]`` of the reference. Returns (fn, seconds per call)."""
+    ctx = {"device": dev, "note": ""}
+    fn, canon = build(a, ctx)
+    fn()
+    _sync(dev)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(dev)
+    t_call = time.perf_counter() - t0
+    err = _max_diff(canon(out), ref)
+    row.update(max_error=err, note=ctx["note"])
+    if not err <= row["tolerance"]:   # also catches NaN
+        raise _CheckFailed(f"correctness check failed: max |error| {err:.3g} > tolerance {row['tolerance']:.3g}; "
+                           "not timed")
+    return fn, t_call
+
+
+def _status_of(e: BaseException) -> str:
+    """Not available here (a Skip, an unavailable backend) or too large for this device: skipped; else failed."""
+    from ..ops import BackendUnavailableError
+
+    return "skipped" if isinstance(e, (Skip, BackendUnavailableError, torch.OutOfMemoryError)) else "failed"
+
+
+def _time_pending(run: _Run, passes: int, json_path: Optional[Path]) -> None:
+    """Time the CPU providers that passed, interleaved, with pytest-benchmark; fill their rows."""
+    times = time_with_pytest_benchmark(run.pending, passes, quiet=run.say.quiet, json_path=json_path)
+    for t in run.pending:
+        data = times.get(t.key)
+        if not data:
+            t.row.update(status="failed", note="; ".join(
+                n for n in ("the pytest-benchmark run of this provider raised (see its output)", t.row["note"]) if n))
+            continue
+        _fill_timing(t.row, 1e3 * statistics.median(data), 1e3 * min(data), len(data))
 
 
 def _fill_timing(row: dict, ms: float, ms_min: float, rounds: Optional[int], timer: str = "pytest-benchmark"):
