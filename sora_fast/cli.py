@@ -75,10 +75,11 @@ def cmd_train(args) -> int:
     from .data import LatentDataset, VideoFolder, cache_latents
     from .models.dit import DiTConfig, VideoDiT
     from .pipeline import VideoPipeline
-    from .training.checkpoint import check_writable, latest_checkpoint
+    from .training.checkpoint import check_writable
+    from .distributed.launch import barrier, has_checkpoint, make_trainer, save_pipeline, training_mesh
     from .training.lora import merge_lora
-    from .training.trainer import Trainer
 
+    mesh = training_mesh(args.sequence_parallel)  # None unless launched by torchrun
     run, train_cfg = load_run_config(args.config)
     if args.steps is not None:
         train_cfg = dataclasses.replace(train_cfg, steps=args.steps)
@@ -98,25 +99,28 @@ def cmd_train(args) -> int:
     folder = VideoFolder(run.data, manifest=run.manifest, max_area=run.max_area, max_frames=run.max_frames,
                          size_multiple=vae.spatial_factor * ph, frame_multiple=vae.temporal_factor, frame_offset=1)
     cache = out / "latents"
-    if not (cache / "index.json").exists():
+    if not (cache / "index.json").exists() and (mesh is None or mesh.is_main):
         with torch.no_grad():
             cache_latents(folder, lambda v: vae.normalize_latents(vae.encode(v[None]))[0], cache, overwrite=True)
+    barrier()
     latents = LatentDataset(cache)
     items = [{"latent": latents[i]["latent"].float(), "caption": latents[i]["caption"]} for i in range(len(latents))]
     model_config = {"dit": dataclasses.asdict(dit.config), "text": pipe.describe()["text"]}
-    trainer = Trainer(dit, text, items, train_cfg, out, model_config=model_config)
+    trainer = make_trainer(dit, text, items, train_cfg, out, mesh=mesh, model_config=model_config)
     if args.resume:
-        if latest_checkpoint(out) is None:
+        if not has_checkpoint(out, mesh):
             print(f"--resume: no checkpoint in {out} yet, starting at step 0", file=sys.stderr)
         else:
             print(f"resuming from step {trainer.resume()}", file=sys.stderr)
-    print(trainer.plan.summary(), file=sys.stderr)
+    if trainer.is_main:
+        print(trainer.plan.summary(), file=sys.stderr)
     res = trainer.train()
     if trainer.ema is not None:
         trainer.ema.copy_to(trainer.model)
     if train_cfg.lora_rank:
         merge_lora(dit)
-    pipe.save(out / "pipeline")
+    if not save_pipeline(pipe, out / "pipeline", mesh):
+        return 0  # ranks other than 0 print nothing
     state = "interrupted at" if res["interrupted"] else "finished"
     print(f"{state} step {res['steps']}; checkpoint {res['checkpoint']}; pipeline {out / 'pipeline'}")
     return 130 if res["interrupted"] else 0
@@ -134,8 +138,11 @@ def _size(text: str) -> tuple[int, int, int]:
 def cmd_generate(args) -> int:
     from .data import write_contact_sheet, write_video
     from .pipeline import VideoPipeline
+    from .distributed import make_denoiser
+    from .distributed.launch import sampling_mesh
     from .training.checkpoint import check_writable
 
+    mesh = sampling_mesh(args.sequence_parallel, args.cfg_parallel, args.guidance)  # None unless under torchrun
     out = check_writable(args.out)
     pipe = VideoPipeline.load(args.pipeline)
     sizes = args.size or [(9, 32, 32)]
@@ -145,7 +152,10 @@ def cmd_generate(args) -> int:
     for i, s in enumerate(sizes):
         pipe.check_size(s, name=f"--size #{i + 1}")
     clips = pipe.generate(args.prompt, sizes, steps=args.steps, guidance=args.guidance, shift=args.shift,
-                          negative_prompt=args.negative_prompt, seed=args.seed)
+                          negative_prompt=args.negative_prompt, seed=args.seed,
+                          denoiser=None if mesh is None else make_denoiser(pipe.dit, mesh))
+    if mesh is not None and not mesh.is_main:
+        return 0  # every rank holds the same clips; rank 0 writes them
     written = []
     for i, (clip, p) in enumerate(zip(clips, args.prompt)):
         stem = f"{i:02d}_" + "_".join("".join(c for c in w if c.isalnum()) for w in p.split()[:6])
@@ -232,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, metavar="FILE", help="run description (.json or .toml), see above")
     t.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     t.add_argument("--steps", type=int, metavar="N", help="override train.steps")
+    t.add_argument("--sequence-parallel", type=int, default=1, metavar="N",
+                   help="under torchrun: split each packed batch's tokens over N ranks (Ulysses; N must divide the "
+                        "DiT's heads); the world size / N groups train data-parallel; weights are FSDP2-sharded "
+                        "over all ranks (default: %(default)s)")
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="generate videos from prompts with a saved pipeline",
@@ -251,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="files to write per clip (default: mp4 gif; 1-frame clips as png instead of mp4)")
     g.add_argument("--fps", type=float, default=8.0, metavar="F", help="frames per second (default: %(default)s)")
     g.add_argument("--out", default="samples", metavar="DIR", help="output directory (default: %(default)s)")
+    g.add_argument("--sequence-parallel", type=int, default=1, metavar="N",
+                   help="under torchrun: split the packed stream's tokens over N ranks at every step (Ulysses; N "
+                        "must divide the DiT's heads) (default: %(default)s)")
+    g.add_argument("--cfg-parallel", action="store_true",
+                   help="under torchrun: conditional and unconditional CFG halves on different ranks "
+                        "(world size = 2 x --sequence-parallel)")
     g.set_defaults(func=cmd_generate)
 
     pr = sub.add_parser("profile", help="inference latency of a pipeline: stages, top ops, memory, throughput",

@@ -111,7 +111,8 @@ class VideoPipeline(nn.Module):
     def generate(self, prompts: Sequence[str], sizes: Union[Size, Sequence[Size]] = (9, 32, 32), *,
                  steps: int = 30, guidance: float = 5.0, negative_prompt: str = "",
                  shift: Union[float, str, Sequence[float]] = "auto", seed: Union[int, Sequence[int]] = 0,
-                 progress: Optional[Callable[[int, int], None]] = None) -> list[torch.Tensor]:
+                 progress: Optional[Callable[[int, int], None]] = None,
+                 denoiser: Optional[Callable] = None) -> list[torch.Tensor]:
         """Videos for ``prompts``, all denoised in one packed stream.
 
         Args:
@@ -119,6 +120,8 @@ class VideoPipeline(nn.Module):
             sizes: one ``(frames, height, width)`` for all, or one per prompt (images: frames = 1).
             steps, guidance, shift: see :func:`sora_fast.sampling.sample_euler`; ``negative_prompt`` is the
                 unconditional text of CFG.
+            denoiser: what runs the DiT at each step (default the DiT itself), e.g. a CFG- or
+                sequence-parallel one from :func:`sora_fast.distributed.make_denoiser`.
             seed: one int (video i uses ``seed + i``) or one per prompt; the noise of a video depends only
                 on its seed and size, so a prompt gives the same video alone or with others.
         Returns B float tensors ``(3, frames, height, width)`` in [-1, 1] on the CPU.
@@ -153,8 +156,8 @@ class VideoPipeline(nn.Module):
                 progress(i, n)
 
         t0 = time.perf_counter()
-        latents = sample_euler(self.dit, noise, text, patch=self.dit.config.patch, steps=steps, guidance=guidance,
-                               uncond_text=uncond, shift=shift, progress=on_step)
+        latents = sample_euler(denoiser or self.dit, noise, text, patch=self.dit.config.patch, steps=steps,
+                               guidance=guidance, uncond_text=uncond, shift=shift, progress=on_step)
         timings["denoise"], timings["steps"] = time.perf_counter() - t0, step_times
 
         t0 = time.perf_counter()

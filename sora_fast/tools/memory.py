@@ -11,7 +11,7 @@ from typing import Iterable
 
 import torch
 from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
 try:  # the registry of torch.library.custom_op definitions (a private module: absent on some versions)
     from torch._library.custom_ops import OPDEFS as _OPDEFS
@@ -19,6 +19,15 @@ except ImportError:  # pragma: no cover
     _OPDEFS = {}
 
 __all__ = ["PeakMemory"]
+
+
+def _storages(t: torch.Tensor) -> list:
+    """The storages holding ``t``'s data: its own, or its inner tensors' for a wrapper subclass such as the
+    DTensor of an FSDP2-sharded parameter (which has no storage of its own)."""
+    if is_traceable_wrapper_subclass(t):
+        inner = (getattr(t, name) for name in t.__tensor_flatten__()[0])
+        return [s for x in inner if isinstance(x, torch.Tensor) for s in _storages(x)]
+    return [t.untyped_storage()]
 
 
 class PeakMemory(TorchDispatchMode):
@@ -45,7 +54,7 @@ class PeakMemory(TorchDispatchMode):
         super().__init__()
         self.live = 0  # bytes of counted storages alive now
         self.peak = 0  # max of ``live`` while active
-        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
+        self._excluded = {st.data_ptr() for t in exclude for st in _storages(t)}
         self._counted: set[int] = set()
 
     def reset_peak(self) -> None:
@@ -61,17 +70,15 @@ class PeakMemory(TorchDispatchMode):
         else:
             out = func(*args, **kwargs)
         # an output sharing an input's storage (a view, an in-place or out= op) allocated nothing
-        aliased = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
-                   if isinstance(t, torch.Tensor)}
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                ptr, n = st.data_ptr(), st.nbytes()
-                if n and ptr not in self._excluded and ptr not in self._counted and ptr not in aliased:
-                    self._counted.add(ptr)
-                    self.live += n
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(st, self._free, ptr, n)
+        aliased = {st.data_ptr() for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+                   for st in _storages(t)}
+        for st in (st for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) for st in _storages(t)):
+            ptr, n = st.data_ptr(), st.nbytes()
+            if n and ptr not in self._excluded and ptr not in self._counted and ptr not in aliased:
+                self._counted.add(ptr)
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(st, self._free, ptr, n)
         return out
 
     def _free(self, ptr: int, n: int) -> None:
