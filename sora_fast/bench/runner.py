@@ -49,7 +49,9 @@ FLOORS = {"H100": {"TFLOP/s": 989.0, "GB/s": 3350.0}, "H200": {"TFLOP/s": 989.0,
 # the largest reference output: the allowance on top of 2x the reference's own error at that dtype.
 REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}
 COLUMNS = ("kernel", "case", "provider", "status", "ms", "ms_min", "rounds", "throughput", "unit", "pct_of_floor",
-           "vs_eager", "max_error", "tolerance", "shape", "dtype", "device", "x", "timer", "note", "versions")
+           "vs_eager", "max_error", "tolerance", "shape", "dtype", "device", "x", "timer", "telemetry", "note",
+           "versions")
+TELEMETRY_KEYS = ("sm_clock_mhz", "mem_clock_mhz", "power_w", "memory_used_mib", "gpu_util_pct", "temperature_c")
 
 
 @dataclass
@@ -248,6 +250,7 @@ class _Run:
     explicit: Optional[set]
     say: _Progress
     pending: list = field(default_factory=list)     # [_Timed]: CPU providers that passed, timed at the end
+    nvml: Any = None                                # the NVML sampler of a GPU run
 
     @property
     def dtype_name(self) -> str:
@@ -289,6 +292,7 @@ def run_bench(ops: Optional[Sequence[str]] = None, providers: Optional[Sequence[
             + (" (--quick)" if quick else ""))
     rows: list[dict] = []
     with _NvmlSampler(dev) as nvml:
+        run.nvml = nvml
         for op in ops:
             for case in SUITES[op].cases(dev.type, quick, run.dtype):
                 rows += _run_case(run, op, case, provs[op])
@@ -338,7 +342,8 @@ def _run_case(run: _Run, op: str, case: BenchCase, providers: dict[str, Provider
         row = {"kernel": op, "case": case.name, "provider": name, "status": "ok", "ms": None, "ms_min": None,
                "rounds": None, "throughput": None, "unit": suite.unit, "pct_of_floor": None, "vs_eager": None,
                "max_error": None, "tolerance": tol, "shape": case.shape, "dtype": run.dtype_name,
-               "device": run.device_name, "x": case.x, "timer": None, "note": "", "versions": run.versions,
+               "device": run.device_name, "x": case.x, "timer": None, "telemetry": None, "note": "",
+               "versions": run.versions,
                "_work": case.work, "_floor": floor, "_floor_note": floor_note}
         rows.append(row)
         label = f"  {op:<22} {case.name:<10} {name:<17}"
@@ -359,8 +364,10 @@ def _run_case(run: _Run, op: str, case: BenchCase, providers: dict[str, Provider
         if run.dev.type == "cpu" and name in _CPU_EMULATIONS:
             row["note"] = f"{_CPU_EMULATIONS[name]} on a CPU, asked for by name: not a performance number"
         if run.dev.type == "cuda":
+            first = len(run.nvml.samples)
             try:
                 ms, ms_min = _gpu_time(fn, run.quick)
+                row["telemetry"] = _telemetry_during(run.nvml, first)
             except Exception as e:
                 row.update(status=_status_of(e), note=f"timing raised {_first_line(e)}")
                 run.say(f"{label} {row['status']}: {row['note']}")
@@ -374,6 +381,15 @@ def _run_case(run: _Run, op: str, case: BenchCase, providers: dict[str, Provider
             rounds = min(1000, max(3 if run.quick else 10, math.ceil(target / max(t_call, 1e-6))))
             run.pending.append(_Timed(f"{op}/{case.name}/{name}", f"{op} {case.name}", fn, rounds, row))
     return rows
+
+
+def _telemetry_during(nvml, first: int) -> Optional[dict]:
+    """Mean of the NVML readings taken while one provider was timed (None when NVML is unavailable)."""
+    samples = nvml.samples[first:]
+    if not samples:
+        return None
+    return {"samples": len(samples),
+            **{k: sum(x[k] for x in samples) / len(samples) for k in TELEMETRY_KEYS if k in samples[0]}}
 
 
 class _CheckFailed(Exception):
@@ -461,7 +477,8 @@ def write_outputs(result: dict, out: Path, plots: bool = True) -> list[Path]:
         w = csv.DictWriter(f, fieldnames=list(COLUMNS))
         w.writeheader()
         for r in rows:
-            w.writerow({**r, "versions": json.dumps(r["versions"], sort_keys=True)})
+            w.writerow({**r, "versions": json.dumps(r["versions"], sort_keys=True),
+                        "telemetry": "" if r["telemetry"] is None else json.dumps(r["telemetry"], sort_keys=True)})
     if plots:
         try:
             paths += plot_rows(rows, out)
