@@ -419,6 +419,8 @@ def _status_of(e: BaseException) -> str:
     """Not available here (a Skip, an unavailable backend) or too large for this device: skipped; else failed."""
     from ..ops import BackendUnavailableError
 
+    if isinstance(e, torch.OutOfMemoryError):
+        torch.cuda.empty_cache()    # the next provider starts from the cached blocks this one left behind
     return "skipped" if isinstance(e, (Skip, BackendUnavailableError, torch.OutOfMemoryError)) else "failed"
 
 
