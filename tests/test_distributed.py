@@ -14,6 +14,7 @@ to a file and the assertions run here, against the same computation in this sing
 import contextlib
 import math
 import os
+import random
 import socket
 import time
 import traceback
@@ -55,14 +56,14 @@ def _fp64_throughout():
         torch.Tensor.float = orig
 
 
-def _sp_problem():
+def _sp_problem(seed):
     """A fp64 DiT with a local window, and an awkward pack: 25 tokens (shards of 13 and 12 cut through the
     first two videos' boundary), a 1-token video, an empty caption."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     dit = VideoDiT(DiTConfig.from_name("tiny", window=(1, 1, 2))).double()
     for p in dit.parameters():
         torch.nn.init.normal_(p, std=0.1)   # adaLN-zero init would zero most gradients
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed + 1)
     f64 = dict(generator=g, dtype=torch.float64)
     lat = [torch.randn(4, 3, 4, 6, **f64), torch.randn(4, 1, 2, 2, **f64), torch.randn(4, 2, 6, 2, **f64)]
     texts = [torch.randn(3, 32, **f64), torch.randn(0, 32, dtype=torch.float64), torch.randn(5, 32, **f64)]
@@ -76,31 +77,54 @@ def _sp_loss_and_grads(dit, out, target):
     return {n: p.grad.clone() for n, p in dit.named_parameters()}
 
 
-def _train_parts(run_dir, mesh=None, steps=4, dit_config=None, model_config="tiny"):
-    torch.manual_seed(0)
+def _train_parts(run_dir, mesh=None, seed=0, steps=3, dit_config=None, model_config="tiny"):
+    torch.manual_seed(seed)
     dit = VideoDiT(dit_config or DiTConfig.from_name("tiny"))
     for p in dit.parameters():
         torch.nn.init.normal_(p, std=0.05)
     text = TinyTextEncoder(dim=dit.config.text_dim)
-    items = [{"latent": torch.randn(s, generator=torch.Generator().manual_seed(i)), "caption": c}
+    items = [{"latent": torch.randn(s, generator=torch.Generator().manual_seed(seed + i)), "caption": c}
              for i, (s, c) in enumerate(zip(SHAPES, CAPTIONS))]
-    cfg = TrainConfig(steps=steps, token_budget=24, lr=1e-3, warmup_steps=2, save_every=2, log_every=1, seed=3)
+    cfg = TrainConfig(steps=steps, token_budget=24, lr=1e-3, warmup_steps=2, save_every=2, log_every=1, seed=seed)
     kw = dict(model_config={"dit": model_config}, progress=False)
     if mesh is False:
         return Trainer(dit, text, items, cfg, run_dir, **kw)
     return DistributedTrainer(dit, text, items, cfg, run_dir, mesh=mesh, **kw)
 
 
-def _sampling_problem():
-    torch.manual_seed(0)
+def _sampling_problem(seed, dtype=torch.float32):
+    torch.manual_seed(seed)
     dit = VideoDiT.from_name("tiny").eval()
     for p in dit.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    g = torch.Generator().manual_seed(7)
-    noise = [torch.randn(4, 3, 4, 6, generator=g), torch.randn(4, 1, 2, 2, generator=g)]
-    text = pack_sequences([torch.randn(4, 32, generator=g), torch.randn(2, 32, generator=g)])
-    uncond = pack_sequences([torch.zeros(0, 32), torch.zeros(0, 32)])
+    dit.to(dtype)
+    g, kw = torch.Generator().manual_seed(seed + 7), dict(dtype=dtype)
+    noise = [torch.randn(4, 3, 4, 6, generator=g).to(dtype), torch.randn(4, 1, 2, 2, generator=g).to(dtype)]
+    text = pack_sequences([torch.randn(4, 32, generator=g).to(dtype), torch.randn(2, 32, generator=g).to(dtype)])
+    uncond = pack_sequences([torch.zeros(0, 32, **kw), torch.zeros(0, 32, **kw)])
     return dit, noise, dict(text=text, uncond_text=uncond, patch=(1, 2, 2), steps=4, guidance=4.0, shift="auto")
+
+
+def _triton_sp_fp32(seed, group):
+    """The fp32 DiT of :func:`_sp_problem` with the Triton attention kernel: forward and summed gradients,
+    sequence-parallel over ``group`` (None: one process)."""
+    dit, lat, texts, t, target = _sp_problem(seed)
+    dit.float().backend = {"attention": "triton"}
+    x, text = pack_videos([v.float() for v in lat], (1, 2, 2)), pack_sequences([v.float() for v in texts])
+    if group is not None:
+        enable_sequence_parallel(dit, dist.get_world_size(group))
+    out = sequence_parallel_forward(dit, x, t.float(), text, group)
+    grads = _sp_loss_and_grads(dit, out, target.float())
+    for gr in grads.values() if group is not None else ():
+        dist.all_reduce(gr, group=group)
+    return {"out": out.detach(), "grads": grads}
+
+
+def _assert_no_worse(got, lowp, exact, what, eps=torch.finfo(torch.float32).eps):
+    """flash-attention's rule: ``got``'s error against the exact result is at most twice the error of the
+    single-process low-precision computation ``lowp``, plus one rounding of the result's scale."""
+    err, base = (got - exact).abs().max().item(), (lowp - exact).abs().max().item()
+    assert err <= 2 * base + eps * exact.abs().max().item(), f"{what}: error {err:.3g}, one process {base:.3g}"
 
 
 # --- the spawned ranks ----------------------------------------------------------------------------
@@ -111,7 +135,7 @@ def _attempt(fn):
         return ("error", type(e).__name__, str(e), traceback.format_exc())
 
 
-def _rank_main(rank, port, out_dir):
+def _rank_main(rank, port, out_dir, seed):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -120,7 +144,7 @@ def _rank_main(rank, port, out_dir):
     res = {}
 
     def sp_forward_backward():
-        dit, lat, texts, t, target = _sp_problem()
+        dit, lat, texts, t, target = _sp_problem(seed)
         enable_sequence_parallel(dit, WORLD)
         with _fp64_throughout():
             out = sequence_parallel_forward(dit, pack_videos(lat, (1, 2, 2)), t, pack_sequences(texts),
@@ -130,16 +154,17 @@ def _rank_main(rank, port, out_dir):
             dist.all_reduce(gr)        # what FSDP2's reduce-scatter sums
         return {"out": out.detach(), "grads": grads}
     res["sp"] = _attempt(sp_forward_backward)
+    res["sp_triton"] = _attempt(lambda: _triton_sp_fp32(seed, dist.group.WORLD))
 
     def train(sp, name):
-        tr = _train_parts(out_dir / name, make_mesh(sp))
+        tr = _train_parts(out_dir / name, make_mesh(sp), seed)
         return {"losses": tr.train()["losses"],
                 "local_numel": sum(p.to_local().numel() for p in tr.model.parameters())}
     res["train_sp"] = _attempt(lambda: train(2, "sp"))
     res["train_dp"] = _attempt(lambda: train(1, "dp"))
 
     def sample(sp):
-        dit, noise, kw = _sampling_problem()
+        dit, noise, kw = _sampling_problem(seed)
         mesh = make_mesh(sp, outer="cfg")
         return sample_euler(make_denoiser(dit, mesh), noise, **kw)
     res["sample_cfg"] = _attempt(lambda: sample(1))
@@ -150,9 +175,9 @@ def _rank_main(rank, port, out_dir):
         VideoDiT(DiTConfig(dim=96, ffn_dim=64, num_heads=3, num_layers=1, in_channels=4, out_channels=4,
                            text_dim=32, freq_dim=32)), WORLD))
     res["bad_mesh"] = _attempt(lambda: make_mesh(2 if rank == 0 else 1))
-    res["bad_ckpt"] = _attempt(lambda: _train_parts(out_dir / "sp", make_mesh(2), model_config="tiny-3-layers",
+    res["bad_ckpt"] = _attempt(lambda: _train_parts(out_dir / "sp", make_mesh(2), seed, model_config="tiny-3-layers",
                                                     dit_config=DiTConfig.from_name("tiny", num_layers=3)).resume())
-    res["cfg_odd_pack"] = _attempt(lambda: CFGParallelDenoiser(_sampling_problem()[0], dist.group.WORLD)(
+    res["cfg_odd_pack"] = _attempt(lambda: CFGParallelDenoiser(_sampling_problem(seed)[0], dist.group.WORLD)(
         pack_videos([torch.randn(4, 1, 2, 2)], (1, 2, 2)), torch.ones(1), pack_sequences([torch.zeros(1, 32)])))
     torch.save(res, out_dir / f"rank{rank}.pt")
     dist.barrier()
@@ -169,15 +194,17 @@ def _free_port() -> int:
 def ranks(tmp_path_factory):
     """Run :func:`_rank_main` on 2 spawned gloo processes (bounded by DEADLINE_S); their result dicts."""
     out = tmp_path_factory.mktemp("dist")
-    ctx = mp.start_processes(_rank_main, args=(_free_port(), str(out)), nprocs=WORLD, join=False,
+    seed = int(os.environ.get("SORA_FAST_TEST_SEED", random.randrange(2**31 - 100)))   # fresh inputs every run
+    ctx = mp.start_processes(_rank_main, args=(_free_port(), str(out), seed), nprocs=WORLD, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + DEADLINE_S
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail(f"the {WORLD}-process run did not finish within {DEADLINE_S} s (a hang)")
-    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+            pytest.fail(f"the {WORLD}-process run did not finish within {DEADLINE_S} s (a hang); "
+                        f"replay with SORA_FAST_TEST_SEED={seed}")
+    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)], seed
 
 
 def _ok(res, key):
@@ -186,9 +213,13 @@ def _ok(res, key):
     return rest[0]
 
 
+def _replay(ranks) -> str:
+    return f"replay the 2-process run with SORA_FAST_TEST_SEED={ranks[2]}"
+
+
 # --- the checks -------------------------------------------------------------------------------------
 def test_sequence_parallel_forward_backward_equals_one_process(ranks):
-    dit, lat, texts, t, target = _sp_problem()
+    dit, lat, texts, t, target = _sp_problem(ranks[2])
     x, text = pack_videos(lat, (1, 2, 2)), pack_sequences(texts)
     with _fp64_throughout():
         ref = dit(x, t, text)
@@ -200,13 +231,29 @@ def test_sequence_parallel_forward_backward_equals_one_process(ranks):
         torch.testing.assert_close(got["out"], ref.detach(), rtol=0, atol=tol * ref.abs().max().item())
         assert got["grads"].keys() == ref_grads.keys()
         for n, g in got["grads"].items():
-            torch.testing.assert_close(g, ref_grads[n], rtol=0, atol=tol * ref_grads[n].abs().max().item(), msg=n)
+            torch.testing.assert_close(g, ref_grads[n], rtol=0, atol=tol * ref_grads[n].abs().max().item(),
+                                       msg=lambda m: f"{n}: {m}; {_replay(ranks)}")
+
+
+def test_sequence_parallel_with_the_triton_kernel(ranks):
+    """The Triton varlen kernel (interpreted on CPU) inside the all-to-alls, fp32: no less accurate against
+    the fp64 result than the same kernel in one process."""
+    dit, lat, texts, t, target = _sp_problem(ranks[2])
+    with _fp64_throughout():
+        ref = dit(pack_videos(lat, (1, 2, 2)), t, pack_sequences(texts))
+        ref_grads = _sp_loss_and_grads(dit, ref, target)
+    one = _triton_sp_fp32(ranks[2], None)
+    for res in ranks[1]:
+        got = _ok(res, "sp_triton")
+        _assert_no_worse(got["out"].double(), one["out"].double(), ref.detach(), f"output; {_replay(ranks)}")
+        for n, g in got["grads"].items():
+            _assert_no_worse(g.double(), one["grads"][n].double(), ref_grads[n], f"{n}; {_replay(ranks)}")
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
+def reference_run(tmp_path_factory, ranks):
     """The single-process Trainer on the same model and data: its losses and parameter shapes."""
-    tr = _train_parts(tmp_path_factory.mktemp("ref"), False)
+    tr = _train_parts(tmp_path_factory.mktemp("ref"), False, ranks[2])
     return tr.train()["losses"], [tuple(p.shape) for p in tr.model.parameters()]
 
 
@@ -222,28 +269,31 @@ def test_fsdp_training_losses_equal_one_process(ranks, reference_run):
     for key in ("train_sp", "train_dp"):
         per_rank = [_ok(res, key) for res in ranks[1]]
         for got in per_rank:
-            assert got["losses"] == pytest.approx(ref, rel=LOSS_RTOL, abs=0), key
+            assert got["losses"] == pytest.approx(ref, rel=LOSS_RTOL, abs=0), f"{key}; {_replay(ranks)}"
         # weights sharded, not duplicated: the ranks' local shards add up to the model
         assert sum(g["local_numel"] for g in per_rank) == total
         assert max(g["local_numel"] for g in per_rank) <= shard
 
 
 def test_checkpoint_from_world_size_2_resumes_at_world_size_1(ranks, reference_run):
-    out, _ = ranks
-    resumed = _train_parts(out / "sp", None)          # one process, no process group
+    out, _, seed = ranks
+    resumed = _train_parts(out / "sp", None, seed)    # one process, no process group
     assert resumed.resume(out / "sp" / "dcp_step_000002") == 2
-    assert resumed.train()["losses"] == pytest.approx(reference_run[0][2:], rel=LOSS_RTOL, abs=0)
+    assert resumed.train()["losses"] == pytest.approx(reference_run[0][2:], rel=LOSS_RTOL, abs=0), _replay(ranks)
 
 
 def test_cfg_and_sequence_parallel_sampling_equal_one_process(ranks):
-    dit, noise, kw = _sampling_problem()
-    ref = sample_euler(dit, noise, **kw)
-    eps32 = torch.finfo(torch.float32).eps
+    """Same seed, same videos: the 2-rank fp32 samples are no further from the fp64 samples than the
+    single-process fp32 ones (flash-attention's rule)."""
+    dit, noise, kw = _sampling_problem(ranks[2])
+    one = sample_euler(dit, noise, **kw)
+    dit64, noise64, kw64 = _sampling_problem(ranks[2], torch.float64)
+    with _fp64_throughout():
+        exact = sample_euler(dit64, noise64, **kw64)
     for key in ("sample_cfg", "sample_sp"):
         for res in ranks[1]:
-            got = _ok(res, key)
-            for a, b in zip(got, ref):
-                torch.testing.assert_close(a, b, rtol=0, atol=16 * eps32 * b.abs().max().item())
+            for i, (a, b, e) in enumerate(zip(_ok(res, key), one, exact)):
+                _assert_no_worse(a.double(), b.double(), e, f"{key} video {i}; {_replay(ranks)}")
 
 
 @pytest.mark.parametrize("key, error, words", [

@@ -15,8 +15,10 @@ collective that could hang.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -33,6 +35,16 @@ __all__ = ["save_sharded", "load_sharded", "latest_sharded", "list_sharded"]
 FORMAT = "sora_fast-dcp-1"
 _PREFIX, _LATEST, _META, _TMP = "dcp_step_", "latest_dcp", "meta.json", ".tmp-"
 PathLike = Union[str, Path]
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it 'assumes the intent' of a single process when there is no process group: here
+    that is the intent (a single-process run, or one resuming a multi-rank checkpoint on one rank)."""
+    with warnings.catch_warnings():
+        if not dist.is_initialized():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _barrier() -> None:
@@ -92,7 +104,8 @@ def save_sharded(run_dir: PathLike, step: int, model: nn.Module, optimizer=None,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    dcp.save(_state(model, optimizer, ema), checkpoint_id=str(tmp))
+    with _quiet_single_process():
+        dcp.save(_state(model, optimizer, ema), checkpoint_id=str(tmp))
     if _is_main():
         record = {"format": FORMAT, "step": int(step), "ema_updates": ema.num_updates if ema is not None else None,
                   "world_size": dist.get_world_size() if dist.is_initialized() else 1, **dict(meta or {})}
@@ -151,7 +164,8 @@ def load_sharded(path: PathLike, model: nn.Module, optimizer=None, ema: Optional
         raise ValueError(f"checkpoint {str(ckpt)!r} has format {record.get('format')!r}, expected {FORMAT!r}")
     state = _state(model, optimizer, ema)
     _check_fits(ckpt, record, state, config)
-    dcp.load(state, checkpoint_id=str(ckpt))
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(ckpt))
     set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
                    optim_state_dict=state.get("optim", {}))
     if ema is not None:
