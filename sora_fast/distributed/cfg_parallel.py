@@ -9,8 +9,6 @@ sampler, its schedule and its guidance formula stay exactly the single-process o
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 from torch import nn

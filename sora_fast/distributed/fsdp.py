@@ -2,8 +2,9 @@
 
 Each DiT block's self-attention, cross-attention and FFN are FSDP units (their weights are all-gathered
 just before they run and freed after); the root unit holds the rest (embedders, output head, the blocks'
-small modulation tables and norms, which the DiT reads for all blocks before the first one runs). Parameters, gradients and the optimizer
-state built on them are sharded over every rank of the run's mesh (:attr:`ParallelMesh.fsdp_mesh`).
+small modulation tables and norms, which the DiT reads for all blocks before the first one runs).
+Parameters, gradients and the optimizer state built on them are sharded over every rank of the run's
+mesh (:attr:`ParallelMesh.fsdp_mesh`).
 
 Gradient reduction is a plain sum (divide factor 1): the trainer scales each data-parallel rank's loss
 by its share of the batch's videos, and sequence-parallel ranks hold partial gradients of one replicated
@@ -33,9 +34,10 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, *, param_dtype: Optional[to
 
     param_dtype: dtype the weights are gathered in for compute (``MixedPrecisionPolicy.param_dtype``;
     None keeps their own); reduce_dtype: dtype of the gradient reduce-scatter. The attention and FFN
-    modules of every ``DiTBlock`` become FSDP units; the top-level models (``model`` itself, or each entry of a ``ModuleDict`` such as the
-    trainer's ``{"dit", "text"}``, which has no forward of its own) become root units, and a text
-    encoder's ``encode`` gathers its weights like a forward does. Build the optimizer after this call.
+    modules of every ``DiTBlock`` become FSDP units; the top-level models (``model`` itself, or each entry
+    of a ``ModuleDict`` such as the trainer's ``{"dit", "text"}``, which has no forward of its own) become
+    root units, and a text encoder's ``encode`` gathers its weights like a forward does. Build the
+    optimizer after this call.
     """
     if mesh.mesh is None:
         return model

@@ -79,7 +79,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sora_fast.distributed.memory", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", help="DiT preset (default: %(default)s)")
-    p.add_argument("--latent", default="4x8x16x16", metavar="CxTxHxW", help="latent of each video (default: %(default)s)")
+    p.add_argument("--latent", default="4x8x16x16", metavar="CxTxHxW",
+                   help="latent of each video (default: %(default)s)")
     p.add_argument("--videos", type=int, default=2, help="videos in the packed batch (default: %(default)s)")
     p.add_argument("--sequence-parallel", type=int, default=1, metavar="N",
                    help="ranks sharing one pack (under torchrun; default: %(default)s)")
@@ -98,7 +99,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for row in rows:
             print(f"rank {row['rank']}: state {row['state'] / mib:.2f} MiB (params {row['params'] / mib:.2f}, "
                   f"AdamW {row['optimizer'] / mib:.2f}, EMA {row['ema'] / mib:.2f}) | train step peak "
-                  f"{row['train_step_peak'] / mib:.2f} MiB | denoise step peak {row['denoise_step_peak'] / mib:.2f} MiB")
+                  f"{row['train_step_peak'] / mib:.2f} MiB | denoise step peak "
+                  f"{row['denoise_step_peak'] / mib:.2f} MiB")
         print(json.dumps(rows))
     if dist.is_initialized():
         dist.destroy_process_group()

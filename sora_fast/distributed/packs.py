@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-import torch
-
 from ..packing import PackedSequences, PackedVideos
 
 __all__ = ["even_splits", "video_ranges", "select_videos", "select_sequences", "token_shard"]
