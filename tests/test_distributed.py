@@ -77,7 +77,7 @@ def _sp_loss_and_grads(dit, out, target):
     return {n: p.grad.clone() for n, p in dit.named_parameters()}
 
 
-def _train_parts(run_dir, mesh=None, seed=0, steps=3, dit_config=None, model_config="tiny"):
+def _train_parts(run_dir, mesh=None, seed=0, steps=3, dit_config=None, model_config="tiny", token_budget=24):
     torch.manual_seed(seed)
     dit = VideoDiT(dit_config or DiTConfig.from_name("tiny"))
     for p in dit.parameters():
@@ -85,7 +85,7 @@ def _train_parts(run_dir, mesh=None, seed=0, steps=3, dit_config=None, model_con
     text = TinyTextEncoder(dim=dit.config.text_dim)
     items = [{"latent": torch.randn(s, generator=torch.Generator().manual_seed(seed + i)), "caption": c}
              for i, (s, c) in enumerate(zip(SHAPES, CAPTIONS))]
-    cfg = TrainConfig(steps=steps, token_budget=24, lr=1e-3, warmup_steps=2, save_every=2, log_every=1, seed=seed)
+    cfg = TrainConfig(steps=steps, token_budget=token_budget, lr=1e-3, warmup_steps=2, save_every=2, log_every=1, seed=seed)
     kw = dict(model_config={"dit": model_config}, progress=False)
     if mesh is False:
         return Trainer(dit, text, items, cfg, run_dir, **kw)
@@ -177,6 +177,7 @@ def _rank_main(rank, port, out_dir, seed):
     res["bad_mesh"] = _attempt(lambda: make_mesh(2 if rank == 0 else 1))
     res["bad_ckpt"] = _attempt(lambda: _train_parts(out_dir / "sp", make_mesh(2), seed, model_config="tiny-3-layers",
                                                     dit_config=DiTConfig.from_name("tiny", num_layers=3)).resume())
+    res["bad_dp_batches"] = _attempt(lambda: _train_parts(out_dir / "small", make_mesh(1), seed, token_budget=16))
     res["cfg_odd_pack"] = _attempt(lambda: CFGParallelDenoiser(_sampling_problem(seed)[0], dist.group.WORLD)(
         pack_videos([torch.randn(4, 1, 2, 2)], (1, 2, 2)), torch.ones(1), pack_sequences([torch.zeros(1, 32)])))
     torch.save(res, out_dir / f"rank{rank}.pt")
@@ -313,6 +314,7 @@ def test_cfg_and_sequence_parallel_sampling_equal_one_process(ranks):
     ("bad_mesh", "ValueError", ["same on every rank", "rank 0: (2, 'dp')", "rank 1: (1, 'dp')"]),
     ("bad_ckpt", "StateDictMismatchError", ["config differs", "tiny-3-layers", "blocks.2"]),
     ("cfg_odd_pack", "ValueError", ["multiple of 2", "got 1 videos"]),
+    ("bad_dp_batches", "ValueError", ["fewer videos (1) than the 2 data-parallel groups", "token_budget (16)"]),
 ])
 def test_bad_input_raises_on_every_rank(ranks, key, error, words):
     for res in ranks[1]:

@@ -57,6 +57,12 @@ class DistributedTrainer(Trainer):
         self.is_main = self.mesh.is_main
         super().__init__(dit, text_encoder, items, config, run_dir, model_config=model_config,
                          progress=progress and self.mesh.is_main)
+        dp = self.mesh.outer_size
+        small = [len(b) for b in self.plan.batches if len(b) < dp]
+        if small:
+            raise ValueError(f"{len(small)} planned batches hold fewer videos ({min(small)}) than the {dp} "
+                             f"data-parallel groups, each of which needs one; raise token_budget "
+                             f"({config.token_budget}) or use fewer data-parallel groups (more --sequence-parallel)")
 
     def _wrap_model(self, model: nn.Module) -> nn.Module:
         return apply_fsdp(model, self.mesh, param_dtype=self._param_dtype)
