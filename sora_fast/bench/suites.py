@@ -7,7 +7,8 @@ An op suite (:class:`OpSuite`) holds:
   its plot (sequence length, hidden size, channels);
 - an independent plain-PyTorch reference (``F.layer_norm``, ``F.group_norm``, ``F.conv3d``, a per-sequence
   softmax loop), written here and not taken from ``sora_fast.ops``, so that sora_fast's own reference is
-  checked too. It is also the ``eager`` provider: what a model written in PyTorch runs;
+  checked too. It is also the ``eager`` provider (what a model written in PyTorch runs), and
+  ``torch_compile`` compiles it;
 - providers: a builder ``(inputs, ctx) -> (fn, canon)``; ``fn()`` is what gets timed and ``canon`` maps its
   output to the reference's layout for the correctness check. A builder raises :class:`Skip` when the
   provider cannot run here; the message is the reason written to the row.
