@@ -190,6 +190,8 @@ def test_bad_names_are_clear_errors(argv, expected, capsys, tmp_path):
 def test_bad_arguments_of_the_function():
     with pytest.raises(TypeError, match="providers must be a list of names, got the string 'eager'"):
         run_bench("conv3d", "eager", out=None)
+    with pytest.raises(ValueError, match="providers must name at least one provider"):
+        run_bench("conv3d", [], out=None)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="--device cuda needs a CUDA GPU"):
             run_bench("conv3d", device="cuda", out=None)

@@ -209,6 +209,8 @@ def _check_names(ops: list[str], providers: Optional[Sequence[str]], suites: dic
         return None
     if isinstance(providers, str):
         raise TypeError(f"providers must be a list of names, got the string {providers!r}")
+    if not providers:
+        raise ValueError("providers must name at least one provider (or be None for all), got an empty list")
     valid = list(dict.fromkeys([*PROVIDERS, *(p for s in suites.values() for p in s)]))
     for p in providers:
         if p not in valid:
