@@ -13,8 +13,8 @@ for correctness before it is timed (a failed check is a row without timings):
 Timing, as ``bench_system.py`` (whose helpers it uses): both paths interleaved, warm-up first, median
 of ``--reps``; ratio = before / after (> 1: the accelerated path is faster). On the CPU the ops run
 their plain-torch references (the kernels need a GPU), so the ratios there compare those references
-(attention as per-sequence fp32 matmuls and logsumexp, the causal conv as one oneDNN convolution
-without a padded copy) with diffusers' own code, not the kernels.
+(attention as per-sequence fp32 matmuls and logsumexp; the causal conv through oneDNN, which PyTorch's
+own CPU heuristic, used by diffusers' Conv3d, skips at batch 1) with diffusers' own code, not the kernels.
 
     python bench/bench_diffusers_accelerate.py [--quick] [--reps 5] [--threads 1] [--json P]
 """
