@@ -1,6 +1,7 @@
 """sora-fast profile: stage times add up, the op breakdown and trace are written, PeakMemory is exact, bad input."""
 import json
 import re
+import time
 
 import pytest
 import torch
@@ -95,3 +96,102 @@ def test_profile_saved_pipeline_without_cfg(tmp_path):
 def test_profile_bad_input(args, match, capsys):
     assert cli.main(["profile", *args]) == 2
     assert re.search(match, capsys.readouterr().err)
+
+
+class _FakeNvml:
+    """A stand-in for ``pynvml`` whose readings change on every call (so means, minima and maxima differ)."""
+
+    NVML_CLOCK_SM, NVML_CLOCK_MEM, NVML_TEMPERATURE_GPU = 0, 1, 0
+
+    def __init__(self, fail_init=False, fail_after=None):
+        self.fail_init, self.fail_after, self.reads, self.bus = fail_init, fail_after, 0, None
+
+    def nvmlInit(self):
+        if self.fail_init:
+            raise RuntimeError("Driver Not Loaded")
+
+    def nvmlDeviceGetHandleByPciBusId(self, bus):
+        self.bus = bus
+        return "handle"
+
+    def nvmlDeviceGetName(self, h):
+        return b"NVIDIA H100 80GB HBM3"
+
+    def nvmlDeviceGetMaxClockInfo(self, h, kind):
+        return 1980
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, h):
+        return 700_000  # mW
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return type("Mem", (), {"total": 80 * 2**30, "used": (1 + self.reads) * 2**20})()
+
+    def nvmlDeviceGetClockInfo(self, h, kind):
+        self.reads += 1
+        if self.fail_after is not None and self.reads > self.fail_after:
+            raise RuntimeError("GPU is lost")
+        return 1000 + self.reads if kind == self.NVML_CLOCK_SM else 2619
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        return 300_000 + 1000 * self.reads  # mW
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        return type("Util", (), {"gpu": 97})()
+
+    def nvmlDeviceGetTemperature(self, h, kind):
+        return 55
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A CUDA device as NVML sees it, on a machine without one: a fake pynvml and device properties."""
+    import sys
+    import types
+    props = types.SimpleNamespace(pci_domain_id=0, pci_bus_id=0x1B, pci_device_id=0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+
+    def install(**kw):
+        nvml = _FakeNvml(**kw)
+        monkeypatch.setitem(sys.modules, "pynvml", nvml)
+        return nvml
+    return install
+
+
+def test_nvml_sampler_records_and_summarizes_telemetry(fake_gpu):
+    from sora_fast.bench.runner import _telemetry_during
+    from sora_fast.profile import _NvmlSampler
+    nvml = fake_gpu()
+    with _NvmlSampler(torch.device("cuda", 0), interval=0.001) as s:
+        deadline = time.monotonic() + 30
+        while len(s.samples) < 5 and s._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.001)
+    assert nvml.bus == "00000000:1b:00.0"  # found by PCI bus id, which CUDA_VISIBLE_DEVICES cannot renumber
+    out = s.summary()
+    assert out["available"] is True and out["samples"] == len(s.samples) >= 5
+    assert (out["name"], out["max_sm_clock_mhz"], out["power_limit_w"], out["memory_total_mib"]) == (
+        "NVIDIA H100 80GB HBM3", 1980, 700.0, 80 * 1024)
+    for key in ("sm_clock_mhz", "power_w", "memory_used_mib"):
+        vals = [x[key] for x in s.samples]
+        assert out[key] == {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals)}
+        assert out[key]["min"] < out[key]["max"]  # the readings moved: each sample is a fresh read
+    assert out["gpu_util_pct"] == {"mean": 97, "min": 97, "max": 97}
+    # a benchmark row's telemetry: the mean of the samples taken while it ran
+    row = _telemetry_during(s, len(s.samples) - 2)
+    assert row["samples"] == 2 and row["power_w"] == sum(x["power_w"] for x in s.samples[-2:]) / 2
+    assert _telemetry_during(s, len(s.samples)) is None
+
+
+def test_nvml_sampler_failures_are_reported_not_raised(fake_gpu):
+    from sora_fast.profile import _NvmlSampler
+    fake_gpu(fail_init=True)
+    with _NvmlSampler(torch.device("cuda", 0)) as s:
+        pass
+    assert s.summary() == {"available": False, "reason": "NVML failed: Driver Not Loaded"}
+    fake_gpu(fail_after=3)  # the GPU drops out mid-run: the samples so far are kept, the reason is said
+    with _NvmlSampler(torch.device("cuda", 0), interval=0.001) as s:
+        s._thread.join(timeout=10)
+    assert s.summary() == {"available": False, "reason": "NVML read failed: GPU is lost"}
+    assert len(s.samples) == 1  # read 1 used clock calls 1-2; read 2 failed at call 4
+    with _NvmlSampler(torch.device("cpu")) as s:
+        pass
+    assert s.summary() == {"available": False, "reason": "the pipeline runs on cpu, not a CUDA GPU"}
