@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sora_fast.models.vae import CausalVAE
-from sora_fast.training.vae import VAETrainConfig, fit_latent_stats, train_vae
+from sora_fast.training.vae import VAETrainConfig, fit_latent_stats, focus_weights, train_vae
 
 
 def _videos():
@@ -27,6 +27,30 @@ def test_training_reduces_reconstruction_error_and_is_reproducible():
     before, after, losses = run()
     assert after < 0.8 * before, (before, after)
     assert run()[2] == losses          # same seed, same batches and losses
+
+
+def test_focus_weights_weigh_every_colour_by_its_largest_channel_difference():
+    """A red and a white object on a dark background, per-pixel loops as the reference: a one-channel (red)
+    difference of the same size as a three-channel (white) one gets the same weight."""
+    g = torch.Generator().manual_seed(7)
+    video = torch.full((2, 3, 3, 8, 10), -0.8)
+    video[:, 0, :, 1:3, 1:4] = 0.8                      # red: R only
+    video[:, :, :, 5:7, 5:9] = 0.8                      # white: R, G and B
+    video += 0.01 * torch.randn(video.shape, generator=g)
+    focus = 3.0
+    got = focus_weights(video, focus)
+    ref = torch.empty(2, 1, 3, 8, 10, dtype=torch.float64)
+    for b in range(2):
+        flat = video[b].double().flatten(1)
+        bg = [sorted(flat[c].tolist())[(flat.shape[1] - 1) // 2] for c in range(3)]   # torch's lower median
+        for t in range(3):
+            for y in range(8):
+                for x in range(10):
+                    ref[b, 0, t, y, x] = 1 + focus * max(abs(video[b, c, t, y, x].item() - bg[c]) for c in range(3))
+    ref /= ref.mean()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
+    red, white, dark = got[0, 0, 0, 1, 1].item(), got[0, 0, 0, 5, 5].item(), got[0, 0, 0, 0, 0].item()
+    assert abs(red - white) < 0.05 * white and red > 3 * dark
 
 
 def test_latent_stats_match_a_direct_computation():
