@@ -125,3 +125,39 @@ def test_bad_config_and_items(tmp_path):
                 tmp_path / "y")
     with pytest.raises(ValueError, match="items is empty"):
         Trainer(dit, text, [], TrainConfig(), tmp_path / "z")
+
+
+@pytest.mark.parametrize("schedule,floor", [("constant", 0.0), ("cosine", 0.0), ("cosine", 0.1), ("linear", 0.25)])
+def test_learning_rate_schedule(tmp_path, schedule, floor):
+    """The optimizer's lr at every step: a linear warm-up, then constant or a decay to ``floor · lr`` at the
+    last step (closed forms written out here, not taken from the trainer)."""
+    import math
+    steps, warm, lr = 7, 3, 1e-3
+    tr = _setup(tmp_path, steps=steps, warmup_steps=warm, lr=lr, lr_schedule=schedule, min_lr_ratio=floor,
+                save_every=100)
+    seen = []
+    real_step = tr.optimizer.step
+
+    def spy(*a, **k):
+        seen.append(tr.optimizer.param_groups[0]["lr"])
+        return real_step(*a, **k)
+    tr.optimizer.step = spy
+    tr.train()
+    decay = {"constant": lambda f: 1.0, "cosine": lambda f: 0.5 * (1 + math.cos(math.pi * f)),
+             "linear": lambda f: 1 - f}[schedule]
+    expect = [lr * (k + 1) / warm for k in range(warm - 1)]                 # steps 0, 1: warming up
+    expect += [lr * (1.0 if schedule == "constant" else floor + (1 - floor) * decay(j / (steps - warm)))
+               for j in range(steps - warm + 1)]                            # steps 2..6: lr, then the decay
+    assert seen == pytest.approx(expect, rel=1e-12, abs=1e-15)
+    if schedule != "constant":
+        assert seen[-1] == pytest.approx(floor * lr, abs=1e-15) and seen[warm - 1] == pytest.approx(lr)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("lr_schedule", "step", r"lr_schedule must be 'constant', 'cosine' or 'linear', got 'step'"),
+    ("min_lr_ratio", 1.5, r"min_lr_ratio must be a number in \[0, 1\], got 1.5"),
+    ("min_lr_ratio", True, r"min_lr_ratio must be a number in \[0, 1\], got True"),
+])
+def test_bad_schedule_settings(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{field: value})

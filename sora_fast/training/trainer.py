@@ -38,7 +38,10 @@ class TrainConfig:
 
     steps:            optimizer steps in total (a resumed run continues up to this number).
     token_budget:     max tokens per packed batch (videos are never cropped; a larger one is an error).
-    lr, betas, weight_decay, warmup_steps: AdamW with a linear warm-up, then constant lr.
+    lr, betas, weight_decay, warmup_steps: AdamW with a linear warm-up to ``lr``.
+    lr_schedule:      after the warm-up: ``"constant"``, or ``"cosine"`` / ``"linear"`` decay from ``lr`` to
+                      ``min_lr_ratio · lr`` at step ``steps`` (a resumed run with another ``steps`` decays
+                      over the new length from where it is).
     grad_clip:        max global gradient norm (0: off).
     ema_decay:        EMA of the trainable weights (None: off); ``ema_warmup`` as in :class:`EMA`.
     caption_dropout:  probability a caption is replaced by the empty prompt (trains the CFG branch).
@@ -58,6 +61,8 @@ class TrainConfig:
     betas: tuple = (0.9, 0.99)
     weight_decay: float = 0.0
     warmup_steps: int = 50
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
     ema_decay: Optional[float] = 0.999
     ema_warmup: float = 10.0
@@ -85,6 +90,12 @@ class TrainConfig:
             positive_int(name, 0)
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+        if self.lr_schedule not in ("constant", "cosine", "linear"):
+            raise ValueError(f"TrainConfig.lr_schedule must be 'constant', 'cosine' or 'linear', "
+                             f"got {self.lr_schedule!r}")
+        if isinstance(self.min_lr_ratio, bool) or not isinstance(self.min_lr_ratio, (int, float)) \
+                or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"TrainConfig.min_lr_ratio must be a number in [0, 1], got {self.min_lr_ratio!r}")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"TrainConfig.caption_dropout must be in [0, 1), got {self.caption_dropout!r}")
         if self.ema_decay is not None and not 0 <= self.ema_decay <= 1:
@@ -202,8 +213,16 @@ class Trainer:
         return self.plan.batches[int(order[k])]
 
     def _lr(self, step: int) -> float:
-        w = self.config.warmup_steps
-        return self.config.lr * (min(1.0, (step + 1) / w) if w else 1.0)
+        """The learning rate of step ``step`` (0-based): warm-up, then :attr:`TrainConfig.lr_schedule`."""
+        cfg = self.config
+        w = cfg.warmup_steps
+        if w and step + 1 < w:
+            return cfg.lr * (step + 1) / w
+        if cfg.lr_schedule == "constant" or cfg.steps <= w:
+            return cfg.lr
+        frac = min(1.0, max(0.0, (step + 1 - w) / (cfg.steps - w)))     # 0 at the warm-up's end, 1 at the last step
+        shape = 0.5 * (1 + math.cos(math.pi * frac)) if cfg.lr_schedule == "cosine" else 1 - frac
+        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
 
     def _autocast(self):
         mode = self.config.autocast
