@@ -405,3 +405,42 @@ def test_bad_inputs_forward_videos(model_inputs):
 def test_config_is_a_plain_dataclass():
     cfg = DiTConfig.from_name("tiny", window=[1, 2, 3])
     assert cfg.window == (1, 2, 3) and dataclasses.asdict(cfg)["dim"] == 64
+
+
+# ----------------------------------------------------------------------------------------------
+# pooled text conditioning (an option beyond Wan2.1)
+
+
+def test_pooled_text_adds_the_mean_text_embedding_to_the_timestep_embedding():
+    """pooled_text=True equals the same weights without it when the timestep embedding is given the pooled
+    vector by hand (an independent per-prompt mean); packing and an empty prompt change nothing; a fresh
+    model starts as the plain one (zero-initialized projection)."""
+    torch.manual_seed(0)
+    dit = tiny_dit(pooled_text=True)
+    plain = VideoDiT(dataclasses.replace(dit.config, pooled_text=False))
+    plain.load_state_dict({k: v for k, v in dit.state_dict().items() if not k.startswith("text_pool.")})
+    lat = [torch.randn(4, 1, 4, 6), torch.randn(4, 3, 2, 4), torch.randn(4, 2, 4, 2)]
+    txt = [torch.randn(3, 32), torch.randn(0, 32), torch.randn(5, 32)]          # an empty prompt too
+    t = torch.tensor([5.0, 500.0, 900.0])
+    with torch.no_grad():
+        got = dit.forward_videos(lat, t, txt)
+        for i in range(3):
+            pooled = dit.text_embed(txt[i]).mean(0) if len(txt[i]) else torch.zeros(dit.config.dim)
+            extra = dit.text_pool(pooled)                                          # (D,)
+            real = plain.time_embed.forward
+
+            def shifted(f, real=real, extra=extra):
+                return real(f) + extra
+            plain.time_embed.forward = shifted
+            ref = plain.forward_videos([lat[i]], t[i:i + 1], [txt[i]])[0]
+            plain.time_embed.forward = real
+            assert_close(got[i], ref, torch.float32, msg=f"video {i}")
+            alone = dit.forward_videos([lat[i]], t[i:i + 1], [txt[i]])[0]
+            assert_close(got[i], alone, torch.float32, msg=f"video {i} packed vs alone")
+        without = plain.forward_videos(lat, t, txt)
+        assert all((a - b).abs().max() > 1e-3 for a, b in zip(got, without))     # the option does something
+    fresh = VideoDiT.from_name("tiny", pooled_text=True)
+    assert not fresh.text_pool.weight.any() and not fresh.text_pool.bias.any()
+    assert "text_pool.weight" not in VideoDiT.from_name("tiny").state_dict()      # Wan layout unchanged
+    with pytest.raises(TypeError, match=r"DiTConfig.pooled_text must be a bool, got 1"):
+        DiTConfig.from_name("tiny", pooled_text=1)

@@ -37,6 +37,14 @@ OP_FAMILIES = ("attention", "adaln")
 Backend = Union[None, str, Mapping[str, Optional[str]]]
 
 
+def _segment_mean(x: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Mean of the rows of ``x`` ``(L, D)`` per segment ``ids`` ``(L,)`` in ``[0, n)``: ``(n, D)``, zeros for an
+    empty segment."""
+    total = x.new_zeros(n, x.shape[1]).index_add(0, ids, x)
+    count = torch.bincount(ids, minlength=n).clamp_min(1).to(x.dtype)
+    return total / count[:, None]
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -50,6 +58,9 @@ class DiTConfig:
     freq_dim (sinusoidal timestep features), patch [patch_size] ``(pt, ph, pw)``, eps (every norm),
     cross_attn_norm (affine LayerNorm before cross-attention), qk_norm (only "rms_norm_across_heads"),
     rope_theta, window: optional ``(wt, wh, ww)`` local 3D window of self-attention (None: global).
+    pooled_text: also condition adaLN on the text: the mean of each prompt's embedded tokens, through a
+    zero-initialized linear, is added to the timestep embedding (as HunyuanVideo and SD3 add a pooled text
+    vector). Not part of Wan2.1 (diffusers' configs never set it); off by default.
     """
 
     dim: int
@@ -66,6 +77,7 @@ class DiTConfig:
     qk_norm: str = "rms_norm_across_heads"
     rope_theta: float = 10000.0
     window: Optional[tuple[int, int, int]] = None
+    pooled_text: bool = False
 
     def __post_init__(self):
         for name in ("dim", "ffn_dim", "num_heads", "num_layers", "in_channels", "out_channels", "text_dim",
@@ -87,8 +99,9 @@ class DiTConfig:
         self.patch = patch
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps < 1:
             raise ValueError(f"DiTConfig.eps must be a number in (0, 1), got {self.eps!r}")
-        if not isinstance(self.cross_attn_norm, bool):
-            raise TypeError(f"DiTConfig.cross_attn_norm must be a bool, got {self.cross_attn_norm!r}")
+        for name in ("cross_attn_norm", "pooled_text"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"DiTConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.qk_norm != "rms_norm_across_heads":
             raise ValueError(f"DiTConfig.qk_norm must be 'rms_norm_across_heads' (RMSNorm of q and k over "
                              f"all heads, as Wan2.1), got {self.qk_norm!r}")
@@ -257,6 +270,7 @@ class VideoDiT(nn.Module):
         self.text_embed = _mlp(c.text_dim, d, d, nn.GELU(approximate="tanh"))
         self.time_embed = _mlp(c.freq_dim, d, d, nn.SiLU())
         self.time_proj = nn.Linear(d, 6 * d)
+        self.text_pool = nn.Linear(d, d) if c.pooled_text else None            # pooled text -> adaLN
         self.blocks = nn.ModuleList(DiTBlock(c) for _ in range(c.num_layers))
         self.scale_shift_table = nn.Parameter(torch.randn(2, d) / d**0.5)     # output (shift, scale)
         self.proj_out = nn.Linear(d, c.out_channels * c.patch_volume)           # features (C, pt, ph, pw)
@@ -334,7 +348,10 @@ class VideoDiT(nn.Module):
         for blk in self.blocks:
             blk.scale_shift_table[2].zero_()
             blk.scale_shift_table[5].zero_()
-        for p in (self.time_proj.weight, self.time_proj.bias, self.proj_out.weight, self.proj_out.bias):
+        zero = [self.time_proj.weight, self.time_proj.bias, self.proj_out.weight, self.proj_out.bias]
+        if self.text_pool is not None:
+            zero += [self.text_pool.weight, self.text_pool.bias]
+        for p in zero:
             nn.init.zeros_(p)
 
     def _backends(self) -> dict:
@@ -388,6 +405,8 @@ class VideoDiT(nn.Module):
         context = self.text_embed(text.tokens)                                      # (L, D)
         t_freq = timestep_embedding(timesteps, c.freq_dim)                          # (B, freq_dim) fp32
         temb = self.time_embed(t_freq.to(self.time_embed[0].weight.dtype)).to(h.dtype)  # (B, D)
+        if self.text_pool is not None:                                              # + pooled text (B, D)
+            temb = temb + self.text_pool(_segment_mean(context, text.seq_ids.long(), text.num_sequences)).to(h.dtype)
         t6 = self.time_proj(F.silu(temb)).unflatten(1, (6, c.dim))                  # (B, 6, D)
         mods = [blk.modulation(t6) for blk in self.blocks]                          # L x (6, B, D) fp32
         out_mod = (self.scale_shift_table[:, None].float() + temb.float()).contiguous()  # (2, B, D)
