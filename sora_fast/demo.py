@@ -27,9 +27,9 @@ class DemoConfig:
     sizes: tuple = ((32, 32), (32, 48), (48, 32))
     lengths: tuple = (1, 5, 9)
     object_size: float = 0.4
-    vae_steps: int = 700
+    vae_steps: int = 1100
     vae_focus: float = 4.0
-    dit_steps: int = 1200
+    dit_steps: int = 2100
     token_budget: int = 1152
     lr: float = 1.5e-3
     sample_steps: int = 20

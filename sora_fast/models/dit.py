@@ -158,7 +158,7 @@ PRESETS: dict[str, DiTConfig] = {
     "tiny": DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_channels=4, out_channels=4,
                       text_dim=32, freq_dim=32),
     # a small CPU-trainable model: 2.3M parameters, heads of 48 (RoPE split 16/16/16)
-    "demo": DiTConfig(dim=192, ffn_dim=512, num_heads=4, num_layers=4, in_channels=16, out_channels=16,
+    "demo": DiTConfig(dim=128, ffn_dim=384, num_heads=4, num_layers=4, in_channels=16, out_channels=16,
                       text_dim=64, freq_dim=64),
 }
 
