@@ -218,6 +218,18 @@ class PackedVideos(_Packed):
         return videos
 
 
+def segment_mean(x: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence mean of packed rows, without a host sync.
+
+    x: ``(N, ...)``; seq_ids: ``(N,)`` int, values in ``[0, num_seqs)``.
+    Returns ``(mean (B, ...), counts (B,))`` in ``x``'s dtype: an empty sequence has mean 0 and count 0.
+    """
+    ids = seq_ids.long()
+    sums = x.new_zeros((num_seqs, *x.shape[1:])).index_add_(0, ids, x)
+    counts = torch.bincount(ids, minlength=num_seqs)[:num_seqs].to(x.dtype)
+    return sums / counts.clamp_min(1).view(-1, *([1] * (x.dim() - 1))), counts
+
+
 def pack_videos(
     latents: Sequence[torch.Tensor], patch: tuple[int, int, int] = (1, 2, 2)
 ) -> PackedVideos:

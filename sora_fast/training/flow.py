@@ -21,6 +21,8 @@ from typing import Optional, Union
 
 import torch
 
+from ..packing import segment_mean
+
 __all__ = [
     "shift_sigmas",
     "resolution_shift",
@@ -214,10 +216,7 @@ def sequence_mse(
     """
     _check_packed(pred, target, seq_ids, num_seqs)
     per_token = (pred.float() - target.float()).pow(2).mean(dim=1)  # (N,)
-    ids = seq_ids.long()
-    sums = per_token.new_zeros(num_seqs).index_add_(0, ids, per_token)  # (B,)
-    counts = torch.bincount(ids, minlength=num_seqs)[:num_seqs].to(torch.float32)  # (B,)
-    return sums / counts.clamp_min(1), counts
+    return segment_mean(per_token, seq_ids, num_seqs)                 # (B,), (B,)
 
 
 def flow_matching_loss(
