@@ -75,6 +75,57 @@ def spacetime_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, scale=N
     return out
 
 
+def _attention_padded(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, scale=None, window=None, grid=None,
+                      rope_coords=None, rope_theta=10000.0):
+    """The eager CPU/GPU path when no LSE is asked for: the same math as :func:`spacetime_attention_ref`, but
+    every sequence padded into one ``(B, H, L, D)`` batch and a single fused
+    ``F.scaled_dot_product_attention`` call, with a mask that keeps each query inside its own sequence (and
+    window). One call instead of a Python loop of small matmuls per sequence: several times fewer ops for
+    a packed training batch of short videos.
+
+    Padding never changes a real row: padded keys are masked out; a query whose key sequence is empty sees
+    only the all-zero padding (values zero, so its output is zero, as in the reference); a padded query row
+    sees every key, so its softmax stays finite, and it is dropped from the output (zero gradient).
+    """
+    md = math_dtype(q.dtype)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qf, kf, vf = q.to(md), k.to(md), v.to(md)
+    if rope_coords is not None:
+        qf = apply_rope3d_ref(qf, rope_coords, theta=rope_theta)
+        kf = apply_rope3d_ref(kf, rope_coords, theta=rope_theta)
+    cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
+    dev, heads, dv = q.device, q.shape[1], v.shape[2]
+    cq, ck = cu_seqlens_q.long(), cu_k.long()
+    lq, lk = cq.diff(), ck.diff()
+    nseq, max_q, max_k = lq.numel(), int(lq.max()), int(lk.max())
+    if q.shape[0] == 0:
+        return qf.new_zeros(0, heads, dv).to(q.dtype)
+    if max_k == 0:
+        return qf.new_zeros(q.shape[0], heads, dv).to(q.dtype)
+    seq_q = torch.repeat_interleave(torch.arange(nseq, device=dev), lq)          # (Nq,)
+    pos_q = torch.arange(q.shape[0], device=dev) - cq[seq_q]
+    seq_k = torch.repeat_interleave(torch.arange(nseq, device=dev), lk)          # (Nk,)
+    pos_k = torch.arange(k.shape[0], device=dev) - ck[seq_k]
+
+    def pad(x, seq, pos, length):
+        out = x.new_zeros(nseq, length, *x.shape[1:])
+        return out.index_put((seq, pos), x).transpose(1, 2)                      # (B, H, L, D)
+
+    qp, kp, vp = pad(qf, seq_q, pos_q, max_q), pad(kf, seq_k, pos_k, max_k), pad(vf, seq_k, pos_k, max_k)
+    key_ok = torch.arange(max_k, device=dev)[None, :] < lk[:, None]              # (B, Lk)
+    key_ok = key_ok | (lk == 0)[:, None]                                         # empty key sequence: zeros
+    allowed = key_ok[:, None, :].expand(nseq, max_q, max_k)
+    if window is not None:
+        coords = qf.new_zeros(nseq, max_q, 3, dtype=torch.long)
+        coords[seq_q, pos_q] = torch.cat([grid_coords(g, dev) for g in grid.tolist()])
+        dist = (coords[:, :, None, :] - coords[:, None, :, :]).abs()
+        allowed = allowed & (dist <= torch.tensor(window, device=dev)).all(dim=-1)
+    query_pad = torch.arange(max_q, device=dev)[None, :] >= lq[:, None]          # (B, Lq)
+    allowed = allowed | query_pad[:, :, None]
+    o = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, attn_mask=allowed[:, None], scale=scale)
+    return o.transpose(1, 2)[seq_q, pos_q].to(q.dtype)                          # (Nq, H, Dv)
+
+
 # --- validation ---------------------------------------------------------------------------------
 def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window, grid,
               rope_coords, rope_theta):
@@ -244,8 +295,10 @@ def spacetime_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
     if _dispatch.eager_reference(backend):
         _check_values(q, k, cu_seqlens_q, cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k, max_seqlen_q,
                       max_seqlen_q if cu_seqlens_k is None else max_seqlen_k, grid)
-        return spacetime_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale, window=window, grid=grid,
-                                       rope_coords=rope_coords, rope_theta=float(rope_theta), return_lse=return_lse)
+        eager = spacetime_attention_ref if return_lse else _attention_padded
+        kw = {"return_lse": True} if return_lse else {}
+        return eager(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale, window=window, grid=grid,
+                     rope_coords=rope_coords, rope_theta=float(rope_theta), **kw)
     out, lse = _attention_op(q, k, v, cu_seqlens_q, cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k,
                              max_seqlen_q, max_seqlen_q if cu_seqlens_k is None else max_seqlen_k,
                              float(q.shape[-1] ** -0.5 if scale is None else scale),
