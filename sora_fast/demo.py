@@ -12,7 +12,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional, TextIO
+from typing import Callable, Optional, TextIO
 
 import torch
 
@@ -75,12 +75,14 @@ def _say(out: TextIO, msg: str) -> None:
 
 
 def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, config: Optional[DemoConfig] = None,
-             progress: bool = True, stream: TextIO = sys.stdout) -> dict:
+             progress: bool = True, stream: TextIO = sys.stdout,
+             on_dit_step: Optional[Callable[[int, object, object], None]] = None) -> dict:
     """Run the demo into ``out_dir`` and return a summary dict (timings, checker results, paths).
 
     Writes ``data/`` (the synthetic folder), ``latents/``, ``dit_run/`` (checkpoints, metrics.jsonl,
     loss.png), ``pipeline/`` (the trained models), ``samples/*.mp4|gif``, ``contact_sheet.png`` and
-    ``summary.json``.
+    ``summary.json``. ``on_dit_step(step, trainer, vae)``, when given, runs after every DiT training step
+    (``bench/bench_demo_quality.py`` evaluates checkpoints with it); its time counts in the DiT stage.
     """
     from .data import (LatentDataset, VideoFolder, cache_latents, check_clips, checker_summary,
                        make_synthetic_dataset, write_contact_sheet, write_video)
@@ -138,7 +140,7 @@ def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, config: Op
     with timer.stage("train dit") as st:
         trainer = Trainer(dit, text, items, train_cfg, out / "dit_run", progress=progress,
                           model_config={"dit": dataclasses.asdict(dit.config), "text": dataclasses.asdict(text.config)})
-        res = trainer.train()
+        res = trainer.train(on_step=None if on_dit_step is None else lambda step, _: on_dit_step(step, trainer, vae))
         tail = res["losses"][-50:]
         st.detail = (f"{res['steps']} steps, loss {sum(tail) / len(tail):.3f} (last 50), "
                      f"{trainer.plan.summary().split(' -> ')[1]}")

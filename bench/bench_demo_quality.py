@@ -1,0 +1,139 @@
+"""How good is the default demo's generator, measured on more prompts than the demo's eight.
+
+Runs ``sora-fast demo`` (the default configuration, or ``--dit-steps`` / ``--vae-steps`` overrides) and, at
+chosen DiT training steps, generates ``--val`` held-out prompts (``sora_fast.data.prompts(N, seed=777)``:
+every colour x shape x direction x speed combination in a seeded order, no occluders, no bounces) at the
+demo's generation sizes, sampler steps and guidance, with a fixed sampling seed, and runs the automatic
+checker on every clip. Both the raw weights and the EMA weights (what the demo ships) are scored.
+
+Each row: step, weights (raw | ema), clips passed, and the three parts of the check on their own: the
+object present in >= 90% of frames, the right colour, motion in the prompted direction. The demo's own
+last line (its eight prompts, EMA weights) closes the report. CPU training is not bit-reproducible from
+run to run, so differences of a few clips between runs are noise; compare configurations on the same
+``--val`` set and several runs.
+
+    python bench/bench_demo_quality.py [--out DIR] [--val 48] [--eval-at 1500,2100] [--dit-steps N]
+                                       [--vae-steps N] [--threads N] [--json PATH]
+
+Evaluation time is counted in the demo's "train dit" stage; the demo's own timings are in its table.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _parse_steps(text: str) -> list[int]:
+    try:
+        steps = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise SystemExit(f"--eval-at must be comma-separated step numbers, got {text!r}") from None
+    if not steps or steps[0] < 1:
+        raise SystemExit(f"--eval-at must hold step numbers >= 1, got {text!r}")
+    return steps
+
+
+def score(pipe, prompts: list[str], sizes: list[tuple], *, steps: int, guidance: float, seed: int) -> dict:
+    """Generate ``prompts`` and count what the checker accepts (passed, present, colour, direction)."""
+    from sora_fast.data import check_clips
+    from sora_fast.data.checker import CheckerThresholds
+
+    clips = pipe.generate(prompts, sizes, steps=steps, guidance=guidance, seed=seed)
+    results = check_clips(clips, prompts)
+    th = CheckerThresholds()
+    return {
+        "clips": len(results),
+        "passed": sum(r.passed for r in results),
+        "present": sum(r.present_frames >= th.min_present * r.frames for r in results),
+        "color": sum(bool(r.color_ok) for r in results),
+        "direction": sum(r.direction_ok is not False for r in results),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="demo_quality", help="demo output folder (default: demo_quality)")
+    ap.add_argument("--val", type=int, default=48, help="held-out prompts per evaluation (default: 48)")
+    ap.add_argument("--eval-at", default="", help="DiT steps to evaluate at (default: half-way and the last step)")
+    ap.add_argument("--dit-steps", type=int, default=None, help="override the demo's DiT training steps")
+    ap.add_argument("--vae-steps", type=int, default=None, help="override the demo's VAE training steps")
+    ap.add_argument("--seed", type=int, default=100, help="sampling seed of the evaluation (default: 100)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--json", default=None, help="write the rows here (default: OUT/quality.json)")
+    args = ap.parse_args(argv)
+    if args.val < 1:
+        raise SystemExit(f"--val must be >= 1, got {args.val}")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    threads = torch.get_num_threads()
+    try:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> int:
+
+    from sora_fast.data import prompts as synthetic_prompts
+    from sora_fast.demo import DEMO_PRESETS, run_demo
+    from sora_fast.pipeline import VideoPipeline
+
+    cfg = DEMO_PRESETS["default"]
+    overrides = {k: v for k, v in (("dit_steps", args.dit_steps), ("vae_steps", args.vae_steps)) if v is not None}
+    for k, v in overrides.items():
+        if v < 1:
+            raise SystemExit(f"--{k.replace('_', '-')} must be >= 1, got {v}")
+    cfg = dataclasses.replace(cfg, **overrides)
+    eval_at = _parse_steps(args.eval_at) if args.eval_at else sorted({max(cfg.dit_steps // 2, 1), cfg.dit_steps})
+    if eval_at[-1] > cfg.dit_steps:
+        raise SystemExit(f"--eval-at step {eval_at[-1]} is past the last DiT step {cfg.dit_steps}")
+    val = synthetic_prompts(args.val, seed=777)
+    sizes = [cfg.gen_sizes[i % len(cfg.gen_sizes)] for i in range(len(val))]
+    rows, t0 = [], time.perf_counter()
+
+    def evaluate(step, trainer, vae):
+        if step not in eval_at:
+            return
+        with torch.no_grad():
+            weights = [("raw", trainer.model)]
+            if trainer.ema is not None:
+                ema_model = copy.deepcopy(trainer.model)
+                trainer.ema.copy_to(ema_model)
+                weights.append(("ema", ema_model))
+            for tag, model in weights:
+                pipe = VideoPipeline(model["dit"], vae, model["text"])
+                row = {"step": step, "weights": tag,
+                       **score(pipe, val, sizes, steps=cfg.sample_steps, guidance=cfg.guidance, seed=args.seed)}
+                rows.append(row)
+                print(f"step {step:5d} {tag:3s}: passed {row['passed']:3d}/{row['clips']}  present {row['present']:3d}"
+                      f"  colour {row['color']:3d}  direction {row['direction']:3d}   ({time.perf_counter() - t0:.0f} s)",
+                      file=sys.stderr, flush=True)
+        trainer.model.train()
+
+    summary = run_demo(args.out, config=cfg, progress=False, on_dit_step=evaluate)
+    report = {"config": dataclasses.asdict(cfg), "val_prompts": val, "eval_seed": args.seed, "rows": rows,
+              "demo_checker": summary["checker"], "demo_timings": summary["timings"],
+              "torch": torch.__version__, "threads": torch.get_num_threads()}
+    path = Path(args.json) if args.json else Path(args.out) / "quality.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"\nheld-out prompts ({args.val}, sampling seed {args.seed}):")
+    print(f"{'step':>6}  {'weights':7}  {'passed':>8}  {'present':>7}  {'colour':>6}  {'direction':>9}")
+    for r in rows:
+        print(f"{r['step']:6d}  {r['weights']:7}  {r['passed']:4d}/{r['clips']:<3d}  {r['present']:7d}  {r['color']:6d}"
+              f"  {r['direction']:9d}")
+    print(f"demo prompts: {summary['checker']}")
+    print(f"rows in {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
