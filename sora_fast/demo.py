@@ -75,7 +75,7 @@ def _say(out: TextIO, msg: str) -> None:
 
 
 def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, config: Optional[DemoConfig] = None,
-             progress: bool = True, stream: TextIO = sys.stdout,
+             progress: bool = True, stream: Optional[TextIO] = None,
              on_dit_step: Optional[Callable[[int, object, object], None]] = None) -> dict:
     """Run the demo into ``out_dir`` and return a summary dict (timings, checker results, paths).
 
@@ -99,6 +99,7 @@ def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, config: Op
     out = check_writable(out_dir)
     torch.manual_seed(cfg.seed)
     timer = _Timer()
+    stream = sys.stdout if stream is None else stream  # looked up per call: a default bound at import goes stale
     _say(stream, f"sora-fast demo -> {out} ({'quick' if quick else 'full'}; torch {torch.__version__}, "
                  f"{torch.get_num_threads()} threads)")
 

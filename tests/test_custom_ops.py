@@ -4,6 +4,7 @@ import torch
 
 import sora_fast.ops as O
 from sora_fast.ops import adaln, attention, conv3d, rope, vae_norm
+from _utils import assert_close
 
 
 def _req(*ts):
@@ -91,17 +92,20 @@ def _vae_like_block(x, w, b, gamma):
     return O.group_norm_silu(h, 2, gamma, None, silu=False) + x
 
 
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compile_fullgraph_matches_eager(dtype):
     """Attention + adaLN (a DiT block's ops) and the VAE ops under torch.compile(fullgraph=True) on CPU:
-    same outputs and gradients as eager. The custom ops are opaque to the compiler, so the match is
-    exact; what this proves is that nothing in the public functions breaks the graph."""
+    same outputs and gradients as eager. What this proves is that nothing in the public functions breaks
+    the graph. The compiled graph keeps the custom ops (opaque nodes running the reference), while eager
+    calls torch's fused kernels (padded SDPA, F.layer_norm): the same math summed in another order, so
+    the two agree to the dtype's rounding error (fp64 makes any real difference stand out)."""
     torch._dynamo.reset()
     grid = torch.tensor([[1, 2, 3], [2, 1, 2]], dtype=torch.int32)
     cu = torch.tensor([0, 6, 10], dtype=torch.int32)
     seq_ids = torch.tensor([0] * 6 + [1] * 4, dtype=torch.int32)
     coords = torch.cat([O.grid_coords(g) for g in grid.tolist()]).to(torch.int32)
-    x, q, k, v = _req(torch.randn(10, 16), *(torch.randn(10, 2, 8) for _ in range(3)))
-    shift, scale, gate = (torch.randn(2, 16) for _ in range(3))
+    x, q, k, v = _req(torch.randn(10, 16, dtype=dtype), *(torch.randn(10, 2, 8, dtype=dtype) for _ in range(3)))
+    shift, scale, gate = (torch.randn(2, 16, dtype=dtype) for _ in range(3))
     args = (x, q, k, v, shift, scale, gate, seq_ids, cu, coords, grid)
 
     def run(fn):
@@ -113,11 +117,11 @@ def test_compile_fullgraph_matches_eager():
 
     eager = run(_dit_like_block)
     compiled = run(torch.compile(_dit_like_block, fullgraph=True))
-    for e, c in zip(eager, compiled):
-        torch.testing.assert_close(c, e, atol=1e-6, rtol=1e-6)
+    for e, c, name in zip(eager, compiled, ("out", "dx", "dq", "dk", "dv")):
+        assert_close(c, e, msg=name)
 
-    xv, wv, bv, gamma = _req(torch.randn(1, 4, 3, 5, 5), torch.randn(4, 4, 3, 3, 3) * 0.1, torch.randn(4),
-                             torch.rand(4) + 0.5)
+    xv, wv, bv, gamma = _req(*(t.to(dtype) for t in (torch.randn(1, 4, 3, 5, 5), torch.randn(4, 4, 3, 3, 3) * 0.1,
+                                                      torch.randn(4), torch.rand(4) + 0.5)))
     eager = _vae_like_block(xv, wv, bv, gamma)
     compiled = torch.compile(_vae_like_block, fullgraph=True)(xv, wv, bv, gamma)
-    torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-6)
+    assert_close(compiled, eager, msg="vae block")

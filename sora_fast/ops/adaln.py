@@ -85,7 +85,8 @@ def _adaln_eager(x, shift, scale, seq_ids, *, norm="layer", weight=None, bias=No
 def _gated_eager(x, branch, gate, shift, scale, seq_ids, *, norm="layer", weight=None, bias=None, eps=1e-6):
     """The eager path of :func:`gated_residual_adaln` (see :func:`_adaln_eager`)."""
     md = math_dtype(x.dtype)
-    x_new = torch.addcmul(x.to(md), _rows_fast(gate, seq_ids, md), branch.to(md)).to(x.dtype)
+    # a separate multiply and add, as the contract says (an fma would round once, not twice)
+    x_new = (x.to(md) + _rows_fast(gate, seq_ids, md) * branch.to(md)).to(x.dtype)
     return x_new, _adaln_eager(x_new, shift, scale, seq_ids, norm=norm, weight=weight, bias=bias, eps=eps)
 
 
