@@ -485,6 +485,26 @@ def test_eager_padded_path_matches_sdpa_loop(case, dtype):
         assert_close(g, w, dtype, msg=f"d{name} ({case})")
 
 
+def test_padded_path_only_where_padding_pays(monkeypatch):
+    """The eager path pads small packs and packs of similar lengths; a pack of one long and many short
+    sequences (padding would multiply the work and the memory) goes through the per-sequence loop."""
+    from sora_fast.ops import attention as A
+    assert A._padding_pays(cu([1, 17, 0, 113]), None, 2)                     # small: always
+    assert A._padding_pays(cu([2000, 1900, 2000, 1800]), None, 8)           # even lengths: little waste
+    assert not A._padding_pays(cu([4000] + [1] * 200), None, 2)             # skewed: the loop
+    assert not A._padding_pays(cu([1000] + [16] * 40), cu([1000] + [16] * 40), 4)
+    assert not A._padding_pays(cu([9000] * 4), None, 8)                     # past the memory cap
+    # the choice is made per call, and the loop gives the reference's values
+    calls = []
+    monkeypatch.setattr(A, "_attention_padded", lambda *a, **k: calls.append(1))
+    lens = [300, 1, 2, 1, 1]
+    monkeypatch.setattr(A, "_PAD_ALWAYS_ELEMS", 0)
+    q, k, v = rand_qkv(sum(lens), sum(lens), 2, 16, dtype=torch.float64)
+    out = spacetime_attention(q, k, v, cu(lens), backend="torch")
+    assert not calls
+    assert_close(out, sdpa_loop(q, k, v, lens), torch.float64)
+
+
 @pytest.mark.parametrize("dtype", LOWP)
 def test_low_precision_grads_within_sdpa_error(dtype):
     lens = shuffled([1, 17, 0, 64])

@@ -126,6 +126,23 @@ def _attention_padded(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, scale=None, w
     return o.transpose(1, 2)[seq_q, pos_q].to(q.dtype)                          # (Nq, H, Dv)
 
 
+# Padding pays while its extra score elements cost less than a Python loop's per-sequence overhead:
+# always for small packs (a few MB of scores), otherwise only when the padded batch is at most this many
+# times the real work, and never past a memory cap (the loop's peak is one sequence's scores, not all).
+_PAD_ALWAYS_ELEMS = 1 << 22
+_PAD_MAX_WASTE = 4
+_PAD_MAX_ELEMS = 1 << 28
+
+
+def _padding_pays(cu_seqlens_q, cu_seqlens_k, heads: int) -> bool:
+    """Whether :func:`_attention_padded` is the better eager path for this pack (see the constants)."""
+    lq = cu_seqlens_q.diff().tolist()
+    lk = (cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k).diff().tolist()
+    padded = len(lq) * max(lq, default=0) * max(lk, default=0) * heads
+    real = sum(a * b for a, b in zip(lq, lk)) * heads
+    return padded <= _PAD_ALWAYS_ELEMS or (padded <= _PAD_MAX_WASTE * real and padded <= _PAD_MAX_ELEMS)
+
+
 # --- validation ---------------------------------------------------------------------------------
 def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window, grid,
               rope_coords, rope_theta):
@@ -295,7 +312,8 @@ def spacetime_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
     if _dispatch.eager_reference(backend):
         _check_values(q, k, cu_seqlens_q, cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k, max_seqlen_q,
                       max_seqlen_q if cu_seqlens_k is None else max_seqlen_k, grid)
-        eager = spacetime_attention_ref if return_lse else _attention_padded
+        padded = not return_lse and _padding_pays(cu_seqlens_q, cu_seqlens_k, q.shape[1])
+        eager = _attention_padded if padded else spacetime_attention_ref
         kw = {"return_lse": True} if return_lse else {}
         return eager(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale, window=window, grid=grid,
                      rope_coords=rope_coords, rope_theta=float(rope_theta), **kw)
