@@ -72,16 +72,25 @@ def test_tiny_run_writes_a_row_per_checkpoint(tmp_path, capsys):
     threads = torch.get_num_threads()
     out = tmp_path / "q"
     assert bench.main(["--out", str(out), "--dit-steps", "4", "--vae-steps", "2", "--val", "3", "--eval-at", "2,4",
-                       "--threads", "1"]) == 0
+                       "--threads", "1", "--guidance", "3,5"]) == 0
     assert torch.get_num_threads() == threads
     report = json.loads((out / "quality.json").read_text())
-    assert [(r["step"], r["weights"]) for r in report["rows"]] == [(2, "raw"), (2, "ema"), (4, "raw"), (4, "ema")]
+    assert [(r["step"], r["weights"], r["guidance"]) for r in report["rows"]] == [
+        (s, w, g) for s in (2, 4) for w in ("raw", "ema") for g in (3.0, 5.0)]
     for r in report["rows"]:
         assert r["clips"] == 3
         assert 0 <= r["passed"] <= min(r["present"], r["color"], r["direction"]) <= 3
     assert report["config"]["dit_steps"] == 4 and len(report["val_prompts"]) == 3
     printed = capsys.readouterr().out
-    assert report["demo_checker"] in printed and "held-out prompts (3" in printed
+    assert report["demo_checker"] in printed and "the 3 held-out prompts" in printed
+
+    # scoring the pipeline the demo saved reproduces the demo's own pass count at its guidance
+    assert bench.main(["--pipeline", str(out / "pipeline"), "--val", "2", "--guidance", "5",
+                       "--json", str(tmp_path / "saved.json")]) == 0
+    saved = json.loads((tmp_path / "saved.json").read_text())
+    assert [(r["prompts"], r["clips"]) for r in saved["rows"]] == [("held-out", 2), ("demo", 8)]
+    demo_row = saved["rows"][1]
+    assert report["demo_checker"] == f"checker pass rate: {demo_row['passed']}/{demo_row['clips']}"
 
 
 @pytest.mark.parametrize("argv,pattern", [
@@ -90,6 +99,8 @@ def test_tiny_run_writes_a_row_per_checkpoint(tmp_path, capsys):
     (["--val", "0"], "--val must be >= 1"),
     (["--dit-steps", "0"], "--dit-steps must be >= 1"),
     (["--threads", "0"], "--threads must be >= 1"),
+    (["--guidance", "x"], "--guidance must be comma-separated"),
+    (["--pipeline", "p", "--dit-steps", "3"], "need a training run"),
 ])
 def test_bad_arguments_exit_with_a_message(tmp_path, argv, pattern):
     with pytest.raises(SystemExit, match=pattern):
