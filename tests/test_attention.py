@@ -469,6 +469,8 @@ def test_eager_padded_path_matches_sdpa_loop(case, dtype):
         lens_k = shuffled([0, 5, 77, 3, 1])
         kw = dict(cu_seqlens_k=cu(lens_k))
     nq, nk = sum(lens), sum(lens_k or lens)
+    from sora_fast.ops import attention as A
+    assert A._padding_pays(cu(lens), kw.get("cu_seqlens_k"), 2), "this pack must take the padded path"
     q, k, v = rand_qkv(nq, nk, 2, 24, 16 if case == "cross" else 24, dtype=dtype, requires_grad=True)
     out = spacetime_attention(q, k, v, cu(lens), **kw, backend="torch")
     dout = torch.randn_like(out)
@@ -486,11 +488,14 @@ def test_eager_padded_path_matches_sdpa_loop(case, dtype):
 
 
 def test_padded_path_only_where_padding_pays(monkeypatch):
-    """The eager path pads small packs and packs of similar lengths; a pack of one long and many short
-    sequences (padding would multiply the work and the memory) goes through the per-sequence loop."""
+    """The eager path pads packs of similar lengths and packs of many tiny sequences (the loop's per-call
+    overhead dominates); a pack of one long and many short sequences, where padding would multiply the
+    work and the memory, goes through the per-sequence loop."""
     from sora_fast.ops import attention as A
-    assert A._padding_pays(cu([1, 17, 0, 113]), None, 2)                     # small: always
-    assert A._padding_pays(cu([2000, 1900, 2000, 1800]), None, 8)           # even lengths: little waste
+    assert A._padding_pays(cu([1, 17, 0, 113]), None, 2)                     # small: the overhead dominates
+    assert A._padding_pays(cu([120] * 9), None, 4)                          # even lengths: no waste
+    assert A._padding_pays(cu([2000, 1900, 2000, 1800]), None, 8)           # even and large
+    assert not A._padding_pays(cu([120] + [16] * 64), None, 4)              # 30x the work padded
     assert not A._padding_pays(cu([4000] + [1] * 200), None, 2)             # skewed: the loop
     assert not A._padding_pays(cu([1000] + [16] * 40), cu([1000] + [16] * 40), 4)
     assert not A._padding_pays(cu([9000] * 4), None, 8)                     # past the memory cap
@@ -498,7 +503,6 @@ def test_padded_path_only_where_padding_pays(monkeypatch):
     calls = []
     monkeypatch.setattr(A, "_attention_padded", lambda *a, **k: calls.append(1))
     lens = [300, 1, 2, 1, 1]
-    monkeypatch.setattr(A, "_PAD_ALWAYS_ELEMS", 0)
     q, k, v = rand_qkv(sum(lens), sum(lens), 2, 16, dtype=torch.float64)
     out = spacetime_attention(q, k, v, cu(lens), backend="torch")
     assert not calls
