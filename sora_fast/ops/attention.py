@@ -128,10 +128,9 @@ def _attention_padded(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, scale=None, w
 
 # Padding pays while the padded batch's extra score elements cost less than the per-sequence loop's
 # overhead. Measured on a CPU (fwd + bwd, fp32, one thread, head dim 32): the fused padded call costs
-# ~10 ns per score element, the loop ~2-3x that per real element plus ~0.25 ms per sequence (about
-# 20k elements' worth, over all heads); so pad when padded <= 2 * real + 20k per sequence (score
-# elements of all heads), and never
-# past a memory cap (the loop's peak is one sequence's scores, the padded call's all of them).
+# ~10 ns per score element, the loop ~2-3x that per real element plus ~0.25 ms per sequence (about 20k
+# elements' worth). So pad when padded <= 2 * real + 20k per sequence (score elements over all heads),
+# and never past a memory cap (the loop's peak is one sequence's scores, the padded call's all of them).
 _PAD_REAL_FACTOR = 2
 _PAD_ELEMS_PER_SEQ = 20_000
 _PAD_MAX_ELEMS = 1 << 28
