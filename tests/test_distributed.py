@@ -301,13 +301,21 @@ def test_checkpoint_from_world_size_2_resumes_at_world_size_1(ranks, reference_r
     # weights, AdamW moments and EMA shadow all came back, so the final weights and EMA are the uninterrupted
     # run's. Rounding-level gradient differences move an Adam step (at most lr per element) by far less than
     # 1% of lr (measured <= 0.2%); fresh moments or a fresh EMA would be off by a sizeable fraction of lr.
+    # One exception: the text encoder's key biases get no gradient at all (softmax ignores a shift shared by
+    # every key of a row), so theirs is pure rounding noise, which Adam normalizes into steps of up to ~lr
+    # whatever its size: two runs may then differ by up to 2 lr per step, and those slices are held to that.
     atol = 1e-2 * resumed.config.lr
+    atol_no_signal = 2 * resumed.config.lr * resumed.config.steps
     final = resumed.model.state_dict()
-    for name, want in reference_run[2].items():
-        torch.testing.assert_close(final[name], want, rtol=0, atol=atol, msg=lambda m: f"{name}: {m}; {_replay(ranks)}")
-    for name, want in reference_run[3].items():
-        torch.testing.assert_close(resumed.ema.params[name], want, rtol=0, atol=atol,
-                                   msg=lambda m: f"EMA {name}: {m}; {_replay(ranks)}")
+    for tag, got, ref in (("", final, reference_run[2]), ("EMA ", resumed.ema.params, reference_run[3])):
+        for name, want in ref.items():
+            have = got[name]
+            if name.startswith("text.") and name.endswith("qkv.bias"):
+                d = want.shape[0] // 3
+                torch.testing.assert_close(have[d:2 * d], want[d:2 * d], rtol=0, atol=atol_no_signal,
+                                           msg=lambda m: f"{tag}{name} (key part): {m}; {_replay(ranks)}")
+                have, want = torch.cat([have[:d], have[2 * d:]]), torch.cat([want[:d], want[2 * d:]])
+            torch.testing.assert_close(have, want, rtol=0, atol=atol, msg=lambda m: f"{tag}{name}: {m}; {_replay(ranks)}")
     assert resumed.ema.num_updates == 3
 
 
