@@ -74,6 +74,29 @@ def _say(out: TextIO, msg: str) -> None:
     print(msg, file=out, flush=True)
 
 
+def _vae_check(vae, folder, videos, per_color: int = 6) -> dict:
+    """The checker on the VAE's reconstructions of up to ``per_color`` moving training clips of each colour
+    (no bounce, no occluder): a VAE that lost a colour shows here, before the DiT is blamed for it."""
+    from .data import check_clips, parse_caption
+
+    picked, count = [], {}
+    for i, v in enumerate(videos):
+        p = parse_caption(folder[i]["caption"])
+        if v.shape[1] > 1 and p.direction is not None and not p.bounce and not p.occluder \
+                and count.get(p.color, 0) < per_color:
+            picked.append((i, p.color))
+            count[p.color] = count.get(p.color, 0) + 1
+    with torch.no_grad():
+        recon = [vae.decode(vae.encode(videos[i][None]))[0] for i, _ in picked]
+    results = check_clips(recon, [folder[i]["caption"] for i, _ in picked])
+    by_color: dict = {}
+    for (_, color), r in zip(picked, results):
+        ok, n = by_color.get(color, (0, 0))
+        by_color[color] = (ok + r.passed, n + 1)
+    return {"passed": sum(r.passed for r in results), "clips": len(results),
+            "per_color": {c: list(v) for c, v in sorted(by_color.items())}}
+
+
 def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, config: Optional[DemoConfig] = None,
              progress: bool = True, stream: Optional[TextIO] = None,
              on_dit_step: Optional[Callable[[int, object, object], None]] = None) -> dict:
@@ -121,7 +144,11 @@ def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, config: Op
         r = train_vae(vae, videos, VAETrainConfig(steps=cfg.vae_steps, focus=cfg.vae_focus, seed=cfg.seed),
                       progress=progress)
         fit_latent_stats(vae, videos)
-        st.detail = f"{cfg.vae_steps} steps, recon MSE {sum(r['recon'][-20:]) / len(r['recon'][-20:]):.4f}"
+        vae_check = _vae_check(vae, folder, videos)
+        weak = [f"{c} {ok}/{n}" for c, (ok, n) in vae_check["per_color"].items() if ok < n]
+        st.detail = (f"{cfg.vae_steps} steps, recon MSE {sum(r['recon'][-20:]) / len(r['recon'][-20:]):.4f}, "
+                     f"checker passes {vae_check['passed']}/{vae_check['clips']} reconstructions"
+                     + (f" (weak: {', '.join(weak)})" if weak else ""))
 
     # 3. latent cache
     with timer.stage("encode latents") as st:
@@ -177,7 +204,7 @@ def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, config: Op
     line = checker_summary(results)
     summary = {"out_dir": str(out), "quick": quick, "config": dataclasses.asdict(cfg),
                "timings": {n: s for n, s, _ in timer.rows}, "prompts": prompt_list,
-               "passed": [r.passed for r in results], "checker": line,
+               "passed": [r.passed for r in results], "checker": line, "vae_check": vae_check,
                "samples": sorted(p.name for p in (out / "samples").iterdir())}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _say(stream, f"outputs in {out}: samples/, contact_sheet.png, pipeline/, dit_run/loss.png")
