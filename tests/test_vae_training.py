@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sora_fast.models.vae import CausalVAE
-from sora_fast.training.vae import VAETrainConfig, fit_latent_stats, focus_weights, train_vae
+from sora_fast.training.vae import VAETrainConfig, fit_latent_stats, focus_weights, lr_at, train_vae
 
 
 def _videos():
@@ -27,6 +27,18 @@ def test_training_reduces_reconstruction_error_and_is_reproducible():
     before, after, losses = run()
     assert after < 0.8 * before, (before, after)
     assert run()[2] == losses          # same seed, same batches and losses
+
+
+def test_learning_rate_warms_up_then_drops():
+    """Per step, the rate the optimizer used: linear warm-up, the base rate, the dropped rate from
+    ``lr_drop_at`` of the steps on (an odd step count puts the drop between two steps)."""
+    vae = CausalVAE("tiny")
+    cfg = VAETrainConfig(steps=11, lr=3e-3, warmup_steps=4, lr_drop_at=0.5, lr_drop=0.1, batch_size=1, seed=2)
+    got = train_vae(vae, _videos(), cfg, progress=False)["lr"]
+    expected = [3e-3 * (s + 1) / 4 if s < 4 else (3e-3 if s < 5.5 else 3e-4) for s in range(11)]
+    assert got == pytest.approx(expected, rel=1e-12)
+    constant = VAETrainConfig(steps=11, lr=3e-3, warmup_steps=0, lr_drop=1.0)
+    assert [lr_at(constant, s) for s in range(11)] == [3e-3] * 11
 
 
 def test_focus_weights_weigh_every_colour_by_its_largest_channel_difference():
@@ -77,3 +89,7 @@ def test_bad_input():
         train_vae(vae, [], progress=False)
     with pytest.raises(ValueError, match="VAETrainConfig.batch_size must be an int >= 1"):
         VAETrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match=r"VAETrainConfig.lr_drop must be a number in \(0, 1\], got 0"):
+        VAETrainConfig(lr_drop=0)
+    with pytest.raises(ValueError, match=r"VAETrainConfig.lr_drop_at must be a number in \[0, 1\], got 1.5"):
+        VAETrainConfig(lr_drop_at=1.5)
