@@ -122,6 +122,22 @@ def test_encode_decode_match_diffusers(tiny, frames):
     assert rel_err(out, ref_out) <= RTOL
 
 
+@pytest.mark.parametrize("frames", [1, 5, 9])
+def test_one_pass_matches_diffusers(tiny, frames):
+    """``chunked=False`` (every frame in one pass, what VAE training uses) is the same function as
+    diffusers' chunked model: the time resamplers do in one pass what the chunks do."""
+    dv, ours = tiny
+    x = video(2, 3, frames, 16, 24)
+    with torch.no_grad():
+        ref = dv.encode(x).latent_dist
+        post = ours.encode_posterior(x, chunked=False)
+        assert rel_err(post.mean, ref.mean) <= RTOL and rel_err(post.logvar, ref.logvar) <= RTOL
+        assert rel_err(ours.encode(x, chunked=False), ref.mean) <= RTOL
+        out, ref_out = ours.decode(ref.mean, chunked=False), dv.decode(ref.mean).sample
+    assert out.shape == x.shape and (ref_out.abs() < 1).float().mean() > 0.9
+    assert rel_err(out, ref_out) <= RTOL
+
+
 def test_other_architecture_matches_diffusers():
     dv, ours = make_pair(OTHER, seed=1)
     assert (ours.temporal_factor, ours.spatial_factor, ours.latent_channels) == (2, 2, 3)
@@ -130,6 +146,8 @@ def test_other_architecture_matches_diffusers():
         ref = dv.encode(x).latent_dist.mean
         assert rel_err(ours.encode(x), ref) <= RTOL
         assert rel_err(ours.decode(ref), dv.decode(ref).sample) <= RTOL
+        assert rel_err(ours.encode(x, chunked=False), ref) <= RTOL            # 2x time: one resampler each
+        assert rel_err(ours.decode(ref, chunked=False), dv.decode(ref).sample) <= RTOL
 
 
 def test_tiled_matches_diffusers_tiled(tiny):
@@ -142,10 +160,12 @@ def test_tiled_matches_diffusers_tiled(tiny):
         try:
             ref_z, ref_x = dv.encode(x).latent_dist.mean, dv.decode(z).sample
             got_z, got_x = ours.encode(x), ours.decode(z)
+            one_z, one_x = ours.encode(x, chunked=False), ours.decode(z, chunked=False)
         finally:
             dv.disable_tiling()
             ours.disable_tiling()
     assert rel_err(got_z, ref_z) <= RTOL and rel_err(got_x, ref_x) <= RTOL
+    assert rel_err(one_z, ref_z) <= RTOL and rel_err(one_x, ref_x) <= RTOL
     assert rel_err(got_z, plain_z) > 1e-3 and rel_err(got_x, plain_x) > 1e-3  # tiling did happen
 
 
@@ -176,14 +196,15 @@ def test_latent_normalization_matches_wan_pipeline(tiny):
 
 
 # --- gradients --------------------------------------------------------------------------------
-def test_gradients_match_diffusers(tiny):
-    """decode(encode(x)) backpropagates through the chunk caches exactly as diffusers' chunked model:
-    the input gradient and every parameter gradient agree."""
+@pytest.mark.parametrize("chunked", [True, False])
+def test_gradients_match_diffusers(tiny, chunked):
+    """decode(encode(x)) backpropagates through the chunk caches (or the one pass) exactly as diffusers'
+    chunked model: the input gradient and every parameter gradient agree."""
     dv, ours = tiny
-    x, w = video(1, 3, 5, 16, 16), torch.randn(1, 3, 5, 16, 16)
+    x, w = video(1, 3, 9, 16, 16), torch.randn(1, 3, 9, 16, 16)
     x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
     (dv.decode(dv.encode(x_ref).latent_dist.mean).sample * w).sum().backward()
-    (ours.decode(ours.encode(x_ours)) * w).sum().backward()
+    (ours.decode(ours.encode(x_ours, chunked=chunked), chunked=chunked) * w).sum().backward()
     assert rel_err(x_ours.grad, x_ref.grad) <= 1e-5
     ref_grads = convert_wan_vae_state_dict({n: p.grad for n, p in dv.named_parameters()}, ours.config)
     worst = max(rel_err(p.grad, ref_grads[n]) for n, p in ours.named_parameters())
@@ -280,6 +301,14 @@ def test_backend_errors():
 def test_bad_inputs(call, arg, err, msg):
     with pytest.raises(err, match=msg):
         getattr(CausalVAE("tiny"), call)(arg)
+
+
+@pytest.mark.parametrize("call, arg", [("encode", torch.zeros(1, 3, 1, 8, 8)),
+                                       ("encode_posterior", torch.zeros(1, 3, 1, 8, 8)),
+                                       ("decode", torch.zeros(1, 4, 1, 1, 1))])
+def test_chunked_must_be_bool(call, arg):
+    with pytest.raises(TypeError, match="chunked must be a bool, got str 'no'"):
+        getattr(CausalVAE("tiny"), call)(arg, chunked="no")
 
 
 def test_enable_tiling_errors():

@@ -125,11 +125,14 @@ VAE_PRESETS = {
 # --- layers -----------------------------------------------------------------------------------
 class _Stream:
     """One video going through chunk by chunk: each causal conv's cache (its last input frames; for the
-    time resamplers, that the first chunk has passed) and the backend of each op."""
+    time resamplers, that the first chunk has passed) and the backend of each op. ``whole``: the video
+    goes through in one piece instead (every frame at once; the time resamplers then do what the chunks
+    would have done, so the result is the same up to rounding)."""
 
-    def __init__(self, backends: dict):
+    def __init__(self, backends: dict, whole: bool = False):
         self.cache: dict = {}
         self.backends = backends
+        self.whole = whole
 
 
 class CausalConv(nn.Module):
@@ -229,6 +232,13 @@ class Resample(nn.Module):
         return self._time_down(x, s) if self.mode == "downsample3d" else x     # (B, C, t/2, h/2, w/2)
 
     def _time_up(self, x, s):
+        if s.whole:   # frame 0 passes as the first chunk would; the rest as the later chunks (t' -> 1 + 2(t'-1))
+            if x.shape[2] == 1:
+                return x
+            b, c, t, h, w = x.shape
+            y = self.time_conv(x[:, :, 1:], s)                                  # (B, 2C, t-1, h, w)
+            y = y.reshape(b, 2, c, t - 1, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * (t - 1), h, w)
+            return torch.cat([x[:, :, :1], y], dim=2)
         if self not in s.cache:                                                 # the first chunk passes
             s.cache[self] = True
             return x
@@ -237,6 +247,10 @@ class Resample(nn.Module):
         return y.reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)  # interleave
 
     def _time_down(self, x, s):
+        if s.whole:   # frame 0 passes; output m >= 1 covers frames 2m-2 .. 2m (1 + 2k -> 1 + k frames)
+            if x.shape[2] == 1:
+                return x
+            return torch.cat([x[:, :, :1], self.time_conv.conv(x[:, :, 2:], s, cache=x[:, :, :2])], dim=2)
         prev = s.cache.get(self)
         s.cache[self] = x[:, :, -1:].clone()
         if prev is None:                                                        # the first chunk passes
@@ -310,6 +324,11 @@ class Decoder(nn.Module):
         for block in self.up_blocks:
             x = block(x, s)                                                     # ... (B, d, t, H, W)
         return self.conv_out(self.norm_out(x, s), s)                            # (B, 3, 1 or tf, H, W)
+
+
+def _check_chunked(chunked) -> None:
+    if not isinstance(chunked, bool):
+        raise TypeError(f"chunked must be a bool, got {type(chunked).__name__} {chunked!r}")
 
 
 # --- the model --------------------------------------------------------------------------------
@@ -402,8 +421,12 @@ class CausalVAE(nn.Module):
         return t.to(p.dtype)
 
     # --- encode / decode ---
-    def _encode_frames(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, 1 + tf*k, H, W) -> moments (B, 2z, 1 + k, H/sf, W/sf): the first frame, then tf at a time."""
+    def _encode_frames(self, x: torch.Tensor, chunked: bool = True) -> torch.Tensor:
+        """(B, 3, 1 + tf*k, H, W) -> moments (B, 2z, 1 + k, H/sf, W/sf): the first frame, then tf at a time
+        (``chunked=False``: all frames in one pass)."""
+        if not chunked:
+            s = _Stream(self._backends(), whole=True)
+            return self.quant_conv(self.encoder(x, s), s)
         b, _, t, h, w = x.shape
         tf, sf, s = self.temporal_factor, self.spatial_factor, _Stream(self._backends())
         moments = x.new_empty(b, 2 * self.config.z_dim, 1 + (t - 1) // tf, h // sf, w // sf)
@@ -412,8 +435,13 @@ class CausalVAE(nn.Module):
             moments[:, :, i:i + 1] = self.quant_conv(self.encoder(chunk, s), s)  # (B, 2z, 1, h, w)
         return moments
 
-    def _decode_frames(self, z: torch.Tensor, clamp: bool) -> torch.Tensor:
-        """(B, z, T', h, w) -> (B, 3, 1 + tf*(T'-1), h*sf, w*sf), one latent frame at a time."""
+    def _decode_frames(self, z: torch.Tensor, clamp: bool, chunked: bool = True) -> torch.Tensor:
+        """(B, z, T', h, w) -> (B, 3, 1 + tf*(T'-1), h*sf, w*sf), one latent frame at a time
+        (``chunked=False``: all frames in one pass)."""
+        if not chunked:
+            s = _Stream(self._backends(), whole=True)
+            y = self.decoder(self.post_quant_conv(z, s), s)
+            return y.clamp(-1.0, 1.0) if clamp else y
         b, _, t, h, w = z.shape
         tf, sf, s = self.temporal_factor, self.spatial_factor, _Stream(self._backends())
         out = z.new_empty(b, self.config.out_channels, 1 + tf * (t - 1), h * sf, w * sf)
@@ -422,36 +450,45 @@ class CausalVAE(nn.Module):
             out[:, :, max(0, 1 + tf * (i - 1)):1 + tf * i] = y.clamp(-1.0, 1.0) if clamp else y
         return out
 
-    def encode_posterior(self, video: torch.Tensor) -> LatentPosterior:
-        """q(z | video) for ``video`` ``(B, 3, 1 + tf*k, H, W)`` in [-1, 1]; mean/std ``(B, z, 1 + k, H/sf, W/sf)``."""
+    def encode_posterior(self, video: torch.Tensor, *, chunked: bool = True) -> LatentPosterior:
+        """q(z | video) for ``video`` ``(B, 3, 1 + tf*k, H, W)`` in [-1, 1]; mean/std ``(B, z, 1 + k, H/sf, W/sf)``.
+
+        ``chunked``: stream the video through chunk by chunk (the first frame, then ``tf`` at a time), as
+        Wan does, so memory does not grow with the duration; ``False`` runs every frame in one pass — the
+        same result up to rounding, fewer and larger convolutions (faster for short clips; training uses it),
+        activation memory for the whole clip."""
+        _check_chunked(chunked)
         x = self._check("video", video, self.config.in_channels, f"(B, {self.config.in_channels}, T, H, W)",
                         True, self.spatial_factor)
         tl = self.tiling
         if tl is not None and (x.shape[3] > tl[0] or x.shape[4] > tl[1]):
             sf = self.spatial_factor
-            moments = tiled(x, self._encode_frames, tl[:2], tl[2:], [v // sf for v in tl[:2]],
+            moments = tiled(x, lambda t: self._encode_frames(t, chunked), tl[:2], tl[2:], [v // sf for v in tl[:2]],
                              [v // sf for v in tl[2:]], [v // sf for v in x.shape[3:]])
         else:
-            moments = self._encode_frames(x)
+            moments = self._encode_frames(x, chunked)
         return LatentPosterior(*moments.chunk(2, dim=1))
 
     def encode(self, video: torch.Tensor, *, sample: bool = False,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+               generator: Optional[torch.Generator] = None, chunked: bool = True) -> torch.Tensor:
         """Latents ``(B, z, 1 + (T-1)/tf, H/sf, W/sf)`` of ``video`` ``(B, 3, T, H, W)`` in [-1, 1]: the
-        posterior mean, or a sample of it with ``sample=True`` (drawn from ``generator``)."""
-        posterior = self.encode_posterior(video)
+        posterior mean, or a sample of it with ``sample=True`` (drawn from ``generator``); ``chunked`` as in
+        :meth:`encode_posterior`."""
+        posterior = self.encode_posterior(video, chunked=chunked)
         return posterior.sample(generator) if sample else posterior.mean
 
-    def decode(self, latent: torch.Tensor, *, clamp: bool = True) -> torch.Tensor:
+    def decode(self, latent: torch.Tensor, *, clamp: bool = True, chunked: bool = True) -> torch.Tensor:
         """Video ``(B, 3, 1 + tf*(T'-1), h*sf, w*sf)`` from latents ``(B, z, T', h, w)``, clamped to
-        [-1, 1] unless ``clamp=False`` (training may want the gradient beyond the range)."""
+        [-1, 1] unless ``clamp=False`` (training may want the gradient beyond the range). ``chunked``: one
+        latent frame at a time, or (``False``) all in one pass, as in :meth:`encode_posterior`."""
+        _check_chunked(chunked)
         z = self._check("latent", latent, self.config.z_dim, f"(B, {self.config.z_dim}, T', h, w)", False, 1)
         tl, sf = self.tiling, self.spatial_factor
         if tl is not None and (z.shape[3] > tl[0] // sf or z.shape[4] > tl[1] // sf):
-            out = tiled(z, lambda t: self._decode_frames(t, clamp=False), [v // sf for v in tl[:2]],
+            out = tiled(z, lambda t: self._decode_frames(t, False, chunked), [v // sf for v in tl[:2]],
                          [v // sf for v in tl[2:]], tl[:2], tl[2:], [v * sf for v in z.shape[3:]])
             return out.clamp(-1.0, 1.0) if clamp else out
-        return self._decode_frames(z, clamp)
+        return self._decode_frames(z, clamp, chunked)
 
     def forward(self, video: torch.Tensor, *, sample_posterior: bool = False,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -141,10 +141,10 @@ def train_vae(vae, videos: Sequence[torch.Tensor], config: Optional[VAETrainConf
             lr = lr_at(cfg, step)
             for group in opt.param_groups:
                 group["lr"] = lr
-            post = vae.encode_posterior(video)
+            post = vae.encode_posterior(video, chunked=False)                   # one pass: fewer, larger convs
             z = (post.sample(generator=torch.Generator(device="cpu").manual_seed(cfg.seed * 100_003 + step))
                  if cfg.sample else post.mean)
-            recon = vae.decode(z, clamp=False)                                  # (b, 3, T, H, W)
+            recon = vae.decode(z, clamp=False, chunked=False)                   # (b, 3, T, H, W)
             err = recon - video
             mse = err.square().mean()
             w = focus_weights(video, cfg.focus) if cfg.focus else 1.0              # (b, 1, T, H, W)
