@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="data -> VAE -> packed DiT training -> sampling -> videos, on a CPU",
                        description="Runs every stage on a CPU with no download: synthetic captioned clips, a VAE "
                                    "and a DiT trained from scratch, packed CFG sampling, MP4/GIF + contact sheet, "
-                                   "an automatic checker of the clips and a latency table. About 10 minutes on 2 "
+                                   "an automatic checker of the clips and a latency table. About 8 minutes on 2 "
                                    "cores (--quick: about 1 minute, a smoke run whose clips are not expected to "
                                    "pass the checker).")
     d.add_argument("--quick", action="store_true", help="a ~1-minute smoke run (tiny data and step counts)")
