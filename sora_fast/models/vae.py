@@ -235,16 +235,17 @@ class Resample(nn.Module):
         if s.whole:   # frame 0 passes as the first chunk would; the rest as the later chunks (t' -> 1 + 2(t'-1))
             if x.shape[2] == 1:
                 return x
-            b, c, t, h, w = x.shape
-            y = self.time_conv(x[:, :, 1:], s)                                  # (B, 2C, t-1, h, w)
-            y = y.reshape(b, 2, c, t - 1, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * (t - 1), h, w)
-            return torch.cat([x[:, :, :1], y], dim=2)
+            return torch.cat([x[:, :, :1], self._interleave(self.time_conv(x[:, :, 1:], s))], dim=2)
         if self not in s.cache:                                                 # the first chunk passes
             s.cache[self] = True
             return x
-        b, c, t, h, w = x.shape
-        y = self.time_conv(x, s)                                                # (B, 2C, t, h, w)
-        return y.reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)  # interleave
+        return self._interleave(self.time_conv(x, s))
+
+    @staticmethod
+    def _interleave(y):
+        """(B, 2C, t, h, w) -> (B, C, 2t, h, w): each frame's two halves of channels become two frames."""
+        b, c2, t, h, w = y.shape
+        return y.reshape(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
 
     def _time_down(self, x, s):
         if s.whole:   # frame 0 passes; output m >= 1 covers frames 2m-2 .. 2m (1 + 2k -> 1 + k frames)
