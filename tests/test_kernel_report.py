@@ -3,8 +3,8 @@
 (a) A sample bf16 ``tl.dot`` matmul defined here compiles with HGMMA, no spills and shared memory in
 range, and configs built to break one gate each (spills, too much shared memory, no tensor cores, no
 alignment hints) fail exactly that gate, so the gates are known to bite.
-(b) Every shipped config of the attention kernels passes the gates (the first config of each kernel by
-default, the full matrix under ``-m slow``).
+(b) Every shipped config of the attention kernels passes the gates (the conv3d configs are checked in
+test_conv3d_triton.py, the CUDA C++ kernels and their merge into this report in test_cuda_report.py).
 
 Compiles run in a child process without ``TRITON_INTERPRET`` (conftest sets it on CPU-only machines, and
 with it ``@triton.jit`` gives interpreter functions that cannot be compiled).

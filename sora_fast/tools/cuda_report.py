@@ -3,8 +3,9 @@
 Compiles every shipped kernel instantiation with ``nvcc -cubin -gencode=arch=compute_90a,code=sm_90a
 -Xptxas -v`` into a temporary directory, reads registers / spills / shared memory from the ptxas
 log and counts 16-byte global accesses (``LDG.E.128`` / ``STG.E.128``) in the SASS printed by the
-``cuobjdump`` that ships in the triton wheel (KERNELS.md §3). The gates: 0 spill bytes everywhere,
-and the main-path (vectorized) kernels use 16-byte loads.
+``cuobjdump`` that ships in the triton wheel (KERNELS.md §3). The gates: 0 spill bytes and no stack
+frame (local memory) everywhere, and the main-path (vectorized) kernels use 16-byte loads.
+:func:`sora_fast.tools.kernel_report` merges these rows (:meth:`KernelRow.report_row`) into its table.
 
     python -m sora_fast.tools.cuda_report [--json PATH] [--nvcc PATH]
 """
@@ -64,6 +65,20 @@ class KernelRow:
     ldg128: int            # LDG.E.128 in SASS
     stg128: int            # STG.E.128 in SASS
     main_path: bool        # a vectorized variant: must show LDG.E.128
+
+    def gates(self) -> dict[str, bool]:
+        """The gates this kernel must pass: no spills and no local memory; 16-byte loads on the main path."""
+        gates = {"compiles": True, "no_spills": self.spill_bytes == 0 and self.stack_bytes == 0}
+        if self.main_path:
+            gates["ldg128"] = self.ldg128 > 0
+        return gates
+
+    def report_row(self) -> dict:
+        """This kernel as a row of :mod:`sora_fast.tools.kernel_report` (same keys as its Triton rows)."""
+        return {"kind": "cuda", "module": "cuda", "name": self.kernel, "kernel": self.kernel.split("<")[0],
+                "target": "sm_90a", "registers": self.registers, "spill_bytes": self.spill_bytes,
+                "stack_bytes": self.stack_bytes, "shared_total": self.smem_bytes, "main_path": self.main_path,
+                "sass": {"LDG.E.128": self.ldg128, "STG.E.128": self.stg128}, "gates": self.gates()}
 
 
 def find_nvcc(nvcc: Optional[str] = None) -> Optional[str]:
@@ -178,12 +193,13 @@ def main(argv=None) -> int:
         print(f"cuda_report: {e}", file=sys.stderr)
         return 1
     width = max(len(r.kernel) for r in rows)
-    print(f"{'kernel':<{width}}  regs  spill  stack  smem  LDG.128  STG.128  main")
+    print(f"{'kernel':<{width}}  regs  spill  stack  smem  LDG.128  STG.128  main  gates")
     for r in rows:
         print(f"{r.kernel:<{width}}  {r.registers:4d}  {r.spill_bytes:5d}  {r.stack_bytes:5d}  {r.smem_bytes:4d}  "
-              f"{r.ldg128:7d}  {r.stg128:7d}  {'yes' if r.main_path else ''}")
-    failing = [r.kernel for r in rows if r.spill_bytes or (r.main_path and not r.ldg128)]
-    print(f"{len(rows)} kernels for sm_90a; gates (0 spills, 16-byte loads on the main path): "
+              f"{r.ldg128:7d}  {r.stg128:7d}  {'yes' if r.main_path else '   '}  "
+              f"{'ok' if all(r.gates().values()) else 'FAIL ' + ','.join(g for g, ok in r.gates().items() if not ok)}")
+    failing = [r.kernel for r in rows if not all(r.gates().values())]
+    print(f"{len(rows)} kernels for sm_90a; gates (0 spills, no stack, 16-byte loads on the main path): "
           f"{'PASS' if not failing else 'FAIL: ' + ', '.join(failing)}")
     if args.json:
         text = json.dumps([asdict(r) for r in rows], indent=1)

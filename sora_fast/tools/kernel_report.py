@@ -18,11 +18,14 @@ Dynamic shared memory is ``compiled.metadata.shared`` (what the launcher request
 Gates (a config failing one is not shipped): ``compiles``; ``no_spills`` (STACK == 0 and no STL);
 ``smem_fits`` (dynamic + static shared <= 227 KiB, the per-block opt-in maximum of sm_90);
 ``hgmma`` (at least one HGMMA when the config is marked ``tensor_core``). Exit status 1 when any gate of
-any row fails, including rows merged from :mod:`sora_fast.tools.cuda_report` when that module exists.
+any row fails, including the CUDA C++ kernels' rows merged from :mod:`sora_fast.tools.cuda_report`
+(compiled with nvcc for sm_90a; their gates: ``no_spills`` (no spill bytes, no stack frame) and, for the
+vectorized main-path kernels, ``ldg128`` (16-byte global loads in SASS)). Without nvcc those rows are
+listed as skipped with the reason; ``--no-cuda`` leaves them out.
 
 Usage::
 
-    python -m sora_fast.tools.kernel_report                              # sora_fast.triton.attention
+    python -m sora_fast.tools.kernel_report                # attention + conv3d configs + the CUDA kernels
     python -m sora_fast.tools.kernel_report --module sora_fast.triton.conv3d --json report.json
     python -m sora_fast.tools.kernel_report --module path/to/file.py:sample_configs --per-kernel 1
 
@@ -47,7 +50,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-DEFAULT_MODULES = ("sora_fast.triton.attention",)
+DEFAULT_MODULES = ("sora_fast.triton.attention", "sora_fast.triton.conv3d")
 CONFIGS_FUNCTION = "shipped_configs"
 
 # sm_90 (H100 / H200) limits, from the CUDA occupancy calculator's table for compute capability 9.0.
@@ -261,12 +264,9 @@ def _cuda_rows() -> tuple[list[dict], Optional[str]]:
     if not callable(fn):
         return [], "sora_fast.tools.cuda_report has no cuda_kernel_rows()"
     try:
-        rows = [dict(r) for r in fn()]
+        rows = [r.report_row() for r in fn()]
     except Exception as e:
         return [], f"cuda_kernel_rows() raised {type(e).__name__}: {e}"
-    for r in rows:
-        r.setdefault("kind", "cuda")
-        r.setdefault("module", "sora_fast.tools.cuda_report")
     return rows, None
 
 
