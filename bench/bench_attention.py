@@ -6,7 +6,8 @@ block mask, flash-attn varlen / FA3 where importable), forward and backward are 
 ``triton.testing.do_bench`` (median) and reported as ms, TFLOP/s and % of the dense bf16 floor
 (989 TFLOP/s for H100 SXM and H200 by datasheet). FLOPs: forward 4·Sq·Sk·H·D per sequence, summed over the
 pack; backward 2.5x forward; windowed cases are scaled by the fraction of (query block, key block) pairs
-the kernel visits, so every provider is credited with the same useful work.
+the kernel visits (forward: the forward kernel's tiles; backward: the dK/dV kernel's), so every provider is
+credited with the same useful work.
 
 Without a GPU (or with ``--cpu``) it says so and runs the CPU-side parts: reference timings on a small
 pack (sora_fast's torch reference against an SDPA per-sequence loop, interleaved in one process), the
@@ -37,6 +38,7 @@ from sora_fast.bench import FLOORS
 KERNEL = "spacetime_attention"
 FLOOR_TFLOPS = {gpu: f["TFLOP/s"] for gpu, f in FLOORS.items()}   # dense bf16/fp16 datasheet numbers (SXM)
 DEFAULT_BLOCK_M, DEFAULT_BLOCK_N = 128, 64       # used when the kernel module does not expose its own
+DEFAULT_BWD_BLOCK_M, DEFAULT_BWD_BLOCK_N = 32, 64
 DEFAULT_WINDOW = (3, 8, 8)                       # +-3 latent frames, +-8 patches: a typical local 3D window
 
 
@@ -82,14 +84,16 @@ def versions() -> dict[str, str]:
     return v
 
 
-def block_sizes() -> tuple[int, int, str]:
-    """(BLOCK_M, BLOCK_N, where from): the forward kernel's own block sizes when it exposes them, since the
-    skipped fraction depends on them."""
+def block_sizes(backward: bool = False) -> tuple[int, int, str]:
+    """(BLOCK_M, BLOCK_N, where from): the windowed forward kernel's own block sizes when it exposes them,
+    since the skipped fraction depends on them; with ``backward``, the windowed dK/dV kernel's."""
+    names = ("BWD_BLOCK_M", "BWD_BLOCK_N") if backward else ("FWD_BLOCK_M", "FWD_BLOCK_N")
     try:
         mod = importlib.import_module("sora_fast.triton.attention")
-        return int(mod.FWD_BLOCK_M), int(mod.FWD_BLOCK_N), "sora_fast.triton.attention"
+        return int(getattr(mod, names[0])), int(getattr(mod, names[1])), "sora_fast.triton.attention"
     except Exception as e:
-        return DEFAULT_BLOCK_M, DEFAULT_BLOCK_N, f"defaults ({type(e).__name__}: {e})"
+        bm, bn = (DEFAULT_BWD_BLOCK_M, DEFAULT_BWD_BLOCK_N) if backward else (DEFAULT_BLOCK_M, DEFAULT_BLOCK_N)
+        return bm, bn, f"defaults ({type(e).__name__}: {e})"
 
 
 def floor_tflops(gpu_name: str, override: Optional[float]) -> Optional[float]:
@@ -133,12 +137,20 @@ class Rows:
         return jpath, cpath
 
 
-def analysis_rows(rows: Rows, window, block_m: int, block_n: int, block_src: str, heads_packed: int = 24):
+def analysis_rows(rows: Rows, window, block_m: int, block_n: int, block_src: str, heads_packed: int = 24,
+                  bwd_blocks: Optional[tuple[int, int]] = None):
     """Host-side facts the GPU numbers are read against: skipped-block fraction of the window masks for
-    every benchmark shape, and the FLOPs a padded batch would waste on the packed one."""
+    every benchmark shape (forward tiles; ``bwd_blocks`` adds the dK/dV kernel's density, which credits
+    the backward), and the FLOPs a padded batch would waste on the packed one."""
     shapes = (("wan480", (WAN480,), 12), ("wan720", (WAN720,), 40), ("packed4", PACKED4, heads_packed))
     for name, grids, heads in shapes:
         case = Case(name, grids, heads, window=window)
+        if bwd_blocks:
+            bm, bn = bwd_blocks
+            visited, total = window_density(grids, window, bm, bn)
+            rows.add("sora_fast", case.shape, "block_density_bwd", visited / total, kernel=KERNEL + "_window",
+                     note=f"dK/dV kernel BLOCK_M={bm} BLOCK_N={bn}: {visited}/{total}", dtype="-")
+            print(f"  window {window} on {name}: backward (dK/dV tiles {bm}x{bn}) visits {visited / total:.1%}")
         t0 = time.perf_counter()
         visited, total = window_density(grids, window, block_m, block_n)
         note = f"BLOCK_M={block_m} BLOCK_N={block_n} from {block_src}; {time.perf_counter() - t0:.1f} s on host"
@@ -272,7 +284,7 @@ def _outputs(res) -> list[torch.Tensor]:
     return res if isinstance(res, list) else [res]
 
 
-def run_gpu(args, rows: Rows, block_m: int, block_n: int) -> None:
+def run_gpu(args, rows: Rows, block_m: int, block_n: int, bwd_blocks: tuple[int, int]) -> None:
     import triton.testing
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -281,17 +293,21 @@ def run_gpu(args, rows: Rows, block_m: int, block_n: int) -> None:
         print(f"  no datasheet floor known for {rows.gpu!r}: pass --floor-tflops to get % of floor")
     providers = [p for p in PROVIDERS if p in args.providers]
     for case in gpu_cases(args.window, args.quick):
-        flops_fwd = dense_fwd_flops(case.seqlens, case.heads, case.head_dim)
-        note = ""
+        flops_dense = dense_fwd_flops(case.seqlens, case.heads, case.head_dim)
+        flops_fwd, flops_bwd, notes = flops_dense, 2.5 * flops_dense, {"fwd": "", "bwd": ""}
         if case.window:
+            # each direction credited with the density its own tiles visit (the dK/dV kernel's for backward)
             visited, total = window_density(case.grids, case.window, block_m, block_n)
             flops_fwd *= visited / total
-            note = f"FLOPs scaled by block density {visited}/{total}"
+            notes["fwd"] = f"FLOPs scaled by block density {visited}/{total}"
+            visited, total = window_density(case.grids, case.window, *bwd_blocks)
+            flops_bwd *= visited / total
+            notes["bwd"] = f"FLOPs scaled by the dK/dV kernel's block density {visited}/{total}"
         print(f"{case.shape}: {flops_fwd / 1e12:.2f} TFLOP forward")
         ref_out = None
         for mode in args.modes:
             kernel = f"{KERNEL}_{mode}"
-            flops = flops_fwd * (2.5 if mode == "bwd" else 1.0)
+            flops, note = (flops_bwd, notes["bwd"]) if mode == "bwd" else (flops_fwd, notes["fwd"])
             for name in providers:
                 torch.cuda.empty_cache()
                 try:
@@ -422,6 +438,7 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name() if on_gpu else f"cpu ({platform.processor() or platform.machine()})"
     rows = Rows(gpu, args.dtype if on_gpu else "fp32")
     block_m, block_n, block_src = block_sizes()
+    bwd_blocks = block_sizes(backward=True)[:2]
     t0 = time.perf_counter()
     if on_gpu:
         print(f"GPU: {gpu}; {args.dtype}; providers {', '.join(args.providers)}")
@@ -430,9 +447,9 @@ def main(argv=None) -> int:
         print(f"{why}: GPU timings are skipped; running the CPU-side parts (reference timings, window block "
               "density, packed vs padded FLOPs)")
     print(f"window block density (BLOCK_M={block_m}, BLOCK_N={block_n} from {block_src}):")
-    analysis_rows(rows, args.window, block_m, block_n, block_src)
+    analysis_rows(rows, args.window, block_m, block_n, block_src, bwd_blocks=bwd_blocks)
     if on_gpu:
-        run_gpu(args, rows, block_m, block_n)
+        run_gpu(args, rows, block_m, block_n, bwd_blocks)
     else:
         print("CPU reference timings:")
         run_cpu_reference(args, rows)

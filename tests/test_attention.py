@@ -4,6 +4,7 @@ explicit scores, and a complex-number 3D RoPE written here from the Wan2.1 formu
 backend selection, and the wording of every validation error."""
 import random
 import re
+import sys
 
 import pytest
 import torch
@@ -649,6 +650,8 @@ VALIDATION_CASES = [
     (dict(v=torch.randn(10, 1, 8)), ValueError, r"v must have k's rows and heads \(10, 2, _\), got \(10, 1, 8\)"),
     (dict(k=torch.randn(7, 2, 8), v=torch.randn(7, 2, 8)), ValueError,
      r"self-attention \(cu_seqlens_k=None\) needs as many k rows as q rows \(10\), got 7"),
+    (dict(q=torch.randn(10, 2, 0), k=torch.randn(10, 2, 0), v=torch.randn(10, 2, 0)), ValueError,
+     r"q must have a head dim >= 1, got q.shape=\(10, 2, 0\)"),
     # cu_seqlens_q
     (dict(cu_seqlens_q=[0, 6, 10]), TypeError, r"cu_seqlens_q must be a torch.Tensor, got list"),
     (dict(cu_seqlens_q=torch.tensor([0, 6, 10])), ValueError, r"cu_seqlens_q must have dtype in \(int32\), got int64"),
@@ -717,10 +720,16 @@ def _ids(cases):
     return [re.sub(r"[^\w.=<>()' -]", "", pattern)[:60] for _, _, pattern in cases]
 
 
+# Every bad input raises the same clear error before any kernel runs, on the reference backend and on the
+# Triton kernels (the custom op's path; the Triton interpreter on CPU-only machines).
+VALIDATION_BACKENDS = ["torch", "triton"]
+
+
+@pytest.mark.parametrize("backend", VALIDATION_BACKENDS)
 @pytest.mark.parametrize("over,exc,pattern", VALIDATION_CASES, ids=_ids(VALIDATION_CASES))
-def test_validation_errors(over, exc, pattern):
+def test_validation_errors(over, exc, pattern, backend):
     with pytest.raises(exc, match=pattern):
-        _call(**over)
+        _call(**{"backend": backend, **over})
 
 
 CROSS_VALIDATION_CASES = [
@@ -742,14 +751,37 @@ CROSS_VALIDATION_CASES = [
 ]
 
 
+@pytest.mark.parametrize("backend", VALIDATION_BACKENDS)
 @pytest.mark.parametrize("over,exc,pattern", CROSS_VALIDATION_CASES, ids=_ids(CROSS_VALIDATION_CASES))
-def test_cross_attention_validation_errors(over, exc, pattern):
+def test_cross_attention_validation_errors(over, exc, pattern, backend):
     """Cross-attention of the 10 query rows (6 + 4) to 5 text rows (3 + 2)."""
-    args = dict(k=torch.randn(5, 2, 8), v=torch.randn(5, 2, 4), cu_seqlens_k=cu([3, 2]))
+    dv = 4 if backend == "torch" else 8                               # the kernels need Dv == D
+    args = dict(k=torch.randn(5, 2, 8), v=torch.randn(5, 2, dv), cu_seqlens_k=cu([3, 2]), backend=backend)
     _call(**args)                                                     # valid as it stands
     args.update(over)
     with pytest.raises(exc, match=pattern):
         _call(**args)
+
+
+@pytest.mark.parametrize("window", [(2 ** 70, 0, 2 ** 64), (sys.maxsize, 10 ** 9, 2 ** 31 - 1)])
+def test_window_larger_than_any_grid_is_unbounded(window):
+    """Half-sizes past int32 (or int64) act as unbounded on that axis, like any window past the grid."""
+    grids = [(3, 2, 5), (2, 1, 4)]
+    lens = [30, 8]
+    q, k, v = rand_qkv(38, 38, 2, 8)
+    out = _call(q=q, k=k, v=v, cu_seqlens_q=cu(lens), window=window, grid=torch.tensor(grids, dtype=torch.int32))
+    masks = [loop_window_mask(g, [min(w, 99) for w in window]) for g in grids]
+    assert_close(out, sdpa_loop(q, k, v, lens, masks=masks), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", VALIDATION_BACKENDS)
+def test_unsupported_head_dim_on_triton_is_clear(backend):
+    q = torch.randn(10, 2, 144)
+    if backend == "torch":
+        _call(q=q, k=q, v=q, backend=backend)
+    else:
+        with pytest.raises(ValueError, match=r"head dims 1 to 128, got q.shape\[-1\]=144"):
+            _call(q=q, k=q, v=q, backend=backend)
 
 
 def test_infinite_scale_is_rejected():

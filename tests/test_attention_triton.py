@@ -3,7 +3,11 @@
 On CPU-only machines these run under the Triton interpreter (tests/conftest.py sets it), with the same
 kernels a GPU runs; outputs are NaN-poisoned so an unwritten element shows.
 """
+import inspect
 import math
+import sys
+
+import warnings
 
 import pytest
 import torch
@@ -62,10 +66,20 @@ def _lowp_peer(q, k, v, cu_q, cu_k, scale, window, grid):
     return torch.cat(outs), torch.cat(lses, dim=1)
 
 
+def _strided_view(t, poison):
+    """A non-contiguous view equal to ``t``: every other element of a buffer whose gaps hold ``poison``
+    (a kernel that ignored the strides would read the poison)."""
+    buf = torch.stack([t, torch.full_like(t, poison)], dim=t.dim())
+    return buf.select(t.dim(), 0)
+
+
 def _check(lens, *, heads=2, head_dim=32, dtype=torch.float32, window=None, rope=False, key_lens=None,
-           strided=False):
+           strided=False, strided_tables=False, ref_window=None):
     cu_q = _cu(lens)
     cu_k = _cu(key_lens) if key_lens is not None else None
+    if strided_tables:   # cu_seqlens, grid and rope_coords as strided views, poisoned between elements
+        cu_q = _strided_view(cu_q, 10 ** 6)
+        cu_k = _strided_view(cu_k, 10 ** 6) if cu_k is not None else None
     n_q, n_k = sum(lens), sum(key_lens) if key_lens is not None else sum(lens)
     if strided:  # q, k, v as views into one packed (N, 3, H, D) projection
         leaf = torch.randn(n_q, 3, heads, head_dim, dtype=dtype, requires_grad=True)
@@ -81,9 +95,14 @@ def _check(lens, *, heads=2, head_dim=32, dtype=torch.float32, window=None, rope
         grids = [_grid_for(n) if n else (0, 1, 1) for n in lens]
         grid = torch.tensor(grids, dtype=torch.int32)
         coords = torch.cat([O.grid_coords(g) for g in grids]).to(torch.int32) if rope else None
+        if strided_tables:
+            grid = _strided_view(grid, 10 ** 6)
+            coords = _strided_view(coords, 10 ** 6) if rope else None
     kw = dict(window=window, grid=grid if window is not None else None, rope_coords=coords, return_lse=True)
 
     out, lse = O.spacetime_attention(q, k, v, cu_q, cu_k, backend="triton", **kw)
+    if ref_window is not None:     # the reference's equivalent window (e.g. a huge one made finite)
+        kw["window"] = window = ref_window
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, inputs, dout)
 
@@ -136,7 +155,7 @@ def test_bf16_head_dim_64():
 
 @pytest.mark.parametrize("window", [(0, 0, 0), (1, 1, 1), (0, 2, 1), (9, 9, 9)])
 def test_windows_on_awkward_grids(window):
-    # grids like 3x5x7 (105), 1x1x1, 2x3x6 (36), 1x1x17: none divisible by the 32-row blocks
+    # grids like 3x5x7 (105), 1x1x1, 3x3x4 (36), 1x1x17: none divisible by the 32-row blocks
     _check([105, 1, 36, 17], heads=1, head_dim=16, window=window)
 
 
@@ -201,7 +220,7 @@ def test_lse_gradient_flows():
 def test_unsupported_inputs_are_clear_errors():
     cu = _cu([4])
     q = torch.randn(4, 1, 144)
-    with pytest.raises(ValueError, match="head dims up to 128, got q.shape\\[-1\\]=144"):
+    with pytest.raises(ValueError, match="head dims 1 to 128, got q.shape\\[-1\\]=144"):
         O.spacetime_attention(q, q, q, cu, backend="triton")
     q, v = torch.randn(4, 1, 16), torch.randn(4, 1, 32)
     with pytest.raises(ValueError, match="v's head dim equal to q's \\(16\\), got v.shape\\[-1\\]=32"):
@@ -209,6 +228,215 @@ def test_unsupported_inputs_are_clear_errors():
     q = torch.randn(4, 1, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match="float64"):
         O.spacetime_attention(q, q, q, cu, backend="triton")
+
+
+# --- inputs the kernels must not misread (audit of the first version) --------------------------------
+def test_strided_cu_seqlens_grid_and_coords():
+    # strided views equal to contiguous tables, poison between their elements: a kernel indexing the raw
+    # storage would see offsets of 10**6 (wrong rows, out-of-bounds reads)
+    _check([1, 17, 0, 40], head_dim=32, window=(1, 1, 2), rope=True, strided_tables=True)
+
+
+def test_strided_cu_seqlens_cross_attention():
+    _check([5, 17, 3, 0], key_lens=[7, 0, 9, 4], head_dim=16, strided_tables=True)
+
+
+@pytest.mark.parametrize("window", [(10 ** 9, 1, 1), (2 ** 31 - 1, 0, 2 ** 31 - 1), (sys.maxsize,) * 3,
+                                    (1, sys.maxsize, 0)])
+def test_huge_windows_act_unbounded(window):
+    # grids 3x5x7, 3x3x4, 1x1x17: a window past every extent is the same as one of the extents
+    _check([105, 36, 17], heads=1, head_dim=16, window=window)
+
+
+def test_window_beyond_int64_is_unbounded():
+    lens = [36, 17]
+    _check(lens, heads=1, head_dim=16, window=(2 ** 70, 2, 2 ** 64), ref_window=(10 ** 6, 2, 10 ** 6))
+
+
+def test_kernel_window_math_does_not_overflow(monkeypatch):
+    """The kernels' own window arithmetic with int32-max windows (the launcher clamps them to the grid
+    first; here the clamp is bypassed so the kernels see the raw values)."""
+    monkeypatch.setattr(tri, "_window_args", lambda window, grid: tuple(window) if window else (0, 0, 0))
+    _check([105, 36, 17], heads=1, head_dim=16, window=(2 ** 31 - 1, 1, 2 ** 31 - 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["16-bit-tiles", "fp32-tiles"])
+@pytest.mark.parametrize("window,rope", [(None, False), ((1, 2, 2), False), (None, True), ((0, 1, 1), True)],
+                         ids=["dense", "window", "rope", "window+rope"])
+def test_gpu_tile_configs(monkeypatch, dtype, window, rope):
+    # the GPU launcher's choices under the interpreter (which otherwise always runs 32x32 tiles): every
+    # (kernel, variant) tile (BLOCK_M != BLOCK_N), and for fp32 the reference where no tile ships; forward
+    # and backward on a pack with lengths not multiple of any block and an empty sequence
+    monkeypatch.setattr(tri, "_interpreting", lambda: False)
+    monkeypatch.setattr(tri, "_FP32_REFERENCE_WARNED", set())
+    falls_back = dtype == torch.float32 and (window is not None or rope)     # the fp32 backward has no tile
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _check([1, 17, 113, 150, 0], heads=1, head_dim=32, dtype=dtype, window=window, rope=rope)
+    said = [str(w.message) for w in caught if "no spill-free sm_90 tile" in str(w.message)]
+    assert len(said) == falls_back and all("dkdv/dq" in m for m in said), said
+
+
+def test_gpu_tile_configs_fp32_head_dim_128(monkeypatch):
+    monkeypatch.setattr(tri, "_interpreting", lambda: False)          # fp32 d128 on a GPU: the reference
+    monkeypatch.setattr(tri, "_FP32_REFERENCE_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="head dim 128 have no spill-free"):
+        _check([17, 40], heads=1, head_dim=128)
+
+
+def test_fp32_reference_where_no_tile_ships(monkeypatch):
+    monkeypatch.setattr(tri, "_interpreting", lambda: False)
+    monkeypatch.setattr(tri, "_FP32_REFERENCE_WARNED", set())
+    q = torch.empty(4, 1, 128)
+    with pytest.warns(RuntimeWarning, match=r"head dim 128 have no spill-free sm_90 tile for the fwd kernel"):
+        assert tri._fp32_reference(("fwd",), q, None, None)
+    with pytest.warns(RuntimeWarning, match="dkdv/dq"):
+        assert tri._fp32_reference(("dkdv", "dq"), q, None, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                  # once per variant, not on every call
+        assert tri._fp32_reference(("fwd",), q, None, None)
+    assert not tri._fp32_reference(("fwd",), q[..., :64], (1, 1, 1), q)
+    with pytest.warns(RuntimeWarning, match="head dim 64, a window have no .* for the dkdv/dq kernel"):
+        assert tri._fp32_reference(("dkdv", "dq"), q[..., :64], (1, 1, 1), None)
+    assert not tri._fp32_reference(("dkdv", "dq"), q[..., :64], None, None)
+    assert not tri._fp32_reference(("dkdv", "dq"), q.half(), (1, 1, 1), q)
+    shipped = {c.name for c in tri.shipped_configs()}
+    for (kernel, window, rope, block_d), cfg in tri._GPU_CONFIGS_FP32.items():
+        variant = "+".join(n for n, on in (("window", window), ("rope", rope)) if on) or "dense"
+        assert f"attention_{kernel} d{block_d} fp32 tf32x3 {variant} m{cfg.block_m} n{cfg.block_n}" in shipped
+
+
+def test_head_dim_128():
+    _check([17, 40], heads=1, head_dim=128, window=(1, 1, 2), rope=True)
+
+
+def test_head_dim_128_dense():
+    _check([1, 40, 0], heads=2, head_dim=128)
+
+
+@pytest.mark.parametrize("kw", [dict(window=(1, 1, 2), rope=True), dict(key_lens=[7, 0, 9, 40])],
+                         ids=["window+rope", "cross"])
+def test_64bit_offsets_path(monkeypatch, kw):
+    """The OFF64 variant (chosen for tensors of 2**31 elements or more), forced on a small case."""
+    monkeypatch.setattr(tri, "_needs_off64", lambda tensors, n_q, heads: True)
+    _check([1, 17, 0, 40], heads=2, head_dim=32, **kw)
+
+
+def test_64bit_offsets_are_chosen_past_int32(monkeypatch):
+    meta = dict(device="meta", dtype=torch.float16)
+    # (33, 1, 64) rows 2**26 elements apart: row 32 starts at element 2**31
+    big = torch.empty_strided((33, 1, 64), (2 ** 26, 64, 1), **meta)
+    small = torch.empty_strided((33, 1, 64), (2 ** 25, 64, 1), **meta)
+    assert tri._needs_off64((small, big), 33, 1)
+    assert not tri._needs_off64((small, small), 33, 1)
+    assert tri._needs_off64((small,), 2 ** 27, 16)                   # head * Nq into the LSE
+    # row indices themselves stay int32: a clear error past them (meta tensors, nothing allocated)
+    rows = torch.empty(2 ** 31 - 1000, 1, 16, device="meta")
+    with pytest.raises(ValueError, match=r"fewer than 2147482624 rows, got q.shape\[0\]=2147482648"):
+        tri._check_rows(rows, rows[:5], None)
+    with pytest.raises(ValueError, match=r"fused RoPE takes fewer than 715827542 rows, got q.shape\[0\]=715827542"):
+        tri._check_rows(rows[:715827542], rows[:5], rows)
+
+    # and the launcher passes it to the kernel: q/k/v on the meta device, the launch recorded
+    launched = {}
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.update(kwargs)
+
+    monkeypatch.setattr(tri, "_attn_fwd_kernel", Recorder())
+    for strides, expect in (((2 ** 26, 64, 1), True), ((2 ** 25, 64, 1), False)):
+        q = torch.empty_strided((33, 1, 64), strides, **meta)
+        tri.attention_forward(q, q, q, _cu([33]), _cu([33]), 33, 33, scale=0.125, window=None, grid=None,
+                              rope_coords=None, rope_theta=1e4)
+        assert launched["OFF64"] is expect
+
+
+def test_far_key_blocks_are_never_loaded():
+    """A window's skipped key blocks are not loaded: NaN in the values of keys outside every window of a
+    query block leaves its outputs finite (a loaded but masked block would give 0 * NaN = NaN)."""
+    grid, n = (1, 12, 8), 96                             # 32-row blocks = 4 image rows each
+    q, k, v = (torch.randn(n, 1, 16) for _ in range(3))
+    v[64:] = float("nan")                                # key block 2: rows h = 8..11
+    cu, g = _cu([n]), torch.tensor([grid], dtype=torch.int32)
+    out = O.spacetime_attention(q, k, v, cu, window=(0, 1, 7), grid=g, backend="triton")
+    assert out[:32].isfinite().all()                     # query block 0 (h <= 3) is 5+ rows from block 2
+    assert out[64:].isnan().all()                        # the queries that do see the poisoned keys
+
+
+def test_kernels_use_no_atomics():
+    """Determinism by construction (the interpreter runs programs one by one, so a race cannot show in a
+    run): every gradient row is stored by one program, with no atomic read-modify-write."""
+    assert "tl.atomic" not in inspect.getsource(tri)
+
+
+# --- the registered ops validate on their own (torch.compile graphs and direct callers reach them) -----
+def _raw_args(**over):
+    """A valid direct call of torch.ops.sora_fast.spacetime_attention (2 sequences of 6 and 4 rows)."""
+    cu = _cu([6, 4])
+    args = dict(q=torch.randn(10, 2, 16), k=torch.randn(10, 2, 16), v=torch.randn(10, 2, 16), cu_seqlens_q=cu,
+                cu_seqlens_k=cu, max_seqlen_q=None, max_seqlen_k=None, scale=0.25, window=None, grid=None,
+                rope_coords=None, rope_theta=1e4, backend="triton")
+    args.update(over)
+    return list(args.values())
+
+
+RAW_OP_CASES = [
+    (dict(k=torch.randn(10, 2, 4)), r"k must have q's heads and head dim \(_, 2, 16\), got \(10, 2, 4\)"),
+    (dict(k=torch.randn(10, 1, 16)), r"k must have q's heads and head dim"),
+    (dict(v=torch.randn(9, 2, 16)), r"v must have k's rows and heads \(10, 2, _\), got \(9, 2, 16\)"),
+    (dict(v=torch.randn(10, 2, 16, dtype=torch.float16)), r"v must have the dtype of q"),
+    (dict(k=torch.randn(10, 2, 16, device="meta")), r"k must be on cpu"),
+    (dict(q=torch.randn(10, 2, 0), k=torch.randn(10, 2, 0), v=torch.randn(10, 2, 0)), r"head dim >= 1"),
+    (dict(cu_seqlens_q=_cu([6, 4]).long()), r"cu_seqlens_q must have dtype in \(int32\), got int64"),
+    (dict(cu_seqlens_k=_cu([6, 4])[None]), r"cu_seqlens_k must be a 1-D tensor"),
+    (dict(cu_seqlens_k=_cu([6, 2, 2])), r"cu_seqlens_k must have cu_seqlens_q's length 3, got 4"),
+    (dict(cu_seqlens_k=torch.tensor([0, 7, 6], dtype=torch.int32)), r"cu_seqlens_k must be non-decreasing"),
+    (dict(cu_seqlens_q=torch.tensor([0, 6, 9], dtype=torch.int32)), r"cu_seqlens_q\[-1\] must equal .* \(10\), got 9"),
+    (dict(scale=0.0), r"scale must be a positive number, got 0.0"),
+    (dict(window=[1, 1, 1]), r"window needs grid"),
+    (dict(window=[1, -1, 1], grid=torch.tensor([[1, 2, 3], [1, 2, 2]], dtype=torch.int32)), r"window must be 3 ints >= 0"),
+    (dict(window=[1, 1, 1], grid=torch.tensor([[1, 2, 3]], dtype=torch.int32)), r"grid must have shape \(2, 3\)"),
+    (dict(window=[1, 1, 1], grid=torch.tensor([[1, 2, 3], [1, 2, 3]], dtype=torch.int32)),
+     r"grid\[1\]=\[1, 2, 3\] must be >= 0 and multiply to sequence 1's length 4"),
+    (dict(window=[1, 1, 1], grid=torch.tensor([[1, 2, 3], [1, 2, 2]], dtype=torch.int32),
+          cu_seqlens_k=_cu([5, 5])), r"window and rope_coords need self-attention: cu_seqlens_k must equal"),
+    (dict(rope_coords=torch.zeros(9, 3, dtype=torch.int32)), r"rope_coords must have shape \(10, 3\)"),
+    (dict(rope_coords=torch.zeros(6, 3, dtype=torch.int32), k=torch.randn(6, 2, 16), v=torch.randn(6, 2, 16),
+          cu_seqlens_k=_cu([3, 3])), r"rope_coords must have shape|need self-attention"),
+]
+
+
+@pytest.mark.parametrize("over,pattern", RAW_OP_CASES, ids=[p[:40] for _, p in RAW_OP_CASES])
+def test_registered_op_validates_before_launch(over, pattern):
+    torch.ops.sora_fast.spacetime_attention(*_raw_args())                     # valid as it stands
+    with pytest.raises(ValueError, match=pattern):
+        torch.ops.sora_fast.spacetime_attention(*_raw_args(**over))
+
+
+def test_registered_backward_op_validates_before_launch():
+    args = _raw_args()
+    q, k, v = args[:3]
+    out, lse = torch.ops.sora_fast.spacetime_attention(*args)
+    dout = torch.randn_like(out)
+
+    def call(**over):
+        kw = dict(dout=dout, dlse=None, q=q, k=k, v=v, out=out, lse=lse)
+        kw.update(over)
+        return torch.ops.sora_fast.spacetime_attention_backward(*kw.values(), *args[3:])
+
+    dq, dk, dv = call()
+    ref = torch.autograd.grad(O.spacetime_attention_ref(*(t.requires_grad_() for t in (q, k, v)), _cu([6, 4]),
+                                                        scale=0.25), (q, k, v), dout)
+    for a, b in zip((dq, dk, dv), ref):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=5e-5)
+    for over, pattern in ((dict(dout=dout[:9]), r"dout must have shape \(10, 2, 16\)"),
+                          (dict(out=out.half()), r"out must have dtype in \(float32\), got float16"),
+                          (dict(lse=lse.t()), r"lse must have shape \(2, 10\)"),
+                          (dict(dlse=torch.zeros(2, 9)), r"dlse must have shape \(2, 10\)"),
+                          (dict(k=torch.randn(10, 2, 8)), r"k must have q's heads and head dim")):
+        with pytest.raises(ValueError, match=pattern):
+            call(**over)
 
 
 # --- block bookkeeping ----------------------------------------------------------------------------
@@ -235,3 +463,4 @@ def test_window_block_skipping_is_sound_and_skips(grid, window):
     visited, total = _blocks.window_block_density([grid], window, bm, bn)
     if n >= 300:
         assert visited < total
+

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sora_fast.triton import attention as tri
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_attention.py"
 COLUMNS = {"kernel", "provider", "shape", "dtype", "metric", "value", "gpu", "versions", "note"}
 
@@ -32,6 +34,14 @@ def test_bench_attention_cpu_quick_writes_expected_rows(tmp_path):
         assert 0 < density < 1 and visited / total == density
         skipped = by[("spacetime_attention_window", "sora_fast", shape, "skipped_block_fraction")]
         assert abs(skipped + density - 1) < 1e-12
+        # the backward is credited with the density at the dK/dV kernel's (smaller) tiles
+        bwd = by[("spacetime_attention_window", "sora_fast", shape, "block_density_bwd")]
+        assert 0 < bwd < 1
+    note = next(r["note"] for r in rows if r["metric"] == "block_density_bwd" and r["shape"].startswith("wan480"))
+    bm, bn, visited, total = (int(x) for x in re.search(r"BLOCK_M=(\d+) BLOCK_N=(\d+): (\d+)/(\d+)", note).groups())
+    assert (bm, bn) == (tri.BWD_BLOCK_M, tri.BWD_BLOCK_N) and total == -(-32760 // bm) * -(-32760 // bn)
+    assert by[("spacetime_attention_window", "sora_fast", "wan480", "block_density_bwd")] == visited / total
+
     # Wan 480p in one sequence: cdiv(32760, BLOCK_M) x cdiv(32760, BLOCK_N) block pairs.
     note = next(r["note"] for r in rows if r["metric"] == "total_blocks" and r["shape"].startswith("wan480"))
     bm, bn = (int(re.search(rf"{k}=(\d+)", note).group(1)) for k in ("BLOCK_M", "BLOCK_N"))

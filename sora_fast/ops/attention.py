@@ -13,7 +13,7 @@ import torch
 
 from . import _dispatch
 from ._common import (check_cu_seqlens_values, check_float, check_int_tuple, check_positive, check_same_dtype,
-                      check_tensor, math_dtype, reference_vjp)
+                      check_shape, check_tensor, math_dtype, reference_vjp)
 from .rope import apply_rope3d_ref, validate_rope_args
 
 OP = "spacetime_attention"
@@ -146,8 +146,14 @@ def _padding_pays(cu_seqlens_q, cu_seqlens_k, heads: int) -> bool:
 
 
 # --- validation ---------------------------------------------------------------------------------
-def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window, grid,
-              rope_coords, rope_theta):
+# Window half-sizes are clamped to this: grid extents are int32, so no two tokens are farther apart on
+# an axis, and the result is the same as for any larger window (an "unbounded" 10**9 or sys.maxsize).
+_WINDOW_MAX = 2 ** 31 - 1
+
+
+def _check_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, grid, rope_coords, rope_theta):
+    """Shapes, dtypes and devices (no tensor values read): run by the public function and again by the
+    registered ops, which torch.compile graphs and direct callers reach without the public function."""
     check_float("q", q, ndim=3, layout="(Nq, H, D)")
     check_float("k", k, ndim=3, layout="(Nk, H, D)", device=q.device)
     check_float("v", v, ndim=3, layout="(Nk, H, Dv)", device=q.device)
@@ -157,33 +163,48 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
         raise ValueError(f"k must have q's heads and head dim (_, {q.shape[1]}, {q.shape[2]}), got {tuple(k.shape)}")
     if v.shape[:2] != k.shape[:2]:
         raise ValueError(f"v must have k's rows and heads ({k.shape[0]}, {k.shape[1]}, _), got {tuple(v.shape)}")
+    if q.shape[2] == 0:
+        raise ValueError(f"q must have a head dim >= 1, got q.shape={tuple(q.shape)}")
     check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, layout="(B+1,)", dtypes=(torch.int32,), device=q.device)
     if cu_seqlens_q.shape[0] < 2:
         raise ValueError(f"cu_seqlens_q must hold B+1 >= 2 offsets, got {cu_seqlens_q.shape[0]}")
     num_seqs = cu_seqlens_q.shape[0] - 1
-    if cu_seqlens_k is None:
-        if k.shape[0] != q.shape[0]:
-            raise ValueError(f"self-attention (cu_seqlens_k=None) needs as many k rows as q rows ({q.shape[0]}), "
-                             f"got {k.shape[0]}; pass cu_seqlens_k for cross-attention")
-    else:
+    if cu_seqlens_k is not None:
         check_tensor("cu_seqlens_k", cu_seqlens_k, ndim=1, layout="(B+1,)", dtypes=(torch.int32,), device=q.device)
         if cu_seqlens_k.shape != cu_seqlens_q.shape:
             raise ValueError(f"cu_seqlens_k must have cu_seqlens_q's length {num_seqs + 1}, got {cu_seqlens_k.shape[0]}")
+    if grid is not None:
+        check_tensor("grid", grid, ndim=2, layout="(B, 3)", dtypes=(torch.int32,), device=q.device)
+        if grid.shape != (num_seqs, 3):
+            raise ValueError(f"grid must have shape ({num_seqs}, 3), one (T', H', W') per sequence, got {tuple(grid.shape)}")
+    if rope_coords is not None:
+        validate_rope_args(q, rope_coords, rope_theta, None, name="q", cname="rope_coords")
+
+
+def _check_window(window, grid):
+    """3 ints >= 0, with a grid; returned clamped to ``_WINDOW_MAX`` (the same attention)."""
+    window = check_int_tuple("window", window, 3)
+    if grid is None:
+        raise ValueError("window needs grid: the (T', H', W') patch grid of each sequence, shape (B, 3)")
+    return tuple(min(w, _WINDOW_MAX) for w in window)
+
+
+def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window, grid,
+              rope_coords, rope_theta):
+    _check_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, grid, None, rope_theta)
+    if cu_seqlens_k is None and k.shape[0] != q.shape[0]:
+        raise ValueError(f"self-attention (cu_seqlens_k=None) needs as many k rows as q rows ({q.shape[0]}), "
+                         f"got {k.shape[0]}; pass cu_seqlens_k for cross-attention")
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
             raise ValueError(f"{name} must be None or an int >= 0, got {m!r}")
     if scale is not None:
         check_positive("scale", scale)
     if window is not None:
-        window = check_int_tuple("window", window, 3)
+        check_int_tuple("window", window, 3)
         if cu_seqlens_k is not None:
             raise ValueError("window needs self-attention (cu_seqlens_k=None): keys must share the queries' grid")
-        if grid is None:
-            raise ValueError("window needs grid: the (T', H', W') patch grid of each sequence, shape (B, 3)")
-    if grid is not None:
-        check_tensor("grid", grid, ndim=2, layout="(B, 3)", dtypes=(torch.int32,), device=q.device)
-        if grid.shape != (num_seqs, 3):
-            raise ValueError(f"grid must have shape ({num_seqs}, 3), one (T', H', W') per sequence, got {tuple(grid.shape)}")
+        window = _check_window(window, grid)
     if rope_coords is not None:
         if cu_seqlens_k is not None:
             raise ValueError("rope_coords needs self-attention (cu_seqlens_k=None): keys must share the queries' coordinates")
@@ -191,10 +212,27 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
     return window
 
 
-def _check_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, grid):
-    """Data-dependent checks, run on real tensors inside the op (also under torch.compile)."""
+def _check_op_args(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window, grid, rope_coords, rope_theta):
+    """The registered op's own checks (its callers may bypass :func:`spacetime_attention`): everything the
+    kernels rely on that does not read tensor values; windows and RoPE need self-attention (checked on
+    the values by :func:`_check_values`)."""
+    _check_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, grid, rope_coords, rope_theta)
+    check_positive("scale", scale)
+    if window is not None:
+        _check_window(window, grid)
+    if (window is not None or rope_coords is not None) and k.shape[0] != q.shape[0]:
+        raise ValueError(f"window and rope_coords need self-attention: as many k rows as q rows ({q.shape[0]}), "
+                         f"got {k.shape[0]}")
+
+
+def _check_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, grid, self_attention=False):
+    """Data-dependent checks, run on real tensors inside the op (also under torch.compile).
+    ``self_attention``: keys must share the queries' sequences (windows and RoPE)."""
     bq = check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0])
     bk = check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0])
+    if self_attention and bk != bq:
+        raise ValueError(f"window and rope_coords need self-attention: cu_seqlens_k must equal cu_seqlens_q "
+                         f"{bq}, got {bk}")
     for name, m, b in (("max_seqlen_q", max_seqlen_q, bq), ("max_seqlen_k", max_seqlen_k, bk)):
         longest = max(b[i + 1] - b[i] for i in range(len(b) - 1))
         if m is not None and m < longest:
@@ -207,6 +245,20 @@ def _check_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
                                  f"{bq[i + 1] - bq[i]}")
 
 
+def _check_bwd_args(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, scale, window, grid, rope_coords,
+                    rope_theta):
+    """The backward op's checks: the forward's, and the forward's outputs and their gradients."""
+    _check_op_args(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window, grid, rope_coords, rope_theta)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    rows = (q.shape[0], q.shape[1], v.shape[2])
+    for name, t, shape, dtype in (("out", out, rows, q.dtype), ("dout", dout, rows, q.dtype),
+                                  ("lse", lse, rows[1::-1], lse_dtype), ("dlse", dlse, rows[1::-1], lse_dtype)):
+        if t is None and name == "dlse":
+            continue
+        check_tensor(name, t, dtypes=(dtype,), device=q.device)
+        check_shape(name, t, shape, "(the forward's output)")
+
+
 # --- custom op ----------------------------------------------------------------------------------
 @torch.library.custom_op("sora_fast::spacetime_attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -214,16 +266,19 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_
                   scale: float, window: Optional[Sequence[int]], grid: Optional[torch.Tensor],
                   rope_coords: Optional[torch.Tensor], rope_theta: float, backend: str
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, grid)
+    _check_op_args(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window, grid, rope_coords, rope_theta)
+    _check_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, grid,
+                  self_attention=window is not None or rope_coords is not None)
     kernel = _dispatch.get_kernel(OP, backend, q.device)
     return kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale,
-                  window=None if window is None else tuple(window), grid=grid, rope_coords=rope_coords,
-                  rope_theta=rope_theta)
+                  window=None if window is None else _check_window(window, grid), grid=grid,
+                  rope_coords=rope_coords, rope_theta=rope_theta)
 
 
 @_attention_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window, grid, rope_coords,
       rope_theta, backend):
+    _check_op_args(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window, grid, rope_coords, rope_theta)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[1], q.shape[0], dtype=lse_dtype)
 
@@ -235,14 +290,21 @@ def _attention_bwd_op(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch
                       scale: float, window: Optional[Sequence[int]], grid: Optional[torch.Tensor],
                       rope_coords: Optional[torch.Tensor], rope_theta: float, backend: str
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_bwd_args(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, scale, window, grid, rope_coords,
+                    rope_theta)
+    _check_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, grid,
+                  self_attention=window is not None or rope_coords is not None)
     kernel = _dispatch.get_kernel(OP + "_backward", backend, q.device)
     return kernel(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                  scale=scale, window=None if window is None else tuple(window), grid=grid,
+                  scale=scale, window=None if window is None else _check_window(window, grid), grid=grid,
                   rope_coords=rope_coords, rope_theta=rope_theta)
 
 
 @_attention_bwd_op.register_fake
-def _(dout, dlse, q, k, v, out, lse, *args):
+def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window, grid,
+      rope_coords, rope_theta, backend):
+    _check_bwd_args(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, scale, window, grid, rope_coords,
+                    rope_theta)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -289,7 +351,7 @@ def spacetime_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
     """Attention over packed sequences, each attending only to itself.
 
     Args:
-        q: ``(Nq, H, D)`` fp16/bf16/fp32. k, v: ``(Nk, H, D)`` / ``(Nk, H, Dv)``, q's dtype and device.
+        q: ``(Nq, H, D)`` fp16/bf16/fp32, D >= 1. k, v: ``(Nk, H, D)`` / ``(Nk, H, Dv)``, q's dtype and device.
         cu_seqlens_q: ``(B+1,)`` int32 offsets of the query sequences.
         cu_seqlens_k: ``(B+1,)`` int32 offsets of the key sequences (cross-attention, e.g. video
             queries against packed text); None for self-attention.
@@ -298,7 +360,8 @@ def spacetime_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
         scale: softmax scale, default ``D ** -0.5``.
         window: ``(wt, wh, ww)``: a query attends only to keys of its own video with |dt| <= wt,
             |dh| <= wh, |dw| <= ww, coordinates taken from the packing order (t-major raster of
-            ``grid``). Self-attention only; needs ``grid``.
+            ``grid``). Self-attention only; needs ``grid``. Any half-size past the grid (e.g. 10**9
+            for "unbounded in t") is the same as the grid's extent.
         grid: ``(B, 3)`` int32 patch grid (T', H', W') of each sequence.
         rope_coords: ``(Nq, 3)`` int32 (t, h, w) per token: 3D RoPE applied to q and k first, exactly
             :func:`sora_fast.ops.apply_rope3d` with the default split. Self-attention only.

@@ -21,10 +21,20 @@ works on transposed scores (keys x queries) so no computed tile is transposed be
 
 bf16 under the Triton interpreter: its bf16 arithmetic is wrong, so ``UPCAST`` converts tiles to fp32
 right after loading (interpreter only; on a GPU bf16 tiles feed the tensor cores).
+
+fp32 inputs: dots in ``FP32_PRECISION`` ("tf32x3": three tf32 wgmmas per dot, near-fp32 accuracy) with
+their own tiles; the variants for which no tile compiles without spills run the fp32 reference math on a
+GPU (``_fp32_reference``). The interpreter ignores the dot precision (exact fp32 on CPU).
+
+Offsets: the per-sequence bases are 64-bit, offsets inside a sequence 32-bit; ``OFF64`` (picked on the
+host when some tensor spans 2**31 elements or more) makes the strides, and so every offset, 64-bit.
+Every small table the kernels index (cu_seqlens, grid, RoPE coordinates) is made contiguous before the
+launch, and window half-sizes are clamped to the grid's extents (same attention, int32 arithmetic).
 """
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -153,15 +163,20 @@ def _loop_range(first, last, length, gh, gw, win_t, BLOCK: tl.constexpr, WINDOW:
         hw = gh * gw
         lo = tl.maximum(first // hw - win_t, 0) * hw
         lo = (lo // BLOCK) * BLOCK
-        hi = tl.minimum((last // hw + win_t + 1) * hw, length)
+        # frames past the last one reachable, clamped to the sequence's frame count before multiplying
+        # (t_last + win_t + 1) * hw would overflow for a huge window
+        t_last = last // hw
+        hi = (t_last + 1 + tl.minimum(win_t, length // hw - 1 - t_last)) * hw
     return lo, hi
 
 
 @triton.jit
-def _program_block(TABLE, CU_Q, CU_K, GRID, WINDOW: tl.constexpr):
-    """This program's (sequence, first row of its block), the sequence's query and key ranges, and the
-    sequence's grid rows/columns (used by windows; 1 without)."""
+def _program_block(TABLE, CU_Q, CU_K, GRID, WINDOW: tl.constexpr, OFF64: tl.constexpr):
+    """This program's head, (sequence, first row of its block), the sequence's query and key ranges, and
+    the sequence's grid rows/columns (used by windows; 1 without). With OFF64 the head and the sequence
+    starts are 64-bit (offsets into the LSE and RoPE tables); row indices stay 32-bit."""
     pid = tl.program_id(0)
+    head = tl.program_id(1)
     seq = tl.load(TABLE + 2 * pid)
     start = tl.load(TABLE + 2 * pid + 1)
     q_start = tl.load(CU_Q + seq)
@@ -173,7 +188,11 @@ def _program_block(TABLE, CU_Q, CU_K, GRID, WINDOW: tl.constexpr):
     if WINDOW:
         gh = tl.load(GRID + 3 * seq + 1)
         gw = tl.load(GRID + 3 * seq + 2)
-    return start, q_start, q_len, k_start, k_len, gh, gw
+    if OFF64:
+        head = head.to(tl.int64)
+        q_start = q_start.to(tl.int64)
+        k_start = k_start.to(tl.int64)
+    return head, start, q_start, q_len, k_start, k_len, gh, gw
 
 
 # --- forward -------------------------------------------------------------------------------------
@@ -183,9 +202,13 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TABLE, GRID, COORDS, AXIS, FRE
                      n_q, qk_scale, win_t, win_h, win_w,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, ROPE: tl.constexpr,
-                     UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    head = tl.program_id(1)
-    m0, q_start, q_len, k_start, k_len, gh, gw = _program_block(TABLE, CU_Q, CU_K, GRID, WINDOW)
+                     UPCAST: tl.constexpr, PRECISION: tl.constexpr, OFF64: tl.constexpr):
+    head, m0, q_start, q_len, k_start, k_len, gh, gw = _program_block(TABLE, CU_Q, CU_K, GRID, WINDOW, OFF64)
+    if OFF64:   # 64-bit strides: every row * stride product, and so every offset, is 64-bit
+        stride_qn, stride_qh = tl.cast(stride_qn, tl.int64), tl.cast(stride_qh, tl.int64)
+        stride_kn, stride_kh = tl.cast(stride_kn, tl.int64), tl.cast(stride_kh, tl.int64)
+        stride_vn, stride_vh = tl.cast(stride_vn, tl.int64), tl.cast(stride_vh, tl.int64)
+        stride_on, stride_oh = tl.cast(stride_on, tl.int64), tl.cast(stride_oh, tl.int64)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     m_mask = offs_m < q_len
@@ -193,7 +216,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TABLE, GRID, COORDS, AXIS, FRE
     d_mask = offs_d < HEAD_DIM
     pairs = tl.arange(0, BLOCK_DH)
     pair_mask = pairs < HEAD_DIM // 2
-    # 64-bit scalar bases per program, 32-bit offsets inside a sequence: few address registers
+    # 64-bit scalar bases per program, 32-bit offsets inside a sequence unless OFF64: few address registers
     q_base = Q + q_start.to(tl.int64) * stride_qn + head * stride_qh
     k_base = K + k_start.to(tl.int64) * stride_kn + head * stride_kh
     v_base = V + k_start.to(tl.int64) * stride_vn + head * stride_vh
@@ -263,9 +286,15 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, TABLE, GR
                           n_q, sm_scale, qk_scale, win_t, win_h, win_w,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, ROPE: tl.constexpr,
-                          UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    head = tl.program_id(1)
-    n0, q_start, q_len, k_start, k_len, gh, gw = _program_block(TABLE, CU_Q, CU_K, GRID, WINDOW)
+                          UPCAST: tl.constexpr, PRECISION: tl.constexpr, OFF64: tl.constexpr):
+    head, n0, q_start, q_len, k_start, k_len, gh, gw = _program_block(TABLE, CU_Q, CU_K, GRID, WINDOW, OFF64)
+    if OFF64:   # 64-bit strides: every row * stride product, and so every offset, is 64-bit
+        stride_qn, stride_qh = tl.cast(stride_qn, tl.int64), tl.cast(stride_qh, tl.int64)
+        stride_kn, stride_kh = tl.cast(stride_kn, tl.int64), tl.cast(stride_kh, tl.int64)
+        stride_vn, stride_vh = tl.cast(stride_vn, tl.int64), tl.cast(stride_vh, tl.int64)
+        stride_don, stride_doh = tl.cast(stride_don, tl.int64), tl.cast(stride_doh, tl.int64)
+        stride_dkn, stride_dkh = tl.cast(stride_dkn, tl.int64), tl.cast(stride_dkh, tl.int64)
+        stride_dvn, stride_dvh = tl.cast(stride_dvn, tl.int64), tl.cast(stride_dvh, tl.int64)
 
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < k_len
@@ -333,9 +362,14 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, TABLE, GRID, CO
                         n_q, sm_scale, qk_scale, win_t, win_h, win_w,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, ROPE: tl.constexpr,
-                        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    head = tl.program_id(1)
-    m0, q_start, q_len, k_start, k_len, gh, gw = _program_block(TABLE, CU_Q, CU_K, GRID, WINDOW)
+                        UPCAST: tl.constexpr, PRECISION: tl.constexpr, OFF64: tl.constexpr):
+    head, m0, q_start, q_len, k_start, k_len, gh, gw = _program_block(TABLE, CU_Q, CU_K, GRID, WINDOW, OFF64)
+    if OFF64:   # 64-bit strides: every row * stride product, and so every offset, is 64-bit
+        stride_qn, stride_qh = tl.cast(stride_qn, tl.int64), tl.cast(stride_qh, tl.int64)
+        stride_kn, stride_kh = tl.cast(stride_kn, tl.int64), tl.cast(stride_kh, tl.int64)
+        stride_vn, stride_vh = tl.cast(stride_vn, tl.int64), tl.cast(stride_vh, tl.int64)
+        stride_don, stride_doh = tl.cast(stride_don, tl.int64), tl.cast(stride_doh, tl.int64)
+        stride_dqn, stride_dqh = tl.cast(stride_dqn, tl.int64), tl.cast(stride_dqh, tl.int64)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     m_mask = offs_m < q_len
@@ -418,15 +452,64 @@ _GPU_CONFIGS = {
     ("dq", False, True): _Config(64, 32, num_warps=8, num_stages=2),
     ("dq", True, True): _Config(64, 32, num_warps=8, num_stages=2),
 }
-FWD_BLOCK_M, FWD_BLOCK_N = _GPU_CONFIGS[("fwd", False, False)].block_m, _GPU_CONFIGS[("fwd", False, False)].block_n
+# fp32 inputs: FP32_PRECISION splits every dot into three tf32 wgmmas (hi*hi + hi*lo + lo*hi: near-fp32
+# accuracy on the tensor cores). The split halves of the loop-invariant operands stay in registers, so only
+# these (kernel, window, RoPE, BLOCK_D) variants have a tile that compiles for sm_90 without spills, with
+# 32- and 64-bit offsets (none at BLOCK_D 128; "ieee" FMA dots spill more). For the others, fp32 inputs on
+# a GPU run the fp32 reference math instead (see _fp32_reference).
+FP32_PRECISION = "tf32x3"
+_GPU_CONFIGS_FP32 = {
+    **{("fwd", window, rope, block_d): _Config(64, 32, num_warps=4, num_stages=2)
+       for window in (False, True) for rope in (False, True) for block_d in (32, 64)},
+    ("dkdv", False, False, 32): _Config(32, 64, num_warps=4, num_stages=2),
+    ("dkdv", False, False, 64): _Config(32, 64, num_warps=4, num_stages=2),
+    ("dq", False, False, 32): _Config(64, 32, num_warps=4, num_stages=2),
+    ("dq", False, False, 64): _Config(64, 32, num_warps=4, num_stages=2),
+}
+FWD_BLOCK_M, FWD_BLOCK_N = _GPU_CONFIGS[("fwd", True, False)].block_m, _GPU_CONFIGS[("fwd", True, False)].block_n
+# the windowed dK/dV kernel's tiles: the block density its loop visits (the backward's FLOPs credit)
+BWD_BLOCK_M, BWD_BLOCK_N = _GPU_CONFIGS[("dkdv", True, False)].block_m, _GPU_CONFIGS[("dkdv", True, False)].block_n
 # Small tiles under the interpreter: it costs per tile operation, not per element.
 _INTERPRETER_CONFIG = _Config(32, 32, num_warps=4, num_stages=1)
 
 
-def _config(kernel: str, window, rope_coords) -> _Config:
+def _gpu_config(kernel: str, window: bool, rope: bool, dtype: torch.dtype, head_dim: int) -> _Config | None:
+    """The GPU tile of a launch; None for an fp32 variant without a spill-free tile."""
+    if dtype == torch.float32:
+        return _GPU_CONFIGS_FP32.get((kernel, window, rope, _dims(head_dim)[0]))
+    return _GPU_CONFIGS[(kernel, window, rope)]
+
+
+def _config(kernel: str, window, rope_coords, dtype: torch.dtype, head_dim: int) -> _Config:
     if _interpreting():
         return _INTERPRETER_CONFIG
-    return _GPU_CONFIGS[(kernel, window is not None, rope_coords is not None)]
+    return _gpu_config(kernel, window is not None, rope_coords is not None, dtype, head_dim)
+
+
+def _fp32_reference(kernels, q, window, rope_coords) -> bool:
+    """fp32 inputs on a GPU for which one of ``kernels`` has no shipped (spill-free) tile: the launcher
+    runs the fp32 reference math instead (same results within fp32 tolerances; not the kernels' speed)."""
+    if _interpreting() or q.dtype != torch.float32:
+        return False
+    missing = [kn for kn in kernels
+               if _gpu_config(kn, window is not None, rope_coords is not None, q.dtype, q.shape[-1]) is None]
+    key = (tuple(missing), window is not None, rope_coords is not None, _dims(q.shape[-1])[0])
+    if missing and key not in _FP32_REFERENCE_WARNED:
+        _FP32_REFERENCE_WARNED.add(key)
+        warnings.warn(f"spacetime_attention(backend='triton'): float32 inputs with head dim {q.shape[-1]}"
+                      f"{', a window' if window is not None else ''}{', RoPE' if rope_coords is not None else ''} "
+                      f"have no spill-free sm_90 tile for the {'/'.join(missing)} kernel(s); running the float32 "
+                      "reference math instead (same results, O(seqlen^2) memory per sequence, not kernel speed). "
+                      "bfloat16/float16 inputs run the kernels.", RuntimeWarning, stacklevel=3)
+    return bool(missing)
+
+
+_FP32_REFERENCE_WARNED: set = set()
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: fp32 inputs get FP32_PRECISION; for 16-bit inputs it is unused."""
+    return FP32_PRECISION if dtype == torch.float32 else "tf32"
 
 
 def _dims(head_dim: int) -> tuple[int, int]:
@@ -448,13 +531,15 @@ def _rope_tables(head_dim: int, theta: float, device) -> tuple[torch.Tensor, tor
 
 def _check_supported(q: torch.Tensor, v: torch.Tensor) -> None:
     head_dim = q.shape[-1]
-    if head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"the triton attention kernel supports head dims up to {MAX_HEAD_DIM}, got q.shape[-1]={head_dim}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"the triton attention kernel supports head dims 1 to {MAX_HEAD_DIM}, "
+                         f"got q.shape[-1]={head_dim}")
     if v.shape[-1] != head_dim:
         raise ValueError(f"the triton attention kernel needs v's head dim equal to q's ({head_dim}), "
                          f"got v.shape[-1]={v.shape[-1]}")
-    if q.dtype == torch.float64:
-        raise ValueError("the triton attention kernel takes fp16, bf16 or fp32 inputs, got float64")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"the triton attention kernel takes float16, bfloat16 or float32 inputs, "
+                         f"got {str(q.dtype).replace('torch.', '')}")
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -466,8 +551,38 @@ def _contig_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _extent(t: torch.Tensor) -> int:
+    """1 + the largest element offset of a view from its data pointer (0 for an empty tensor)."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+
+
+# Row indices stay int32 in the kernels (cu_seqlens are int32); the margin covers a block's rows past
+# the end of its sequence before they are masked.
+_OFF32_LIMIT = 2 ** 31 - 1024
+
+
+def _needs_off64(tensors, n_q: int, heads: int) -> bool:
+    """Whether some offset the kernels compute inside a sequence (row * row stride + head * head stride +
+    column, head * Nq + row into the LSE) can reach int32's range: then OFF64 (64-bit strides and head)."""
+    largest = max([_extent(t) for t in tensors] + [heads * n_q])
+    return largest >= _OFF32_LIMIT
+
+
+def _check_rows(q, k, rope_coords) -> None:
+    """Token counts whose row indices (and 3 * row into the RoPE coordinates) fit the kernels' int32."""
+    for name, n in (("q", q.shape[0]), ("k", k.shape[0])):
+        if n >= _OFF32_LIMIT:
+            raise ValueError(f"the triton attention kernel takes fewer than {_OFF32_LIMIT} rows, got {name}.shape[0]={n}")
+    if rope_coords is not None and 3 * q.shape[0] >= _OFF32_LIMIT:
+        raise ValueError(f"the triton attention kernel's fused RoPE takes fewer than {_OFF32_LIMIT // 3 + 1} rows, "
+                         f"got q.shape[0]={q.shape[0]}")
+
+
 def _common_args(q, cu_seqlens_q, grid, rope_coords, rope_theta):
-    """Tensors the kernels read beside q/k/v (unused ones are any valid pointer)."""
+    """Tensors the kernels read beside q/k/v (unused ones are any valid pointer), contiguous: the kernels
+    index them as dense arrays."""
     if rope_coords is not None:
         axis, freq = _rope_tables(q.shape[-1], rope_theta, q.device)
         coords = rope_coords.contiguous()
@@ -477,17 +592,21 @@ def _common_args(q, cu_seqlens_q, grid, rope_coords, rope_theta):
     return grid_t, coords, axis, freq
 
 
-def _constexprs(q, window, rope_coords, cfg: _Config) -> dict:
+def _constexprs(q, window, rope_coords, cfg: _Config, off64: bool) -> dict:
     block_d, block_dh = _dims(q.shape[-1])
     return dict(HEAD_DIM=q.shape[-1], BLOCK_D=block_d, BLOCK_DH=block_dh, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                 WINDOW=window is not None, ROPE=rope_coords is not None,
-                UPCAST=_interpreting() and q.dtype == torch.bfloat16,
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                UPCAST=_interpreting() and q.dtype == torch.bfloat16, PRECISION=_precision(q.dtype), OFF64=off64,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _window_args(window):
-    return tuple(window) if window is not None else (0, 0, 0)
+def _window_args(window, grid) -> tuple[int, int, int]:
+    """(wt, wh, ww) clamped to the largest grid extent - 1 on each axis: no two tokens of a video are
+    farther apart, so the result is the same, and the kernels' window arithmetic stays in int32."""
+    if window is None:
+        return (0, 0, 0)
+    extents = grid.amax(0).tolist() if grid.shape[0] else [0, 0, 0]
+    return tuple(min(int(w), max(int(e) - 1, 0)) for w, e in zip(window, extents))
 
 
 # --- launchers (the triton backend of sora_fast.ops.spacetime_attention) -----------------------
@@ -495,19 +614,27 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
                       rope_coords, rope_theta):
     """Returns ``(out (Nq, H, D) in q's dtype, lse (H, Nq) fp32)``."""
     _check_supported(q, v)
+    _check_rows(q, k, rope_coords)
+    if _fp32_reference(("fwd",), q, window, rope_coords):
+        from ..ops.attention import _forward_ref
+
+        return _forward_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale,
+                            window=window, grid=grid, rope_coords=rope_coords, rope_theta=rope_theta)
     q, k, v = (_contig_last(t) for t in (q, k, v))
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     n_q, heads, head_dim = q.shape
     out = _empty(q.shape, q.dtype, q.device)
     lse = _empty((heads, n_q), torch.float32, q.device)
-    cfg = _config("fwd", window, rope_coords)
+    cfg = _config("fwd", window, rope_coords, q.dtype, head_dim)
     table = block_table(cu_seqlens_q.diff().tolist(), cfg.block_m, q.device)
     if table.shape[0] == 0 or heads == 0:
         return out, lse
     grid_t, coords, axis, freq = _common_args(q, cu_seqlens_q, grid, rope_coords, rope_theta)
+    off64 = _needs_off64((q, k, v, out), n_q, heads)
     _attn_fwd_kernel[(table.shape[0], heads)](
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, table, grid_t, coords, axis, freq,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        n_q, scale * LOG2E, *_window_args(window), **_constexprs(q, window, rope_coords, cfg))
+        n_q, scale * LOG2E, *_window_args(window, grid), **_constexprs(q, window, rope_coords, cfg, off64))
     return out, lse
 
 
@@ -515,7 +642,14 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
                        scale, window, grid, rope_coords, rope_theta):
     """Returns ``(dq, dk, dv)`` like q, k, v. ``dlse`` (gradient of the LSE output) may be None."""
     _check_supported(q, v)
+    _check_rows(q, k, rope_coords)
+    if _fp32_reference(("dkdv", "dq"), q, window, rope_coords):
+        from ..ops.attention import _backward_ref
+
+        return _backward_ref(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             scale=scale, window=window, grid=grid, rope_coords=rope_coords, rope_theta=rope_theta)
     q, k, v, dout = (_contig_last(t) for t in (q, k, v, dout))
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     n_q, heads, head_dim = q.shape
     delta = (dout.float() * out.float()).sum(-1).transpose(0, 1)        # (H, Nq)
     if dlse is not None:
@@ -526,62 +660,82 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
     if heads == 0:
         return dq, dk, dv
     grid_t, coords, axis, freq = _common_args(q, cu_seqlens_q, grid, rope_coords, rope_theta)
+    off64 = _needs_off64((q, k, v, dout, dq, dk, dv), n_q, heads)
     common = (lse, delta, cu_seqlens_q, cu_seqlens_k)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                dout.stride(0), dout.stride(1))
-    scalars = (n_q, scale, scale * LOG2E, *_window_args(window))
+    scalars = (n_q, scale, scale * LOG2E, *_window_args(window, grid))
 
-    cfg = _config("dkdv", window, rope_coords)
+    cfg = _config("dkdv", window, rope_coords, q.dtype, head_dim)
     table = block_table(cu_seqlens_k.diff().tolist(), cfg.block_n, q.device)
     if table.shape[0]:
         _attn_bwd_dkdv_kernel[(table.shape[0], heads)](
             q, k, v, dout, dk, dv, *common, table, grid_t, coords, axis, freq, *strides,
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *scalars,
-            **_constexprs(q, window, rope_coords, cfg))
-    cfg = _config("dq", window, rope_coords)
+            **_constexprs(q, window, rope_coords, cfg, off64))
+    cfg = _config("dq", window, rope_coords, q.dtype, head_dim)
     table = block_table(cu_seqlens_q.diff().tolist(), cfg.block_m, q.device)
     if table.shape[0]:
         _attn_bwd_dq_kernel[(table.shape[0], heads)](
             q, k, v, dout, dq, *common, table, grid_t, coords, axis, freq, *strides,
-            dq.stride(0), dq.stride(1), *scalars, **_constexprs(q, window, rope_coords, cfg))
+            dq.stride(0), dq.stride(1), *scalars, **_constexprs(q, window, rope_coords, cfg, off64))
     return dq, dk, dv
 
 
 # --- what the offline kernel report compiles ----------------------------------------------------
-def shipped_configs() -> list[KernelConfig]:
-    """Every (kernel, head dim, dtype, variant) config the GPU launchers can pick, for the report."""
-    configs = []
-    ptr_args = {
-        "fwd": ["Q", "K", "V", "O", "LSE", "CU_Q", "CU_K", "TABLE", "GRID", "COORDS", "AXIS", "FREQ"],
-        "dkdv": ["Q", "K", "V", "DO", "DK", "DV", "LSE", "DELTA", "CU_Q", "CU_K", "TABLE", "GRID", "COORDS", "AXIS",
-                 "FREQ"],
-        "dq": ["Q", "K", "V", "DO", "DQ", "LSE", "DELTA", "CU_Q", "CU_K", "TABLE", "GRID", "COORDS", "AXIS", "FREQ"],
-    }
-    fns = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+_PTR_ARGS = {
+    "fwd": ("Q", "K", "V", "O", "LSE", "CU_Q", "CU_K", "TABLE", "GRID", "COORDS", "AXIS", "FREQ"),
+    "dkdv": ("Q", "K", "V", "DO", "DK", "DV", "LSE", "DELTA", "CU_Q", "CU_K", "TABLE", "GRID", "COORDS", "AXIS",
+             "FREQ"),
+    "dq": ("Q", "K", "V", "DO", "DQ", "LSE", "DELTA", "CU_Q", "CU_K", "TABLE", "GRID", "COORDS", "AXIS", "FREQ"),
+}
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _report_config(kernel: str, head_dim: int, dtype: str, window: bool, rope: bool, off64: bool,
+                   cfg: _Config | None = None, precision: str | None = None) -> KernelConfig:
+    """The KernelConfig of one launcher choice, typed and hinted as the runtime specializes it (16-aligned
+    pointers and strides). ``cfg`` / ``precision`` override the shipped tile and dot precision."""
+    fn = _KERNELS[kernel]
+    torch_dtype = _DTYPES[dtype]
+    cfg = cfg or _gpu_config(kernel, window, rope, torch_dtype, head_dim)
+    precision = precision or _precision(torch_dtype)
+    block_d, block_dh = _dims(head_dim)
     float_ptrs = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ"}
     fp32_ptrs = {"LSE", "DELTA", "FREQ"}
-    for kernel, fn in fns.items():
-        for head_dim in (64, 128):
-            block_d, block_dh = _dims(head_dim)
-            for dtype in ("bf16", "fp16"):
-                for window, rope in ((False, False), (True, False), (False, True), (True, True)):
-                    cfg = _GPU_CONFIGS[(kernel, window, rope)]
-                    sig = {}
-                    for name in fn.arg_names:
-                        if name in ptr_args[kernel]:
-                            sig[name] = f"*{dtype}" if name in float_ptrs else ("*fp32" if name in fp32_ptrs else "*i32")
-                        elif name.startswith("stride") or name in ("n_q", "win_t", "win_h", "win_w"):
-                            sig[name] = "i32"
-                        elif name in ("qk_scale", "sm_scale"):
-                            sig[name] = "fp32"
-                        else:
-                            sig[name] = "constexpr"
-                    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_DH=block_dh, BLOCK_M=cfg.block_m,
-                                      BLOCK_N=cfg.block_n, WINDOW=window, ROPE=rope, UPCAST=False, PRECISION="tf32")
-                    aligned = tuple(n for n in sig if sig[n].startswith("*") or n.startswith("stride"))
-                    variant = "+".join(n for n, on in (("window", window), ("rope", rope)) if on) or "dense"
-                    configs.append(KernelConfig(
-                        name=f"attention_{kernel} d{head_dim} {dtype} {variant} m{cfg.block_m} n{cfg.block_n}",
-                        fn=fn, signature=sig, constexprs=constexprs, num_warps=cfg.num_warps,
-                        num_stages=cfg.num_stages, divisible_by_16=aligned))
-    return configs
+    sig = {}
+    for name in fn.arg_names:
+        if name in _PTR_ARGS[kernel]:
+            sig[name] = f"*{dtype}" if name in float_ptrs else ("*fp32" if name in fp32_ptrs else "*i32")
+        elif name.startswith("stride") or name in ("n_q", "win_t", "win_h", "win_w"):
+            sig[name] = "i32"
+        elif name in ("qk_scale", "sm_scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "constexpr"
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_DH=block_dh, BLOCK_M=cfg.block_m,
+                      BLOCK_N=cfg.block_n, WINDOW=window, ROPE=rope, UPCAST=False, PRECISION=precision,
+                      OFF64=off64)
+    aligned = tuple(n for n in sig if sig[n].startswith("*") or n.startswith("stride"))
+    variant = "+".join(n for n, on in (("window", window), ("rope", rope)) if on) or "dense"
+    tag = f" {precision}" if dtype == "fp32" else ""
+    return KernelConfig(
+        name=f"attention_{kernel} d{head_dim} {dtype}{tag} {variant}{' off64' if off64 else ''} "
+             f"m{cfg.block_m} n{cfg.block_n}",
+        fn=fn, signature=sig, constexprs=constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        divisible_by_16=aligned, tensor_core=precision != "ieee")
+
+
+def shipped_configs() -> list[KernelConfig]:
+    """Every (kernel, head dim, dtype, variant, offset width) config the GPU launchers can pick, for the
+    report: bf16/fp16 at head dims 64 and 128, fp32 (tf32x3 dots, so HGMMA is expected too) where it has
+    a tile, at every BLOCK_D it has one for. ``tensor_core`` would be False only for exact-fp32 ("ieee")
+    dots, which issue no wgmma."""
+    variants = ((False, False), (True, False), (False, True), (True, True))
+    picks = [(kernel, head_dim, dtype, window, rope)
+             for kernel in _KERNELS for head_dim in (64, 128) for dtype in ("bf16", "fp16")
+             for window, rope in variants]
+    picks += [(kernel, block_d, "fp32", window, rope) for kernel, window, rope, block_d in _GPU_CONFIGS_FP32]
+    return [_report_config(kernel, head_dim, dtype, window, rope, off64)
+            for kernel, head_dim, dtype, window, rope in picks for off64 in (False, True)]
