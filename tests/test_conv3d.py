@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from _utils import assert_close
 from sora_fast.ops import (BackendUnavailableError, CausalConv3d, causal_conv3d, causal_conv3d_next_cache,
                            causal_conv3d_output_shape, registered_backends)
+from sora_fast.ops.conv3d import causal_conv3d_pack_weight
 
 KERNELS = [(3, 3, 3), (3, 1, 1), (1, 3, 3), (1, 1, 1)]
 STRIDES = [1, 2, (2, 1, 1), (1, 2, 2), (1, 2, 1), (1, 1, 2)]
@@ -310,6 +311,37 @@ def test_next_cache_order_and_independence():
     assert causal_conv3d_next_cache(x, None, 1) is None
 
 
+@pytest.mark.parametrize("kt", [2, 3, 4])
+def test_next_cache_equals_the_stream_tail_and_copies_only_it(kt, monkeypatch):
+    """Against the definition (the last kt-1 frames of ``torch.cat([cache, x])``), for every cache length
+    and chunk length; gradients reach x and cache; nothing beyond the kept frames is concatenated."""
+    cat_frames = []
+    real_cat = torch.cat
+
+    def spy_cat(tensors, dim=0):
+        cat_frames.append(sum(t.shape[dim] for t in tensors))
+        return real_cat(tensors, dim=dim)
+
+    for frames in range(1, 6):
+        for cached in [None, *range(0, kt)]:
+            x = torch.randn(1, 2, frames, 3, 2, requires_grad=True)
+            cache = None if cached is None else torch.randn(1, 2, cached, 3, 2, requires_grad=True)
+            stream = x if cache is None else real_cat([cache, x], dim=2)
+            expected = stream[:, :, -(kt - 1):]
+            monkeypatch.setattr(torch, "cat", spy_cat)
+            got = causal_conv3d_next_cache(x, cache, kt)
+            monkeypatch.setattr(torch, "cat", real_cat)
+            assert torch.equal(got, expected), (frames, cached)
+            assert all(n <= kt - 1 for n in cat_frames), cat_frames
+            assert got.untyped_storage().data_ptr() not in {t.untyped_storage().data_ptr()
+                                                            for t in (x, cache) if t is not None}
+            g = torch.randn_like(got)
+            want = torch.autograd.grad(expected, [t for t in (x, cache) if t is not None], g, allow_unused=True)
+            have = torch.autograd.grad(got, [t for t in (x, cache) if t is not None], g, allow_unused=True)
+            for a, e in zip(have, want):
+                assert (a is None and (e is None or not e.any())) or torch.equal(a, e)
+
+
 # ----------------------------------------------------------------------------------------------
 # gradients
 
@@ -372,6 +404,10 @@ def test_opcheck():
     cache = torch.randn(1, 3, 1, 4, 5)
     torch.library.opcheck(torch.ops.sora_fast.causal_conv3d.default,
                           (x, w, None, [1, 2, 1], [1, 1], "replicate", cache, None, "torch"),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    packed = causal_conv3d_pack_weight(w)                # ignored by the torch backend, no gradient
+    torch.library.opcheck(torch.ops.sora_fast.causal_conv3d.default,
+                          (x, w, None, [1, 2, 1], [1, 1], "replicate", cache, None, "torch", packed),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     torch.library.opcheck(torch.ops.sora_fast.causal_conv3d.default,
                           (x.detach().to(memory_format=CL), w, torch.randn(2), [1, 1, 1], [1, 1], "zeros", None, None,
@@ -486,6 +522,15 @@ BAD = [
     ("residual_strided_shape", dict(stride=2, residual=torch.randn(1, 4, 4, 5, 6)), ValueError,
      r"residual must have shape \(1, 4, 2, 3, 3\) \(the output's\), got \(1, 4, 4, 5, 6\)"),
     ("residual_not_tensor", dict(residual=0.0), TypeError, r"residual must be a torch.Tensor, got float"),
+    ("packed_weight_not_tensor", dict(packed_weight=[1.0]), TypeError,
+     r"packed_weight must be a tensor \(causal_conv3d_pack_weight\(weight\)\) or None, got list"),
+    ("packed_weight_shape", dict(packed_weight=torch.randn(4, 81)), ValueError,
+     r"packed_weight must be causal_conv3d_pack_weight\(weight\): a contiguous \(81, 4\) tensor of torch.float32 on "
+     r"cpu, got \(4, 81\) torch.float32 on cpu"),
+    ("packed_weight_dtype", dict(packed_weight=torch.randn(81, 4, dtype=torch.float16)), ValueError,
+     r"packed_weight must be .* \(81, 4\) tensor of torch.float32 on cpu, got \(81, 4\) torch.float16"),
+    ("packed_weight_strided", dict(packed_weight=torch.randn(4, 81).t()), ValueError,
+     r"packed_weight must be .*got \(81, 4\) torch.float32 on cpu \(not contiguous\)"),
 ]
 
 

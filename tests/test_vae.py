@@ -271,6 +271,53 @@ def test_kernel_backends_match_torch():
     assert rel_err(z, ref_z) <= RTOL and rel_err(out, ref_x) <= RTOL
 
 
+def test_triton_conv_gets_channels_last_operands(monkeypatch):
+    """The conv kernel works in channels-last: the VAE hands it x, cache and residual in that layout, so the
+    launcher copies nothing, and keeps the layout between convs, so only inputs coming from a layout-changing
+    op (a chunk's input, the time resamplers' interleave and concatenation, attention) are converted. The
+    kernel is replaced by the reference conv here (its numerics are tested above and in the conv3d tests)."""
+    import sora_fast.models.vae as vae_mod
+    import sora_fast.triton.conv3d as tri
+    from sora_fast.ops import causal_conv3d
+
+    cl = torch.channels_last_3d
+    model = CausalVAE(VAEConfig(base_dim=4, z_dim=2, dim_mult=(1, 2), num_res_blocks=1, attn_scales=(),
+                                temporal_downsample=(True,))).eval()
+    entries = []
+
+    def fake_kernel(x, weight, bias, *, stride, padding, pad_mode, cache, residual, packed_weight=None, **kw):
+        entries.append(all(t is None or tri._is_channels_last(t) for t in (x, cache, residual)))
+        y = causal_conv3d(x, weight, bias, stride=stride, padding=padding, pad_mode=pad_mode, cache=cache,
+                          residual=residual, backend="torch")
+        return y.contiguous(memory_format=cl)     # the real launcher's output layout for channels-last x
+
+    arrivals = []
+    plain_conv = vae_mod.CausalConv.conv
+
+    def spy_conv(self, x, s, cache=None, residual=None):
+        arrivals.append(x.is_contiguous(memory_format=cl) and not x.is_contiguous())
+        return plain_conv(self, x, s, cache, residual)
+
+    from sora_fast.ops import _dispatch
+    tri_name = _dispatch._KERNELS[("causal_conv3d", "triton")]
+    assert tri_name == "sora_fast.triton.conv3d:causal_conv3d_forward" or tri_name is tri.causal_conv3d_forward
+    monkeypatch.setitem(_dispatch._LOADED, ("causal_conv3d", "triton"), fake_kernel)
+    monkeypatch.setattr(vae_mod.CausalConv, "conv", spy_conv)
+    z = torch.randn(1, 2, 3, 2, 3)
+    with torch.no_grad():
+        ref = model.decode(z)
+        assert entries == [] and not any(arrivals)      # the torch backend takes the tensors as they are
+        arrivals.clear()
+        model.backend = {"causal_conv3d": "triton"}
+        out = model.decode(z)
+    assert entries and all(entries), "every kernel call must get channels-last operands"
+    chunks = z.shape[2]
+    breakers = 1 + sum(isinstance(m, vae_mod.Resample) for m in model.decoder.modules())
+    converted = arrivals.count(False)
+    assert converted <= chunks * breakers < len(arrivals), (converted, len(arrivals))
+    assert rel_err(out, ref) <= RTOL
+
+
 def test_backend_errors():
     x = video(1, 3, 1, 8, 8)
     with pytest.raises(BackendUnavailableError, match="cuda backend of causal_conv3d cannot run"):

@@ -35,6 +35,7 @@ from torch import nn
 
 from .. import ops
 from ..ops._dispatch import BACKENDS
+from ..ops.conv3d import PackedConv3dWeight
 
 __all__ = ["accelerate", "AccelerationHandle", "DiffusersHooksError", "SUPPORTED_MODELS", "OP_FAMILIES",
            "WanAttnProcessor", "CogVideoXAttnProcessor", "wan_packed_forward", "dispatch_backend_name",
@@ -548,12 +549,17 @@ def _conv_forward(conv: nn.Conv3d, backend: Optional[str]) -> Callable:
     kt = conv.weight.shape[2]
     padding = (conv._padding[2], conv._padding[0])
 
+    packed = PackedConv3dWeight()                               # the triton kernel's weight, packed once
+
     def forward(x: torch.Tensor, cache_x: Optional[torch.Tensor] = None) -> torch.Tensor:
         cache = None
         if cache_x is not None and kt > 1:
             cache = cache_x[:, :, -(kt - 1):].to(x.device)      # diffusers pads the rest, crops older frames
+        packed_weight = packed(conv.weight, backend)
+        if packed_weight is not None:   # the triton kernel works in channels-last: no copy when x already is
+            x, cache = (None if t is None else t.contiguous(memory_format=torch.channels_last_3d) for t in (x, cache))
         return ops.causal_conv3d(x, conv.weight, conv.bias, stride=conv.stride, padding=padding, cache=cache,
-                                 backend=backend)
+                                 packed_weight=packed_weight, backend=backend)
 
     return forward
 

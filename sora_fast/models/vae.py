@@ -25,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import causal_conv3d, causal_conv3d_next_cache, channel_rms_norm_silu, spacetime_attention
+from ..ops._dispatch import resolve_backend
+from ..ops.conv3d import PackedConv3dWeight
 from ._convert import load_converted
 from .vae_convert import convert_wan_vae_state_dict, tiled, wan_config_kwargs
 
@@ -147,16 +149,30 @@ class CausalConv(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Conv3d's default init
         bound = (cin * math.prod(kernel)) ** -0.5
         nn.init.uniform_(self.bias, -bound, bound)
+        self.packed_weight = PackedConv3dWeight()  # the triton kernel's weight layout, repacked when weight changes
+
+    @staticmethod
+    def _layout(s: _Stream, *tensors):
+        """The triton kernel reads and writes channels-last: hand it its operands in that layout (a copy only
+        where a layout-changing op came before; none when already so), and its output stays channels-last
+        for the norms, residual adds and the next conv. Other backends take the tensors as they are."""
+        t0 = next(t for t in tensors if t is not None)
+        if resolve_backend("causal_conv3d", s.backends["causal_conv3d"], t0.device) != "triton":
+            return tensors
+        return tuple(None if t is None else t.contiguous(memory_format=torch.channels_last_3d) for t in tensors)
 
     def conv(self, x, s: _Stream, cache=None, residual=None):
+        backend = s.backends["causal_conv3d"]
+        x, cache, residual = self._layout(s, x, cache, residual)
         return causal_conv3d(x, self.weight, self.bias, stride=self.stride, padding=self.padding, cache=cache,
-                             residual=residual, backend=s.backends["causal_conv3d"])
+                             residual=residual, packed_weight=self.packed_weight(self.weight, backend), backend=backend)
 
     def forward(self, x, s: _Stream, residual=None):
         """The next chunk of the stream ``(B, Cin, t, h, w)``; ``residual`` is added to the output."""
         kt = self.weight.shape[2]
         if kt == 1:
             return self.conv(x, s, residual=residual)
+        x, = self._layout(s, x)        # so the next chunk's cache is in the kernel's layout too
         cache = s.cache.get(self)
         out = self.conv(x, s, cache, residual)
         s.cache[self] = causal_conv3d_next_cache(x, cache, kt)  # not detached: gradients cross chunks

@@ -21,8 +21,8 @@ from ._common import (check_float, check_int_tuple, check_same_dtype, check_shap
 OP = "causal_conv3d"
 PAD_MODES = ("zeros", "replicate")
 
-__all__ = ["causal_conv3d_ref", "causal_conv3d_output_shape", "causal_conv3d_next_cache", "causal_conv3d",
-           "CausalConv3d"]
+__all__ = ["causal_conv3d_ref", "causal_conv3d_output_shape", "causal_conv3d_next_cache", "causal_conv3d_pack_weight",
+           "causal_conv3d", "PackedConv3dWeight", "CausalConv3d"]
 
 
 def causal_conv3d_output_shape(x_shape: Sequence[int], weight_shape: Sequence[int], stride: Sequence[int],
@@ -47,8 +47,10 @@ def _front_frames(x: torch.Tensor, kt: int, pad_mode: str, cache: Optional[torch
 
 
 # --- reference ---------------------------------------------------------------------------------
-def causal_conv3d_ref(x, weight, bias=None, *, stride=1, padding=None, pad_mode="zeros", cache=None, residual=None):
-    """Plain-torch causal conv3d in fp32 (fp64 for fp64 inputs); x's dtype and memory format out."""
+def causal_conv3d_ref(x, weight, bias=None, *, stride=1, padding=None, pad_mode="zeros", cache=None, residual=None,
+                      packed_weight=None):
+    """Plain-torch causal conv3d in fp32 (fp64 for fp64 inputs); x's dtype and memory format out.
+    ``packed_weight`` (a layout of ``weight`` for the triton kernel) is ignored."""
     md = math_dtype(x.dtype)
     kt, kh, kw = weight.shape[2:]
     stride = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
@@ -68,16 +70,27 @@ def causal_conv3d_ref(x, weight, bias=None, *, stride=1, padding=None, pad_mode=
     return like_layout(out.to(x.dtype), x)
 
 
+def causal_conv3d_pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as the triton kernel reads it: ``(Cout, Cin, kt, kh, kw)`` -> ``(kt·kh·kw·Cin, Cout)``
+    contiguous, K ordered (dt, dh, dw, cin); a constant (no autograd history)."""
+    cout = weight.shape[0]
+    return weight.detach().permute(2, 3, 4, 1, 0).reshape(-1, cout).contiguous()
+
+
 def causal_conv3d_next_cache(x: torch.Tensor, cache: Optional[torch.Tensor], kernel_t: int) -> Optional[torch.Tensor]:
-    """The cache for the next chunk: the last ``kernel_t - 1`` frames of the stream ``[cache, x]``."""
+    """The cache for the next chunk: the last ``kernel_t - 1`` frames of the stream ``[cache, x]`` (fewer
+    while the stream is shorter). Only those frames are copied: x's tail, and the cache's tail in front
+    of it when x holds fewer than ``kernel_t - 1`` frames."""
     if kernel_t <= 1:
         return None
-    stream = x if cache is None else torch.cat([cache, x], dim=2)
-    return stream[:, :, -(kernel_t - 1):].clone()
+    keep = kernel_t - 1
+    if cache is None or cache.shape[2] == 0 or x.shape[2] >= keep:
+        return x[:, :, -keep:].clone()
+    return torch.cat([cache[:, :, -(keep - x.shape[2]):], x], dim=2)
 
 
 # --- validation ---------------------------------------------------------------------------------
-def _validate(x, weight, bias, stride, padding, pad_mode, cache, residual):
+def _validate(x, weight, bias, stride, padding, pad_mode, cache, residual, packed_weight=None):
     check_float("x", x, ndim=5, layout="(B, Cin, T, H, W)")
     check_float("weight", weight, ndim=5, layout="(Cout, Cin, kt, kh, kw)", device=x.device)
     check_same_dtype("weight", weight, "x", x)
@@ -107,6 +120,17 @@ def _validate(x, weight, bias, stride, padding, pad_mode, cache, residual):
         check_float("residual", residual, ndim=5, device=x.device)
         check_shape("residual", residual, causal_conv3d_output_shape(x.shape, weight.shape, stride, padding),
                     "(the output's)")
+    if packed_weight is not None:
+        if not isinstance(packed_weight, torch.Tensor):
+            raise TypeError(f"packed_weight must be a tensor (causal_conv3d_pack_weight(weight)) or None, got "
+                            f"{type(packed_weight).__name__}")
+        want = (kt * kh * kw * cin, cout)
+        if (tuple(packed_weight.shape) != want or packed_weight.dtype != weight.dtype
+                or packed_weight.device != weight.device or not packed_weight.is_contiguous()):
+            raise ValueError(f"packed_weight must be causal_conv3d_pack_weight(weight): a contiguous {want} tensor "
+                             f"of {weight.dtype} on {weight.device}, got {tuple(packed_weight.shape)} "
+                             f"{packed_weight.dtype} on {packed_weight.device}"
+                             f"{'' if packed_weight.is_contiguous() else ' (not contiguous)'}")
     return stride, padding
 
 
@@ -114,14 +138,14 @@ def _validate(x, weight, bias, stride, padding, pad_mode, cache, residual):
 @torch.library.custom_op("sora_fast::causal_conv3d", mutates_args=())
 def _conv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
              padding: Sequence[int], pad_mode: str, cache: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-             backend: str) -> torch.Tensor:
+             backend: str, packed_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     kernel = _dispatch.get_kernel(OP, backend, x.device)
     return kernel(x, weight, bias, stride=tuple(stride), padding=tuple(padding), pad_mode=pad_mode, cache=cache,
-                  residual=residual)
+                  residual=residual, packed_weight=packed_weight)
 
 
 @_conv_op.register_fake
-def _(x, weight, bias, stride, padding, pad_mode, cache, residual, backend):
+def _(x, weight, bias, stride, padding, pad_mode, cache, residual, backend, packed_weight=None):
     out = x.new_empty(causal_conv3d_output_shape(x.shape, weight.shape, stride, padding))
     return like_layout(out, x)
 
@@ -143,19 +167,22 @@ def _(grad, x, weight, bias, stride, padding, pad_mode, cache, residual, backend
 
 
 def _setup(ctx, inputs, output):
-    x, weight, bias, stride, padding, pad_mode, cache, residual, backend = inputs
-    ctx.save_for_backward(x, weight, bias, cache, residual)
+    x, weight, bias, stride, padding, pad_mode, cache, residual, backend, packed_weight = inputs
+    # the residual's gradient is the output's: only its dtype is kept, not the tensor (nor the packed
+    # weight, a constant layout of weight; weight's gradient goes to weight)
+    ctx.save_for_backward(x, weight, bias, cache)
+    ctx.residual_dtype = None if residual is None else residual.dtype
     ctx.args = (stride, padding, pad_mode)
     ctx.backend = backend
 
 
 def _backward(ctx, grad):
-    x, weight, bias, cache, residual = ctx.saved_tensors
+    x, weight, bias, cache = ctx.saved_tensors
     stride, padding, pad_mode = ctx.args
-    dx, dw, db, dcache, dres = _conv_bwd_op(grad, x, weight, bias, stride, padding, pad_mode, cache, residual,
-                                            ctx.backend)
+    dx, dw, db, dcache, _ = _conv_bwd_op(grad, x, weight, bias, stride, padding, pad_mode, cache, None, ctx.backend)
+    dres = None if ctx.residual_dtype is None else grad.to(ctx.residual_dtype)
     return (dx, dw, db if bias is not None else None, None, None, None,
-            dcache if cache is not None else None, dres if residual is not None else None, None)
+            dcache if cache is not None else None, dres, None, None)
 
 
 _conv_op.register_autograd(_backward, setup_context=_setup)
@@ -178,7 +205,8 @@ _dispatch.register_kernel(OP + "_backward", "triton", _backward_ref)  # referenc
 def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                   stride: Union[int, Sequence[int]] = 1, padding: Union[None, int, Sequence[int]] = None,
                   pad_mode: str = "zeros", cache: Optional[torch.Tensor] = None,
-                  residual: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
+                  residual: Optional[torch.Tensor] = None, packed_weight: Optional[torch.Tensor] = None,
+                  backend: Optional[str] = None) -> torch.Tensor:
     """Causal 3D convolution with fused bias and residual.
 
     Args:
@@ -191,16 +219,58 @@ def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         cache: ``(B, Cin, f, H, W)``, ``f <= kt - 1``: the last input frames of the previous chunk
             (see :func:`causal_conv3d_next_cache`); replaces that much of the causal padding.
         residual: added to the output, shape ``(B, Cout, T_out, H_out, W_out)``.
+        packed_weight: ``causal_conv3d_pack_weight(weight)``, kept by the caller so the triton backend does
+            not pack the weight on every call (:class:`PackedConv3dWeight` keeps it up to date); other
+            backends ignore it. It must be the current weight's packing: it is not compared with weight.
+            It gets no gradient (weight does).
 
     Returns ``(B, Cout, (T-1)//st + 1, (H + 2ph - kh)//sh + 1, (W + 2pw - kw)//sw + 1)`` in x's dtype
     and memory format. Differentiable in x, weight, bias, cache and residual.
+
+    The ``triton`` backend: fp16/bf16 products are exact with fp32 accumulation; fp32 inputs use three
+    tf32 products (``tf32x3``, relative error about 2**-21 per product) on a GPU. The kernel reads and
+    writes channels_last_3d, so a contiguous x (cache, residual) is copied in and the output copied back:
+    pass channels_last_3d tensors to avoid the copies. Its backward is the torch reference's (a
+    vector-Jacobian product through :func:`causal_conv3d_ref`, which recomputes the forward in fp32);
+    only the forward is the Triton kernel.
     """
-    stride, padding = _validate(x, weight, bias, stride, padding, pad_mode, cache, residual)
+    stride, padding = _validate(x, weight, bias, stride, padding, pad_mode, cache, residual, packed_weight)
     backend = _dispatch.resolve_backend(OP, backend, x.device)
     if _dispatch.eager_reference(backend):
         return causal_conv3d_ref(x, weight, bias, stride=stride, padding=padding, pad_mode=pad_mode, cache=cache,
                                  residual=residual)
-    return _conv_op(x, weight, bias, list(stride), list(padding), pad_mode, cache, residual, backend)
+    return _conv_op(x, weight, bias, list(stride), list(padding), pad_mode, cache, residual, backend, packed_weight)
+
+
+class PackedConv3dWeight:
+    """Keeps ``causal_conv3d_pack_weight(weight)`` for a module and repacks only when the weight changed.
+
+    Call it with the module's weight parameter and the backend: it returns the packed weight for the
+    ``triton`` backend (None for the others, which do not read it). The pack is redone when any of
+    ``weight._version`` (bumped by every in-place change: optimizer steps, ``load_state_dict``,
+    ``weight.copy_()``), ``data_ptr``, dtype, device or shape differs from when it was packed, so
+    ``.to()`` and parameter replacement are seen too. A change through ``weight.data`` (``p.data.copy_()``)
+    bypasses the version counter: call :meth:`clear` after one. A weight created under
+    ``torch.inference_mode()`` has no version counter and is packed on every call.
+    """
+
+    def __init__(self):
+        self._key = None
+        self._packed: Optional[torch.Tensor] = None
+
+    def clear(self) -> None:
+        self._key, self._packed = None, None
+
+    def __call__(self, weight: torch.Tensor, backend: Optional[str]) -> Optional[torch.Tensor]:
+        if _dispatch.resolve_backend(OP, backend, weight.device) != "triton" or torch.compiler.is_compiling():
+            return None
+        if weight.is_inference():   # no version counter to tell an in-place change: pack every call
+            return causal_conv3d_pack_weight(weight)
+        key = (weight._version, weight.data_ptr(), weight.dtype, weight.device, tuple(weight.shape))
+        if key != self._key:
+            self._packed = causal_conv3d_pack_weight(weight)
+            self._key = key
+        return self._packed
 
 
 class CausalConv3d(torch.nn.Module):
@@ -210,6 +280,8 @@ class CausalConv3d(torch.nn.Module):
     cache, so calling it on consecutive chunks equals calling it once on the whole video;
     :meth:`reset_cache` starts a new video. With a time stride, every chunk but the last must hold a
     multiple of the stride's frames (else the output frames would fall off the whole video's grid).
+    With the ``triton`` backend the layer keeps its weight packed for the kernel (:class:`PackedConv3dWeight`:
+    repacked only after the weight changed); the gradient still goes to ``weight``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Union[int, Sequence[int]] = 3,
@@ -225,6 +297,7 @@ class CausalConv3d(torch.nn.Module):
         ref = torch.nn.Conv3d(in_channels, out_channels, (kt, kh, kw), bias=bias)  # PyTorch's default init
         self.weight = torch.nn.Parameter(ref.weight.detach().clone())
         self.bias = torch.nn.Parameter(ref.bias.detach().clone()) if bias else None
+        self.packed_weight = PackedConv3dWeight()
         self._cache: Optional[torch.Tensor] = None
         self._frames_seen = 0
 
@@ -239,7 +312,8 @@ class CausalConv3d(torch.nn.Module):
                              f"frames, not a multiple of the stride; split the video on multiples of "
                              f"{self.stride[0]} frames (or call reset_cache() for a new video)")
         out = causal_conv3d(x, self.weight, self.bias, stride=self.stride, padding=self.padding,
-                            pad_mode=self.pad_mode, cache=cache, residual=residual, backend=self.backend)
+                            pad_mode=self.pad_mode, cache=cache, residual=residual,
+                            packed_weight=self.packed_weight(self.weight, self.backend), backend=self.backend)
         if stream:
             self._cache = causal_conv3d_next_cache(x.detach(), cache, self.weight.shape[2])
             self._frames_seen += x.shape[2]
