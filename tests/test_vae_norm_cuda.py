@@ -159,3 +159,81 @@ def test_channel_rms_wide_and_odd_channels(dtype, shape, layout):
     w, b = torch.randn(shape[1]), torch.randn(shape[1])
     got = O.channel_rms_norm_silu(x, w, b, silu=False, backend="cuda")
     assert_close(got, O.channel_rms_norm_silu_ref(x, w, b, silu=False), dtype)
+
+
+# --- layouts, empty inputs, no affine, the registered ops called directly --------------------------------
+def test_layouts_in_place_or_copied(monkeypatch):
+    """contiguous and channels_last_3d x are read in place; any other layout (a time slice) is copied to
+    contiguous first, with the reference's result."""
+    seen = []
+    real = _cuda._launchers
+
+    class Rec:
+        def __init__(self, launch):
+            self.launch = launch
+
+        def __getattr__(self, name):
+            fn = getattr(self.launch, name)
+            return lambda args, *rest: (seen.append(dict(args)), fn(args, *rest))[1]
+
+    monkeypatch.setattr(_cuda, "_launchers", lambda device, what: Rec(real(device, what)))
+    w = torch.randn(8)
+    for layout in ("contiguous", "cl"):
+        x = _x((1, 8, 2, 4, 4), torch.float32, layout)
+        O.channel_rms_norm_silu(x, w, backend="cuda")
+        assert seen[-1]["x"] == x.data_ptr() and seen[-1]["channels_last"] == int(layout == "cl")
+    x = _x((1, 8, 5, 4, 4), torch.float32, "cl")[:, :, 1:4]  # one video's frames 1..3: still channels_last_3d
+    O.channel_rms_norm_silu(x, w, backend="cuda")
+    assert seen[-1]["x"] == x.data_ptr() and seen[-1]["channels_last"] == 1
+    x = _x((2, 8, 5, 4, 4), torch.float32, "cl")[:, :, 1:4]  # two videos: neither layout
+    got = O.group_norm_silu(x, 2, w, None, backend="cuda")
+    assert seen[-1]["x"] != x.data_ptr() and seen[-1]["channels_last"] == 0
+    assert_close(got, O.group_norm_silu_ref(x, 2, w, None), torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "cl"])
+def test_group_norm_without_affine(layout):
+    x = _x((2, 8, 2, 3, 4), torch.bfloat16, layout)
+    for silu in (True, False):
+        assert_close(O.group_norm_silu(x, 4, silu=silu, backend="cuda"), O.group_norm_silu_ref(x, 4, silu=silu),
+                     torch.bfloat16)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 0, 4, 4), (0, 8, 2, 4, 4), (1, 8, 2, 0, 3)], ids=["T0", "B0", "H0"])
+@pytest.mark.parametrize("op", ["group_norm_silu", "channel_rms_norm_silu"])
+def test_empty_inputs_match_the_torch_backend(op, shape):
+    """No launch: the same empty output and zero weight/bias gradients as the torch backend."""
+    results = {}
+    for backend in ("cuda", "torch"):
+        x = torch.randn(shape, requires_grad=True)
+        w, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+        y = (O.group_norm_silu(x, 4, w, b, backend=backend) if op == "group_norm_silu"
+             else O.channel_rms_norm_silu(x, w, b, backend=backend))
+        y.sum().backward()
+        results[backend] = (y, x.grad, w.grad, b.grad)
+    for got, ref in zip(results["cuda"], results["torch"]):
+        assert got.shape == ref.shape and got.dtype == ref.dtype
+        assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "torch"])
+def test_registered_ops_check_their_arguments(backend):
+    """torch.ops.sora_fast.* skip the public functions' checks: the ops check shapes again."""
+    ops = torch.ops.sora_fast
+    x, w = torch.randn(1, 8, 2, 2, 2), torch.randn(8)
+    with pytest.raises(ValueError, match="weight must have shape \\(8,\\), got \\(4,\\)"):
+        ops.group_norm_silu(x, 2, w[:4], None, 1e-6, True, backend)
+    with pytest.raises(ValueError, match="num_groups must be a positive int dividing the 8 channels, got 3"):
+        ops.group_norm_silu(x, 3, w, None, 1e-6, True, backend)
+    with pytest.raises(ValueError, match="bias must have shape \\(8,\\), got \\(9,\\)"):
+        ops.channel_rms_norm_silu(x, w, torch.randn(9), 1e-12, True, backend)
+    with pytest.raises(ValueError, match="grad must have shape \\(1, 8, 2, 2, 2\\)"):
+        ops.channel_rms_norm_silu_backward(x[:, :, :1], x, w, None, 1e-12, True, backend)
+    with pytest.raises(ValueError, match="grad must have shape"):
+        ops.group_norm_silu_backward(x[:, :4], x, 2, w, None, 1e-6, True, backend)
+
+
+def test_opcheck_with_the_cuda_backend():
+    x = torch.randn(1, 4, 2, 3, 3).contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
+    torch.library.opcheck(torch.ops.sora_fast.group_norm_silu.default,
+                          (x, 2, torch.randn(4, requires_grad=True), None, 1e-6, True, "cuda"))

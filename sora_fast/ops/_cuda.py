@@ -7,12 +7,21 @@ the same things; ``sora_fast/ops/adaln.py`` and ``vae_norm.py`` register them wi
 ``_dispatch.register_kernel(op, "cuda", "sora_fast.ops._cuda:<fn>")``.
 
 What the kernels rely on, and is checked here before any launch (ValueError otherwise):
-x in float32/float16/bfloat16; branch, dy, dx_new in x's dtype; (N, D) operands with rows of D
-contiguous elements (other layouts are copied first); D <= 16384 (8192 for the backward);
-seq_ids int32 with one entry per row. The *values* of seq_ids are range-checked by the ops
-(``sora_fast.ops.adaln``) before they call these functions. Tables, weight and bias are used in x's
-dtype when all of them have it, else all in float32 (an exact conversion, the references compute
-in float32 anyway).
+x in float32/float16/bfloat16; branch, dy, dx_new in x's dtype; shift, scale, gate with the same
+number of rows (N with ``seq_ids=None``) and D columns; weight, bias ``(D,)`` (``(C,)`` for the VAE
+norms); D <= 16384 (8192 for the backward); seq_ids int32 with one entry per row and values in
+``[0, rows of the tables)`` (the adaLN functions check the values themselves, so the ops skip their
+own check for this backend: see ``checks_index_values``; the backward reads them in the same
+device-to-host copy that sizes its segment buffers). Tables, weight and bias are used in x's dtype
+when all of them have it, else all in float32 (an exact conversion, the references compute in float32
+anyway). Empty inputs (N = 0 or D = 0; B, T, H or W = 0) return empty outputs and zero parameter
+gradients without a launch, as the references do.
+
+Layouts. Read in place: adaLN operands whose last dim has unit stride (any row stride >= D, e.g.
+a column slice of a wider buffer); VAE inputs that are contiguous or channels_last_3d. Any other
+layout (a transposed (N, D) tensor, a stride-0 expanded gradient, a time slice of a contiguous 5-D x) is
+copied to a contiguous tensor first: one extra read and write of that operand, never an error, as
+torch's own fused norms and flash-attn's and Liger's Triton norms do.
 
 Backward of group_norm_silu and channel_rms_norm_silu: there is no CUDA kernel yet; their
 ``*_backward`` here run the plain-torch reference VJP (correct, not fast).
@@ -89,7 +98,8 @@ def _same_dtype(name: str, t: Optional[torch.Tensor], x: torch.Tensor, what: str
 
 
 def _rows(t: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], int]:
-    """(tensor with rows of contiguous elements, row stride in elements); copies other layouts."""
+    """(tensor with rows of contiguous elements, row stride in elements): read in place when its last
+    dim has unit stride and rows do not overlap, else copied to a contiguous tensor (module docstring)."""
     if t is None:
         return None, 0
     n, d = t.shape
@@ -109,16 +119,22 @@ def _adaln_common(x, branch, gate, shift, scale, seq_ids, weight, bias, what, ma
     if x.dim() != 2:
         raise ValueError(f"x must be (N, D), got shape {tuple(x.shape)}")
     n, d = x.shape
-    if not 1 <= d <= max_d:
+    if x.numel() and d > max_d:  # empty x (N = 0 or D = 0) needs no launch: any D
         raise ValueError(f"the cuda backend of {what} supports hidden sizes 1..{max_d}, got D={d}")
     _same_dtype("branch", branch, x, what)
+    if branch is not None and branch.shape != x.shape:
+        raise ValueError(f"branch must have x's shape ({n}, {d}), got {tuple(branch.shape)}")
     if seq_ids is not None and (seq_ids.dtype != torch.int32 or seq_ids.shape != (n,)):
         raise ValueError(f"seq_ids must be int32 of shape ({n},), got {seq_ids.dtype} {tuple(seq_ids.shape)}")
+    rows = None  # every table is indexed by the same seq_ids (or row): one row count for all
     for name, t in (("shift", shift), ("scale", scale), ("gate", gate)):
         if t is None:
             continue
         if t.dim() != 2 or t.shape[1] != d or (seq_ids is None and t.shape[0] != n):
             raise ValueError(f"{name} must be ({'B' if seq_ids is not None else n}, {d}), got {tuple(t.shape)}")
+        if rows is not None and t.shape[0] != rows[1]:
+            raise ValueError(f"{name} must have {rows[0]}'s number of rows ({rows[1]}), got {t.shape[0]}")
+        rows = rows or (name, t.shape[0])
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.shape != (d,):
             raise ValueError(f"{name} must be ({d},), got {tuple(t.shape)}")
@@ -127,6 +143,12 @@ def _adaln_common(x, branch, gate, shift, scale, seq_ids, weight, bias, what, ma
     weight = None if weight is None else conv(weight).contiguous()
     bias = None if bias is None else conv(bias).contiguous()
     return n, d, pd, conv(gate), conv(shift), conv(scale), weight, bias
+
+
+def _check_seq_ids_range(lo: int, hi: int, rows: int) -> None:
+    if lo < 0 or hi >= rows:
+        raise ValueError(f"seq_ids values must lie in [0, {rows}) (rows of the per-sequence tables), "
+                         f"got min {lo}, max {hi}")
 
 
 def _base_args(n, d, x, x_st, norm, gated, pd, shift, scale, gate, seq_ids, weight, bias):
@@ -149,6 +171,11 @@ def _adaln_forward(x, branch, gate, shift, scale, seq_ids, norm, weight, bias, e
                                                                bias, what, MAX_D)
     launch = _launchers(x.device, what)
     gated = branch is not None
+    if x.numel() == 0:  # the launchers require non-null pointers, and empty tensors have none
+        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return (torch.empty_like(y), y) if gated else y
+    if seq_ids is not None:  # one device-to-host copy: min and max together
+        _check_seq_ids_range(*torch.stack(torch.aminmax(seq_ids)).tolist(), shift.shape[0])
     x, x_st = _rows(x)
     branch, br_st = _rows(branch)
     seq_ids = None if seq_ids is None else seq_ids.contiguous()
@@ -186,6 +213,11 @@ def _adaln_backward(dx_new, dy, x, branch, gate, shift, scale, seq_ids, norm, we
     dev = x.device
     per_seq = seq_ids is not None
     num_rows_tables = shift.shape[0]
+    if x.numel() == 0:  # nothing to launch: empty input gradients, zero parameter gradients
+        out = {k: (None if orig[k] is None else torch.zeros_like(t, dtype=orig[k]))
+               for k, t in (("shift", shift), ("scale", scale), ("gate", gate), ("weight", weight), ("bias", bias))}
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return dx, (torch.empty_like(dx) if gated else None), out
     if dy is None:  # gated op whose y got no gradient
         dy = torch.zeros_like(x)
     x, x_st = _rows(x)
@@ -210,24 +242,32 @@ def _adaln_backward(dx_new, dy, x, branch, gate, shift, scale, seq_ids, norm, we
     rpb = _rows_per_block(n, dev)
     args.update({"nslots": nslots, "rows_per_block": rpb})
     seg = None
-    if nslots and n:
+    if nslots:
         # Segments: runs of equal seq_id inside each block's rows, rows taken in seq_id order (a
         # stable sort), so every partial belongs to one sequence and the sums have a fixed order.
-        if per_seq:
-            sorted_ids, perm = torch.sort(seq_ids.long(), stable=True)
-            perm = perm.to(torch.int32)
-        else:
-            sorted_ids, perm = torch.zeros(n, dtype=torch.long, device=dev), None
-        chunk = torch.arange(n, device=dev) // rpb
-        change = torch.ones(n, dtype=torch.bool, device=dev)
-        change[1:] = (sorted_ids[1:] != sorted_ids[:-1]) | (chunk[1:] != chunk[:-1])
-        seg_start = torch.nonzero(change).flatten()
         num_blocks = -(-n // rpb)
-        block_seg0 = torch.searchsorted(seg_start, torch.arange(num_blocks, device=dev) * rpb).to(torch.int32)
-        partial = torch.empty((seg_start.numel(), nslots, d), dtype=torch.float32, device=dev)
-        seq_seg_ptr = torch.searchsorted(sorted_ids[seg_start], torch.arange(num_rows_tables + 1, device=dev)
-                                         ).to(torch.int32) if per_seq else None
-        seg = (perm, block_seg0, partial, seq_seg_ptr, seg_start.numel())
+        if per_seq:
+            sorted_ids, perm = torch.sort(seq_ids, stable=True)
+            perm = perm.to(torch.int32)
+            chunk = torch.arange(n, device=dev) // rpb
+            change = torch.ones(n, dtype=torch.bool, device=dev)
+            change[1:] = (sorted_ids[1:] != sorted_ids[:-1]) | (chunk[1:] != chunk[:-1])
+            # The one device-to-host copy of the backward: the range check of seq_ids and the segment
+            # count that sizes `partial`, together (no torch.nonzero, which would be a second sync).
+            lo, hi, num_segments = torch.stack((sorted_ids[0].long(), sorted_ids[-1].long(),
+                                                change.sum())).tolist()
+            _check_seq_ids_range(lo, hi, num_rows_tables)
+            seg_of_pos = torch.cumsum(change, 0) - 1          # segment of each sorted position
+            block_seg0 = seg_of_pos[::rpb].to(torch.int32)    # a block's first position starts a segment
+            seg_seq = torch.zeros(num_segments, dtype=torch.long, device=dev)
+            seg_seq.scatter_(0, seg_of_pos, sorted_ids.long())  # all writers of a segment write its seq_id
+            seq_seg_ptr = torch.searchsorted(seg_seq, torch.arange(num_rows_tables + 1, device=dev)
+                                             ).to(torch.int32)
+        else:  # one segment per block (every row has "sequence" 0): nothing to read back
+            perm, seq_seg_ptr, num_segments = None, None, num_blocks
+            block_seg0 = torch.arange(num_blocks, dtype=torch.int32, device=dev)
+        partial = torch.empty((num_segments, nslots, d), dtype=torch.float32, device=dev)
+        seg = (perm, block_seg0, partial, seq_seg_ptr, num_segments)
         args.update({"perm": _ptr(perm), "block_seg0": _ptr(block_seg0), "partial": _ptr(partial)})
     with _Guard(dev):
         stream = _stream(dev)
@@ -235,7 +275,7 @@ def _adaln_backward(dx_new, dy, x, branch, gate, shift, scale, seq_ids, norm, we
         fp32 = {}
         for k in slots:
             rows = num_rows_tables if k in ("shift", "scale", "gate") else 1
-            fp32[k] = torch.zeros((rows, d), dtype=torch.float32, device=dev)  # zeros: n == 0 needs no launch
+            fp32[k] = _empty((rows, d), torch.float32, dev)  # the reduce writes every element
         if seg is not None:
             perm, block_seg0, partial, seq_seg_ptr, num_segments = seg
             rargs = {"d": d, "nslots": nslots, "num_table_rows": num_rows_tables if per_seq else 0,
@@ -279,6 +319,13 @@ def gated_residual_adaln_backward(dx_new, dy, x, branch, gate, shift, scale, seq
     return dx, dbranch, g["gate"], g["shift"], g["scale"], g["weight"], g["bias"]
 
 
+# The ops of sora_fast.ops.adaln skip their own range check of seq_ids for these functions: they make it
+# here, before the launch, in a device-to-host copy the backward needs anyway.
+for _fn in (adaln_modulate, gated_residual_adaln, adaln_modulate_backward, gated_residual_adaln_backward):
+    _fn.checks_index_values = True
+del _fn
+
+
 # --- VAE norms ------------------------------------------------------------------------------------
 def _vae_prepare(x, weight, bias, what):
     _check_x_dtype(x, what)
@@ -286,7 +333,7 @@ def _vae_prepare(x, weight, bias, what):
         raise ValueError(f"x must be (B, C, T, H, W), got shape {tuple(x.shape)}")
     cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
     if not cl:
-        x = x.contiguous()
+        x = x.contiguous()  # a no-op for contiguous x; other layouts: copied (module docstring)
     c = x.shape[1]
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.shape != (c,):
@@ -304,11 +351,14 @@ def _vae_prepare(x, weight, bias, what):
 
 
 def group_norm_silu(x, num_groups, weight=None, bias=None, *, eps=1e-6, silu=True):
-    """Kernel of ``group_norm_silu`` (forward): x ``(B, C, T, H, W)`` contiguous or channels_last_3d."""
+    """Kernel of ``group_norm_silu`` (forward): x ``(B, C, T, H, W)`` contiguous or channels_last_3d
+    read in place, any other layout copied first."""
     x, y, args, keep = _vae_prepare(x, weight, bias, "group_norm_silu")
     c = x.shape[1]
-    if not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
         raise ValueError(f"num_groups must be a positive int dividing the {c} channels, got {num_groups!r}")
+    if x.numel() == 0:  # B, T, H or W = 0: nothing to launch (the launchers need non-null pointers)
+        return y
     m = c // num_groups * args["spatial"]
     nchunks = min(64, max(1, -(-m // 4096)))
     chunk = -(-max(1, -(-m // nchunks)) // 8) * 8  # a multiple of every vector width: 16-byte stats loads
@@ -326,10 +376,13 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, *, eps=1e-6, silu=Tru
 
 
 def channel_rms_norm_silu(x, weight, bias=None, *, eps=1e-12, silu=True):
-    """Kernel of ``channel_rms_norm_silu`` (forward): x ``(B, C, T, H, W)`` contiguous or channels_last_3d."""
+    """Kernel of ``channel_rms_norm_silu`` (forward): x ``(B, C, T, H, W)`` contiguous or
+    channels_last_3d read in place, any other layout copied first."""
     if weight is None:
         raise TypeError("weight must be a (C,) tensor, got None")
     x, y, args, keep = _vae_prepare(x, weight, bias, "channel_rms_norm_silu")
+    if x.numel() == 0:  # B, C, T, H or W = 0: nothing to launch
+        return y
     args["silu"] = int(bool(silu))
     launch = _launchers(x.device, "channel_rms_norm_silu")
     with _Guard(x.device):

@@ -128,6 +128,25 @@ def _check_values(seq_ids, table):
         check_index_values("seq_ids", seq_ids, table.shape[0], "rows of the per-sequence tables")
 
 
+def _op_kernel(op, backend, x, tables: dict, seq_ids, norm, weight, bias, eps, grads: Optional[dict] = None,
+               extra: Optional[dict] = None):
+    """The checks of the public functions, again inside the torch.library ops, which callers of
+    ``torch.ops.sora_fast.*`` (and torch.compile, opcheck) reach directly: shapes, dtypes and devices
+    (cheap), and the range of seq_ids against the tables (every table has the same number of rows, so
+    one bound), unless the kernel checks that range itself before its launch (``checks_index_values``:
+    the cuda backend, in a device-to-host copy it needs anyway). Returns the kernel."""
+    _validate(x, tables, seq_ids, norm, weight, bias, eps, extra)
+    for name, g in (grads or {}).items():
+        if g is not None:
+            check_float(name, g, ndim=2, layout="(N, D)", device=x.device)
+            if g.shape != x.shape:
+                raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(g.shape)}")
+    kernel = _dispatch.get_kernel(op, backend, x.device)
+    if not getattr(kernel, "checks_index_values", False):
+        _check_values(seq_ids, next(iter(tables.values())))
+    return kernel
+
+
 def _none_if_absent(g, present):
     return g if present else None
 
@@ -137,8 +156,8 @@ def _none_if_absent(g, present):
 def _modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seq_ids: Optional[torch.Tensor],
                  norm: str, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
                  backend: str) -> torch.Tensor:
-    _check_values(seq_ids, shift)
-    kernel = _dispatch.get_kernel("adaln_modulate", backend, x.device)
+    kernel = _op_kernel("adaln_modulate", backend, x, {"shift": shift, "scale": scale}, seq_ids, norm, weight,
+                        bias, eps)
     return kernel(x, shift, scale, seq_ids, norm=norm, weight=weight, bias=bias, eps=eps)
 
 
@@ -152,7 +171,8 @@ def _modulate_bwd_op(dy: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, sca
                      seq_ids: Optional[torch.Tensor], norm: str, weight: Optional[torch.Tensor],
                      bias: Optional[torch.Tensor], eps: float, backend: str
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    kernel = _dispatch.get_kernel("adaln_modulate_backward", backend, x.device)
+    kernel = _op_kernel("adaln_modulate_backward", backend, x, {"shift": shift, "scale": scale}, seq_ids, norm,
+                        weight, bias, eps, grads={"dy": dy})
     dx, dshift, dscale, dweight, dbias = kernel(dy, x, shift, scale, seq_ids, norm=norm, weight=weight,
                                                 bias=bias, eps=eps)
     return dx, dshift, dscale, empty_grad(dweight, x), empty_grad(dbias, x)
@@ -201,8 +221,8 @@ _dispatch.register_kernel("adaln_modulate_backward", "cuda", "sora_fast.ops._cud
 def _gated_op(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
               scale: torch.Tensor, seq_ids: Optional[torch.Tensor], norm: str, weight: Optional[torch.Tensor],
               bias: Optional[torch.Tensor], eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_values(seq_ids, shift)
-    kernel = _dispatch.get_kernel("gated_residual_adaln", backend, x.device)
+    kernel = _op_kernel("gated_residual_adaln", backend, x, {"gate": gate, "shift": shift, "scale": scale}, seq_ids,
+                        norm, weight, bias, eps, extra={"branch": branch})
     return kernel(x, branch, gate, shift, scale, seq_ids, norm=norm, weight=weight, bias=bias, eps=eps)
 
 
@@ -218,7 +238,8 @@ def _gated_bwd_op(dx_new: Optional[torch.Tensor], dy: Optional[torch.Tensor], x:
                   bias: Optional[torch.Tensor], eps: float, backend: str
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                              torch.Tensor]:
-    kernel = _dispatch.get_kernel("gated_residual_adaln_backward", backend, x.device)
+    kernel = _op_kernel("gated_residual_adaln_backward", backend, x, {"gate": gate, "shift": shift, "scale": scale},
+                        seq_ids, norm, weight, bias, eps, grads={"dx_new": dx_new, "dy": dy}, extra={"branch": branch})
     dx, dbranch, dgate, dshift, dscale, dweight, dbias = kernel(
         dx_new, dy, x, branch, gate, shift, scale, seq_ids, norm=norm, weight=weight, bias=bias, eps=eps)
     return dx, dbranch, dgate, dshift, dscale, empty_grad(dweight, x), empty_grad(dbias, x)
@@ -278,7 +299,13 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, se
         norm: ``"layer"`` (LayerNorm) or ``"rms"`` (RMSNorm), over the last dim, with ``eps``.
         weight, bias: optional ``(D,)`` affine of the norm.
 
-    Returns y ``(N, D)`` in x's dtype. Differentiable in x, shift, scale, weight, bias.
+    Returns y ``(N, D)`` in x's dtype (N = 0 gives an empty y). Differentiable in x, shift, scale,
+    weight, bias; with ``backend="cuda"`` every gradient comes from the CUDA kernels, the per-sequence
+    ones reduced in a fixed order (bitwise reproducible).
+
+    Layouts: any strides work on every backend. ``backend="cuda"`` reads operands whose last dim has
+    unit stride in place (any row stride, e.g. a column slice of a wider buffer) and copies any other
+    layout (e.g. a transposed tensor) to contiguous first: one extra read and write of that operand.
     """
     _validate(x, {"shift": shift, "scale": scale}, seq_ids, norm, weight, bias, eps)
     backend = _dispatch.resolve_backend("adaln_modulate", backend, x.device)
@@ -297,7 +324,8 @@ def gated_residual_adaln(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tens
     ``x_new = x + gate[seq_ids] * branch`` (fp32 math, rounded to x's dtype) and
     ``y = adaln_modulate(x_new, shift, scale, seq_ids, ...)``. x, branch ``(N, D)``; gate, shift,
     scale ``(B, D)`` with seq_ids or ``(N, D)`` without. Returns ``(x_new, y)`` in x's dtype.
-    Differentiable in x, branch, gate, shift, scale, weight, bias.
+    Differentiable in x, branch, gate, shift, scale, weight, bias. Empty inputs and layouts as in
+    :func:`adaln_modulate`.
     """
     _validate(x, {"gate": gate, "shift": shift, "scale": scale}, seq_ids, norm, weight, bias, eps,
               extra={"branch": branch})

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -25,7 +26,7 @@ def group_norm_silu_ref(x, num_groups, weight=None, bias=None, *, eps=1e-6, silu
     """Plain-torch GroupNorm (+ SiLU) in fp32; x's dtype and memory format out."""
     md = math_dtype(x.dtype)
     xf = x.to(md)
-    g = xf.reshape(x.shape[0], num_groups, -1)                       # (B, G, C/G * T*H*W)
+    g = xf.reshape(x.shape[0], num_groups, math.prod(x.shape[1:]) // num_groups)  # (B, G, C/G * T*H*W); B = 0 too
     mean = g.mean(dim=-1, keepdim=True)
     var = (g - mean).square().mean(dim=-1, keepdim=True)
     y = ((g - mean) * torch.rsqrt(var + eps)).reshape(x.shape)
@@ -67,6 +68,11 @@ def _validate(x, weight, bias, eps, silu, num_groups=None):
         raise TypeError(f"silu must be a bool, got {type(silu).__name__}")
 
 
+def _check_grad(grad, x):
+    check_float("grad", grad, ndim=5, layout="(B, C, T, H, W)", device=x.device)
+    check_shape("grad", grad, x.shape, "(x's shape)")
+
+
 def _optional_grads(g, weight, bias):
     return g[0], (g[1] if weight is not None else None), (g[2] if bias is not None else None)
 
@@ -75,6 +81,7 @@ def _optional_grads(g, weight, bias):
 @torch.library.custom_op("sora_fast::group_norm_silu", mutates_args=())
 def _gn_op(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
            eps: float, silu: bool, backend: str) -> torch.Tensor:
+    _validate(x, weight, bias, eps, silu, num_groups)  # again: torch.ops.sora_fast.* callers skip the public checks
     kernel = _dispatch.get_kernel("group_norm_silu", backend, x.device)
     return kernel(x, num_groups, weight, bias, eps=eps, silu=silu)
 
@@ -88,6 +95,8 @@ def _(x, num_groups, weight, bias, eps, silu, backend):
 def _gn_bwd_op(grad: torch.Tensor, x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor],
                bias: Optional[torch.Tensor], eps: float, silu: bool, backend: str
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _validate(x, weight, bias, eps, silu, num_groups)
+    _check_grad(grad, x)
     kernel = _dispatch.get_kernel("group_norm_silu_backward", backend, x.device)
     dx, dw, db = kernel(grad, x, num_groups, weight, bias, eps=eps, silu=silu)
     return dx, empty_grad(dw, x), empty_grad(db, x)
@@ -130,6 +139,7 @@ _dispatch.register_kernel("group_norm_silu_backward", "cuda", "sora_fast.ops._cu
 @torch.library.custom_op("sora_fast::channel_rms_norm_silu", mutates_args=())
 def _rms_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float, silu: bool,
             backend: str) -> torch.Tensor:
+    _validate(x, weight, bias, eps, silu)  # again: torch.ops.sora_fast.* callers skip the public checks
     kernel = _dispatch.get_kernel("channel_rms_norm_silu", backend, x.device)
     return kernel(x, weight, bias, eps=eps, silu=silu)
 
@@ -142,6 +152,8 @@ def _(x, weight, bias, eps, silu, backend):
 @torch.library.custom_op("sora_fast::channel_rms_norm_silu_backward", mutates_args=())
 def _rms_bwd_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 eps: float, silu: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _validate(x, weight, bias, eps, silu)
+    _check_grad(grad, x)
     kernel = _dispatch.get_kernel("channel_rms_norm_silu_backward", backend, x.device)
     dx, dw, db = kernel(grad, x, weight, bias, eps=eps, silu=silu)
     return dx, dw, empty_grad(db, x)
@@ -187,7 +199,12 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
 
     Statistics over each group of ``C / num_groups`` channels and all of T, H, W, in fp32; optional
     ``(C,)`` affine ``weight``/``bias``; SiLU unless ``silu=False``. Returns x's dtype and memory
-    format. Differentiable in x, weight, bias.
+    format (an empty x, e.g. T = 0, gives an empty result). Differentiable in x, weight, bias.
+
+    ``backend="cuda"``: the forward is the CUDA kernel (kernels/vae_norm.cuh; on CPU tensors its host
+    emulation). It reads contiguous and channels_last_3d x in place and copies any other layout to
+    contiguous first (one extra read and write of x). Its backward is, for now, the plain-torch
+    reference VJP (``group_norm_silu_ref`` differentiated by autograd): correct, not fused.
     """
     _validate(x, weight, bias, eps, silu, num_groups)
     backend = _dispatch.resolve_backend("group_norm_silu", backend, x.device)
@@ -202,7 +219,13 @@ def channel_rms_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
 
     ``y = x / max(||x||_2 over C, eps) * sqrt(C) * weight + bias`` at every (b, t, h, w), in fp32
     (``F.normalize`` semantics), then SiLU unless ``silu=False``. weight ``(C,)``, bias ``(C,)`` or
-    None. Returns x's dtype and memory format. Differentiable in x, weight, bias.
+    None. Returns x's dtype and memory format (an empty x gives an empty result). Differentiable in
+    x, weight, bias.
+
+    ``backend="cuda"``: the forward is the CUDA kernel (kernels/vae_norm.cuh; on CPU tensors its host
+    emulation). It reads contiguous and channels_last_3d x in place and copies any other layout to
+    contiguous first (one extra read and write of x). Its backward is, for now, the plain-torch
+    reference VJP (``channel_rms_norm_silu_ref`` differentiated by autograd): correct, not fused.
     """
     if weight is None:
         raise TypeError("weight must be a (C,) tensor, got None")
