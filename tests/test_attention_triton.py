@@ -414,6 +414,29 @@ def test_registered_op_validates_before_launch(over, pattern):
         torch.ops.sora_fast.spacetime_attention(*_raw_args(**over))
 
 
+def test_each_op_call_reads_the_device_once(monkeypatch):
+    """The checks and the launch tables share one read of cu_seqlens and grid (on a GPU each .tolist()
+    waits for the device): the forward and the backward op each make one device-to-host read, and the
+    results still match the reference (the window clamped from the host's grid)."""
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or real_tolist(t))
+    cu = _cu([6, 4])
+    grid = torch.tensor([[2, 1, 3], [1, 2, 2]], dtype=torch.int32)
+    q, k, v = (torch.randn(10, 2, 16, requires_grad=True) for _ in range(3))
+    out = torch.ops.sora_fast.spacetime_attention(q, k, v, cu, cu, None, None, 0.25, [5, 0, 1], grid, None, 1e4,
+                                                  "triton")[0]
+    assert len(reads) == 1, f"the forward read the device {len(reads)} times: {reads}"
+    out.square().sum().backward()
+    assert len(reads) == 2, f"the backward read the device {len(reads) - 1} times: {reads[1:]}"
+    monkeypatch.setattr(torch.Tensor, "tolist", real_tolist)
+    ref_in = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    ref = O.spacetime_attention_ref(*ref_in, cu, scale=0.25, window=(5, 0, 1), grid=grid)
+    ref.square().sum().backward()
+    for a, b in zip((out, q.grad, k.grad, v.grad), (ref, *(t.grad for t in ref_in))):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=5e-5, rtol=5e-5)
+
+
 def test_registered_backward_op_validates_before_launch():
     args = _raw_args()
     q, k, v = args[:3]

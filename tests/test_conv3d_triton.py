@@ -349,9 +349,32 @@ def test_module_repacks_only_when_the_weight_changes(monkeypatch):
     follows_weight(7, torch.float16)
 
 
+def test_packed_weight_follows_recomputed_weights():
+    """A weight recomputed every call (weight_norm, parametrizations) is a new tensor each time, often at
+    the address the previous one freed, with version 0 again: the pack must follow it, never be reused."""
+    x = torch.randn(1, 4, 3, 5, 4)
+    layer = torch.nn.utils.parametrizations.weight_norm(CausalConv3d(4, 6, 3, backend="triton"), "weight", dim=0)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    for step in range(3):
+        out = layer(x)
+        _check(out, x, layer.weight.detach(), layer.bias.detach(), msg=f"weight_norm, step {step}")
+        opt.zero_grad()
+        out.square().sum().backward()
+        opt.step()
+
+    packer = PackedConv3dWeight()
+    base = torch.randn(6, 4, 3, 3, 3)
+    for step in range(4):                   # scale * base: a fresh tensor each step, likely the freed address
+        w = base * (step + 1.0)
+        out = causal_conv3d(x, w, None, packed_weight=packer(w, "triton"), backend="triton")
+        _check(out, x, w, None, msg=f"recomputed weight, step {step}")
+        del w, out
+
+
 def test_module_gradients_with_packed_weight():
-    """Training through the packed weight: the weight's gradient (reference VJP) equals the torch
-    backend's, step after step (the loss is linear in the output, so both see the same gradient)."""
+    """Training through the packed weight: the forward output and the weight's gradient (reference VJP)
+    equal the torch backend's, step after step, so a pack left stale by an optimizer step shows in the
+    output (the loss is linear in the output, so both see the same gradient)."""
     tri_layer = CausalConv3d(3, 5, 3, pad_mode="replicate", backend="triton")
     ref_layer = CausalConv3d(3, 5, 3, pad_mode="replicate", backend="torch")
     ref_layer.load_state_dict(tri_layer.state_dict())
@@ -363,10 +386,11 @@ def test_module_gradients_with_packed_weight():
         for layer, opt in zip((tri_layer, ref_layer), opts):
             opt.zero_grad()
             xx = x.clone().requires_grad_(True)
-            (layer(xx) * g).sum().backward()
-            grads.append((layer.weight.grad.clone(), layer.bias.grad.clone(), xx.grad))
+            out = layer(xx)
+            (out * g).sum().backward()
+            grads.append((out.detach(), layer.weight.grad.clone(), layer.bias.grad.clone(), xx.grad))
             opt.step()
-        for name, a, e in zip(("weight", "bias", "x"), *grads):
+        for name, a, e in zip(("output", "weight", "bias", "x"), *grads):
             torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-6, msg=lambda m: f"step {step} grad of {name}: {m}")
     assert isinstance(tri_layer.packed_weight, PackedConv3dWeight) and tri_layer.packed_weight._packed is not None
     assert ref_layer.packed_weight._packed is None     # the torch backend reads no packed weight

@@ -125,3 +125,29 @@ def test_compile_fullgraph_matches_eager(dtype):
     eager = _vae_like_block(xv, wv, bv, gamma)
     compiled = torch.compile(_vae_like_block, fullgraph=True)(xv, wv, bv, gamma)
     assert_close(compiled, eager, msg="vae block")
+
+
+def test_compile_with_a_window_that_changes_between_calls():
+    """torch.compile turns a Python int that changes between calls into a symbol (automatic dynamic):
+    the ops' fake implementations must take a symbolic window (they check shapes, dtypes and devices;
+    the real op checks the values), and every call must still use its own window."""
+    torch._dynamo.reset()
+    grid = torch.tensor([[3, 2, 3], [2, 3, 2]], dtype=torch.int32)
+    cu = torch.tensor([0, 18, 30], dtype=torch.int32)
+    q, k, v = (torch.randn(30, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+
+    def fn(q, k, v, wt, wh, ww):
+        return O.spacetime_attention(q, k, v, cu, window=(wt, wh, ww), grid=grid)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    for window in ((0, 0, 0), (1, 0, 1), (2, 1, 0), (0, 2, 2)):
+        for t in (q, k, v):
+            t.grad = None
+        out = compiled(q, k, v, *window)
+        out.square().sum().backward()
+        got = [out.detach()] + [t.grad.clone() for t in (q, k, v)]
+        ref_in = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        ref = attention.spacetime_attention_ref(*ref_in, cu, window=window, grid=grid)
+        ref.square().sum().backward()
+        for g, e, name in zip(got, [ref.detach()] + [t.grad for t in ref_in], ("out", "dq", "dk", "dv")):
+            assert_close(g, e, msg=f"window {window}: {name}")

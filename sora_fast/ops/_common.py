@@ -3,7 +3,7 @@ references, and the reference backward (a vector-Jacobian product through a refe
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -91,9 +91,10 @@ def check_index_values(name: str, ids: torch.Tensor, bound: int, what: str) -> N
         raise ValueError(f"{name} values must lie in [0, {bound}) ({what}), got min {lo}, max {hi}")
 
 
-def check_cu_seqlens_values(name: str, cu: torch.Tensor, n_tokens: int) -> list[int]:
-    """cu_seqlens starts at 0, never decreases and ends at the token count; returns it as a list."""
-    vals = cu.tolist()
+def check_cu_seqlens_values(name: str, cu: Union[torch.Tensor, Sequence[int]], n_tokens: int) -> list[int]:
+    """cu_seqlens (a tensor, or its values already read to the host) starts at 0, never decreases and
+    ends at the token count; returns it as a list."""
+    vals = cu.tolist() if isinstance(cu, torch.Tensor) else list(cu)
     if vals[0] != 0:
         raise ValueError(f"{name}[0] must be 0, got {vals[0]}")
     for i in range(1, len(vals)):

@@ -7,7 +7,7 @@ sequence whose key sequence is empty (cross-attention to an empty caption) gets 
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -212,24 +212,52 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
     return window
 
 
-def _check_op_args(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window, grid, rope_coords, rope_theta):
+def _check_op_args(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window, grid, rope_coords, rope_theta, fake=False):
     """The registered op's own checks (its callers may bypass :func:`spacetime_attention`): everything the
     kernels rely on that does not read tensor values; windows and RoPE need self-attention (checked on
-    the values by :func:`_check_values`)."""
+    the values by :func:`_check_values`). ``fake``: the fake (meta) implementation, where torch.compile
+    may pass the scalars scale and window as symbols: only shapes, dtypes and devices are checked there
+    (the real op checks the values when it runs)."""
     _check_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, grid, rope_coords, rope_theta)
-    check_positive("scale", scale)
+    if not fake:
+        check_positive("scale", scale)
     if window is not None:
-        _check_window(window, grid)
+        if fake:
+            if len(window) != 3 or grid is None:
+                raise ValueError(f"window needs 3 half-sizes and a grid, got window={window!r}, grid={grid!r}")
+        else:
+            _check_window(window, grid)
     if (window is not None or rope_coords is not None) and k.shape[0] != q.shape[0]:
         raise ValueError(f"window and rope_coords need self-attention: as many k rows as q rows ({q.shape[0]}), "
                          f"got {k.shape[0]}")
 
 
-def _check_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, grid, self_attention=False):
-    """Data-dependent checks, run on real tensors inside the op (also under torch.compile).
-    ``self_attention``: keys must share the queries' sequences (windows and RoPE)."""
-    bq = check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0])
-    bk = check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0])
+class PackOnHost(NamedTuple):
+    """The pack's metadata read to the host: cu_seqlens_q, cu_seqlens_k and grid (None without one)
+    as lists. The checks and the kernels' launch tables share it, so an op call waits for the device
+    once (one transfer, see :func:`read_pack`) instead of once per ``.tolist()``."""
+    cu_q: list
+    cu_k: list
+    grid: Optional[list]
+
+
+def read_pack(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, grid: Optional[torch.Tensor]) -> PackOnHost:
+    """The values of cu_seqlens_q, cu_seqlens_k and grid in one device-to-host transfer."""
+    parts = [cu_seqlens_q.reshape(-1), cu_seqlens_k.reshape(-1)] + ([] if grid is None else [grid.reshape(-1)])
+    flat = torch.cat([t.to(torch.int64) for t in parts]).tolist()
+    nq, nk = cu_seqlens_q.numel(), cu_seqlens_k.numel()
+    g = None if grid is None else [flat[i:i + 3] for i in range(nq + nk, len(flat), 3)]
+    return PackOnHost(flat[:nq], flat[nq:nq + nk], g)
+
+
+def _check_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, grid, self_attention=False
+                  ) -> PackOnHost:
+    """Data-dependent checks, run on real tensors inside the op (also under torch.compile); returns the
+    values read (for the kernels' launch tables). ``self_attention``: keys must share the queries'
+    sequences (windows and RoPE)."""
+    host = read_pack(cu_seqlens_q, cu_seqlens_k, grid)
+    bq = check_cu_seqlens_values("cu_seqlens_q", host.cu_q, q.shape[0])
+    bk = check_cu_seqlens_values("cu_seqlens_k", host.cu_k, k.shape[0])
     if self_attention and bk != bq:
         raise ValueError(f"window and rope_coords need self-attention: cu_seqlens_k must equal cu_seqlens_q "
                          f"{bq}, got {bk}")
@@ -238,17 +266,18 @@ def _check_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
         if m is not None and m < longest:
             raise ValueError(f"{name} must be >= the longest sequence ({longest}), got {m}")
     if grid is not None:
-        g = grid.tolist()
+        g = host.grid
         for i, (t, h, w) in enumerate(g):
             if min(t, h, w) < 0 or t * h * w != bq[i + 1] - bq[i]:
                 raise ValueError(f"grid[{i}]={g[i]} must be >= 0 and multiply to sequence {i}'s length "
                                  f"{bq[i + 1] - bq[i]}")
+    return host
 
 
 def _check_bwd_args(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, scale, window, grid, rope_coords,
-                    rope_theta):
+                    rope_theta, fake=False):
     """The backward op's checks: the forward's, and the forward's outputs and their gradients."""
-    _check_op_args(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window, grid, rope_coords, rope_theta)
+    _check_op_args(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window, grid, rope_coords, rope_theta, fake)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     rows = (q.shape[0], q.shape[1], v.shape[2])
     for name, t, shape, dtype in (("out", out, rows, q.dtype), ("dout", dout, rows, q.dtype),
@@ -267,18 +296,18 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_
                   rope_coords: Optional[torch.Tensor], rope_theta: float, backend: str
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_op_args(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window, grid, rope_coords, rope_theta)
-    _check_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, grid,
-                  self_attention=window is not None or rope_coords is not None)
+    host = _check_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, grid,
+                         self_attention=window is not None or rope_coords is not None)
     kernel = _dispatch.get_kernel(OP, backend, q.device)
     return kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale,
                   window=None if window is None else _check_window(window, grid), grid=grid,
-                  rope_coords=rope_coords, rope_theta=rope_theta)
+                  rope_coords=rope_coords, rope_theta=rope_theta, host=host)
 
 
 @_attention_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window, grid, rope_coords,
       rope_theta, backend):
-    _check_op_args(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window, grid, rope_coords, rope_theta)
+    _check_op_args(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window, grid, rope_coords, rope_theta, fake=True)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[1], q.shape[0], dtype=lse_dtype)
 
@@ -292,19 +321,19 @@ def _attention_bwd_op(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_bwd_args(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, scale, window, grid, rope_coords,
                     rope_theta)
-    _check_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, grid,
-                  self_attention=window is not None or rope_coords is not None)
+    host = _check_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, grid,
+                         self_attention=window is not None or rope_coords is not None)
     kernel = _dispatch.get_kernel(OP + "_backward", backend, q.device)
     return kernel(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                   scale=scale, window=None if window is None else _check_window(window, grid), grid=grid,
-                  rope_coords=rope_coords, rope_theta=rope_theta)
+                  rope_coords=rope_coords, rope_theta=rope_theta, host=host)
 
 
 @_attention_bwd_op.register_fake
 def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window, grid,
       rope_coords, rope_theta, backend):
     _check_bwd_args(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, scale, window, grid, rope_coords,
-                    rope_theta)
+                    rope_theta, fake=True)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -325,11 +354,12 @@ def _backward(ctx, dout, dlse):
 _attention_op.register_autograd(_backward, setup_context=_setup)
 
 
-def _forward_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kw):
+def _forward_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, host=None, **kw):
     return spacetime_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, return_lse=True, **kw)
 
 
-def _backward_ref(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kw):
+def _backward_ref(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, host=None,
+                  **kw):
     g = reference_vjp(spacetime_attention_ref, {"q": q, "k": k, "v": v}, (dout, dlse), ["q", "k", "v"],
                       cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=True, **kw)
     return g["q"], g["k"], g["v"]

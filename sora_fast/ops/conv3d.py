@@ -9,6 +9,7 @@ as the whole video would be. Height and width get symmetric zero padding.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Sequence, Union
 
 import torch
@@ -246,20 +247,24 @@ class PackedConv3dWeight:
     """Keeps ``causal_conv3d_pack_weight(weight)`` for a module and repacks only when the weight changed.
 
     Call it with the module's weight parameter and the backend: it returns the packed weight for the
-    ``triton`` backend (None for the others, which do not read it). The pack is redone when any of
-    ``weight._version`` (bumped by every in-place change: optimizer steps, ``load_state_dict``,
-    ``weight.copy_()``), ``data_ptr``, dtype, device or shape differs from when it was packed, so
-    ``.to()`` and parameter replacement are seen too. A change through ``weight.data`` (``p.data.copy_()``)
-    bypasses the version counter: call :meth:`clear` after one. A weight created under
-    ``torch.inference_mode()`` has no version counter and is packed on every call.
+    ``triton`` backend (None for the others, which do not read it). The pack is reused only for the very
+    tensor object it was made from (held by a weak reference, so a new tensor that happens to land at a
+    freed address is never mistaken for the old one: weights recomputed every forward, as under
+    ``weight_norm`` or parametrizations, are packed every call) and only while its ``_version`` (bumped by
+    every in-place change: optimizer steps, ``load_state_dict``, ``weight.copy_()``), ``data_ptr``, dtype,
+    device and shape are those it was packed at, so ``.to()`` and parameter replacement are seen too. A
+    change through ``weight.data`` (``p.data.copy_()``) bypasses the version counter: call :meth:`clear`
+    after one. A weight created under ``torch.inference_mode()`` has no version counter and is packed on
+    every call.
     """
 
     def __init__(self):
+        self._source: Optional[weakref.ref] = None   # the weight tensor the pack was made from
         self._key = None
         self._packed: Optional[torch.Tensor] = None
 
     def clear(self) -> None:
-        self._key, self._packed = None, None
+        self._source, self._key, self._packed = None, None, None
 
     def __call__(self, weight: torch.Tensor, backend: Optional[str]) -> Optional[torch.Tensor]:
         if _dispatch.resolve_backend(OP, backend, weight.device) != "triton" or torch.compiler.is_compiling():
@@ -267,9 +272,10 @@ class PackedConv3dWeight:
         if weight.is_inference():   # no version counter to tell an in-place change: pack every call
             return causal_conv3d_pack_weight(weight)
         key = (weight._version, weight.data_ptr(), weight.dtype, weight.device, tuple(weight.shape))
-        if key != self._key:
+        source = self._source() if self._source is not None else None
+        if source is not weight or key != self._key:
             self._packed = causal_conv3d_pack_weight(weight)
-            self._key = key
+            self._source, self._key = weakref.ref(weight), key
         return self._packed
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -600,19 +601,34 @@ def _constexprs(q, window, rope_coords, cfg: _Config, off64: bool) -> dict:
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _window_args(window, grid) -> tuple[int, int, int]:
+def _window_args(window, grid: Optional[list]) -> tuple[int, int, int]:
     """(wt, wh, ww) clamped to the largest grid extent - 1 on each axis: no two tokens of a video are
-    farther apart, so the result is the same, and the kernels' window arithmetic stays in int32."""
+    farther apart, so the result is the same, and the kernels' window arithmetic stays in int32.
+    ``grid``: the grid's values on the host (:class:`~sora_fast.ops.attention.PackOnHost`)."""
     if window is None:
         return (0, 0, 0)
-    extents = grid.amax(0).tolist() if grid.shape[0] else [0, 0, 0]
+    extents = [max(axis) for axis in zip(*grid)] if grid else [0, 0, 0]
     return tuple(min(int(w), max(int(e) - 1, 0)) for w, e in zip(window, extents))
+
+
+def _host(host, cu_seqlens_q, cu_seqlens_k, grid):
+    """The pack's values on the host: the op passes what its checks read (one transfer for the call)."""
+    if host is not None:
+        return host
+    from ..ops.attention import read_pack
+
+    return read_pack(cu_seqlens_q, cu_seqlens_k, grid)
+
+
+def _seqlens(cu: list) -> list:
+    return [b - a for a, b in zip(cu, cu[1:])]
 
 
 # --- launchers (the triton backend of sora_fast.ops.spacetime_attention) -----------------------
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale, window, grid,
-                      rope_coords, rope_theta):
-    """Returns ``(out (Nq, H, D) in q's dtype, lse (H, Nq) fp32)``."""
+                      rope_coords, rope_theta, host=None):
+    """Returns ``(out (Nq, H, D) in q's dtype, lse (H, Nq) fp32)``. ``host``: the values of cu_seqlens
+    and grid already on the host (read here when None)."""
     _check_supported(q, v)
     _check_rows(q, k, rope_coords)
     if _fp32_reference(("fwd",), q, window, rope_coords):
@@ -626,7 +642,8 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     out = _empty(q.shape, q.dtype, q.device)
     lse = _empty((heads, n_q), torch.float32, q.device)
     cfg = _config("fwd", window, rope_coords, q.dtype, head_dim)
-    table = block_table(cu_seqlens_q.diff().tolist(), cfg.block_m, q.device)
+    host = _host(host, cu_seqlens_q, cu_seqlens_k, grid)
+    table = block_table(_seqlens(host.cu_q), cfg.block_m, q.device)
     if table.shape[0] == 0 or heads == 0:
         return out, lse
     grid_t, coords, axis, freq = _common_args(q, cu_seqlens_q, grid, rope_coords, rope_theta)
@@ -634,13 +651,14 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     _attn_fwd_kernel[(table.shape[0], heads)](
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, table, grid_t, coords, axis, freq,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        n_q, scale * LOG2E, *_window_args(window, grid), **_constexprs(q, window, rope_coords, cfg, off64))
+        n_q, scale * LOG2E, *_window_args(window, host.grid), **_constexprs(q, window, rope_coords, cfg, off64))
     return out, lse
 
 
 def attention_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
-                       scale, window, grid, rope_coords, rope_theta):
-    """Returns ``(dq, dk, dv)`` like q, k, v. ``dlse`` (gradient of the LSE output) may be None."""
+                       scale, window, grid, rope_coords, rope_theta, host=None):
+    """Returns ``(dq, dk, dv)`` like q, k, v. ``dlse`` (gradient of the LSE output) may be None.
+    ``host`` as for :func:`attention_forward`."""
     _check_supported(q, v)
     _check_rows(q, k, rope_coords)
     if _fp32_reference(("dkdv", "dq"), q, window, rope_coords):
@@ -664,17 +682,18 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
     common = (lse, delta, cu_seqlens_q, cu_seqlens_k)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                dout.stride(0), dout.stride(1))
-    scalars = (n_q, scale, scale * LOG2E, *_window_args(window, grid))
+    host = _host(host, cu_seqlens_q, cu_seqlens_k, grid)
+    scalars = (n_q, scale, scale * LOG2E, *_window_args(window, host.grid))
 
     cfg = _config("dkdv", window, rope_coords, q.dtype, head_dim)
-    table = block_table(cu_seqlens_k.diff().tolist(), cfg.block_n, q.device)
+    table = block_table(_seqlens(host.cu_k), cfg.block_n, q.device)
     if table.shape[0]:
         _attn_bwd_dkdv_kernel[(table.shape[0], heads)](
             q, k, v, dout, dk, dv, *common, table, grid_t, coords, axis, freq, *strides,
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *scalars,
             **_constexprs(q, window, rope_coords, cfg, off64))
     cfg = _config("dq", window, rope_coords, q.dtype, head_dim)
-    table = block_table(cu_seqlens_q.diff().tolist(), cfg.block_m, q.device)
+    table = block_table(_seqlens(host.cu_q), cfg.block_m, q.device)
     if table.shape[0]:
         _attn_bwd_dq_kernel[(table.shape[0], heads)](
             q, k, v, dout, dq, *common, table, grid_t, coords, axis, freq, *strides,
