@@ -1,4 +1,12 @@
-"""Tolerance helpers shared by the op tests (numerical-error based, see the project's style guide)."""
+"""Helpers shared by the tests: tolerances (numerical-error based, see the project's style guide) and
+running a benchmark's CPU path."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 # Per-dtype (atol, rtol) for one rounding of an fp32-accurate result to the dtype, with slack for
@@ -23,3 +31,19 @@ def assert_within_lowp_error(out, ref_fp32, lowp_peer, factor=2.0, atol=1e-5, ms
     err = (out.double() - ref_fp32.double()).abs().max().item()
     peer = (lowp_peer.double() - ref_fp32.double()).abs().max().item()
     assert err <= factor * peer + atol, f"{msg} max error {err:.3e} > {factor} x peer error {peer:.3e} + {atol:.1e}"
+
+
+def run_bench_cpu(bench, name: str, out_dir, columns: set, *flags: str, timeout: int = 300) -> list:
+    """Runs ``bench --cpu --out out_dir *flags`` as a user would and returns its rows: the run succeeds,
+    says that GPU timings are skipped, writes the same rows to ``name``.json and ``name``.csv, and every
+    row has exactly ``columns``."""
+    proc = subprocess.run([sys.executable, str(bench), *flags, "--cpu", "--out", str(out_dir)],
+                          capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "GPU timings are skipped" in proc.stdout
+    rows = json.loads((Path(out_dir) / f"{name}.json").read_text())
+    with (Path(out_dir) / f"{name}.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert rows and all(set(r) == columns for r in rows)
+    return rows
+

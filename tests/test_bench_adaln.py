@@ -24,7 +24,7 @@ def test_bench_adaln_cpu_path_says_so_and_checks_the_emulated_kernels(tmp_path):
 
 
 def test_bench_adaln_smoke_fails_when_the_kernel_is_wrong(monkeypatch):
-    """The smoke's verdict is real: a kernel off by one bf16 ulp on y fails it."""
+    """The smoke's verdict is real: a kernel off by two bf16 ulps on y (a relative 2**-6) fails it."""
     spec = importlib.util.spec_from_file_location("bench_adaln", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

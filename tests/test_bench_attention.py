@@ -1,11 +1,11 @@
 """The attention benchmark's CPU path (``bench/bench_attention.py --quick --cpu``) runs and writes its rows."""
-import csv
-import json
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+from _utils import run_bench_cpu
 
 from sora_fast.triton import attention as tri
 
@@ -15,14 +15,7 @@ COLUMNS = {"kernel", "provider", "shape", "dtype", "metric", "value", "gpu", "ve
 
 def test_bench_attention_cpu_quick_writes_expected_rows(tmp_path):
     # --cpu: on a GPU machine the quick GPU run would take minutes; this test is about the CPU-side parts.
-    proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--cpu", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120, env=dict(os.environ))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "GPU timings are skipped" in proc.stdout
-    rows = json.loads((tmp_path / "bench_attention.json").read_text())
-    with (tmp_path / "bench_attention.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == len(rows)
-    assert rows and all(set(r) == COLUMNS for r in rows)
+    rows = run_bench_cpu(BENCH, "bench_attention", tmp_path, COLUMNS, "--quick", timeout=120)
     assert all("torch" in r["versions"] for r in rows)
     by = {(r["kernel"], r["provider"], r["shape"].split()[0], r["metric"]): r["value"] for r in rows}
 
@@ -57,9 +50,12 @@ def test_bench_attention_cpu_quick_writes_expected_rows(tmp_path):
     assert by[("spacetime_attention_flops", "sora_fast", "packed4", "padded_over_packed")] == padded / packed
 
     # Reference timings on the small pack, the SDPA loop beside it, and their agreement.
-    assert by[("spacetime_attention_fwd", "sora_fast_torch_ref", "cpu-small", "ms")] > 0
-    assert by[("spacetime_attention_fwd", "sdpa_loop", "cpu-small", "ms")] > 0
-    assert by[("spacetime_attention_fwd", "sora_fast_torch_ref", "cpu-small", "ratio_vs_sdpa_loop")] > 0
+    # The ratio row is the two medians' ratio (reference / SDPA loop), each a real (positive) time.
+    ref_ms = by[("spacetime_attention_fwd", "sora_fast_torch_ref", "cpu-small", "ms")]
+    sdpa_ms = by[("spacetime_attention_fwd", "sdpa_loop", "cpu-small", "ms")]
+    assert ref_ms > 0 and sdpa_ms > 0
+    assert by[("spacetime_attention_fwd", "sora_fast_torch_ref", "cpu-small", "ratio_vs_sdpa_loop")] == \
+        pytest.approx(ref_ms / sdpa_ms, rel=1e-12)
     assert by[("spacetime_attention_fwd", "sora_fast_torch_ref", "cpu-small", "max_abs_diff_vs_sdpa_loop")] < 1e-4
     assert by[("spacetime_attention_fwd", "sora_fast_torch_ref", "cpu-small-window", "ms")] > 0
 

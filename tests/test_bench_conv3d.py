@@ -1,12 +1,13 @@
 """The conv3d benchmark's CPU path (``bench/bench_conv3d.py --cpu``) runs, checks and writes its rows; its
 numerical gate fails the run."""
-import csv
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+from _utils import run_bench_cpu
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_conv3d.py"
 COLUMNS = {"kernel", "provider", "shape", "dtype", "metric", "value", "gpu", "versions", "note"}
@@ -22,21 +23,15 @@ def _bench_module():
 
 def test_bench_conv3d_cpu_writes_expected_rows(tmp_path):
     # --cpu: on a GPU machine the full GPU run would take minutes; this test is about the CPU-side parts.
-    proc = subprocess.run([sys.executable, str(BENCH), "--cpu", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "GPU timings are skipped" in proc.stdout
-    rows = json.loads((tmp_path / "bench_conv3d.json").read_text())
-    with (tmp_path / "bench_conv3d.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == len(rows)
-    assert rows and all(set(r) == COLUMNS for r in rows)
+    rows = run_bench_cpu(BENCH, "bench_conv3d", tmp_path, COLUMNS)
     by = {(r["provider"], r["shape"].split()[0], r["metric"]): r["value"] for r in rows}
     assert by[("sora_fast", "smoke", "max_abs_err_vs_fp64_ref")] < 1e-4
     # the chunked decode, Triton conv (interpreted) against the torch reference conv, in one run
     assert by[("sora_fast", "e2e_decode", "ms")] > 0 and by[("torch_ref", "e2e_decode", "ms")] > 0
     assert by[("sora_fast", "e2e_decode", "max_abs_diff_vs_torch_ref")] < 1e-4
     assert by[("sora_fast", "e2e_decode", "weight_packs_in_timed_calls")] == 0
-    assert by[("sora_fast", "e2e_decode", "speedup_vs_torch_ref")] > 0
+    assert by[("sora_fast", "e2e_decode", "speedup_vs_torch_ref")] == \
+        pytest.approx(by[("torch_ref", "e2e_decode", "ms")] / by[("sora_fast", "e2e_decode", "ms")], rel=1e-12)
 
 
 def test_numerical_failure_fails_the_run(tmp_path, monkeypatch):

@@ -1,8 +1,6 @@
 """`sora-fast demo --quick`: every stage runs and writes what it says (the quality target is the full demo's)."""
 import json
 
-import torch
-
 from sora_fast import cli
 
 

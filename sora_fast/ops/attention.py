@@ -274,11 +274,16 @@ def _check_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
     return host
 
 
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    """The LSE output's dtype: fp32, fp64 for fp64 inputs (the reference's math dtype)."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 def _check_bwd_args(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, scale, window, grid, rope_coords,
                     rope_theta, fake=False):
     """The backward op's checks: the forward's, and the forward's outputs and their gradients."""
     _check_op_args(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window, grid, rope_coords, rope_theta, fake)
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse_dtype = _lse_dtype(q)
     rows = (q.shape[0], q.shape[1], v.shape[2])
     for name, t, shape, dtype in (("out", out, rows, q.dtype), ("dout", dout, rows, q.dtype),
                                   ("lse", lse, rows[1::-1], lse_dtype), ("dlse", dlse, rows[1::-1], lse_dtype)):
@@ -308,8 +313,7 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window, grid, rope_coords,
       rope_theta, backend):
     _check_op_args(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window, grid, rope_coords, rope_theta, fake=True)
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[1], q.shape[0], dtype=lse_dtype)
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[1], q.shape[0], dtype=_lse_dtype(q))
 
 
 @torch.library.custom_op("sora_fast::spacetime_attention_backward", mutates_args=())

@@ -33,7 +33,6 @@ launch, and window half-sizes are clamped to the grid's extents (same attention,
 """
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -44,6 +43,7 @@ import triton.language as tl
 
 from ..ops.rope import rope3d_split
 from ._blocks import block_table
+from ._common import dot_precision, extent, interpreting as _interpreting, to_store, wide
 from ._spec import KernelConfig
 
 LOG2E = 1.4426950408889634
@@ -58,17 +58,6 @@ def _load_tile(base, rows, row_mask, stride_n, cols, col_mask, UPCAST: tl.conste
     if UPCAST:
         x = x.to(tl.float32)
     return x
-
-
-@triton.jit
-def _to_store(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
-    """Cast for a store. The interpreter truncates fp32 -> bf16 (the GPU rounds to nearest even), so
-    under UPCAST round to nearest even on the fp32 bits first; the truncating cast is then exact."""
-    if UPCAST:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit
@@ -205,11 +194,10 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TABLE, GRID, COORDS, AXIS, FRE
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, ROPE: tl.constexpr,
                      UPCAST: tl.constexpr, PRECISION: tl.constexpr, OFF64: tl.constexpr):
     head, m0, q_start, q_len, k_start, k_len, gh, gw = _program_block(TABLE, CU_Q, CU_K, GRID, WINDOW, OFF64)
-    if OFF64:   # 64-bit strides: every row * stride product, and so every offset, is 64-bit
-        stride_qn, stride_qh = tl.cast(stride_qn, tl.int64), tl.cast(stride_qh, tl.int64)
-        stride_kn, stride_kh = tl.cast(stride_kn, tl.int64), tl.cast(stride_kh, tl.int64)
-        stride_vn, stride_vh = tl.cast(stride_vn, tl.int64), tl.cast(stride_vh, tl.int64)
-        stride_on, stride_oh = tl.cast(stride_on, tl.int64), tl.cast(stride_oh, tl.int64)
+    stride_qn, stride_qh = wide(stride_qn, stride_qh, OFF64)
+    stride_kn, stride_kh = wide(stride_kn, stride_kh, OFF64)
+    stride_vn, stride_vh = wide(stride_vn, stride_vh, OFF64)
+    stride_on, stride_oh = wide(stride_on, stride_oh, OFF64)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     m_mask = offs_m < q_len
@@ -261,7 +249,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TABLE, GRID, COORDS, AXIS, FRE
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     o_base = O + q_start.to(tl.int64) * stride_on + head * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], _to_store(out, O.dtype.element_ty, UPCAST),
+    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], to_store(out, O.dtype.element_ty, UPCAST),
              mask=m_mask[:, None] & d_mask[None, :])
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
     tl.store(LSE + head * n_q + q_start + offs_m, lse, mask=m_mask)
@@ -276,7 +264,7 @@ def _unrotate_store(base, tokens, row_mask, stride_n, cols, col_mask, g, COORDS,
     ga, gb = tl.split(tl.reshape(g, (ROWS, BLOCK_D // 2, 2)))
     c, s = _rope_cos_sin(COORDS, tokens, row_mask, AXIS, FREQ, pairs, pair_mask)
     g = tl.reshape(tl.join(ga * c + gb * s, gb * c - ga * s), (ROWS, BLOCK_D))
-    tl.store(base + tokens[:, None] * stride_n + cols[None, :], _to_store(g, base.dtype.element_ty, UPCAST),
+    tl.store(base + tokens[:, None] * stride_n + cols[None, :], to_store(g, base.dtype.element_ty, UPCAST),
              mask=row_mask[:, None] & col_mask[None, :])
 
 
@@ -289,13 +277,12 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, TABLE, GR
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, ROPE: tl.constexpr,
                           UPCAST: tl.constexpr, PRECISION: tl.constexpr, OFF64: tl.constexpr):
     head, n0, q_start, q_len, k_start, k_len, gh, gw = _program_block(TABLE, CU_Q, CU_K, GRID, WINDOW, OFF64)
-    if OFF64:   # 64-bit strides: every row * stride product, and so every offset, is 64-bit
-        stride_qn, stride_qh = tl.cast(stride_qn, tl.int64), tl.cast(stride_qh, tl.int64)
-        stride_kn, stride_kh = tl.cast(stride_kn, tl.int64), tl.cast(stride_kh, tl.int64)
-        stride_vn, stride_vh = tl.cast(stride_vn, tl.int64), tl.cast(stride_vh, tl.int64)
-        stride_don, stride_doh = tl.cast(stride_don, tl.int64), tl.cast(stride_doh, tl.int64)
-        stride_dkn, stride_dkh = tl.cast(stride_dkn, tl.int64), tl.cast(stride_dkh, tl.int64)
-        stride_dvn, stride_dvh = tl.cast(stride_dvn, tl.int64), tl.cast(stride_dvh, tl.int64)
+    stride_qn, stride_qh = wide(stride_qn, stride_qh, OFF64)
+    stride_kn, stride_kh = wide(stride_kn, stride_kh, OFF64)
+    stride_vn, stride_vh = wide(stride_vn, stride_vh, OFF64)
+    stride_don, stride_doh = wide(stride_don, stride_doh, OFF64)
+    stride_dkn, stride_dkh = wide(stride_dkn, stride_dkh, OFF64)
+    stride_dvn, stride_dvh = wide(stride_dvn, stride_dvh, OFF64)
 
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < k_len
@@ -346,14 +333,14 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, TABLE, GR
             dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
 
     dv_ptr = DV + k_start64 * stride_dvn + head * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
-    tl.store(dv_ptr, _to_store(dv, DV.dtype.element_ty, UPCAST), mask=n_mask[:, None] & d_mask[None, :])
+    tl.store(dv_ptr, to_store(dv, DV.dtype.element_ty, UPCAST), mask=n_mask[:, None] & d_mask[None, :])
     dk_base = DK + k_start64 * stride_dkn + head * stride_dkh
     if ROPE:
         _unrotate_store(dk_base, offs_n, n_mask, stride_dkn, offs_d, d_mask, dk * sm_scale, k_coords, AXIS, FREQ,
                         pairs, pair_mask, BLOCK_N, BLOCK_D, UPCAST)
     else:
         dk_ptr = dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :]
-        tl.store(dk_ptr, _to_store(dk * sm_scale, DK.dtype.element_ty, UPCAST), mask=n_mask[:, None] & d_mask[None, :])
+        tl.store(dk_ptr, to_store(dk * sm_scale, DK.dtype.element_ty, UPCAST), mask=n_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
@@ -365,12 +352,11 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, TABLE, GRID, CO
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, ROPE: tl.constexpr,
                         UPCAST: tl.constexpr, PRECISION: tl.constexpr, OFF64: tl.constexpr):
     head, m0, q_start, q_len, k_start, k_len, gh, gw = _program_block(TABLE, CU_Q, CU_K, GRID, WINDOW, OFF64)
-    if OFF64:   # 64-bit strides: every row * stride product, and so every offset, is 64-bit
-        stride_qn, stride_qh = tl.cast(stride_qn, tl.int64), tl.cast(stride_qh, tl.int64)
-        stride_kn, stride_kh = tl.cast(stride_kn, tl.int64), tl.cast(stride_kh, tl.int64)
-        stride_vn, stride_vh = tl.cast(stride_vn, tl.int64), tl.cast(stride_vh, tl.int64)
-        stride_don, stride_doh = tl.cast(stride_don, tl.int64), tl.cast(stride_doh, tl.int64)
-        stride_dqn, stride_dqh = tl.cast(stride_dqn, tl.int64), tl.cast(stride_dqh, tl.int64)
+    stride_qn, stride_qh = wide(stride_qn, stride_qh, OFF64)
+    stride_kn, stride_kh = wide(stride_kn, stride_kh, OFF64)
+    stride_vn, stride_vh = wide(stride_vn, stride_vh, OFF64)
+    stride_don, stride_doh = wide(stride_don, stride_doh, OFF64)
+    stride_dqn, stride_dqh = wide(stride_dqn, stride_dqh, OFF64)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     m_mask = offs_m < q_len
@@ -420,7 +406,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, TABLE, GRID, CO
                         pair_mask, BLOCK_M, BLOCK_D, UPCAST)
     else:
         dq_ptr = dq_base + offs_m[:, None] * stride_dqn + offs_d[None, :]
-        tl.store(dq_ptr, _to_store(dq * sm_scale, DQ.dtype.element_ty, UPCAST), mask=m_mask[:, None] & d_mask[None, :])
+        tl.store(dq_ptr, to_store(dq * sm_scale, DQ.dtype.element_ty, UPCAST), mask=m_mask[:, None] & d_mask[None, :])
 
 
 # --- launch configuration ------------------------------------------------------------------------
@@ -430,10 +416,6 @@ class _Config:
     block_n: int
     num_warps: int
     num_stages: int
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # GPU configs per (kernel, window, fused RoPE), chosen with the offline sm_90 report
@@ -458,7 +440,6 @@ _GPU_CONFIGS = {
 # these (kernel, window, RoPE, BLOCK_D) variants have a tile that compiles for sm_90 without spills, with
 # 32- and 64-bit offsets (none at BLOCK_D 128; "ieee" FMA dots spill more). For the others, fp32 inputs on
 # a GPU run the fp32 reference math instead (see _fp32_reference).
-FP32_PRECISION = "tf32x3"
 _GPU_CONFIGS_FP32 = {
     **{("fwd", window, rope, block_d): _Config(64, 32, num_warps=4, num_stages=2)
        for window in (False, True) for rope in (False, True) for block_d in (32, 64)},
@@ -508,11 +489,6 @@ def _fp32_reference(kernels, q, window, rope_coords) -> bool:
 _FP32_REFERENCE_WARNED: set = set()
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: fp32 inputs get FP32_PRECISION; for 16-bit inputs it is unused."""
-    return FP32_PRECISION if dtype == torch.float32 else "tf32"
-
-
 def _dims(head_dim: int) -> tuple[int, int]:
     """(BLOCK_D, BLOCK_DH): padded head dim and its rotary half; tl.dot needs K >= 16 on the halves."""
     block_d = max(32, triton.next_power_of_2(head_dim))
@@ -552,13 +528,6 @@ def _contig_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _extent(t: torch.Tensor) -> int:
-    """1 + the largest element offset of a view from its data pointer (0 for an empty tensor)."""
-    if t.numel() == 0:
-        return 0
-    return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-
-
 # Row indices stay int32 in the kernels (cu_seqlens are int32); the margin covers a block's rows past
 # the end of its sequence before they are masked.
 _OFF32_LIMIT = 2 ** 31 - 1024
@@ -567,7 +536,7 @@ _OFF32_LIMIT = 2 ** 31 - 1024
 def _needs_off64(tensors, n_q: int, heads: int) -> bool:
     """Whether some offset the kernels compute inside a sequence (row * row stride + head * head stride +
     column, head * Nq + row into the LSE) can reach int32's range: then OFF64 (64-bit strides and head)."""
-    largest = max([_extent(t) for t in tensors] + [heads * n_q])
+    largest = max([extent(t) for t in tensors] + [heads * n_q])
     return largest >= _OFF32_LIMIT
 
 
@@ -597,7 +566,7 @@ def _constexprs(q, window, rope_coords, cfg: _Config, off64: bool) -> dict:
     block_d, block_dh = _dims(q.shape[-1])
     return dict(HEAD_DIM=q.shape[-1], BLOCK_D=block_d, BLOCK_DH=block_dh, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                 WINDOW=window is not None, ROPE=rope_coords is not None,
-                UPCAST=_interpreting() and q.dtype == torch.bfloat16, PRECISION=_precision(q.dtype), OFF64=off64,
+                UPCAST=_interpreting() and q.dtype == torch.bfloat16, PRECISION=dot_precision(q.dtype), OFF64=off64,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -719,7 +688,7 @@ def _report_config(kernel: str, head_dim: int, dtype: str, window: bool, rope: b
     fn = _KERNELS[kernel]
     torch_dtype = _DTYPES[dtype]
     cfg = cfg or _gpu_config(kernel, window, rope, torch_dtype, head_dim)
-    precision = precision or _precision(torch_dtype)
+    precision = precision or dot_precision(torch_dtype)
     block_d, block_dh = _dims(head_dim)
     float_ptrs = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ"}
     fp32_ptrs = {"LSE", "DELTA", "FREQ"}

@@ -41,7 +41,6 @@ right after loading (interpreter only; on a GPU bf16 tiles feed the tensor cores
 from __future__ import annotations
 
 import itertools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +49,7 @@ import triton.language as tl
 
 from ..ops.conv3d import causal_conv3d_output_shape, causal_conv3d_pack_weight
 from ._spec import KernelConfig
-from .attention import _to_store
+from ._common import FP32_PRECISION, dot_precision, extent, interpreting as _interpreting, to_store
 
 SUPPORTED_KERNELS = ((3, 3, 3), (3, 1, 1), (1, 3, 3), (1, 1, 1))
 SUPPORTED_STRIDES = (1, 2)
@@ -142,7 +141,7 @@ def _causal_conv3d_fwd_kernel(
         res = tl.load(RES + r_off[:, None] + offs_n[None, :], mask=mask, other=0.0)
         acc += res.to(tl.float32)
     o_off = b * sob + to * sot + ho * soh + wo * sow
-    tl.store(OUT + o_off[:, None] + offs_n[None, :], _to_store(acc, OUT.dtype.element_ty, UPCAST), mask=mask)
+    tl.store(OUT + o_off[:, None] + offs_n[None, :], to_store(acc, OUT.dtype.element_ty, UPCAST), mask=mask)
 
 
 # --- launch configuration ------------------------------------------------------------------------
@@ -154,16 +153,6 @@ class _Config:
     num_warps: int
     num_stages: int
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-# fp32 inputs: three tf32 products per step (hi·hi + hi·lo + lo·hi) on the tensor cores, so each product
-# has a relative error of about 2**-21 (the dropped lo·lo term) instead of tf32's 2**-11, well inside the
-# fp32 tests' bound (1e-5 of the sum of |terms|). Exact fp32 ("ieee") runs on the FMA units (67 TFLOP/s
-# on an H100 against 495/3 for tf32x3 by the datasheet), has no wgmma and spilled 48-64 B at these tiles.
-FP32_PRECISION = "tf32x3"
 
 # Cin buckets: small <= 32, large; Cout buckets: tiny <= 16 (the decoder's RGB head), small <= 64, large.
 _CIN_BUCKETS = (("small", 32), ("large", None))
@@ -251,11 +240,6 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last_3d)
 
 
-def _extent(t: torch.Tensor) -> int:
-    """One past the largest element offset of t."""
-    return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-
-
 def _out_format(x: torch.Tensor):
     """x's memory format, as the reference's ``like_layout`` decides it."""
     if not x.is_contiguous() and _is_channels_last(x):
@@ -287,7 +271,7 @@ def causal_conv3d_forward(x, weight, bias, *, stride, padding, pad_mode, cache, 
     bias_t = bias if bias is not None else wp
     m = bsz * t_out * h_out * w_out
     # 64-bit offsets when a row index (up to M + BLOCK_M) or an activation offset would overflow int32
-    off64 = _force_off64 or m + _MAX_BLOCK_M >= 2 ** 31 or max(_extent(t) for t in (xc, cc, res, out)) >= 2 ** 31
+    off64 = _force_off64 or m + _MAX_BLOCK_M >= 2 ** 31 or max(extent(t) for t in (xc, cc, res, out)) >= 2 ** 31
     cfg = _config(x.dtype, cin, cout, off64)
     _causal_conv3d_fwd_kernel[_grid(m, cout, cfg)](
         xc, cc, wp, bias_t, res, out,
@@ -300,7 +284,7 @@ def causal_conv3d_forward(x, weight, bias, *, stride, padding, pad_mode, cache, 
         REPLICATE=pad_mode == "replicate", HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         OFF64=off64, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         UPCAST=_interpreting() and x.dtype == torch.bfloat16,
-        PRECISION=FP32_PRECISION if x.dtype == torch.float32 else "tf32",
+        PRECISION=dot_precision(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out if _out_format(x) == torch.channels_last_3d else out.contiguous()
 
