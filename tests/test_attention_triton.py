@@ -277,24 +277,28 @@ def test_gpu_tile_configs(monkeypatch, dtype, window, rope):
     assert len(said) == falls_back and all("dkdv/dq" in m for m in said), said
 
 
-def test_gpu_tile_configs_fp32_head_dim_128(monkeypatch):
-    monkeypatch.setattr(tri, "_interpreting", lambda: False)          # fp32 d128 on a GPU: the reference
+@pytest.mark.parametrize("rope", [False, True], ids=["dense", "rope"])
+def test_gpu_tile_configs_fp32_head_dim_128(monkeypatch, rope):
+    # fp32 d128 on a GPU: the forward on its own 128x16 tile, the backward through the reference
+    monkeypatch.setattr(tri, "_interpreting", lambda: False)
     monkeypatch.setattr(tri, "_FP32_REFERENCE_WARNED", set())
-    with pytest.warns(RuntimeWarning, match="head dim 128 have no spill-free"):
-        _check([17, 40], heads=1, head_dim=128)
+    assert not tri._fp32_reference(("fwd",), torch.empty(4, 1, 128), None, torch.empty(4, 3) if rope else None)
+    with pytest.warns(RuntimeWarning, match="head dim 128.* have no spill-free sm_90 tile for the dkdv/dq kernel"):
+        _check([17, 40, 0, 131], heads=1, head_dim=128, rope=rope)
 
 
 def test_fp32_reference_where_no_tile_ships(monkeypatch):
     monkeypatch.setattr(tri, "_interpreting", lambda: False)
     monkeypatch.setattr(tri, "_FP32_REFERENCE_WARNED", set())
     q = torch.empty(4, 1, 128)
-    with pytest.warns(RuntimeWarning, match=r"head dim 128 have no spill-free sm_90 tile for the fwd kernel"):
-        assert tri._fp32_reference(("fwd",), q, None, None)
+    with pytest.warns(RuntimeWarning, match=r"head dim 128, a window have no spill-free sm_90 tile for the fwd kernel"):
+        assert tri._fp32_reference(("fwd",), q, (1, 1, 1), None)
     with pytest.warns(RuntimeWarning, match="dkdv/dq"):
         assert tri._fp32_reference(("dkdv", "dq"), q, None, None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")                  # once per variant, not on every call
-        assert tri._fp32_reference(("fwd",), q, None, None)
+        assert tri._fp32_reference(("fwd",), q, (1, 1, 1), None)
+        assert not tri._fp32_reference(("fwd",), q, None, None)      # the unwindowed d128 forward has a tile
     assert not tri._fp32_reference(("fwd",), q[..., :64], (1, 1, 1), q)
     with pytest.warns(RuntimeWarning, match="head dim 64, a window have no .* for the dkdv/dq kernel"):
         assert tri._fp32_reference(("dkdv", "dq"), q[..., :64], (1, 1, 1), None)

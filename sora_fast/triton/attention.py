@@ -438,11 +438,14 @@ _GPU_CONFIGS = {
 # fp32 inputs: FP32_PRECISION splits every dot into three tf32 wgmmas (hi*hi + hi*lo + lo*hi: near-fp32
 # accuracy on the tensor cores). The split halves of the loop-invariant operands stay in registers, so only
 # these (kernel, window, RoPE, BLOCK_D) variants have a tile that compiles for sm_90 without spills, with
-# 32- and 64-bit offsets (none at BLOCK_D 128; "ieee" FMA dots spill more). For the others, fp32 inputs on
+# 32- and 64-bit offsets. At BLOCK_D 128 only the unwindowed forward fits (128x16 on 8 warps: 246 of 255
+# registers); the windowed forward spilled 168-288 B and the backward 112-1104 B at every tile tried
+# (BLOCK_M/N 16-128, 4-8 warps, 1-2 stages), and "ieee" FMA dots spill more. For the others, fp32 inputs on
 # a GPU run the fp32 reference math instead (see _fp32_reference).
 _GPU_CONFIGS_FP32 = {
     **{("fwd", window, rope, block_d): _Config(64, 32, num_warps=4, num_stages=2)
        for window in (False, True) for rope in (False, True) for block_d in (32, 64)},
+    **{("fwd", False, rope, 128): _Config(128, 16, num_warps=8, num_stages=2) for rope in (False, True)},
     ("dkdv", False, False, 32): _Config(32, 64, num_warps=4, num_stages=2),
     ("dkdv", False, False, 64): _Config(32, 64, num_warps=4, num_stages=2),
     ("dq", False, False, 32): _Config(64, 32, num_warps=4, num_stages=2),
