@@ -277,28 +277,30 @@ def test_gpu_tile_configs(monkeypatch, dtype, window, rope):
     assert len(said) == falls_back and all("dkdv/dq" in m for m in said), said
 
 
-@pytest.mark.parametrize("rope", [False, True], ids=["dense", "rope"])
-def test_gpu_tile_configs_fp32_head_dim_128(monkeypatch, rope):
-    # fp32 d128 on a GPU: the forward on its own 128x16 tile, the backward through the reference
+@pytest.mark.parametrize("window,rope", [(None, False), ((1, 2, 1), False), (None, True), ((0, 1, 3), True)],
+                         ids=["dense", "window", "rope", "window+rope"])
+def test_gpu_tile_configs_fp32_head_dim_128(monkeypatch, window, rope):
+    # fp32 d128 on a GPU: the forward on its own 128x16 tile (windows masked, no far-block skip), the
+    # backward through the reference
     monkeypatch.setattr(tri, "_interpreting", lambda: False)
     monkeypatch.setattr(tri, "_FP32_REFERENCE_WARNED", set())
-    assert not tri._fp32_reference(("fwd",), torch.empty(4, 1, 128), None, torch.empty(4, 3) if rope else None)
+    cfg = tri._gpu_config("fwd", window is not None, rope, torch.float32, 128)
+    assert (cfg.block_m, cfg.block_n, cfg.skip_far) == (128, 16, window is None)
+    assert not tri._fp32_reference(("fwd",), torch.empty(4, 1, 128), window, torch.empty(4, 3) if rope else None)
     with pytest.warns(RuntimeWarning, match="head dim 128.* have no spill-free sm_90 tile for the dkdv/dq kernel"):
-        _check([17, 40, 0, 131], heads=1, head_dim=128, rope=rope)
+        _check([17, 40, 0, 131], heads=1, head_dim=128, window=window, rope=rope)
 
 
 def test_fp32_reference_where_no_tile_ships(monkeypatch):
     monkeypatch.setattr(tri, "_interpreting", lambda: False)
     monkeypatch.setattr(tri, "_FP32_REFERENCE_WARNED", set())
     q = torch.empty(4, 1, 128)
-    with pytest.warns(RuntimeWarning, match=r"head dim 128, a window have no spill-free sm_90 tile for the fwd kernel"):
-        assert tri._fp32_reference(("fwd",), q, (1, 1, 1), None)
-    with pytest.warns(RuntimeWarning, match="dkdv/dq"):
+    with pytest.warns(RuntimeWarning, match=r"head dim 128 have no spill-free sm_90 tile for the dkdv/dq kernel"):
         assert tri._fp32_reference(("dkdv", "dq"), q, None, None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")                  # once per variant, not on every call
-        assert tri._fp32_reference(("fwd",), q, (1, 1, 1), None)
-        assert not tri._fp32_reference(("fwd",), q, None, None)      # the unwindowed d128 forward has a tile
+        assert tri._fp32_reference(("dkdv", "dq"), q, None, None)
+        assert not tri._fp32_reference(("fwd",), q, (1, 1, 1), q)     # every d128 forward has a tile
     assert not tri._fp32_reference(("fwd",), q[..., :64], (1, 1, 1), q)
     with pytest.warns(RuntimeWarning, match="head dim 64, a window have no .* for the dkdv/dq kernel"):
         assert tri._fp32_reference(("dkdv", "dq"), q[..., :64], (1, 1, 1), None)
@@ -307,7 +309,8 @@ def test_fp32_reference_where_no_tile_ships(monkeypatch):
     shipped = {c.name for c in tri.shipped_configs()}
     for (kernel, window, rope, block_d), cfg in tri._GPU_CONFIGS_FP32.items():
         variant = "+".join(n for n, on in (("window", window), ("rope", rope)) if on) or "dense"
-        assert f"attention_{kernel} d{block_d} fp32 tf32x3 {variant} m{cfg.block_m} n{cfg.block_n}" in shipped
+        no_skip = " no-skip" if window and not cfg.skip_far else ""
+        assert f"attention_{kernel} d{block_d} fp32 tf32x3 {variant} m{cfg.block_m} n{cfg.block_n}{no_skip}" in shipped
 
 
 def test_head_dim_128():

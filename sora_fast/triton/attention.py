@@ -192,7 +192,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TABLE, GRID, COORDS, AXIS, FRE
                      n_q, qk_scale, win_t, win_h, win_w,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, ROPE: tl.constexpr,
-                     UPCAST: tl.constexpr, PRECISION: tl.constexpr, OFF64: tl.constexpr):
+                     UPCAST: tl.constexpr, PRECISION: tl.constexpr, OFF64: tl.constexpr,
+                     SKIP_FAR: tl.constexpr):
     head, m0, q_start, q_len, k_start, k_len, gh, gw = _program_block(TABLE, CU_Q, CU_K, GRID, WINDOW, OFF64)
     stride_qn, stride_qh = wide(stride_qn, stride_qh, OFF64)
     stride_kn, stride_kh = wide(stride_kn, stride_kh, OFF64)
@@ -224,7 +225,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TABLE, GRID, COORDS, AXIS, FRE
     for n0 in range(lo, hi, BLOCK_N):
         n_last = tl.minimum(n0 + BLOCK_N, k_len) - 1
         skip = False
-        if WINDOW:
+        if WINDOW and SKIP_FAR:
             skip = _boxes_far(m0, m_last, n0, n_last, gh, gw, win_t, win_h, win_w)
         if not skip:
             offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -275,7 +276,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, TABLE, GR
                           n_q, sm_scale, qk_scale, win_t, win_h, win_w,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, ROPE: tl.constexpr,
-                          UPCAST: tl.constexpr, PRECISION: tl.constexpr, OFF64: tl.constexpr):
+                          UPCAST: tl.constexpr, PRECISION: tl.constexpr, OFF64: tl.constexpr,
+                          SKIP_FAR: tl.constexpr):
     head, n0, q_start, q_len, k_start, k_len, gh, gw = _program_block(TABLE, CU_Q, CU_K, GRID, WINDOW, OFF64)
     stride_qn, stride_qh = wide(stride_qn, stride_qh, OFF64)
     stride_kn, stride_kh = wide(stride_kn, stride_kh, OFF64)
@@ -310,7 +312,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, TABLE, GR
     for m0 in range(lo, hi, BLOCK_M):
         m_last = tl.minimum(m0 + BLOCK_M, q_len) - 1
         skip = False
-        if WINDOW:
+        if WINDOW and SKIP_FAR:
             skip = _boxes_far(m0, m_last, n0, n_last, gh, gw, win_t, win_h, win_w)
         if not skip:
             offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -350,7 +352,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, TABLE, GRID, CO
                         n_q, sm_scale, qk_scale, win_t, win_h, win_w,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, ROPE: tl.constexpr,
-                        UPCAST: tl.constexpr, PRECISION: tl.constexpr, OFF64: tl.constexpr):
+                        UPCAST: tl.constexpr, PRECISION: tl.constexpr, OFF64: tl.constexpr,
+                        SKIP_FAR: tl.constexpr):
     head, m0, q_start, q_len, k_start, k_len, gh, gw = _program_block(TABLE, CU_Q, CU_K, GRID, WINDOW, OFF64)
     stride_qn, stride_qh = wide(stride_qn, stride_qh, OFF64)
     stride_kn, stride_kh = wide(stride_kn, stride_kh, OFF64)
@@ -383,7 +386,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, TABLE, GRID, CO
     for n0 in range(lo, hi, BLOCK_N):
         n_last = tl.minimum(n0 + BLOCK_N, k_len) - 1
         skip = False
-        if WINDOW:
+        if WINDOW and SKIP_FAR:
             skip = _boxes_far(m0, m_last, n0, n_last, gh, gw, win_t, win_h, win_w)
         if not skip:
             offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -416,6 +419,10 @@ class _Config:
     block_n: int
     num_warps: int
     num_stages: int
+    # windows: skip key blocks whose box is farther than the window from the query block's (never
+    # loaded). Off, every block of the frame range is visited and masked (same result, more work): only
+    # where the skip test's registers make the tile spill.
+    skip_far: bool = True
 
 
 # GPU configs per (kernel, window, fused RoPE), chosen with the offline sm_90 report
@@ -438,14 +445,15 @@ _GPU_CONFIGS = {
 # fp32 inputs: FP32_PRECISION splits every dot into three tf32 wgmmas (hi*hi + hi*lo + lo*hi: near-fp32
 # accuracy on the tensor cores). The split halves of the loop-invariant operands stay in registers, so only
 # these (kernel, window, RoPE, BLOCK_D) variants have a tile that compiles for sm_90 without spills, with
-# 32- and 64-bit offsets. At BLOCK_D 128 only the unwindowed forward fits (128x16 on 8 warps: 246 of 255
-# registers); the windowed forward spilled 168-288 B and the backward 112-1104 B at every tile tried
-# (BLOCK_M/N 16-128, 4-8 warps, 1-2 stages), and "ieee" FMA dots spill more. For the others, fp32 inputs on
-# a GPU run the fp32 reference math instead (see _fp32_reference).
+# 32- and 64-bit offsets. At BLOCK_D 128 only the forward fits (128x16 on 8 warps, 235-255 of 255
+# registers), the windowed one without the far-block skip (with it, 168-288 B spilled); the backward
+# spilled 112-1104 B at every tile tried (BLOCK_M/N 16-128, 4-8 warps, 1-2 stages), and "ieee" FMA dots
+# spill more. For the others, fp32 inputs on a GPU run the fp32 reference math instead (see _fp32_reference).
 _GPU_CONFIGS_FP32 = {
     **{("fwd", window, rope, block_d): _Config(64, 32, num_warps=4, num_stages=2)
        for window in (False, True) for rope in (False, True) for block_d in (32, 64)},
-    **{("fwd", False, rope, 128): _Config(128, 16, num_warps=8, num_stages=2) for rope in (False, True)},
+    **{("fwd", window, rope, 128): _Config(128, 16, num_warps=8, num_stages=2, skip_far=not window)
+       for window in (False, True) for rope in (False, True)},
     ("dkdv", False, False, 32): _Config(32, 64, num_warps=4, num_stages=2),
     ("dkdv", False, False, 64): _Config(32, 64, num_warps=4, num_stages=2),
     ("dq", False, False, 32): _Config(64, 32, num_warps=4, num_stages=2),
@@ -570,6 +578,7 @@ def _constexprs(q, window, rope_coords, cfg: _Config, off64: bool) -> dict:
     return dict(HEAD_DIM=q.shape[-1], BLOCK_D=block_d, BLOCK_DH=block_dh, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                 WINDOW=window is not None, ROPE=rope_coords is not None,
                 UPCAST=_interpreting() and q.dtype == torch.bfloat16, PRECISION=dot_precision(q.dtype), OFF64=off64,
+                SKIP_FAR=cfg.skip_far,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -707,13 +716,13 @@ def _report_config(kernel: str, head_dim: int, dtype: str, window: bool, rope: b
             sig[name] = "constexpr"
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_DH=block_dh, BLOCK_M=cfg.block_m,
                       BLOCK_N=cfg.block_n, WINDOW=window, ROPE=rope, UPCAST=False, PRECISION=precision,
-                      OFF64=off64)
+                      OFF64=off64, SKIP_FAR=cfg.skip_far)
     aligned = tuple(n for n in sig if sig[n].startswith("*") or n.startswith("stride"))
     variant = "+".join(n for n, on in (("window", window), ("rope", rope)) if on) or "dense"
     tag = f" {precision}" if dtype == "fp32" else ""
     return KernelConfig(
         name=f"attention_{kernel} d{head_dim} {dtype}{tag} {variant}{' off64' if off64 else ''} "
-             f"m{cfg.block_m} n{cfg.block_n}",
+             f"m{cfg.block_m} n{cfg.block_n}{'' if cfg.skip_far or not window else ' no-skip'}",
         fn=fn, signature=sig, constexprs=constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         divisible_by_16=aligned, tensor_core=precision != "ieee")
 
