@@ -313,6 +313,54 @@ def test_fp32_reference_where_no_tile_ships(monkeypatch):
         assert f"attention_{kernel} d{block_d} fp32 tf32x3 {variant} m{cfg.block_m} n{cfg.block_n}{no_skip}" in shipped
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", ["dense", "window", "rope", "window+rope", "cross", "dlse"])
+def test_streamed_backward_equals_the_reference(dtype, case):
+    """The torch backward the fp32 GPU path falls back to (FlashAttention-2's recomputation, a block of
+    query rows at a time) against the vector-Jacobian product through the reference, on a pack with a
+    1-token and an empty sequence, blocks of 1 to 30 rows (block_elems small) so every boundary is hit.
+    fp64 shows the math is the same (1e-10); fp32 is within fp32 rounding of sums over <= 113 keys."""
+    from sora_fast.ops import attention as A
+
+    lens, heads, d = [1, 17, 0, 113, 30], 2, 24
+    key_lens = [5, 0, 3, 40, 9] if case == "cross" else lens
+    window = (1, 2, 1) if "window" in case else None
+    rope = "rope" in case
+    cu_q, cu_k = _cu(lens), _cu(key_lens)
+    q = torch.randn(sum(lens), heads, d, dtype=dtype)
+    k, v = (torch.randn(sum(key_lens), heads, d, dtype=dtype) for _ in range(2))
+    grids = [_grid_for(n) if n else (0, 1, 1) for n in lens]
+    grid = torch.tensor(grids, dtype=torch.int32) if window else None
+    coords = torch.cat([O.grid_coords(g) for g in grids]).to(torch.int32) if rope else None
+    kw = dict(scale=0.3, window=window, grid=grid, rope_coords=coords, rope_theta=500.0)
+    out, lse = O.spacetime_attention_ref(q, k, v, cu_q, cu_k, return_lse=True, **kw)
+    dout = torch.randn_like(out)
+    dlse = torch.randn_like(lse).masked_fill(lse.isinf(), 0.0) if case == "dlse" else None
+    expected = A._backward_ref(dout, dlse, q, k, v, out, lse, cu_q, cu_k, None, None, **kw)
+    for block_elems in (heads * 40, 2 ** 26):          # ~1 row per block against the longest keys; one block
+        got = A.attention_backward_streamed(dout, dlse, q, k, v, out, lse, cu_q, cu_k, block_elems=block_elems, **kw)
+        tol = 1e-10 if dtype == torch.float64 else 2e-5
+        for name, a, e in zip(("dq", "dk", "dv"), got, expected):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a, e, atol=tol, rtol=tol, msg=lambda m: f"{case} {name} {block_elems}: {m}")
+
+
+def test_fp32_backward_fallback_is_the_streamed_one(monkeypatch):
+    """On a GPU, an fp32 backward without a tile (head dim 128) runs the streamed backward, with the
+    op's host read (no second device read), never the O(L^2) reference VJP."""
+    from sora_fast.ops import attention as A
+
+    calls = []
+    real = A.attention_backward_streamed
+    monkeypatch.setattr(tri, "_interpreting", lambda: False)
+    monkeypatch.setattr(tri, "_FP32_REFERENCE_WARNED", set())
+    monkeypatch.setattr(A, "attention_backward_streamed", lambda *a, **k: calls.append(k["host"]) or real(*a, **k))
+    monkeypatch.setattr(A, "_backward_ref", lambda *a, **k: pytest.fail("the reference VJP ran"))
+    with pytest.warns(RuntimeWarning, match="one block of query rows at a time"):
+        _check([17, 40, 0], heads=1, head_dim=128, window=(1, 0, 2), rope=True)
+    assert len(calls) == 1 and isinstance(calls[0], A.PackOnHost)
+
+
 def test_head_dim_128():
     _check([17, 40], heads=1, head_dim=128, window=(1, 1, 2), rope=True)
 

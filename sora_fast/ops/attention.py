@@ -369,6 +369,63 @@ def _backward_ref(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
     return g["q"], g["k"], g["v"]
 
 
+def attention_backward_streamed(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *, scale, window=None,
+                                grid=None, rope_coords=None, rope_theta=10000.0, host: Optional[PackOnHost] = None,
+                                block_elems: int = 2 ** 26):
+    """The attention backward in torch math (fp32; fp64 for fp64 inputs), FlashAttention-2's way: one
+    sequence and one block of query rows at a time, recomputing ``P = exp(S - lse)`` from the forward's
+    LSE, so memory is ``O(block_elems)`` (about 4 score-sized blocks of ``block_elems`` elements), not
+    O(H * Lq * Lk) as in a vector-Jacobian product through the reference. Same arguments and results as
+    the op's backward (``dlse`` may be None); the triton backend runs it where no spill-free fp32 kernel
+    tile ships. Returns ``(dq, dk, dv)`` in the inputs' dtypes."""
+    md = math_dtype(q.dtype)
+    qf, kf, vf, dof = (t.to(md) for t in (q, k, v, dout))
+    if rope_coords is not None:
+        qf = apply_rope3d_ref(qf, rope_coords, theta=rope_theta)
+        kf = apply_rope3d_ref(kf, rope_coords, theta=rope_theta)
+    delta = (dof * out.to(md)).sum(-1).transpose(0, 1)                 # (H, Nq): rowsum(dO * O)
+    if dlse is not None:
+        delta = delta - dlse.to(md)     # d lse / d s = p, so dS = P * (dP - (delta - dlse))
+    lse = lse.to(md)
+    host = host or read_pack(cu_seqlens_q, cu_seqlens_k, grid)
+    heads = q.shape[1]
+    half_sizes = None if window is None else torch.tensor(window, device=q.device)
+    dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
+    for i in range(len(host.cu_q) - 1):
+        q0, q1, k0, k1 = host.cu_q[i], host.cu_q[i + 1], host.cu_k[i], host.cu_k[i + 1]
+        if q1 == q0 or k1 == k0:        # no queries, or no keys (zero output, -inf LSE): no gradient
+            continue
+        ki, vi = kf[k0:k1].transpose(0, 1), vf[k0:k1].transpose(0, 1)  # (H, Lk, D), (H, Lk, Dv)
+        dki, dvi = torch.zeros_like(ki), torch.zeros_like(vi)
+        coords = grid_coords(host.grid[i], q.device) if window is not None else None
+        rows = max(1, block_elems // (heads * (k1 - k0)))
+        for r0 in range(q0, q1, rows):
+            r1 = min(r0 + rows, q1)
+            qc, doc = qf[r0:r1].transpose(0, 1), dof[r0:r1].transpose(0, 1)
+            s = (qc @ ki.transpose(1, 2)) * scale                       # (H, rows, Lk)
+            if window is not None:
+                near = (coords[r0 - q0:r1 - q0, None, :] - coords[None, :, :]).abs()
+                s = s.masked_fill(~(near <= half_sizes).all(-1), float("-inf"))
+            p = torch.exp(s - lse[:, r0:r1, None])
+            del s
+            dvi += p.transpose(1, 2) @ doc
+            ds = p * ((doc @ vi.transpose(1, 2)) - delta[:, r0:r1, None])
+            del p
+            dq[r0:r1] = ((ds @ ki) * scale).transpose(0, 1)
+            dki += (ds.transpose(1, 2) @ qc) * scale
+        dk[k0:k1], dv[k0:k1] = dki.transpose(0, 1), dvi.transpose(0, 1)
+    if rope_coords is not None:     # RoPE is a rotation: the gradient of the unrotated input rotates back
+        dq, dk = (_unrotate(g, rope_coords, rope_theta) for g in (dq, dk))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _unrotate(g: torch.Tensor, coords: torch.Tensor, theta: float) -> torch.Tensor:
+    """The vector-Jacobian product of RoPE (linear, so exact): ``g`` w.r.t. the rotated tensor to the
+    gradient w.r.t. the unrotated one."""
+    _, vjp = torch.func.vjp(lambda t: apply_rope3d_ref(t, coords, theta=theta), torch.zeros_like(g))
+    return vjp(g)[0]
+
+
 _dispatch.register_kernel(OP, "torch", _forward_ref)
 _dispatch.register_kernel(OP + "_backward", "torch", _backward_ref)
 _dispatch.register_kernel(OP, "triton", "sora_fast.triton.attention:attention_forward")

@@ -23,8 +23,9 @@ bf16 under the Triton interpreter: its bf16 arithmetic is wrong, so ``UPCAST`` c
 right after loading (interpreter only; on a GPU bf16 tiles feed the tensor cores).
 
 fp32 inputs: dots in ``FP32_PRECISION`` ("tf32x3": three tf32 wgmmas per dot, near-fp32 accuracy) with
-their own tiles; the variants for which no tile compiles without spills run the fp32 reference math on a
-GPU (``_fp32_reference``). The interpreter ignores the dot precision (exact fp32 on CPU).
+their own tiles; the backward variants for which no tile compiles without spills run torch fp32 math on
+a GPU, one block of query rows at a time (``_fp32_reference``). The interpreter ignores the dot precision
+(exact fp32 on CPU).
 
 Offsets: the per-sequence bases are 64-bit, offsets inside a sequence 32-bit; ``OFF64`` (picked on the
 host when some tensor spans 2**31 elements or more) makes the strides, and so every offset, 64-bit.
@@ -448,7 +449,7 @@ _GPU_CONFIGS = {
 # 32- and 64-bit offsets. At BLOCK_D 128 only the forward fits (128x16 on 8 warps, 235-255 of 255
 # registers), the windowed one without the far-block skip (with it, 168-288 B spilled); the backward
 # spilled 112-1104 B at every tile tried (BLOCK_M/N 16-128, 4-8 warps, 1-2 stages), and "ieee" FMA dots
-# spill more. For the others, fp32 inputs on a GPU run the fp32 reference math instead (see _fp32_reference).
+# spill more. For the others, fp32 inputs on a GPU run torch fp32 math instead (see _fp32_reference).
 _GPU_CONFIGS_FP32 = {
     **{("fwd", window, rope, block_d): _Config(64, 32, num_warps=4, num_stages=2)
        for window in (False, True) for rope in (False, True) for block_d in (32, 64)},
@@ -481,7 +482,9 @@ def _config(kernel: str, window, rope_coords, dtype: torch.dtype, head_dim: int)
 
 def _fp32_reference(kernels, q, window, rope_coords) -> bool:
     """fp32 inputs on a GPU for which one of ``kernels`` has no shipped (spill-free) tile: the launcher
-    runs the fp32 reference math instead (same results within fp32 tolerances; not the kernels' speed)."""
+    runs torch fp32 math instead (same results within fp32 tolerances; not the kernels' speed): the
+    reference for the forward (every forward up to MAX_HEAD_DIM has a tile today), the streamed backward
+    (:func:`~sora_fast.ops.attention.attention_backward_streamed`, bounded memory) for the backward."""
     if _interpreting() or q.dtype != torch.float32:
         return False
     missing = [kn for kn in kernels
@@ -491,8 +494,8 @@ def _fp32_reference(kernels, q, window, rope_coords) -> bool:
         _FP32_REFERENCE_WARNED.add(key)
         warnings.warn(f"spacetime_attention(backend='triton'): float32 inputs with head dim {q.shape[-1]}"
                       f"{', a window' if window is not None else ''}{', RoPE' if rope_coords is not None else ''} "
-                      f"have no spill-free sm_90 tile for the {'/'.join(missing)} kernel(s); running the float32 "
-                      "reference math instead (same results, O(seqlen^2) memory per sequence, not kernel speed). "
+                      f"have no spill-free sm_90 tile for the {'/'.join(missing)} kernel(s); running float32 "
+                      "torch math instead, one block of query rows at a time (same results, not kernel speed). "
                       "bfloat16/float16 inputs run the kernels.", RuntimeWarning, stacklevel=3)
     return bool(missing)
 
@@ -643,10 +646,11 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
     _check_supported(q, v)
     _check_rows(q, k, rope_coords)
     if _fp32_reference(("dkdv", "dq"), q, window, rope_coords):
-        from ..ops.attention import _backward_ref
+        from ..ops.attention import attention_backward_streamed
 
-        return _backward_ref(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                             scale=scale, window=window, grid=grid, rope_coords=rope_coords, rope_theta=rope_theta)
+        return attention_backward_streamed(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, scale=scale,
+                                           window=window, grid=grid, rope_coords=rope_coords, rope_theta=rope_theta,
+                                           host=host)
     q, k, v, dout = (_contig_last(t) for t in (q, k, v, dout))
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     n_q, heads, head_dim = q.shape
