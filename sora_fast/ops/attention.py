@@ -14,7 +14,7 @@ import torch
 from . import _dispatch
 from ._common import (check_cu_seqlens_values, check_float, check_int_tuple, check_positive, check_same_dtype,
                       check_shape, check_tensor, math_dtype, reference_vjp)
-from .rope import apply_rope3d_ref, validate_rope_args
+from .rope import _rope_backward_ref, apply_rope3d_ref, validate_rope_args
 
 OP = "spacetime_attention"
 
@@ -28,10 +28,13 @@ def grid_coords(grid_thw: Sequence[int], device=None) -> torch.Tensor:
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
 
 
-def window_mask(grid_thw: Sequence[int], window: Sequence[int], device=None) -> torch.Tensor:
-    """``(L, L)`` bool: query token i may attend key token j (|dt| <= wt, |dh| <= wh, |dw| <= ww)."""
+def window_mask(grid_thw: Sequence[int], window: Sequence[int], device=None, rows: Optional[slice] = None
+                ) -> torch.Tensor:
+    """``(L, L)`` bool: query token i may attend key token j (|dt| <= wt, |dh| <= wh, |dw| <= ww).
+    ``rows``: only those query rows (a slice of the L tokens)."""
     c = grid_coords(grid_thw, device)
-    dist = (c[:, None, :] - c[None, :, :]).abs()
+    dist = (c[:, None, :] if rows is None else c[rows, None, :]) - c[None, :, :]
+    dist = dist.abs()
     return (dist <= torch.tensor(window, device=device)).all(dim=-1)
 
 
@@ -383,13 +386,10 @@ def attention_backward_streamed(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_
     if rope_coords is not None:
         qf = apply_rope3d_ref(qf, rope_coords, theta=rope_theta)
         kf = apply_rope3d_ref(kf, rope_coords, theta=rope_theta)
-    delta = (dof * out.to(md)).sum(-1).transpose(0, 1)                 # (H, Nq): rowsum(dO * O)
-    if dlse is not None:
-        delta = delta - dlse.to(md)     # d lse / d s = p, so dS = P * (dP - (delta - dlse))
+    delta = softmax_delta(dof, out, dlse, md)
     lse = lse.to(md)
     host = host or read_pack(cu_seqlens_q, cu_seqlens_k, grid)
     heads = q.shape[1]
-    half_sizes = None if window is None else torch.tensor(window, device=q.device)
     dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
     for i in range(len(host.cu_q) - 1):
         q0, q1, k0, k1 = host.cu_q[i], host.cu_q[i + 1], host.cu_k[i], host.cu_k[i + 1]
@@ -397,15 +397,14 @@ def attention_backward_streamed(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_
             continue
         ki, vi = kf[k0:k1].transpose(0, 1), vf[k0:k1].transpose(0, 1)  # (H, Lk, D), (H, Lk, Dv)
         dki, dvi = torch.zeros_like(ki), torch.zeros_like(vi)
-        coords = grid_coords(host.grid[i], q.device) if window is not None else None
         rows = max(1, block_elems // (heads * (k1 - k0)))
         for r0 in range(q0, q1, rows):
             r1 = min(r0 + rows, q1)
             qc, doc = qf[r0:r1].transpose(0, 1), dof[r0:r1].transpose(0, 1)
             s = (qc @ ki.transpose(1, 2)) * scale                       # (H, rows, Lk)
             if window is not None:
-                near = (coords[r0 - q0:r1 - q0, None, :] - coords[None, :, :]).abs()
-                s = s.masked_fill(~(near <= half_sizes).all(-1), float("-inf"))
+                near = window_mask(host.grid[i], window, q.device, rows=slice(r0 - q0, r1 - q0))
+                s = s.masked_fill(~near, float("-inf"))
             p = torch.exp(s - lse[:, r0:r1, None])
             del s
             dvi += p.transpose(1, 2) @ doc
@@ -414,16 +413,17 @@ def attention_backward_streamed(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_
             dq[r0:r1] = ((ds @ ki) * scale).transpose(0, 1)
             dki += (ds.transpose(1, 2) @ qc) * scale
         dk[k0:k1], dv[k0:k1] = dki.transpose(0, 1), dvi.transpose(0, 1)
-    if rope_coords is not None:     # RoPE is a rotation: the gradient of the unrotated input rotates back
-        dq, dk = (_unrotate(g, rope_coords, rope_theta) for g in (dq, dk))
+    if rope_coords is not None:     # back through the rotation to the unrotated q and k
+        dq, dk = (_rope_backward_ref(g, g, rope_coords, theta=rope_theta, split=None) for g in (dq, dk))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _unrotate(g: torch.Tensor, coords: torch.Tensor, theta: float) -> torch.Tensor:
-    """The vector-Jacobian product of RoPE (linear, so exact): ``g`` w.r.t. the rotated tensor to the
-    gradient w.r.t. the unrotated one."""
-    _, vjp = torch.func.vjp(lambda t: apply_rope3d_ref(t, coords, theta=theta), torch.zeros_like(g))
-    return vjp(g)[0]
+def softmax_delta(dout: torch.Tensor, out: torch.Tensor, dlse: Optional[torch.Tensor], dtype: torch.dtype
+                  ) -> torch.Tensor:
+    """``(H, Nq)`` ``rowsum(dO * O) - dlse`` in ``dtype``: with it ``dS = P * (dP - delta)``, as
+    d lse / d s = p (the FlashAttention-2 backward's row term)."""
+    delta = (dout.to(dtype) * out.to(dtype)).sum(-1).transpose(0, 1)
+    return delta if dlse is None else delta - dlse.to(dtype)
 
 
 _dispatch.register_kernel(OP, "torch", _forward_ref)

@@ -645,19 +645,16 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
     ``host`` as for :func:`attention_forward`."""
     _check_supported(q, v)
     _check_rows(q, k, rope_coords)
-    if _fp32_reference(("dkdv", "dq"), q, window, rope_coords):
-        from ..ops.attention import attention_backward_streamed
+    from ..ops.attention import attention_backward_streamed, softmax_delta
 
+    if _fp32_reference(("dkdv", "dq"), q, window, rope_coords):
         return attention_backward_streamed(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, scale=scale,
                                            window=window, grid=grid, rope_coords=rope_coords, rope_theta=rope_theta,
                                            host=host)
     q, k, v, dout = (_contig_last(t) for t in (q, k, v, dout))
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     n_q, heads, head_dim = q.shape
-    delta = (dout.float() * out.float()).sum(-1).transpose(0, 1)        # (H, Nq)
-    if dlse is not None:
-        delta = delta - dlse.float()       # d lse / d s = p, so dS = P * (dP - (delta - dlse))
-    delta = delta.contiguous()
+    delta = softmax_delta(dout, out, dlse, torch.float32).contiguous()   # (H, Nq)
     lse = lse.contiguous()
     dq, dk, dv = (_empty(t.shape, t.dtype, t.device) for t in (q, k, v))
     if heads == 0:
