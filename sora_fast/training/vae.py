@@ -22,23 +22,9 @@ class VAETrainConfig:
     """steps, lr (AdamW), kl_weight, grad_clip, seed.
 
     Learning rate: linear warm-up over ``warmup_steps``, then ``lr`` until ``lr_drop_at`` of the steps, then
-    ``lr · lr_drop`` (``lr_drop=1`` keeps it constant). Measured on the demo VAE (1100 steps; the checker on
-    its reconstructions of 6 (20) moving training clips per colour):
-
-    - a constant 2e-3 lost a colour in some runs (green decoded as a grey-blue: 0 of 6 green clips passed,
-      800 further steps at 2e-3 did not bring it back, 600 at 5e-4 did); seeds 0-3: 27, 30, 23, 25 of 30
-      (345 of 373); a cosine decay to 2e-4: 341 of 373; a constant 1e-3: 370 of 373;
-    - 2e-3 dropping to 5e-4 at half the steps: 370 of 373 over seeds 0-3, but that rate still stalls some
-      runs: in one the reconstruction error sat near 0.08 (the background-only plateau) for the whole
-      first half. Of 8 runs (seeds 0-3 and repeats with 1 and 2 threads, which train differently) six
-      ended at MSE 0.010-0.017 and two at 0.026 and 0.044; the last was a full demo run, 19 of 30
-      reconstructions, whose DiT then passed 1 of its 8 prompts and 24 of 48 held-out ones;
-    - the default, 1e-3 dropping to 2.5e-4 at half the steps, descended without a plateau in the three
-      runs whose curve was kept (seeds 0-2: MSE 0.010, 0.018, 0.016, 30 of 30 each, 279 of 281), and
-      three full demo runs (2 threads): MSE 0.0123, 0.0097, 0.0111, 30 of 30 each, then 8, 8, 7 of the
-      demo's 8 prompts and 42, 43, 39 of 48 held-out ones. (These runs trained the VAE chunk by chunk;
-      training now runs each clip in one pass, ``chunked=False``, the same function up to rounding: three
-      full demo runs since, 30 of 30 each, MSE 0.0107, 0.0088, 0.0101.)
+    ``lr · lr_drop`` (``lr_drop=1`` keeps it constant). The default, 1e-3 dropping to 2.5e-4 at half the
+    steps, is the schedule that did not stall on the demo VAE: higher rates sat on the background-only plateau
+    or lost a colour in some runs (measurements: docs/results.md, "VAE training").
 
     batch_size: videos per step, all of one shape (a random shape group, then random members of it;
         videos are never cropped or resized to make a batch).
@@ -50,9 +36,8 @@ class VAETrainConfig:
     focus: per-pixel loss weight ``1 + focus · max_c |video_c − background_c|`` (background: the video's
         per-channel median), which makes pixels unlike the background (small objects) count more; 0 is a
         plain mean. The largest channel difference, not the mean over channels: a saturated red or green
-        object differs from a dark background in one channel only, and a channel mean gave it half the
-        weight of a white or yellow one; demo VAEs trained that way lost red or green in 2 of 3 runs
-        (reconstructed dull or as yellow), the channel maximum kept every colour.
+        object differs from a dark background in one channel only, and a channel mean would give it half the
+        weight of a white or yellow one (docs/results.md, "Loss weights").
     """
 
     steps: int = 400
