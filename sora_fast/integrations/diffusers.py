@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..ops._dispatch import BACKENDS
+from ..ops._dispatch import BACKENDS, resolve_family_backends
 from ..ops.conv3d import PackedConv3dWeight
 
 __all__ = ["accelerate", "AccelerationHandle", "DiffusersHooksError", "SUPPORTED_MODELS", "OP_FAMILIES",
@@ -60,24 +60,6 @@ class DiffusersHooksError(RuntimeError):
 
 def _supported_listing() -> str:
     return "; ".join(f"{k} ({v})" for k, v in SUPPORTED_MODELS.items())
-
-
-# --- argument handling ------------------------------------------------------------------------
-def _backends(backend: Backend) -> dict:
-    """``backend`` (None, a name for every op family, or a mapping family -> name) -> a full mapping."""
-    if backend is None or isinstance(backend, str):
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"backend must be None, one of {BACKENDS} or a mapping with keys in {OP_FAMILIES}, "
-                             f"got {backend!r}")
-        return dict.fromkeys(OP_FAMILIES, backend)
-    if not isinstance(backend, Mapping):
-        raise TypeError(f"backend must be None, a backend name or a mapping, got {type(backend).__name__}")
-    unknown = sorted(set(backend) - set(OP_FAMILIES))
-    bad = {k: v for k, v in backend.items() if v is not None and v not in BACKENDS}
-    if unknown or bad:
-        raise ValueError(f"backend mapping must have keys in {OP_FAMILIES} and values in {BACKENDS} or None, "
-                         f"got {dict(backend)!r}")
-    return {k: backend.get(k) for k in OP_FAMILIES}
 
 
 def _diffusers_attr(module_path: str, name: str, purpose: str):
@@ -758,7 +740,7 @@ def accelerate(pipe_or_model, *, attention: bool = True, norms: bool = True, vae
     for k, v in flags.items():
         if not isinstance(v, bool):
             raise TypeError(f"{k} must be a bool, got {type(v).__name__}")
-    backends = _backends(backend)
+    backends = resolve_family_backends(backend, OP_FAMILIES)
     targets, skipped = _targets(pipe_or_model)
     for name, model, _ in targets:
         prior = getattr(model, HANDLE_ATTR, None)

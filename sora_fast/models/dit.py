@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
+from ..ops._dispatch import resolve_family_backends
 from ..packing import PackedSequences, PackedVideos, pack_sequences, pack_videos, segment_mean
 from ._convert import load_converted
 
@@ -347,13 +348,7 @@ class VideoDiT(nn.Module):
             nn.init.zeros_(p)
 
     def _backends(self) -> dict:
-        b = self.backend
-        if b is None or isinstance(b, str):
-            return dict.fromkeys(OP_FAMILIES, b)
-        if not isinstance(b, Mapping) or set(b) - set(OP_FAMILIES):
-            raise ValueError(f"backend must be None, a backend name or a mapping with keys in {OP_FAMILIES}, "
-                             f"got {b!r}")
-        return {k: b.get(k) for k in OP_FAMILIES}
+        return resolve_family_backends(self.backend, OP_FAMILIES)
 
     def _validate(self, x, timesteps, text) -> None:
         c = self.config

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import causal_conv3d, causal_conv3d_next_cache, channel_rms_norm_silu, spacetime_attention
-from ..ops._dispatch import resolve_backend
+from ..ops._dispatch import resolve_backend, resolve_family_backends
 from ..ops.conv3d import PackedConv3dWeight
 from ._convert import load_converted
 from .vae_convert import convert_wan_vae_state_dict, tiled, wan_config_kwargs
@@ -402,15 +402,7 @@ class CausalVAE(nn.Module):
         return self.config.z_dim
 
     def _backends(self) -> dict:
-        b = self.backend
-        if b is None or isinstance(b, str):
-            return dict.fromkeys(OPS, b)
-        if not isinstance(b, Mapping):
-            raise TypeError(f"backend must be None, a backend name or a mapping op -> backend, got {type(b).__name__}")
-        unknown = sorted(set(b) - set(OPS))
-        if unknown:
-            raise ValueError(f"backend mapping has unknown ops {unknown}; valid keys: {', '.join(OPS)}")
-        return {op: b.get(op) for op in OPS}
+        return resolve_family_backends(self.backend, OPS)
 
     # --- input checks ---
     def _check(self, name: str, t, channels: int, layout: str, frame_rule: bool, hw_multiple: int):
