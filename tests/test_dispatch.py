@@ -126,3 +126,31 @@ def test_a_new_kernel_plugs_in_without_touching_call_sites(monkeypatch, registry
     O.adaln_modulate_ref(x_ref, shift, scale, ids).sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad)
     assert "triton" in O.registered_backends("adaln_modulate")
+
+
+def test_resolve_family_backends():
+    """One resolver for every model's ``backend`` argument: None, a name for all, or a partial mapping."""
+    fams = ("attention", "adaln")
+    assert _dispatch.resolve_family_backends(None, fams) == {"attention": None, "adaln": None}
+    assert _dispatch.resolve_family_backends("triton", fams) == {"attention": "triton", "adaln": "triton"}
+    assert _dispatch.resolve_family_backends({"adaln": "cuda"}, fams) == {"attention": None, "adaln": "cuda"}
+    assert _dispatch.resolve_family_backends({"attention": None}, iter(fams)) == {"attention": None, "adaln": None}
+    assert list(_dispatch.resolve_family_backends({"adaln": "cuda", "attention": "torch"}, fams)) == list(fams)
+    assert "resolve_family_backends" in _dispatch.__all__
+
+
+@pytest.mark.parametrize("backend,error,match", [
+    ("gpu", ValueError, r"backend must be None, one of \('torch', 'triton', 'cuda'\) or a mapping with keys in "
+                        r"\('attention', 'adaln'\); a backend must be one of .* got 'gpu'"),
+    ({"attn": "triton"}, ValueError, r"a backend mapping must have keys in \('attention', 'adaln'\), got "
+                                     r"\{'attn': 'triton'\}: backend mapping has unknown ops \['attn'\]; "
+                                     r"valid keys: attention, adaln$"),
+    ({"attention": "gpu"}, ValueError, r"got \{'attention': 'gpu'\}: attention: 'gpu' is not one of "
+                                       r"\('torch', 'triton', 'cuda'\) or None$"),
+    (3, TypeError, r"backend must be None, a backend name or a mapping with keys in \('attention', 'adaln'\), "
+                   r"got int$"),
+    (["triton"], TypeError, r"a mapping with keys in .* got list$"),
+])
+def test_resolve_family_backends_rejects_bad_input(backend, error, match):
+    with pytest.raises(error, match=match):
+        _dispatch.resolve_family_backends(backend, ("attention", "adaln"))

@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..models._convert import StateDictMismatchError
-from ..training.checkpoint import _config_diff, _listing, _plain, check_writable
+from ..models._convert import StateDictMismatchError, _listing
+from ..training.checkpoint import _config_diff, _plain, check_writable
 from ..training.ema import EMA
 
 __all__ = ["save_sharded", "load_sharded", "latest_sharded", "list_sharded"]

@@ -13,6 +13,7 @@ class StateDictMismatchError(ValueError):
 
 
 def _listing(title: str, names: list[str], limit: int = 20) -> str:
+    """``title (n): a, b, ... (k more)``: the named problems of an error message (converters, checkpoints)."""
     shown = ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
     return f"{title} ({len(names)}): {shown}"
 

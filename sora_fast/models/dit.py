@@ -12,8 +12,8 @@ Gated adds run in fp32 (``sora_fast.ops.gated_residual_adaln``), fused with the 
 follows them, so the residual stream is read once per add: a block takes ``(x, y)`` (``y`` = its first
 modulated norm) and returns ``(x, y_next)`` where ``y_next`` is already the next block's (or the output
 head's) modulated norm. Every video in a pack has its own timestep; tables are indexed by ``seq_ids``.
-:meth:`VideoDiT.from_diffusers` / :func:`convert_wan_transformer_state_dict` load diffusers
-``WanTransformer3DModel`` weights; the same weights give the same output (fp32 parity is tested).
+:meth:`VideoDiT.from_diffusers` loads diffusers ``WanTransformer3DModel`` weights (converted by
+:mod:`sora_fast.models.convert`); the same weights give the same output (fp32 parity is tested).
 """
 from __future__ import annotations
 
@@ -28,10 +28,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
+from ..ops._dispatch import resolve_family_backends
 from ..packing import PackedSequences, PackedVideos, pack_sequences, pack_videos, segment_mean
 from ._convert import load_converted
 
-__all__ = ["DiTConfig", "VideoDiT", "PRESETS", "timestep_embedding", "convert_wan_transformer_state_dict"]
+# convert_wan_transformer_state_dict: from models.convert, on first use (module __getattr__ below)
+__all__ = ["DiTConfig", "VideoDiT", "PRESETS", "timestep_embedding", "convert_wan_transformer_state_dict"]  # noqa: F822
 
 OP_FAMILIES = ("attention", "adaln")
 Backend = Union[None, str, Mapping[str, Optional[str]]]
@@ -123,24 +125,11 @@ class DiTConfig:
 
     @classmethod
     def from_diffusers_config(cls, cfg) -> "DiTConfig":
-        """From a diffusers ``WanTransformer3DModel`` config (the model's ``.config`` or a dict).
+        """From a diffusers ``WanTransformer3DModel`` config (the model's ``.config`` or a dict); see
+        :func:`sora_fast.models.convert.dit_config_from_diffusers`."""
+        from .convert import dit_config_from_diffusers
 
-        Text-to-video models only: an image embedder (``image_dim``, ``pos_embed_seq_len``) or I2V
-        image keys (``added_kv_proj_dim``) raise ValueError naming the field. diffusers builds QK
-        RMSNorm over all heads whatever its ``qk_norm`` says, so that is what the config gets.
-        """
-        cfg = dict(cfg)
-        for field in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len"):
-            if cfg.get(field) is not None:
-                raise ValueError(f"unsupported diffusers config: {field}={cfg[field]!r} (image conditioning, "
-                                 f"Wan I2V); VideoDiT supports text-to-video models with {field}=None")
-        heads, head_dim = cfg.get("num_attention_heads", 40), cfg.get("attention_head_dim", 128)
-        in_channels = cfg.get("in_channels", 16)
-        return cls(dim=heads * head_dim, ffn_dim=cfg.get("ffn_dim", 13824), num_heads=heads,
-                   num_layers=cfg.get("num_layers", 40), in_channels=in_channels,
-                   out_channels=cfg.get("out_channels") or in_channels, text_dim=cfg.get("text_dim", 4096),
-                   freq_dim=cfg.get("freq_dim", 256), patch=tuple(cfg.get("patch_size", (1, 2, 2))),
-                   eps=cfg.get("eps", 1e-6), cross_attn_norm=bool(cfg.get("cross_attn_norm", True)))
+        return dit_config_from_diffusers(cfg)
 
 
 PRESETS: dict[str, DiTConfig] = {
@@ -282,6 +271,8 @@ class VideoDiT(nn.Module):
     def from_diffusers(cls, model, **kwargs) -> "VideoDiT":
         """The same network as a diffusers ``WanTransformer3DModel``: same weights, device, and each
         tensor in the dtype diffusers holds it (e.g. fp32 tables and norms in a bf16 model)."""
+        from .convert import convert_wan_transformer_state_dict
+
         config = DiTConfig.from_diffusers_config(model.config)
         sd = convert_wan_transformer_state_dict(model.state_dict(), config)
         return cls._from_converted(config, sd, next(model.parameters()).device,
@@ -307,6 +298,8 @@ class VideoDiT(nn.Module):
         from pathlib import Path
 
         from safetensors.torch import load_file
+
+        from .convert import convert_wan_transformer_state_dict
 
         d = Path(path)
         if not (d / "config.json").is_file():
@@ -347,13 +340,7 @@ class VideoDiT(nn.Module):
             nn.init.zeros_(p)
 
     def _backends(self) -> dict:
-        b = self.backend
-        if b is None or isinstance(b, str):
-            return dict.fromkeys(OP_FAMILIES, b)
-        if not isinstance(b, Mapping) or set(b) - set(OP_FAMILIES):
-            raise ValueError(f"backend must be None, a backend name or a mapping with keys in {OP_FAMILIES}, "
-                             f"got {b!r}")
-        return {k: b.get(k) for k in OP_FAMILIES}
+        return resolve_family_backends(self.backend, OP_FAMILIES)
 
     def _validate(self, x, timesteps, text) -> None:
         c = self.config
@@ -425,45 +412,10 @@ class VideoDiT(nn.Module):
         return x.unpack(out, channels=self.config.out_channels)
 
 
-# ----------------------------------------------------------------------------------------------
-# diffusers WanTransformer3DModel -> VideoDiT
+def __getattr__(name: str):
+    # the converter lives in models.convert, which imports this module: re-exported on first use
+    if name == "convert_wan_transformer_state_dict":
+        from .convert import convert_wan_transformer_state_dict
 
-_RENAMES = [  # (diffusers prefix, ours), first match wins
-    ("condition_embedder.time_embedder.linear_1.", "time_embed.0."),
-    ("condition_embedder.time_embedder.linear_2.", "time_embed.2."),
-    ("condition_embedder.time_proj.", "time_proj."),
-    ("condition_embedder.text_embedder.linear_1.", "text_embed.0."),
-    ("condition_embedder.text_embedder.linear_2.", "text_embed.2."),
-    ("patch_embedding.", "patch_embed."),
-]
-_BLOCK_RENAMES = [(".to_out.0.", ".to_out."), (".ffn.net.0.proj.", ".ffn.0."), (".ffn.net.2.", ".ffn.2.")]
-
-
-def convert_wan_transformer_state_dict(sd: Mapping[str, torch.Tensor], config: DiTConfig) -> dict:
-    """A diffusers ``WanTransformer3DModel`` state dict -> a :class:`VideoDiT` state dict for ``config``.
-
-    Renames keys; flattens the Conv3d patch embedding ``(D, C, pt, ph, pw)`` to the Linear ``(D, C*P)``;
-    squeezes the ``(1, 6, D)`` / ``(1, 2, D)`` scale-shift tables; permutes ``proj_out`` rows from
-    diffusers' ``(pt, ph, pw, C)`` feature order to the packing's ``(C, pt, ph, pw)``. Keys it does not
-    know pass through unchanged, so loading with :func:`~sora_fast.models._convert.load_converted`
-    names them (and any missing or mis-shaped tensor).
-    """
-    p, c_out = config.patch_volume, config.out_channels
-    out = {}
-    for key, t in sd.items():
-        new = key
-        for old, ours in _RENAMES:
-            if key.startswith(old):
-                new = ours + key[len(old):]
-                break
-        if new.startswith("blocks."):
-            for old, ours in _BLOCK_RENAMES:
-                new = new.replace(old, ours)
-        if new == "patch_embed.weight" and t.dim() == 5:
-            t = t.reshape(t.shape[0], -1)                                   # (D, C*pt*ph*pw)
-        elif new.endswith("scale_shift_table") and t.dim() == 3 and t.shape[0] == 1:
-            t = t[0]                                                        # (6, D) or (2, D)
-        elif new.startswith("proj_out.") and t.shape[0] == p * c_out:
-            t = t.reshape(p, c_out, *t.shape[1:]).transpose(0, 1).reshape(t.shape)  # rows (pt,ph,pw,C)->(C,pt,ph,pw)
-        out[new] = t
-    return out
+        return convert_wan_transformer_state_dict
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

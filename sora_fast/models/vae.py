@@ -7,30 +7,23 @@ frame per chunk — and each causal conv hands its last input frames to the next
 ``causal_conv3d(cache=...)``. The result is the one of the whole video at once, and the working memory
 does not grow with the number of frames (outputs are written into one preallocated tensor).
 
-Wan's chunk conventions, reproduced exactly:
-- a k=3 causal conv sees zeros before the first frame, then the stream's previous frames;
-- downsample3d (time stride 2, no padding) passes the first chunk through; output m >= 1 covers the
-  stream frames 2m-2 .. 2m;
-- upsample3d passes the first chunk through and time-convolves the stream of the later chunks (zeros in
-  front), doubling their frames.
+The layers (and Wan's chunk conventions) are in :mod:`~sora_fast.models.vae_blocks`.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, fields
-from typing import Mapping, Optional, Union
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..ops import causal_conv3d, causal_conv3d_next_cache, channel_rms_norm_silu, spacetime_attention
-from ..ops._dispatch import resolve_backend
-from ..ops.conv3d import PackedConv3dWeight
+from ..ops._dispatch import resolve_family_backends
 from ._convert import load_converted
-from .vae_convert import convert_wan_vae_state_dict, tiled, wan_config_kwargs
+from .vae_blocks import CausalConv, Decoder, Encoder, _Stream
+from .vae_blocks import AttentionBlock, MidBlock, Resample, ResidualBlock, RMSNorm, UpBlock  # noqa: F401 (old home)
 
-__all__ = ["VAEConfig", "VAE_PRESETS", "CausalVAE", "LatentPosterior", "convert_wan_vae_state_dict"]
+# convert_wan_vae_state_dict: from models.convert, on first use (module __getattr__ below)
+__all__ = ["VAEConfig", "VAE_PRESETS", "CausalVAE", "LatentPosterior", "convert_wan_vae_state_dict"]  # noqa: F822
 
 OPS = ("causal_conv3d", "channel_rms_norm_silu", "spacetime_attention")
 WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -114,7 +107,9 @@ class VAEConfig:
     def from_diffusers_config(cls, config: Mapping) -> "VAEConfig":
         """From an ``AutoencoderKLWan.config``. Wan2.2-only fields (``is_residual=True``, ``patch_size``)
         are rejected by name; ``scale_factor_*`` are ignored (the factors follow from the architecture)."""
-        return cls(**wan_config_kwargs(config, {f.name for f in fields(cls)}))
+        from .convert import vae_config_from_diffusers
+
+        return vae_config_from_diffusers(config)
 
 
 VAE_PRESETS = {
@@ -124,223 +119,36 @@ VAE_PRESETS = {
 }
 
 
-# --- layers -----------------------------------------------------------------------------------
-class _Stream:
-    """One video going through chunk by chunk: each causal conv's cache (its last input frames; for the
-    time resamplers, that the first chunk has passed) and the backend of each op. ``whole``: the video
-    goes through in one piece instead (every frame at once; the time resamplers then do what the chunks
-    would have done, so the result is the same up to rounding)."""
-
-    def __init__(self, backends: dict, whole: bool = False):
-        self.cache: dict = {}
-        self.backends = backends
-        self.whole = whole
-
-
-class CausalConv(nn.Module):
-    """Wan's causal conv (zeros before the first frame) on :func:`causal_conv3d`; ``forward`` streams."""
-
-    def __init__(self, cin: int, cout: int, kernel, stride=1, padding=None):
-        super().__init__()
-        kernel = (kernel,) * 3 if isinstance(kernel, int) else tuple(kernel)
-        self.stride, self.padding = stride, padding
-        self.weight = nn.Parameter(torch.empty(cout, cin, *kernel))
-        self.bias = nn.Parameter(torch.empty(cout))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Conv3d's default init
-        bound = (cin * math.prod(kernel)) ** -0.5
-        nn.init.uniform_(self.bias, -bound, bound)
-        self.packed_weight = PackedConv3dWeight()  # the triton kernel's weight layout, repacked when weight changes
-
-    @staticmethod
-    def _layout(s: _Stream, *tensors):
-        """The triton kernel reads and writes channels-last: hand it its operands in that layout (a copy only
-        where a layout-changing op came before; none when already so), and its output stays channels-last
-        for the norms, residual adds and the next conv. Other backends take the tensors as they are."""
-        t0 = next(t for t in tensors if t is not None)
-        if resolve_backend("causal_conv3d", s.backends["causal_conv3d"], t0.device) != "triton":
-            return tensors
-        return tuple(None if t is None else t.contiguous(memory_format=torch.channels_last_3d) for t in tensors)
-
-    def conv(self, x, s: _Stream, cache=None, residual=None):
-        backend = s.backends["causal_conv3d"]
-        x, cache, residual = self._layout(s, x, cache, residual)
-        return causal_conv3d(x, self.weight, self.bias, stride=self.stride, padding=self.padding, cache=cache,
-                             residual=residual, packed_weight=self.packed_weight(self.weight, backend), backend=backend)
-
-    def forward(self, x, s: _Stream, residual=None):
-        """The next chunk of the stream ``(B, Cin, t, h, w)``; ``residual`` is added to the output."""
-        kt = self.weight.shape[2]
-        if kt == 1:
-            return self.conv(x, s, residual=residual)
-        x, = self._layout(s, x)        # so the next chunk's cache is in the kernel's layout too
-        cache = s.cache.get(self)
-        out = self.conv(x, s, cache, residual)
-        s.cache[self] = causal_conv3d_next_cache(x, cache, kt)  # not detached: gradients cross chunks
-        return out
+# --- diffusers' spatial tiling (same tiles, same blending, so tiled results match too) ---------
+def _blend(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> torch.Tensor:
+    """b with its first ``extent`` rows (dim=-2) or columns (dim=-1) faded in linearly from a's last
+    ones, as diffusers' ``blend_v``/``blend_h`` (same weights, same rounding)."""
+    n = min(a.shape[dim], b.shape[dim], extent)
+    if n <= 0:
+        return b
+    r = torch.arange(n, dtype=torch.float64) / n
+    shape = [n if d == b.dim() + dim else 1 for d in range(b.dim())]
+    wa, wb = ((1 - r).to(b), r.to(b))
+    mixed = a.narrow(dim, a.shape[dim] - n, n) * wa.view(shape) + b.narrow(dim, 0, n) * wb.view(shape)
+    return torch.cat([mixed, b.narrow(dim, n, b.shape[dim] - n)], dim=dim)
 
 
-class RMSNorm(nn.Module):
-    """Wan's ``RMS_norm`` over channels (``F.normalize * sqrt(C) * gamma``), fused with SiLU if ``silu``."""
-
-    def __init__(self, dim: int, silu: bool = True):
-        super().__init__()
-        self.silu = silu
-        self.gamma = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x, s: _Stream):
-        return channel_rms_norm_silu(x, self.gamma, silu=self.silu, backend=s.backends["channel_rms_norm_silu"])
-
-
-class ResidualBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, dropout: float):
-        super().__init__()
-        self.norm1, self.conv1 = RMSNorm(cin), CausalConv(cin, cout, 3)
-        self.norm2, self.conv2 = RMSNorm(cout), CausalConv(cout, cout, 3)
-        self.conv_shortcut = CausalConv(cin, cout, 1) if cin != cout else None
-        self.dropout = dropout
-
-    def forward(self, x, s):                                                   # x: (B, Cin, t, h, w)
-        h = x if self.conv_shortcut is None else self.conv_shortcut(x, s)       # (B, Cout, t, h, w)
-        y = self.conv1(self.norm1(x, s), s)                                     # (B, Cout, t, h, w)
-        y = self.norm2(y, s)
-        if self.dropout and self.training:
-            y = F.dropout(y, self.dropout, True)
-        return self.conv2(y, s, residual=h)                                     # conv2(y) + h
-
-
-class AttentionBlock(nn.Module):
-    """Single-head self-attention inside each frame (the h*w pixels), one packed sequence per frame."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.norm = RMSNorm(dim, silu=False)
-        self.to_qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-
-    def forward(self, x, s):                                                   # x: (B, C, t, h, w)
-        b, c, t, h, w = x.shape
-        y = self.norm(x, s).permute(0, 2, 3, 4, 1).reshape(b * t * h * w, c)     # (N, C), frame after frame
-        q, k, v = self.to_qkv(y).view(-1, 3, 1, c).unbind(1)                    # 3 x (N, 1, C)
-        cu = torch.arange(b * t + 1, device=x.device, dtype=torch.int32) * (h * w)  # (B*t + 1,)
-        o = spacetime_attention(q, k, v, cu, max_seqlen_q=h * w, backend=s.backends["spacetime_attention"])
-        o = self.proj(o.reshape(-1, c))                                         # (N, C)
-        return x + o.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)                 # (B, C, t, h, w)
-
-
-class Resample(nn.Module):
-    """2x resampling: a per-frame 3x3 conv after nearest 2x upsampling (C -> C/2), or with stride 2 after
-    a right/bottom zero pad; the *3d modes add Wan's causal time conv."""
-
-    def __init__(self, dim: int, mode: str):
-        super().__init__()
-        self.mode, up = mode, mode.startswith("up")
-        self.conv = CausalConv(dim, dim // 2 if up else dim, (1, 3, 3), stride=1 if up else (1, 2, 2),
-                               padding=1 if up else 0)
-        self.time_conv = (CausalConv(dim, 2 * dim, (3, 1, 1)) if mode == "upsample3d" else
-                          CausalConv(dim, dim, (3, 1, 1), stride=(2, 1, 1)) if mode == "downsample3d" else None)
-
-    def forward(self, x, s):                                                   # x: (B, C, t, h, w)
-        if self.mode == "upsample3d":
-            x = self._time_up(x, s)                                             # (B, C, 2t, h, w) (t: first chunk)
-        if self.mode.startswith("up"):
-            x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest-exact")  # (B, C, t, 2h, 2w)
-            return self.conv(x, s)                                              # (B, C/2, t, 2h, 2w)
-        x = self.conv(F.pad(x, (0, 1, 0, 1)), s)  # (B, C, t, h/2, w/2); the op pads only symmetrically
-        return self._time_down(x, s) if self.mode == "downsample3d" else x     # (B, C, t/2, h/2, w/2)
-
-    def _time_up(self, x, s):
-        if s.whole:   # frame 0 passes as the first chunk would; the rest as the later chunks (t' -> 1 + 2(t'-1))
-            if x.shape[2] == 1:
-                return x
-            return torch.cat([x[:, :, :1], self._interleave(self.time_conv(x[:, :, 1:], s))], dim=2)
-        if self not in s.cache:                                                 # the first chunk passes
-            s.cache[self] = True
-            return x
-        return self._interleave(self.time_conv(x, s))
-
-    @staticmethod
-    def _interleave(y):
-        """(B, 2C, t, h, w) -> (B, C, 2t, h, w): each frame's two halves of channels become two frames."""
-        b, c2, t, h, w = y.shape
-        return y.reshape(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
-
-    def _time_down(self, x, s):
-        if s.whole:   # frame 0 passes; output m >= 1 covers frames 2m-2 .. 2m (1 + 2k -> 1 + k frames)
-            if x.shape[2] == 1:
-                return x
-            return torch.cat([x[:, :, :1], self.time_conv.conv(x[:, :, 2:], s, cache=x[:, :, :2])], dim=2)
-        prev = s.cache.get(self)
-        s.cache[self] = x[:, :, -1:].clone()
-        if prev is None:                                                        # the first chunk passes
-            return x
-        # output m covers stream frames 2m-2 .. 2m: convolve x[1:] with the two frames before it as cache
-        return self.time_conv.conv(x[:, :, 1:], s, cache=torch.cat([prev, x[:, :, :1]], dim=2))
-
-
-class MidBlock(nn.Module):
-    def __init__(self, dim: int, dropout: float):
-        super().__init__()
-        self.resnets = nn.ModuleList([ResidualBlock(dim, dim, dropout) for _ in range(2)])
-        self.attentions = nn.ModuleList([AttentionBlock(dim)])
-
-    def forward(self, x, s):
-        return self.resnets[1](self.attentions[0](self.resnets[0](x, s), s), s)
-
-
-class Encoder(nn.Module):
-    def __init__(self, c: VAEConfig):
-        super().__init__()
-        dims = [c.base_dim * m for m in (1, *c.dim_mult)]
-        self.conv_in = CausalConv(c.in_channels, dims[0], 3)
-        blocks = []
-        for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
-            blocks += [ResidualBlock(cin if j == 0 else cout, cout, c.dropout) for j in range(c.num_res_blocks)]
-            if i < len(c.dim_mult) - 1:
-                blocks.append(Resample(cout, "downsample3d" if c.temporal_downsample[i] else "downsample2d"))
-        self.down_blocks = nn.ModuleList(blocks)
-        self.mid_block = MidBlock(dims[-1], c.dropout)
-        self.norm_out = RMSNorm(dims[-1])
-        self.conv_out = CausalConv(dims[-1], 2 * c.z_dim, 3)
-
-    def forward(self, x, s):                                                   # x: (B, 3, t, H, W), one chunk
-        x = self.conv_in(x, s)                                                  # (B, d0, t, H, W)
-        for block in self.down_blocks:
-            x = block(x, s)                                                     # ... (B, dL, 1, H/sf, W/sf)
-        return self.conv_out(self.norm_out(self.mid_block(x, s), s), s)          # (B, 2z, 1, H/sf, W/sf)
-
-
-class UpBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, num_res_blocks: int, dropout: float, mode: Optional[str]):
-        super().__init__()
-        self.resnets = nn.ModuleList([ResidualBlock(cin if i == 0 else cout, cout, dropout)
-                                      for i in range(num_res_blocks + 1)])
-        self.upsampler = Resample(cout, mode) if mode else None
-
-    def forward(self, x, s):
-        for resnet in self.resnets:
-            x = resnet(x, s)
-        return x if self.upsampler is None else self.upsampler(x, s)
-
-
-class Decoder(nn.Module):
-    def __init__(self, c: VAEConfig):
-        super().__init__()
-        base, n = c.decoder_base_dim or c.base_dim, len(c.dim_mult)
-        dims = [base * m for m in (c.dim_mult[-1], *c.dim_mult[::-1])]
-        time_up = c.temporal_downsample[::-1]
-        self.conv_in = CausalConv(c.z_dim, dims[0], 3)
-        self.mid_block = MidBlock(dims[0], c.dropout)
-        self.up_blocks = nn.ModuleList([
-            UpBlock(cin // 2 if i > 0 else cin, cout, c.num_res_blocks, c.dropout,  # upsamplers halve C
-                    None if i == n - 1 else "upsample3d" if time_up[i] else "upsample2d")
-            for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:]))])
-        self.norm_out = RMSNorm(dims[-1])
-        self.conv_out = CausalConv(dims[-1], c.out_channels, 3)
-
-    def forward(self, x, s):                                                   # x: (B, z, 1, h, w), one chunk
-        x = self.mid_block(self.conv_in(x, s), s)                               # (B, d0, 1, h, w)
-        for block in self.up_blocks:
-            x = block(x, s)                                                     # ... (B, d, t, H, W)
-        return self.conv_out(self.norm_out(x, s), s)                            # (B, 3, 1 or tf, H, W)
+def tiled(x: torch.Tensor, fn: Callable, tile, stride, out_tile, out_stride, out_hw) -> torch.Tensor:
+    """diffusers' spatial tiling: ``fn`` on ``tile`` windows every ``stride`` pixels of x; each result
+    fades into its upper and left neighbours over ``out_tile - out_stride`` pixels, then keeps its
+    top-left ``out_stride`` block."""
+    h, w = x.shape[-2:]
+    rows = [[fn(x[..., i:i + tile[0], j:j + tile[1]]) for j in range(0, w, stride[1])]
+            for i in range(0, h, stride[0])]
+    out = []
+    for i, row in enumerate(rows):
+        for j in range(len(row)):  # neighbours are already blended, as in diffusers' in-place loop
+            if i > 0:
+                row[j] = _blend(rows[i - 1][j], row[j], out_tile[0] - out_stride[0], dim=-2)
+            if j > 0:
+                row[j] = _blend(row[j - 1], row[j], out_tile[1] - out_stride[1], dim=-1)
+        out.append(torch.cat([t[..., :out_stride[0], :out_stride[1]] for t in row], dim=-1))
+    return torch.cat(out, dim=-2)[..., :out_hw[0], :out_hw[1]]
 
 
 def _check_chunked(chunked) -> None:
@@ -402,15 +210,7 @@ class CausalVAE(nn.Module):
         return self.config.z_dim
 
     def _backends(self) -> dict:
-        b = self.backend
-        if b is None or isinstance(b, str):
-            return dict.fromkeys(OPS, b)
-        if not isinstance(b, Mapping):
-            raise TypeError(f"backend must be None, a backend name or a mapping op -> backend, got {type(b).__name__}")
-        unknown = sorted(set(b) - set(OPS))
-        if unknown:
-            raise ValueError(f"backend mapping has unknown ops {unknown}; valid keys: {', '.join(OPS)}")
-        return {op: b.get(op) for op in OPS}
+        return resolve_family_backends(self.backend, OPS)
 
     # --- input checks ---
     def _check(self, name: str, t, channels: int, layout: str, frame_rule: bool, hw_multiple: int):
@@ -555,9 +355,20 @@ class CausalVAE(nn.Module):
         """The same model as a diffusers ``AutoencoderKLWan`` (weights copied, its dtype and device)."""
         if not hasattr(vae, "config") or not hasattr(vae, "state_dict"):
             raise TypeError(f"vae must be a diffusers AutoencoderKLWan, got {type(vae).__name__}")
+        from .convert import convert_wan_vae_state_dict
+
         config = VAEConfig.from_diffusers_config(vae.config)
         p = next(vae.parameters())
         model = cls(config, backend=backend).to(device=p.device, dtype=p.dtype)
         load_converted(model, convert_wan_vae_state_dict(vae.state_dict(), config),
                        "the diffusers AutoencoderKLWan state dict")
         return model.train(vae.training)
+
+
+def __getattr__(name: str):
+    # the converter lives in models.convert, which imports this module: re-exported on first use
+    if name == "convert_wan_vae_state_dict":
+        from .convert import convert_wan_vae_state_dict
+
+        return convert_wan_vae_state_dict
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

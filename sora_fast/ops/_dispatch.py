@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Callable, Optional, Union
+from typing import Callable, Iterable, Mapping, Optional, Union
 
 import torch
 
@@ -28,6 +28,7 @@ __all__ = [
     "register_kernel",
     "registered_backends",
     "resolve_backend",
+    "resolve_family_backends",
     "get_kernel",
 ]
 
@@ -76,6 +77,33 @@ def resolve_backend(op: str, backend: Optional[str], device: torch.device) -> st
         if kernels:
             return kernels[0]
     return "torch"
+
+
+def resolve_family_backends(backend: Union[None, str, Mapping[str, Optional[str]]],
+                            families: Iterable[str]) -> dict[str, Optional[str]]:
+    """A model's ``backend`` argument -> ``{family: backend name or None}`` for each of ``families``.
+
+    ``backend`` is None (auto for every family), one backend name for every family, or a mapping from
+    some of ``families`` to a name or None (missing families: None). Raises TypeError for any other
+    type and ValueError for an unknown name or family, naming what is accepted.
+    """
+    families = tuple(families)
+    if backend is None or isinstance(backend, str):
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend must be None, one of {BACKENDS} or a mapping with keys in {families}; "
+                             f"a backend must be one of {BACKENDS} or None, got {backend!r}")
+        return dict.fromkeys(families, backend)
+    if not isinstance(backend, Mapping):
+        raise TypeError(f"backend must be None, a backend name or a mapping with keys in {families}, "
+                        f"got {type(backend).__name__}")
+    unknown = sorted(set(backend) - set(families))
+    bad = {k: v for k, v in backend.items() if v is not None and v not in BACKENDS}
+    if unknown or bad:
+        problems = [f"backend mapping has unknown ops {unknown}; valid keys: {', '.join(families)}"] if unknown else []
+        problems += [f"{k}: {v!r} is not one of {BACKENDS} or None" for k, v in bad.items()]
+        raise ValueError(f"backend must be None, one of {BACKENDS} or a mapping; a backend mapping must have keys "
+                         f"in {families}, got {dict(backend)!r}: " + "; ".join(problems))
+    return {k: backend.get(k) for k in families}
 
 
 def eager_reference(backend: str) -> bool:

@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ..models._convert import StateDictMismatchError
+from ..models._convert import StateDictMismatchError, _listing
 from .ema import EMA
 
 __all__ = [
@@ -419,11 +419,6 @@ def _config_diff(saved: Any, expected: Any, path: str = "config") -> list[str]:
     same = saved == expected or (isinstance(saved, float) and isinstance(expected, float)
                                  and math.isnan(saved) and math.isnan(expected))
     return [] if same else [f"{path}: checkpoint has {saved!r}, expected {expected!r}"]
-
-
-def _listing(title: str, names: list[str], limit: int = 20) -> str:
-    shown = ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
-    return f"{title} ({len(names)}): {shown}"
 
 
 def load_checkpoint(

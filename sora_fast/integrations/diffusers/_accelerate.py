@@ -1,0 +1,131 @@
+"""``accelerate(pipe_or_model)``: which supported models a pipeline holds, each family's plan of patches,
+validated in full before the first patch and rolled back if one fails."""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Union
+
+from torch import nn
+
+from ...ops._dispatch import resolve_family_backends
+from .cogvideox import _plan_cogvideox
+from .dispatch import _plan_dispatch
+from .patching import HANDLE_ATTR, AccelerationHandle, _Patcher
+from .wan import _plan_wan
+from .wan_vae import _plan_wan_vae
+
+__all__ = ["accelerate", "SUPPORTED_MODELS", "OP_FAMILIES"]
+
+OP_FAMILIES = ("attention", "adaln", "causal_conv3d", "channel_rms_norm_silu")
+SUPPORTED_MODELS = {
+    "WanTransformer3DModel": "attention (RoPE fused) + adaLN chain",
+    "AutoencoderKLWan": "causal convs + RMS norm/SiLU",
+    "HunyuanVideoTransformer3DModel": "attention backend",
+    "LTXVideoTransformer3DModel": "attention backend",
+    "CogVideoXTransformer3DModel": "attention processors",
+}
+Backend = Union[None, str, Mapping[str, Optional[str]]]
+
+
+def _supported_listing() -> str:
+    return "; ".join(f"{k} ({v})" for k, v in SUPPORTED_MODELS.items())
+
+
+_PLANNERS = {
+    "WanTransformer3DModel": _plan_wan,
+    "AutoencoderKLWan": _plan_wan_vae,
+    "HunyuanVideoTransformer3DModel": _plan_dispatch,
+    "LTXVideoTransformer3DModel": _plan_dispatch,
+    "CogVideoXTransformer3DModel": _plan_cogvideox,
+}
+
+
+def _supported_class(model) -> Optional[str]:
+    """The supported diffusers class ``model`` is exactly an instance of (subclasses may change blocks)."""
+    import diffusers
+
+    for cls_name in _PLANNERS:
+        cls = getattr(diffusers, cls_name, None)
+        if cls is not None and type(model) is cls:
+            return cls_name
+    return None
+
+
+def _targets(pipe_or_model) -> tuple[list[tuple[str, nn.Module, str]], list[str]]:
+    """(name, model, class name) of every supported model; names of the skipped pipeline components."""
+    if isinstance(pipe_or_model, nn.Module):
+        cls_name = _supported_class(pipe_or_model)
+        if cls_name is None:
+            raise TypeError(f"pipe_or_model must be a diffusers pipeline or one of the supported diffusers models "
+                            f"({_supported_listing()}), got {type(pipe_or_model).__name__}")
+        return [(type(pipe_or_model).__name__, pipe_or_model, cls_name)], []
+    components = getattr(pipe_or_model, "components", None)
+    if not isinstance(components, Mapping):
+        raise TypeError(f"pipe_or_model must be a diffusers pipeline (with .components) or a diffusers model, "
+                        f"got {type(pipe_or_model).__name__}")
+    targets, skipped = [], []
+    for name, comp in components.items():
+        if not isinstance(comp, nn.Module):
+            continue
+        cls_name = _supported_class(comp)
+        if cls_name is None:
+            skipped.append(f"{name} ({type(comp).__name__})")
+        else:
+            targets.append((name, comp, cls_name))
+    if not targets:
+        held = ", ".join(skipped) or "no models"
+        raise TypeError(f"pipe_or_model ({type(pipe_or_model).__name__}) holds no supported model; supported: "
+                        f"{_supported_listing()}; it holds {held}")
+    return targets, skipped
+
+
+def accelerate(pipe_or_model, *, attention: bool = True, norms: bool = True, vae: bool = True,
+               backend: Backend = None) -> AccelerationHandle:
+    """Make a diffusers pipeline (or one of its models) run on sora_fast kernels; same outputs.
+
+    Args:
+        pipe_or_model: a ``DiffusionPipeline`` (every supported component is accelerated, the others,
+            e.g. text encoders, are left alone and listed in ``handle.skipped``) or a supported model:
+            ``WanTransformer3DModel``, ``AutoencoderKLWan``, ``HunyuanVideoTransformer3DModel``,
+            ``LTXVideoTransformer3DModel``, ``CogVideoXTransformer3DModel``.
+        attention: route attention through :func:`sora_fast.ops.spacetime_attention`.
+        norms: Wan transformer blocks' adaLN chains, and the Wan VAE's RMS norms (+ SiLU) when ``vae``.
+        vae: the Wan VAE's causal convs (and its norms when ``norms``).
+        backend: None (auto: kernels for CUDA tensors, the torch reference on CPU), a backend name for
+            every op, or a mapping from ``"attention"``, ``"adaln"``, ``"causal_conv3d"``,
+            ``"channel_rms_norm_silu"`` to a name. A backend without a kernel for an op raises
+            :class:`sora_fast.ops.BackendUnavailableError` when the op runs.
+
+    Returns an :class:`AccelerationHandle`: ``handle.undo()``, or ``with accelerate(pipe): ...``.
+    Raises TypeError for an unsupported object (listing what is supported), ValueError for a model
+    already accelerated or with processors/blocks it does not know, :class:`DiffusersHooksError` when
+    the installed diffusers lacks what a patch needs; in every case nothing has been changed.
+    """
+    flags = {"attention": attention, "norms": norms, "vae": vae}
+    for k, v in flags.items():
+        if not isinstance(v, bool):
+            raise TypeError(f"{k} must be a bool, got {type(v).__name__}")
+    backends = resolve_family_backends(backend, OP_FAMILIES)
+    targets, skipped = _targets(pipe_or_model)
+    for name, model, _ in targets:
+        prior = getattr(model, HANDLE_ATTR, None)
+        if prior is not None and prior.active:
+            label = name if name == type(model).__name__ else f"{name} ({type(model).__name__})"
+            raise ValueError(f"{label} is already accelerated by sora_fast ({prior!r}); "
+                             f"call that handle's undo() first")
+    steps = []
+    for name, model, cls_name in targets:
+        steps += _PLANNERS[cls_name](name, model, flags, backends)
+    if not steps:
+        raise ValueError(f"nothing to accelerate with attention={attention}, norms={norms}, vae={vae} in "
+                         + ", ".join(f"{n} ({type(m).__name__})" for n, m, _ in targets))
+    patcher = _Patcher()
+    handle = AccelerationHandle(patcher, [desc for desc, _ in steps], skipped)
+    try:
+        for _, model, _ in targets:
+            patcher.set(model, HANDLE_ATTR, handle)
+        for _, apply in steps:
+            apply(patcher)
+    except BaseException:
+        patcher.restore_all()
+        raise
+    return handle

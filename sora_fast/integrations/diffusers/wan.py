@@ -1,0 +1,220 @@
+"""diffusers ``WanTransformer3DModel`` (Wan 2.1 / 2.2) on sora_fast: attention processors with the 3D RoPE
+fused into the kernel, and each block's norm -> modulate -> gate -> residual chain on the adaLN ops
+(in inference the last gated add of a block is fused with the next block's first norm)."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ... import ops
+from .attention import packed_attention
+from .patching import _diffusers_attr, _own_forward_free
+
+__all__ = ["WanAttnProcessor"]
+
+
+class _GridRope(tuple):
+    """Wan's ``(freqs_cos, freqs_sin)`` plus the latent patch grid they were built for, so that the
+    attention can apply the same rotation from integer coordinates inside its kernel."""
+
+    def __new__(cls, cos: torch.Tensor, sin: torch.Tensor, grid: tuple):
+        self = super().__new__(cls, (cos, sin))
+        self.grid, self._coords = grid, {}
+        return self
+
+    def coords(self, batch: int, device) -> torch.Tensor:
+        """``(batch * T'H'W', 3)`` int32 (t, h, w) of every token, cached."""
+        key = (batch, str(device))
+        if key not in self._coords:
+            self._coords[key] = ops.grid_coords(self.grid, device).to(torch.int32).repeat(batch, 1)
+        return self._coords[key]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's rotary embedding from explicit cos/sin tables (interleaved pairs), as diffusers applies it."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).type_as(x)
+
+
+class WanAttnProcessor:
+    """diffusers' ``WanAttnProcessor`` with the attention (and RoPE, fused) on sora_fast.
+
+    Same projections, QK RMSNorm (the module's own layers) and I2V image branch as diffusers; the
+    softmax attention runs as packed sequences, one per batch element. Self-attention with a
+    :class:`_GridRope` (what the patched ``rope`` module returns) rotates q and k inside the kernel;
+    with plain cos/sin tables (the sequence split by context parallelism, a hand-made call) they are
+    rotated first, as diffusers does.
+    """
+
+    def __init__(self, backend: Optional[str] = None, *, qkv: Callable, added_kv: Callable):
+        self.backend, self._qkv, self._added_kv = backend, qkv, added_kv
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None, rotary_emb=None) -> torch.Tensor:
+        if attention_mask is not None:
+            raise ValueError("WanAttnProcessor (sora_fast) takes no attention_mask (Wan attends to every token), "
+                             f"got a tensor of shape {tuple(attention_mask.shape)}")
+        img = None
+        if attn.add_k_proj is not None:
+            image_len = encoder_hidden_states.shape[1] - 512          # diffusers: 512 text tokens follow
+            img, encoder_hidden_states = encoder_hidden_states[:, :image_len], encoder_hidden_states[:, image_len:]
+        q, k, v = self._qkv(attn, hidden_states, encoder_hidden_states)   # (B, S|L, H*d)
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))   # (B, S|L, H, d)
+        coords = None
+        if rotary_emb is not None:
+            b, s = q.shape[:2]
+            if isinstance(rotary_emb, _GridRope) and math.prod(rotary_emb.grid) == s:
+                coords = rotary_emb.coords(b, q.device)                     # (B*S, 3) int32
+            else:
+                q, k = _rotate(q, *rotary_emb), _rotate(k, *rotary_emb)
+        out = packed_attention(q, k, v, rope_coords=coords, backend=self.backend).flatten(2, 3).type_as(q)
+        if img is not None:
+            k_img, v_img = self._added_kv(attn, img)
+            k_img = attn.norm_added_k(k_img).unflatten(2, (attn.heads, -1))
+            v_img = v_img.unflatten(2, (attn.heads, -1))
+            out = out + packed_attention(q, k_img, v_img, backend=self.backend).flatten(2, 3).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))                          # (B, S, dim)
+
+
+class _WanChain:
+    """Hands the fused next-block norm from one patched block to the next one (inference only): block
+    i's last gated add also computes block i+1's first modulated norm; block i+1 takes it only if it
+    receives exactly that residual tensor with the same time projection."""
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self.h = self.temb = self.block = self.y = None
+
+    def take(self, block, h, temb) -> Optional[torch.Tensor]:
+        y = self.y if (self.block is block and self.h is h and self.temb is temb) else None
+        self.clear()
+        return y
+
+
+def _wan_tables(block, temb: torch.Tensor, n: int, count: int = 6):
+    """The first ``count`` of a block's six fp32 modulation tables (shift, scale, gate of self-attention,
+    then of the FFN): (B, D) each with per-token seq_ids (Wan 2.1, 2.2 A14B), or (N, D) per token and
+    seq_ids None (Wan 2.2 TI2V, whose time projection is (B, S, 6, D))."""
+    if temb.dim() == 4:
+        mod = (block.scale_shift_table.unsqueeze(0) + temb.float()).reshape(n, 6, -1)   # (N, 6, D)
+        per_token = True
+    else:
+        mod = block.scale_shift_table + temb.float()                                   # (B, 6, D)
+        per_token = False
+    return tuple(t.contiguous() for t in mod.unbind(1)[:count]), per_token
+
+
+def _wan_block_forward(block, next_block, chain: _WanChain, backend: Optional[str]) -> Callable:
+    """``WanTransformerBlock.forward`` with its norm/modulate/gate/residual chain on sora_fast ops."""
+
+    def forward(hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                rotary_emb) -> torch.Tensor:
+        b, s, d = hidden_states.shape
+        n = b * s
+        x = hidden_states.reshape(n, d)                                                  # (N, D)
+        (shift1, scale1, gate1, shift2, scale2, gate2), per_token = _wan_tables(block, temb, n)
+        ids = None if per_token else torch.arange(b, dtype=torch.int32, device=x.device).repeat_interleave(s)
+        zero, one = torch.zeros_like(gate1), torch.ones_like(gate1)
+        y = chain.take(block, hidden_states, temb)
+        if y is None:
+            y = ops.adaln_modulate(x, shift1, scale1, ids, eps=block.norm1.eps, backend=backend)  # (N, D)
+        a = block.attn1(y.view(b, s, d), None, None, rotary_emb).reshape(n, d)        # (N, D)
+        norm2 = block.norm2 if isinstance(block.norm2, nn.LayerNorm) else None
+        h, y = ops.gated_residual_adaln(x, a, gate1, zero, zero, ids, weight=getattr(norm2, "weight", None),
+                                        bias=getattr(norm2, "bias", None),
+                                        eps=norm2.eps if norm2 is not None else block.norm1.eps,
+                                        backend=backend)                                # h + g1*a, LN_affine(h)
+        if norm2 is None:
+            y = h                                                                       # no cross-attn norm
+        c = block.attn2(y.view(b, s, d), encoder_hidden_states, None, None).reshape(n, d)  # (N, D)
+        h, y = ops.gated_residual_adaln(h, c, one, shift2, scale2, ids, eps=block.norm3.eps,
+                                        backend=backend)                                # h + c, LN(h)*(1+s2)+sh2
+        f = block.ffn(y.view(b, s, d)).reshape(n, d)                                    # (N, D)
+        if next_block is not None and not torch.is_grad_enabled():
+            (nshift, nscale), _ = _wan_tables(next_block, temb, n, count=2)
+            h, y_next = ops.gated_residual_adaln(h, f, gate2, nshift, nscale, ids, eps=next_block.norm1.eps,
+                                                 backend=backend)                       # h + g2*f, next y
+            out = h.view(b, s, d)
+            chain.h, chain.temb, chain.block, chain.y = out, temb, next_block, y_next
+            return out
+        # last block (its output norm needs the transformer's temb), or training: a plain gated add,
+        # as diffusers writes it, so no fused norm tensor outlives the block
+        g = gate2.view(b, s, d) if ids is None else gate2[:, None]                     # (B, S|1, D)
+        return (h.view(b, s, d).float() + f.view(b, s, d).float() * g).to(h.dtype)
+
+    return forward
+
+
+def _wan_rope_forward(rope, chain: _WanChain) -> Callable:
+    original = type(rope).forward.__get__(rope)
+
+    def forward(hidden_states: torch.Tensor):
+        chain.clear()                                  # a new transformer forward starts here
+        cos, sin = original(hidden_states)
+        _, _, t, h, w = hidden_states.shape
+        pt, ph, pw = rope.patch_size
+        return _GridRope(cos, sin, (t // pt, h // ph, w // pw))
+
+    return forward
+
+
+def _plan_wan(name: str, model: nn.Module, flags: dict, backends: dict) -> list:
+    purpose = "the Wan transformer acceleration"
+    module = "diffusers.models.transformers.transformer_wan"
+    block_cls = _diffusers_attr(module, "WanTransformerBlock", purpose)
+    proc_cls = _diffusers_attr(module, "WanAttnProcessor", purpose)
+    qkv = _diffusers_attr(module, "_get_qkv_projections", purpose)
+    added_kv = _diffusers_attr(module, "_get_added_kv_projections", purpose)
+    layer_norm = _diffusers_attr("diffusers.models.normalization", "FP32LayerNorm", purpose)
+    blocks = list(model.blocks)
+    steps = []
+    if flags["attention"]:
+        rope = model.rope
+        head_dim = model.config.attention_head_dim
+        if (rope.t_dim, rope.h_dim, rope.w_dim) != ops.rope3d_split(head_dim):
+            raise ValueError(f"{name}: RoPE split {(rope.t_dim, rope.h_dim, rope.w_dim)} differs from Wan's "
+                             f"{ops.rope3d_split(head_dim)} for head dim {head_dim}")
+        _own_forward_free(rope, f"{name}.rope")
+        attns = [(f"{name}.blocks.{i}.{a}", getattr(blk, a)) for i, blk in enumerate(blocks)
+                 for a in ("attn1", "attn2")]
+        for where, attn in attns:
+            if not isinstance(attn.processor, proc_cls):
+                raise ValueError(f"{where} has processor {type(attn.processor).__name__}; sora_fast replaces "
+                                 f"diffusers' {proc_cls.__name__} only (call model.set_default_attn_processor())")
+        proc = WanAttnProcessor(backends["attention"], qkv=qkv, added_kv=added_kv)
+        chain = _WanChain()
+
+        def apply_attention(p):
+            p.set(rope, "forward", _wan_rope_forward(rope, chain))
+            for _, attn in attns:
+                p.set(attn, "processor", proc)
+
+        steps.append((f"{name}: {len(attns)} attention processors (RoPE fused)", apply_attention))
+    if flags["norms"]:
+        for i, blk in enumerate(blocks):
+            where = f"{name}.blocks.{i}"
+            if type(blk) is not block_cls:
+                raise ValueError(f"{where} is a {type(blk).__name__}, not diffusers' {block_cls.__name__}")
+            _own_forward_free(blk, where)
+            for norm in ("norm1", "norm3"):
+                m = getattr(blk, norm)
+                if not isinstance(m, layer_norm) or m.elementwise_affine:
+                    raise ValueError(f"{where}.{norm} must be a non-affine FP32LayerNorm, got {m!r}")
+            if not isinstance(blk.norm2, (layer_norm, nn.Identity)):
+                raise ValueError(f"{where}.norm2 must be an FP32LayerNorm or Identity, got {blk.norm2!r}")
+        chain = _WanChain() if not flags["attention"] else chain
+
+        def apply_norms(p):
+            for i, blk in enumerate(blocks):
+                nxt = blocks[i + 1] if i + 1 < len(blocks) else None
+                p.set(blk, "forward", _wan_block_forward(blk, nxt, chain, backends["adaln"]))
+
+        steps.append((f"{name}: {len(blocks)} blocks' adaLN chains", apply_norms))
+    return steps
