@@ -12,8 +12,8 @@ import torch
 from .timing import do_bench_budget
 
 __all__ = ["GPU_DTYPES", "script_parser", "add_cpu_flag", "add_out_flag", "add_dtype_flag", "add_do_bench_flags",
-           "resolve_do_bench", "add_threads_flag", "add_reps_flag", "check_at_least", "exit_with", "torch_threads",
-           "on_gpu"]
+           "resolve_do_bench", "add_threads_flag", "add_reps_flag", "check_at_least", "check_counts", "exit_with",
+           "torch_threads", "on_gpu"]
 
 GPU_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"   # bench/results, git-ignored
@@ -64,6 +64,12 @@ def add_threads_flag(p: argparse.ArgumentParser, help: str = "torch intra-op CPU
 
 def add_reps_flag(p: argparse.ArgumentParser, per: str) -> None:
     p.add_argument("--reps", type=int, default=None, help=f"timed repetitions per {per} (median reported)")
+
+
+def check_counts(args: argparse.Namespace, error: Callable[[str], None], flags=("reps", "threads")) -> None:
+    """Each of ``flags`` (``--reps``, ``--threads``, ...), when given, must be >= 1 (:func:`check_at_least`)."""
+    for name in flags:
+        check_at_least(f"--{name}", getattr(args, name), 1, error)
 
 
 def exit_with(message: str) -> NoReturn:
