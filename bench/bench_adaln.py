@@ -144,7 +144,7 @@ def cpu_smoke() -> bool:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    cli.add_out_flag(p, "directory for the JSON and CSV rows", default=Path("bench_results"))
+    cli.add_out_flag(p, "directory for the JSON and CSV rows", Path("bench_results"))
     cli.add_cpu_flag(p, "skip the GPU timings even when a GPU is present: run the CPU smoke of the emulated kernels")
     args = p.parse_args(argv)
     if not cli.on_gpu(args):

@@ -385,7 +385,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="fewer cases (Wan 480p, packed4, windowed 480p) and shorter timing; on CPU a smaller "
                              "reference pack")
-    cli.add_out_flag(parser, "directory for bench_attention.json and .csv (default: bench/results, git-ignored)")
+    cli.add_out_flag(parser, "directory for bench_attention.json and .csv (default: bench/results, git-ignored)",
+                     Path(__file__).resolve().parent / "results")
     cli.add_cpu_flag(parser, "run only the CPU-side parts even when a GPU is present")
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS), metavar="P",
                         help=f"GPU providers to run, side by side (default: all of {', '.join(PROVIDERS)}); one "

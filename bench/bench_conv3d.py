@@ -303,7 +303,8 @@ def main(argv=None) -> int:
                         help="GPU: latent frames of the end-to-end decode (default 3: 9 video frames at 480x832)")
     parser.add_argument("--e2e-reps", type=int, default=3,
                         help="GPU: timed end-to-end decodes per provider (default 3)")
-    cli.add_out_flag(parser, "folder for bench_conv3d.json/.csv (default bench/results)")
+    cli.add_out_flag(parser, "folder for bench_conv3d.json/.csv (default bench/results)",
+                     Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     if args.e2e_frames < 1 or args.e2e_reps < 1:
         parser.error(f"--e2e-frames and --e2e-reps must be >= 1, got {args.e2e_frames} and {args.e2e_reps}")

@@ -71,7 +71,7 @@ def test_interleaved_timing():
 def test_common_flags_and_threads():
     p = cli.script_parser("doc")
     cli.add_cpu_flag(p, "cpu only")
-    cli.add_out_flag(p, "where")
+    cli.add_out_flag(p, "where", ROOT / "bench" / "results")
     cli.add_dtype_flag(p)
     cli.add_do_bench_flags(p)
     p.add_argument("--quick", action="store_true")

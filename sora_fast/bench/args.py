@@ -16,7 +16,6 @@ __all__ = ["GPU_DTYPES", "script_parser", "add_cpu_flag", "add_out_flag", "add_d
            "torch_threads", "on_gpu"]
 
 GPU_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"   # bench/results, git-ignored
 
 
 def script_parser(doc: str) -> argparse.ArgumentParser:
@@ -33,9 +32,9 @@ def on_gpu(args: argparse.Namespace) -> bool:
     return torch.cuda.is_available() and not args.cpu
 
 
-def add_out_flag(p: argparse.ArgumentParser, help: str, default: Optional[Path] = None) -> None:
-    """``--out DIR`` (default: bench/results)."""
-    p.add_argument("--out", type=Path, default=RESULTS if default is None else default, help=help)
+def add_out_flag(p: argparse.ArgumentParser, help: str, default: Path) -> None:
+    """``--out DIR``, a :class:`~pathlib.Path` (the scripts' default: ``results/`` beside them, git-ignored)."""
+    p.add_argument("--out", type=Path, default=default, help=help)
 
 
 def add_dtype_flag(p: argparse.ArgumentParser) -> None:
