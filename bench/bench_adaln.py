@@ -20,13 +20,18 @@ Rows (kernel, provider, shape, dtype, metric, value, gpu, versions) go to OUT/be
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import platform
 import sys
 from pathlib import Path
 
+if __package__ in (None, ""):   # run as a file: `bench` and `sora_fast` import from this checkout (bench/README.md)
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+
 import torch
+
+from sora_fast.bench import args as cli
+from sora_fast.bench.floors import pct_of_floor, throughput
+from sora_fast.bench.report import Rows, versions_text, write_csv, write_json
+from sora_fast.bench.timing import do_bench_median
 
 SHAPES = {"wan1.3b-480p": (32760, 1536), "wan14b-720p": (75600, 5120)}
 TARGET_PCT_OF_COPY = 85.0  # forward
@@ -35,15 +40,14 @@ BYTES_PER_ELEM_PASS = {("adaln_modulate", "fwd"): 2, ("gated_residual_adaln", "f
 
 
 def _versions() -> str:
-    import sora_fast
-    return f"torch {torch.__version__}, sora_fast {sora_fast.__version__}, python {platform.python_version()}"
+    return versions_text(("torch", "sora_fast", "python"))
 
 
-def _copy_bandwidth(do_bench) -> float:
+def _copy_bandwidth() -> float:
     src = torch.randn(256 * 1024 * 1024, device="cuda")  # 1 GiB fp32
     dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
-    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+    ms = do_bench_median(lambda: dst.copy_(src))
+    return throughput(2 * src.numel() * 4, ms, "GB/s")
 
 
 def _inputs(n, d, dtype):
@@ -69,13 +73,11 @@ def _callables(op, provider, a):
 
 
 def run_gpu() -> list[dict]:
-    from triton.testing import do_bench
-
     gpu = torch.cuda.get_device_name()
-    copy_gbs = _copy_bandwidth(do_bench)
+    copy_gbs = _copy_bandwidth()
     print(f"{gpu}: measured copy bandwidth {copy_gbs:.0f} GB/s")
-    rows = [dict(kernel="copy", provider="torch", shape="1GiB", dtype="float32", metric="GB/s", value=copy_gbs,
-                 gpu=gpu, versions=_versions())]
+    rows = Rows(gpu, "bfloat16", _versions(), notes=False)
+    rows.add("torch", "1GiB", "GB/s", copy_gbs, kernel="copy", dtype="float32")
     dtype = torch.bfloat16
     targets: list[bool] = []
     for shape_name, (n, d) in SHAPES.items():
@@ -87,20 +89,20 @@ def run_gpu() -> list[dict]:
                 for direction in ("fwd", "bwd"):
                     try:
                         if direction == "fwd":
-                            ms = do_bench(lambda: f(*args), return_mode="median")
+                            ms = do_bench_median(lambda: f(*args))
                         else:
                             leaves = [t.detach().requires_grad_(True) for t in args]
                             outs = f(*leaves)
                             outs = outs if isinstance(outs, tuple) else (outs,)
                             grads = [torch.randn_like(o) for o in outs]
-                            ms = do_bench(lambda: torch.autograd.backward(outs, grads, retain_graph=True),
-                                          grad_to_none=leaves, return_mode="median")
+                            ms = do_bench_median(lambda: torch.autograd.backward(outs, grads, retain_graph=True),
+                                                 grad_to_none=leaves)
                     except Exception as e:  # a provider that cannot run this case is reported, not fatal
                         print(f"  {op} {direction} {provider}: failed: {type(e).__name__}: {e}")
                         continue
                     nbytes = BYTES_PER_ELEM_PASS[(op, direction)] * n * d * 2
-                    gbs = nbytes / (ms * 1e-3) / 1e9
-                    pct = 100 * gbs / copy_gbs
+                    gbs = throughput(nbytes, ms, "GB/s")
+                    pct = pct_of_floor(gbs, copy_gbs)
                     verdict = ""
                     if provider == "sora_fast" and direction == "fwd":
                         met = pct >= TARGET_PCT_OF_COPY
@@ -108,14 +110,12 @@ def run_gpu() -> list[dict]:
                         verdict = f"  target >= {TARGET_PCT_OF_COPY:.0f}%: {'met' if met else 'MISSED'}"
                     print(f"  {shape_name} {op:22s} {direction} {provider:14s} {ms:8.3f} ms {gbs:7.0f} GB/s "
                           f"{pct:5.1f}% of copy{verdict}")
-                    base = dict(kernel=f"{op}_{direction}", provider=provider, shape=f"{shape_name} ({n}x{d})",
-                                dtype="bfloat16", gpu=gpu, versions=_versions())
-                    rows += [dict(base, metric="ms", value=ms), dict(base, metric="GB/s", value=gbs),
-                             dict(base, metric="%copy", value=pct)]
+                    for metric, value in (("ms", ms), ("GB/s", gbs), ("%copy", pct)):
+                        rows.add(provider, f"{shape_name} ({n}x{d})", metric, value, kernel=f"{op}_{direction}")
         del a
     print(f"sora_fast forward at >= {TARGET_PCT_OF_COPY:.0f}% of copy bandwidth: {sum(targets)} of "
           f"{len(targets)} cases")
-    return rows
+    return rows.rows
 
 
 def cpu_smoke() -> bool:
@@ -144,21 +144,16 @@ def cpu_smoke() -> bool:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=Path("bench_results"), help="directory for the JSON and CSV rows")
-    p.add_argument("--cpu", action="store_true",
-                   help="skip the GPU timings even when a GPU is present: run the CPU smoke of the emulated kernels")
+    cli.add_out_flag(p, "directory for the JSON and CSV rows", Path("bench_results"))
+    cli.add_cpu_flag(p, "skip the GPU timings even when a GPU is present: run the CPU smoke of the emulated kernels")
     args = p.parse_args(argv)
-    if args.cpu or not torch.cuda.is_available():
+    if not cli.on_gpu(args):
         why = "--cpu given" if args.cpu else "no CUDA GPU here"
         print(f"bench_adaln: {why}: GB/s needs a GPU (H100/H200). Running the CPU smoke only.")
         return 0 if cpu_smoke() else 1
     rows = run_gpu()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_adaln.json").write_text(json.dumps(rows, indent=1) + "\n")
-    with open(args.out / "bench_adaln.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_json(args.out / "bench_adaln.json", rows)
+    write_csv(args.out / "bench_adaln.csv", rows, list(rows[0]))
     print(f"{len(rows)} rows -> {args.out}/bench_adaln.json, .csv")
     return 0
 

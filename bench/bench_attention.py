@@ -20,10 +20,7 @@ and ``OUT/bench_attention.csv``.
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
-import json
-import platform
 import statistics
 import sys
 import time
@@ -31,12 +28,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+if __package__ in (None, ""):   # run as a file: `bench` and `sora_fast` import from this checkout (bench/README.md)
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+
 import torch
 
-from sora_fast.bench import FLOORS
+from sora_fast.bench import args as cli
+from sora_fast.bench.floors import floor_for, pct_of_floor, throughput
+from sora_fast.bench.report import Rows as _Rows
+from sora_fast.bench.report import cpu_name
+from sora_fast.bench.report import versions as _versions
+from sora_fast.bench.suites import Skip
+from sora_fast.bench.timing import do_bench_median, interleaved_times
 
 KERNEL = "spacetime_attention"
-FLOOR_TFLOPS = {gpu: f["TFLOP/s"] for gpu, f in FLOORS.items()}   # dense bf16/fp16 datasheet numbers (SXM)
 DEFAULT_BLOCK_M, DEFAULT_BLOCK_N = 128, 64       # used when the kernel module does not expose its own
 DEFAULT_BWD_BLOCK_M, DEFAULT_BWD_BLOCK_N = 32, 64
 DEFAULT_WINDOW = (3, 8, 8)                       # +-3 latent frames, +-8 patches: a typical local 3D window
@@ -75,13 +80,8 @@ def gpu_cases(window: tuple[int, int, int], quick: bool) -> list[Case]:
 
 # --- environment ----------------------------------------------------------------------------------
 def versions() -> dict[str, str]:
-    v = {"torch": torch.__version__, "cuda": str(torch.version.cuda), "python": platform.python_version()}
-    for mod in ("triton", "sora_fast", "flash_attn", "flash_attn_interface"):
-        try:
-            v[mod] = str(getattr(importlib.import_module(mod), "__version__", "installed"))
-        except Exception:
-            pass
-    return v
+    return _versions(("torch", "cuda", "python", "triton", "sora_fast", "flash_attn", "flash_attn_interface"),
+                     cuda_as_text=True)
 
 
 def block_sizes(backward: bool = False) -> tuple[int, int, str]:
@@ -97,9 +97,7 @@ def block_sizes(backward: bool = False) -> tuple[int, int, str]:
 
 
 def floor_tflops(gpu_name: str, override: Optional[float]) -> Optional[float]:
-    if override:
-        return override
-    return next((v for k, v in FLOOR_TFLOPS.items() if k in gpu_name), None)
+    return override or floor_for(gpu_name, "TFLOP/s")
 
 
 # --- FLOPs and block density (host only) -----------------------------------------------------------
@@ -113,28 +111,14 @@ def window_density(grids, window, block_m: int, block_n: int) -> tuple[int, int]
     return window_block_density(grids, window, block_m, block_n)
 
 
-class Rows:
-    """Result rows with the columns every benchmark here writes."""
+class Rows(_Rows):
+    """The shared result rows (:class:`sora_fast.bench.report.Rows`), written to bench_attention.json/.csv."""
 
     def __init__(self, gpu: str, dtype: str):
-        self.rows: list[dict] = []
-        self.gpu, self.dtype, self.versions = gpu, dtype, versions()
-
-    def add(self, provider: str, shape: str, metric: str, value, kernel: str = KERNEL, note: str = "",
-            dtype: Optional[str] = None):
-        self.rows.append({"kernel": kernel, "provider": provider, "shape": shape, "dtype": dtype or self.dtype,
-                          "metric": metric, "value": value, "gpu": self.gpu, "versions": self.versions, "note": note})
+        super().__init__(gpu, dtype, versions(), kernel=KERNEL)
 
     def write(self, out: Path) -> tuple[Path, Path]:
-        out.mkdir(parents=True, exist_ok=True)
-        jpath, cpath = out / "bench_attention.json", out / "bench_attention.csv"
-        jpath.write_text(json.dumps(self.rows, indent=1))
-        with cpath.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(self.rows[0]) if self.rows else ["kernel"])
-            w.writeheader()
-            for r in self.rows:
-                w.writerow({**r, "versions": json.dumps(r["versions"], sort_keys=True)})
-        return jpath, cpath
+        return super().write(out, "bench_attention")
 
 
 def analysis_rows(rows: Rows, window, block_m: int, block_n: int, block_src: str, heads_packed: int = 24,
@@ -193,10 +177,7 @@ def per_sequence(t: torch.Tensor, seqlens: Sequence[int], requires_grad: bool) -
 
 
 # --- providers (GPU) -------------------------------------------------------------------------------
-class Skip(Exception):
-    """Provider cannot run this case; the message is the reason written to the row."""
-
-
+# A provider raises Skip (sora_fast.bench.suites) when it cannot run a case; the message is the row's note.
 def provider_sora_fast(case: Case, q, k, v, cu, grid):
     from sora_fast import ops
 
@@ -285,9 +266,7 @@ def _outputs(res) -> list[torch.Tensor]:
 
 
 def run_gpu(args, rows: Rows, block_m: int, block_n: int, bwd_blocks: tuple[int, int]) -> None:
-    import triton.testing
-
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = cli.GPU_DTYPES[args.dtype]
     floor = floor_tflops(rows.gpu, args.floor_tflops)
     if floor is None:
         print(f"  no datasheet floor known for {rows.gpu!r}: pass --floor-tflops to get % of floor")
@@ -331,7 +310,7 @@ def run_gpu(args, rows: Rows, block_m: int, block_n: int, bwd_blocks: tuple[int,
                         def bench(outs=outs, douts=douts, leaves=leaves):
                             torch.autograd.grad(outs, leaves, douts, retain_graph=True)
                     # Inputs are >= 100 MB per tensor at these shapes, past the 50 MB L2: no rotation needed.
-                    ms = triton.testing.do_bench(bench, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
+                    ms = do_bench_median(bench, warmup=args.warmup_ms, rep=args.rep_ms)
                 except Skip as e:
                     rows.add(name, case.shape, "skipped", None, kernel=kernel, note=str(e))
                     print(f"  {mode} {name:<11} skipped: {e}")
@@ -343,10 +322,10 @@ def run_gpu(args, rows: Rows, block_m: int, block_n: int, bwd_blocks: tuple[int,
                     continue
                 finally:
                     fn = bench = outs = leaves = None   # free the case's activations before the next provider
-                tflops = flops / ms / 1e9
+                tflops = throughput(flops, ms, "TFLOP/s")
                 rows.add(name, case.shape, "ms", ms, kernel=kernel, note=note)
                 rows.add(name, case.shape, "tflops", tflops, kernel=kernel, note=note)
-                pct = None if floor is None else 100 * tflops / floor
+                pct = pct_of_floor(tflops, floor)
                 rows.add(name, case.shape, "pct_of_floor", pct, kernel=kernel,
                          note=f"floor {floor} TFLOP/s" if floor else "no floor known")
                 pct_s = "" if pct is None else f"  {pct:5.1f}% of floor"
@@ -372,15 +351,8 @@ def run_cpu_reference(args, rows: Rows) -> None:
                                                                       backend="torch")}
         if window is None:
             fns["sdpa_loop"] = lambda: [sdpa(a, b, c) for a, b, c in zip(qs, ks, vs)]
-        times = {p: [] for p in fns}
         with torch.no_grad():
-            for p, f in fns.items():     # warm-up
-                f()
-            for _ in range(reps):
-                for p, f in fns.items():
-                    t0 = time.perf_counter()
-                    f()
-                    times[p].append((time.perf_counter() - t0) * 1e3)
+            times = {p: [1e3 * t for t in ts] for p, ts in interleaved_times(fns, reps, warmup=1).items()}   # ms
             if "sdpa_loop" in fns:
                 a = fns["sora_fast_torch_ref"]()
                 b = torch.cat([o[0].transpose(0, 1) for o in fns["sdpa_loop"]()])
@@ -409,33 +381,30 @@ def parse_window(s: str) -> tuple[int, int, int]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.script_parser(__doc__)
     parser.add_argument("--quick", action="store_true",
                         help="fewer cases (Wan 480p, packed4, windowed 480p) and shorter timing; on CPU a smaller "
                              "reference pack")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
-                        help="directory for bench_attention.json and .csv (default: bench/results, git-ignored)")
-    parser.add_argument("--cpu", action="store_true", help="run only the CPU-side parts even when a GPU is present")
+    cli.add_out_flag(parser, "directory for bench_attention.json and .csv (default: bench/results, git-ignored)",
+                     Path(__file__).resolve().parent / "results")
+    cli.add_cpu_flag(parser, "run only the CPU-side parts even when a GPU is present")
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS), metavar="P",
                         help=f"GPU providers to run, side by side (default: all of {', '.join(PROVIDERS)}); one "
                              "that cannot run is reported as skipped with the reason")
     parser.add_argument("--modes", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"],
                         help="forward and/or backward (default both)")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="GPU input dtype (default bf16)")
+    cli.add_dtype_flag(parser)
     parser.add_argument("--window", type=parse_window, default=DEFAULT_WINDOW, metavar="WT,WH,WW",
                         help="3D window half-sizes for the windowed cases and the density report (default 3,8,8)")
-    parser.add_argument("--warmup-ms", type=float, default=None,
-                        help="do_bench warm-up in ms (default 100, 25 with --quick)")
-    parser.add_argument("--rep-ms", type=float, default=None,
-                        help="do_bench measuring time in ms (default 500, 100 with --quick)")
+    cli.add_do_bench_flags(parser, warmup_help="do_bench warm-up in ms (default 100, 25 with --quick)",
+                           rep_help="do_bench measuring time in ms (default 500, 100 with --quick)")
     parser.add_argument("--floor-tflops", type=float, default=None,
                         help="dense floor in TFLOP/s for %% of floor (default: 989 for H100/H200, else none)")
     args = parser.parse_args(argv)
-    args.warmup_ms = args.warmup_ms or (25 if args.quick else 100)
-    args.rep_ms = args.rep_ms or (100 if args.quick else 500)
+    cli.resolve_do_bench(args)
 
-    on_gpu = torch.cuda.is_available() and not args.cpu
-    gpu = torch.cuda.get_device_name() if on_gpu else f"cpu ({platform.processor() or platform.machine()})"
+    on_gpu = cli.on_gpu(args)
+    gpu = torch.cuda.get_device_name() if on_gpu else f"cpu ({cpu_name()})"
     rows = Rows(gpu, args.dtype if on_gpu else "fp32")
     block_m, block_n, block_src = block_sizes()
     bwd_blocks = block_sizes(backward=True)[:2]

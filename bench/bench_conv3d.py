@@ -36,21 +36,23 @@ a performance number). Exit status 1 when a numerical check fails.
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import itertools
-import json
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sora_fast.bench import FLOORS
+if __package__ in (None, ""):   # run as a file: `bench` and `sora_fast` import from this checkout (bench/README.md)
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from sora_fast.bench import args as cli
+from sora_fast.bench.floors import check_tolerance, floor_for, pct_of_floor, throughput
+from sora_fast.bench.report import Failures, versions_text
+from sora_fast.bench.report import Rows as _Rows
+from sora_fast.bench.timing import cycle as _cycle
+from sora_fast.bench.timing import do_bench_median, interleaved_times, rotations
 
 KERNEL = "causal_conv3d"
-FLOOR_TFLOPS = {gpu: f["TFLOP/s"] for gpu, f in FLOORS.items()}   # dense bf16/fp16 datasheet numbers (SXM)
 
 
 @dataclass(frozen=True)
@@ -86,54 +88,28 @@ QUICK = CASES[:2]
 
 
 def versions() -> str:
-    import torch
-    import triton
-    return f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}"
+    return versions_text(("torch", "triton", "python"))
 
 
-class Rows:
+class Rows(_Rows):
+    """The shared result rows (:class:`sora_fast.bench.report.Rows`), written to bench_conv3d.json/.csv."""
+
     def __init__(self, gpu: str, dtype: str):
-        self.gpu, self.dtype, self.rows = gpu, dtype, []
+        super().__init__(gpu, dtype, None, kernel=KERNEL)
 
-    def add(self, provider, shape, metric, value, note=""):
-        self.rows.append(dict(kernel=KERNEL, provider=provider, shape=shape, dtype=self.dtype, metric=metric,
-                              value=value, gpu=self.gpu, versions=versions(), note=note))
+    def add(self, *args, **kwargs) -> None:
+        # versions at the first row, not before: they import triton, which run_cpu must import after it has
+        # chosen the interpreter
+        self.versions = self.versions or versions()
+        super().add(*args, **kwargs)
 
     def write(self, out: Path) -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench_conv3d.json").write_text(json.dumps(self.rows, indent=1))
-        with (out / "bench_conv3d.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(self.rows[0]) if self.rows else ["kernel"])
-            writer.writeheader()
-            writer.writerows(self.rows)
+        super().write(out, "bench_conv3d")
 
 
-class Failures(list):
-    """Numerical checks that failed; the run exits 1 when any did."""
-
-    def check(self, what: str, err: float, tol: float) -> bool:
-        ok = err <= tol
-        if not ok:
-            self.append(f"{what}: max error {err:.3e} > tolerance {tol:.3e}")
-        return ok
-
-
-def conv_tolerance(err_cudnn: float, ref_max: float, dtype) -> float:
-    """flash-attn's rule, as ``sora_fast.bench`` applies it: 2x the error of PyTorch's own low-precision
-    computation (cuDNN in the input dtype) against the fp32 reference, plus a few units in the last place
-    of the dtype relative to the largest reference output."""
-    from sora_fast.bench.runner import REL_TOL
-    return 2.0 * err_cudnn + REL_TOL[dtype] * max(1.0, ref_max)
-
-
-def rotations(bytes_per_set: int, l2_bytes: int) -> int:
-    """How many input copies a provider cycles through: together more than 3x L2, at least 2."""
-    return max(2, -(-3 * l2_bytes // max(1, bytes_per_set)))
-
-
-def _cycle(sets, fn):
-    it = itertools.cycle(sets)
-    return lambda: fn(*next(it))
+# The tolerance of sora_fast vs the fp32 cuDNN reference: sora_fast.bench's rule, with cuDNN in the input
+# dtype as PyTorch's own low-precision computation. Inputs rotate past L2 by sora_fast.bench.timing.rotations.
+conv_tolerance = check_tolerance
 
 
 def _count_packs():
@@ -164,14 +140,13 @@ def _count_packs():
 def run_gpu(args, rows: Rows, failures: Failures) -> None:
     import torch
     import torch.nn.functional as F
-    import triton
 
     from sora_fast.ops import causal_conv3d
     from sora_fast.ops.conv3d import causal_conv3d_pack_weight
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = cli.GPU_DTYPES[args.dtype]
     gpu = torch.cuda.get_device_name()
-    floor = next((v for k, v in FLOOR_TFLOPS.items() if k in gpu), None)
+    floor = floor_for(gpu, "TFLOP/s")
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     cl = torch.channels_last_3d
     for case in (QUICK if args.quick else CASES):
@@ -220,14 +195,15 @@ def run_gpu(args, rows: Rows, failures: Failures) -> None:
               f"{tol:.2e}{'' if ok else '  FAILED'}", flush=True)
         del ref
         for name, fn in providers.items():
-            ms = triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
-            tflops = case.flops() / ms / 1e9
+            ms = do_bench_median(fn, warmup=args.warmup_ms, rep=args.rep_ms)
+            tflops = throughput(case.flops(), ms, "TFLOP/s")
+            pct = pct_of_floor(tflops, floor)
             rows.add(name, case.shape, "ms", ms, note=f"{n} rotating input sets")
             rows.add(name, case.shape, "tflops", tflops)
             if floor:
-                rows.add(name, case.shape, "pct_of_floor", 100.0 * tflops / floor, note=f"floor {floor} TFLOP/s")
+                rows.add(name, case.shape, "pct_of_floor", pct, note=f"floor {floor} TFLOP/s")
             print(f"{case.shape:60s} {name:10s} {ms:8.3f} ms {tflops:7.1f} TFLOP/s"
-                  + (f" {100 * tflops / floor:5.1f}% of floor" if floor else ""), flush=True)
+                  + (f" {pct:5.1f}% of floor" if floor else ""), flush=True)
         del sets, padded, providers
         torch.cuda.empty_cache()
 
@@ -250,7 +226,7 @@ def run_e2e(rows: Rows, failures: Failures, *, preset: str, latent_shape, dtype,
     vae = CausalVAE(preset).to(device=device, dtype=dtype).eval()
     z = torch.randn(*latent_shape, device=device, dtype=dtype)
     shape = f"e2e_decode {preset} latent={'x'.join(map(str, latent_shape))} chunked"
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if device == "cuda" else None
 
     def decode(backend):
         vae.backend = {"causal_conv3d": backend}
@@ -264,15 +240,11 @@ def run_e2e(rows: Rows, failures: Failures, *, preset: str, latent_shape, dtype,
         for m in vae.modules():
             if hasattr(m, "packed_weight"):
                 m.packed_weight(m.weight, E2E_PROVIDERS["sora_fast"])
-    times, outs = {name: [] for name in E2E_PROVIDERS}, {}
+    outs = {}
     with _count_packs() as packs:
-        for _ in range(reps):
-            for name, backend in E2E_PROVIDERS.items():
-                sync()
-                t0 = time.perf_counter()
-                outs[name] = decode(backend)
-                sync()
-                times[name].append(1e3 * (time.perf_counter() - t0))
+        times = interleaved_times({name: lambda b=backend: decode(b) for name, backend in E2E_PROVIDERS.items()},
+                                  reps, sync=sync, last=outs)
+    times = {name: [1e3 * t for t in ts] for name, ts in times.items()}   # ms
     diff = (outs["sora_fast"].float() - outs["torch_ref"].float()).abs().max().item()
     for name in E2E_PROVIDERS:
         ms = statistics.median(times[name])
@@ -319,32 +291,32 @@ def run_cpu(rows: Rows, failures: Failures) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.script_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="GPU: only the first two decoder shapes and 1 latent "
                                                              "frame end to end")
-    parser.add_argument("--cpu", action="store_true", help="skip GPU timings even when a GPU is present")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="GPU input dtype (default bf16)")
-    parser.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warmup in milliseconds (default 25)")
-    parser.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time in ms (default 100)")
+    cli.add_cpu_flag(parser, "skip GPU timings even when a GPU is present")
+    cli.add_dtype_flag(parser)
+    cli.add_do_bench_flags(parser, 25.0, 100.0, warmup_help="do_bench warmup in milliseconds (default 25)",
+                           rep_help="do_bench repetition time in ms (default 100)")
     parser.add_argument("--no-e2e", action="store_true", help="GPU: skip the end-to-end chunked VAE decode")
     parser.add_argument("--e2e-frames", type=int, default=3,
                         help="GPU: latent frames of the end-to-end decode (default 3: 9 video frames at 480x832)")
     parser.add_argument("--e2e-reps", type=int, default=3,
                         help="GPU: timed end-to-end decodes per provider (default 3)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
-                        help="folder for bench_conv3d.json/.csv (default bench/results)")
+    cli.add_out_flag(parser, "folder for bench_conv3d.json/.csv (default bench/results)",
+                     Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     if args.e2e_frames < 1 or args.e2e_reps < 1:
         parser.error(f"--e2e-frames and --e2e-reps must be >= 1, got {args.e2e_frames} and {args.e2e_reps}")
 
     import torch
-    has_gpu = torch.cuda.is_available() and not args.cpu
+    has_gpu = cli.on_gpu(args)
     rows = Rows(torch.cuda.get_device_name() if has_gpu else "none", args.dtype if has_gpu else "fp32")
     failures = Failures()
     if has_gpu:
         run_gpu(args, rows, failures)
         if not args.no_e2e:
-            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+            dtype = cli.GPU_DTYPES[args.dtype]
             frames = 1 if args.quick else args.e2e_frames
             run_e2e(rows, failures, preset="wan2.1", latent_shape=(1, 16, frames, 60, 104), dtype=dtype,
                     device="cuda", reps=args.e2e_reps, note=f"median of {args.e2e_reps}, CUDA-synchronized wall time")
@@ -353,10 +325,7 @@ def main(argv=None) -> int:
         run_cpu(rows, failures)
     rows.write(args.out)
     print(f"{len(rows.rows)} rows -> {args.out / 'bench_conv3d.json'}")
-    if failures:
-        print("numerical checks FAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
-        return 1
-    return 0
+    return failures.exit_status()
 
 
 if __name__ == "__main__":

@@ -26,12 +26,17 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):   # run as a file: `bench` and `sora_fast` import from this checkout (bench/README.md)
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+
 import torch
+
+from sora_fast.bench import args as cli
+from sora_fast.bench.report import write_json
 
 
 def _parse_steps(text: str) -> list[int]:
@@ -79,24 +84,16 @@ def main(argv=None) -> int:
     ap.add_argument("--dit-steps", type=int, default=None, help="override the demo's DiT training steps")
     ap.add_argument("--vae-steps", type=int, default=None, help="override the demo's VAE training steps")
     ap.add_argument("--seed", type=int, default=100, help="sampling seed of the evaluation (default: 100)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    cli.add_threads_flag(ap, "torch threads (default: torch's choice)")
     ap.add_argument("--guidance", default=None,
                     help="CFG scale(s) to score, comma-separated (default: the demo's)")
     ap.add_argument("--pipeline", default=None,
                     help="score this saved pipeline (a demo's OUT/pipeline) instead of training one")
     ap.add_argument("--json", default=None, help="write the rows here (default: OUT/quality.json; with --pipeline only when given)")
     args = ap.parse_args(argv)
-    if args.val < 1:
-        raise SystemExit(f"--val must be >= 1, got {args.val}")
-    if args.threads is not None and args.threads < 1:
-        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
-    threads = torch.get_num_threads()
-    try:
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
+    cli.check_counts(args, cli.exit_with, ("val", "threads"))
+    with cli.torch_threads(args.threads):
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args) -> int:
@@ -108,8 +105,7 @@ def _run(args) -> int:
     cfg = DEMO_PRESETS["default"]
     overrides = {k: v for k, v in (("dit_steps", args.dit_steps), ("vae_steps", args.vae_steps)) if v is not None}
     for k, v in overrides.items():
-        if v < 1:
-            raise SystemExit(f"--{k.replace('_', '-')} must be >= 1, got {v}")
+        cli.check_at_least(f"--{k.replace('_', '-')}", v, 1, cli.exit_with)
     cfg = dataclasses.replace(cfg, **overrides)
     if args.pipeline and (overrides or args.eval_at):
         raise SystemExit("--pipeline scores a trained pipeline; --dit-steps, --vae-steps and --eval-at need a training run")
@@ -165,8 +161,7 @@ def _run(args) -> int:
 
 def _report(args, report: dict, rows: list[dict], path, demo_line: str = "") -> int:
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2))
+        write_json(path, report, indent=2, newline=False)
     print(f"\nsampling seed {args.seed} for the {args.val} held-out prompts (the demo's seed for its own prompts):")
     print(f"{'step':>6}  {'weights':7}  {'guidance':>8}  {'prompts':8}  {'passed':>8}  {'present':>7}  {'colour':>6}"
           f"  {'direction':>9}")

@@ -10,7 +10,7 @@ for correctness before it is timed (a failed check is a row without timings):
 3. ``vae``: a random ``AutoencoderKLWan`` decode before and after ``accelerate`` (causal convs, RMS
    norm + SiLU).
 
-Timing, as ``bench_system.py`` (whose helpers it uses): both paths interleaved, warm-up first, median
+Timing, as ``bench_system.py`` (whose model builders it uses): both paths interleaved, warm-up first, median
 of ``--reps``; ratio = before / after (> 1: the accelerated path is faster). On the CPU the ops run
 their plain-torch references (the kernels need a GPU), so the ratios there compare those references
 (attention as per-sequence fp32 matmuls and logsumexp; the causal conv through oneDNN, which PyTorch's
@@ -22,12 +22,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
+from pathlib import Path
+
+if __package__ in (None, ""):   # run as a file: `bench` and `sora_fast` import from this checkout (bench/README.md)
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from bench_system import make_dits, make_vaes, rel_err, time_interleaved
+from bench.bench_system import make_dits, make_vaes, rel_err
+from sora_fast.bench import args as cli
+from sora_fast.bench.report import write_json
+from sora_fast.bench.timing import time_interleaved
 
 REL_TOL = 1e-5  # fp32 max|a - b| / max|b|; fp32 rounding of the same math in another order is ~1e-6
 
@@ -100,19 +106,19 @@ def bench_vae(s, device) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repetition (smoke test)")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions per path (median reported)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op CPU threads (default: torch's)")
+    cli.add_reps_flag(p, "path")
+    cli.add_threads_flag(p)
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     args = p.parse_args(argv)
+    cli.check_counts(args, p.error)
     s = settings(args.quick)
     if args.reps is not None:
-        if args.reps < 1:
-            p.error(f"--reps must be >= 1, got {args.reps}")
         s["reps"] = args.reps
-    if args.threads is not None:
-        if args.threads < 1:
-            p.error(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    with cli.torch_threads(args.threads):
+        return run(args, s)
+
+
+def run(args, s) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     wan, _ = make_dits(s["dit"])
@@ -125,8 +131,7 @@ def main(argv=None) -> int:
         print(f"  {r['case']:<20} {r['shape']:<48} max rel err {r['max_rel_err']:.1e} "
               f"{'ok' if r['passed'] else 'FAILED'}; {timing}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_json(args.json, rows, indent=2, newline=False)
     return 0 if all(r["passed"] for r in rows) else 1
 
 

@@ -30,18 +30,21 @@ faster; for ``packed`` the padded baseline is the peer) and peer / sora_fast pea
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import os
-import platform
-import statistics
 import sys
 import time
-from typing import Callable
+from pathlib import Path
+
+if __package__ in (None, ""):   # run as a file: `bench` and `sora_fast` import from this checkout (bench/README.md)
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
+
+from sora_fast.bench import args as cli
+from sora_fast.bench.report import versions, write_csv, write_json
+from sora_fast.bench.timing import time_interleaved
 
 SECTIONS = ("packed", "diffusers", "cfg", "vae")
 TF, SF = 4, 8  # Wan VAE: 4x time, 8x space
@@ -72,20 +75,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
-# --- timing --------------------------------------------------------------------------------------------
-def time_interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each function (and ``min:<name>``, the fastest repetition); calls
-    interleaved so contention hits all alike."""
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {**{k: statistics.median(v) for k, v in times.items()}, **{f"min:{k}": min(v) for k, v in times.items()}}
+# Timing: sora_fast.bench.timing.time_interleaved (median and fastest of interleaved repetitions).
 
 
 # --- models --------------------------------------------------------------------------------------------
@@ -409,12 +399,11 @@ def print_table(section: str, rows: list[dict]) -> None:
 
 
 def meta(argv, s) -> dict:
-    import diffusers
+    import diffusers  # noqa: F401  (required: a clear ImportError here when it is not installed)
 
-    import sora_fast
     return dict(command="python bench/bench_system.py " + " ".join(argv), dtype="float32",
-                torch=torch.__version__, diffusers=diffusers.__version__, sora_fast=sora_fast.__version__,
-                python=platform.python_version(), cpu_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
+                **versions(("torch", "diffusers", "sora_fast", "python")), cpu_threads=torch.get_num_threads(),
+                cpu_count=os.cpu_count(),
                 timing=f"median of {s['reps']} interleaved repetitions after {s['warmup']} warm-up",
                 loadavg_start=os.getloadavg()[0])
 
@@ -425,32 +414,22 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes and 2 repetitions (smoke test)")
     p.add_argument("--only", default=",".join(SECTIONS),
                    help=f"comma-separated sections to run, from {', '.join(SECTIONS)} (default: all)")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions per provider (median reported)")
+    cli.add_reps_flag(p, "provider")
     p.add_argument("--json", default=None, help="write {meta, section: rows} to this JSON file")
     p.add_argument("--csv", default=None, help="write one row per case (all sections) to this CSV file")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and inputs")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op CPU threads (default: torch's); 1 is steadier on a shared machine")
+    cli.add_threads_flag(p, "torch intra-op CPU threads (default: torch's); 1 is steadier on a shared machine")
     args = p.parse_args(argv)
     only = [x.strip() for x in args.only.split(",") if x.strip()]
     bad = [x for x in only if x not in SECTIONS]
     if bad or not only:
         p.error(f"--only takes sections from {SECTIONS}, got {args.only!r}")
+    cli.check_counts(args, p.error)
     s = settings(args.quick)
     if args.reps is not None:
-        if args.reps < 1:
-            p.error(f"--reps must be >= 1, got {args.reps}")
         s["reps"] = args.reps
-
-    if args.threads is not None and args.threads < 1:
-        p.error(f"--threads must be >= 1, got {args.threads}")
-    threads = torch.get_num_threads()
-    try:
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
+    with cli.torch_threads(args.threads):
         return run(args, argv, only, s)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run(args, argv, only, s) -> int:
@@ -486,17 +465,11 @@ def run(args, argv, only, s) -> int:
     print(f"\n{len(all_rows)} rows, {len(failed)} failed correctness checks{names}; "
           f"load average {info['loadavg_start']:.2f} -> {info['loadavg_end']:.2f}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
-            fh.write("\n")
+        write_json(args.json, result)
     if args.csv:
         keys = list(dict.fromkeys(k for r in all_rows for k in r))
-        with open(args.csv, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=["command", "torch", "cpu_threads", *keys])
-            w.writeheader()
-            for r in all_rows:
-                w.writerow({"command": info["command"], "torch": info["torch"], "cpu_threads": info["cpu_threads"],
-                            **r})
+        common = {k: info[k] for k in ("command", "torch", "cpu_threads")}
+        write_csv(args.csv, [{**common, **r} for r in all_rows], [*common, *keys])
     return 1 if failed else 0
 
 

@@ -1,10 +1,11 @@
 """The adaLN benchmark's CPU path (``bench/bench_adaln.py --cpu``): it says GB/s needs a GPU, checks the
 emulated kernels against the reference, and exits 0 only when they agree."""
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from bench import bench_adaln as bench
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_adaln.py"
 
@@ -25,9 +26,6 @@ def test_bench_adaln_cpu_path_says_so_and_checks_the_emulated_kernels(tmp_path):
 
 def test_bench_adaln_smoke_fails_when_the_kernel_is_wrong(monkeypatch):
     """The smoke's verdict is real: a kernel off by two bf16 ulps on y (a relative 2**-6) fails it."""
-    spec = importlib.util.spec_from_file_location("bench_adaln", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     import sora_fast.ops as O
 
     real = O.gated_residual_adaln
@@ -44,9 +42,6 @@ def test_bench_adaln_smoke_fails_when_the_kernel_is_wrong(monkeypatch):
 def test_bench_adaln_byte_counts_are_the_floors_of_kernels_md():
     """Bytes per element and pass: read x + write y (2), gated also branch in and x_new out (4); the
     backward reads x, dy (+ branch, dx_new) and writes dx (+ dbranch)."""
-    spec = importlib.util.spec_from_file_location("bench_adaln_counts", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     assert bench.BYTES_PER_ELEM_PASS == {("adaln_modulate", "fwd"): 2, ("gated_residual_adaln", "fwd"): 4,
                                          ("adaln_modulate", "bwd"): 3, ("gated_residual_adaln", "bwd"): 6}
     assert bench.SHAPES == {"wan1.3b-480p": (32760, 1536), "wan14b-720p": (75600, 5120)}

@@ -14,7 +14,7 @@ import torch
 
 from sora_fast import cli
 from sora_fast.bench import run_bench
-from sora_fast.bench.runner import COLUMNS
+from sora_fast.bench.report import COLUMNS
 from sora_fast.bench.suites import SUITES, Skip
 
 OPS = tuple(SUITES)

@@ -1,6 +1,5 @@
 """The conv3d benchmark's CPU path (``bench/bench_conv3d.py --cpu``) runs, checks and writes its rows; its
 numerical gate fails the run."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,16 +8,10 @@ from pathlib import Path
 import pytest
 from _utils import run_bench_cpu
 
+from bench import bench_conv3d as bench
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_conv3d.py"
 COLUMNS = {"kernel", "provider", "shape", "dtype", "metric", "value", "gpu", "versions", "note"}
-
-
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_conv3d_under_test", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod   # @dataclass looks its module up
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_bench_conv3d_cpu_writes_expected_rows(tmp_path):
@@ -35,8 +28,6 @@ def test_bench_conv3d_cpu_writes_expected_rows(tmp_path):
 
 
 def test_numerical_failure_fails_the_run(tmp_path, monkeypatch):
-    bench = _bench_module()
-
     def bad_cpu(rows, failures):
         rows.add("sora_fast", "fake", "max_abs_err", 1.0)
         failures.check("fake case", 1.0, 0.5)
@@ -49,7 +40,6 @@ def test_numerical_failure_fails_the_run(tmp_path, monkeypatch):
 def test_tolerance_and_rotation_rules():
     import torch
 
-    bench = _bench_module()
     # 2x cuDNN's own bf16 error plus REL_TOL[bf16] (2e-2) x max(1, max |ref|)
     assert bench.conv_tolerance(0.01, 4.0, torch.bfloat16) == 0.02 + 2e-2 * 4.0
     assert bench.conv_tolerance(0.0, 0.5, torch.float16) == 2e-3

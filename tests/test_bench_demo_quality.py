@@ -1,24 +1,14 @@
 """``bench/bench_demo_quality.py``: its scoring counts each part of the check correctly on clips whose truth is
 known (rendered ground truth, a static object, a wrong colour), and a tiny run writes a row per checkpoint."""
 import dataclasses
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from bench import bench_demo_quality as bench
 from sora_fast.data import ClipSpec, parse_caption, prompts, render_clip
 from sora_fast.data.synthetic import COLORS, SPEEDS
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_demo_quality.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_demo_quality", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _spec_for(prompt: str, size) -> ClipSpec:
@@ -59,7 +49,6 @@ class _Pipe:
     ("recolor", dict(passed=0, present=0, color=0)),     # presence is of the prompted colour
 ])
 def test_score_counts_each_part_of_the_check(mode, want):
-    bench = _load()
     plist = prompts(12, seed=3)
     sizes = [((9, 32, 32), (9, 32, 48), (9, 48, 32))[i % 3] for i in range(12)]
     got = bench.score(_Pipe(mode), plist, sizes, steps=1, guidance=1.0, seed=0)
@@ -68,7 +57,6 @@ def test_score_counts_each_part_of_the_check(mode, want):
 
 
 def test_tiny_run_writes_a_row_per_checkpoint(tmp_path, capsys):
-    bench = _load()
     threads = torch.get_num_threads()
     out = tmp_path / "q"
     assert bench.main(["--out", str(out), "--dit-steps", "4", "--vae-steps", "2", "--val", "3", "--eval-at", "2,4",
@@ -104,4 +92,4 @@ def test_tiny_run_writes_a_row_per_checkpoint(tmp_path, capsys):
 ])
 def test_bad_arguments_exit_with_a_message(tmp_path, argv, pattern):
     with pytest.raises(SystemExit, match=pattern):
-        _load().main(["--out", str(tmp_path / "q"), *argv])
+        bench.main(["--out", str(tmp_path / "q"), *argv])

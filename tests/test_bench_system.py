@@ -1,26 +1,17 @@
 """The system benchmark (``bench/bench_system.py --quick``) runs in-process, every row passes its
 correctness check, and the JSON/CSV hold the four sections with positive finite ratios."""
 import csv
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_system.py"
+from bench import bench_system as bench
+
 SECTIONS = ("packed", "diffusers", "cfg", "vae")
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_system", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_bench_system_quick(tmp_path, capsys):
-    bench = _load()
     js, cs = tmp_path / "system.json", tmp_path / "system.csv"
     threads = torch.get_num_threads()
     assert bench.main(["--quick", "--threads", "1", "--json", str(js), "--csv", str(cs)]) == 0
@@ -47,7 +38,6 @@ def test_bench_system_quick(tmp_path, capsys):
 
 
 def test_only_rejects_unknown_sections(capsys):
-    bench = _load()
     try:
         bench.main(["--quick", "--only", "packed,video"])
     except SystemExit as e:

@@ -2,7 +2,10 @@
 
 :mod:`sora_fast.bench.suites` says what is measured (cases, providers, roofline work, the independent
 reference each provider is checked against); :mod:`sora_fast.bench.runner` checks, times (pytest-benchmark on
-a CPU, ``triton.testing.do_bench`` on a GPU) and writes the rows, JSON, CSV and plots.
+a CPU, ``triton.testing.do_bench`` on a GPU) and writes the rows, JSON, CSV and plots. What the runner and the
+``bench/bench_<op>.py`` scripts share has one home each: floors and tolerance (:mod:`~sora_fast.bench.floors`),
+versions, rows and writers (:mod:`~sora_fast.bench.report`), timing (:mod:`~sora_fast.bench.timing`) and the
+common flags (:mod:`~sora_fast.bench.args`).
 """
 from .runner import COLUMNS, FLOORS, main, run_bench
 from .suites import PROVIDERS, SUITES, Skip

@@ -17,17 +17,17 @@ Rows (one per op x case x provider) carry ms, the roofline throughput (TFLOP/s o
 device's datasheet floor when it is known, the time relative to eager torch, the check's error and
 tolerance, shape, dtype, device name and versions. Outputs: ``bench.json`` (``meta`` + ``rows``),
 ``bench.csv`` and one PNG per op (throughput against sequence length, hidden size or channels).
+
+Floors and tolerance (:mod:`~sora_fast.bench.floors`), versions and writers (:mod:`~sora_fast.bench.report`)
+and timing rules (:mod:`~sora_fast.bench.timing`) are shared with the ``bench/bench_<op>.py`` scripts.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import importlib
 import importlib.util
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -38,19 +38,16 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from .args import check_at_least, torch_threads
+from .floors import FLOORS, REL_TOL, check_tolerance, floor_for, pct_of_floor, throughput
+from .report import COLUMNS, device_name, public_rows, versions, write_outputs
 from .suites import KERNEL_BACKENDS, OP_ALIASES, PROVIDERS, SUITES, BenchCase, ProviderFn, Skip, expand_ops
+from .timing import do_bench_budget
 
+# FLOORS, REL_TOL (floors.py) and COLUMNS (report.py) stay importable from here.
 __all__ = ["run_bench", "main", "FLOORS", "REL_TOL", "COLUMNS", "DEVICES"]
 
 DEVICES = ("auto", "cpu", "cuda")
-# Datasheet floors (KERNELS.md §4): dense bf16/fp16 tensor-core math and HBM bandwidth (SXM parts).
-FLOORS = {"H100": {"TFLOP/s": 989.0, "GB/s": 3350.0}, "H200": {"TFLOP/s": 989.0, "GB/s": 4800.0}}
-# A few units in the last place of each dtype (unit roundoff: fp32 6e-8, fp16 4.9e-4, bf16 3.9e-3), relative to
-# the largest reference output: the allowance on top of 2x the reference's own error at that dtype.
-REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}
-COLUMNS = ("kernel", "case", "provider", "status", "ms", "ms_min", "rounds", "throughput", "unit", "pct_of_floor",
-           "vs_eager", "max_error", "tolerance", "shape", "dtype", "device", "x", "timer", "telemetry", "note",
-           "versions")
 TELEMETRY_KEYS = ("sm_clock_mhz", "mem_clock_mhz", "power_w", "memory_used_mib", "gpu_util_pct", "temperature_c")
 
 
@@ -75,30 +72,6 @@ def resolve_device(device: str) -> torch.device:
         raise ValueError("--device cuda needs a CUDA GPU, but torch.cuda.is_available() is False here "
                          "(use --device cpu or auto)")
     return torch.device(device)
-
-
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def versions() -> dict[str, str]:
-    from .._version import __version__
-
-    v = {"sora_fast": __version__, "torch": torch.__version__, "python": platform.python_version()}
-    if torch.version.cuda:
-        v["cuda"] = str(torch.version.cuda)
-    for mod in ("triton", "pytest_benchmark", "flash_attn", "liger_kernel"):
-        try:
-            v[mod] = str(getattr(importlib.import_module(mod), "__version__", "installed"))
-        except Exception:
-            pass
-    return v
-
-
-def floor_for(name: str, unit: str) -> Optional[float]:
-    return next((f[unit] for k, f in FLOORS.items() if k in name), None)
 
 
 # --- the correctness gate ------------------------------------------------------------------------------
@@ -181,8 +154,8 @@ def time_with_pytest_benchmark(items: list[_Timed], passes: int, quiet: bool = F
 def _gpu_time(fn: Callable[[], Any], quick: bool) -> tuple[float, float]:
     import triton.testing
 
-    median, fastest = triton.testing.do_bench(fn, warmup=25 if quick else 100, rep=100 if quick else 500,
-                                              quantiles=[0.5, 0.0])
+    warmup, rep = do_bench_budget(quick)
+    median, fastest = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.0])
     return median, fastest
 
 
@@ -333,7 +306,7 @@ def _run_case(run: _Run, op: str, case: BenchCase, providers: dict[str, Provider
     run.say(f"{op} {case.shape}")
     a = suite.make_inputs(case, run.dev, run.dtype)
     ref = suite.reference(_to64(a))
-    tol = 2 * _max_diff(suite.reference(a), ref) + REL_TOL[run.dtype] * max(1.0, max(r.abs().max().item() for r in ref))
+    tol = check_tolerance(_max_diff(suite.reference(a), ref), max(r.abs().max().item() for r in ref), run.dtype)
     floor = None if run.dev.type == "cpu" else floor_for(run.device_name, suite.unit)
     floor_note = ("no floor on a CPU (floors are GPU datasheet numbers)" if run.dev.type == "cpu" else
                   f"floor {floor} {suite.unit}" if floor else f"no datasheet floor known for {run.device_name}")
@@ -439,9 +412,9 @@ def _time_pending(run: _Run, passes: int, json_path: Optional[Path]) -> None:
 
 
 def _fill_timing(row: dict, ms: float, ms_min: float, rounds: Optional[int], timer: str = "pytest-benchmark"):
-    tp = row["_work"] / (ms * 1e-3) / (1e12 if row["unit"] == "TFLOP/s" else 1e9)
+    tp = throughput(row["_work"], ms, row["unit"])
     row.update(ms=ms, ms_min=ms_min, rounds=rounds, throughput=tp, timer=timer,
-               pct_of_floor=100 * tp / row["_floor"] if row["_floor"] else None)
+               pct_of_floor=pct_of_floor(tp, row["_floor"]))
     row["note"] = "; ".join(n for n in (row["note"], row["_floor_note"]) if n)
 
 
@@ -465,65 +438,6 @@ def _print_summary(rows: list[dict], say) -> None:
             f"{r['throughput']:9.3f} {r['unit']:<6} {pct:>8} {r['vs_eager'] or 0:8.2f}x")
     n = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
     say(f"{len(rows)} rows: {n['ok']} timed, {n['skipped']} skipped, {n['failed']} failed")
-
-
-# --- outputs -------------------------------------------------------------------------------------------
-def public_rows(rows: list[dict]) -> list[dict]:
-    return [{c: r[c] for c in COLUMNS} for r in rows]
-
-
-def write_outputs(result: dict, out: Path, plots: bool = True) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    rows = result["rows"]
-    paths = [out / "bench.json", out / "bench.csv"]
-    paths[0].write_text(json.dumps({"meta": result["meta"], "rows": rows}, indent=1) + "\n")
-    with paths[1].open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(COLUMNS))
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, "versions": json.dumps(r["versions"], sort_keys=True),
-                        "telemetry": "" if r["telemetry"] is None else json.dumps(r["telemetry"], sort_keys=True)})
-    if plots:
-        try:
-            paths += plot_rows(rows, out)
-        except ImportError as e:
-            print(f"plots not written: {e} (pip install matplotlib)")
-    return paths
-
-
-def plot_rows(rows: list[dict], out: Path) -> list[Path]:
-    """One PNG per op with timed rows: throughput of every provider against the op's size axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    for op in dict.fromkeys(r["kernel"] for r in rows):
-        timed = [r for r in rows if r["kernel"] == op and r["ms"] is not None]
-        if not timed:
-            continue
-        suite = SUITES[op]
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for prov in dict.fromkeys(r["provider"] for r in timed):
-            pts = sorted((r["x"], r["throughput"]) for r in timed if r["provider"] == prov)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
-        with_floor = next((r for r in timed if r["pct_of_floor"]), None)
-        if with_floor is not None:
-            ax.axhline(100 * with_floor["throughput"] / with_floor["pct_of_floor"], color="gray", linestyle="--",
-                       label="datasheet floor")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel(suite.x_label)
-        ax.set_ylabel(suite.unit)
-        ax.set_title(f"{op} on {timed[0]['device']} ({timed[0]['dtype']})", fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / f"bench_{op}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    return written
 
 
 # --- command line --------------------------------------------------------------------------------------
@@ -558,16 +472,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "sora-fast bench") ->
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
-    threads = torch.get_num_threads()
+    check_at_least("--threads", args.threads, 1, parser.error)
     try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        result = run_bench(args.op, args.provider, device=args.device, quick=args.quick, out=args.out,
-                           plots=not args.no_plots, argv=argv)
+        with torch_threads(args.threads):
+            result = run_bench(args.op, args.provider, device=args.device, quick=args.quick, out=args.out,
+                               plots=not args.no_plots, argv=argv)
     except (ValueError, TypeError) as e:
         parser.error(str(e))
-    finally:
-        torch.set_num_threads(threads)
     return 1 if any(r["status"] == "failed" for r in result["rows"]) else 0
