@@ -22,7 +22,8 @@ import sora_fast
 from sora_fast import ops
 from sora_fast.integrations import diffusers as integ
 from sora_fast.integrations.diffusers import DiffusersHooksError, accelerate, wan_packed_forward
-from sora_fast.ops import _cuda, _dispatch
+from sora_fast.cuda import launchers as _cuda
+from sora_fast.ops import _dispatch
 
 from test_dit import randomize, rel_err
 
