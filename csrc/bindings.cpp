@@ -22,7 +22,7 @@
 //   1. kernels/<op>.cuh (+ <op>_params.h)   the kernel(s), included by kernels_cuda.cu and kernels_emu.cpp
 //   2. csrc/launch_impl.inc, csrc/launchers.h   the launcher (one definition, both builds)
 //   3. csrc/bindings.cpp                the binding (below: GPU section and the emu submodule)
-//   4. sora_fast/ops/_cuda.py           the wrapper: tensors -> pointers/strides, outputs allocated,
+//   4. sora_fast/cuda/launchers.py      the wrapper: tensors -> pointers/strides, outputs allocated,
 //                                       GPU or emulated launcher by device; and one
 //                                       _dispatch.register_kernel(op, "cuda", ...) line in
 //                                       sora_fast/ops/<family>.py

@@ -14,7 +14,8 @@ from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from sora_fast import ops
 from sora_fast.integrations.diffusers import accelerate
-from sora_fast.ops import _cuda, _dispatch
+from sora_fast.cuda import launchers as _cuda
+from sora_fast.ops import _dispatch
 
 from test_dit import randomize, rel_err
 

@@ -6,7 +6,7 @@ import torch
 
 import sora_fast.ops as O
 from sora_fast import _ext
-from sora_fast.ops import _cuda
+from sora_fast.cuda import launchers as _cuda
 from sora_fast.ops.adaln import _gated_backward_ref, _modulate_backward_ref
 
 from _utils import TOL, assert_close, assert_within_lowp_error

@@ -320,7 +320,7 @@ def test_streamed_backward_equals_the_reference(dtype, case):
     query rows at a time) against the vector-Jacobian product through the reference, on a pack with a
     1-token and an empty sequence, blocks of 1 to 30 rows (block_elems small) so every boundary is hit.
     fp64 shows the math is the same (1e-10); fp32 is within fp32 rounding of sums over <= 113 keys."""
-    from sora_fast.ops import attention as A
+    from sora_fast.reference import attention as A
 
     lens, heads, d = [1, 17, 0, 113, 30], 2, 24
     key_lens = [5, 0, 3, 40, 9] if case == "cross" else lens
@@ -348,7 +348,7 @@ def test_streamed_backward_equals_the_reference(dtype, case):
 def test_fp32_backward_fallback_is_the_streamed_one(monkeypatch):
     """On a GPU, an fp32 backward without a tile (head dim 128) runs the streamed backward, with the
     op's host read (no second device read), never the O(L^2) reference VJP."""
-    from sora_fast.ops import attention as A
+    from sora_fast.reference import attention as A
 
     calls = []
     real = A.attention_backward_streamed

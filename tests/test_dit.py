@@ -11,7 +11,8 @@ from diffusers import WanTransformer3DModel
 
 from sora_fast.models._convert import StateDictMismatchError, load_converted
 from sora_fast.models.dit import PRESETS, DiTConfig, VideoDiT, convert_wan_transformer_state_dict
-from sora_fast.ops import BackendUnavailableError, _cuda, _dispatch, registered_backends
+from sora_fast.cuda import launchers as _cuda
+from sora_fast.ops import BackendUnavailableError, _dispatch, registered_backends
 from sora_fast.ops._dispatch import get_kernel
 from sora_fast.packing import pack_sequences, pack_videos
 

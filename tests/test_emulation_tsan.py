@@ -2,7 +2,7 @@
 racecheck (KERNELS.md §2), built with g++ -fsanitize=thread into tmp_path from the same sources.
 
 - The clean build links the real launchers (csrc/kernels_emu.cpp, i.e. csrc/launch_impl.inc and every
-  kernel of kernels/*.cuh) to a driver that runs every kernel family the way sora_fast.ops._cuda
+  kernel of kernels/*.cuh) to a driver that runs every kernel family the way sora_fast.cuda.launchers
   calls it: adaLN forward (plain and gated; LayerNorm and RMSNorm; affine weight/bias; per-sequence
   and per-token tables; fp32, bf16, fp16 with fp32 tables; 16-byte and scalar paths), adaLN backward
   (per-sequence with every parameter gradient over several blocks and segments, per-token) and the
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CXX = os.environ.get("CXX", "g++")
 FLAGS = ["-std=c++20", "-O1", "-g", "-fsanitize=thread", "-pthread", f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'kernels'}"]
 
-# Every launcher of sora_fast::emu with the arguments sora_fast/ops/_cuda.py builds. Buffers hold raw
+# Every launcher of sora_fast::emu with the arguments sora_fast/cuda/launchers.py builds. Buffers hold raw
 # bits; 16-bit inputs are multiples of 1/16 in [-4, 4), exact in bf16 and fp16. Prints the vector width
 # each launcher picked ("<case> V=<n>") so the test can check both paths ran.
 FULL_DRIVER = r"""

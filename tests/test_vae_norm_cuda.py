@@ -1,12 +1,12 @@
 """The CUDA C++ VAE norm + SiLU kernels (kernels/vae_norm.cuh) on CPU tensors through the host
 emulation, against the fp32 references, in contiguous and channels_last_3d layouts. Their backward
-is the reference VJP for now (see sora_fast/ops/_cuda.py); the autograd wiring is tested here."""
+is the reference VJP for now (see sora_fast/cuda/launchers.py); the autograd wiring is tested here."""
 import pytest
 import torch
 
 import sora_fast.ops as O
 from sora_fast import _ext
-from sora_fast.ops import _cuda
+from sora_fast.cuda import launchers as _cuda
 
 from _utils import assert_close
 
@@ -87,7 +87,7 @@ def test_strided_input_and_bad_dtype():
 
 # --- which path runs: the launchers' own choice (C.emu.vae_vector_widths), then the numerics ------
 def _vae_args(x, weight=None, bias=None, groups=None):
-    """The launcher arguments the wrapper builds (sora_fast/ops/_cuda.py), for the width query only."""
+    """The launcher arguments the wrapper builds (sora_fast/cuda/launchers.py), for the width query only."""
     cl = not x.is_contiguous()
     b, c, t, h, w = x.shape
     y = torch.empty_like(x)

@@ -1,4 +1,5 @@
-"""The only door to the kernels: every op's meaning, its plain-torch reference, validation and dispatch.
+"""The only door to the kernels: every op's validation, registration, dispatch, function and module. The
+plain-torch references live in :mod:`sora_fast.reference` and are re-exported here.
 
 Each op takes ``backend=None | "torch" | "triton" | "cuda"`` (None: ``SORA_FAST_BACKEND``, else CUDA
 tensors take the registered kernel and CPU tensors the torch reference). Every op is a

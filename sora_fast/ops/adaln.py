@@ -1,97 +1,29 @@
-"""The adaLN family: LayerNorm/RMSNorm + per-sequence modulation, and gated residual + norm + modulation.
-
-Per-sequence conditioning is a ``(B, D)`` table indexed by ``seq_ids`` (one row per packed video);
-with ``seq_ids=None`` the tables are per token, ``(N, D)``. All math is fp32; outputs keep x's dtype.
-
-    adaln_modulate:        y = N(x) * (1 + scale[seq_ids]) + shift[seq_ids]
-    gated_residual_adaln:  x_new = x + gate[seq_ids] * branch   (fp32, rounded to x's dtype)
-                           y     = adaln_modulate(x_new, ...)    (from the rounded x_new)
-
-``N`` is LayerNorm (``norm="layer"``) or RMSNorm (``norm="rms"``) over the last dim, then the optional
-affine ``* weight + bias``.
+"""The adaLN family: validation, the ops (+ fake + autograd), functions and modules. The meaning (references,
+eager paths, reference backwards) is :mod:`sora_fast.reference.adaln`.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
+from ..reference.adaln import (NORMS, _adaln_eager, _gated_backward_ref, _gated_eager, _modulate_backward_ref,
+                               adaln_modulate_ref, gated_residual_adaln_ref)
 from . import _dispatch
-from ._common import (check_float, check_index_values, check_positive, check_tensor, empty_grad, math_dtype,
-                      reference_vjp)
-
-NORMS = ("layer", "rms")
+from ._common import check_float, check_index_values, check_positive, check_tensor, empty_grad
 
 __all__ = ["adaln_modulate_ref", "gated_residual_adaln_ref", "adaln_modulate", "gated_residual_adaln",
            "AdaLNModulate", "GatedResidualAdaLN"]
 
 
-# --- reference ---------------------------------------------------------------------------------
-def _rows(table: torch.Tensor, seq_ids: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    return (table if seq_ids is None else table[seq_ids.long()]).to(dtype)
-
-
-def _normalize(x: torch.Tensor, norm: str, weight, bias, eps: float) -> torch.Tensor:
-    if norm == "layer":
-        mean = x.mean(dim=-1, keepdim=True)
-        var = (x - mean).square().mean(dim=-1, keepdim=True)
-        xn = (x - mean) * torch.rsqrt(var + eps)
-    else:
-        xn = x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps)
-    if weight is not None:
-        xn = xn * weight.to(x.dtype)
-    if bias is not None:
-        xn = xn + bias.to(x.dtype)
-    return xn
-
-
-def adaln_modulate_ref(x, shift, scale, seq_ids, *, norm="layer", weight=None, bias=None, eps=1e-6):
-    """Plain-torch ``N(x) * (1 + scale[seq_ids]) + shift[seq_ids]`` in fp32; x's dtype out."""
-    md = math_dtype(x.dtype)
-    xn = _normalize(x.to(md), norm, weight, bias, eps)
-    return (xn * (1 + _rows(scale, seq_ids, md)) + _rows(shift, seq_ids, md)).to(x.dtype)
-
-
-def gated_residual_adaln_ref(x, branch, gate, shift, scale, seq_ids, *, norm="layer", weight=None, bias=None,
-                             eps=1e-6):
-    """Plain-torch gated residual then adaLN; returns ``(x_new, y)`` in x's dtype."""
-    md = math_dtype(x.dtype)
-    x_new = (x.to(md) + _rows(gate, seq_ids, md) * branch.to(md)).to(x.dtype)
-    return x_new, adaln_modulate_ref(x_new, shift, scale, seq_ids, norm=norm, weight=weight, bias=bias, eps=eps)
-
-
-def _rows_fast(table: torch.Tensor, seq_ids: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    table = table.to(dtype)
-    return table if seq_ids is None else table.index_select(0, seq_ids.long())
-
-
-def _adaln_eager(x, shift, scale, seq_ids, *, norm="layer", weight=None, bias=None, eps=1e-6):
-    """The eager path of :func:`adaln_modulate`: the reference's math with torch's fused norm kernels
-    (``F.layer_norm`` / ``F.rms_norm``) and one ``addcmul`` for the modulation, a few ops instead of a
-    dozen per call."""
-    md = math_dtype(x.dtype)
-    d = (x.shape[-1],)
-    w = None if weight is None else weight.to(md)
-    if norm == "layer":
-        xn = F.layer_norm(x.to(md), d, w, None if bias is None else bias.to(md), eps)
-    else:
-        xn = F.rms_norm(x.to(md), d, w, eps)
-        if bias is not None:
-            xn = xn + bias.to(md)
-    return torch.addcmul(_rows_fast(shift, seq_ids, md), xn, 1 + _rows_fast(scale, seq_ids, md)).to(x.dtype)
-
-
-def _gated_eager(x, branch, gate, shift, scale, seq_ids, *, norm="layer", weight=None, bias=None, eps=1e-6):
-    """The eager path of :func:`gated_residual_adaln` (see :func:`_adaln_eager`)."""
-    md = math_dtype(x.dtype)
-    # a separate multiply and add, as the contract says (an fma would round once, not twice)
-    x_new = (x.to(md) + _rows_fast(gate, seq_ids, md) * branch.to(md)).to(x.dtype)
-    return x_new, _adaln_eager(x_new, shift, scale, seq_ids, norm=norm, weight=weight, bias=bias, eps=eps)
-
-
 # --- validation ---------------------------------------------------------------------------------
-def _validate(x, tables: dict, seq_ids, norm, weight, bias, eps, extra: Optional[dict] = None):
+def _check_static(x, tables: dict, seq_ids, norm, weight, bias, eps, extra: Optional[dict] = None,
+                  grads: Optional[dict] = None, fake: bool = False) -> None:
+    """The one static check of the family (shapes, dtypes, devices, scalars; no tensor values read): run by
+    the public functions, the torch.library ops (which callers of ``torch.ops.sora_fast.*``, torch.compile
+    and opcheck reach directly) and their fakes. ``tables``: the per-sequence (or per-token) tables;
+    ``extra``: other ``(N, D)`` inputs; ``grads``: the backward's incoming ``(N, D)`` gradients (None
+    entries absent). ``fake``: under torch.compile eps may be a symbol, so it is not checked there."""
     check_float("x", x, ndim=2, layout="(N, D)")
     n, d = x.shape
     for name, t in (extra or {}).items():
@@ -120,27 +52,28 @@ def _validate(x, tables: dict, seq_ids, norm, weight, bias, eps, extra: Optional
             check_float(name, t, ndim=1, layout="(D,)", device=x.device)
             if t.shape[0] != d:
                 raise ValueError(f"{name} must have shape ({d},), got {tuple(t.shape)}")
-    check_positive("eps", eps)
+    if not fake:
+        check_positive("eps", eps)
+    for name, g in (grads or {}).items():
+        if g is not None:
+            check_float(name, g, ndim=2, layout="(N, D)", device=x.device)
+            if g.shape != x.shape:
+                raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(g.shape)}")
 
 
 def _check_values(seq_ids, table):
+    """The one value check: seq_ids in [0, rows of the tables) (every table has the same number of rows,
+    so one bound), read from the device once."""
     if seq_ids is not None:
         check_index_values("seq_ids", seq_ids, table.shape[0], "rows of the per-sequence tables")
 
 
 def _op_kernel(op, backend, x, tables: dict, seq_ids, norm, weight, bias, eps, grads: Optional[dict] = None,
                extra: Optional[dict] = None):
-    """The checks of the public functions, again inside the torch.library ops, which callers of
-    ``torch.ops.sora_fast.*`` (and torch.compile, opcheck) reach directly: shapes, dtypes and devices
-    (cheap), and the range of seq_ids against the tables (every table has the same number of rows, so
-    one bound), unless the kernel checks that range itself before its launch (``checks_index_values``:
-    the cuda backend, in a device-to-host copy it needs anyway). Returns the kernel."""
-    _validate(x, tables, seq_ids, norm, weight, bias, eps, extra)
-    for name, g in (grads or {}).items():
-        if g is not None:
-            check_float(name, g, ndim=2, layout="(N, D)", device=x.device)
-            if g.shape != x.shape:
-                raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(g.shape)}")
+    """Inside the ops: the static check, then the value check unless the kernel checks that range itself
+    before its launch (``checks_index_values``: the cuda backend, in a device-to-host copy it needs
+    anyway). Returns the kernel."""
+    _check_static(x, tables, seq_ids, norm, weight, bias, eps, extra, grads)
     kernel = _dispatch.get_kernel(op, backend, x.device)
     if not getattr(kernel, "checks_index_values", False):
         _check_values(seq_ids, next(iter(tables.values())))
@@ -163,6 +96,7 @@ def _modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seq_
 
 @_modulate_op.register_fake
 def _(x, shift, scale, seq_ids, norm, weight, bias, eps, backend):
+    _check_static(x, {"shift": shift, "scale": scale}, seq_ids, norm, weight, bias, eps, fake=True)
     return torch.empty_like(x)
 
 
@@ -180,6 +114,7 @@ def _modulate_bwd_op(dy: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, sca
 
 @_modulate_bwd_op.register_fake
 def _(dy, x, shift, scale, seq_ids, norm, weight, bias, eps, backend):
+    _check_static(x, {"shift": shift, "scale": scale}, seq_ids, norm, weight, bias, eps, grads={"dy": dy}, fake=True)
     return (torch.empty_like(x), torch.empty_like(shift), torch.empty_like(scale),
             torch.empty_like(weight) if weight is not None else x.new_empty(0),
             torch.empty_like(bias) if bias is not None else x.new_empty(0))
@@ -203,17 +138,10 @@ def _modulate_backward(ctx, dy):
 _modulate_op.register_autograd(_modulate_backward, setup_context=_modulate_setup)
 
 
-def _modulate_backward_ref(dy, x, shift, scale, seq_ids, **kw):
-    g = reference_vjp(adaln_modulate_ref, {"x": x, "shift": shift, "scale": scale, "seq_ids": seq_ids,
-                                           "weight": kw.pop("weight"), "bias": kw.pop("bias")},
-                      (dy,), ["x", "shift", "scale", "weight", "bias"], **kw)
-    return g["x"], g["shift"], g["scale"], g["weight"], g["bias"]
-
-
 _dispatch.register_kernel("adaln_modulate", "torch", adaln_modulate_ref)
 _dispatch.register_kernel("adaln_modulate_backward", "torch", _modulate_backward_ref)
-_dispatch.register_kernel("adaln_modulate", "cuda", "sora_fast.ops._cuda:adaln_modulate")
-_dispatch.register_kernel("adaln_modulate_backward", "cuda", "sora_fast.ops._cuda:adaln_modulate_backward")
+_dispatch.register_kernel("adaln_modulate", "cuda", "sora_fast.cuda.launchers:adaln_modulate")
+_dispatch.register_kernel("adaln_modulate_backward", "cuda", "sora_fast.cuda.launchers:adaln_modulate_backward")
 
 
 # --- gated_residual_adaln op ---------------------------------------------------------------------
@@ -228,6 +156,8 @@ def _gated_op(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor, shift: 
 
 @_gated_op.register_fake
 def _(x, branch, gate, shift, scale, seq_ids, norm, weight, bias, eps, backend):
+    _check_static(x, {"gate": gate, "shift": shift, "scale": scale}, seq_ids, norm, weight, bias, eps,
+                  extra={"branch": branch}, fake=True)
     return torch.empty_like(x), torch.empty_like(x)
 
 
@@ -247,6 +177,8 @@ def _gated_bwd_op(dx_new: Optional[torch.Tensor], dy: Optional[torch.Tensor], x:
 
 @_gated_bwd_op.register_fake
 def _(dx_new, dy, x, branch, gate, shift, scale, seq_ids, norm, weight, bias, eps, backend):
+    _check_static(x, {"gate": gate, "shift": shift, "scale": scale}, seq_ids, norm, weight, bias, eps,
+                  extra={"branch": branch}, grads={"dx_new": dx_new, "dy": dy}, fake=True)
     return (torch.empty_like(x), torch.empty_like(branch), torch.empty_like(gate), torch.empty_like(shift),
             torch.empty_like(scale), torch.empty_like(weight) if weight is not None else x.new_empty(0),
             torch.empty_like(bias) if bias is not None else x.new_empty(0))
@@ -270,18 +202,10 @@ def _gated_backward(ctx, dx_new, dy):
 _gated_op.register_autograd(_gated_backward, setup_context=_gated_setup)
 
 
-def _gated_backward_ref(dx_new, dy, x, branch, gate, shift, scale, seq_ids, **kw):
-    names = ["x", "branch", "gate", "shift", "scale", "weight", "bias"]
-    inputs = {"x": x, "branch": branch, "gate": gate, "shift": shift, "scale": scale, "seq_ids": seq_ids,
-              "weight": kw.pop("weight"), "bias": kw.pop("bias")}
-    g = reference_vjp(gated_residual_adaln_ref, inputs, (dx_new, dy), names, **kw)
-    return tuple(g[k] for k in names)
-
-
 _dispatch.register_kernel("gated_residual_adaln", "torch", gated_residual_adaln_ref)
 _dispatch.register_kernel("gated_residual_adaln_backward", "torch", _gated_backward_ref)
-_dispatch.register_kernel("gated_residual_adaln", "cuda", "sora_fast.ops._cuda:gated_residual_adaln")
-_dispatch.register_kernel("gated_residual_adaln_backward", "cuda", "sora_fast.ops._cuda:gated_residual_adaln_backward")
+_dispatch.register_kernel("gated_residual_adaln", "cuda", "sora_fast.cuda.launchers:gated_residual_adaln")
+_dispatch.register_kernel("gated_residual_adaln_backward", "cuda", "sora_fast.cuda.launchers:gated_residual_adaln_backward")
 
 
 # --- public API ---------------------------------------------------------------------------------
@@ -307,7 +231,7 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, se
     unit stride in place (any row stride, e.g. a column slice of a wider buffer) and copies any other
     layout (e.g. a transposed tensor) to contiguous first: one extra read and write of that operand.
     """
-    _validate(x, {"shift": shift, "scale": scale}, seq_ids, norm, weight, bias, eps)
+    _check_static(x, {"shift": shift, "scale": scale}, seq_ids, norm, weight, bias, eps)
     backend = _dispatch.resolve_backend("adaln_modulate", backend, x.device)
     if _dispatch.eager_reference(backend):
         _check_values(seq_ids, shift)
@@ -327,7 +251,7 @@ def gated_residual_adaln(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tens
     Differentiable in x, branch, gate, shift, scale, weight, bias. Empty inputs and layouts as in
     :func:`adaln_modulate`.
     """
-    _validate(x, {"gate": gate, "shift": shift, "scale": scale}, seq_ids, norm, weight, bias, eps,
+    _check_static(x, {"gate": gate, "shift": shift, "scale": scale}, seq_ids, norm, weight, bias, eps,
               extra={"branch": branch})
     backend = _dispatch.resolve_backend("gated_residual_adaln", backend, x.device)
     if _dispatch.eager_reference(backend):

@@ -1,11 +1,6 @@
-"""Causal 3D convolution, the workhorse of the video VAE.
-
-Time is padded causally: output frame ``j`` sees input frames ``j*st - (kt-1) ... j*st``. The ``kt-1``
-frames in front of the first are zeros or copies of the first frame (``pad_mode``), or come from
-``cache``: the last input frames of the previous chunk, so a long video decoded chunk by chunk gives
-exactly the result of decoding it at once (chunk boundaries on multiples of the time stride). A cache
-shorter than ``kt-1`` frames (the stream so far was shorter) is padded in front by ``pad_mode``, just
-as the whole video would be. Height and width get symmetric zero padding.
+"""Causal 3D convolution, the workhorse of the video VAE: validation, the ``causal_conv3d`` op (+ fake +
+autograd), the function, the packed-weight cache and the module. The meaning (reference, output shape,
+weight packing, streaming cache) is :mod:`sora_fast.reference.conv3d`.
 """
 from __future__ import annotations
 
@@ -13,85 +8,26 @@ import weakref
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
+from ..reference.conv3d import (PAD_MODES, _backward_ref, causal_conv3d_next_cache, causal_conv3d_output_shape,
+                                causal_conv3d_pack_weight, causal_conv3d_ref)
 from . import _dispatch
-from ._common import (check_float, check_int_tuple, check_same_dtype, check_shape, empty_grad, like_layout,
-                      math_dtype, reference_vjp)
+from ._common import check_float, check_int_tuple, check_same_dtype, check_shape, empty_grad, like_layout
 
 OP = "causal_conv3d"
-PAD_MODES = ("zeros", "replicate")
 
 __all__ = ["causal_conv3d_ref", "causal_conv3d_output_shape", "causal_conv3d_next_cache", "causal_conv3d_pack_weight",
            "causal_conv3d", "PackedConv3dWeight", "CausalConv3d"]
 
 
-def causal_conv3d_output_shape(x_shape: Sequence[int], weight_shape: Sequence[int], stride: Sequence[int],
-                               padding: Sequence[int]) -> tuple[int, int, int, int, int]:
-    """``(B, Cout, T_out, H_out, W_out)`` of a causal conv (time padded by kt-1 frames in front)."""
-    b, _, t, h, w = x_shape
-    cout, _, kt, kh, kw = weight_shape
-    (st, sh, sw), (ph, pw) = stride, padding
-    return b, cout, (t - 1) // st + 1, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-
-
-def _front_frames(x: torch.Tensor, kt: int, pad_mode: str, cache: Optional[torch.Tensor]) -> torch.Tensor:
-    """The kt-1 frames that stand before x in the stream: [pad ..., cache ...]."""
-    have = cache if cache is not None else x[:, :, :0]
-    missing = kt - 1 - have.shape[2]
-    if missing > 0:
-        first = have[:, :, :1] if have.shape[2] else x[:, :, :1]
-        pad = first.expand(-1, -1, missing, -1, -1) if pad_mode == "replicate" else torch.zeros_like(first).expand(
-            -1, -1, missing, -1, -1)
-        have = torch.cat([pad, have], dim=2)
-    return have
-
-
-# --- reference ---------------------------------------------------------------------------------
-def causal_conv3d_ref(x, weight, bias=None, *, stride=1, padding=None, pad_mode="zeros", cache=None, residual=None,
-                      packed_weight=None):
-    """Plain-torch causal conv3d in fp32 (fp64 for fp64 inputs); x's dtype and memory format out.
-    ``packed_weight`` (a layout of ``weight`` for the triton kernel) is ignored."""
-    md = math_dtype(x.dtype)
-    kt, kh, kw = weight.shape[2:]
-    stride = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
-    padding = (kh // 2, kw // 2) if padding is None else ((padding,) * 2 if isinstance(padding, int) else tuple(padding))
-    xf = x.to(md)
-    if kt > 1:
-        xf = torch.cat([_front_frames(xf, kt, pad_mode, None if cache is None else cache.to(md)), xf], dim=2)
-    b = None if bias is None else bias.to(md)
-    if xf.device.type == "cpu" and md == torch.float32 and torch.backends.mkldnn.is_available():
-        # For batch 1 PyTorch's CPU heuristic picks the unfold-based slow_conv3d, 2x slower forward and
-        # 3x slower backward than oneDNN, which it uses from batch 2 on. Same math, another summation order.
-        out = torch.ops.aten.mkldnn_convolution(xf, weight.to(md), b, [0, *padding], list(stride), [1, 1, 1], 1)
-    else:
-        out = F.conv3d(xf, weight.to(md), b, stride=stride, padding=(0, *padding))
-    if residual is not None:
-        out = out + residual.to(md)
-    return like_layout(out.to(x.dtype), x)
-
-
-def causal_conv3d_pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The weight as the triton kernel reads it: ``(Cout, Cin, kt, kh, kw)`` -> ``(kt·kh·kw·Cin, Cout)``
-    contiguous, K ordered (dt, dh, dw, cin); a constant (no autograd history)."""
-    cout = weight.shape[0]
-    return weight.detach().permute(2, 3, 4, 1, 0).reshape(-1, cout).contiguous()
-
-
-def causal_conv3d_next_cache(x: torch.Tensor, cache: Optional[torch.Tensor], kernel_t: int) -> Optional[torch.Tensor]:
-    """The cache for the next chunk: the last ``kernel_t - 1`` frames of the stream ``[cache, x]`` (fewer
-    while the stream is shorter). Only those frames are copied: x's tail, and the cache's tail in front
-    of it when x holds fewer than ``kernel_t - 1`` frames."""
-    if kernel_t <= 1:
-        return None
-    keep = kernel_t - 1
-    if cache is None or cache.shape[2] == 0 or x.shape[2] >= keep:
-        return x[:, :, -keep:].clone()
-    return torch.cat([cache[:, :, -(keep - x.shape[2]):], x], dim=2)
-
-
 # --- validation ---------------------------------------------------------------------------------
-def _validate(x, weight, bias, stride, padding, pad_mode, cache, residual, packed_weight=None):
+def _check_static(x, weight, bias, stride, padding, pad_mode, cache, residual, packed_weight=None, grad=None,
+                  fake=False):
+    """The one static check of causal_conv3d (shapes, dtypes, devices, scalars; no tensor values read): run
+    by the public function, the ops (``torch.ops.sora_fast.*`` callers skip the public checks) and their
+    fakes. ``grad``: the backward's incoming gradient (the output's shape). ``fake``: under torch.compile
+    stride and padding may hold symbols, so they are taken as given there. Returns ``(stride, padding)``
+    as tuples (padding defaulted from the kernel size)."""
     check_float("x", x, ndim=5, layout="(B, Cin, T, H, W)")
     check_float("weight", weight, ndim=5, layout="(Cout, Cin, kt, kh, kw)", device=x.device)
     check_same_dtype("weight", weight, "x", x)
@@ -101,8 +37,11 @@ def _validate(x, weight, bias, stride, padding, pad_mode, cache, residual, packe
         raise ValueError(f"weight must have x's {cin} input channels in dim 1, got shape {tuple(weight.shape)}")
     if min(b, cin, t, h, w) < 1 or min(cout, kt, kh, kw) < 1:
         raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} must have no empty dims")
-    stride = check_int_tuple("stride", stride, 3, minimum=1)
-    padding = (kh // 2, kw // 2) if padding is None else check_int_tuple("padding", padding, 2)
+    if fake:
+        stride, padding = tuple(stride), (kh // 2, kw // 2) if padding is None else tuple(padding)
+    else:
+        stride = check_int_tuple("stride", stride, 3, minimum=1)
+        padding = (kh // 2, kw // 2) if padding is None else check_int_tuple("padding", padding, 2)
     if h + 2 * padding[0] < kh or w + 2 * padding[1] < kw:
         raise ValueError(f"the padded input ({h + 2 * padding[0]}, {w + 2 * padding[1]}) is smaller than the kernel "
                          f"({kh}, {kw}); x shape {tuple(x.shape)}, padding {padding}")
@@ -132,6 +71,9 @@ def _validate(x, weight, bias, stride, padding, pad_mode, cache, residual, packe
                              f"of {weight.dtype} on {weight.device}, got {tuple(packed_weight.shape)} "
                              f"{packed_weight.dtype} on {packed_weight.device}"
                              f"{'' if packed_weight.is_contiguous() else ' (not contiguous)'}")
+    if grad is not None:
+        check_float("grad", grad, ndim=5, device=x.device)
+        check_shape("grad", grad, causal_conv3d_output_shape(x.shape, weight.shape, stride, padding), "(the output's)")
     return stride, padding
 
 
@@ -140,13 +82,16 @@ def _validate(x, weight, bias, stride, padding, pad_mode, cache, residual, packe
 def _conv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
              padding: Sequence[int], pad_mode: str, cache: Optional[torch.Tensor], residual: Optional[torch.Tensor],
              backend: str, packed_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    stride, padding = _check_static(x, weight, bias, stride, padding, pad_mode, cache, residual, packed_weight)
     kernel = _dispatch.get_kernel(OP, backend, x.device)
-    return kernel(x, weight, bias, stride=tuple(stride), padding=tuple(padding), pad_mode=pad_mode, cache=cache,
+    return kernel(x, weight, bias, stride=stride, padding=padding, pad_mode=pad_mode, cache=cache,
                   residual=residual, packed_weight=packed_weight)
 
 
 @_conv_op.register_fake
 def _(x, weight, bias, stride, padding, pad_mode, cache, residual, backend, packed_weight=None):
+    stride, padding = _check_static(x, weight, bias, stride, padding, pad_mode, cache, residual, packed_weight,
+                                    fake=True)
     out = x.new_empty(causal_conv3d_output_shape(x.shape, weight.shape, stride, padding))
     return like_layout(out, x)
 
@@ -156,14 +101,16 @@ def _conv_bwd_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
                  stride: Sequence[int], padding: Sequence[int], pad_mode: str, cache: Optional[torch.Tensor],
                  residual: Optional[torch.Tensor], backend: str
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    stride, padding = _check_static(x, weight, bias, stride, padding, pad_mode, cache, residual, grad=grad)
     kernel = _dispatch.get_kernel(OP + "_backward", backend, x.device)
-    dx, dw, db, dcache, dres = kernel(grad, x, weight, bias, stride=tuple(stride), padding=tuple(padding),
+    dx, dw, db, dcache, dres = kernel(grad, x, weight, bias, stride=stride, padding=padding,
                                       pad_mode=pad_mode, cache=cache, residual=residual)
     return dx, dw, empty_grad(db, x), empty_grad(dcache, x), empty_grad(dres, x)
 
 
 @_conv_bwd_op.register_fake
 def _(grad, x, weight, bias, stride, padding, pad_mode, cache, residual, backend):
+    _check_static(x, weight, bias, stride, padding, pad_mode, cache, residual, grad=grad, fake=True)
     return tuple(torch.empty_like(t) if t is not None else x.new_empty(0) for t in (x, weight, bias, cache, residual))
 
 
@@ -187,13 +134,6 @@ def _backward(ctx, grad):
 
 
 _conv_op.register_autograd(_backward, setup_context=_setup)
-
-
-def _backward_ref(grad, x, weight, bias, **kw):
-    names = ["x", "weight", "bias", "cache", "residual"]
-    inputs = {"x": x, "weight": weight, "bias": bias, "cache": kw.pop("cache"), "residual": kw.pop("residual")}
-    g = reference_vjp(causal_conv3d_ref, inputs, (grad,), names, **kw)
-    return tuple(g[k] for k in names)
 
 
 _dispatch.register_kernel(OP, "torch", causal_conv3d_ref)
@@ -235,7 +175,7 @@ def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     vector-Jacobian product through :func:`causal_conv3d_ref`, which recomputes the forward in fp32);
     only the forward is the Triton kernel.
     """
-    stride, padding = _validate(x, weight, bias, stride, padding, pad_mode, cache, residual, packed_weight)
+    stride, padding = _check_static(x, weight, bias, stride, padding, pad_mode, cache, residual, packed_weight)
     backend = _dispatch.resolve_backend(OP, backend, x.device)
     if _dispatch.eager_reference(backend):
         return causal_conv3d_ref(x, weight, bias, stride=stride, padding=padding, pad_mode=pad_mode, cache=cache,

@@ -1,8 +1,6 @@
-"""3D rotary position embedding over (t, h, w) token coordinates, as Wan2.1 and diffusers' Wan apply it.
-
-The D/2 rotary pairs of a head are split over the three axes (default: D - 4*(D//6), 2*(D//6),
-2*(D//6) dims for t, h, w); pairs are interleaved ``(x[2i], x[2i+1])`` and rotated by
-``coord_axis * theta ** (-2j / d_axis)`` for the j-th pair of that axis.
+"""3D rotary position embedding over (t, h, w) token coordinates: validation, the ``apply_rope3d`` op,
+function and module. Its meaning (the split of a head over the axes, the angles, the reference) is
+:mod:`sora_fast.reference.rope`.
 """
 from __future__ import annotations
 
@@ -11,40 +9,12 @@ from typing import Optional, Sequence
 import torch
 
 from . import _dispatch
-from ._common import check_float, check_int_tuple, check_positive, check_tensor, math_dtype, reference_vjp
+from ..reference.rope import _rope_backward_ref, apply_rope3d_ref, rope3d_angles, rope3d_split
+from ._common import check_float, check_int_tuple, check_positive, check_shape, check_tensor
 
 OP = "apply_rope3d"
 
 __all__ = ["rope3d_split", "rope3d_angles", "apply_rope3d_ref", "apply_rope3d", "Rope3D"]
-
-
-def rope3d_split(head_dim: int) -> tuple[int, int, int]:
-    """Wan2.1's split of a head's ``head_dim`` dims over (t, h, w)."""
-    hw = 2 * (head_dim // 6)
-    return head_dim - 2 * hw, hw, hw
-
-
-def rope3d_angles(coords: torch.Tensor, split: Sequence[int], theta: float = 10000.0) -> torch.Tensor:
-    """Rotation angle of every rotary pair: ``(N, sum(split) // 2)`` float64 (exact for long videos)."""
-    parts = []
-    for axis, dims in enumerate(split):
-        freqs = theta ** (-torch.arange(0, dims, 2, dtype=torch.float64, device=coords.device) / dims)
-        parts.append(coords[:, axis, None].to(torch.float64) * freqs)
-    return torch.cat(parts, dim=-1)
-
-
-# --- reference ---------------------------------------------------------------------------------
-def apply_rope3d_ref(x: torch.Tensor, coords: torch.Tensor, *, theta: float = 10000.0,
-                     split: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """Plain-torch 3D RoPE. x ``(N, H, D)``, coords ``(N, 3)`` int; fp32 math, x's dtype out."""
-    split = tuple(split) if split is not None else rope3d_split(x.shape[-1])
-    md = math_dtype(x.dtype)
-    angles = rope3d_angles(coords, split, theta)[:, None, :]        # (N, 1, D/2)
-    cos, sin = angles.cos().to(md), angles.sin().to(md)
-    pairs = x.to(md).unflatten(-1, (-1, 2))                           # (N, H, D/2, 2)
-    x1, x2 = pairs[..., 0], pairs[..., 1]
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return out.flatten(-2).to(x.dtype)
 
 
 # --- validation ---------------------------------------------------------------------------------
@@ -67,27 +37,44 @@ def validate_rope_args(x: torch.Tensor, coords, theta, split, *, name: str = "x"
     return split
 
 
+def _check_static(x, coords, theta, split, fake=False) -> tuple[int, int, int]:
+    """The one static check of apply_rope3d (shapes, dtypes, devices, scalars): run by the public function,
+    the ops and their fakes. ``fake``: under torch.compile theta and split may be symbols, so only the
+    tensors are checked there. Returns the resolved split."""
+    check_float("x", x, ndim=3, layout="(N, H, D)")
+    if fake:
+        check_tensor("coords", coords, ndim=2, layout="(N, 3)", dtypes=(torch.int32,), device=x.device)
+        return tuple(split)
+    return validate_rope_args(x, coords, theta, split)
+
+
 # --- custom op ----------------------------------------------------------------------------------
 @torch.library.custom_op("sora_fast::apply_rope3d", mutates_args=())
 def _rope_op(x: torch.Tensor, coords: torch.Tensor, theta: float, split: Sequence[int], backend: str) -> torch.Tensor:
+    split = _check_static(x, coords, theta, split)
     kernel = _dispatch.get_kernel(OP, backend, x.device)
-    return kernel(x, coords, theta=theta, split=tuple(split))
+    return kernel(x, coords, theta=theta, split=split)
 
 
 @_rope_op.register_fake
 def _(x, coords, theta, split, backend):
+    _check_static(x, coords, theta, split, fake=True)
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("sora_fast::apply_rope3d_backward", mutates_args=())
 def _rope_bwd_op(grad: torch.Tensor, x: torch.Tensor, coords: torch.Tensor, theta: float,
                  split: Sequence[int], backend: str) -> torch.Tensor:
+    split = _check_static(x, coords, theta, split)
+    check_float("grad", grad, ndim=3, layout="(N, H, D)", device=x.device)
+    check_shape("grad", grad, x.shape, "(x's shape)")
     kernel = _dispatch.get_kernel(OP + "_backward", backend, x.device)
-    return kernel(grad, x, coords, theta=theta, split=tuple(split))
+    return kernel(grad, x, coords, theta=theta, split=split)
 
 
 @_rope_bwd_op.register_fake
 def _(grad, x, coords, theta, split, backend):
+    _check_static(x, coords, theta, split, fake=True)
     return torch.empty_like(x)
 
 
@@ -105,11 +92,6 @@ def _backward(ctx, grad):
 _rope_op.register_autograd(_backward, setup_context=_setup)
 
 
-def _rope_backward_ref(grad, x, coords, *, theta, split):
-    return reference_vjp(apply_rope3d_ref, {"x": x, "coords": coords}, (grad,), ["x"],
-                         theta=theta, split=split)["x"]
-
-
 _dispatch.register_kernel(OP, "torch", apply_rope3d_ref)
 _dispatch.register_kernel(OP + "_backward", "torch", _rope_backward_ref)
 
@@ -122,8 +104,7 @@ def apply_rope3d(x: torch.Tensor, coords: torch.Tensor, *, theta: float = 10000.
     ``split``: dims given to (t, h, w), even, summing to D (default Wan2.1's, :func:`rope3d_split`).
     Returns a tensor like ``x``. Differentiable in ``x``.
     """
-    check_float("x", x, ndim=3, layout="(N, H, D)")
-    split = validate_rope_args(x, coords, theta, split)
+    split = _check_static(x, coords, theta, split)
     backend = _dispatch.resolve_backend(OP, backend, x.device)
     if _dispatch.eager_reference(backend):
         return apply_rope3d_ref(x, coords, theta=float(theta), split=split)

@@ -1,76 +1,46 @@
-"""VAE normalization + SiLU on video feature maps ``(B, C, T, H, W)`` (contiguous or channels_last_3d).
+"""VAE normalization + SiLU on video feature maps ``(B, C, T, H, W)`` (contiguous or channels_last_3d):
+validation, the ops (+ fake + autograd), functions and modules; references in
+:mod:`sora_fast.reference.vae_norm`.
 
     group_norm_silu:        GroupNorm over C/G channels x T x H x W, affine, then SiLU
     channel_rms_norm_silu:  Wan-VAE's norm: x / max(||x||_2 over C, eps) * sqrt(C) * weight + bias, then SiLU
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
+from ..reference.vae_norm import _gn_backward_ref, _rms_backward_ref, channel_rms_norm_silu_ref, group_norm_silu_ref
 from . import _dispatch
-from ._common import check_float, check_positive, check_shape, empty_grad, like_layout, math_dtype, reference_vjp
+from ._common import check_float, check_positive, check_shape, empty_grad, like_layout
 
 __all__ = ["group_norm_silu_ref", "channel_rms_norm_silu_ref", "group_norm_silu", "channel_rms_norm_silu",
            "GroupNormSiLU", "ChannelRMSNormSiLU"]
 
 
-def _per_channel(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return p.to(x.dtype).reshape(1, -1, *([1] * (x.dim() - 2)))
-
-
-# --- references --------------------------------------------------------------------------------
-def group_norm_silu_ref(x, num_groups, weight=None, bias=None, *, eps=1e-6, silu=True):
-    """Plain-torch GroupNorm (+ SiLU) in fp32; x's dtype and memory format out."""
-    md = math_dtype(x.dtype)
-    xf = x.to(md)
-    g = xf.reshape(x.shape[0], num_groups, math.prod(x.shape[1:]) // num_groups)  # (B, G, C/G * T*H*W); B = 0 too
-    mean = g.mean(dim=-1, keepdim=True)
-    var = (g - mean).square().mean(dim=-1, keepdim=True)
-    y = ((g - mean) * torch.rsqrt(var + eps)).reshape(x.shape)
-    if weight is not None:
-        y = y * _per_channel(weight, y)
-    if bias is not None:
-        y = y + _per_channel(bias, y)
-    if silu:
-        y = y * torch.sigmoid(y)
-    return like_layout(y.to(x.dtype), x)
-
-
-def channel_rms_norm_silu_ref(x, weight, bias=None, *, eps=1e-12, silu=True):
-    """Plain-torch Wan-VAE channel RMS norm (+ SiLU) in fp32; x's dtype and memory format out."""
-    md = math_dtype(x.dtype)
-    xf = x.to(md)
-    norm = xf.square().sum(dim=1, keepdim=True).sqrt().clamp_min(eps)  # as F.normalize
-    y = xf / norm * (x.shape[1] ** 0.5) * _per_channel(weight, xf)
-    if bias is not None:
-        y = y + _per_channel(bias, y)
-    if silu:
-        y = y * torch.sigmoid(y)
-    return like_layout(y.to(x.dtype), x)
-
-
 # --- validation ---------------------------------------------------------------------------------
-def _validate(x, weight, bias, eps, silu, num_groups=None):
+def _check_static(x, weight, bias, eps, silu, num_groups=None, grad=None, fake=False):
+    """The one static check of the VAE norms (shapes, dtypes, devices, scalars; no tensor values read):
+    run by the public functions, the ops (``torch.ops.sora_fast.*`` callers skip the public checks) and
+    their fakes. ``grad``: the backward's incoming gradient. ``fake``: under torch.compile the scalars
+    (num_groups, eps) may be symbols, so only the tensors are checked there."""
     check_float("x", x, ndim=5, layout="(B, C, T, H, W)")
     c = x.shape[1]
-    if num_groups is not None:
+    if num_groups is not None and not fake:
         if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
             raise ValueError(f"num_groups must be a positive int dividing the {c} channels, got {num_groups!r}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
             check_float(name, t, ndim=1, layout="(C,)", device=x.device)
             check_shape(name, t, (c,))
-    check_positive("eps", eps)
-    if not isinstance(silu, bool):
-        raise TypeError(f"silu must be a bool, got {type(silu).__name__}")
-
-
-def _check_grad(grad, x):
-    check_float("grad", grad, ndim=5, layout="(B, C, T, H, W)", device=x.device)
-    check_shape("grad", grad, x.shape, "(x's shape)")
+    if not fake:
+        check_positive("eps", eps)
+        if not isinstance(silu, bool):
+            raise TypeError(f"silu must be a bool, got {type(silu).__name__}")
+    if grad is not None:
+        check_float("grad", grad, ndim=5, layout="(B, C, T, H, W)", device=x.device)
+        check_shape("grad", grad, x.shape, "(x's shape)")
 
 
 def _optional_grads(g, weight, bias):
@@ -81,13 +51,14 @@ def _optional_grads(g, weight, bias):
 @torch.library.custom_op("sora_fast::group_norm_silu", mutates_args=())
 def _gn_op(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
            eps: float, silu: bool, backend: str) -> torch.Tensor:
-    _validate(x, weight, bias, eps, silu, num_groups)  # again: torch.ops.sora_fast.* callers skip the public checks
+    _check_static(x, weight, bias, eps, silu, num_groups)
     kernel = _dispatch.get_kernel("group_norm_silu", backend, x.device)
     return kernel(x, num_groups, weight, bias, eps=eps, silu=silu)
 
 
 @_gn_op.register_fake
 def _(x, num_groups, weight, bias, eps, silu, backend):
+    _check_static(x, weight, bias, eps, silu, num_groups, fake=True)
     return like_layout(torch.empty_like(x), x)
 
 
@@ -95,8 +66,7 @@ def _(x, num_groups, weight, bias, eps, silu, backend):
 def _gn_bwd_op(grad: torch.Tensor, x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor],
                bias: Optional[torch.Tensor], eps: float, silu: bool, backend: str
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _validate(x, weight, bias, eps, silu, num_groups)
-    _check_grad(grad, x)
+    _check_static(x, weight, bias, eps, silu, num_groups, grad)
     kernel = _dispatch.get_kernel("group_norm_silu_backward", backend, x.device)
     dx, dw, db = kernel(grad, x, num_groups, weight, bias, eps=eps, silu=silu)
     return dx, empty_grad(dw, x), empty_grad(db, x)
@@ -104,6 +74,7 @@ def _gn_bwd_op(grad: torch.Tensor, x: torch.Tensor, num_groups: int, weight: Opt
 
 @_gn_bwd_op.register_fake
 def _(grad, x, num_groups, weight, bias, eps, silu, backend):
+    _check_static(x, weight, bias, eps, silu, num_groups, grad, fake=True)
     return tuple(torch.empty_like(t) if t is not None else x.new_empty(0) for t in (x, weight, bias))
 
 
@@ -123,37 +94,31 @@ def _gn_backward(ctx, grad):
 _gn_op.register_autograd(_gn_backward, setup_context=_gn_setup)
 
 
-def _gn_backward_ref(grad, x, num_groups, weight, bias, **kw):
-    g = reference_vjp(group_norm_silu_ref, {"x": x, "num_groups": num_groups, "weight": weight, "bias": bias},
-                      (grad,), ["x", "weight", "bias"], **kw)
-    return g["x"], g["weight"], g["bias"]
-
-
 _dispatch.register_kernel("group_norm_silu", "torch", group_norm_silu_ref)
 _dispatch.register_kernel("group_norm_silu_backward", "torch", _gn_backward_ref)
-_dispatch.register_kernel("group_norm_silu", "cuda", "sora_fast.ops._cuda:group_norm_silu")
-_dispatch.register_kernel("group_norm_silu_backward", "cuda", "sora_fast.ops._cuda:group_norm_silu_backward")
+_dispatch.register_kernel("group_norm_silu", "cuda", "sora_fast.cuda.launchers:group_norm_silu")
+_dispatch.register_kernel("group_norm_silu_backward", "cuda", "sora_fast.cuda.launchers:group_norm_silu_backward")
 
 
 # --- channel_rms_norm_silu op ----------------------------------------------------------------------
 @torch.library.custom_op("sora_fast::channel_rms_norm_silu", mutates_args=())
 def _rms_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float, silu: bool,
             backend: str) -> torch.Tensor:
-    _validate(x, weight, bias, eps, silu)  # again: torch.ops.sora_fast.* callers skip the public checks
+    _check_static(x, weight, bias, eps, silu)
     kernel = _dispatch.get_kernel("channel_rms_norm_silu", backend, x.device)
     return kernel(x, weight, bias, eps=eps, silu=silu)
 
 
 @_rms_op.register_fake
 def _(x, weight, bias, eps, silu, backend):
+    _check_static(x, weight, bias, eps, silu, fake=True)
     return like_layout(torch.empty_like(x), x)
 
 
 @torch.library.custom_op("sora_fast::channel_rms_norm_silu_backward", mutates_args=())
 def _rms_bwd_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 eps: float, silu: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _validate(x, weight, bias, eps, silu)
-    _check_grad(grad, x)
+    _check_static(x, weight, bias, eps, silu, grad=grad)
     kernel = _dispatch.get_kernel("channel_rms_norm_silu_backward", backend, x.device)
     dx, dw, db = kernel(grad, x, weight, bias, eps=eps, silu=silu)
     return dx, dw, empty_grad(db, x)
@@ -161,6 +126,7 @@ def _rms_bwd_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias:
 
 @_rms_bwd_op.register_fake
 def _(grad, x, weight, bias, eps, silu, backend):
+    _check_static(x, weight, bias, eps, silu, grad=grad, fake=True)
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias) if bias is not None else x.new_empty(0)
 
 
@@ -179,16 +145,10 @@ def _rms_backward(ctx, grad):
 _rms_op.register_autograd(_rms_backward, setup_context=_rms_setup)
 
 
-def _rms_backward_ref(grad, x, weight, bias, **kw):
-    g = reference_vjp(channel_rms_norm_silu_ref, {"x": x, "weight": weight, "bias": bias}, (grad,),
-                      ["x", "weight", "bias"], **kw)
-    return g["x"], g["weight"], g["bias"]
-
-
 _dispatch.register_kernel("channel_rms_norm_silu", "torch", channel_rms_norm_silu_ref)
 _dispatch.register_kernel("channel_rms_norm_silu_backward", "torch", _rms_backward_ref)
-_dispatch.register_kernel("channel_rms_norm_silu", "cuda", "sora_fast.ops._cuda:channel_rms_norm_silu")
-_dispatch.register_kernel("channel_rms_norm_silu_backward", "cuda", "sora_fast.ops._cuda:channel_rms_norm_silu_backward")
+_dispatch.register_kernel("channel_rms_norm_silu", "cuda", "sora_fast.cuda.launchers:channel_rms_norm_silu")
+_dispatch.register_kernel("channel_rms_norm_silu_backward", "cuda", "sora_fast.cuda.launchers:channel_rms_norm_silu_backward")
 
 
 # --- public API ---------------------------------------------------------------------------------
@@ -206,7 +166,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
     contiguous first (one extra read and write of x). Its backward is, for now, the plain-torch
     reference VJP (``group_norm_silu_ref`` differentiated by autograd): correct, not fused.
     """
-    _validate(x, weight, bias, eps, silu, num_groups)
+    _check_static(x, weight, bias, eps, silu, num_groups)
     backend = _dispatch.resolve_backend("group_norm_silu", backend, x.device)
     if _dispatch.eager_reference(backend):
         return group_norm_silu_ref(x, num_groups, weight, bias, eps=float(eps), silu=silu)
@@ -229,7 +189,7 @@ def channel_rms_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     """
     if weight is None:
         raise TypeError("weight must be a (C,) tensor, got None")
-    _validate(x, weight, bias, eps, silu)
+    _check_static(x, weight, bias, eps, silu)
     backend = _dispatch.resolve_backend("channel_rms_norm_silu", backend, x.device)
     if _dispatch.eager_reference(backend):
         return channel_rms_norm_silu_ref(x, weight, bias, eps=float(eps), silu=silu)

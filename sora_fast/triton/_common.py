@@ -8,10 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
-# fp32 inputs: every dot as three tf32 products (hi*hi + hi*lo + lo*hi) on the tensor cores, so each
-# product has a relative error of about 2**-21 (the dropped lo*lo term) instead of tf32's 2**-11, well
-# inside the fp32 tests' bounds. Exact fp32 ("ieee") runs on the FMA units (67 TFLOP/s on an H100 against
-# 495/3 for tf32x3 by the datasheet), has no wgmma and spills more at the shipped tiles.
+# fp32 inputs: every dot as three tf32 products (hi*hi + hi*lo + lo*hi) on the tensor cores: relative
+# error about 2**-21 per product (the dropped lo*lo term), not tf32's 2**-11; exact fp32 ("ieee") runs on
+# the FMA units, several times slower, without wgmma (docs/triton_kernels.md).
 FP32_PRECISION = "tf32x3"
 
 

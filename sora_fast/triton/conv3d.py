@@ -11,18 +11,15 @@ cache frame, a zero (masked) or, with ``pad_mode="replicate"``, the stream's fir
 or x frame 0 without a cache). No ``F.pad``, no ``torch.cat``. Spatial zero padding is masks.
 Epilogue: fp32 accumulator + bias + residual, cast once, stored channels-last.
 
-Layout: the kernel reads and writes channels-last-3d (NDHWC) only. A contiguous (NCDHW) x, cache or
-residual is converted to channels_last_3d inside the launcher, and for a contiguous x the output is
-computed channels-last and copied to x's format at the end: one copy each way. Reading and writing NCDHW
-through strides in the kernel was measured on the offline sm_90 report: the contiguous axis is then
-along M, which wraps at W_out, so every element needs its own 64-bit address. Writing the output and
-residual that way spilled 1488 B per thread (128×128 tile); reading x and the cache that way spilled
-392 B (128×128) and 48 B (128×64) and cut the cp.async loads from 36 to 12. Those specializations fail
-the no-spill gate and are not shipped. Feed channels-last activations to avoid the copies.
+Layout: the kernel reads and writes channels-last-3d (NDHWC) only: through NCDHW strides the contiguous
+axis is along M, which wraps at W_out, so every element needs its own 64-bit address and the tiles spill
+(measurements: docs/triton_kernels.md). A contiguous (NCDHW) x, cache or residual is converted to
+channels_last_3d inside the launcher, and for a contiguous x the output is computed channels-last and
+copied to x's format at the end: one copy each way. Feed channels-last activations to avoid the copies.
 
-Packed weight: ``(K, Cout)`` from :func:`sora_fast.ops.conv3d.causal_conv3d_pack_weight`. Modules keep it
-(:class:`sora_fast.ops.conv3d.PackedConv3dWeight`, repacked only when the weight changes) and pass it as
-``packed_weight``; without it the launcher packs the weight on each call.
+Packed weight: ``(K, Cout)`` from :func:`sora_fast.reference.conv3d.causal_conv3d_pack_weight`. Modules
+keep it (``PackedConv3dWeight`` in ``sora_fast.ops.conv3d``, repacked only when the weight changes) and pass
+it as ``packed_weight``; without it the launcher packs the weight on each call.
 
 Grid: one axis, ``cdiv(M, BLOCK_M) · cdiv(Cout, BLOCK_N)`` programs with the N blocks of one M block
 adjacent (they share its input tile in L2); CUDA allows 2**31 − 1 programs on axis 0 (axis 1 only 65535,
@@ -31,7 +28,7 @@ which M blocks exceed beyond 8.4 M output positions, e.g. a 720p video in one pa
 fp32 inputs use ``input_precision="tf32x3"`` on the GPU (see ``FP32_PRECISION``); fp16/bf16 tiles feed
 the tensor cores directly, with fp32 accumulation.
 
-Backward: the torch reference (``_backward_ref`` in ``sora_fast.ops.conv3d``) is registered as the
+Backward: the torch reference (``_backward_ref`` in ``sora_fast.reference.conv3d``) is registered as the
 ``triton`` backend of ``causal_conv3d_backward``, so autograd through ``backend="triton"`` is the
 reference VJP.
 
@@ -47,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.conv3d import causal_conv3d_output_shape, causal_conv3d_pack_weight
+from ..reference.conv3d import causal_conv3d_output_shape, causal_conv3d_pack_weight
 from ._spec import KernelConfig
 from ._common import FP32_PRECISION, dot_precision, extent, interpreting as _interpreting, to_store
 

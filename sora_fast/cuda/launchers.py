@@ -4,7 +4,7 @@ CUDA tensors go to the GPU launchers (``_C.adaln_forward`` ...); CPU tensors to 
 the same ``kernels/*.cuh`` source (``_C.emu.adaln_forward`` ...: slow, exact, for tests). Each public
 function here takes exactly the arguments of the op's ``torch`` backend (its ``*_ref``) and returns
 the same things; ``sora_fast/ops/adaln.py`` and ``vae_norm.py`` register them with
-``_dispatch.register_kernel(op, "cuda", "sora_fast.ops._cuda:<fn>")``.
+``_dispatch.register_kernel(op, "cuda", "sora_fast.cuda.launchers:<fn>")``.
 
 What the kernels rely on, and is checked here before any launch (ValueError otherwise):
 x in float32/float16/bfloat16; branch, dy, dx_new in x's dtype; shift, scale, gate with the same
@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
+from ..reference.vae_norm import _gn_backward_ref, _rms_backward_ref
 
 # NaN-fill every output before the launch, so an element a kernel forgets to write shows up in a
 # comparison (tests set it; also SORA_FAST_POISON_OUTPUTS=1).
@@ -319,7 +320,7 @@ def gated_residual_adaln_backward(dx_new, dy, x, branch, gate, shift, scale, seq
     return dx, dbranch, g["gate"], g["shift"], g["scale"], g["weight"], g["bias"]
 
 
-# The ops of sora_fast.ops.adaln skip their own range check of seq_ids for these functions: they make it
+# The adaLN ops skip their own range check of seq_ids for these functions: they make it
 # here, before the launch, in a device-to-host copy the backward needs anyway.
 for _fn in (adaln_modulate, gated_residual_adaln, adaln_modulate_backward, gated_residual_adaln_backward):
     _fn.checks_index_values = True
@@ -393,13 +394,9 @@ def channel_rms_norm_silu(x, weight, bias=None, *, eps=1e-12, silu=True):
 
 def group_norm_silu_backward(grad, x, num_groups, weight, bias, *, eps=1e-6, silu=True):
     """Backward of group_norm_silu: the plain-torch reference VJP (no CUDA kernel yet)."""
-    from .vae_norm import _gn_backward_ref
-
     return _gn_backward_ref(grad, x, num_groups, weight, bias, eps=eps, silu=silu)
 
 
 def channel_rms_norm_silu_backward(grad, x, weight, bias, *, eps=1e-12, silu=True):
     """Backward of channel_rms_norm_silu: the plain-torch reference VJP (no CUDA kernel yet)."""
-    from .vae_norm import _rms_backward_ref
-
     return _rms_backward_ref(grad, x, weight, bias, eps=eps, silu=silu)

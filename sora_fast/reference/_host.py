@@ -1,0 +1,27 @@
+"""The pack's metadata (cu_seqlens, grid) read to the host in one device-to-host transfer, shared by an
+op's value checks, the references and the kernels' launch tables."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+__all__ = ["PackOnHost", "read_pack"]
+
+
+class PackOnHost(NamedTuple):
+    """The pack's metadata read to the host: cu_seqlens_q, cu_seqlens_k and grid (None without one)
+    as lists. The checks and the kernels' launch tables share it, so an op call waits for the device
+    once (one transfer, see :func:`read_pack`) instead of once per ``.tolist()``."""
+    cu_q: list
+    cu_k: list
+    grid: Optional[list]
+
+
+def read_pack(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, grid: Optional[torch.Tensor]) -> PackOnHost:
+    """The values of cu_seqlens_q, cu_seqlens_k and grid in one device-to-host transfer."""
+    parts = [cu_seqlens_q.reshape(-1), cu_seqlens_k.reshape(-1)] + ([] if grid is None else [grid.reshape(-1)])
+    flat = torch.cat([t.to(torch.int64) for t in parts]).tolist()
+    nq, nk = cu_seqlens_q.numel(), cu_seqlens_k.numel()
+    g = None if grid is None else [flat[i:i + 3] for i in range(nq + nk, len(flat), 3)]
+    return PackOnHost(flat[:nq], flat[nq:nq + nk], g)
