@@ -6,7 +6,7 @@ per-sequence tables (two packed videos), LayerNorm without affine (Wan's norm), 
 ``adaln_modulate`` and ``gated_residual_adaln`` is timed forward and backward with
 ``triton.testing.do_bench`` (median) for three providers: sora_fast (backend="cuda"), eager torch
 (the ``*_ref`` reference) and ``torch.compile`` of the reference. GB/s counts the bytes the op must
-move (KERNELS.md §4): modulate fwd 2·N·D·s (read x, write y), gated fwd 4·N·D·s (x, branch in;
+move (docs/kernels.md §4): modulate fwd 2·N·D·s (read x, write y), gated fwd 4·N·D·s (x, branch in;
 x_new, y out), modulate bwd 3·N·D·s (x, dy in; dx out), gated bwd 6·N·D·s (x, branch, dy, dx_new
 in; dx, dbranch out); the same count for every provider. The floor is the measured device-to-device
 copy bandwidth (``dst.copy_(src)`` of 1 GiB). Inputs are larger than L2 (50 MiB), so each call

@@ -168,7 +168,8 @@ def run_gpu(args, rows: Rows, failures: Failures) -> None:
         weight_cl = weight.contiguous(memory_format=cl)
         packed = causal_conv3d_pack_weight(weight)   # once, as a module keeps it: no packing in the timed calls
         bias = torch.randn(case.cout, device="cuda", dtype=dtype)
-        stream = lambda x, cache: x if cache is None else torch.cat([cache, x], dim=2)
+        def stream(x, cache):
+            return x if cache is None else torch.cat([cache, x], dim=2)
         padded = [F.pad(stream(*xc), pad).contiguous(memory_format=cl) for xc in sets]
         providers = {
             "sora_fast": _cycle(sets, lambda x, cache: causal_conv3d(x, weight, bias, cache=cache, packed_weight=packed,

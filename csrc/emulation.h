@@ -1,5 +1,5 @@
 // Host emulation of the CUDA execution model, so kernels/*.cuh compile with g++ -std=c++20 and run
-// on CPU tensors (backend="cuda" on CPU; KERNELS.md §2). Include this header first, then kernels.
+// on CPU tensors (backend="cuda" on CPU; docs/kernels.md §2). Include this header first, then kernels.
 //
 //   - one std::thread per CUDA thread; the blocks of a grid run one after another on the same
 //     threads; a grid-wide std::barrier separates blocks (the launching thread takes part);

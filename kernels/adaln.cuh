@@ -4,7 +4,7 @@
 // One block per row (forward) or per chunk of rows (backward). Each thread keeps kAdaLNElems fp32
 // values of the row in registers, in chunks of V elements read and written with 16-byte accesses
 // (V = 16 / sizeof(x element)) when the launcher found every row 16-byte aligned, else V = 1.
-// x is read once and every output written once (KERNELS.md §4 byte floors).
+// x is read once and every output written once (docs/kernels.md §4 byte floors).
 #pragma once
 
 #include "adaln_params.h"

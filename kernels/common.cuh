@@ -2,7 +2,7 @@
 //
 // Everything under kernels/ is device code only: no host launchers (csrc/), no pybind11, no torch.
 // These headers compile twice: with nvcc for the GPU, and with g++ -std=c++20 through the
-// host-emulation header csrc/emulation.h for CPU tests (KERNELS.md §2), so they use only what that
+// host-emulation header csrc/emulation.h for CPU tests (docs/kernels.md §2), so they use only what that
 // header provides: threadIdx/blockIdx/blockDim/gridDim, __syncthreads, __shfl_xor_sync, static
 // __shared__ arrays, SF_DYNAMIC_SMEM, uint4 loads/stores.
 #pragma once

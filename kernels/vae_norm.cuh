@@ -9,7 +9,7 @@
 //   group_norm_silu: 1) group_norm_stats_kernel: per (b, group, chunk) Welford partials (count,
 //   mean, M2), one vector of V elements merged at a time (Chan's formula); 2) per (b, group) the
 //   chunks merged in order into mean and 1/std; 3) group_norm_apply_kernel: elementwise, V at a
-//   time. Reads x twice and writes y once (the 3·N·s floor of KERNELS.md §4: a group of a video
+//   time. Reads x twice and writes y once (the 3·N·s floor of docs/kernels.md §4: a group of a video
 //   feature map does not fit on chip). Vector conditions: contiguous S % V == 0 (a vector stays in
 //   one channel); channels_last C % V == 0 for apply, C/G % V == 0 for stats (a vector stays in one
 //   group's run of channels).

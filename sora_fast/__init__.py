@@ -3,8 +3,8 @@
 Videos of any size become spacetime patch tokens packed without padding (:mod:`sora_fast.packing`);
 every hot path is an op in :mod:`sora_fast.ops` with a plain-torch reference and kernel backends.
 """
-from ._version import __version__
 from . import ops, packing
+from ._version import __version__
 from .packing import PackedSequences, PackedVideos, pack_sequences, pack_videos, plan_batches
 
 __all__ = [

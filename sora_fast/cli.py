@@ -73,10 +73,10 @@ def cmd_train(args) -> int:
     import torch
 
     from .data import LatentDataset, VideoFolder, cache_latents
+    from .distributed.launch import barrier, has_checkpoint, make_trainer, save_pipeline, training_mesh
     from .models.dit import DiTConfig, VideoDiT
     from .pipeline import VideoPipeline
     from .training.checkpoint import check_writable
-    from .distributed.launch import barrier, has_checkpoint, make_trainer, save_pipeline, training_mesh
     from .training.lora import merge_lora
 
     mesh = training_mesh(args.sequence_parallel)  # None unless launched by torchrun
@@ -137,9 +137,9 @@ def _size(text: str) -> tuple[int, int, int]:
 
 def cmd_generate(args) -> int:
     from .data import write_contact_sheet, write_video
-    from .pipeline import VideoPipeline
     from .distributed import make_denoiser
     from .distributed.launch import sampling_mesh
+    from .pipeline import VideoPipeline
     from .training.checkpoint import check_writable
 
     mesh = sampling_mesh(args.sequence_parallel, args.cfg_parallel, args.guidance)  # None unless under torchrun

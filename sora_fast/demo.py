@@ -107,8 +107,16 @@ def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, config: Op
     ``summary.json``. ``on_dit_step(step, trainer, vae)``, when given, runs after every DiT training step
     (``bench/bench_demo_quality.py`` evaluates checkpoints with it); its time counts in the DiT stage.
     """
-    from .data import (LatentDataset, VideoFolder, cache_latents, check_clips, checker_summary,
-                       make_synthetic_dataset, write_contact_sheet, write_video)
+    from .data import (
+        LatentDataset,
+        VideoFolder,
+        cache_latents,
+        check_clips,
+        checker_summary,
+        make_synthetic_dataset,
+        write_contact_sheet,
+        write_video,
+    )
     from .data import prompts as synthetic_prompts
     from .models.dit import DiTConfig, VideoDiT
     from .models.text import TinyTextEncoder

@@ -3,7 +3,7 @@
 A latent video ``(C, T, H, W)`` is cut into ``pt x ph x pw`` patches, giving ``T'·H'·W'`` tokens
 (``T' = T/pt`` …) in t-major raster order. The tokens of B videos are concatenated back to back, and
 ``cu_seqlens`` / ``seq_ids`` / ``coords`` / ``grid`` say where each sequence and token lives
-(DESIGN.md, "packed spacetime patches"). Text sequences are packed the same way by
+(docs/design.md, "packed spacetime patches"). Text sequences are packed the same way by
 :func:`pack_sequences`, and :func:`plan_batches` groups samples of mixed sizes into batches under a
 token budget, so that a training step sees native resolutions and never a padded rectangle.
 
@@ -156,7 +156,7 @@ class _Packed:
 
 @dataclass(eq=False)
 class PackedVideos(_Packed):
-    """B videos as one stream of N spacetime-patch tokens (DESIGN.md's packed layout).
+    """B videos as one stream of N spacetime-patch tokens (docs/design.md's packed layout).
 
     tokens:      ``(N, C*pt*ph*pw)``, the latents' dtype and device; sequences back to back.
                  Features within a token are ordered ``(C, pt, ph, pw)``, C outermost: exactly the

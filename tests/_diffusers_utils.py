@@ -5,19 +5,24 @@ import math
 
 import pytest
 import torch
-from diffusers import (AutoencoderKLWan, CogVideoXTransformer3DModel, FlowMatchEulerDiscreteScheduler,
-                       HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel, WanPipeline,
-                       WanTransformer3DModel)
+from diffusers import (
+    AutoencoderKLWan,
+    CogVideoXTransformer3DModel,
+    FlowMatchEulerDiscreteScheduler,
+    HunyuanVideoTransformer3DModel,
+    LTXVideoTransformer3DModel,
+    WanPipeline,
+    WanTransformer3DModel,
+)
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
+from test_dit import randomize, rel_err
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from sora_fast import ops
-from sora_fast.integrations.diffusers import accelerate
 from sora_fast.cuda import launchers as _cuda
+from sora_fast.integrations.diffusers import accelerate
 from sora_fast.ops import _dispatch
-
-from test_dit import randomize, rel_err
 
 # fp32: max|accelerated - original| / max|original|. The same weights and math in another order (fp32
 # sums, RoPE from integer coordinates instead of float64 tables): a few units of 2^-24 per op, well

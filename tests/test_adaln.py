@@ -7,10 +7,16 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _utils import TOL, assert_close, assert_within_lowp_error
-from sora_fast.ops import (AdaLNModulate, BackendUnavailableError, GatedResidualAdaLN, adaln_modulate,
-                           gated_residual_adaln, registered_backends)
+
+from sora_fast.ops import (
+    AdaLNModulate,
+    BackendUnavailableError,
+    GatedResidualAdaLN,
+    adaln_modulate,
+    gated_residual_adaln,
+    registered_backends,
+)
 
 SHAPES = [(1, 64), (17, 769), (113, 8)]
 AFFINES = ["none", "weight", "bias", "both"]

@@ -3,13 +3,12 @@ the fp32 references: every output and gradient, fp32/bf16/fp16, awkward hidden s
 1-token and an empty sequence, per-sequence and per-token tables, determinism, bad input."""
 import pytest
 import torch
+from _utils import TOL, assert_close, assert_within_lowp_error
 
 import sora_fast.ops as O
 from sora_fast import _ext
 from sora_fast.cuda import launchers as _cuda
 from sora_fast.ops.adaln import _gated_backward_ref, _modulate_backward_ref
-
-from _utils import TOL, assert_close, assert_within_lowp_error
 
 # No skip when the emulation is missing: it is always built (tests/test_build.py), so its absence is a
 # broken build and these tests must fail on it.

@@ -11,8 +11,13 @@ import torch
 import torch.nn.functional as F
 from _utils import assert_close, assert_within_lowp_error
 
-from sora_fast.ops import BackendUnavailableError, SpacetimeAttention, registered_backends, spacetime_attention
-from sora_fast.ops import spacetime_attention_ref
+from sora_fast.ops import (
+    BackendUnavailableError,
+    SpacetimeAttention,
+    registered_backends,
+    spacetime_attention,
+    spacetime_attention_ref,
+)
 
 OP = "spacetime_attention"
 # Correctness tests run the public op on these backends (CPU tensors). Kernel backends join here once

@@ -6,7 +6,6 @@ kernels a GPU runs; outputs are NaN-poisoned so an unwritten element shows.
 import inspect
 import math
 import sys
-
 import warnings
 
 import pytest

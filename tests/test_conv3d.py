@@ -7,10 +7,16 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _utils import assert_close
-from sora_fast.ops import (BackendUnavailableError, CausalConv3d, causal_conv3d, causal_conv3d_next_cache,
-                           causal_conv3d_output_shape, registered_backends)
+
+from sora_fast.ops import (
+    BackendUnavailableError,
+    CausalConv3d,
+    causal_conv3d,
+    causal_conv3d_next_cache,
+    causal_conv3d_output_shape,
+    registered_backends,
+)
 from sora_fast.ops.conv3d import causal_conv3d_pack_weight
 
 KERNELS = [(3, 3, 3), (3, 1, 1), (1, 3, 3), (1, 1, 1)]

@@ -47,7 +47,8 @@ def _inputs(b, cin, cout, t, h, w, k, dtype, *, cache_frames=0, layout="contiguo
 
 def _check(out, x, weight, bias=None, *, stride=1, padding=None, pad_mode="zeros", cache=None, residual=None, msg=""):
     """out against the fp64 reference on the same (already rounded) inputs, within numerical error."""
-    d = lambda t: None if t is None else t.double()
+    def d(t):
+        return None if t is None else t.double()
     ref = causal_conv3d_ref(d(x), d(weight), d(bias), stride=stride, padding=padding, pad_mode=pad_mode,
                             cache=d(cache), residual=d(residual))
     mag = causal_conv3d_ref(d(x).abs(), d(weight).abs(), None if bias is None else d(bias).abs(), stride=stride,
@@ -162,7 +163,8 @@ def test_gradients_through_reference_backward():
 def test_opcheck_with_triton_backend():
     from sora_fast.ops import conv3d
 
-    req = lambda *ts: tuple(t.requires_grad_(True) for t in ts)
+    def req(*ts):
+        return tuple(t.requires_grad_(True) for t in ts)
     x, weight, cache, residual = req(torch.randn(1, 3, 2, 3, 5).contiguous(memory_format=CL),
                                      torch.randn(5, 3, 3, 1, 1), torch.randn(1, 3, 1, 3, 5), torch.randn(1, 5, 1, 3, 5))
     torch.library.opcheck(conv3d._conv_op, (x, weight, None, [2, 1, 1], [0, 0], "replicate", cache, residual,

@@ -1,4 +1,4 @@
-"""Offline sm_90a gates of the CUDA C++ kernels (KERNELS.md §3): every kernel compiles with 0 spill
+"""Offline sm_90a gates of the CUDA C++ kernels (docs/kernels.md §3): every kernel compiles with 0 spill
 bytes, and the vectorized main-path kernels use 16-byte global loads (LDG.E.128) in SASS."""
 import pytest
 

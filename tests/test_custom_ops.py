@@ -1,10 +1,10 @@
 """Every op is a torch.library custom op: opcheck passes, and the ops compile with fullgraph=True."""
 import pytest
 import torch
+from _utils import assert_close
 
 import sora_fast.ops as O
 from sora_fast.ops import adaln, attention, conv3d, rope, vae_norm
-from _utils import assert_close
 
 
 def _req(*ts):

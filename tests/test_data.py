@@ -4,12 +4,11 @@ import json
 import math
 import warnings
 
+import av  # the test extra installs av, Pillow and safetensors: missing ones fail here, never skip
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-import av  # the test extra installs av, Pillow and safetensors: missing ones fail here, never skip
 
 from sora_fast.data import (
     ClipSpec,

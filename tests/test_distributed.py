@@ -25,8 +25,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sora_fast.distributed import (CFGParallelDenoiser, DistributedTrainer, ParallelMesh, enable_sequence_parallel,
-                                   init_distributed, make_denoiser, make_mesh, sequence_parallel_forward)
+from sora_fast.distributed import (
+    CFGParallelDenoiser,
+    DistributedTrainer,
+    ParallelMesh,
+    enable_sequence_parallel,
+    init_distributed,
+    make_denoiser,
+    make_mesh,
+    sequence_parallel_forward,
+)
 from sora_fast.models._convert import StateDictMismatchError
 from sora_fast.models.dit import DiTConfig, VideoDiT
 from sora_fast.models.text import TinyTextEncoder

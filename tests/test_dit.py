@@ -7,16 +7,15 @@ import math
 
 import pytest
 import torch
+from _utils import assert_close
 from diffusers import WanTransformer3DModel
 
+from sora_fast.cuda import launchers as _cuda
 from sora_fast.models._convert import StateDictMismatchError, load_converted
 from sora_fast.models.dit import PRESETS, DiTConfig, VideoDiT, convert_wan_transformer_state_dict
-from sora_fast.cuda import launchers as _cuda
 from sora_fast.ops import BackendUnavailableError, _dispatch, registered_backends
 from sora_fast.ops._dispatch import get_kernel
 from sora_fast.packing import pack_sequences, pack_videos
-
-from _utils import assert_close
 
 FP32_REL = 1e-5  # max|ours - diffusers| / max|diffusers| in fp32
 BF16_U = 2.0**-8  # bf16 unit roundoff (8 significant bits)

@@ -1,5 +1,5 @@
 """ThreadSanitizer over the host emulation of the CUDA kernels: our stand-in for compute-sanitizer
-racecheck (KERNELS.md §2), built with g++ -fsanitize=thread into tmp_path from the same sources.
+racecheck (docs/kernels.md §2), built with g++ -fsanitize=thread into tmp_path from the same sources.
 
 - The clean build links the real launchers (csrc/kernels_emu.cpp, i.e. csrc/launch_impl.inc and every
   kernel of kernels/*.cuh) to a driver that runs every kernel family the way sora_fast.cuda.launchers

@@ -5,19 +5,17 @@ tests are in test_integrations_diffusers_{wan,vae,backend}.py."""
 import subprocess
 import sys
 
+import _diffusers_utils
 import pytest
 import torch
+from _diffusers_utils import FP32_REL, VAE21, assert_same_state, state, tiny_ltx, tiny_vae, tiny_wan, tiny_wan_pipeline
 from diffusers import AutoencoderKL
 from diffusers.models import attention_dispatch
+from test_dit import rel_err
 
 import sora_fast
 from sora_fast.integrations import diffusers as integ
-from sora_fast.integrations.diffusers import DiffusersHooksError, accelerate, wan_packed_forward
-from sora_fast.integrations.diffusers import wan_vae
-
-import _diffusers_utils
-from _diffusers_utils import FP32_REL, VAE21, assert_same_state, state, tiny_ltx, tiny_vae, tiny_wan, tiny_wan_pipeline
-from test_dit import rel_err
+from sora_fast.integrations.diffusers import DiffusersHooksError, accelerate, wan_packed_forward, wan_vae
 
 calls, kernels = _diffusers_utils.calls, _diffusers_utils.kernels  # the shared fixtures
 

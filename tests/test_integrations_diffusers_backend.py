@@ -1,17 +1,25 @@
 """HunyuanVideo and LTX-Video through the ``sora_fast`` backend of diffusers' attention dispatcher, CogVideoX
 through swapped processors: against the same models before acceleration; the dispatcher backend by name;
 packed attention with key-padding masks against SDPA."""
+import _diffusers_utils
 import pytest
 import torch
+from _diffusers_utils import (
+    FP32_REL,
+    check_accelerated,
+    cogvideox_inputs,
+    hunyuan_inputs,
+    ltx_inputs,
+    run,
+    tiny_cogvideox,
+    tiny_hunyuan,
+    tiny_ltx,
+)
 from diffusers.models import attention_dispatch
+from test_dit import rel_err
 
 from sora_fast.integrations import diffusers as integ
 from sora_fast.integrations.diffusers.dispatch import _dispatch_fn
-
-import _diffusers_utils
-from _diffusers_utils import (FP32_REL, check_accelerated, cogvideox_inputs, hunyuan_inputs, ltx_inputs, run,
-                              tiny_cogvideox, tiny_hunyuan, tiny_ltx)
-from test_dit import rel_err
 
 calls, kernels = _diffusers_utils.calls, _diffusers_utils.kernels  # the shared fixtures
 

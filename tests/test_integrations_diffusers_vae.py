@@ -1,13 +1,12 @@
 """accelerate() on diffusers' Wan VAE (2.1 and 2.2 layouts) against the same model before acceleration, on the
 torch backend and the kernel backends; undo() bit for bit."""
+import _diffusers_utils
 import pytest
 import torch
-
-from sora_fast.integrations.diffusers import accelerate
-
-import _diffusers_utils
 from _diffusers_utils import FP32_REL, VAE21, VAE22, assert_same_state, state, tiny_vae, vae_round_trip
 from test_dit import rel_err
+
+from sora_fast.integrations.diffusers import accelerate
 
 calls, kernels = _diffusers_utils.calls, _diffusers_utils.kernels  # the shared fixtures
 

@@ -1,16 +1,15 @@
 """accelerate() on diffusers' Wan transformer (2.1 T2V, I2V, 2.2 TI2V per-token timesteps) against the same
 model before acceleration, on the torch backend and the kernel backends; undo() bit for bit; the packed
 multi-latent forward."""
+import _diffusers_utils
 import pytest
 import torch
+from _diffusers_utils import FP32_REL, WAN_ALL, B, check_accelerated, run, tiny_wan, wan_inputs
+from test_dit import rel_err
 
 from sora_fast.integrations.diffusers import accelerate, wan_packed_forward
 from sora_fast.integrations.diffusers.wan import _GridRope
 from sora_fast.integrations.diffusers.wan_packed import _shared_video_dit
-
-import _diffusers_utils
-from _diffusers_utils import B, FP32_REL, WAN_ALL, check_accelerated, run, tiny_wan, wan_inputs
-from test_dit import rel_err
 
 calls, kernels = _diffusers_utils.calls, _diffusers_utils.kernels  # the shared fixtures
 

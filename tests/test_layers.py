@@ -1,4 +1,4 @@
-"""Dependencies point one way (DESIGN.md, "Layers"): the kernel launchers (sora_fast.triton, sora_fast.cuda)
+"""Dependencies point one way (docs/design.md, "Layers"): the kernel launchers (sora_fast.triton, sora_fast.cuda)
 and the references (sora_fast.reference) never import the layers above them: sora_fast.ops, models,
 training or integrations, not even lazily inside a function."""
 import ast

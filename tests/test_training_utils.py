@@ -16,7 +16,6 @@ from torch import nn
 
 from sora_fast.models.dit import DiTConfig, VideoDiT
 from sora_fast.packing import pack_sequences, pack_videos
-from sora_fast.training import checkpoint as ckpt_mod
 from sora_fast.training import (
     EMA,
     LoRALinear,
@@ -44,8 +43,8 @@ from sora_fast.training import (
     shift_sigmas,
     sigma_schedule,
 )
+from sora_fast.training import checkpoint as ckpt_mod
 from sora_fast.training.flow import BASE_SHIFT, BASE_TOKENS, MAX_SHIFT, MAX_TOKENS
-
 
 # ----------------------------------------------------------------------------------------------
 # a small stand-in for a DiT: attention q/k/v/o, an FFN, a time embedding, dropout, a buffer

@@ -6,10 +6,16 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _utils import assert_close, assert_within_lowp_error
-from sora_fast.ops import (BackendUnavailableError, ChannelRMSNormSiLU, GroupNormSiLU, channel_rms_norm_silu,
-                           group_norm_silu, registered_backends)
+
+from sora_fast.ops import (
+    BackendUnavailableError,
+    ChannelRMSNormSiLU,
+    GroupNormSiLU,
+    channel_rms_norm_silu,
+    group_norm_silu,
+    registered_backends,
+)
 
 CL = torch.channels_last_3d
 GROUPS = [(3, 1), (3, 3), (32, 8), (96, 32)]  # (C, num_groups)

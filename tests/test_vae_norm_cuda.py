@@ -3,12 +3,11 @@ emulation, against the fp32 references, in contiguous and channels_last_3d layou
 is the reference VJP for now (see sora_fast/cuda/launchers.py); the autograd wiring is tested here."""
 import pytest
 import torch
+from _utils import assert_close
 
 import sora_fast.ops as O
 from sora_fast import _ext
 from sora_fast.cuda import launchers as _cuda
-
-from _utils import assert_close
 
 # No skip when the emulation is missing: it is always built (tests/test_build.py), so its absence is a
 # broken build and these tests must fail on it.

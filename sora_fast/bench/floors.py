@@ -1,4 +1,4 @@
-"""What a benchmark number is read against: the hardware floors (KERNELS.md §4), the roofline units, and the
+"""What a benchmark number is read against: the hardware floors (docs/kernels.md §4), the roofline units, and the
 numerical tolerance a provider must meet before it is timed.
 
 One home for the rules every benchmark applies (``sora-fast bench`` and the ``bench/bench_<op>.py`` scripts).
@@ -11,7 +11,7 @@ import torch
 
 __all__ = ["FLOORS", "REL_TOL", "UNIT_SCALE", "floor_for", "throughput", "pct_of_floor", "check_tolerance"]
 
-# Datasheet floors (KERNELS.md §4): dense bf16/fp16 tensor-core math and HBM bandwidth (SXM parts).
+# Datasheet floors (docs/kernels.md §4): dense bf16/fp16 tensor-core math and HBM bandwidth (SXM parts).
 FLOORS = {"H100": {"TFLOP/s": 989.0, "GB/s": 3350.0}, "H200": {"TFLOP/s": 989.0, "GB/s": 4800.0}}
 # A few units in the last place of each dtype (unit roundoff: fp32 6e-8, fp16 4.9e-4, bf16 3.9e-3), relative to
 # the largest reference output: the allowance on top of 2x the reference's own error at that dtype.

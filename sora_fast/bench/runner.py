@@ -11,7 +11,7 @@ For each op (:mod:`sora_fast.bench.suites`) and each of its cases:
 3. the providers that passed are timed: on a CPU by pytest-benchmark (``benchmark.pedantic`` in
    :mod:`sora_fast.bench.timing_suite`, run through ``pytest.main``; the passes over all cases and
    providers are interleaved so that machine noise hits every provider alike), on a GPU with
-   ``triton.testing.do_bench`` (median, KERNELS.md §5) while NVML telemetry is sampled.
+   ``triton.testing.do_bench`` (median, docs/kernels.md §5) while NVML telemetry is sampled.
 
 Rows (one per op x case x provider) carry ms, the roofline throughput (TFLOP/s or GB/s), % of the
 device's datasheet floor when it is known, the time relative to eager torch, the check's error and
@@ -250,7 +250,7 @@ def run_bench(ops: Optional[Sequence[str]] = None, providers: Optional[Sequence[
         quiet: no progress output; argv: the command line, recorded in ``meta``.
     Returns ``{"meta": ..., "rows": [...]}``.
     """
-    from ..profile import _NvmlSampler, _environment
+    from ..profile import _environment, _NvmlSampler
 
     ops = expand_ops([ops] if isinstance(ops, str) else ops)
     dev = resolve_device(device)

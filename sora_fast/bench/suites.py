@@ -2,7 +2,7 @@
 
 An op suite (:class:`OpSuite`) holds:
 
-- cases per device kind (``cpu`` sizes run in seconds; ``cuda`` sizes are the Wan shapes of KERNELS.md §4),
+- cases per device kind (``cpu`` sizes run in seconds; ``cuda`` sizes are the Wan shapes of docs/kernels.md §4),
   each with the work one call does (FLOPs for attention and conv, bytes for the norms) and the abscissa of
   its plot (sequence length, hidden size, channels);
 - an independent plain-PyTorch reference (``F.layer_norm``, ``F.group_norm``, ``F.conv3d``, a per-sequence
@@ -108,7 +108,7 @@ ATTN_SAMPLE = 256   # query rows per sequence checked against the reference (all
 
 
 def _attn_cases(kind: str, quick: bool, dtype: torch.dtype) -> list[BenchCase]:
-    """Packs of two (CPU) or one-to-four (GPU) videos; FLOPs = 4·L²·H·D per sequence (KERNELS.md §4)."""
+    """Packs of two (CPU) or one-to-four (GPU) videos; FLOPs = 4·L²·H·D per sequence (docs/kernels.md §4)."""
     if kind == "cpu":
         heads, d = 4, 64
         packs = [[(2, 8, 8)] * 2, [(2, 16, 16)] * 2] if quick else \
@@ -233,7 +233,7 @@ def _attn_flash(a: dict, ctx: dict):
 
 # --- adaLN family ----------------------------------------------------------------------------------
 def _adaln_cases(bytes_per_elem: int) -> Callable[[str, bool, torch.dtype], list[BenchCase]]:
-    """N tokens in two packed sequences, hidden size D varied; bytes = k·N·D·s (KERNELS.md §4)."""
+    """N tokens in two packed sequences, hidden size D varied; bytes = k·N·D·s (docs/kernels.md §4)."""
     def cases(kind: str, quick: bool, dtype: torch.dtype) -> list[BenchCase]:
         if kind == "cpu":
             n, dims = (1024, (256, 1536)) if quick else (4096, (256, 512, 1024, 1536, 3072))
@@ -312,7 +312,7 @@ def _gated_liger(a: dict, ctx: dict):
 
 # --- VAE norms -------------------------------------------------------------------------------------
 def _vae_norm_cases(kind: str, quick: bool, dtype: torch.dtype) -> list[BenchCase]:
-    """(1, C, T, H, W) feature maps, channels C varied; bytes = 2·numel·s (read x, write y: KERNELS.md §4)."""
+    """(1, C, T, H, W) feature maps, channels C varied; bytes = 2·numel·s (read x, write y: docs/kernels.md §4)."""
     if kind == "cpu":
         thw, chans = ((2, 16, 16), (64, 256)) if quick else ((4, 32, 32), (64, 128, 256, 384))
     else:
@@ -370,7 +370,7 @@ def _gn_liger(a: dict, ctx: dict):
 # --- causal conv3d ---------------------------------------------------------------------------------
 def _conv_cases(kind: str, quick: bool, dtype: torch.dtype) -> list[BenchCase]:
     """One decoder chunk with the previous chunk's last kt-1 frames as cache, channels varied;
-    FLOPs = 2·B·Cin·Cout·kt·kh·kw·T·H·W (KERNELS.md §4)."""
+    FLOPs = 2·B·Cin·Cout·kt·kh·kw·T·H·W (docs/kernels.md §4)."""
     if kind == "cpu":
         thw, chans = ((3, 16, 16), (16, 32)) if quick else ((4, 24, 24), (16, 32, 64))
     else:

@@ -1,4 +1,4 @@
-"""How benchmarks time (KERNELS.md §5), in one place for ``sora-fast bench`` and the ``bench/`` scripts.
+"""How benchmarks time (docs/kernels.md §5), in one place for ``sora-fast bench`` and the ``bench/`` scripts.
 
 - GPU: ``triton.testing.do_bench``, median; warm-up and measuring budgets by :func:`do_bench_budget`;
   inputs rotated past L2 (:func:`rotations`, :func:`cycle`) when one set of them would stay cached.

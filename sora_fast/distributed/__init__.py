@@ -6,11 +6,18 @@ Launch with ``torchrun`` (``sora-fast train`` / ``generate`` detect it); see :mo
 from .cfg_parallel import CFGParallelDenoiser, make_denoiser
 from .checkpoint import latest_sharded, list_sharded, load_sharded, save_sharded
 from .fsdp import apply_fsdp, full_state_dict
-from .mesh import (ParallelMesh, check_same_on_all_ranks, init_distributed, launched_by_torchrun, make_mesh)
+from .mesh import ParallelMesh, check_same_on_all_ranks, init_distributed, launched_by_torchrun, make_mesh
 from .packs import even_splits, select_sequences, select_videos, token_shard, video_ranges
 from .trainer import DistributedTrainer
-from .ulysses import (SequenceParallelDenoiser, ShardedPackedVideos, UlyssesAttention, enable_sequence_parallel,
-                      sequence_parallel_forward, shard_videos, ulysses_attention)
+from .ulysses import (
+                      SequenceParallelDenoiser,
+                      ShardedPackedVideos,
+                      UlyssesAttention,
+                      enable_sequence_parallel,
+                      sequence_parallel_forward,
+                      shard_videos,
+                      ulysses_attention,
+)
 
 __all__ = [
     "CFGParallelDenoiser", "DistributedTrainer", "ParallelMesh", "SequenceParallelDenoiser", "ShardedPackedVideos",

@@ -19,8 +19,18 @@ import torch.nn as nn
 
 from ..ops._dispatch import resolve_family_backends
 from ._convert import load_converted
-from .vae_blocks import CausalConv, Decoder, Encoder, _Stream
-from .vae_blocks import AttentionBlock, MidBlock, Resample, ResidualBlock, RMSNorm, UpBlock  # noqa: F401 (old home)
+from .vae_blocks import (  # noqa: F401 (old home)
+    AttentionBlock,
+    CausalConv,
+    Decoder,
+    Encoder,
+    MidBlock,
+    Resample,
+    ResidualBlock,
+    RMSNorm,
+    UpBlock,
+    _Stream,
+)
 
 # convert_wan_vae_state_dict: from models.convert, on first use (module __getattr__ below)
 __all__ = ["VAEConfig", "VAE_PRESETS", "CausalVAE", "LatentPosterior", "convert_wan_vae_state_dict"]  # noqa: F822

@@ -7,14 +7,33 @@ tensors take the registered kernel and CPU tensors the torch reference). Every o
 works under ``torch.compile(fullgraph=True)``.
 """
 from ._dispatch import BACKENDS, BackendUnavailableError, register_kernel, registered_backends
-from .adaln import (AdaLNModulate, GatedResidualAdaLN, adaln_modulate, adaln_modulate_ref, gated_residual_adaln,
-                    gated_residual_adaln_ref)
+from .adaln import (
+                    AdaLNModulate,
+                    GatedResidualAdaLN,
+                    adaln_modulate,
+                    adaln_modulate_ref,
+                    gated_residual_adaln,
+                    gated_residual_adaln_ref,
+)
 from .attention import SpacetimeAttention, grid_coords, spacetime_attention, spacetime_attention_ref, window_mask
-from .conv3d import (CausalConv3d, PackedConv3dWeight, causal_conv3d, causal_conv3d_next_cache,
-                     causal_conv3d_output_shape, causal_conv3d_pack_weight, causal_conv3d_ref)
+from .conv3d import (
+                    CausalConv3d,
+                    PackedConv3dWeight,
+                    causal_conv3d,
+                    causal_conv3d_next_cache,
+                    causal_conv3d_output_shape,
+                    causal_conv3d_pack_weight,
+                    causal_conv3d_ref,
+)
 from .rope import Rope3D, apply_rope3d, apply_rope3d_ref, rope3d_angles, rope3d_split
-from .vae_norm import (ChannelRMSNormSiLU, GroupNormSiLU, channel_rms_norm_silu, channel_rms_norm_silu_ref,
-                       group_norm_silu, group_norm_silu_ref)
+from .vae_norm import (
+                    ChannelRMSNormSiLU,
+                    GroupNormSiLU,
+                    channel_rms_norm_silu,
+                    channel_rms_norm_silu_ref,
+                    group_norm_silu,
+                    group_norm_silu_ref,
+)
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "register_kernel", "registered_backends",

@@ -7,8 +7,15 @@ from typing import Optional
 
 import torch
 
-from ..reference.adaln import (NORMS, _adaln_eager, _gated_backward_ref, _gated_eager, _modulate_backward_ref,
-                               adaln_modulate_ref, gated_residual_adaln_ref)
+from ..reference.adaln import (
+    NORMS,
+    _adaln_eager,
+    _gated_backward_ref,
+    _gated_eager,
+    _modulate_backward_ref,
+    adaln_modulate_ref,
+    gated_residual_adaln_ref,
+)
 from . import _dispatch
 from ._common import check_float, check_index_values, check_positive, check_tensor, empty_grad
 

@@ -14,12 +14,27 @@ from typing import Optional, Sequence
 import torch
 
 from ..reference._host import PackOnHost, read_pack  # noqa: F401  (re-exported)
-from ..reference.attention import (_attention_padded, _backward_ref, _forward_ref, _padding_pays,  # noqa: F401
-                                   attention_backward_streamed, grid_coords, softmax_delta, spacetime_attention_ref,
-                                   window_mask)
+from ..reference.attention import (  # noqa: F401
+    _attention_padded,
+    _backward_ref,
+    _forward_ref,
+    _padding_pays,
+    attention_backward_streamed,
+    grid_coords,
+    softmax_delta,
+    spacetime_attention_ref,
+    window_mask,
+)
 from . import _dispatch
-from ._common import (check_cu_seqlens_values, check_float, check_int_tuple, check_positive, check_same_dtype,
-                      check_shape, check_tensor)
+from ._common import (
+    check_cu_seqlens_values,
+    check_float,
+    check_int_tuple,
+    check_positive,
+    check_same_dtype,
+    check_shape,
+    check_tensor,
+)
 from .rope import validate_rope_args
 
 OP = "spacetime_attention"

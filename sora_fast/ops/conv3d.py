@@ -9,8 +9,14 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..reference.conv3d import (PAD_MODES, _backward_ref, causal_conv3d_next_cache, causal_conv3d_output_shape,
-                                causal_conv3d_pack_weight, causal_conv3d_ref)
+from ..reference.conv3d import (
+    PAD_MODES,
+    _backward_ref,
+    causal_conv3d_next_cache,
+    causal_conv3d_output_shape,
+    causal_conv3d_pack_weight,
+    causal_conv3d_ref,
+)
 from . import _dispatch
 from ._common import check_float, check_int_tuple, check_same_dtype, check_shape, empty_grad, like_layout
 

@@ -8,8 +8,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _dispatch
 from ..reference.rope import _rope_backward_ref, apply_rope3d_ref, rope3d_angles, rope3d_split
+from . import _dispatch
 from ._common import check_float, check_int_tuple, check_positive, check_shape, check_tensor
 
 OP = "apply_rope3d"

@@ -3,7 +3,7 @@
 Compiles every shipped kernel instantiation with ``nvcc -cubin -gencode=arch=compute_90a,code=sm_90a
 -Xptxas -v`` into a temporary directory, reads registers / spills / shared memory from the ptxas
 log and counts 16-byte global accesses (``LDG.E.128`` / ``STG.E.128``) in the SASS printed by the
-``cuobjdump`` that ships in the triton wheel (KERNELS.md §3). The gates: 0 spill bytes and no stack
+``cuobjdump`` that ships in the triton wheel (docs/kernels.md §3). The gates: 0 spill bytes and no stack
 frame (local memory) everywhere, and the main-path (vectorized) kernels use 16-byte loads.
 :func:`sora_fast.tools.kernel_report` merges these rows (:meth:`KernelRow.report_row`) into its table.
 

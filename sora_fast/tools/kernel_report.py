@@ -285,8 +285,8 @@ def report(modules: Sequence[str] = DEFAULT_MODULES, *, per_kernel: int = 0, nam
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("TRITON_INTERPRET is set: @triton.jit gives interpreter functions that cannot be "
                            "compiled; unset it, or use run_report_subprocess()")
-    import triton
     import torch
+    import triton
 
     rows: list[dict] = []
     skipped: list[dict] = []

@@ -166,7 +166,7 @@ def _program_block(TABLE, CU_Q, CU_K, GRID, WINDOW: tl.constexpr, OFF64: tl.cons
 
 # --- forward -------------------------------------------------------------------------------------
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TABLE, GRID, COORDS, AXIS, FREQ,
+def _attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TABLE, GRID, COORDS, AXIS, FREQ,  # noqa: E741 (O: the output, as in the papers)
                      stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
                      n_q, qk_scale, win_t, win_h, win_w,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,

@@ -28,7 +28,8 @@ from ..reference import attention as _reference
 from ..reference.rope import rope3d_split
 from ._attention_kernels import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_fwd_kernel
 from ._blocks import block_table
-from ._common import dot_precision, extent, interpreting as _interpreting
+from ._common import dot_precision, extent
+from ._common import interpreting as _interpreting
 from ._spec import KernelConfig
 
 LOG2E = 1.4426950408889634

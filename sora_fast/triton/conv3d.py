@@ -45,8 +45,9 @@ import triton
 import triton.language as tl
 
 from ..reference.conv3d import causal_conv3d_output_shape, causal_conv3d_pack_weight
+from ._common import FP32_PRECISION, dot_precision, extent, to_store
+from ._common import interpreting as _interpreting
 from ._spec import KernelConfig
-from ._common import FP32_PRECISION, dot_precision, extent, interpreting as _interpreting, to_store
 
 SUPPORTED_KERNELS = ((3, 3, 3), (3, 1, 1), (1, 3, 3), (1, 1, 1))
 SUPPORTED_STRIDES = (1, 2)

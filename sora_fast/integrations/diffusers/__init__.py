@@ -28,8 +28,12 @@ Modules: ``_accelerate`` (the entry point), ``patching`` (recorded patches, the 
 ``attention`` (packed attention on diffusers' layout), ``dispatch`` (the dispatcher backend; HunyuanVideo,
 LTX-Video), ``wan``, ``wan_vae``, ``cogvideox`` (one per model family), ``wan_packed``.
 """
-from ._accelerate import OP_FAMILIES, SUPPORTED_MODELS, accelerate
-from ._accelerate import Backend  # noqa: F401 (importable here as before the split)
+from ._accelerate import (
+           OP_FAMILIES,
+           SUPPORTED_MODELS,
+           Backend,  # noqa: F401 (importable here as before the split)
+           accelerate,
+)
 from .attention import MASKED_BIAS, packed_attention  # noqa: F401
 from .cogvideox import CogVideoXAttnProcessor
 from .dispatch import dispatch_backend_name, register_attention_backends
