@@ -89,7 +89,8 @@ def main(argv=None) -> int:
                     help="CFG scale(s) to score, comma-separated (default: the demo's)")
     ap.add_argument("--pipeline", default=None,
                     help="score this saved pipeline (a demo's OUT/pipeline) instead of training one")
-    ap.add_argument("--json", default=None, help="write the rows here (default: OUT/quality.json; with --pipeline only when given)")
+    ap.add_argument("--json", default=None,
+                    help="write the rows here (default: OUT/quality.json; with --pipeline only when given)")
     args = ap.parse_args(argv)
     cli.check_counts(args, cli.exit_with, ("val", "threads"))
     with cli.torch_threads(args.threads):
@@ -108,7 +109,8 @@ def _run(args) -> int:
         cli.check_at_least(f"--{k.replace('_', '-')}", v, 1, cli.exit_with)
     cfg = dataclasses.replace(cfg, **overrides)
     if args.pipeline and (overrides or args.eval_at):
-        raise SystemExit("--pipeline scores a trained pipeline; --dit-steps, --vae-steps and --eval-at need a training run")
+        raise SystemExit("--pipeline scores a trained pipeline; --dit-steps, --vae-steps and --eval-at need a "
+                         "training run")
     eval_at = _parse_steps(args.eval_at) if args.eval_at else sorted({max(cfg.dit_steps // 2, 1), cfg.dit_steps})
     if eval_at[-1] > cfg.dit_steps:
         raise SystemExit(f"--eval-at step {eval_at[-1]} is past the last DiT step {cfg.dit_steps}")

@@ -164,7 +164,8 @@ def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, config: Op
             cache_latents(folder, lambda v: vae.normalize_latents(vae.encode(v[None]))[0], out / "latents",
                           overwrite=True, progress=progress)
         latents = LatentDataset(out / "latents")
-        items = [{"latent": latents[i]["latent"].float(), "caption": latents[i]["caption"]} for i in range(len(latents))]
+        items = [{"latent": latents[i]["latent"].float(), "caption": latents[i]["caption"]}
+                 for i in range(len(latents))]
         st.detail = f"{len(items)} latents, {vae.latent_channels} channels, /{tf} time, /{sf} space"
 
     # 4. packed DiT training on mixed sizes

@@ -38,7 +38,8 @@ def _group_norm_args():
 
 CASES = {
     "spacetime_attention": lambda: [(attention._attention_op, a) for a in _attention_args()],
-    "apply_rope3d": lambda: [(rope._rope_op, (*_req(torch.randn(5, 2, 12)), torch.randint(-3, 9, (5, 3), dtype=torch.int32),
+    "apply_rope3d": lambda: [(rope._rope_op, (*_req(torch.randn(5, 2, 12)),
+                                              torch.randint(-3, 9, (5, 3), dtype=torch.int32),
                                               10000.0, [4, 4, 4], "torch"))],
     "adaln_modulate": lambda: [
         (adaln._modulate_op, (x, sh, sc, ids, norm, w, b, 1e-6, "torch"))

@@ -12,7 +12,8 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
                   "total"):
         assert stage in printed
     summary = json.loads((out / "summary.json").read_text())
-    assert "reconstructions" in printed and summary["vae_check"]["clips"] == sum(n for _, n in summary["vae_check"]["per_color"].values())
+    assert ("reconstructions" in printed
+            and summary["vae_check"]["clips"] == sum(n for _, n in summary["vae_check"]["per_color"].values()))
     n = len(summary["prompts"])
     assert printed.strip().splitlines()[-1] == f"checker pass rate: {sum(summary['passed'])}/{n}"
     assert sum(name.endswith(".mp4") for name in summary["samples"]) == n

@@ -93,7 +93,8 @@ def _train_parts(run_dir, mesh=None, seed=0, steps=3, dit_config=None, model_con
     text = TinyTextEncoder(dim=dit.config.text_dim)
     items = [{"latent": torch.randn(s, generator=torch.Generator().manual_seed(seed + i)), "caption": c}
              for i, (s, c) in enumerate(zip(SHAPES, CAPTIONS))]
-    cfg = TrainConfig(steps=steps, token_budget=token_budget, lr=1e-3, warmup_steps=2, save_every=2, log_every=1, seed=seed)
+    cfg = TrainConfig(steps=steps, token_budget=token_budget, lr=1e-3, warmup_steps=2, save_every=2, log_every=1,
+                      seed=seed)
     kw = dict(model_config={"dit": model_config}, progress=False)
     if mesh is False:
         return Trainer(dit, text, items, cfg, run_dir, **kw)
@@ -323,7 +324,8 @@ def test_checkpoint_from_world_size_2_resumes_at_world_size_1(ranks, reference_r
                 torch.testing.assert_close(have[d:2 * d], want[d:2 * d], rtol=0, atol=atol_no_signal,
                                            msg=lambda m: f"{tag}{name} (key part): {m}; {_replay(ranks)}")
                 have, want = torch.cat([have[:d], have[2 * d:]]), torch.cat([want[:d], want[2 * d:]])
-            torch.testing.assert_close(have, want, rtol=0, atol=atol, msg=lambda m: f"{tag}{name}: {m}; {_replay(ranks)}")
+            torch.testing.assert_close(have, want, rtol=0, atol=atol,
+                                       msg=lambda m: f"{tag}{name}: {m}; {_replay(ranks)}")
     assert resumed.ema.num_updates == 3
 
 

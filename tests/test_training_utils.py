@@ -321,7 +321,8 @@ def test_lora_state_dict_round_trip_and_errors(tmp_path):
 
     wrong_rank = copy.deepcopy(base)
     apply_lora(wrong_rank, rank=2, targets=("attn.*",))
-    with pytest.raises(StateDictMismatchError, match=r"blocks\.0\.attn\.q\.lora_A\.weight \(expected \(2, 16\), got \(3, 16\)\)"):
+    with pytest.raises(StateDictMismatchError, match=r"blocks\.0\.attn\.q\.lora_A\.weight "
+                                                     r"\(expected \(2, 16\), got \(3, 16\)\)"):
         load_lora(wrong_rank, sd)
     fewer = copy.deepcopy(base)
     apply_lora(fewer, rank=3, targets=("q",))
@@ -653,7 +654,8 @@ def test_video_dit_lora_flow_step_and_checkpoint(tmp_path):
     base = model(x, t * 1000, text)
 
     names = apply_lora(model, rank=4)
-    per_block = {f"{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out")} | {"ffn.0", "ffn.2"}
+    per_block = {f"{a}.{p}" for a in ("attn1", "attn2")
+                 for p in ("to_q", "to_k", "to_v", "to_out")} | {"ffn.0", "ffn.2"}
     assert set(names) == {f"blocks.{i}.{n}" for i in range(2) for n in per_block}
     assert torch.equal(model(x, t * 1000, text), base)
 

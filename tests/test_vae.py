@@ -378,7 +378,8 @@ def test_state_dict_mismatch_named_by_key(tiny):
     msg = str(info.value)
     assert "missing (1): decoder.conv_out.bias" in msg and "unexpected (1): encoder.extra.weight" in msg
     assert "quant_conv.weight (expected (8, 8, 1, 1, 1), got (8, 8, 3, 1, 1))" in msg
-    wrong = AutoencoderKLWan(**{**TINY, "z_dim": 3}, latents_mean=[0.0] * 3, latents_std=[1.0] * 3)  # a checkpoint of another config
+    # a checkpoint of another config
+    wrong = AutoencoderKLWan(**{**TINY, "z_dim": 3}, latents_mean=[0.0] * 3, latents_std=[1.0] * 3)
     sd = convert_wan_vae_state_dict(wrong.state_dict(), ours.config)
     with pytest.raises(StateDictMismatchError, match=r"shape mismatch .*decoder.conv_in.weight \(expected "
                                                      r"\(16, 4, 3, 3, 3\), got \(16, 3, 3, 3, 3\)\)"):

@@ -8,7 +8,8 @@ from sora_fast.training.vae import VAETrainConfig, fit_latent_stats, focus_weigh
 
 def _videos():
     g = torch.Generator().manual_seed(0)
-    return [torch.rand(s, generator=g) * 2 - 1 for s in [(3, 5, 16, 16), (3, 1, 16, 32), (3, 5, 16, 16), (3, 9, 16, 16)]]
+    return [torch.rand(s, generator=g) * 2 - 1
+            for s in [(3, 5, 16, 16), (3, 1, 16, 32), (3, 5, 16, 16), (3, 9, 16, 16)]]
 
 
 def test_training_reduces_reconstruction_error_and_is_reproducible():

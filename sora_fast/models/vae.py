@@ -235,7 +235,8 @@ class CausalVAE(nn.Module):
             raise ValueError(f"{name} must be on the model's device {p.device}, got {t.device}")
         b, c, n, h, w = t.shape
         if c != channels:
-            raise ValueError(f"{name} must have {channels} channels in dim 1 {layout}, got {c} (shape {tuple(t.shape)})")
+            raise ValueError(f"{name} must have {channels} channels in dim 1 {layout}, "
+                             f"got {c} (shape {tuple(t.shape)})")
         tf = self.temporal_factor
         if b < 1 or n < 1 or (frame_rule and (n - 1) % tf):
             want = f"1 + {tf}k frames (1, {1 + tf}, {1 + 2 * tf}, ...)" if frame_rule else "at least 1 frame"
@@ -327,7 +328,8 @@ class CausalVAE(nn.Module):
         """Spatial tiling as diffusers' ``enable_tiling`` (same arguments, defaults and blending): frames
         larger than the tile are processed in overlapping tiles whose overlaps fade linearly."""
         args = dict(tile_sample_min_height=tile_sample_min_height, tile_sample_min_width=tile_sample_min_width,
-                    tile_sample_stride_height=tile_sample_stride_height, tile_sample_stride_width=tile_sample_stride_width)
+                    tile_sample_stride_height=tile_sample_stride_height,
+                    tile_sample_stride_width=tile_sample_stride_width)
         sf = self.spatial_factor
         for name, v in args.items():
             if isinstance(v, bool) or not isinstance(v, int) or v < sf or v % sf:

@@ -89,7 +89,8 @@ def check_cu_seqlens_values(name: str, cu: Union[torch.Tensor, Sequence[int]], n
         raise ValueError(f"{name}[0] must be 0, got {vals[0]}")
     for i in range(1, len(vals)):
         if vals[i] < vals[i - 1]:
-            raise ValueError(f"{name} must be non-decreasing, got {name}[{i - 1}]={vals[i - 1]} > {name}[{i}]={vals[i]}")
+            raise ValueError(f"{name} must be non-decreasing, "
+                             f"got {name}[{i - 1}]={vals[i - 1]} > {name}[{i}]={vals[i]}")
     if vals[-1] != n_tokens:
         raise ValueError(f"{name}[-1] must equal the number of tokens ({n_tokens}), got {vals[-1]}")
     return vals

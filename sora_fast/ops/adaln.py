@@ -212,7 +212,8 @@ _gated_op.register_autograd(_gated_backward, setup_context=_gated_setup)
 _dispatch.register_kernel("gated_residual_adaln", "torch", gated_residual_adaln_ref)
 _dispatch.register_kernel("gated_residual_adaln_backward", "torch", _gated_backward_ref)
 _dispatch.register_kernel("gated_residual_adaln", "cuda", "sora_fast.cuda.launchers:gated_residual_adaln")
-_dispatch.register_kernel("gated_residual_adaln_backward", "cuda", "sora_fast.cuda.launchers:gated_residual_adaln_backward")
+_dispatch.register_kernel("gated_residual_adaln_backward", "cuda",
+                          "sora_fast.cuda.launchers:gated_residual_adaln_backward")
 
 
 # --- public API ---------------------------------------------------------------------------------

@@ -57,7 +57,8 @@ def _check_call(cu_seqlens_k, max_seqlen_q, max_seqlen_k, window, rope_coords, r
     if cu_seqlens_k is not None and window is not None:
         raise ValueError("window needs self-attention (cu_seqlens_k=None): keys must share the queries' grid")
     if cu_seqlens_k is not None and rope_coords is not None:
-        raise ValueError("rope_coords needs self-attention (cu_seqlens_k=None): keys must share the queries' coordinates")
+        raise ValueError("rope_coords needs self-attention (cu_seqlens_k=None): "
+                         "keys must share the queries' coordinates")
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
 
@@ -88,11 +89,13 @@ def _check_static(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window, grid, rope
     if cu_seqlens_k is not None:
         check_tensor("cu_seqlens_k", cu_seqlens_k, ndim=1, layout="(B+1,)", dtypes=(torch.int32,), device=q.device)
         if cu_seqlens_k.shape != cu_seqlens_q.shape:
-            raise ValueError(f"cu_seqlens_k must have cu_seqlens_q's length {num_seqs + 1}, got {cu_seqlens_k.shape[0]}")
+            raise ValueError(f"cu_seqlens_k must have cu_seqlens_q's length {num_seqs + 1}, "
+                             f"got {cu_seqlens_k.shape[0]}")
     if grid is not None:
         check_tensor("grid", grid, ndim=2, layout="(B, 3)", dtypes=(torch.int32,), device=q.device)
         if grid.shape != (num_seqs, 3):
-            raise ValueError(f"grid must have shape ({num_seqs}, 3), one (T', H', W') per sequence, got {tuple(grid.shape)}")
+            raise ValueError(f"grid must have shape ({num_seqs}, 3), one (T', H', W') per sequence, "
+                             f"got {tuple(grid.shape)}")
     if cu_seqlens_k is None and k.shape[0] != q.shape[0]:
         raise ValueError(f"self-attention (cu_seqlens_k=None) needs as many k rows as q rows ({q.shape[0]}), "
                          f"got {k.shape[0]}; pass cu_seqlens_k for cross-attention")

@@ -260,9 +260,9 @@ class CausalConv3d(torch.nn.Module):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, stream: bool = False) -> torch.Tensor:
         cache = self._cache if stream else None
         if stream and self._frames_seen % self.stride[0]:
-            raise ValueError(f"streaming with time stride {self.stride[0]}: the previous chunks held {self._frames_seen} "
-                             f"frames, not a multiple of the stride; split the video on multiples of "
-                             f"{self.stride[0]} frames (or call reset_cache() for a new video)")
+            raise ValueError(f"streaming with time stride {self.stride[0]}: the previous chunks held "
+                             f"{self._frames_seen} frames, not a multiple of the stride; split the video on "
+                             f"multiples of {self.stride[0]} frames (or call reset_cache() for a new video)")
         out = causal_conv3d(x, self.weight, self.bias, stride=self.stride, padding=self.padding,
                             pad_mode=self.pad_mode, cache=cache, residual=residual,
                             packed_weight=self.packed_weight(self.weight, self.backend), backend=self.backend)

@@ -148,7 +148,8 @@ _rms_op.register_autograd(_rms_backward, setup_context=_rms_setup)
 _dispatch.register_kernel("channel_rms_norm_silu", "torch", channel_rms_norm_silu_ref)
 _dispatch.register_kernel("channel_rms_norm_silu_backward", "torch", _rms_backward_ref)
 _dispatch.register_kernel("channel_rms_norm_silu", "cuda", "sora_fast.cuda.launchers:channel_rms_norm_silu")
-_dispatch.register_kernel("channel_rms_norm_silu_backward", "cuda", "sora_fast.cuda.launchers:channel_rms_norm_silu_backward")
+_dispatch.register_kernel("channel_rms_norm_silu_backward", "cuda",
+                          "sora_fast.cuda.launchers:channel_rms_norm_silu_backward")
 
 
 # --- public API ---------------------------------------------------------------------------------
@@ -202,8 +203,10 @@ class GroupNormSiLU(torch.nn.Module):
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-6, affine: bool = True,
                  silu: bool = True, backend: Optional[str] = None):
         super().__init__()
-        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or num_channels % num_groups:
-            raise ValueError(f"num_groups must be a positive int dividing num_channels ({num_channels}), got {num_groups!r}")
+        if (isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1
+                or num_channels % num_groups):
+            raise ValueError(f"num_groups must be a positive int dividing num_channels ({num_channels}), "
+                             f"got {num_groups!r}")
         self.num_groups, self.eps, self.silu, self.backend = num_groups, eps, silu, backend
         self.weight = torch.nn.Parameter(torch.ones(num_channels)) if affine else None
         self.bias = torch.nn.Parameter(torch.zeros(num_channels)) if affine else None

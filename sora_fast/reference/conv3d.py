@@ -50,7 +50,8 @@ def causal_conv3d_ref(x, weight, bias=None, *, stride=1, padding=None, pad_mode=
     md = math_dtype(x.dtype)
     kt, kh, kw = weight.shape[2:]
     stride = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
-    padding = (kh // 2, kw // 2) if padding is None else ((padding,) * 2 if isinstance(padding, int) else tuple(padding))
+    padding = (kh // 2, kw // 2) if padding is None else ((padding,) * 2 if isinstance(padding, int)
+                                                          else tuple(padding))
     xf = x.to(md)
     if kt > 1:
         xf = torch.cat([_front_frames(xf, kt, pad_mode, None if cache is None else cache.to(md)), xf], dim=2)

@@ -160,7 +160,8 @@ def _parse_ptxas(log: str) -> dict[str, dict]:
         if m := re.search(r"Compiling entry function '([^']+)'", line):
             cur = m.group(1)
             stats[cur] = {"registers": 0, "spill": 0, "stack": 0, "smem": 0}
-        elif cur and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)):
+        elif cur and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                                     r"(\d+) bytes spill loads", line)):
             stats[cur]["stack"] = int(m.group(1))
             stats[cur]["spill"] = int(m.group(2)) + int(m.group(3))
         elif cur and (m := re.search(r"Used (\d+) registers", line)):

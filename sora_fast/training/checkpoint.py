@@ -177,7 +177,8 @@ def _resolve(path: PathLike) -> Path:
     if _is_complete(p):
         return p
     if p.is_dir() and _STEP_RE.match(p.name):
-        raise FileNotFoundError(f"checkpoint {str(p)!r} is incomplete (no {_COMPLETE!r} marker): a save was interrupted")
+        raise FileNotFoundError(f"checkpoint {str(p)!r} is incomplete (no {_COMPLETE!r} marker): "
+                                "a save was interrupted")
     found = latest_checkpoint(p) if p.is_dir() else None
     if found is None:
         raise FileNotFoundError(
@@ -453,7 +454,8 @@ def load_checkpoint(
             raise ValueError(f"checkpoint {str(ckpt)!r} is corrupted: {fname} is missing or not {size} bytes")
     meta = json.loads((ckpt / _STATE).read_text(encoding="utf-8"))
     if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint {str(ckpt)!r} has format {meta.get('format')!r}, this version reads {FORMAT_VERSION}")
+        raise ValueError(f"checkpoint {str(ckpt)!r} has format {meta.get('format')!r}, "
+                         f"this version reads {FORMAT_VERSION}")
     extra = st.load_file(str(ckpt / _EXTRA))
     state = _decode(meta["state"], extra)
 

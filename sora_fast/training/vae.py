@@ -61,9 +61,10 @@ class VAETrainConfig:
                 raise ValueError(f"VAETrainConfig.{name} must be an int >= {lo}, got {v!r}")
         for name in ("lr_drop_at", "lr_drop"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1 or (name == "lr_drop" and v == 0):
-                raise ValueError(f"VAETrainConfig.{name} must be a number in {'(0, 1]' if name == 'lr_drop' else '[0, 1]'}, "
-                                 f"got {v!r}")
+            if (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1
+                    or (name == "lr_drop" and v == 0)):
+                raise ValueError(f"VAETrainConfig.{name} must be a number in "
+                                 f"{'(0, 1]' if name == 'lr_drop' else '[0, 1]'}, got {v!r}")
         for name in ("lr", "kl_weight", "grad_clip", "l1_weight", "focus"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (name == "lr" and v == 0):

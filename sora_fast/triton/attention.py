@@ -178,7 +178,8 @@ def _check_rows(q, k, rope_coords) -> None:
     """Token counts whose row indices (and 3 * row into the RoPE coordinates) fit the kernels' int32."""
     for name, n in (("q", q.shape[0]), ("k", k.shape[0])):
         if n >= _OFF32_LIMIT:
-            raise ValueError(f"the triton attention kernel takes fewer than {_OFF32_LIMIT} rows, got {name}.shape[0]={n}")
+            raise ValueError(f"the triton attention kernel takes fewer than {_OFF32_LIMIT} rows, "
+                             f"got {name}.shape[0]={n}")
     if rope_coords is not None and 3 * q.shape[0] >= _OFF32_LIMIT:
         raise ValueError(f"the triton attention kernel's fused RoPE takes fewer than {_OFF32_LIMIT // 3 + 1} rows, "
                          f"got q.shape[0]={q.shape[0]}")
@@ -260,9 +261,9 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
     _check_supported(q, v)
     _check_rows(q, k, rope_coords)
     if _fp32_reference(("dkdv", "dq"), q, window, rope_coords):
-        return _reference.attention_backward_streamed(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, scale=scale,
-                                           window=window, grid=grid, rope_coords=rope_coords, rope_theta=rope_theta,
-                                           host=host)
+        return _reference.attention_backward_streamed(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                                      scale=scale, window=window, grid=grid,
+                                                      rope_coords=rope_coords, rope_theta=rope_theta, host=host)
     q, k, v, dout = (_contig_last(t) for t in (q, k, v, dout))
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     n_q, heads, head_dim = q.shape
