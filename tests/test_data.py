@@ -360,7 +360,8 @@ def test_writers_read_back(tmp_path, fresh_seed):
     g = write_video(tmp_path / "clip.gif", frames, fps=8)
     assert np.array_equal(_decode(g), frames)  # five colours fit the palette exactly
     img = write_video(tmp_path / "still" / "still.png", frames[:1])
-    torch.testing.assert_close(VideoFolder(img.parent, progress=False)[0]["video"], _to_float(frames[:1]), atol=0, rtol=0)
+    torch.testing.assert_close(VideoFolder(img.parent, progress=False)[0]["video"], _to_float(frames[:1]),
+                               atol=0, rtol=0)
     assert not list(tmp_path.rglob(".*tmp*"))  # no temporary files left
 
     sheet = write_contact_sheet(tmp_path / "sheet.png", [frames, torch.rand(3, 9, 20, 30) * 2 - 1],

@@ -5,7 +5,6 @@ import contextlib
 import json
 import os
 import signal
-import sys
 
 import pytest
 import torch
@@ -24,7 +23,10 @@ from sora_fast.data import (
     write_skip_report,
     write_video,
 )
+from sora_fast.models.dit import VideoDiT
+from sora_fast.models.text import TinyTextEncoder
 from sora_fast.models.vae import CausalVAE
+from sora_fast.pipeline import VideoPipeline
 
 
 def _avgpool(video: torch.Tensor) -> torch.Tensor:
@@ -226,10 +228,7 @@ def test_fifos_and_devices_are_skipped_unopened(tmp_path):
 
 
 def test_train_rebuilds_a_stale_cache_and_names_skipped_files(tmp_path, capsys):
-    dit = __import__("sora_fast.models.dit", fromlist=["VideoDiT"]).VideoDiT.from_name("tiny")
-    from sora_fast.models.text import TinyTextEncoder
-    from sora_fast.pipeline import VideoPipeline
-
+    dit = VideoDiT.from_name("tiny")
     pipe = VideoPipeline(dit, CausalVAE("tiny"), TinyTextEncoder(dim=dit.config.text_dim)).save(tmp_path / "pipe")
     data, other = tmp_path / "data", tmp_path / "other"
     make_synthetic_dataset(data, 3, seed=1, sizes=((16, 16),), lengths=(1, 5), progress=False)
