@@ -102,7 +102,8 @@ def _names(names: list, n: int = 3) -> str:
 def _key_changes(old, new: dict) -> str:
     """What differs between a stored cache key and the current one, in words."""
     if not isinstance(old, dict):
-        return "the cache was written without a key (by an older version), so its data is unknown"
+        return ("the cache was written without a key (by an older version, or cache_latents without key=),"
+                " so what it holds is unknown")
     parts = []
     od, nd = old.get("data") or {}, new.get("data") or {}
     of = {f[0]: f[1:] for f in od.get("files", []) if isinstance(f, list) and f}
