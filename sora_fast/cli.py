@@ -27,6 +27,7 @@ class TrainRunConfig:
     diffusers_transformer: optional directory of a diffusers ``WanTransformer3DModel`` to fine-tune
                    (converted with ``VideoDiT.from_diffusers``).
     manifest, max_area, max_frames: passed to ``VideoFolder`` (captions, down-scaling only, never crops).
+    allow_outside_root: passed to ``VideoFolder``: also read manifest paths and links outside ``data``.
     train:         :class:`sora_fast.training.TrainConfig` fields.
     """
 
@@ -38,6 +39,7 @@ class TrainRunConfig:
     manifest: Optional[str] = None
     max_area: Optional[int] = None
     max_frames: Optional[int] = None
+    allow_outside_root: bool = False
     train: dict = field(default_factory=dict)
 
 
@@ -72,7 +74,7 @@ def load_run_config(path: str) -> tuple[TrainRunConfig, Any]:
 def cmd_train(args) -> int:
     import torch
 
-    from .data import LatentDataset, VideoFolder, cache_latents
+    from .data import LatentDataset, VideoFolder, ensure_latent_cache, module_key, write_skip_report
     from .distributed.launch import barrier, has_checkpoint, make_trainer, save_pipeline, training_mesh
     from .models.dit import DiTConfig, VideoDiT
     from .pipeline import VideoPipeline
@@ -97,13 +99,18 @@ def cmd_train(args) -> int:
 
     ph = dit.config.patch[1]
     folder = VideoFolder(run.data, manifest=run.manifest, max_area=run.max_area, max_frames=run.max_frames,
-                         size_multiple=vae.spatial_factor * ph, frame_multiple=vae.temporal_factor, frame_offset=1)
+                         size_multiple=vae.spatial_factor * ph, frame_multiple=vae.temporal_factor, frame_offset=1,
+                         allow_outside_root=run.allow_outside_root)
     cache = out / "latents"
-    if not (cache / "index.json").exists() and (mesh is None or mesh.is_main):
+    if mesh is None or mesh.is_main:  # re-encoded when the data, its settings or the VAE differ from the cache's
         with torch.no_grad():
-            cache_latents(folder, lambda v: vae.normalize_latents(vae.encode(v[None]))[0], cache, overwrite=True)
+            ensure_latent_cache(folder, lambda v: vae.normalize_latents(vae.encode(v[None]))[0], cache,
+                                encoder_key=module_key(vae))
     barrier()
     latents = LatentDataset(cache)
+    if mesh is None or mesh.is_main:
+        print(write_skip_report(folder.skipped + latents.encode_skipped + latents.skipped, out / "skipped.jsonl"),
+              file=sys.stderr)
     items = [{"latent": latents[i]["latent"].float(), "caption": latents[i]["caption"]} for i in range(len(latents))]
     model_config = {"dit": dataclasses.asdict(dit.config), "text": pipe.describe()["text"]}
     trainer = make_trainer(dit, text, items, train_cfg, out, mesh=mesh, model_config=model_config)

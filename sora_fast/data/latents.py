@@ -7,6 +7,12 @@ Layout of a cache folder::
     index.json                format/version, items per shard with caption, latent shape and dtype,
                               source path and video shape; byte size and sha256 of every shard
 
+The index also holds the cache's key (:func:`cache_key`): the dataset's identity (for a
+:class:`~sora_fast.data.VideoFolder` every file read with its size and mtime, the captions, the manifest's
+hash and the resize/frame settings), the encoder's identity (:func:`module_key`: a hash of the VAE's
+config and weights) and the storage dtype. :func:`ensure_latent_cache` reuses a cache whose key matches
+and re-encodes, saying why on stderr, when anything differs.
+
 Every file is written to a temporary name and moved into place with ``os.replace``, the index last, so
 an interrupted run leaves either the previous cache or the new one, never a mix. Reading checks each
 shard against the index (size, header, keys and shapes; sha256 too with ``verify=True``); a corrupted or
@@ -31,7 +37,8 @@ from torch.utils.data import Dataset
 from .io import _AtomicFile, _progress
 from .video_folder import Skipped, UnreadableFileError, first_readable
 
-__all__ = ["cache_latents", "LatentDataset", "INDEX_NAME"]
+__all__ = ["cache_latents", "ensure_latent_cache", "cache_key", "module_key", "stale_reason", "LatentDataset",
+           "INDEX_NAME"]
 
 INDEX_NAME = "index.json"
 _FORMAT = "sora_fast.latents"
@@ -55,6 +62,107 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def module_key(module: torch.nn.Module, config=None) -> str:
+    """sha256 of a module's ``config`` (a dataclass or JSON-able value; the module's own ``.config`` when
+    None) and of every state-dict tensor (name, dtype, shape, bytes): equal keys encode alike."""
+    import dataclasses
+
+    if config is None:
+        config = getattr(module, "config", None)
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    h = hashlib.sha256()
+    h.update(json.dumps({"class": type(module).__qualname__, "config": config}, sort_keys=True,
+                        default=repr).encode("utf-8"))
+    for name, t in module.state_dict().items():
+        t = t.detach().to("cpu").contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode("utf-8"))
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(dataset, encoder_key: str, *, dtype: Optional[torch.dtype] = None) -> dict:
+    """The key a latent cache of ``dataset`` encoded by ``encoder_key`` (e.g. :func:`module_key` of the VAE)
+    is stored under: ``{"data": dataset.identity(), "encoder": encoder_key, "dtype": ...}``, as JSON data.
+    TypeError when the dataset has no ``identity()`` (its contents cannot be told apart)."""
+    identity = getattr(dataset, "identity", None)
+    if not callable(identity):
+        raise TypeError(f"dataset must have an identity() method to key a latent cache on (as VideoFolder has),"
+                        f" got {type(dataset).__name__}")
+    if not isinstance(encoder_key, str) or not encoder_key:
+        raise TypeError(f"encoder_key must be a non-empty str (e.g. module_key(vae)), got {encoder_key!r}")
+    key = {"data": identity(), "encoder": encoder_key, "dtype": None if dtype is None else str(dtype)}
+    return json.loads(json.dumps(key))  # as it reads back from the index
+
+
+def _names(names: list, n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _key_changes(old, new: dict) -> str:
+    """What differs between a stored cache key and the current one, in words."""
+    if not isinstance(old, dict):
+        return ("the cache was written without a key (by an older version, or cache_latents without key=),"
+                " so what it holds is unknown")
+    parts = []
+    od, nd = old.get("data") or {}, new.get("data") or {}
+    of = {f[0]: f[1:] for f in od.get("files", []) if isinstance(f, list) and f}
+    nf = {f[0]: f[1:] for f in nd.get("files", [])}
+    for label, names in (("added", [k for k in nf if k not in of]), ("removed", [k for k in of if k not in nf]),
+                         ("changed (size or mtime)", [k for k in nf if k in of and of[k] != nf[k]])):
+        if names:
+            parts.append(f"{len(names)} data file(s) {label}: {_names(names)}")
+    if od.get("manifest_sha256") != nd.get("manifest_sha256"):
+        parts.append("the manifest differs")
+    if not parts and od.get("captions_sha256") != nd.get("captions_sha256"):
+        parts.append("the captions differ")
+    os_, ns = od.get("settings") or {}, nd.get("settings") or {}
+    for k in sorted(set(os_) | set(ns)):
+        if os_.get(k) != ns.get(k):
+            parts.append(f"{k} {os_.get(k)!r} -> {ns.get(k)!r}")
+    if old.get("encoder") != new.get("encoder"):
+        parts.append("the encoder (VAE config or weights) differs")
+    if old.get("dtype") != new.get("dtype"):
+        parts.append(f"dtype {old.get('dtype')} -> {new.get('dtype')}")
+    return "; ".join(parts) or "the cache key differs"
+
+
+def stale_reason(out_dir: Union[str, "os.PathLike[str]"], key: dict) -> Optional[str]:
+    """None when ``out_dir`` holds a latent cache written under ``key`` (:func:`cache_key`), else why not."""
+    index_path = Path(os.fspath(out_dir)).expanduser() / INDEX_NAME
+    if not index_path.exists():
+        return f"no cache yet ({INDEX_NAME} not found)"
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"its {INDEX_NAME} is unreadable ({type(e).__name__}: {e})"
+    stored = index.get("key") if isinstance(index, dict) else None
+    if stored == json.loads(json.dumps(key)):
+        return None
+    return _key_changes(stored, key)
+
+
+def ensure_latent_cache(dataset, encode_fn: Callable[[torch.Tensor], torch.Tensor],
+                        out_dir: Union[str, "os.PathLike[str]"], *, encoder_key: str, shard_size: int = 256,
+                        dtype: Optional[torch.dtype] = None, progress: bool = True) -> tuple[Path, Optional[str]]:
+    """The latent cache of ``dataset`` in ``out_dir``: reused when its key (:func:`cache_key` of
+    ``dataset``, ``encoder_key`` and ``dtype``) matches, else (re-)encoded with :func:`cache_latents`.
+    A cache that exists but differs is rebuilt with a line on stderr saying what changed.
+    returns: ``(out_dir, reason)``, reason None when the cache was reused, else why it was written."""
+    key = cache_key(dataset, encoder_key, dtype=dtype)
+    out = Path(os.fspath(out_dir)).expanduser()
+    reason = stale_reason(out, key)
+    if reason is None:
+        if progress:
+            print(f"latent cache {out} is up to date with the data and the VAE; reusing it", file=sys.stderr)
+        return out, None
+    if (out / INDEX_NAME).exists():
+        print(f"latent cache {out} is out of date, re-encoding it: {reason}", file=sys.stderr)
+    cache_latents(dataset, encode_fn, out, shard_size=shard_size, dtype=dtype, overwrite=True, progress=progress,
+                  key=key)
+    return out, reason
+
+
 def _get_item(dataset, i: int):
     """``dataset.load(i)`` when the dataset has a no-fallback loader (VideoFolder), else ``dataset[i]``."""
     load = getattr(dataset, "load", None)
@@ -63,7 +171,8 @@ def _get_item(dataset, i: int):
 
 def cache_latents(dataset, encode_fn: Callable[[torch.Tensor], torch.Tensor],
                   out_dir: Union[str, "os.PathLike[str]"], *, shard_size: int = 256,
-                  dtype: Optional[torch.dtype] = None, overwrite: bool = False, progress: bool = True) -> Path:
+                  dtype: Optional[torch.dtype] = None, overwrite: bool = False, progress: bool = True,
+                  key: Optional[dict] = None) -> Path:
     """Encode every item of ``dataset`` once and store the latents in safetensors shards.
 
     dataset:    a map-style dataset of ``{"video": (3, T, H, W) float in [-1, 1], "caption": str, "path": str}``
@@ -74,6 +183,7 @@ def cache_latents(dataset, encode_fn: Callable[[torch.Tensor], torch.Tensor],
     out_dir:    cache folder, created if needed; holding a cache already is a FileExistsError unless
                 ``overwrite`` (then the new shards and index replace it, stale shards are removed).
     shard_size: items per shard. dtype: storage dtype of the latents (None keeps encode_fn's).
+    key:        the cache's key (:func:`cache_key`), stored in the index for :func:`ensure_latent_cache`.
     returns: ``out_dir`` as a Path. Raises OSError naming ``out_dir`` when it cannot be written (checked first),
     ValueError when ``encode_fn`` returns something that is not a finite 4-D tensor.
     """
@@ -84,6 +194,9 @@ def cache_latents(dataset, encode_fn: Callable[[torch.Tensor], torch.Tensor],
         raise TypeError(f"dtype must be a torch.dtype or None, got {dtype!r}")
     if not callable(encode_fn):
         raise TypeError(f"encode_fn must be callable (video -> latent), got {type(encode_fn).__name__}")
+    if key is not None and not isinstance(key, dict):
+        raise TypeError(f"key must be a dict (cache_key(...)) or None, got {type(key).__name__}")
+    cache_key_ = key
     n = len(dataset)
     if n == 0:
         raise ValueError("dataset is empty; there is nothing to cache")
@@ -146,7 +259,8 @@ def cache_latents(dataset, encode_fn: Callable[[torch.Tensor], torch.Tensor],
         raise ValueError(f"no item of the dataset could be read ({len(skipped)} skipped: "
                          f"{skipped[0].reason if skipped else ''}); nothing was cached in {str(out)!r}")
     index = {"format": _FORMAT, "version": _VERSION, "num_items": sum(len(s["items"]) for s in shards),
-             "shards": shards, "skipped": [list(s) for s in skipped]}
+             "shards": shards, "skipped": [list(s) for s in skipped],
+             "key": cache_key_}
     with _AtomicFile(out / INDEX_NAME) as tmp:
         tmp.write_text(json.dumps(index, indent=1), encoding="utf-8")
     keep = {s["file"] for s in shards}
@@ -212,6 +326,8 @@ class LatentDataset(Dataset):
             got = (index.get("format"), index.get("version")) if isinstance(index, dict) else type(index).__name__
             raise ValueError(f"{str(index_path)!r} must be a {_FORMAT} index of version {_VERSION}, got {got}")
         self.skipped: list[Skipped] = []
+        # items that could not be read when the cache was written
+        self.encode_skipped = [Skipped(*s) for s in index.get("skipped", [])]
         self.items: list[_Item] = []
         self._broken: set[int] = set()
         shards = index["shards"]

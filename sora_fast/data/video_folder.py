@@ -26,13 +26,24 @@ reason, and a summary line says how many. A file can still turn out truncated pa
 ``__getitem__`` then records it in :attr:`skipped`, warns, and returns the next readable item instead
 (its ``index`` says which), so a training loop goes on. ``verify=True`` decodes every file completely at
 construction instead (exact frame counts, no surprises later, slower). With DataLoader workers, skips
-found in ``__getitem__`` are recorded in the worker process that found them.
+found in ``__getitem__`` are recorded in the worker process that found them. :func:`write_skip_report`
+writes every skipped file with its reason to a JSONL file.
+
+Every file is checked with ``os.stat`` before it is opened: only regular files are read (a FIFO, device or
+socket is skipped with its kind, never opened: opening a FIFO blocks). Files are confined to ``root``:
+a manifest path (``../x.mp4``, an absolute path) or a symbolic link whose real path lies outside the
+folder is skipped as ``"outside root"`` unless ``allow_outside_root=True``. A caption file that is not
+valid UTF-8 skips its video (``"caption is not valid UTF-8"``) rather than training it on an empty caption.
+:meth:`VideoFolder.identity` (the files read with their sizes and mtimes, the captions, the manifest's
+hash and the settings) is what a latent cache is keyed on.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import stat
 import sys
 import warnings
 from dataclasses import dataclass
@@ -44,9 +55,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .io import _import_av, _import_pil, _progress
+from .io import _AtomicFile, _import_av, _import_pil, _progress
 
-__all__ = ["VideoFolder", "Skipped", "UnreadableFileError", "fit_size", "VIDEO_EXTENSIONS", "IMAGE_EXTENSIONS"]
+__all__ = ["VideoFolder", "Skipped", "UnreadableFileError", "fit_size", "write_skip_report", "VIDEO_EXTENSIONS",
+           "IMAGE_EXTENSIONS"]
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".gif", ".mov", ".mkv", ".avi")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -76,6 +88,7 @@ class _Entry:
     size: tuple[int, int, int]  # (T', H', W') as returned
     fps: float
     has_caption: bool
+    stat: tuple[int, int] = (0, 0)  # (size in bytes, mtime in ns) when probed
 
 
 def _positive_int(name: str, v, allow_none: bool = False, minimum: int = 1):
@@ -107,6 +120,26 @@ def fit_size(h: int, w: int, max_area: Optional[int] = None, size_multiple: int 
                                   f" size_multiple={m}" + (f" within max_area={max_area}" if max_area else "")
                                   + " without upscaling")
     return best[1]
+
+
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def _regular_stat(path: Path, what: str = "") -> os.stat_result:
+    """``os.stat(path)`` (following links) of a regular file, without opening it; UnreadableFileError naming
+    the kind of file otherwise (``what`` says which file, e.g. the caption of a video)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as e:
+        broken = " (broken symbolic link)" if os.path.islink(path) else ""
+        raise UnreadableFileError(f"not found: {what}no such file{broken}") from e
+    except OSError as e:
+        raise UnreadableFileError(f"unreadable: {what}{_err(e)}") from e
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), f"mode {oct(st.st_mode)}")
+        raise UnreadableFileError(f"not a regular file: {what}{kind}, not opened")
+    return st
 
 
 def _err(e: BaseException) -> str:
@@ -154,16 +187,20 @@ class VideoFolder(Dataset):
                     ``max_frames``, ``0 <= T' <= T``, 0 skips the file.
     verify:         decode every file completely at construction (see the module docstring).
     progress:       progress bar while probing, and a summary line on stderr at the end.
+    allow_outside_root: also read files whose real path is outside ``root`` (manifest paths with ``..`` or
+                    absolute ones, symbolic links); by default they are skipped as ``"outside root"``.
 
     Items: ``{"video": (3, T, H, W) float32 in [-1, 1], "caption": str, "path": str, "fps": float,
     "index": int}``. :attr:`shapes` gives every item's ``(3, T, H, W)`` without decoding (for
-    :func:`sora_fast.packing.plan_batches` after the VAE's reduction), :attr:`skipped` the files left out.
+    :func:`sora_fast.packing.plan_batches` after the VAE's reduction), :attr:`skipped` the files left out
+    (``(path, reason)`` pairs), :meth:`identity` what a latent cache of the folder is keyed on.
     """
 
     def __init__(self, root: Union[str, "os.PathLike[str]"], *, manifest: Union[str, "os.PathLike[str]", None] = None,
                  max_area: Optional[int] = None, size_multiple: int = 1, max_frames: Optional[int] = None,
                  frame_multiple: int = 1, frame_offset: int = 0, frames_rule: Optional[Callable[[int], int]] = None,
-                 recursive: bool = True, verify: bool = False, progress: bool = True):
+                 recursive: bool = True, verify: bool = False, progress: bool = True,
+                 allow_outside_root: bool = False):
         self.root = Path(os.fspath(root)).expanduser()
         if not self.root.is_dir():
             what = "is a file" if self.root.exists() else "does not exist"
@@ -180,6 +217,12 @@ class VideoFolder(Dataset):
             raise TypeError(f"frames_rule must be a callable f(T) -> T' or None, got {type(frames_rule).__name__}")
         self.frames_rule = frames_rule
         self.verify = bool(verify)
+        if not isinstance(allow_outside_root, bool):
+            raise TypeError(f"allow_outside_root must be a bool, got {allow_outside_root!r}")
+        self.allow_outside_root = allow_outside_root
+        self._real_root = Path(os.path.realpath(self.root))
+        self.manifest: Optional[Path] = None
+        self._manifest_sha256: Optional[str] = None
         self.skipped: list[Skipped] = []
         self.entries: list[_Entry] = []
         self._broken: set[int] = set()
@@ -213,35 +256,47 @@ class VideoFolder(Dataset):
         exts = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
         if manifest is None:
             it = self.root.rglob("*") if recursive else self.root.iterdir()
-            files = [p for p in it if p.suffix.lower() in exts and p.is_file()
+            # not is_file(): a FIFO, device or broken link with a video name is probed and skipped by name
+            files = [p for p in it if p.suffix.lower() in exts and not p.is_dir()
                      and not any(part.startswith(".") for part in p.relative_to(self.root).parts)]
             return [(p, None) for p in sorted(files, key=lambda p: p.relative_to(self.root).as_posix())]
         mpath = Path(os.fspath(manifest)).expanduser()
         if not mpath.is_absolute() and not mpath.exists():
             mpath = self.root / mpath
         if not mpath.is_file():
-            raise FileNotFoundError(f"manifest must be a JSONL file, got {str(mpath)!r}, which does not exist")
+            which = "is not a regular file" if mpath.exists() else "does not exist"
+            raise FileNotFoundError(f"manifest must be a JSONL file, got {str(mpath)!r}, which {which}")
+        try:
+            raw = mpath.read_bytes()
+        except OSError as e:
+            raise OSError(f"manifest {str(mpath)!r} cannot be read: {e}") from e
+        self.manifest, self._manifest_sha256 = mpath, hashlib.sha256(raw).hexdigest()
         out = []
-        with open(mpath, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{mpath}:{n}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    self.skipped.append(Skipped(where, f"bad manifest line: {e}"))
-                    continue
-                if not isinstance(row, dict) or not isinstance(row.get("path"), str):
-                    self.skipped.append(Skipped(where, 'bad manifest line: expected {"path": str, "caption": str}'
-                                                       f", got {line.strip()[:80]}"))
-                    continue
-                caption = row.get("caption")
-                if caption is not None and not isinstance(caption, str):
-                    self.skipped.append(Skipped(where, f"bad manifest line: caption must be a str, got {caption!r}"))
-                    continue
-                p = Path(row["path"]).expanduser()
-                out.append((p if p.is_absolute() else self.root / p, caption))
+        for n, bline in enumerate(raw.splitlines(), 1):
+            where = f"{mpath}:{n}"
+            try:
+                line = bline.decode("utf-8")
+            except UnicodeDecodeError as e:
+                self.skipped.append(Skipped(where, f"bad manifest line: not valid UTF-8 ({e.reason} at byte"
+                                                   f" {e.start})"))
+                continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                self.skipped.append(Skipped(where, f"bad manifest line: {e}"))
+                continue
+            if not isinstance(row, dict) or not isinstance(row.get("path"), str):
+                self.skipped.append(Skipped(where, 'bad manifest line: expected {"path": str, "caption": str}'
+                                                   f", got {line.strip()[:80]}"))
+                continue
+            caption = row.get("caption")
+            if caption is not None and not isinstance(caption, str):
+                self.skipped.append(Skipped(where, f"bad manifest line: caption must be a str, got {caption!r}"))
+                continue
+            p = Path(row["path"]).expanduser()
+            out.append((p if p.is_absolute() else self.root / p, caption))
         return out
 
     def _out_size(self, t: int, h: int, w: int) -> tuple[int, int, int]:
@@ -262,15 +317,43 @@ class VideoFolder(Dataset):
                                           f"(frame_offset={o} + k * frame_multiple={m}, >= 1)")
         return (t2, *fit_size(h, w, self.max_area, self.size_multiple))
 
-    def _probe(self, path: Path, caption: Optional[str]) -> _Entry:
+    def _confine(self, path: Path, what: str = "") -> None:
+        """UnreadableFileError ("outside root") when ``path``'s real path is outside the root folder."""
+        if self.allow_outside_root:
+            return
+        real = Path(os.path.realpath(path))
+        if not real.is_relative_to(self._real_root):
+            raise UnreadableFileError(f"outside root: {what}real path {str(real)!r} is outside the data folder"
+                                      f" {str(self._real_root)!r} (allow_outside_root=True reads it)")
+
+    def _caption(self, path: Path) -> Optional[str]:
+        """The sidecar ``<stem>.txt`` caption of ``path``, None when there is none; a sidecar that cannot be
+        read (not UTF-8, not a regular file, outside the root) skips the file instead of an empty caption."""
+        sidecar = path.with_suffix(".txt")
+        if not os.path.lexists(sidecar):
+            return None
+        what = f"caption {sidecar.name!r}: "
+        self._confine(sidecar, what)
+        _regular_stat(sidecar, what)
         try:
-            size = path.stat().st_size if path.is_file() else None
+            raw = sidecar.read_bytes()
         except OSError as e:
-            raise UnreadableFileError(f"unreadable: {_err(e)}") from e
-        if size is None:
-            raise UnreadableFileError("not found: no such file")
-        if size == 0:
+            raise UnreadableFileError(f"unreadable: {what}{_err(e)}") from e
+        try:
+            return raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise UnreadableFileError(f"caption is not valid UTF-8: {sidecar.name!r} ({e.reason} at byte"
+                                      f" {e.start})") from e
+
+    def _probe(self, path: Path, caption: Optional[str]) -> _Entry:
+        self._confine(path)
+        st = _regular_stat(path)  # never opens a FIFO or a device
+        if st.st_size == 0:
             raise UnreadableFileError("unreadable: empty file (0 bytes)")
+        has_caption = caption is not None
+        if caption is None:
+            caption = self._caption(path)
+            has_caption = caption is not None
         is_image = path.suffix.lower() in IMAGE_EXTENSIONS
         try:
             if is_image:
@@ -281,15 +364,8 @@ class VideoFolder(Dataset):
             raise
         except Exception as e:  # any decoder failure: the file is broken, not the run
             raise UnreadableFileError(f"unreadable: {_err(e)}") from e
-        has_caption = caption is not None
-        if caption is None:
-            sidecar = path.with_suffix(".txt")
-            if sidecar.is_file():
-                try:
-                    caption, has_caption = sidecar.read_text(encoding="utf-8").strip(), True
-                except (OSError, UnicodeDecodeError):
-                    caption = None
-        return _Entry(path, caption or "", is_image, (t, h, w), self._out_size(t, h, w), fps, has_caption)
+        return _Entry(path, caption or "", is_image, (t, h, w), self._out_size(t, h, w), fps, has_caption,
+                      (st.st_size, st.st_mtime_ns))
 
     def _probe_image(self, path: Path) -> tuple[int, int, int, float]:
         Image = _import_pil("to read images")
@@ -386,6 +462,28 @@ class VideoFolder(Dataset):
     def paths(self) -> list[Path]:
         return [e.path for e in self.entries]
 
+    def identity(self) -> dict:
+        """What the items depend on, as JSON-able data: every file read as ``[relative path, size, mtime_ns]``
+        (absolute paths for files outside the root), a hash of the captions, the manifest's sha256 and the
+        reduction settings. Equal identities give equal items; :func:`~sora_fast.data.cache_latents` stores it
+        in a cache's key (a custom ``frames_rule`` is known by its name only)."""
+        def rel(p: Path) -> str:
+            try:
+                return p.relative_to(self.root).as_posix()
+            except ValueError:
+                return str(p)
+
+        rule = self.frames_rule
+        return {
+            "files": [[rel(e.path), *e.stat] for e in self.entries],
+            "captions_sha256": hashlib.sha256(json.dumps(self.captions).encode("utf-8")).hexdigest(),
+            "manifest_sha256": self._manifest_sha256,
+            "settings": {"max_area": self.max_area, "max_frames": self.max_frames,
+                         "size_multiple": self.size_multiple, "frame_multiple": self.frame_multiple,
+                         "frame_offset": self.frame_offset,
+                         "frames_rule": None if rule is None else getattr(rule, "__qualname__", repr(rule))},
+        }
+
     def summary(self) -> str:
         """One line: readable files, videos/images, reductions, missing captions and skips by reason."""
         n_img = sum(e.is_image for e in self.entries)
@@ -403,3 +501,23 @@ class VideoFolder(Dataset):
 
     def __repr__(self) -> str:
         return f"VideoFolder({str(self.root)!r}, items={len(self)}, skipped={len(self.skipped)})"
+
+
+def write_skip_report(skipped, path: Union[str, "os.PathLike[str]"], *, first: int = 3) -> str:
+    """Write every skipped file as a JSON line ``{"path": ..., "reason": ...}`` to ``path`` (atomically;
+    an empty file when nothing was skipped) and return one line for the user: the count by kind, the first
+    ``first`` names with their reasons, and where the full list is."""
+    path = Path(os.fspath(path))
+    rows = [Skipped(*s) for s in skipped]
+    with _AtomicFile(path) as tmp:
+        tmp.write_text("".join(json.dumps({"path": s.path, "reason": s.reason}, ensure_ascii=False) + "\n"
+                               for s in rows), encoding="utf-8")
+    if not rows:
+        return f"skipped 0 files ({path} is empty)"
+    kinds: dict[str, int] = {}
+    for s in rows:
+        kinds[s.kind] = kinds.get(s.kind, 0) + 1
+    by_kind = ", ".join(f"{v} {k}" for k, v in sorted(kinds.items()))
+    names = "; ".join(f"{s.path} ({s.reason})" for s in rows[:first])
+    more = f"; and {len(rows) - first} more" if len(rows) > first else ""
+    return f"skipped {len(rows)} file(s) ({by_kind}): {names}{more}; all listed with their reasons in {path}"
