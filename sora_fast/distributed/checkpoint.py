@@ -187,8 +187,11 @@ def _open_sharded(path: PathLike, verify: bool) -> tuple[Path, dict[str, Any]]:
     found = latest_sharded(ckpt)
     if found is None:
         raise FileNotFoundError(f"no complete sharded checkpoint (dcp_step_*/{_META}) in {str(ckpt)!r}")
+    candidates = [found] + [p for p in list_sharded(ckpt) if p.name < found.name][::-1]
+    if len(candidates) == 1:  # nothing to fall back to: the error itself
+        return found, verify_sharded(found, verify=verify)
     tried = []
-    for cand in [found] + [p for p in list_sharded(ckpt) if p.name < found.name][::-1]:
+    for cand in candidates:
         try:
             record = verify_sharded(cand, verify=verify)
         except CorruptFileError as e:

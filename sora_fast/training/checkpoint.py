@@ -233,8 +233,11 @@ def verify_checkpoint(path: PathLike, *, verify: bool = True) -> dict[str, Any]:
 
 def _open_checkpoint(path: PathLike, verify: bool) -> tuple[Path, dict[str, Any]]:
     """The first of :func:`_candidates` that passes :func:`verify_checkpoint`, warning about each one skipped."""
+    candidates = _candidates(path)
+    if len(candidates) == 1:  # nothing to fall back to: the error itself
+        return candidates[0], verify_checkpoint(candidates[0], verify=verify)
     tried = []
-    for ckpt in _candidates(path):
+    for ckpt in candidates:
         try:
             meta = verify_checkpoint(ckpt, verify=verify)
         except CorruptFileError as e:
