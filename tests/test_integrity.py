@@ -422,3 +422,36 @@ def test_no_verify_flag_reaches_the_loads(tmp_path, monkeypatch, capsys):
     assert seen == [True, False]
     args = cli.build_parser().parse_args(["train", "--config", "r.json", "--no-verify"])
     assert args.no_verify is True
+
+
+def test_diffusers_transformer_directory_with_broken_files_names_them(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    m = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=20,
+                                        in_channels=4, out_channels=4, text_dim=24, freq_dim=32, ffn_dim=32,
+                                        num_layers=1)
+    m.save_pretrained(tmp_path, safe_serialization=True)
+    VideoDiT.from_diffusers_dir(tmp_path)
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CorruptFileError, match=r"diffusion_pytorch_model\.safetensors' is not a readable safetensors"):
+        VideoDiT.from_diffusers_dir(tmp_path)
+    (tmp_path / "config.json").write_text('{"_class_name": "WanTra')
+    with pytest.raises(CorruptFileError, match=r"config\.json' is not valid JSON .*WanTransformer3DModel config"):
+        VideoDiT.from_diffusers_dir(tmp_path)
+    (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"index\.json' has no 'weight_map' object"):
+        VideoDiT.from_diffusers_dir(tmp_path)
+
+
+def test_a_garbled_latest_pointer_falls_back_to_the_newest_complete_checkpoint(tmp_path):
+    from sora_fast.distributed.checkpoint import latest_sharded
+    from sora_fast.training.checkpoint import latest_checkpoint
+
+    run = tmp_path / "run"
+    _run_with_two_checkpoints(run)
+    save_sharded(run, 3, _toy(0))
+    (run / "latest").write_bytes(b"\xff\xfe step_0")
+    (run / "latest_dcp").write_bytes(b"\xff../dcp_step_000003")
+    assert latest_checkpoint(run) == run / "step_000002"
+    assert latest_sharded(run) == run / "dcp_step_000003"

@@ -75,8 +75,9 @@ def latest_sharded(run_dir: PathLike) -> Optional[Path]:
     run = Path(run_dir)
     pointer = run / _LATEST
     if pointer.is_file():
-        p = run / pointer.read_text().strip()
-        if (p / _META).is_file():
+        name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+        p = run / name
+        if name.startswith(_PREFIX) and "/" not in name and (p / _META).is_file():
             return p
     found = list_sharded(run)
     return found[-1] if found else None

@@ -170,8 +170,9 @@ def latest_checkpoint(run_dir: PathLike) -> Optional[Path]:
     run = Path(run_dir)
     pointer = run / _LATEST
     if pointer.is_file():
-        target = run / pointer.read_text(encoding="utf-8").strip()
-        if _STEP_RE.match(target.name) and _is_complete(target):
+        name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+        target = run / name
+        if _STEP_RE.match(name) and _is_complete(target):
             return target
     found = list_checkpoints(run)
     return found[-1] if found else None
