@@ -170,11 +170,6 @@ def test_checkpoint_decoder_accepts_only_real_dtype_names(tmp_path, name):
         load_checkpoint(ckpt, _toy(1))
 
 
-def _umask(mask):
-    old = os.umask(mask)
-    return old
-
-
 def test_checkpoint_and_pipeline_files_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
