@@ -86,7 +86,7 @@ def cmd_train(args) -> int:
     if args.steps is not None:
         train_cfg = dataclasses.replace(train_cfg, steps=args.steps)
     out = check_writable(run.out)
-    pipe = VideoPipeline.load(run.pipeline)
+    pipe = VideoPipeline.load(run.pipeline, verify=not args.no_verify)
     vae, text = pipe.vae, pipe.text_encoder
     if run.dit is not None:
         dit = VideoDiT(DiTConfig.from_name(run.dit, in_channels=vae.latent_channels,
@@ -118,7 +118,7 @@ def cmd_train(args) -> int:
         if not has_checkpoint(out, mesh):
             print(f"--resume: no checkpoint in {out} yet, starting at step 0", file=sys.stderr)
         else:
-            print(f"resuming from step {trainer.resume()}", file=sys.stderr)
+            print(f"resuming from step {trainer.resume(verify=not args.no_verify)}", file=sys.stderr)
     if trainer.is_main:
         print(trainer.plan.summary(), file=sys.stderr)
     res = trainer.train()
@@ -151,7 +151,7 @@ def cmd_generate(args) -> int:
 
     mesh = sampling_mesh(args.sequence_parallel, args.cfg_parallel, args.guidance)  # None unless under torchrun
     out = check_writable(args.out)
-    pipe = VideoPipeline.load(args.pipeline)
+    pipe = VideoPipeline.load(args.pipeline, verify=not args.no_verify)
     sizes = args.size or [(9, 32, 32)]
     if len(sizes) not in (1, len(args.prompt)):
         raise ValueError(f"--size given {len(sizes)} times; give it once or once per --prompt ({len(args.prompt)})")
@@ -253,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: split each packed batch's tokens over N ranks (Ulysses; N must divide the "
                         "DiT's heads); the world size / N groups train data-parallel; weights are FSDP2-sharded "
                         "over all ranks (default: %(default)s)")
+    t.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of the pipeline's and the resumed checkpoint's files (sizes are still "
+                        "checked; a warning names what is skipped): for huge files on trusted storage")
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="generate videos from prompts with a saved pipeline",
@@ -278,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg-parallel", action="store_true",
                    help="under torchrun: conditional and unconditional CFG halves on different ranks "
                         "(world size = 2 x --sequence-parallel)")
+    g.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of the pipeline's weight files (sizes are still checked; a warning "
+                        "names what is skipped): for huge files on trusted storage")
     g.set_defaults(func=cmd_generate)
 
     pr = sub.add_parser("profile", help="inference latency of a pipeline: stages, top ops, memory, throughput",

@@ -3,7 +3,9 @@
 ``VideoPipeline.generate(prompts, sizes=...)`` takes several prompts at different resolutions and
 durations in one call: their latents are denoised together in one packed stream, then decoded chunk by
 chunk (memory flat in the number of frames). ``save``/``load`` keep the three models in one directory
-(safetensors weights + a JSON description), written atomically.
+(safetensors weights + a JSON description with the size and sha256 of every weight file), written atomically:
+the new directory is written beside the old one and swapped in by two renames; a crash between them is
+repaired by the next ``load`` or ``save`` (see :func:`_recover_dir`).
 """
 from __future__ import annotations
 
@@ -13,12 +15,14 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from ._files import apply_umask, fsync_dir, fsync_file, load_safetensors, read_json, verify_files
 from .models.dit import DiTConfig, VideoDiT
 from .models.text import T5TextEncoder, TextEncoder, TinyTextConfig, TinyTextEncoder
 from .models.vae import CausalVAE, VAEConfig
@@ -55,23 +59,122 @@ def check_video_size(size, temporal_factor: int, spatial_factor: int, patch: Seq
     return (t, h, w)
 
 
+_DESC = "pipeline.json"
+_FORMAT = 1
+
+
+def _old_dir(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old")
+
+
+def _new_prefix(final: Path) -> str:
+    return f".{final.name}.new-"
+
+
+def _complete_dir(d: Path) -> bool:
+    """``d`` holds a pipeline whose files match the sizes and hashes of its pipeline.json."""
+    try:
+        desc = read_json(d / _DESC, "a pipeline description")
+        if not isinstance(desc, dict) or "sha256" not in desc:
+            return False
+        verify_files(d, desc.get("files"), desc["sha256"], verify=True, record=_DESC)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _recover_dir(final: Path) -> Optional[Path]:
+    """Put a pipeline back under ``final`` after a crash in the middle of :func:`_atomic_dir`'s swap.
+
+    The swap renames ``final`` to ``.NAME.old``, then the complete new ``.NAME.new-*`` to ``final``. When
+    ``final`` is missing, the newest new directory is renamed into place if its files pass their hash check
+    (its save had finished writing), else ``.NAME.old`` (the previous pipeline). Warns naming what was
+    recovered and returns it (None when nothing needed recovery). Safe to run by several processes at once.
+    """
+    if final.exists() or not final.parent.is_dir():
+        return None
+    new = sorted((p for p in final.parent.iterdir() if p.name.startswith(_new_prefix(final)) and p.is_dir()),
+                 key=lambda p: p.stat().st_mtime, reverse=True)
+    for cand in [p for p in new if _complete_dir(p)] + [p for p in [_old_dir(final)] if (p / _DESC).is_file()]:
+        try:
+            os.replace(cand, final)
+        except OSError:
+            if not (final / _DESC).is_file():
+                continue
+            return None  # another process recovered it meanwhile
+        fsync_dir(final.parent)
+        warnings.warn(f"{str(final)!r} was missing (a save was interrupted between its two renames): recovered "
+                      f"it from {str(cand)!r}", stacklevel=3)
+        return cand
+    return None
+
+
 def _atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
-    """Write a directory under a temporary name beside ``final``, then swap it in."""
+    """Write a directory under a temporary name beside ``final``, then swap it in.
+
+    Every file gets the user's umask (tempfile and safetensors create 0700 / 0600) and is fsynced before
+    the swap. A crash between the swap's two renames leaves ``.NAME.old`` and the complete new directory;
+    :func:`_recover_dir` (run by ``load`` and by the next ``save``) puts one of them back under ``final``.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    _recover_dir(final)
+    tmp = Path(tempfile.mkdtemp(prefix=_new_prefix(final), dir=final.parent))
+    old = None
     try:
         write(tmp)
-        old = None
+        for f in tmp.iterdir():
+            apply_umask(f)
+            fsync_file(f)
+        apply_umask(tmp)
+        fsync_dir(tmp)
         if final.exists():
-            old = final.with_name(f".{final.name}.old")
+            old = _old_dir(final)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
         os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        fsync_dir(final.parent)
     except BaseException:
+        if old is not None and not final.exists():
+            try:  # the second rename failed: put the previous pipeline back
+                os.replace(old, final)
+            except OSError:
+                pass  # left for _recover_dir
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    for p in final.parent.iterdir():  # new directories of saves that crashed while writing
+        if p.name.startswith(_new_prefix(final)) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+_TEXT_KINDS = ("tiny", "t5")
+
+
+def _check_description(desc, path: Path) -> None:
+    """Refuse a pipeline.json of another format or shape, naming the file and what was expected."""
+    if not isinstance(desc, dict):
+        raise ValueError(f"{str(path)!r} must be a JSON object describing a pipeline, got {type(desc).__name__}")
+    if desc.get("format") != _FORMAT:
+        raise ValueError(f"{str(path)!r} has format {desc.get('format')!r}; this version of sora_fast reads "
+                         f"pipelines of format {_FORMAT}")
+    for key in ("dit", "vae", "text"):
+        if not isinstance(desc.get(key), dict):
+            raise ValueError(f"{str(path)!r} must have a {key!r} object, got {desc.get(key)!r}")
+    kind = desc["text"].get("kind")
+    if kind not in _TEXT_KINDS:
+        raise ValueError(f"{str(path)!r}: text.kind is {kind!r}, expected one of {', '.join(map(repr, _TEXT_KINDS))}")
+    for key, want in (("files", int), ("sha256", str)):
+        v = desc.get(key)
+        if v is not None and not (isinstance(v, dict) and all(isinstance(x, want) for x in v.values())):
+            raise ValueError(f"{str(path)!r}: {key!r} must map file names to {'sizes' if want is int else 'hashes'},"
+                             f" got {v!r}")
+
+
+def _text_encoder(text: dict) -> TextEncoder:
+    if text["kind"] == "tiny":
+        return TinyTextEncoder(TinyTextConfig(**text["config"]))
+    return T5TextEncoder(text["path"], max_length=text["max_length"], pad_to=text["pad_to"])
 
 
 class VideoPipeline(nn.Module):
@@ -176,13 +279,16 @@ class VideoPipeline(nn.Module):
             text = {"kind": "t5", "path": getattr(te, "path", None), "max_length": te.max_length, "pad_to": te.pad_to}
         else:
             raise TypeError(f"cannot describe a text encoder of type {type(te).__name__}")
-        return {"format": 1, "dit": dataclasses.asdict(self.dit.config), "vae": dataclasses.asdict(self.vae.config),
-                "text": text}
+        return {"format": _FORMAT, "dit": dataclasses.asdict(self.dit.config),
+                "vae": dataclasses.asdict(self.vae.config), "text": text}
 
     def save(self, directory: Union[str, os.PathLike]) -> Path:
         """Write ``pipeline.json`` + ``dit``/``vae``/``text.safetensors`` to ``directory`` atomically (a crash
-        leaves the previous contents, never a half-written pipeline). A frozen T5 is stored by path only."""
+        leaves the previous contents or the new ones, never a half-written pipeline). ``pipeline.json``,
+        written last, records the size and sha256 of every weight file. A frozen T5 is stored by path only."""
         from safetensors.torch import save_file
+
+        from ._files import file_records
 
         final, desc = Path(directory), self.describe()
 
@@ -193,31 +299,55 @@ class VideoPipeline(nn.Module):
             for name, m in parts.items():
                 save_file({k: v.detach().contiguous().cpu() for k, v in m.state_dict().items()},
                           str(tmp / f"{name}.safetensors"))
-            (tmp / "pipeline.json").write_text(json.dumps(desc, indent=2))
+            sizes, hashes = file_records(tmp, [f"{name}.safetensors" for name in parts])
+            (tmp / _DESC).write_text(json.dumps({**desc, "files": sizes, "sha256": hashes}, indent=2))
 
         _atomic_dir(final, write)
         return final
 
     @classmethod
-    def load(cls, directory: Union[str, os.PathLike], *, device=None) -> "VideoPipeline":
-        """A pipeline written by :meth:`save` (safetensors only; nothing is unpickled)."""
-        from safetensors.torch import load_file
+    def load(cls, directory: Union[str, os.PathLike], *, device=None, verify: bool = True) -> "VideoPipeline":
+        """A pipeline written by :meth:`save` (safetensors only; nothing is unpickled).
 
+        Every weight file is checked against the size and sha256 ``pipeline.json`` records (``verify=False``:
+        sizes only, with a warning saying so). A directory left missing by a crash in the middle of a save's
+        swap is recovered first (with a warning). A missing, truncated or corrupt file, broken JSON, an
+        unknown ``format`` or text-encoder ``kind`` raise FileNotFoundError / ValueError naming the file.
+        """
         from .models._convert import load_converted
 
         d = Path(directory)
-        if not (d / "pipeline.json").is_file():
-            raise FileNotFoundError(f"{d} is not a saved pipeline: {d / 'pipeline.json'} is missing")
-        desc = json.loads((d / "pipeline.json").read_text())
-        dit = VideoDiT(DiTConfig(**desc["dit"]))
-        vae = CausalVAE(VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in desc["vae"].items()}))
-        if desc["text"]["kind"] == "tiny":
-            text = TinyTextEncoder(TinyTextConfig(**desc["text"]["config"]))
+        _recover_dir(d)
+        desc_path = d / _DESC
+        if not desc_path.is_file():
+            raise FileNotFoundError(f"{d} is not a saved pipeline: {desc_path} is missing")
+        desc = read_json(desc_path, "a pipeline description (format, dit, vae, text, files, sha256)")
+        _check_description(desc, desc_path)
+        text_desc = desc["text"]
+        parts = ["dit", "vae"] + (["text"] if text_desc["kind"] == "tiny" else [])
+        sizes, hashes = desc.get("files"), desc.get("sha256")
+        if sizes is None:
+            warnings.warn(f"{str(desc_path)!r} records no file sizes or hashes (saved by an older version): the "
+                          "weight files are not checked", stacklevel=2)
         else:
-            text = T5TextEncoder(desc["text"]["path"], max_length=desc["text"]["max_length"],
-                                 pad_to=desc["text"]["pad_to"])
-        parts = {"dit": dit, "vae": vae} | ({"text": text} if desc["text"]["kind"] == "tiny" else {})
-        for name, m in parts.items():
-            load_converted(m, load_file(str(d / f"{name}.safetensors")), f"{d / name}.safetensors")
+            verify_files(d, sizes, hashes, verify=verify, record=_DESC)
+            if hashes is not None and not verify:
+                warnings.warn(f"verify=False: the sha256 of {', '.join(sorted(hashes))} in {str(d)!r} is not "
+                              "checked (only sizes)", stacklevel=2)
+        vae_desc = {k: tuple(v) if isinstance(v, list) else v for k, v in desc["vae"].items()}
+        models = {}
+        for name, build in (("dit", lambda: VideoDiT(DiTConfig(**desc["dit"]))),
+                            ("vae", lambda: CausalVAE(VAEConfig(**vae_desc))),
+                            ("text", lambda: _text_encoder(text_desc))):
+            try:
+                models[name] = build()
+            except (TypeError, ValueError, KeyError) as e:
+                raise ValueError(f"{str(desc_path)!r}: its {name!r} entry does not describe a valid model "
+                                 f"({type(e).__name__}: {e})") from e
+        dit, vae, text = models["dit"], models["vae"], models["text"]
+        what = {"dit": "the DiT's weights", "vae": "the VAE's weights", "text": "the text encoder's weights"}
+        for name in parts:
+            f = d / f"{name}.safetensors"
+            load_converted(models[name], load_safetensors(f, what[name]), str(f))
         pipe = cls(dit, vae, text)
         return pipe.to(device) if device is not None else pipe

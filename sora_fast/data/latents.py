@@ -22,7 +22,6 @@ safetensors is needed (``pip install safetensors``).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -34,6 +33,7 @@ from typing import Callable, NamedTuple, Optional, Union
 import torch
 from torch.utils.data import Dataset
 
+from .._files import sha256_file
 from .io import _AtomicFile, _progress
 from .video_folder import Skipped, UnreadableFileError, first_readable
 
@@ -55,11 +55,8 @@ def _import_safetensors():
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """Hex sha256 of a shard (the package's one streamed hash, shared with checkpoints and pipelines)."""
+    return sha256_file(path)
 
 
 def module_key(module: torch.nn.Module, config=None) -> str:

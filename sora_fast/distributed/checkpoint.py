@@ -12,6 +12,11 @@ renamed by rank 0 after every rank finished). Before anything is loaded, every r
 and the DCP metadata itself and compares the model config and every tensor's name and global shape, so
 a checkpoint of another model raises the same :class:`StateDictMismatchError` on every rank, without a
 collective that could hang.
+
+``meta.json`` (written last) also records the size and sha256 of every DCP file; every rank checks them
+before loading (``verify=False`` checks sizes only, with a warning). Resuming from a run directory whose
+latest checkpoint fails that check warns, naming it and the file, and falls back to the newest older good
+one; every rank reads the same files, so every rank makes the same choice.
 """
 from __future__ import annotations
 
@@ -26,11 +31,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .._files import CorruptFileError, file_records, read_json, verify_files
 from ..models._convert import StateDictMismatchError, _listing
 from ..training.checkpoint import _config_diff, _plain, check_writable
 from ..training.ema import EMA
 
-__all__ = ["save_sharded", "load_sharded", "latest_sharded", "list_sharded"]
+__all__ = ["save_sharded", "load_sharded", "latest_sharded", "list_sharded", "verify_sharded"]
 
 FORMAT = "sora_fast-dcp-1"
 _PREFIX, _LATEST, _META, _TMP = "dcp_step_", "latest_dcp", "meta.json", ".tmp-"
@@ -69,8 +75,9 @@ def latest_sharded(run_dir: PathLike) -> Optional[Path]:
     run = Path(run_dir)
     pointer = run / _LATEST
     if pointer.is_file():
-        p = run / pointer.read_text().strip()
-        if (p / _META).is_file():
+        name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+        p = run / name
+        if name.startswith(_PREFIX) and "/" not in name and (p / _META).is_file():
             return p
     found = list_sharded(run)
     return found[-1] if found else None
@@ -107,8 +114,10 @@ def save_sharded(run_dir: PathLike, step: int, model: nn.Module, optimizer=None,
     with _quiet_single_process():
         dcp.save(_state(model, optimizer, ema), checkpoint_id=str(tmp))
     if _is_main():
+        sizes, hashes = file_records(tmp, [p.name for p in tmp.iterdir() if p.is_file() and p.name != _META])
         record = {"format": FORMAT, "step": int(step), "ema_updates": ema.num_updates if ema is not None else None,
-                  "world_size": dist.get_world_size() if dist.is_initialized() else 1, **dict(meta or {})}
+                  "world_size": dist.get_world_size() if dist.is_initialized() else 1, **dict(meta or {}),
+                  "files": sizes, "sha256": hashes}
         (tmp / _META).write_text(json.dumps(_plain(record), indent=1))
         if final.exists():
             shutil.rmtree(final)
@@ -146,22 +155,68 @@ def _check_fits(ckpt: Path, record: dict, state: dict, config: Any) -> None:
         raise StateDictMismatchError(f"checkpoint {str(ckpt)!r} does not fit this model: " + "; ".join(parts))
 
 
+def verify_sharded(path: PathLike, *, verify: bool = True) -> dict[str, Any]:
+    """Check a sharded checkpoint's files against its ``meta.json`` and return that record.
+
+    Sizes are always checked; with ``verify`` every file's sha256 too (warning when skipped, or when the
+    checkpoint predates hashes). Raises :class:`CorruptFileError` (a ValueError) naming the bad file.
+    """
+    ckpt = Path(path)
+    meta_path = ckpt / _META
+    record = read_json(meta_path, "a sharded checkpoint's record: format, step, config, size and sha256 of its files")
+    if not isinstance(record, dict):
+        raise CorruptFileError(f"{str(meta_path)!r} must be a JSON object, got {type(record).__name__}")
+    if record.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {str(ckpt)!r} has format {record.get('format')!r} in {_META}, expected "
+                         f"{FORMAT!r}")
+    hashes = record.get("sha256")
+    if "files" in record or hashes is not None:
+        verify_files(ckpt, record.get("files"), hashes, verify=verify, record=f"its {_META}")
+    if hashes is None:
+        warnings.warn(f"sharded checkpoint {str(ckpt)!r} was written without content hashes (an older version): "
+                      "its files are not checked", stacklevel=3)
+    elif not verify:
+        warnings.warn(f"verify=False: the sha256 of the {len(hashes)} files of sharded checkpoint {str(ckpt)!r} is "
+                      "not checked (only sizes)", stacklevel=3)
+    return record
+
+
+def _open_sharded(path: PathLike, verify: bool) -> tuple[Path, dict[str, Any]]:
+    ckpt = Path(path)
+    if (ckpt / _META).is_file():
+        return ckpt, verify_sharded(ckpt, verify=verify)
+    found = latest_sharded(ckpt)
+    if found is None:
+        raise FileNotFoundError(f"no complete sharded checkpoint (dcp_step_*/{_META}) in {str(ckpt)!r}")
+    candidates = [found] + [p for p in list_sharded(ckpt) if p.name < found.name][::-1]
+    if len(candidates) == 1:  # nothing to fall back to: the error itself
+        return found, verify_sharded(found, verify=verify)
+    tried = []
+    for cand in candidates:
+        try:
+            record = verify_sharded(cand, verify=verify)
+        except CorruptFileError as e:
+            tried.append(f"{cand.name}: {e}")
+            warnings.warn(f"sharded checkpoint {str(cand)!r} is corrupt, not loading it: {e}", stacklevel=3)
+            continue
+        if tried:
+            warnings.warn(f"falling back to sharded checkpoint {str(cand)!r}: the newer one(s) failed their check "
+                          f"({'; '.join(tried)})", stacklevel=3)
+        return cand, record
+    raise CorruptFileError(f"no loadable sharded checkpoint in {str(ckpt)!r}: every complete one failed its "
+                           "check: " + "; ".join(tried))
+
+
 def load_sharded(path: PathLike, model: nn.Module, optimizer=None, ema: Optional[EMA] = None, *,
-                 config: Any = None) -> dict[str, Any]:
-    """Load a sharded checkpoint (a run directory: its latest) into ``model`` / ``optimizer`` / ``ema``,
-    resharded to this run's world size; returns ``meta.json``. A collective under a process group."""
+                 config: Any = None, verify: bool = True) -> dict[str, Any]:
+    """Load a sharded checkpoint (a run directory: its latest, or the newest older one that passes its
+    check, with a warning) into ``model`` / ``optimizer`` / ``ema``, resharded to this run's world size;
+    returns ``meta.json``. ``verify``: check every file's sha256 (False: sizes only). A collective under a
+    process group."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    ckpt = Path(path)
-    if not (ckpt / _META).is_file():
-        found = latest_sharded(ckpt)
-        if found is None:
-            raise FileNotFoundError(f"no complete sharded checkpoint (dcp_step_*/{_META}) in {str(ckpt)!r}")
-        ckpt = found
-    record = json.loads((ckpt / _META).read_text())
-    if record.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {str(ckpt)!r} has format {record.get('format')!r}, expected {FORMAT!r}")
+    ckpt, record = _open_sharded(path, verify)
     state = _state(model, optimizer, ema)
     _check_fits(ckpt, record, state, config)
     with _quiet_single_process():

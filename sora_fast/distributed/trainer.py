@@ -115,11 +115,12 @@ class DistributedTrainer(Trainer):
         return save_sharded(self.run_dir, self.step, self.model, self.optimizer, self.ema, meta=meta,
                             keep_last=self.config.keep_last)
 
-    def resume(self, path: Optional[Union[str, Path]] = None) -> int:
-        """Load ``path`` (default: this run's latest sharded checkpoint), saved at any world size."""
-        path = path or latest_sharded(self.run_dir)
-        if path is None:
+    def resume(self, path: Optional[Union[str, Path]] = None, *, verify: bool = True) -> int:
+        """Load ``path`` (default: this run's latest sharded checkpoint, or the newest older one that passes
+        its integrity check, with a warning), saved at any world size. ``verify``: check file hashes."""
+        if path is None and latest_sharded(self.run_dir) is None:
             raise FileNotFoundError(f"no complete sharded checkpoint to resume from in {self.run_dir}")
-        record = load_sharded(path, self.model, self.optimizer, self.ema, config=self.model_config)
+        record = load_sharded(path or self.run_dir, self.model, self.optimizer, self.ema, config=self.model_config,
+                              verify=verify)
         self.step = int(record["step"])
         return self.step

@@ -294,11 +294,9 @@ class VideoDiT(nn.Module):
         """A diffusers ``WanTransformer3DModel`` saved in ``path`` (``config.json`` + one or sharded
         ``diffusion_pytorch_model*.safetensors``), read with safetensors directly: neither diffusers nor
         accelerate is needed, and nothing is unpickled. Tensors keep their stored dtypes."""
-        import json
         from pathlib import Path
 
-        from safetensors.torch import load_file
-
+        from .._files import load_safetensors, read_json
         from .convert import convert_wan_transformer_state_dict
 
         d = Path(path)
@@ -306,15 +304,19 @@ class VideoDiT(nn.Module):
             raise FileNotFoundError(f"{d} is not a saved diffusers model: {d / 'config.json'} is missing")
         index = d / "diffusion_pytorch_model.safetensors.index.json"
         if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            index_json = read_json(index, "a safetensors index with a 'weight_map' of tensor -> file")
+            weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{str(index)!r} has no 'weight_map' object (tensor name -> file)")
+            files = sorted(set(weight_map.values()))
         elif (d / "diffusion_pytorch_model.safetensors").is_file():
             files = ["diffusion_pytorch_model.safetensors"]
         else:
             raise FileNotFoundError(f"{d} holds no diffusion_pytorch_model*.safetensors weights")
-        config = DiTConfig.from_diffusers_config(json.loads((d / "config.json").read_text()))
+        config = DiTConfig.from_diffusers_config(read_json(d / "config.json", "a WanTransformer3DModel config"))
         sd = {}
         for f in files:
-            sd.update(load_file(str(d / f)))
+            sd.update(load_safetensors(d / f, "WanTransformer3DModel weights"))
         return cls._from_converted(config, convert_wan_transformer_state_dict(sd, config), torch.device("cpu"),
                                    f"diffusers WanTransformer3DModel in {d}", **kwargs)
 

@@ -135,6 +135,13 @@ class TinyTextEncoder(TextEncoder):
 
 
 # --- T5 / umT5 from a local directory ---------------------------------------------------------------
+_TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
 class T5TextEncoder(TextEncoder):
     """A transformers T5 or umT5 encoder read from ``path`` (a directory holding the tokenizer and the
     encoder weights, e.g. a Wan2.1 diffusers checkout's ``text_encoder`` + ``tokenizer``); nothing is
@@ -162,10 +169,26 @@ class T5TextEncoder(TextEncoder):
             import transformers
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError("T5TextEncoder needs transformers: pip install transformers") from e
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path or path, local_files_only=True)
-        model_cfg = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-        cls = transformers.UMT5EncoderModel if model_cfg.model_type == "umt5" else transformers.T5EncoderModel
-        self.model = cls.from_pretrained(path, local_files_only=True, torch_dtype=dtype).eval().requires_grad_(False)
+        tok_dir = tokenizer_path or path
+        if not any(os.path.isfile(os.path.join(tok_dir, f)) for f in _TOKENIZER_FILES):
+            raise ValueError(f"{os.fspath(tok_dir)!r} is not a tokenizer directory: expected one of "
+                             f"{', '.join(_TOKENIZER_FILES)} (as written by a tokenizer's save_pretrained)")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"{os.fspath(path)!r} is not a T5/umT5 encoder directory: expected config.json and the "
+                             "weights (as written by the model's save_pretrained)")
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        except Exception as e:  # transformers raises OSError, ValueError, TypeError, ... for a broken directory
+            raise ValueError(f"{os.fspath(tok_dir)!r} holds no readable T5/umT5 tokenizer ({type(e).__name__}: "
+                             f"{_first_line(e)})") from e
+        try:
+            model_cfg = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+            cls = transformers.UMT5EncoderModel if model_cfg.model_type == "umt5" else transformers.T5EncoderModel
+            model = cls.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+        except Exception as e:  # a broken config.json, truncated weights (SafetensorError), missing files, ...
+            raise ValueError(f"{os.fspath(path)!r} holds no readable T5/umT5 encoder ({type(e).__name__}: "
+                             f"{_first_line(e)}): expected config.json and its weights") from e
+        self.model = model.eval().requires_grad_(False)
         if device is not None:
             self.model.to(device)
         self.dim, self.max_length, self.pad_to = self.model.config.d_model, max_length, pad_to

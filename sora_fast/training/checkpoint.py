@@ -10,13 +10,19 @@ Layout of a run directory::
         ema.safetensors       EMA shadow tensors                                      [if an EMA]
         extra.safetensors     torch / CUDA / generator RNG states, tensors of ``state``
         state.json            step, user state, config, the JSON structure of everything above
-        complete              written last: file sizes; a directory without it is never loaded
+        complete              written last: size and sha256 of every file; a directory without it is
+                              never loaded
       step_000300/
 
 A checkpoint is written into a hidden temporary directory (every file: temp name, fsync, ``os.replace``),
 the ``complete`` marker last, then the directory is renamed to ``step_XXXXXX`` and only then is ``latest``
 replaced. A crash at any point leaves ``latest`` naming the previous complete checkpoint; temporary
 directories are never loaded and are cleaned up by the next save. One writer per run directory.
+
+Loading checks every file against the ``complete`` marker: its size, and its sha256 (streamed; skipped with
+``verify=False``, with a warning saying so). Resuming from a run directory whose latest checkpoint fails
+that check warns, naming it and the file, and falls back to the newest older checkpoint that passes.
+Checkpoints written before hashes were recorded load with their sizes checked and a note.
 
 Only safetensors and JSON are read back, never pickles: non-tensor optimizer / EMA / RNG state is JSON
 with a small tagged encoding for tuples, non-string dict keys and numpy arrays.
@@ -32,12 +38,23 @@ import random
 import re
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
+from .._files import (
+    CorruptFileError,
+    apply_umask,
+    file_records,
+    fsync_dir,
+    fsync_file,
+    load_safetensors,
+    read_json,
+    verify_files,
+)
 from ..models._convert import StateDictMismatchError, _listing
 from .ema import EMA
 
@@ -49,6 +66,8 @@ __all__ = [
     "check_writable",
     "checkpoint_name",
     "StateDictMismatchError",
+    "verify_checkpoint",
+    "CorruptFileError",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -74,22 +93,7 @@ def _safetensors():
 # files
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - filesystems that cannot fsync a directory
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+_fsync_dir, _fsync_file = fsync_dir, fsync_file
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -97,6 +101,7 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
     try:
         write(tmp)
+        apply_umask(tmp)  # safetensors creates files 0600
         _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -165,27 +170,87 @@ def latest_checkpoint(run_dir: PathLike) -> Optional[Path]:
     run = Path(run_dir)
     pointer = run / _LATEST
     if pointer.is_file():
-        target = run / pointer.read_text(encoding="utf-8").strip()
-        if _STEP_RE.match(target.name) and _is_complete(target):
+        name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+        target = run / name
+        if _STEP_RE.match(name) and _is_complete(target):
             return target
     found = list_checkpoints(run)
     return found[-1] if found else None
 
 
-def _resolve(path: PathLike) -> Path:
+def _candidates(path: PathLike) -> list[Path]:
+    """The checkpoints to try, in order: ``[path]`` for a checkpoint directory; for a run directory its
+    latest, then the older complete ones, newest first (the fallbacks when the latest is corrupt)."""
     p = Path(path)
     if _is_complete(p):
-        return p
+        return [p]
     if p.is_dir() and _STEP_RE.match(p.name):
-        raise FileNotFoundError(f"checkpoint {str(p)!r} is incomplete (no {_COMPLETE!r} marker): "
-                                "a save was interrupted")
+        raise FileNotFoundError(f"checkpoint {str(p)!r} is incomplete (no {_COMPLETE!r} marker): a save was "
+                                "interrupted")
     found = latest_checkpoint(p) if p.is_dir() else None
     if found is None:
         raise FileNotFoundError(
             f"no complete checkpoint at {str(p)!r}: expected a step_XXXXXX directory with a {_COMPLETE!r} marker, "
             f"or a run directory holding one"
         )
-    return found
+    step = int(_STEP_RE.match(found.name).group(1))
+    older = [c for c in list_checkpoints(p) if int(_STEP_RE.match(c.name).group(1)) < step]
+    return [found] + older[::-1]
+
+
+def verify_checkpoint(path: PathLike, *, verify: bool = True) -> dict[str, Any]:
+    """Check a checkpoint directory's files against its ``complete`` marker and return its parsed state.json.
+
+    Sizes are always checked; with ``verify`` the sha256 of every file too (a warning says when it is
+    skipped, or when the checkpoint predates hashes). Raises :class:`CorruptFileError` (a ValueError) naming
+    the file that is missing, truncated, unparsable or of another content; ValueError for another format.
+    """
+    ckpt = Path(path)
+    marker_path = ckpt / _COMPLETE
+    marker = read_json(marker_path, "a checkpoint's completion marker: step, and the size and sha256 of every file")
+    if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict):
+        raise CorruptFileError(f"{str(marker_path)!r} must be a JSON object with 'files' (name -> bytes), got "
+                               f"{type(marker).__name__}{'' if not isinstance(marker, dict) else ' without it'}")
+    hashes = marker.get("sha256")
+    verify_files(ckpt, marker["files"], hashes, verify=verify, record=f"its {_COMPLETE!r} marker")
+    if hashes is None:
+        warnings.warn(f"checkpoint {str(ckpt)!r} was written without content hashes (an older version): only the "
+                      "sizes of its files are checked", stacklevel=3)
+    elif not verify:
+        warnings.warn(f"verify=False: the sha256 of {', '.join(sorted(hashes))} in checkpoint {str(ckpt)!r} is not "
+                      "checked (only sizes)", stacklevel=3)
+    state_path = ckpt / _STATE
+    meta = read_json(state_path, "a checkpoint's state: step, config, the structure of its tensors")
+    if not isinstance(meta, dict):
+        raise CorruptFileError(f"{str(state_path)!r} must be a JSON object, got {type(meta).__name__}")
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(f"checkpoint {str(ckpt)!r} has format {meta.get('format')!r} in {_STATE}, this version "
+                         f"reads {FORMAT_VERSION}")
+    for key in ("state", "rng"):
+        if key not in meta:
+            raise CorruptFileError(f"{str(state_path)!r} has no {key!r} entry: expected a checkpoint's state")
+    return meta
+
+
+def _open_checkpoint(path: PathLike, verify: bool) -> tuple[Path, dict[str, Any]]:
+    """The first of :func:`_candidates` that passes :func:`verify_checkpoint`, warning about each one skipped."""
+    candidates = _candidates(path)
+    if len(candidates) == 1:  # nothing to fall back to: the error itself
+        return candidates[0], verify_checkpoint(candidates[0], verify=verify)
+    tried = []
+    for ckpt in candidates:
+        try:
+            meta = verify_checkpoint(ckpt, verify=verify)
+        except CorruptFileError as e:
+            tried.append(f"{ckpt.name}: {e}")
+            warnings.warn(f"checkpoint {str(ckpt)!r} is corrupt, not loading it: {e}", stacklevel=3)
+            continue
+        if tried:
+            warnings.warn(f"falling back to checkpoint {str(ckpt)!r}: the newer one(s) failed their check "
+                          f"({'; '.join(tried)})", stacklevel=3)
+        return ckpt, meta
+    raise CorruptFileError(f"no loadable checkpoint in {str(path)!r}: every complete one failed its check: "
+                           + "; ".join(tried))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,7 +304,11 @@ def _decode(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     if "__dict__" in obj:
         return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__dict__"]}
     if "__dtype__" in obj:
-        return getattr(torch, obj["__dtype__"])
+        name = obj["__dtype__"]
+        dtype = getattr(torch, name, None) if isinstance(name, str) and name.isidentifier() else None
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"{name!r} is not a torch dtype name (e.g. 'float16', 'bfloat16')")
+        return dtype
     if "__ndarray__" in obj:
         import numpy as np
 
@@ -374,8 +443,8 @@ def save_checkpoint(
         for fname, tensors in files.items():
             _write_tensors(tmp / fname, tensors)
         _write_text(tmp / _STATE, state_json)
-        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        _write_text(tmp / _COMPLETE, json.dumps({"step": step, "files": sizes}, indent=1))
+        sizes, hashes = file_records(tmp, [p.name for p in tmp.iterdir()])
+        _write_text(tmp / _COMPLETE, json.dumps({"step": step, "files": sizes, "sha256": hashes}, indent=1))
         _fsync_dir(tmp)
         if final.exists():
             _remove_dir(run, final)
@@ -431,11 +500,15 @@ def load_checkpoint(
     config: Any = None,
     generators: Optional[Mapping[str, torch.Generator]] = None,
     restore_rng: bool = True,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Load a checkpoint into ``model`` (and ``optimizer``, ``ema``); return the saved ``state`` dict.
 
-    path:        a ``step_XXXXXX`` directory, or a run directory (then :func:`latest_checkpoint`).
+    path:        a ``step_XXXXXX`` directory, or a run directory (then :func:`latest_checkpoint`; when
+                 that one fails its check, a warning names it and the newest older good one is loaded).
                  Incomplete (interrupted) checkpoints are never loaded.
+    verify:      check every file's sha256 against the ``complete`` marker (reads each file once more);
+                 False checks sizes only, with a warning saying so.
     config:      the model config (dict or dataclass) to compare with the saved ``state["config"]``.
     generators:  the same names as given to :func:`save_checkpoint`; their states are restored in place.
     restore_rng: restore python / numpy / torch / CUDA global RNG states, so a resumed run draws the same
@@ -443,26 +516,30 @@ def load_checkpoint(
     Before anything is modified, the model's tensors are checked against the checkpoint by name and shape
     (and the config, when given): any difference raises :class:`StateDictMismatchError` (a ValueError)
     listing the differing config fields and the missing, unexpected and mis-shaped tensors.
-    Asking for optimizer / EMA state a checkpoint does not have is a ValueError.
+    Asking for optimizer / EMA state a checkpoint does not have is a ValueError. A corrupt file raises
+    :class:`CorruptFileError` (a ValueError) naming it.
     """
-    st = _safetensors()
-    ckpt = _resolve(path)
-    marker = json.loads((ckpt / _COMPLETE).read_text(encoding="utf-8"))
-    for fname, size in marker.get("files", {}).items():
-        f = ckpt / fname
-        if not f.is_file() or f.stat().st_size != size:
-            raise ValueError(f"checkpoint {str(ckpt)!r} is corrupted: {fname} is missing or not {size} bytes")
-    meta = json.loads((ckpt / _STATE).read_text(encoding="utf-8"))
-    if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint {str(ckpt)!r} has format {meta.get('format')!r}, "
-                         f"this version reads {FORMAT_VERSION}")
-    extra = st.load_file(str(ckpt / _EXTRA))
-    state = _decode(meta["state"], extra)
+    _safetensors()
+    ckpt, meta = _open_checkpoint(path, verify)
+    state_path = ckpt / _STATE
+
+    def tensors(fname: str, what: str) -> dict[str, torch.Tensor]:
+        return load_safetensors(ckpt / fname, what)
+
+    def decode(key: str, tensors_of: Mapping[str, torch.Tensor]) -> Any:
+        try:
+            return _decode(meta[key], tensors_of)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptFileError(f"{str(state_path)!r}: its {key!r} entry cannot be decoded ({type(e).__name__}: "
+                                   f"{e}): expected the structure written by save_checkpoint") from e
+
+    extra = tensors(_EXTRA, "the checkpoint's RNG states and state tensors")
+    state = decode("state", extra)
 
     problems = []
     if config is not None and "config" in state:
         problems += _config_diff(_plain(state["config"]), _plain(config))
-    sd = st.load_file(str(ckpt / _MODEL))
+    sd = tensors(_MODEL, "the model's state dict")
     own = model.state_dict()
     missing = sorted(k for k in own if k not in sd)
     unexpected = sorted(k for k in sd if k not in own)
@@ -479,12 +556,14 @@ def load_checkpoint(
         if obj is not None and meta.get(key) is None:
             raise ValueError(f"{key} state was requested but checkpoint {str(ckpt)!r} was saved without one")
 
+    opt_state = decode("optimizer", tensors(_OPTIM, "the optimizer state")) if optimizer is not None else None
+    ema_state = decode("ema", tensors(_EMA, "the EMA weights")) if ema is not None else None
+    rng = decode("rng", extra)
     model.load_state_dict(sd, strict=True)
     if optimizer is not None:
-        optimizer.load_state_dict(_decode(meta["optimizer"], st.load_file(str(ckpt / _OPTIM))))
+        optimizer.load_state_dict(opt_state)
     if ema is not None:
-        ema.load_state_dict(_decode(meta["ema"], st.load_file(str(ckpt / _EMA))))
-    rng = _decode(meta["rng"], extra)
+        ema.load_state_dict(ema_state)
     if restore_rng:
         _set_global_rng_state(rng)
     _set_generator_states(rng.get("generators", {}), generators)

@@ -291,15 +291,15 @@ class Trainer:
         return save_checkpoint(self.run_dir, model=self._ckpt_model(), optimizer=self.optimizer, ema=self.ema,
                                state=self._state(), keep_last=self.config.keep_last)
 
-    def resume(self, path: Optional[Union[str, Path]] = None) -> int:
-        """Load ``path`` (default: this run's latest checkpoint) and continue from its step."""
-        path = path or latest_checkpoint(self.run_dir)
-        if path is None:
+    def resume(self, path: Optional[Union[str, Path]] = None, *, verify: bool = True) -> int:
+        """Load ``path`` (default: this run's latest checkpoint, or the newest older one that passes its
+        integrity check, with a warning) and continue from its step. ``verify``: check file hashes."""
+        if path is None and latest_checkpoint(self.run_dir) is None:
             raise FileNotFoundError(f"no complete checkpoint to resume from in {self.run_dir}")
         # the model configuration must match (differences and mismatched tensors are listed); the training
         # configuration may change between runs (e.g. more steps)
-        state = load_checkpoint(path, self._ckpt_model(), self.optimizer, self.ema, config=self.model_config,
-                                restore_rng=False)
+        state = load_checkpoint(path or self.run_dir, self._ckpt_model(), self.optimizer, self.ema,
+                                config=self.model_config, restore_rng=False, verify=verify)
         self.step = int(state["step"])
         return self.step
 

@@ -1,0 +1,152 @@
+"""The files a user keeps (checkpoints, pipelines, latent caches): content hashes, and reads that name the file.
+
+- :func:`sha256_file` streams a file through sha256 in 1 MiB chunks (the one hashing helper of the package).
+- :func:`file_records` / :func:`verify_files`: the ``{name: bytes}`` and ``{name: sha256}`` records written
+  next to the files at save time, and their check at load time; a difference raises
+  :class:`CorruptFileError` naming the file, what was recorded and what is there.
+- :func:`read_json` / :func:`load_safetensors`: a missing file is a FileNotFoundError, a truncated, empty
+  or unparsable one a :class:`CorruptFileError` (a ValueError); both messages name the file and what it
+  was expected to hold, never a bare parser message.
+- :func:`apply_umask`: files written through ``tempfile`` or safetensors are created 0600 / 0700; this gives
+  them the mode a plain ``open`` would (``0o666`` / ``0o777`` minus the user's umask).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Union
+
+import torch
+
+__all__ = ["CorruptFileError", "sha256_file", "file_records", "verify_files", "read_json", "load_safetensors",
+           "apply_umask", "fsync_file", "fsync_dir"]
+
+PathLike = Union[str, os.PathLike]
+_CHUNK = 1 << 20
+
+
+class CorruptFileError(ValueError):
+    """A saved file that is truncated, unparsable, or whose bytes differ from the size / sha256 recorded
+    when it was written. The message starts with the file's path and says what was expected."""
+
+
+def sha256_file(path: PathLike, chunk_size: int = _CHUNK) -> str:
+    """Hex sha256 of a file's bytes, read in ``chunk_size`` chunks (memory flat in the file size)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk_size), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_records(directory: PathLike, names: Iterable[str]) -> tuple[dict[str, int], dict[str, str]]:
+    """``({name: size in bytes}, {name: sha256})`` of the files ``names`` in ``directory``."""
+    d = Path(directory)
+    names = sorted(names)
+    return {n: (d / n).stat().st_size for n in names}, {n: sha256_file(d / n) for n in names}
+
+
+def verify_files(directory: PathLike, sizes: Mapping[str, Any], hashes: Optional[Mapping[str, Any]], *,
+                 verify: bool = True, record: str = "the marker") -> None:
+    """Check the files of ``directory`` against what ``record`` (e.g. a ``complete`` marker) says of them.
+
+    Sizes are always checked (cheap); with ``verify`` and ``hashes`` every file's sha256 too (reads every
+    byte once). Raises :class:`CorruptFileError` naming the first file that is missing, of another size or
+    of another content, or when ``sizes`` / ``hashes`` are not mappings of the expected kind.
+    """
+    d = Path(directory)
+    if not isinstance(sizes, Mapping) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                                                 for k, v in sizes.items()):
+        raise CorruptFileError(f"{str(d)!r}: {record} must map file names to sizes in bytes, got {sizes!r}")
+    if hashes is not None and (not isinstance(hashes, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) and len(v) == 64 for k, v in hashes.items())):
+        raise CorruptFileError(f"{str(d)!r}: {record} must map file names to sha256 hex digests, got {hashes!r}")
+    for name, size in sizes.items():
+        f = d / name
+        if not f.is_file():
+            raise CorruptFileError(f"{str(f)!r} is missing: {record} lists it with {size} bytes")
+        got = f.stat().st_size
+        if got != size:
+            raise CorruptFileError(f"{str(f)!r} is {got} bytes, {record} says {size}: the file is truncated or "
+                                   "was changed after it was written")
+    if not verify or hashes is None:
+        return
+    for name, digest in hashes.items():
+        f = d / name
+        if not f.is_file():
+            raise CorruptFileError(f"{str(f)!r} is missing: {record} lists its sha256")
+        got = sha256_file(f)
+        if got != digest:
+            raise CorruptFileError(f"{str(f)!r} has sha256 {got}, {record} recorded {digest} when it was written: "
+                                   "its content is corrupted")
+
+
+def read_json(path: PathLike, what: str) -> Any:
+    """The parsed JSON of ``path``. FileNotFoundError when missing; :class:`CorruptFileError` when it is not
+    UTF-8 JSON; both name the file and ``what`` it should hold (e.g. "a pipeline description")."""
+    p = Path(path)
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{str(p)!r} is missing: expected {what}") from e
+    except IsADirectoryError as e:
+        raise CorruptFileError(f"{str(p)!r} is a directory: expected a JSON file with {what}") from e
+    except UnicodeDecodeError as e:
+        raise CorruptFileError(f"{str(p)!r} is not UTF-8 text: expected a JSON file with {what}") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CorruptFileError(f"{str(p)!r} is not valid JSON ({e}): expected {what}; the file is truncated "
+                               "or corrupted") from e
+
+
+def load_safetensors(path: PathLike, what: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file(path)``; FileNotFoundError when missing, :class:`CorruptFileError` when
+    empty, truncated or not a safetensors file (safetensors' own error names no file)."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{str(p)!r} is missing: expected a safetensors file with {what}")
+    if p.stat().st_size == 0:
+        raise CorruptFileError(f"{str(p)!r} is empty: expected a safetensors file with {what}")
+    try:
+        return load_file(str(p), device=device)
+    except MemoryError:
+        raise
+    except Exception as e:  # SafetensorError (truncated, bad header), OSError, ...
+        raise CorruptFileError(f"{str(p)!r} is not a readable safetensors file ({type(e).__name__}: {e}): "
+                               f"expected {what}; the file is truncated or corrupted") from e
+
+
+def _umask() -> int:
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def apply_umask(path: PathLike) -> None:
+    """Give ``path`` the permissions a plain ``open`` / ``mkdir`` would: 0o666 (files) or 0o777 (directories)
+    minus the user's umask. tempfile and safetensors create files 0600 and directories 0700."""
+    p = Path(path)
+    os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_umask())
+
+
+def fsync_file(path: PathLike) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: PathLike) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - filesystems that cannot fsync a directory
+        pass
+    finally:
+        os.close(fd)
