@@ -22,6 +22,7 @@ safetensors is needed (``pip install safetensors``).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
