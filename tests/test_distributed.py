@@ -190,6 +190,20 @@ def _rank_main(rank, port, out_dir, seed):
     res["bad_dp_batches"] = _attempt(lambda: _train_parts(out_dir / "small", make_mesh(1), seed, token_budget=16))
     res["cfg_odd_pack"] = _attempt(lambda: CFGParallelDenoiser(_sampling_problem(seed)[0], dist.group.WORLD)(
         pack_videos([torch.randn(4, 1, 2, 2)], (1, 2, 2)), torch.ones(1), pack_sequences([torch.zeros(1, 32)])))
+
+    def sigterm_on_rank_0():
+        """SIGTERM reaches rank 0 only (after step 1): every rank stops after that step, with a checkpoint."""
+        import signal
+
+        tr = _train_parts(out_dir / "term", make_mesh(1), seed, steps=4)
+
+        def on_step(step, metrics):
+            if step == 1 and rank == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+        s = tr.train(on_step=on_step)
+        return {"interrupted": s["interrupted"], "signal": s["signal"], "steps": s["steps"],
+                "checkpoint": Path(s["checkpoint"]).name, "handler": signal.getsignal(signal.SIGTERM) is signal.SIG_DFL}
+    res["sigterm"] = _attempt(sigterm_on_rank_0)
     torch.save(res, out_dir / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -325,6 +339,15 @@ def test_checkpoint_from_world_size_2_resumes_at_world_size_1(ranks, reference_r
                 have, want = torch.cat([have[:d], have[2 * d:]]), torch.cat([want[:d], want[2 * d:]])
             torch.testing.assert_close(have, want, rtol=0, atol=atol, msg=lambda m: f"{tag}{name}: {m}; {_replay(ranks)}")
     assert resumed.ema.num_updates == 3
+
+
+def test_sigterm_on_one_rank_stops_every_rank_with_a_checkpoint(ranks):
+    out = ranks[0]
+    for r, res in enumerate(ranks[1]):
+        got = _ok(res, "sigterm")
+        assert got == {"interrupted": True, "signal": "SIGTERM", "steps": 1, "checkpoint": "dcp_step_000001",
+                       "handler": True}, f"rank {r}: {got}"
+    assert (out / "term" / "latest_dcp").read_text().strip() == "dcp_step_000001"
 
 
 def test_cfg_and_sequence_parallel_sampling_equal_one_process(ranks):
