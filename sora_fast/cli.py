@@ -152,6 +152,8 @@ def cmd_train(args) -> int:
     mesh = training_mesh(args.sequence_parallel)  # None unless launched by torchrun
     run, train_cfg = load_run_config(args.config)
     if args.steps is not None:
+        if args.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {args.steps}")
         train_cfg = dataclasses.replace(train_cfg, steps=args.steps)
     _check_run_dir(run.out, args.config, args.resume, args.overwrite, mesh)  # before anything is written
 

@@ -225,3 +225,23 @@ def test_huge_size_is_refused_with_the_estimate_and_the_limit(tiny_pipeline, tmp
     err = capsys.readouterr().err
     assert rc == 2 and "10001x10000x10000: generating needs at least" in err and "but it has" in err, err
     assert "GiB" in err and "Traceback" not in err
+
+
+def test_more_bad_arguments_are_one_line(tiny_pipeline, tmp_path, capsys):
+    _, path = tiny_pipeline
+    assert cli.main(["profile", "--guidance", "nan", "--steps", "1"]) == 2
+    assert "--guidance must be a finite number, got nan" in capsys.readouterr().err
+    f = _run_file(tmp_path, path)
+    assert cli.main(["train", "--config", str(f), "--steps", "0"]) == 2
+    assert "--steps must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_truncated_weights_exit_2_without_traceback(tiny_pipeline, tmp_path, capsys):
+    """A truncated or empty .safetensors file: one line, status 2 (the parser's error is a user error)."""
+    _, path = tiny_pipeline
+    for content in (b"", (path / "dit.safetensors").read_bytes()[:100]):
+        (path / "dit.safetensors").write_bytes(content)
+        rc = cli.main(["generate", "--pipeline", str(path), "--prompt", "x", "--out", str(tmp_path / "g")])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("sora-fast generate: error: ") and "Traceback" not in err, err

@@ -400,29 +400,31 @@ class Trainer:
         bar = ProgressBar(cfg.steps, initial=self.step, desc="train dit", disable=not self.progress)
         losses, start, interrupted, stop_signal = [], time.perf_counter(), False, None
         previous = self._install_sigterm()
-        try:
-            while self.step < cfg.steps:
-                m = self.train_step(self.step)
-                self.step += 1
-                losses.append(m["loss"])
-                bar.update(1, loss=m["loss"], tokens=m["tokens"])
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    logger.log(self.step, m)
-                if on_step is not None:
-                    on_step(self.step, m)
-                if self.step < cfg.steps and self._stop_requested():
-                    interrupted, stop_signal = True, "SIGTERM"
-                    break
-                if self.step % cfg.save_every == 0 and self.step < cfg.steps:
-                    self.save()
-        except KeyboardInterrupt:
-            interrupted, stop_signal = True, "SIGINT"
+        try:  # the handler stays until the last checkpoint is written: a SIGTERM then cannot cut it short
+            try:
+                while self.step < cfg.steps:
+                    m = self.train_step(self.step)
+                    self.step += 1
+                    losses.append(m["loss"])
+                    bar.update(1, loss=m["loss"], tokens=m["tokens"])
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        logger.log(self.step, m)
+                    if on_step is not None:
+                        on_step(self.step, m)
+                    if self.step < cfg.steps and self._stop_requested():
+                        interrupted, stop_signal = True, "SIGTERM"
+                        break
+                    if self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                        self.save()
+            except KeyboardInterrupt:
+                interrupted, stop_signal = True, "SIGINT"
+            finally:
+                bar.close()
+                logger.close()
+            ckpt = self.save()
         finally:
-            bar.close()
-            logger.close()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
-        ckpt = self.save()
         try:
             if self.is_main:
                 plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
