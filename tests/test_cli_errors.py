@@ -245,3 +245,17 @@ def test_truncated_weights_exit_2_without_traceback(tiny_pipeline, tmp_path, cap
         rc = cli.main(["generate", "--pipeline", str(path), "--prompt", "x", "--out", str(tmp_path / "g")])
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith("sora-fast generate: error: ") and "Traceback" not in err, err
+
+
+def test_contact_sheet_with_a_latin1_only_font_keeps_a_chinese_caption(tmp_path, monkeypatch):
+    """Pillow without FreeType has a Latin-1 bitmap font: a Chinese caption must not fail the sheet (it
+    is written escaped) after all the denoising."""
+    from PIL import ImageFont
+
+    from sora_fast.data import write_contact_sheet
+
+    if not hasattr(ImageFont, "load_default_imagefont"):
+        pytest.skip("this Pillow has no bitmap default font to force")
+    monkeypatch.setattr(ImageFont, "load_default", lambda *a, **k: ImageFont.load_default_imagefont())
+    p = write_contact_sheet(tmp_path / "sheet.png", [torch.zeros(3, 1, 16, 16)], ["一只红色的狐狸 fox"])
+    assert p.stat().st_size > 0

@@ -306,7 +306,12 @@ def write_contact_sheet(path: PathLike, clips: Sequence[ArrayLike], captions: Op
                 im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
             sheet.paste(im, (pad + c * (cw + pad), y))
         if captions is not None:
-            draw.text((pad, y + ch + 1), f"{captions[r]}  [{t} frames]", fill=(230, 230, 230), font=font)
+            text = f"{captions[r]}  [{t} frames]"
+            try:
+                draw.text((pad, y + ch + 1), text, fill=(230, 230, 230), font=font)
+            except UnicodeError:  # a bitmap font (Pillow without FreeType) holds Latin-1 only
+                text = text.encode("latin-1", errors="backslashreplace").decode("latin-1")
+                draw.text((pad, y + ch + 1), text, fill=(230, 230, 230), font=font)
     with _AtomicFile(p) as tmp:
         sheet.save(tmp, format="PNG")
     return p
