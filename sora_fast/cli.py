@@ -269,6 +269,8 @@ def cmd_generate(args) -> int:
     out = check_writable(args.out)
     pipe = VideoPipeline.load(args.pipeline)
     sizes = args.size or [(9, 32, 32)]
+    if len(sizes) not in (1, len(args.prompt)):
+        raise ValueError(f"--size given {len(sizes)} times; give it once or once per --prompt ({len(args.prompt)})")
     sizes = sizes * len(args.prompt) if len(sizes) == 1 else sizes
     for i, s in enumerate(sizes):
         pipe.check_size(s, name=f"--size #{i + 1}")
