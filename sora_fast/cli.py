@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["main", "TrainRunConfig", "load_run_config"]
+__all__ = ["main", "TrainRunConfig", "load_run_config", "output_stems", "previous_run", "is_user_error"]
 
 
 # --- train: a run described by one JSON / TOML file ---------------------------------------------------
@@ -50,17 +50,30 @@ def load_run_config(path: str) -> tuple[TrainRunConfig, Any]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--config {path!r} does not exist")
-    text = p.read_text()
+    if p.suffix not in (".json", ".toml"):
+        raise ValueError(f"--config must be a .json or .toml file, got {p.name!r}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--config {str(p)!r} is not UTF-8 text (byte {e.start}): expected a run file") from None
     if p.suffix == ".toml":
         try:
             import tomllib
         except ImportError:  # Python 3.10
             raise ValueError(f"--config {p.name}: TOML needs Python >= 3.11; use a .json file") from None
-        raw = tomllib.loads(text)
-    elif p.suffix == ".json":
-        raw = json.loads(text)
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"--config {str(p)!r} is not valid TOML: {e}") from None
     else:
-        raise ValueError(f"--config must be a .json or .toml file, got {p.name!r}")
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config {str(p)!r} is not valid JSON: {e.msg} (line {e.lineno}, column "
+                             f"{e.colno})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"--config {str(p)!r} must hold a JSON object / TOML table of settings, got "
+                         f"{type(raw).__name__}")
     for key in ("data", "out", "pipeline"):
         if key not in raw:
             raise ValueError(f"{p.name} is missing the required key {key!r}")
@@ -69,6 +82,63 @@ def load_run_config(path: str) -> tuple[TrainRunConfig, Any]:
         raise ValueError(f"{p.name}: give at most one of 'dit' and 'diffusers_transformer'")
     train = config_from_dict(TrainConfig, run.train, where=f"{p.name} [train]")
     return run, train
+
+
+# what a training run writes into its directory (the latent cache is keyed on its data and kept)
+_RUN_NAMES = ("metrics.jsonl", "loss.png", "latest", "latest_dcp", "pipeline")
+_RUN_PREFIXES = ("step_", "dcp_step_", "pipeline.")
+_RUN_LEFTOVERS = (".tmp-", ".pipeline.")  # temporaries of interrupted writes, cleared by --overwrite
+
+
+def previous_run(run_dir) -> list[str]:
+    """Names of a training run's outputs in ``run_dir`` (checkpoints, ``pipeline/``, ``metrics.jsonl``):
+    empty when there is no earlier run to lose."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        return []
+    return sorted(p.name for p in run.iterdir() if p.name in _RUN_NAMES or p.name.startswith(_RUN_PREFIXES))
+
+
+def _clear_run(run: Path) -> None:
+    import shutil
+
+    for p in run.iterdir():
+        if p.name in _RUN_NAMES or p.name.startswith(_RUN_PREFIXES + _RUN_LEFTOVERS):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
+def _check_run_dir(out: str, config: str, resume: bool, overwrite: bool, mesh) -> None:
+    """Refuse to train into a directory that holds an earlier run unless ``--resume`` or ``--overwrite``
+    says what to do with it (``--overwrite`` clears it here). Under torchrun rank 0 looks and broadcasts
+    what it found before any rank writes, so every rank takes the same decision."""
+    if resume and overwrite:
+        raise ValueError("give at most one of --resume (continue the run in 'out') and --overwrite (delete it "
+                         "and start over)")
+    main = mesh is None or mesh.is_main
+    found = previous_run(out) if main else None
+    if mesh is not None:
+        import torch.distributed as dist
+
+        box = [found]
+        dist.broadcast_object_list(box, src=0)
+        found = box[0]
+    if not found or resume:
+        return
+    if not overwrite:
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise ValueError(f"the run directory {out!r} (--config {config}: 'out') already holds a training run "
+                         f"({shown}); pass --resume to continue it, --overwrite to delete it and start over, "
+                         f"or set 'out' to another directory")
+    if main:
+        _clear_run(Path(out))
+        print(f"--overwrite: deleted the earlier run in {out} ({', '.join(found)})", file=sys.stderr)
+    if mesh is not None:
+        from .distributed.launch import barrier
+
+        barrier()
 
 
 def cmd_train(args) -> int:
@@ -84,7 +154,11 @@ def cmd_train(args) -> int:
     mesh = training_mesh(args.sequence_parallel)  # None unless launched by torchrun
     run, train_cfg = load_run_config(args.config)
     if args.steps is not None:
+        if args.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {args.steps}")
         train_cfg = dataclasses.replace(train_cfg, steps=args.steps)
+    _check_run_dir(run.out, args.config, args.resume, args.overwrite, mesh)  # before anything is written
+
     out = check_writable(run.out)
     pipe = VideoPipeline.load(run.pipeline, verify=not args.no_verify)
     vae, text = pipe.vae, pipe.text_encoder
@@ -130,7 +204,9 @@ def cmd_train(args) -> int:
         return 0  # ranks other than 0 print nothing
     state = "interrupted at" if res["interrupted"] else "finished"
     print(f"{state} step {res['steps']}; checkpoint {res['checkpoint']}; pipeline {out / 'pipeline'}")
-    return 130 if res["interrupted"] else 0
+    if not res["interrupted"]:
+        return 0
+    return 143 if res.get("signal") == "SIGTERM" else 130  # 128 + the signal's number
 
 
 # --- generate --------------------------------------------------------------------------------------
@@ -142,6 +218,51 @@ def _size(text: str) -> tuple[int, int, int]:
     return t, h, w
 
 
+MAX_NAME_BYTES = 100  # file names built from prompts, in UTF-8 bytes (file systems allow 255)
+
+
+def output_stems(prompts: Sequence[str], max_bytes: int = MAX_NAME_BYTES) -> list[str]:
+    """File names (without extension) for the videos of ``prompts``: the index, then the prompt's first
+    words (letters and digits only), cut to at most ``max_bytes`` UTF-8 bytes on a character boundary, and
+    unique (a hash of the prompt is appended should two ever agree)."""
+    import hashlib
+
+    width = max(2, len(str(len(prompts) - 1)))
+    stems, used = [], set()
+    for i, p in enumerate(prompts):
+        words = ("".join(c for c in w if c.isalnum()) for w in p.split()[:6])
+        stem = f"{i:0{width}d}_" + "_".join(w for w in words if w)
+        stem = stem.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore").rstrip("_")
+        if stem.lower() in used:
+            tag = "_" + hashlib.sha1(f"{i}:{p}".encode("utf-8")).hexdigest()[:8]
+            stem = stem.encode("utf-8")[:max_bytes - len(tag)].decode("utf-8", errors="ignore") + tag
+        used.add(stem.lower())
+        stems.append(stem)
+    return stems
+
+
+def _finite(flag: str, value: float, positive: bool = False) -> float:
+    import math
+
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{flag} must be a {'positive ' if positive else ''}finite number, got {value!r}")
+    return value
+
+
+def _check_generate_args(args) -> None:
+    """Every argument of ``generate`` that needs no model, checked before anything loads or runs."""
+    _finite("--guidance", args.guidance)
+    if args.shift != "auto":
+        _finite("--shift", args.shift, positive=True)
+    _finite("--fps", args.fps, positive=True)
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    sizes = args.size or [(9, 32, 32)]
+    if len(sizes) not in (1, len(args.prompt)):
+        raise ValueError(f"--size given {len(sizes)} times; give it once or once per --prompt ({len(args.prompt)})")
+    args.format = list(dict.fromkeys(args.format))  # each format once
+
+
 def cmd_generate(args) -> int:
     from .data import write_contact_sheet, write_video
     from .distributed import make_denoiser
@@ -149,6 +270,8 @@ def cmd_generate(args) -> int:
     from .pipeline import VideoPipeline
     from .training.checkpoint import check_writable
 
+    _check_generate_args(args)
+    stems = output_stems(args.prompt)
     mesh = sampling_mesh(args.sequence_parallel, args.cfg_parallel, args.guidance)  # None unless under torchrun
     out = check_writable(args.out)
     pipe = VideoPipeline.load(args.pipeline, verify=not args.no_verify)
@@ -164,8 +287,7 @@ def cmd_generate(args) -> int:
     if mesh is not None and not mesh.is_main:
         return 0  # every rank holds the same clips; rank 0 writes them
     written = []
-    for i, (clip, p) in enumerate(zip(clips, args.prompt)):
-        stem = f"{i:02d}_" + "_".join("".join(c for c in w if c.isalnum()) for w in p.split()[:6])
+    for clip, stem in zip(clips, stems):
         for fmt in args.format:
             ext = "png" if fmt == "mp4" and clip.shape[1] == 1 else fmt
             written.append(write_video(out / f"{stem}.{ext}", clip, fps=args.fps))
@@ -207,6 +329,7 @@ def cmd_profile(args) -> int:
                         ("--top", args.top, 1)):
         if v < lo:
             raise ValueError(f"{flag} must be >= {lo}, got {v}")
+    _finite("--guidance", args.guidance)
     if args.pipeline is not None:
         pipe = VideoPipeline.load(args.pipeline)
     else:
@@ -248,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "captioned videos and images at native resolution. " + TrainRunConfig.__doc__)
     t.add_argument("--config", required=True, metavar="FILE", help="run description (.json or .toml), see above")
     t.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    t.add_argument("--overwrite", action="store_true",
+                   help="delete the earlier run in the run directory (checkpoints, pipeline/, metrics.jsonl, "
+                        "loss.png) and start over; without --resume or --overwrite an existing run is refused")
     t.add_argument("--steps", type=int, metavar="N", help="override train.steps")
     t.add_argument("--sequence-parallel", type=int, default=1, metavar="N",
                    help="under torchrun: split each packed batch's tokens over N ranks (Ulysses; N must divide the "
@@ -326,6 +452,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_user_error(e: BaseException) -> bool:
+    """Errors the CLI reports as one line and exit status 2 (no traceback): bad arguments and values
+    (ValueError, TypeError), files that are missing, unreadable or broken (OSError and its kinds, the
+    safetensors parser's error), a missing optional package (ImportError), memory exhausted, and the
+    project's own error classes (BackendUnavailableError, DiffusersHooksError, ...)."""
+    if isinstance(e, (ValueError, TypeError, OSError, ImportError, MemoryError)):
+        return True
+    cls = type(e)
+    module = cls.__module__ or ""
+    return (module == "sora_fast" or module.startswith("sora_fast.")
+            or any(c.__name__ in ("SafetensorError", "OutOfMemoryError") for c in cls.__mro__))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["report"]:  # the report parses its own options (argparse's REMAINDER misses a leading flag)
@@ -337,12 +476,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             args.shift = float(args.shift)
         except ValueError:
-            print(f"sora-fast: error: --shift must be a number or 'auto', got {args.shift!r}", file=sys.stderr)
+            print(f"sora-fast {args.command}: error: --shift must be a number or 'auto', got {args.shift!r}",
+                  file=sys.stderr)
             return 2
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError) as e:
-        if os.environ.get("SORA_FAST_DEBUG"):
+    except Exception as e:
+        if os.environ.get("SORA_FAST_DEBUG") or not is_user_error(e):
             raise
         print(f"sora-fast {args.command}: error: {e} (SORA_FAST_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2

@@ -228,6 +228,11 @@ class VideoPipeline(nn.Module):
             seed: one int (video i uses ``seed + i``) or one per prompt; the noise of a video depends only
                 on its seed and size, so a prompt gives the same video alone or with others.
         Returns B float tensors ``(3, frames, height, width)`` in [-1, 1] on the CPU.
+
+        Every argument is checked before any work starts (non-finite ``guidance`` / ``shift`` included), and
+        sizes whose lower-bound memory need exceeds the device's are refused
+        (:func:`sora_fast.memory.check_generate_memory`); latents or frames with NaN / Inf values raise a
+        ValueError with their count.
         """
         if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
             raise TypeError("prompts must be a non-empty list of strings")
@@ -240,6 +245,23 @@ class VideoPipeline(nn.Module):
         seeds = [seed + i for i in range(b)] if isinstance(seed, int) else list(seed)
         if len(seeds) != b or not all(isinstance(s, int) for s in seeds):
             raise ValueError(f"seed must be an int or a list of {b} ints, got {seed!r}")
+        # every argument is checked before any work (text encoding, denoising) starts
+        import math
+
+        from .memory import check_generate_memory
+        from .sampling import _check_shift, check_finite
+        if not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompts must be strings, got {[type(p).__name__ for p in prompts]}")
+        if not isinstance(negative_prompt, str):
+            raise TypeError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
+            raise TypeError(f"guidance must be a number, got {type(guidance).__name__}")
+        if not math.isfinite(guidance):
+            raise ValueError(f"guidance must be a finite number, got {guidance!r}")
+        _check_shift(shift, b)
+        check_generate_memory(self, shapes, [self.check_size(s) for s in sizes], cfg=guidance != 1.0)
         self.eval()
         dev, timings = self.device, {}
 
@@ -265,6 +287,7 @@ class VideoPipeline(nn.Module):
 
         t0 = time.perf_counter()
         videos = [self.vae.decode(self.vae.denormalize_latents(z[None]))[0].float().cpu() for z in latents]
+        check_finite(videos, "the decoded videos")
         timings["decode"] = time.perf_counter() - t0
         self.last_timings = timings
         return videos

@@ -11,6 +11,7 @@ own shift (``shift="auto"``: from its token count), which a padded batch could n
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -18,7 +19,7 @@ import torch
 from .packing import PackedSequences, PackedVideos, pack_sequences, pack_videos
 from .training.flow import resolution_shift, sigma_schedule
 
-__all__ = ["concat_text", "sample_euler"]
+__all__ = ["concat_text", "sample_euler", "check_finite"]
 
 DenoiseFn = Callable[[PackedVideos, torch.Tensor, PackedSequences], torch.Tensor]
 
@@ -38,8 +39,8 @@ def _check_shift(shift, n: int) -> list:
     if len(values) != n:
         raise ValueError(f"shift has {len(values)} values, expected one per video ({n})")
     for i, s in enumerate(values):
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0:
-            raise ValueError(f"shift[{i}] must be a positive number, got {s!r}")
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0 or not math.isfinite(s):
+            raise ValueError(f"shift[{i}] must be a positive number, finite, got {s!r}")
     return [float(s) for s in values]
 
 
@@ -64,12 +65,16 @@ def sample_euler(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: Packed
         steps: Euler steps (DiT forwards).
         progress: called as ``progress(step, steps)`` after every step.
 
-    Returns the B denoised latents ``(C, T, H, W)`` in the noise's dtype.
+    Returns the B denoised latents ``(C, T, H, W)`` in the noise's dtype. Non-finite arguments are refused
+    up front; latents that end with NaN / Inf values (a diverged or corrupt model) raise a ValueError with
+    their count instead of being returned.
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
         raise TypeError(f"guidance must be a number, got {type(guidance).__name__}")
+    if not math.isfinite(guidance):
+        raise ValueError(f"guidance must be a finite number, got {guidance!r}")
     x = pack_videos(list(noise), patch=tuple(patch))
     b = x.num_sequences
     if text.num_sequences != b:
@@ -104,4 +109,22 @@ def sample_euler(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: Packed
         tokens = tokens + dsig[seq_ids, None] * v
         if progress is not None:
             progress(i + 1, steps)
-    return x.unpack(tokens.to(x.tokens.dtype))
+    out = x.unpack(tokens.to(x.tokens.dtype))
+    check_finite(out, f"the latents after {steps} denoising steps")
+    return out
+
+
+def check_finite(tensors: Sequence[torch.Tensor], what: str, names: Optional[Sequence[str]] = None) -> None:
+    """Raise a ValueError naming the count of NaN / Inf values of each tensor that has any (never let them
+    through to become flat grey frames)."""
+    bad = []
+    for i, t in enumerate(tensors):
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            n_nan = int(torch.isnan(t).sum())
+            n_bad = int((~finite).sum())
+            label = names[i] if names is not None else f"video {i}"
+            bad.append(f"{label}: {n_bad} of {t.numel()} values ({n_nan} NaN, {n_bad - n_nan} Inf)")
+    if bad:
+        raise ValueError(f"{what} are not finite -- " + "; ".join(bad)
+                         + " (the model diverged or its weights are corrupt; nothing was written)")

@@ -191,6 +191,20 @@ def _rank_main(rank, port, out_dir, seed):
     res["bad_dp_batches"] = _attempt(lambda: _train_parts(out_dir / "small", make_mesh(1), seed, token_budget=16))
     res["cfg_odd_pack"] = _attempt(lambda: CFGParallelDenoiser(_sampling_problem(seed)[0], dist.group.WORLD)(
         pack_videos([torch.randn(4, 1, 2, 2)], (1, 2, 2)), torch.ones(1), pack_sequences([torch.zeros(1, 32)])))
+
+    def sigterm_on_rank_0():
+        """SIGTERM reaches rank 0 only (after step 1): every rank stops after that step, with a checkpoint."""
+        import signal
+
+        tr = _train_parts(out_dir / "term", make_mesh(1), seed, steps=4)
+
+        def on_step(step, metrics):
+            if step == 1 and rank == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+        s = tr.train(on_step=on_step)
+        return {"interrupted": s["interrupted"], "signal": s["signal"], "steps": s["steps"],
+                "checkpoint": Path(s["checkpoint"]).name, "handler": signal.getsignal(signal.SIGTERM) is signal.SIG_DFL}
+    res["sigterm"] = _attempt(sigterm_on_rank_0)
     torch.save(res, out_dir / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -327,6 +341,15 @@ def test_checkpoint_from_world_size_2_resumes_at_world_size_1(ranks, reference_r
             torch.testing.assert_close(have, want, rtol=0, atol=atol,
                                        msg=lambda m: f"{tag}{name}: {m}; {_replay(ranks)}")
     assert resumed.ema.num_updates == 3
+
+
+def test_sigterm_on_one_rank_stops_every_rank_with_a_checkpoint(ranks):
+    out = ranks[0]
+    for r, res in enumerate(ranks[1]):
+        got = _ok(res, "sigterm")
+        assert got == {"interrupted": True, "signal": "SIGTERM", "steps": 1, "checkpoint": "dcp_step_000001",
+                       "handler": True}, f"rank {r}: {got}"
+    assert (out / "term" / "latest_dcp").read_text().strip() == "dcp_step_000001"
 
 
 def test_cfg_and_sequence_parallel_sampling_equal_one_process(ranks):
@@ -479,3 +502,49 @@ def test_train_under_torchrun_then_resume_on_one_rank(saved_pipeline, tmp_path):
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     VideoPipeline.load(tmp_path / "run" / "pipeline")        # the unsharded pipeline loads in one process
+
+
+def _torchrun_train(tmp_path, saved_pipeline, n, *extra, steps=1):
+    import json
+    import subprocess
+    import sys
+
+    from sora_fast.data import make_synthetic_dataset
+
+    if not (tmp_path / "data").exists():
+        make_synthetic_dataset(tmp_path / "data", 4, seed=1, sizes=((16, 16),), lengths=(1, 5), progress=False)
+    f = tmp_path / "run.json"
+    f.write_text(json.dumps({"data": str(tmp_path / "data"), "out": str(tmp_path / "run"),
+                             "pipeline": str(saved_pipeline),
+                             "train": {"steps": steps, "token_budget": 64, "save_every": 1, "log_every": 1}}))
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                           "-m", "sora_fast.cli", "train", "--config", str(f), *extra],
+                          capture_output=True, text=True, timeout=2 * DEADLINE_S)
+
+
+def test_train_under_torchrun_refuses_an_existing_run_on_every_rank(saved_pipeline, tmp_path):
+    """Rank 0 looks at the run directory and broadcasts what it found: both ranks stop with the message,
+    before any rank writes."""
+    run = tmp_path / "run"
+    (run / "step_000004").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 4}\n')
+    r = _torchrun_train(tmp_path, saved_pipeline, 2)
+    assert r.returncode != 0
+    assert r.stderr.count("already holds a training run (metrics.jsonl, step_000004); pass --resume") == 2, \
+        r.stderr[-3000:]
+    assert "sora_fast/cli.py" not in r.stderr                  # one line per rank, no traceback of ours
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "step_000004"]
+
+
+@pytest.mark.slow
+def test_train_under_torchrun_overwrite_starts_over(saved_pipeline, tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    (run / "step_000004").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 4}\n')
+    r = _torchrun_train(tmp_path, saved_pipeline, 2, "--overwrite")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("--overwrite: deleted the earlier run") == 1                  # rank 0 deletes
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert not (run / "step_000004").exists() and (run / "latest_dcp").read_text().strip() == "dcp_step_000001"

@@ -107,3 +107,46 @@ def test_bad_arguments():
         sample_euler(f, noise, _text([0]), shift="fast")
     with pytest.raises(TypeError, match="guidance must be a number"):
         sample_euler(f, noise, _text([0]), guidance="5")
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(guidance=float("nan")), r"guidance must be a finite number, got nan"),
+    (dict(guidance=float("inf")), r"guidance must be a finite number, got inf"),
+    (dict(guidance=-float("inf")), r"guidance must be a finite number, got -inf"),
+    (dict(shift=float("inf")), r"shift\[0\] must be a positive number, finite, got inf"),
+    (dict(shift=float("nan")), r"shift\[0\] must be a positive number, finite, got nan"),
+    (dict(shift=[float("inf")]), r"shift\[0\] must be a positive number, finite, got inf"),
+])
+def test_non_finite_arguments_are_refused_before_any_step(kw, match):
+    calls = []
+    f = lambda x, t, text: calls.append(1) or x.tokens  # noqa: E731
+    with pytest.raises(ValueError, match=match):
+        sample_euler(f, [torch.randn(SHAPES[0])], _text([0]), uncond_text=_text([1]), **kw)
+    assert not calls
+
+
+def test_non_finite_latents_are_an_error_with_their_count():
+    """A diverged model (NaN / Inf velocities) is an error naming the count, never returned as latents."""
+    def f(x, t, text):
+        v = torch.zeros_like(x.tokens)
+        v[: 3] = float("nan")                          # 3 tokens of the first video
+        v[-1, 0] = float("inf")                         # one value of the last video
+        return v
+    noise = [torch.randn(s) for s in SHAPES]
+    with pytest.raises(ValueError, match=r"video 0: 48 of 96 values \(48 NaN, 0 Inf\).*video 2: 1 of 32 values "
+                                         r"\(0 NaN, 1 Inf\)"):
+        sample_euler(f, noise, _text([0, 1, 2]), steps=1, patch=(1, 2, 2))
+
+
+def test_frames_with_nan_or_inf_are_never_written_as_grey(tmp_path):
+    from sora_fast.data import to_uint8, write_video
+
+    x = torch.zeros(3, 2, 4, 4)
+    x[0, 0, :2] = float("nan")
+    x[1, 1, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"video has 9 non-finite values of 96 \(8 NaN, 1 Inf\)"):
+        to_uint8(x)
+    with pytest.raises(ValueError, match="non-finite"):
+        write_video(tmp_path / "a.gif", x)
+    assert not (tmp_path / "a.gif").exists()
+    assert to_uint8(torch.zeros(3, 1, 2, 2)).max() == 128            # finite frames convert as before

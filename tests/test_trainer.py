@@ -161,3 +161,61 @@ def test_learning_rate_schedule(tmp_path, schedule, floor):
 def test_bad_schedule_settings(field, value, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**{field: value})
+
+
+def test_sigterm_writes_a_checkpoint_and_stops(tmp_path):
+    """SIGTERM (docker stop, Slurm, Kubernetes) is handled like Ctrl-C: the step finishes, a checkpoint is
+    written, the run stops; the previous handler is back afterwards."""
+    import os
+    import signal
+
+    seen = []
+
+    def previous(signum, frame):
+        seen.append(signum)
+
+    old = signal.signal(signal.SIGTERM, previous)
+    try:
+        tr = _setup(tmp_path)
+
+        def terminate(step, metrics):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        summary = tr.train(on_step=terminate)
+        assert summary["interrupted"] and summary["steps"] == 2 and summary["signal"] == "SIGTERM"
+        assert latest_checkpoint(tmp_path / "run").name == "step_000002"
+        assert signal.getsignal(signal.SIGTERM) is previous and not seen
+        assert _setup(tmp_path).resume() == 2
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def test_train_in_a_thread_leaves_signals_alone(tmp_path):
+    """Signal handlers can only be installed in the main thread: a run in another thread still trains."""
+    import signal
+    import threading
+
+    before = signal.getsignal(signal.SIGTERM)
+    result = {}
+    t = threading.Thread(target=lambda: result.update(_setup(tmp_path, steps=1).train()))
+    t.start()
+    t.join()
+    assert result["steps"] == 1 and not result["interrupted"]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("data, error, match", [
+    ({"grad_clip": -1.0}, ValueError, r"TrainConfig.grad_clip must be >= 0 \(0 turns clipping off\), got -1.0"),
+    ({"grad_clip": float("nan")}, ValueError, r"TrainConfig.grad_clip must be a finite number, got nan"),
+    ({"lr": "3e-4"}, TypeError, r"run.json \[train\]: 'lr' must be a number, got str '3e-4'"),
+    ({"steps": 2.5}, TypeError, r"run.json \[train\]: 'steps' must be an int, got float 2.5"),
+    ({"steps": True}, TypeError, r"run.json \[train\]: 'steps' must be an int, got bool True"),
+    ({"ema_decay": "off"}, TypeError, r"'ema_decay' must be a number or null / absent, got str 'off'"),
+    ({"checkpointing": 1}, TypeError, r"'checkpointing' must be true or false, got int 1"),
+    ({"betas": 0.9}, TypeError, r"'betas' must be a list, got float 0.9"),
+    ({"weight_decay": -0.1}, ValueError, r"TrainConfig.weight_decay must be >= 0, got -0.1"),
+])
+def test_run_file_values_of_the_wrong_type_name_their_key(data, error, match):
+    with pytest.raises(error, match=match):
+        config_from_dict(TrainConfig, data, where="run.json [train]")

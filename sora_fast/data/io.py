@@ -117,7 +117,8 @@ def to_uint8(video: ArrayLike) -> np.ndarray:
     """Convert a video or image to ``(T, H, W, 3)`` uint8 numpy frames.
 
     video: ``(3, T, H, W)`` or ``(3, H, W)`` floating point in ``[-1, 1]`` (values outside are clamped;
-           ``x -> round((x + 1) * 127.5)``), or ``(T, H, W, 3)`` / ``(H, W, 3)`` uint8 (returned as is,
+           ``x -> round((x + 1) * 127.5)``; NaN / Inf values are an error naming their count, never a
+           silent grey), or ``(T, H, W, 3)`` / ``(H, W, 3)`` uint8 (returned as is,
            contiguous). torch tensors (any device; detached, moved to CPU) or numpy arrays.
     returns: ``(T, H, W, 3)`` uint8, C-contiguous; an image gives ``T = 1``.
     """
@@ -148,7 +149,12 @@ def to_uint8(video: ArrayLike) -> np.ndarray:
         )
     if x.shape[1] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
         raise ValueError(f"video must have T, H, W >= 1, got shape {tuple(video.shape)}")
-    x = np.nan_to_num(x.astype(np.float32), nan=0.0)
+    x = x.astype(np.float32)
+    finite = np.isfinite(x)
+    if not finite.all():
+        n_bad, n_nan = int((~finite).sum()), int(np.isnan(x).sum())
+        raise ValueError(f"video has {n_bad} non-finite values of {x.size} ({n_nan} NaN, {n_bad - n_nan} Inf); "
+                         f"refusing to write them as flat frames (the model diverged or its weights are corrupt)")
     x = np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
     return np.ascontiguousarray(x.transpose(1, 2, 3, 0))
 
@@ -300,7 +306,12 @@ def write_contact_sheet(path: PathLike, clips: Sequence[ArrayLike], captions: Op
                 im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
             sheet.paste(im, (pad + c * (cw + pad), y))
         if captions is not None:
-            draw.text((pad, y + ch + 1), f"{captions[r]}  [{t} frames]", fill=(230, 230, 230), font=font)
+            text = f"{captions[r]}  [{t} frames]"
+            try:
+                draw.text((pad, y + ch + 1), text, fill=(230, 230, 230), font=font)
+            except UnicodeError:  # a bitmap font (Pillow without FreeType) holds Latin-1 only
+                text = text.encode("latin-1", errors="backslashreplace").decode("latin-1")
+                draw.text((pad, y + ch + 1), text, fill=(230, 230, 230), font=font)
     with _AtomicFile(p) as tmp:
         sheet.save(tmp, format="PNG")
     return p

@@ -7,6 +7,7 @@ contiguous range of its videos (balanced by tokens), and the ``sp`` ranks of a g
 tokens (:mod:`sora_fast.distributed.ulysses`). Each dp group's loss is scaled by its share of the batch's
 videos, so the gradients summed by FSDP2's reduce-scatter, and the reported loss summed over dp groups,
 are the single-process ones: the loss curve does not depend on the mesh (up to rounding).
+SIGTERM on any rank stops every rank after the same step, with a checkpoint (as Ctrl-C does).
 """
 from __future__ import annotations
 
@@ -107,6 +108,16 @@ class DistributedTrainer(Trainer):
             gnorm = gnorm.full_tensor()
         return {"loss": total.item(), "grad_norm": float(gnorm), "lr": self._lr(step),
                 "tokens": d["x0"].num_tokens, "videos": num_videos}
+
+    def _stop_requested(self) -> bool:
+        """True on every rank once any rank received SIGTERM (one tiny all-reduce per step), so all ranks
+        leave the loop after the same step and write the checkpoint together."""
+        if not dist.is_initialized() or self.mesh.world_size == 1:
+            return super()._stop_requested()
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([1 if super()._stop_requested() else 0], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     # --- sharded checkpoints ----------------------------------------------------------------------
     def save(self) -> Path:

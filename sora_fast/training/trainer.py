@@ -7,14 +7,18 @@ shifted by each video's token count; loss ``‖v_θ(x_t, t, text) − (ε − x0
 Reproducible and resumable bit for bit: the batch order of every epoch and all random draws of a step
 (noise, timesteps, caption dropout) come from generators seeded by ``(seed, epoch)`` and ``(seed, step)``,
 so a run resumed from a checkpoint continues with exactly the losses of an uninterrupted one.
-Checkpoints are atomic (:mod:`sora_fast.training.checkpoint`); Ctrl-C writes one before stopping.
+Checkpoints are atomic (:mod:`sora_fast.training.checkpoint`); Ctrl-C and SIGTERM (what ``docker stop``,
+Slurm and Kubernetes send before killing) write one before stopping.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
+import signal
+import threading
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -42,7 +46,7 @@ class TrainConfig:
     lr_schedule:      after the warm-up: ``"constant"``, or ``"cosine"`` / ``"linear"`` decay from ``lr`` to
                       ``min_lr_ratio · lr`` at step ``steps`` (a resumed run with another ``steps`` decays
                       over the new length from where it is).
-    grad_clip:        max global gradient norm (0: off).
+    grad_clip:        max global gradient norm (0: off; a finite number >= 0).
     ema_decay:        EMA of the trainable weights (None: off); ``ema_warmup`` as in :class:`EMA`.
     caption_dropout:  probability a caption is replaced by the empty prompt (trains the CFG branch).
     timestep_shift:   ``"auto"`` (per video, from its token count) or a fixed positive number.
@@ -88,8 +92,23 @@ class TrainConfig:
             positive_int(name)
         for name in ("warmup_steps", "lora_rank", "seed"):
             positive_int(name, 0)
+        for name in ("lr", "weight_decay", "grad_clip", "ema_warmup", "caption_dropout"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"TrainConfig.{name} must be a finite number, got {v!r}")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+        if self.grad_clip < 0:
+            raise ValueError(f"TrainConfig.grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.lora_alpha is not None and (isinstance(self.lora_alpha, bool)
+                                            or not isinstance(self.lora_alpha, (int, float))
+                                            or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0):
+            raise ValueError(f"TrainConfig.lora_alpha must be None or a finite number > 0, got {self.lora_alpha!r}")
+        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2 or not all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.lr_schedule not in ("constant", "cosine", "linear"):
             raise ValueError(f"TrainConfig.lr_schedule must be 'constant', 'cosine' or 'linear', "
                              f"got {self.lr_schedule!r}")
@@ -110,14 +129,58 @@ class TrainConfig:
         self.betas = tuple(self.betas)
 
 
+_TYPE_NAMES = {int: "an int", float: "a number", str: "a string", bool: "true or false", tuple: "a list",
+               dict: "a table / mapping", type(None): "null / absent"}
+
+
+def _accepts(tp: Any, value: Any) -> bool:
+    """Whether a value read from a JSON / TOML file fits the annotation ``tp`` (ints count as floats, lists
+    as tuples; bools are not numbers)."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        return any(_accepts(a, value) for a in typing.get_args(tp))
+    tp = origin or tp
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if tp is float:
+        return isinstance(value, (int, float))
+    if tp in (tuple, list):
+        return isinstance(value, (tuple, list))
+    if tp is dict:
+        return isinstance(value, Mapping)
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def _describe_type(tp: Any) -> str:
+    if typing.get_origin(tp) is Union:
+        return " or ".join(_describe_type(a) for a in typing.get_args(tp))
+    tp = typing.get_origin(tp) or tp
+    return _TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
+
+
 def config_from_dict(cls, data: Mapping[str, Any], where: str = "config"):
-    """``cls(**data)`` for a dataclass, with unknown keys named (and the valid ones listed)."""
+    """``cls(**data)`` for a dataclass, with unknown keys named (and the valid ones listed) and values of
+    the wrong type named by their key (``TypeError``)."""
     if not isinstance(data, Mapping):
         raise TypeError(f"{where} must be a mapping of field -> value, got {type(data).__name__}")
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(k for k in data if k not in names)
     if unknown:
         raise ValueError(f"{where} has unknown keys {unknown}; valid keys of {cls.__name__}: {', '.join(names)}")
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation that does not resolve: leave the checks to the class
+        hints = {}
+    for key, value in data.items():
+        if key in hints and not _accepts(hints[key], value):
+            raise TypeError(f"{where}: {key!r} must be {_describe_type(hints[key])}, got "
+                            f"{type(value).__name__} {value!r:.80}")
     return cls(**data)
 
 
@@ -171,6 +234,7 @@ class Trainer:
     """
 
     is_main = True  # False on the ranks of a distributed run that must not write logs or plots
+    _signal: Optional[int] = None  # set by the SIGTERM handler that train() installs
 
     def __init__(self, dit: nn.Module, text_encoder: nn.Module, items: Sequence, config: TrainConfig,
                  run_dir: Union[str, Path], *, model_config: Optional[Mapping[str, Any]] = None,
@@ -304,36 +368,67 @@ class Trainer:
         return self.step
 
     # --- the loop -------------------------------------------------------------------------------
+    def _stop_requested(self) -> bool:
+        """Whether a SIGTERM asked the run to stop. Distributed trainers agree on it across ranks, so all
+        ranks stop after the same step (and write the same checkpoint together)."""
+        return self._signal is not None
+
+    def _install_sigterm(self):
+        """Route SIGTERM to a flag checked after every step (main thread only; signal handlers cannot be
+        installed elsewhere). Returns the previous handler, or None when nothing was installed."""
+        self._signal = None
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def on_sigterm(signum, frame):
+            self._signal = signum
+
+        try:
+            previous = signal.signal(signal.SIGTERM, on_sigterm)
+        except (ValueError, OSError):  # pragma: no cover - e.g. an embedded interpreter without signals
+            return None
+        return signal.SIG_DFL if previous is None else previous
+
     def train(self, *, on_step: Optional[Callable[[int, dict], None]] = None) -> dict[str, Any]:
         """Run from ``self.step`` to ``config.steps``. Returns a summary dict (``interrupted`` is True
-        when stopped by Ctrl-C, after a checkpoint was written)."""
+        when stopped by Ctrl-C or SIGTERM, after a checkpoint was written; ``signal`` names the signal).
+
+        SIGTERM (``docker stop``, Slurm, Kubernetes) is handled like Ctrl-C: the step in progress finishes,
+        a checkpoint is written and the run stops; the previous SIGTERM handler is restored on return."""
         cfg = self.config
         logger = MetricsLogger(self.run_dir / "metrics.jsonl" if self.is_main else os.devnull)
         bar = ProgressBar(cfg.steps, initial=self.step, desc="train dit", disable=not self.progress)
-        losses, start, interrupted = [], time.perf_counter(), False
-        try:
-            while self.step < cfg.steps:
-                m = self.train_step(self.step)
-                self.step += 1
-                losses.append(m["loss"])
-                bar.update(1, loss=m["loss"], tokens=m["tokens"])
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    logger.log(self.step, m)
-                if on_step is not None:
-                    on_step(self.step, m)
-                if self.step % cfg.save_every == 0 and self.step < cfg.steps:
-                    self.save()
-        except KeyboardInterrupt:
-            interrupted = True
+        losses, start, interrupted, stop_signal = [], time.perf_counter(), False, None
+        previous = self._install_sigterm()
+        try:  # the handler stays until the last checkpoint is written: a SIGTERM then cannot cut it short
+            try:
+                while self.step < cfg.steps:
+                    m = self.train_step(self.step)
+                    self.step += 1
+                    losses.append(m["loss"])
+                    bar.update(1, loss=m["loss"], tokens=m["tokens"])
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        logger.log(self.step, m)
+                    if on_step is not None:
+                        on_step(self.step, m)
+                    if self.step < cfg.steps and self._stop_requested():
+                        interrupted, stop_signal = True, "SIGTERM"
+                        break
+                    if self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                        self.save()
+            except KeyboardInterrupt:
+                interrupted, stop_signal = True, "SIGINT"
+            finally:
+                bar.close()
+                logger.close()
+            ckpt = self.save()
         finally:
-            bar.close()
-            logger.close()
-        ckpt = self.save()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         try:
             if self.is_main:
                 plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
         except (ImportError, ValueError):
             pass  # matplotlib missing or nothing logged: the JSONL log is the record
-        return {"steps": self.step, "interrupted": interrupted, "checkpoint": str(ckpt),
+        return {"steps": self.step, "interrupted": interrupted, "signal": stop_signal, "checkpoint": str(ckpt),
                 "seconds": time.perf_counter() - start, "losses": losses, "plan": self.plan.summary()}
-
