@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 
@@ -81,6 +82,29 @@ def verify_files(directory: PathLike, sizes: Mapping[str, Any], hashes: Optional
         if got != digest:
             raise CorruptFileError(f"{str(f)!r} has sha256 {got}, {record} recorded {digest} when it was written: "
                                    "its content is corrupted")
+
+
+
+def first_good(candidates: list, check: Callable[[Path], Any], what: str, where: PathLike) -> tuple[Path, Any]:
+    """The first of ``candidates`` (newest first) whose ``check`` passes, as ``(path, check's result)``.
+    A lone candidate raises its own error; otherwise each corrupt one is skipped with a warning naming it
+    and why, the one taken says which it replaces, and if none passes the error lists them all."""
+    if len(candidates) == 1:  # nothing to fall back to: the error itself
+        return candidates[0], check(candidates[0])
+    tried = []
+    for cand in candidates:
+        try:
+            result = check(cand)
+        except CorruptFileError as e:
+            tried.append(f"{cand.name}: {e}")
+            warnings.warn(f"{what} {str(cand)!r} is corrupt, not loading it: {e}", stacklevel=4)
+            continue
+        if tried:
+            warnings.warn(f"falling back to {what} {str(cand)!r}: the newer one(s) failed their check "
+                          f"({'; '.join(tried)})", stacklevel=4)
+        return cand, result
+    raise CorruptFileError(f"no loadable {what} in {str(where)!r}: every complete one failed its check: "
+                           + "; ".join(tried))
 
 
 def read_json(path: PathLike, what: str) -> Any:

@@ -33,3 +33,18 @@ def pytest_runtest_makereport(item, call):
         seeds = [v for k, v in item.user_properties if k == "seed"]
         if seeds:
             report.sections.append(("seed", f"replay with SORA_FAST_TEST_SEED={seeds[0]}"))
+
+
+@pytest.fixture
+def tiny_pipeline(tmp_path):
+    """A saved pipeline of the tiny presets with random DiT weights: ``(pipeline, its directory)``."""
+    from sora_fast.models.dit import VideoDiT
+    from sora_fast.models.text import TinyTextEncoder
+    from sora_fast.models.vae import CausalVAE
+    from sora_fast.pipeline import VideoPipeline
+
+    dit = VideoDiT.from_name("tiny")
+    for p in dit.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    pipe = VideoPipeline(dit, CausalVAE("tiny"), TinyTextEncoder(dim=dit.config.text_dim))
+    return pipe, pipe.save(tmp_path / "pipe")

@@ -10,19 +10,8 @@ from PIL import Image
 from sora_fast import cli
 from sora_fast.data import make_synthetic_dataset
 from sora_fast.models.dit import VideoDiT
-from sora_fast.models.text import TinyTextEncoder
-from sora_fast.models.vae import CausalVAE
 from sora_fast.pipeline import VideoPipeline
 from sora_fast.training.checkpoint import latest_checkpoint
-
-
-@pytest.fixture
-def tiny_pipeline(tmp_path):
-    dit = VideoDiT.from_name("tiny")
-    for p in dit.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    pipe = VideoPipeline(dit, CausalVAE("tiny"), TinyTextEncoder(dim=dit.config.text_dim))
-    return pipe, pipe.save(tmp_path / "pipe")
 
 
 def test_every_flag_has_help():

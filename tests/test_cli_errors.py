@@ -8,20 +8,8 @@ import torch
 
 from sora_fast import cli
 from sora_fast.data import make_synthetic_dataset
-from sora_fast.models.dit import VideoDiT
-from sora_fast.models.text import TinyTextEncoder
-from sora_fast.models.vae import CausalVAE
 from sora_fast.pipeline import VideoPipeline
 from sora_fast.training.checkpoint import latest_checkpoint, list_checkpoints
-
-
-@pytest.fixture
-def tiny_pipeline(tmp_path):
-    dit = VideoDiT.from_name("tiny")
-    for p in dit.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    pipe = VideoPipeline(dit, CausalVAE("tiny"), TinyTextEncoder(dim=dit.config.text_dim))
-    return pipe, pipe.save(tmp_path / "pipe")
 
 
 def _run_file(tmp_path, pipe_path, **train):
@@ -134,7 +122,6 @@ def test_which_errors_are_user_errors():
 
 def test_project_error_exits_2_without_traceback(tiny_pipeline, tmp_path, monkeypatch, capsys):
     from sora_fast.ops._dispatch import BackendUnavailableError
-    from sora_fast.pipeline import VideoPipeline
 
     _, path = tiny_pipeline
 

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._files import CorruptFileError, file_records, read_json, verify_files
+from .._files import CorruptFileError, file_records, first_good, read_json, verify_files
 from ..models._convert import StateDictMismatchError, _listing
 from ..training.checkpoint import _config_diff, _plain, check_writable
 from ..training.ema import EMA
@@ -189,22 +189,7 @@ def _open_sharded(path: PathLike, verify: bool) -> tuple[Path, dict[str, Any]]:
     if found is None:
         raise FileNotFoundError(f"no complete sharded checkpoint (dcp_step_*/{_META}) in {str(ckpt)!r}")
     candidates = [found] + [p for p in list_sharded(ckpt) if p.name < found.name][::-1]
-    if len(candidates) == 1:  # nothing to fall back to: the error itself
-        return found, verify_sharded(found, verify=verify)
-    tried = []
-    for cand in candidates:
-        try:
-            record = verify_sharded(cand, verify=verify)
-        except CorruptFileError as e:
-            tried.append(f"{cand.name}: {e}")
-            warnings.warn(f"sharded checkpoint {str(cand)!r} is corrupt, not loading it: {e}", stacklevel=3)
-            continue
-        if tried:
-            warnings.warn(f"falling back to sharded checkpoint {str(cand)!r}: the newer one(s) failed their check "
-                          f"({'; '.join(tried)})", stacklevel=3)
-        return cand, record
-    raise CorruptFileError(f"no loadable sharded checkpoint in {str(ckpt)!r}: every complete one failed its "
-                           "check: " + "; ".join(tried))
+    return first_good(candidates, lambda c: verify_sharded(c, verify=verify), "sharded checkpoint", ckpt)
 
 
 def load_sharded(path: PathLike, model: nn.Module, optimizer=None, ema: Optional[EMA] = None, *,

@@ -49,6 +49,7 @@ from .._files import (
     CorruptFileError,
     apply_umask,
     file_records,
+    first_good,
     fsync_dir,
     fsync_file,
     load_safetensors,
@@ -234,23 +235,7 @@ def verify_checkpoint(path: PathLike, *, verify: bool = True) -> dict[str, Any]:
 
 def _open_checkpoint(path: PathLike, verify: bool) -> tuple[Path, dict[str, Any]]:
     """The first of :func:`_candidates` that passes :func:`verify_checkpoint`, warning about each one skipped."""
-    candidates = _candidates(path)
-    if len(candidates) == 1:  # nothing to fall back to: the error itself
-        return candidates[0], verify_checkpoint(candidates[0], verify=verify)
-    tried = []
-    for ckpt in candidates:
-        try:
-            meta = verify_checkpoint(ckpt, verify=verify)
-        except CorruptFileError as e:
-            tried.append(f"{ckpt.name}: {e}")
-            warnings.warn(f"checkpoint {str(ckpt)!r} is corrupt, not loading it: {e}", stacklevel=3)
-            continue
-        if tried:
-            warnings.warn(f"falling back to checkpoint {str(ckpt)!r}: the newer one(s) failed their check "
-                          f"({'; '.join(tried)})", stacklevel=3)
-        return ckpt, meta
-    raise CorruptFileError(f"no loadable checkpoint in {str(path)!r}: every complete one failed its check: "
-                           + "; ".join(tried))
+    return first_good(_candidates(path), lambda c: verify_checkpoint(c, verify=verify), "checkpoint", path)
 
 
 # ----------------------------------------------------------------------------------------------
