@@ -216,3 +216,33 @@ def tiny_wan_pipeline(two_experts=True):
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=tiny_wan(out_channels=4),
                        transformer_2=tiny_wan(out_channels=4) if two_experts else None,
                        boundary_ratio=0.5 if two_experts else None)
+
+
+SMALL_VAE = dict(VAE21, dim_mult=[1, 2], temperal_downsample=[True])
+
+
+def _vae_case():
+    """The small Wan VAE and its encode + decode."""
+    vae = tiny_vae(SMALL_VAE)
+    x = torch.rand(1, 3, 3, 8, 8) * 2 - 1
+    return vae, (lambda m: vae_round_trip(m, x))
+
+
+def _case(build, inputs):
+    def make():
+        m, kw = build(), inputs()
+        return m, (lambda model: run(model, **kw))
+    return make
+
+
+# every accelerated family -> (a maker of (model, its forward on fixed inputs), parameters that change the
+# output when edited: in the patched modules where the family has some)
+FAMILIES = {
+    "wan": (_case(tiny_wan, lambda: wan_inputs(thw=(2, 4, 6))),
+            ["blocks.0.scale_shift_table", "blocks.1.attn1.to_q.weight", "blocks.1.ffn.net.0.proj.weight"]),
+    "wan_vae": (_vae_case, ["encoder.conv_in.weight", "decoder.up_blocks.0.resnets.0.norm1.gamma",
+                            "decoder.conv_out.bias"]),
+    "hunyuan": (_case(tiny_hunyuan, hunyuan_inputs), ["transformer_blocks.0.attn.to_k.weight"]),
+    "ltx": (_case(tiny_ltx, ltx_inputs), ["transformer_blocks.1.attn1.to_v.weight"]),
+    "cogvideox": (_case(tiny_cogvideox, cogvideox_inputs), ["transformer_blocks.0.attn1.to_v.weight"]),
+}

@@ -180,6 +180,51 @@ def test_rope_fp16():
     _check([5, 17, 0, 23], head_dim=32, dtype=torch.float16, rope=True)
 
 
+ROPE_BOUND = 2 ** 10   # the documented range of the fused RoPE's coordinates (docs/kernels.md)
+
+
+def test_fused_rope_keeps_fp64_accuracy_up_to_its_coordinate_bound():
+    """Coordinates up to ROPE_MAX_COORD in magnitude (the bound itself included): output and gradients
+    against the fp64 reference within the fp32 tolerances of _check (the fp32 angles' error grows with
+    |coord|: the derivation is in sora_fast.triton.attention's docstring)."""
+    assert tri.ROPE_MAX_COORD == ROPE_BOUND
+    bound = ROPE_BOUND
+    lens = [40, 23]
+    cu = _cu(lens)
+    q, k, v = (torch.randn(sum(lens), 2, 32, requires_grad=True) for _ in range(3))
+    coords = torch.randint(-bound, bound + 1, (sum(lens), 3), dtype=torch.int32)
+    coords[0] = torch.tensor([bound, -bound, bound])
+    out = O.spacetime_attention(q, k, v, cu, rope_coords=coords, backend="triton")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref = O.spacetime_attention_ref(O.apply_rope3d_ref(q64, coords), O.apply_rope3d_ref(k64, coords), v64, cu)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("largest", [ROPE_BOUND + 1, -ROPE_BOUND - 1, -2 ** 31])
+def test_fused_rope_refuses_coordinates_beyond_its_bound(largest):
+    cu = _cu([5])
+    q = torch.randn(5, 1, 16, requires_grad=True)
+    coords = torch.randint(0, 9, (5, 3), dtype=torch.int32)
+    coords[3, 1] = largest
+    match = rf"rope_coords\| <= {ROPE_BOUND}; got max \|rope_coords\| = {abs(largest)}\b"
+    with pytest.raises(ValueError, match=match):
+        O.spacetime_attention(q, q, q, cu, rope_coords=coords, backend="triton")
+    for host in (None, O.attention.read_pack(cu, cu, None)):   # a host read without the coordinates
+        with pytest.raises(ValueError, match=match):
+            tri.attention_forward(q, q, q, cu, cu, 5, 5, scale=0.25, window=None, grid=None, rope_coords=coords,
+                                  rope_theta=1e4, host=host)
+        with pytest.raises(ValueError, match=match):
+            tri.attention_backward(q, None, q, q, q, q, torch.zeros(1, 5), cu, cu, 5, 5, scale=0.25, window=None,
+                                   grid=None, rope_coords=coords, rope_theta=1e4, host=host)
+    O.spacetime_attention(q, q, q, cu, rope_coords=coords.clamp(-ROPE_BOUND, ROPE_BOUND),
+                          backend="triton")                       # at the bound: accepted
+
+
 def test_cross_attention_with_empty_keys():
     _check([5, 17, 3, 0], key_lens=[7, 0, 9, 4], head_dim=32)
 

@@ -157,7 +157,7 @@ def test_failure_while_patching_rolls_back(monkeypatch):
     pipe = tiny_wan_pipeline(two_experts=False)
     before = {k: state(v) for k, v in pipe.components.items() if isinstance(v, torch.nn.Module)}
     count = [0]
-    original = wan_vae._norm_forward
+    original = wan_vae._NormForward
 
     def failing(*a):
         count[0] += 1
@@ -165,7 +165,7 @@ def test_failure_while_patching_rolls_back(monkeypatch):
             raise RuntimeError("boom")
         return original(*a)
 
-    monkeypatch.setattr(wan_vae, "_norm_forward", failing)
+    monkeypatch.setattr(wan_vae, "_NormForward", failing)
     with pytest.raises(RuntimeError, match="boom"):
         accelerate(pipe)
     for k, s in before.items():

@@ -118,13 +118,13 @@ def _check_static(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window, grid, rope
     return window
 
 
-def _check_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, grid, self_attention=False
-                  ) -> PackOnHost:
+def _check_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, grid, self_attention=False,
+                  rope_coords=None) -> PackOnHost:
     """The one value check (cu_seqlens, grid and the bounds, read from the device once), run on real
     tensors inside the op (also under torch.compile) or by the eager path; returns the values read (for
     the kernels' launch tables). ``self_attention``: keys must share the queries' sequences (windows and
-    RoPE)."""
-    host = read_pack(cu_seqlens_q, cu_seqlens_k, grid)
+    RoPE). ``rope_coords``: their range is read in the same transfer (the triton kernel checks it)."""
+    host = read_pack(cu_seqlens_q, cu_seqlens_k, grid, rope_coords)
     bq = check_cu_seqlens_values("cu_seqlens_q", host.cu_q, q.shape[0])
     bk = check_cu_seqlens_values("cu_seqlens_k", host.cu_k, k.shape[0])
     if self_attention and bk != bq:
@@ -172,7 +172,7 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     window = _check_static(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window, grid, rope_coords, rope_theta)
     host = _check_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, grid,
-                         self_attention=window is not None or rope_coords is not None)
+                         self_attention=window is not None or rope_coords is not None, rope_coords=rope_coords)
     kernel = _dispatch.get_kernel(OP, backend, q.device)
     return kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale, window=window,
                   grid=grid, rope_coords=rope_coords, rope_theta=rope_theta, host=host)
@@ -195,7 +195,7 @@ def _attention_bwd_op(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch
     window = _check_bwd_static(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, scale, window, grid,
                                rope_coords, rope_theta)
     host = _check_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, grid,
-                         self_attention=window is not None or rope_coords is not None)
+                         self_attention=window is not None or rope_coords is not None, rope_coords=rope_coords)
     kernel = _dispatch.get_kernel(OP + "_backward", backend, q.device)
     return kernel(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                   scale=scale, window=window, grid=grid, rope_coords=rope_coords, rope_theta=rope_theta, host=host)
@@ -255,7 +255,9 @@ def spacetime_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
             for "unbounded in t") is the same as the grid's extent.
         grid: ``(B, 3)`` int32 patch grid (T', H', W') of each sequence.
         rope_coords: ``(Nq, 3)`` int32 (t, h, w) per token: 3D RoPE applied to q and k first, exactly
-            :func:`sora_fast.ops.apply_rope3d` with the default split. Self-attention only.
+            :func:`sora_fast.ops.apply_rope3d` with the default split. Self-attention only. The triton
+            backend computes the angles in fp32 and takes ``|rope_coords| <= 2**10`` (ValueError beyond;
+            see ``sora_fast.triton.attention.ROPE_MAX_COORD``).
         return_lse: also return the LSE ``(H, Nq)`` fp32, natural log (-inf for rows with no keys).
 
     Returns ``out`` ``(Nq, H, Dv)`` in q's dtype, or ``(out, lse)``. Differentiable in q, k, v.

@@ -11,6 +11,20 @@ their own tiles; the variants for which no tile compiles without spills run torc
 (``_fp32_reference``: the reference forward, or the streamed backward one block of query rows at a
 time). The interpreter ignores the dot precision (exact fp32 on CPU).
 
+Fused RoPE range: the kernels compute every rotation angle ``coord * theta ** (-2j / d_axis)`` in fp32
+from the int32 coordinate (exact below 2**24) and an fp32 frequency, so an angle is off by up to
+``|coord| * 2**-23`` rad (one rounding of the frequency, one of the product; the reference's fp64
+angles are exact): an error that grows linearly with ``|coord|``, and the sin/cos range reduction (fp32
+Cody-Waite constants) also loses accuracy past ``|angle|`` ~ 2**13. Measured under the interpreter
+(unit-variance q, k, v, coordinates uniform in ``[-c, c]`` on all three axes; max over head dims 32, 64,
+128 and up to 125 random draws), the largest error of the outputs / gradients against the fp64
+reference, as a fraction of the fp32 tolerance the tests use (atol = rtol = 2e-5 for outputs, 5e-5 for
+gradients): 0.63 / 0.4 at c = 2**10, 0.88 / 0.86 at 2**11, 1.7 / 1.6 at 2**12 (over), 3.3 / 4 at 2**13,
+the RoPE part doubling with ``c``. So the fused RoPE takes ``|coord| <= ROPE_MAX_COORD = 2**10`` (the
+last power of two with a margin over the tail of random inputs; latent grids are far smaller:
+coordinates are patch indices) and raises ValueError beyond it; the range is read in the op's one host
+transfer (no extra device sync).
+
 Offsets: ``OFF64`` is picked on the host when some tensor spans 2**31 elements or more. Every small
 table the kernels index (cu_seqlens, grid, RoPE coordinates) is made contiguous before the launch, and
 window half-sizes are clamped to the grid's extents (same attention, int32 arithmetic).
@@ -34,6 +48,7 @@ from ._spec import KernelConfig
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
+ROPE_MAX_COORD = 2 ** 10   # largest |rope coordinate| whose fp32 angles keep fp32 accuracy (module docstring)
 
 
 # --- launch configuration ------------------------------------------------------------------------
@@ -185,6 +200,19 @@ def _check_rows(q, k, rope_coords) -> None:
                          f"got q.shape[0]={q.shape[0]}")
 
 
+def _check_rope_range(rope_coords, host) -> None:
+    """|rope_coords| <= ROPE_MAX_COORD (see the module docstring), from the range the host read holds."""
+    if rope_coords is None:
+        return
+    largest = host.rope_max
+    if largest is None:      # a caller's host read without the coordinates: read them now
+        largest = int(rope_coords.to(torch.int64).abs().amax()) if rope_coords.numel() else 0
+    if largest > ROPE_MAX_COORD:
+        raise ValueError(f"the triton attention kernel's fused RoPE computes its angles in fp32, accurate for "
+                         f"|rope_coords| <= {ROPE_MAX_COORD}; got max |rope_coords| = {largest}. Apply "
+                         f"sora_fast.ops.apply_rope3d first (fp64 angles), or use another backend")
+
+
 def _common_args(q, cu_seqlens_q, grid, rope_coords, rope_theta):
     """Tensors the kernels read beside q/k/v (unused ones are any valid pointer), contiguous: the kernels
     index them as dense arrays."""
@@ -216,9 +244,9 @@ def _window_args(window, grid: Optional[list]) -> tuple[int, int, int]:
     return tuple(min(int(w), max(int(e) - 1, 0)) for w, e in zip(window, extents))
 
 
-def _host(host, cu_seqlens_q, cu_seqlens_k, grid):
+def _host(host, cu_seqlens_q, cu_seqlens_k, grid, rope_coords):
     """The pack's values on the host: the op passes what its checks read (one transfer for the call)."""
-    return host if host is not None else _reference.read_pack(cu_seqlens_q, cu_seqlens_k, grid)
+    return host if host is not None else _reference.read_pack(cu_seqlens_q, cu_seqlens_k, grid, rope_coords)
 
 
 def _seqlens(cu: list) -> list:
@@ -229,9 +257,13 @@ def _seqlens(cu: list) -> list:
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale, window, grid,
                       rope_coords, rope_theta, host=None):
     """Returns ``(out (Nq, H, D) in q's dtype, lse (H, Nq) fp32)``. ``host``: the values of cu_seqlens
-    and grid already on the host (read here when None)."""
+    and grid (and the range of rope_coords) already on the host (read here when None). Raises
+    ValueError for ``|rope_coords| > ROPE_MAX_COORD`` (2**10), past which the fused RoPE's fp32 angles
+    lose the reference's accuracy (module docstring)."""
     _check_supported(q, v)
     _check_rows(q, k, rope_coords)
+    host = _host(host, cu_seqlens_q, cu_seqlens_k, grid, rope_coords)
+    _check_rope_range(rope_coords, host)
     if _fp32_reference(("fwd",), q, window, rope_coords):
         return _reference._forward_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale,
                             window=window, grid=grid, rope_coords=rope_coords, rope_theta=rope_theta)
@@ -241,7 +273,6 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     out = _empty(q.shape, q.dtype, q.device)
     lse = _empty((heads, n_q), torch.float32, q.device)
     cfg = _config("fwd", window, rope_coords, q.dtype, head_dim)
-    host = _host(host, cu_seqlens_q, cu_seqlens_k, grid)
     table = block_table(_seqlens(host.cu_q), cfg.block_m, q.device)
     if table.shape[0] == 0 or heads == 0:
         return out, lse
@@ -257,9 +288,11 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 def attention_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                        scale, window, grid, rope_coords, rope_theta, host=None):
     """Returns ``(dq, dk, dv)`` like q, k, v. ``dlse`` (gradient of the LSE output) may be None.
-    ``host`` as for :func:`attention_forward`."""
+    ``host`` and the RoPE range as for :func:`attention_forward`."""
     _check_supported(q, v)
     _check_rows(q, k, rope_coords)
+    host = _host(host, cu_seqlens_q, cu_seqlens_k, grid, rope_coords)
+    _check_rope_range(rope_coords, host)
     if _fp32_reference(("dkdv", "dq"), q, window, rope_coords):
         return _reference.attention_backward_streamed(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                                       scale=scale, window=window, grid=grid,
@@ -277,7 +310,6 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
     common = (lse, delta, cu_seqlens_q, cu_seqlens_k)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                dout.stride(0), dout.stride(1))
-    host = _host(host, cu_seqlens_q, cu_seqlens_k, grid)
     scalars = (n_q, scale, scale * LOG2E, *_window_args(window, host.grid))
 
     cfg = _config("dkdv", window, rope_coords, q.dtype, head_dim)

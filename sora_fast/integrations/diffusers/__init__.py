@@ -21,8 +21,11 @@ What changes, per diffusers model (everything else keeps running diffusers' own 
 Nothing is copied and no weight changes: patches are instance attributes, recorded, and ``undo()``
 puts every original object back, so the model computes bit for bit what it did before. Everything is
 validated before the first patch and a failure while patching rolls back what was done, so a model is
-never left half-patched. :func:`wan_packed_forward` runs a diffusers Wan transformer on latents of
-different sizes in one packed forward (through :class:`~sora_fast.models.VideoDiT` sharing its weights).
+never left half-patched. The patched forwards are objects over their modules and the record is data,
+so a deep copy or an unpickled copy of an accelerated model runs its own weights and carries a handle
+(``HANDLE_ATTR``) that undoes the copy alone. Every accelerated model compiles with ``fullgraph=True``.
+:func:`wan_packed_forward` runs a diffusers Wan transformer on latents of different sizes in one packed
+forward (through :class:`~sora_fast.models.VideoDiT` sharing its weights).
 
 Modules: ``_accelerate`` (the entry point), ``patching`` (recorded patches, the handle, hook checks),
 ``attention`` (packed attention on diffusers' layout), ``dispatch`` (the dispatcher backend; HunyuanVideo,

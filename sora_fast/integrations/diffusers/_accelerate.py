@@ -112,20 +112,20 @@ def accelerate(pipe_or_model, *, attention: bool = True, norms: bool = True, vae
             label = name if name == type(model).__name__ else f"{name} ({type(model).__name__})"
             raise ValueError(f"{label} is already accelerated by sora_fast ({prior!r}); "
                              f"call that handle's undo() first")
-    steps = []
-    for name, model, cls_name in targets:
-        steps += _PLANNERS[cls_name](name, model, flags, backends)
-    if not steps:
+    plans = [(model, _PLANNERS[cls_name](name, model, flags, backends)) for name, model, cls_name in targets]
+    if not any(steps for _, steps in plans):
         raise ValueError(f"nothing to accelerate with attention={attention}, norms={norms}, vae={vae} in "
                          + ", ".join(f"{n} ({type(m).__name__})" for n, m, _ in targets))
-    patcher = _Patcher()
-    handle = AccelerationHandle(patcher, [desc for desc, _ in steps], skipped)
+    plans = [(model, steps) for model, steps in plans if steps]
+    patchers = [_Patcher() for _ in plans]      # one per model: its handle undoes it alone (and its copies')
+    handle = AccelerationHandle(patchers, [desc for _, steps in plans for desc, _ in steps], skipped)
     try:
-        for _, model, _ in targets:
-            patcher.set(model, HANDLE_ATTR, handle)
-        for _, apply in steps:
-            apply(patcher)
+        for patcher, (model, steps) in zip(patchers, plans):
+            patcher.set(model, HANDLE_ATTR, AccelerationHandle([patcher], [desc for desc, _ in steps], []))
+            for _, apply in steps:
+                apply(patcher)
     except BaseException:
-        patcher.restore_all()
+        for patcher in reversed(patchers):
+            patcher.restore_all()
         raise
     return handle

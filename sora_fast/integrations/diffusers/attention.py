@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ... import ops
 
@@ -19,16 +18,17 @@ def _offsets(batch: int, length: int, device) -> torch.Tensor:
 
 
 def _key_padding(mask: Optional[torch.Tensor], shape: tuple) -> Optional[torch.Tensor]:
-    """An SDPA ``attn_mask`` that only hides keys -> ``(B, Sk)`` bool of the kept keys (None: all).
+    """An SDPA ``attn_mask`` that only hides keys -> ``(B, Sk)`` bool of the kept keys (None: no mask).
 
     Bool masks keep True; additive masks keep 0 and drop values <= ``MASKED_BIAS`` (diffusers writes
     -10000 or -inf). A row whose every key is dropped by an additive mask keeps all of them, which is
     what the softmax of a constant bias does. A mask that differs between heads or queries, or holds
-    other values, raises ValueError: it is not a key-padding mask.
+    other values, raises ValueError: it is not a key-padding mask. The shapes are checked here; the
+    values inside :func:`_key_padding_op`, an op that torch.compile keeps whole (no data-dependent
+    branch enters a graph, and the checks still run on the real values).
     """
     if mask is None:
         return None
-    b, h, sq, sk = shape
     if not isinstance(mask, torch.Tensor) or not 1 <= mask.dim() <= 4:
         raise ValueError(f"attn_mask must be None or a tensor broadcastable to (B, H, Sq, Sk) = {shape}, "
                          f"got {type(mask).__name__} {tuple(getattr(mask, 'shape', ()))}")
@@ -39,21 +39,50 @@ def _key_padding(mask: Optional[torch.Tensor], shape: tuple) -> Optional[torch.T
         ok = False
     if not ok:
         raise ValueError(f"attn_mask must broadcast to (B, H, Sq, Sk) = {shape}, got {tuple(mask.shape)}")
-    if m.dtype == torch.bool:
-        keep = m
+    return _key_padding_op(m, shape[0], shape[3])
+
+
+@torch.library.custom_op("sora_fast::diffusers_key_padding", mutates_args=())
+def _key_padding_op(mask: torch.Tensor, batch: int, keys: int) -> torch.Tensor:
+    """The kept keys ``(batch, keys)`` bool of a 4-D mask broadcastable to ``(batch, H, Sq, keys)``,
+    after checking that it is a key-padding mask (see :func:`_key_padding`)."""
+    if mask.dtype == torch.bool:
+        keep = mask
     else:
-        keep, drop = m == 0, m <= MASKED_BIAS
+        keep, drop = mask == 0, mask <= MASKED_BIAS
         if not bool((keep | drop).all()):
             raise ValueError(f"attn_mask must be a key-padding mask (bool, or additive 0 / <= {MASKED_BIAS:g}); "
-                             f"got other additive values, e.g. {m[~(keep | drop)][0].item():g}")
+                             f"got other additive values, e.g. {mask[~(keep | drop)][0].item():g}")
     first = keep[:, :1, :1, :]
     if (keep.shape[1] > 1 or keep.shape[2] > 1) and not torch.equal(keep, first.expand_as(keep)):
         raise ValueError("attn_mask must be a key-padding mask (the same for every head and query); got one that "
                          f"differs between heads or queries, shape {tuple(mask.shape)}")
-    keep = first[:, 0, 0, :].expand(b, sk)
-    if m.dtype != torch.bool:
+    keep = first[:, 0, 0, :].expand(batch, keys)
+    if mask.dtype != torch.bool:
         keep = keep | ~keep.any(dim=1, keepdim=True)
-    return None if bool(keep.all()) else keep.contiguous()
+    return keep.clone()
+
+
+@_key_padding_op.register_fake
+def _(mask, batch, keys):
+    return mask.new_empty((batch, keys), dtype=torch.bool)
+
+
+def _pack_kept(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row order that packs the kept keys of every batch element first (in order), then the dropped
+    ones, and the key offsets ``(B+2,)``: sequence ``i < B`` is element ``i``'s kept keys, sequence ``B``
+    the dropped keys, which no query attends (its query sequence is empty). Shapes do not depend on the
+    mask's values (tensor ops only: torch.compile traces it without a data-dependent guard)."""
+    flat = keep.reshape(-1)
+    n = flat.numel()
+    kept = flat.to(torch.int64)
+    kept_pos = kept.cumsum(0) - 1
+    drop_pos = kept.sum() + (1 - kept).cumsum(0) - 1
+    pos = torch.where(flat, kept_pos, drop_pos)                        # where each key goes
+    order = torch.empty_like(pos).scatter_(0, pos, torch.arange(n, device=pos.device))
+    lengths = keep.sum(dim=1)
+    cu_k = torch.cat([lengths.new_zeros(1), lengths.cumsum(0), lengths.new_full((1,), n)]).to(torch.int32)
+    return order, cu_k
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
@@ -69,17 +98,20 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
         raise ValueError(f"key/value must be (B, Sk, H, D) with query's B={b} and H={heads}, got key "
                          f"{tuple(k.shape)}, value {tuple(v.shape)}")
     keep = _key_padding(attn_mask, (b, heads, sq, sk))
+    if rope_coords is not None and (keep is not None or sk != sq):
+        raise ValueError("rope_coords needs unmasked self-attention (keys = queries)")
     qp, cu_q = q.reshape(b * sq, heads, -1), _offsets(b, sq, q.device)
     if keep is None:
         kp, vp, cu_k = k.reshape(b * sk, heads, -1), v.reshape(b * sk, heads, -1), _offsets(b, sk, q.device)
-    else:
-        kp, vp = k[keep], v[keep]                                         # (Nk, H, D): kept keys only
-        cu_k = F.pad(keep.sum(dim=1).cumsum(0), (1, 0)).to(torch.int32)
+        max_k = sk
+    else:      # kept keys packed per element, the dropped ones after them in a sequence no query sees
+        order, cu_k = _pack_kept(keep)
+        kp, vp = k.reshape(b * sk, heads, -1)[order], v.reshape(b * sk, heads, -1)[order]
+        cu_q = torch.cat([cu_q, cu_q[-1:]])                               # (B+2,): an empty last query sequence
+        max_k = None
     if rope_coords is not None:
-        if keep is not None or sk != sq:
-            raise ValueError("rope_coords needs unmasked self-attention (keys = queries)")
         out = ops.spacetime_attention(qp, kp, vp, cu_q, None, sq, scale=scale, rope_coords=rope_coords,
                                       backend=backend)
     else:
-        out = ops.spacetime_attention(qp, kp, vp, cu_q, cu_k, sq, sk, scale=scale, backend=backend)
+        out = ops.spacetime_attention(qp, kp, vp, cu_q, cu_k, sq, max_k, scale=scale, backend=backend)
     return out.view(b, sq, heads, -1)                                     # (B, Sq, H, Dv)

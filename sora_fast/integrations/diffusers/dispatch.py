@@ -2,6 +2,7 @@
 processors call that dispatcher (HunyuanVideo, LTX-Video): their processors are pointed at it."""
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 from torch import nn
@@ -67,6 +68,9 @@ def _dispatch_member(backend: Optional[str]):
         member = str.__new__(enum, value)
         member._name_, member._value_ = value.upper(), value
         member.__objclass__ = enum
+        # pickled (a processor's _attention_backend in a saved model) as "register it and return it",
+        # so a process that has not registered the sora_fast backends yet can load the model
+        member.__reduce_ex__ = functools.partial(_reduce_member, backend)
         member._sort_order_ = len(enum._member_names_)
         enum._member_map_[member._name_] = member
         enum._value2member_map_[value] = member
@@ -74,6 +78,10 @@ def _dispatch_member(backend: Optional[str]):
     if member not in registry._backends:
         registry.register(member)(_dispatch_fn(backend))
     return member
+
+
+def _reduce_member(backend: Optional[str], protocol: int):
+    return _dispatch_member, (backend,)
 
 
 def _processors_with_backend(model: nn.Module) -> list:

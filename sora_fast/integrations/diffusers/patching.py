@@ -3,8 +3,6 @@ that :func:`~sora_fast.integrations.diffusers.accelerate` returns, and the check
 (what the installed diffusers provides, forwards already replaced by hooks)."""
 from __future__ import annotations
 
-from typing import Callable, Optional
-
 from torch import nn
 
 __all__ = ["AccelerationHandle", "DiffusersHooksError", "HANDLE_ATTR"]
@@ -38,49 +36,61 @@ def _own_forward_free(module: nn.Module, where: str) -> None:
 
 
 class _Patcher:
-    """Sets attributes and remembers how to put the old ones back (in reverse order)."""
+    """Sets attributes and remembers how to put the old ones back (in reverse order).
+
+    What it remembers is data, not closures: ``(object, name, in _modules, had it, old value, new
+    value)``. A patched model's handle (stored on the model) holds its patcher, so ``copy.deepcopy`` of
+    the model maps every recorded object to the copy's own (the copy's handle undoes the copy, never
+    the original), and pickling the model pickles the record with it."""
 
     def __init__(self):
-        self._undo: list[tuple[Callable[[], Optional[str]], Callable[[], None]]] = []
+        self._entries: list[tuple] = []
+        self.active = True
 
     def set(self, obj, name: str, value) -> None:
         if isinstance(obj, nn.Module) and name in obj._modules:
-            old_module = obj._modules[name]
+            self._entries.append((obj, name, True, True, obj._modules[name], value))
             obj._modules[name] = value
-            self._undo.append((lambda: None, lambda: obj._modules.__setitem__(name, old_module)))
             return
         had = name in vars(obj)
         old = vars(obj).get(name)
         setattr(obj, name, value)
+        self._entries.append((obj, name, False, had, old, value))
 
-        def check():
-            if vars(obj).get(name) is not value:
-                return f"{type(obj).__name__}.{name} was replaced after accelerate"
-            return None
+    def problems(self) -> list[str]:
+        out = []
+        for obj, name, in_modules, _, _, value in self._entries:
+            current = obj._modules.get(name) if in_modules else vars(obj).get(name)
+            if current is not value:
+                out.append(f"{type(obj).__name__}.{name} was replaced after accelerate")
+        return out
 
-        def restore():
-            if had:
+    def restore_all(self) -> None:
+        while self._entries:
+            obj, name, in_modules, had, old, _ = self._entries.pop()
+            if in_modules:
+                obj._modules[name] = old
+            elif had:
                 setattr(obj, name, old)
             else:
                 delattr(obj, name)
-
-        self._undo.append((check, restore))
-
-    def problems(self) -> list[str]:
-        return [p for check, _ in self._undo if (p := check()) is not None]
-
-    def restore_all(self) -> None:
-        while self._undo:
-            self._undo.pop()[1]()
+        self.active = False
 
 
 class AccelerationHandle:
     """What :func:`accelerate` did; ``undo()`` restores the original objects. Also a context manager:
-    ``with accelerate(pipe): ...`` undoes on exit."""
+    ``with accelerate(pipe): ...`` undoes on exit.
 
-    def __init__(self, patcher: _Patcher, patched: list[str], skipped: list[str]):
-        self._patcher, self.patched, self.skipped = patcher, patched, skipped
-        self.active = True
+    Each accelerated model also holds a handle of its own patches (attribute ``HANDLE_ATTR``); a deep
+    copy or an unpickled copy of the model holds its own copy of that handle, which acts on the copy."""
+
+    def __init__(self, patchers: list[_Patcher], patched: list[str], skipped: list[str]):
+        self._patchers, self.patched, self.skipped = patchers, patched, skipped
+
+    @property
+    def active(self) -> bool:
+        """Whether some patch of this handle is still in place (False once undone)."""
+        return any(p.active for p in self._patchers)
 
     def undo(self) -> None:
         """Put every original module, processor and forward back. A second call does nothing. Raises
@@ -88,13 +98,13 @@ class AccelerationHandle:
         after accelerate): undoing then would drop that replacement."""
         if not self.active:
             return
-        problems = self._patcher.problems()
+        problems = [q for p in self._patchers if p.active for q in p.problems()]
         if problems:
             raise RuntimeError("cannot undo the sora_fast acceleration cleanly: " + "; ".join(problems[:5])
                                + ("; ..." if len(problems) > 5 else "") + ". Remove what was added after "
                                "accelerate first.")
-        self._patcher.restore_all()
-        self.active = False
+        for p in reversed(self._patchers):
+            p.restore_all()
 
     def __enter__(self) -> "AccelerationHandle":
         return self

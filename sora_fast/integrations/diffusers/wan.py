@@ -92,6 +92,12 @@ class _WanChain:
     def clear(self) -> None:
         self.h = self.temb = self.block = self.y = None
 
+    def __getstate__(self) -> dict:
+        return {}                # one forward's hand-over only: a copy (deepcopy, pickle) starts clear
+
+    def __setstate__(self, state: dict) -> None:
+        self.clear()
+
     def take(self, block, h, temb) -> Optional[torch.Tensor]:
         y = self.y if (self.block is block and self.h is h and self.temb is temb) else None
         self.clear()
@@ -111,11 +117,18 @@ def _wan_tables(block, temb: torch.Tensor, n: int, count: int = 6):
     return tuple(t.contiguous() for t in mod.unbind(1)[:count]), per_token
 
 
-def _wan_block_forward(block, next_block, chain: _WanChain, backend: Optional[str]) -> Callable:
-    """``WanTransformerBlock.forward`` with its norm/modulate/gate/residual chain on sora_fast ops."""
+class _WanBlockForward:
+    """``WanTransformerBlock.forward`` with its norm/modulate/gate/residual chain on sora_fast ops.
 
-    def forward(hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
-                rotary_emb) -> torch.Tensor:
+    An object, not a closure: the block, the next block and the chain are its attributes, so a deep
+    copy (or pickle) of the model gives the copy's blocks forwards over the copy's own modules."""
+
+    def __init__(self, block, next_block, chain: _WanChain, backend: Optional[str]):
+        self.block, self.next_block, self.chain, self.backend = block, next_block, chain, backend
+
+    def __call__(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                 rotary_emb) -> torch.Tensor:
+        block, next_block, chain, backend = self.block, self.next_block, self.chain, self.backend
         b, s, d = hidden_states.shape
         n = b * s
         x = hidden_states.reshape(n, d)                                                  # (N, D)
@@ -149,20 +162,21 @@ def _wan_block_forward(block, next_block, chain: _WanChain, backend: Optional[st
         g = gate2.view(b, s, d) if ids is None else gate2[:, None]                     # (B, S|1, D)
         return (h.view(b, s, d).float() + f.view(b, s, d).float() * g).to(h.dtype)
 
-    return forward
 
+class _WanRopeForward:
+    """The ``rope`` module's forward that also hands the latent patch grid along (:class:`_GridRope`);
+    an object over the module, as :class:`_WanBlockForward`."""
 
-def _wan_rope_forward(rope, chain: _WanChain) -> Callable:
-    original = type(rope).forward.__get__(rope)
+    def __init__(self, rope, chain: _WanChain):
+        self.rope, self.chain = rope, chain
 
-    def forward(hidden_states: torch.Tensor):
-        chain.clear()                                  # a new transformer forward starts here
-        cos, sin = original(hidden_states)
+    def __call__(self, hidden_states: torch.Tensor):
+        self.chain.clear()                             # a new transformer forward starts here
+        rope = self.rope
+        cos, sin = type(rope).forward(rope, hidden_states)
         _, _, t, h, w = hidden_states.shape
         pt, ph, pw = rope.patch_size
         return _GridRope(cos, sin, (t // pt, h // ph, w // pw))
-
-    return forward
 
 
 def _plan_wan(name: str, model: nn.Module, flags: dict, backends: dict) -> list:
@@ -192,7 +206,7 @@ def _plan_wan(name: str, model: nn.Module, flags: dict, backends: dict) -> list:
         chain = _WanChain()
 
         def apply_attention(p):
-            p.set(rope, "forward", _wan_rope_forward(rope, chain))
+            p.set(rope, "forward", _WanRopeForward(rope, chain))
             for _, attn in attns:
                 p.set(attn, "processor", proc)
 
@@ -214,7 +228,7 @@ def _plan_wan(name: str, model: nn.Module, flags: dict, backends: dict) -> list:
         def apply_norms(p):
             for i, blk in enumerate(blocks):
                 nxt = blocks[i + 1] if i + 1 < len(blocks) else None
-                p.set(blk, "forward", _wan_block_forward(blk, nxt, chain, backends["adaln"]))
+                p.set(blk, "forward", _WanBlockForward(blk, nxt, chain, backends["adaln"]))
 
         steps.append((f"{name}: {len(blocks)} blocks' adaLN chains", apply_norms))
     return steps

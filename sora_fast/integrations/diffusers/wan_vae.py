@@ -3,7 +3,7 @@
 on :func:`~sora_fast.ops.channel_rms_norm_silu` with the SiLU that follows it fused in."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -18,33 +18,48 @@ _SILU_AFTER = {"WanResidualBlock": ("norm1", "norm2"), "WanEncoder3d": ("norm_ou
                "WanDecoder3d": ("norm_out",)}  # owners whose `nonlinearity` follows exactly these norms
 
 
-def _conv_forward(conv: nn.Conv3d, backend: Optional[str]) -> Callable:
-    kt = conv.weight.shape[2]
-    padding = (conv._padding[2], conv._padding[0])
+class _ConvForward:
+    """``WanCausalConv3d.forward`` on :func:`~sora_fast.ops.causal_conv3d`. An object over the module,
+    not a closure, so a deep copy (or pickle) of the VAE runs the copy's own weights; the triton
+    kernel's packed weight is a cache, not carried into copies."""
 
-    packed = PackedConv3dWeight()                               # the triton kernel's weight, packed once
+    def __init__(self, conv: nn.Conv3d, backend: Optional[str]):
+        self.conv, self.backend = conv, backend
+        self.packed = PackedConv3dWeight()                      # the triton kernel's weight, packed once
 
-    def forward(x: torch.Tensor, cache_x: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __getstate__(self) -> dict:
+        return {"conv": self.conv, "backend": self.backend}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["conv"], state["backend"])
+
+    def __call__(self, x: torch.Tensor, cache_x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        conv, backend = self.conv, self.backend
+        kt = conv.weight.shape[2]
+        padding = (conv._padding[2], conv._padding[0])
         cache = None
         if cache_x is not None and kt > 1:
             cache = cache_x[:, :, -(kt - 1):].to(x.device)      # diffusers pads the rest, crops older frames
-        packed_weight = packed(conv.weight, backend)
+        packed_weight = self.packed(conv.weight, backend)
         if packed_weight is not None:   # the triton kernel works in channels-last: no copy when x already is
             x, cache = (None if t is None else t.contiguous(memory_format=torch.channels_last_3d) for t in (x, cache))
         return ops.causal_conv3d(x, conv.weight, conv.bias, stride=conv.stride, padding=padding, cache=cache,
                                  packed_weight=packed_weight, backend=backend)
 
-    return forward
 
+class _NormForward:
+    """``WanRMS_norm.forward`` on :func:`~sora_fast.ops.channel_rms_norm_silu` (+ the SiLU after it when
+    ``silu``); an object over the module, as :class:`_ConvForward`."""
 
-def _norm_forward(norm: nn.Module, silu: bool, backend: Optional[str]) -> Callable:
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    def __init__(self, norm: nn.Module, silu: bool, backend: Optional[str]):
+        self.norm, self.silu, self.backend = norm, silu, backend
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.norm
         bias = norm.bias.reshape(-1) if isinstance(norm.bias, torch.Tensor) else None
         x5 = x if x.dim() == 5 else x.unsqueeze(2)               # images (B*T, C, H, W): one frame each
-        y = ops.channel_rms_norm_silu(x5, norm.gamma.reshape(-1), bias, silu=silu, backend=backend)
+        y = ops.channel_rms_norm_silu(x5, norm.gamma.reshape(-1), bias, silu=self.silu, backend=self.backend)
         return y if x.dim() == 5 else y.squeeze(2)
-
-    return forward
 
 
 def _causal_conv_fits(conv) -> bool:
@@ -77,7 +92,7 @@ def _plan_wan_vae(name: str, model: nn.Module, flags: dict, backends: dict) -> l
     for n, m in convs:
         _own_forward_free(m, f"{name}.{n}")
     steps.append((f"{name}: {len(convs)} causal convs (of {sum(type(m) is conv_cls for m in mods.values())})",
-                  lambda p: [p.set(m, "forward", _conv_forward(m, backends["causal_conv3d"])) for _, m in convs]))
+                  lambda p: [p.set(m, "forward", _ConvForward(m, backends["causal_conv3d"])) for _, m in convs]))
     if flags["norms"]:
         fused, owners = set(), []
         for n, m in mods.items():
@@ -93,7 +108,7 @@ def _plan_wan_vae(name: str, model: nn.Module, flags: dict, backends: dict) -> l
 
         def apply_norms(p):
             for _, m in norms:
-                p.set(m, "forward", _norm_forward(m, id(m) in fused, rms))
+                p.set(m, "forward", _NormForward(m, id(m) in fused, rms))
             for m in owners:
                 p.set(m, "nonlinearity", nn.Identity())          # the SiLU now runs inside the norm
 
