@@ -198,7 +198,9 @@ def _write_mp4(tmp: Path, frames: np.ndarray, fps: float, codec: Optional[str], 
         stream.pix_fmt = "yuv420p"
         stream.codec_context.thread_count = 1  # small clips; no oversubscription of shared CPUs
         if name == "libx264":
-            stream.options = {"crf": str(int(crf)), "preset": "medium", "threads": "1"}
+            # mbtree off: x264's macroblock-tree rate control made the bytes of the same frames differ
+            # between encodes in one process (about 1 in 12); without it the file is a function of the frames.
+            stream.options = {"crf": str(int(crf)), "preset": "medium", "threads": "1", "x264-params": "mbtree=0"}
         else:  # mpeg4: near-best quality by bounding the quantizer (1 = best, 31 = worst)
             stream.codec_context.qmin, stream.codec_context.qmax = 1, 3
             stream.bit_rate = 8_000_000
