@@ -8,6 +8,10 @@ Everything is packed: several prompts at different resolutions and durations den
 and classifier-free guidance puts the conditional and unconditional copies of every video in the same
 pack, so each step is **one** DiT forward. Because timesteps are per sequence, each video may use its
 own shift (``shift="auto"``: from its token count), which a padded batch could not do.
+
+Editing (SDEdit) starts a video part-way down its schedule, from its input's latents noised to the
+level its ``strength`` gives. :func:`strength_sigmas` is the one place that turns ``(steps, shift,
+strength)`` into noise levels; every sampler uses it.
 """
 from __future__ import annotations
 
@@ -17,9 +21,9 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .packing import PackedSequences, PackedVideos, pack_sequences, pack_videos
-from .training.flow import resolution_shift, sigma_schedule
+from .training.flow import resolution_shift, shift_sigmas, sigma_schedule
 
-__all__ = ["concat_text", "sample_euler", "check_finite"]
+__all__ = ["concat_text", "sample_euler", "strength_sigmas", "check_strength", "check_finite"]
 
 DenoiseFn = Callable[[PackedVideos, torch.Tensor, PackedSequences], torch.Tensor]
 
@@ -44,12 +48,60 @@ def _check_shift(shift, n: int) -> list:
     return [float(s) for s in values]
 
 
+def check_strength(strength, n: int, name: str = "strength") -> list[float]:
+    """``strength`` as one float per video (a number for all, or a list of ``n``), each in [0, 1]."""
+    if isinstance(strength, (list, tuple)):
+        if len(strength) != n:
+            raise ValueError(f"{name} must be a number or a list of {n} numbers (one per video), got a list of "
+                             f"{len(strength)}")
+        values = list(strength)
+    elif isinstance(strength, bool) or not isinstance(strength, (int, float)):
+        raise TypeError(f"{name} must be a number in [0, 1] or a list of {n} of them, got "
+                        f"{type(strength).__name__}")
+    else:
+        values = [strength] * n
+    for i, v in enumerate(values):
+        label = name if not isinstance(strength, (list, tuple)) else f"{name}[{i}]"
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{label} must be a number in [0, 1], got {type(v).__name__}")
+        if not (0.0 <= v <= 1.0):  # NaN fails too
+            raise ValueError(f"{label} must be a number in [0, 1], got {v!r}")
+    return [float(v) for v in values]
+
+
+def strength_sigmas(steps: int, shift: float, strength: float = 1.0) -> torch.Tensor:
+    """The noise levels (float64, decreasing to exactly 0) that a video of ``strength`` is sampled on.
+
+    ``strength`` is the starting point on the *unshifted* time axis ``t ∈ [0, 1]`` of the ``steps``-step
+    schedule :func:`sora_fast.training.flow.sigma_schedule`. The sampler runs the remaining
+    ``n = ceil(strength · steps)`` steps on ``shift_sigmas(linspace(strength, 0, n + 1), shift)``: it starts
+    at ``σ0 = s·strength / (1 + (s − 1)·strength)`` (the resolution shift ``s`` applied to the strength,
+    the same map as every other level) from ``x = (1 − σ0)·x0 + σ0·ε``. So
+
+    - ``strength == 1``: exactly :func:`sigma_schedule` (``steps`` steps from σ = 1, pure noise): plain
+      generation;
+    - ``strength == 0``: ``[0.0]``, no step: the input latents come back unchanged;
+    - ``strength · steps`` an integer k: the last k levels of the full schedule (diffusers' img2img
+      ``t_start = steps − int(steps·strength)``); otherwise the levels are evenly spaced from the strength,
+      so results are continuous in the strength rather than rounded to a step.
+    """
+    (strength,) = check_strength(strength, 1)
+    if strength == 1.0:
+        return sigma_schedule(steps, shift, dtype=torch.float64)
+    n = min(steps, math.ceil(round(strength * steps, 9)))  # round: 0.3 * 10 is 3.0000000000000004
+    if n == 0:
+        return torch.zeros(1, dtype=torch.float64)
+    return shift_sigmas(torch.linspace(strength, 0.0, n + 1, dtype=torch.float64), float(shift))
+
+
 @torch.no_grad()
 def sample_euler(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequences, *,
                  patch: Sequence[int] = (1, 2, 2), steps: int = 30, guidance: float = 5.0,
                  uncond_text: Optional[PackedSequences] = None,
                  shift: Union[float, Sequence[float], str] = 5.0,
-                 progress: Optional[Callable[[int, int], None]] = None) -> list[torch.Tensor]:
+                 progress: Optional[Callable[[int, int], None]] = None,
+                 init: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                 strength: Union[float, Sequence[float]] = 1.0) -> list[torch.Tensor]:
     """Denoise a list of noise latents with flow-matching Euler steps, all videos in one pack.
 
     Args:
@@ -62,8 +114,15 @@ def sample_euler(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: Packed
         uncond_text: packed unconditional text (e.g. the empty prompt), B sequences.
         shift: the schedule shift s, one for all, one per video, or ``"auto"`` (per video, from its
             token count: :func:`sora_fast.training.flow.resolution_shift`).
-        steps: Euler steps (DiT forwards).
-        progress: called as ``progress(step, steps)`` after every step.
+        steps: Euler steps of a full (strength 1) schedule.
+        progress: called as ``progress(step, total)`` after every DiT forward (``total`` = the most steps
+            any video runs).
+        init: for editing, B clean latents ``x0`` (each of its noise's shape) or None (generate from noise).
+        strength: one number for all videos or one per video, in [0, 1]; video i runs the levels
+            :func:`strength_sigmas` gives and starts from ``(1 − σ0)·x0 + σ0·ε`` (``ε`` its noise; exactly
+            ``ε`` when ``σ0 = 1``, exactly ``x0`` when strength is 0). A video without ``init`` must have
+            strength 1. Videos of different strengths share one pack: each joins when its remaining steps
+            begin (all end together), so a video is denoised only over its own steps.
 
     Returns the B denoised latents ``(C, T, H, W)`` in the noise's dtype. Non-finite arguments are refused
     up front; latents that end with NaN / Inf values (a diverged or corrupt model) raise a ValueError with
@@ -84,33 +143,86 @@ def sample_euler(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: Packed
         raise ValueError(f"uncond_text has {uncond_text.num_sequences} sequences, expected one per video ({b})")
 
     shifts = _check_shift(shift, b)
+    strengths = check_strength(strength, b)
+    inits = [None] * b if init is None else list(init)
+    if len(inits) != b:
+        raise ValueError(f"init has {len(inits)} entries, expected one per video ({b})")
+    for i, (z, e, st) in enumerate(zip(inits, noise, strengths)):
+        if z is None and st != 1.0:
+            raise ValueError(f"strength[{i}]={st} needs an init latent (a video without one starts from noise "
+                             "at strength 1)")
+        if z is not None and tuple(z.shape) != tuple(e.shape):
+            raise ValueError(f"init[{i}] has shape {tuple(z.shape)}, expected its noise's {tuple(e.shape)}")
     shifts = [resolution_shift(n) if s == "auto" else s for s, n in zip(shifts, x.seqlens)]
-    sigmas = torch.stack([sigma_schedule(steps, s, dtype=torch.float64) for s in shifts])  # (B, steps+1)
+    scheds = [strength_sigmas(steps, s, st) for s, st in zip(shifts, strengths)]
+    total = max(len(sc) - 1 for sc in scheds)                                 # DiT forwards
+    first = [total - (len(sc) - 1) for sc in scheds]                          # the step each video joins
+    # (B, total+1): a video holds its starting level until it joins, so its dσ is 0 before that
+    sigmas = torch.stack([torch.cat([sc[:1].expand(f), sc]) for sc, f in zip(scheds, first)])
 
+    md = torch.promote_types(x.tokens.dtype, torch.float32)                    # state in >= fp32
+    start = []
+    for z, e, sc in zip(inits, noise, scheds):
+        s0 = float(sc[0])
+        if z is None or s0 == 1.0:
+            start.append(e)
+        elif s0 == 0.0:
+            start.append(z.to(e.dtype))
+        else:
+            start.append(((1 - s0) * z.to(md) + s0 * e.to(md)).to(e.dtype))
+    x = pack_videos(start, patch=tuple(patch))
     if cfg:  # the conditional copies, then the unconditional ones, in one stream
-        both = pack_videos(list(noise) * 2, patch=tuple(patch))
+        both = pack_videos(start * 2, patch=tuple(patch))
         text_in = concat_text(text, uncond_text)
     else:
         both, text_in = x, text
     seq_ids = x.seq_ids.long()
-    md = torch.promote_types(x.tokens.dtype, torch.float32)                    # state in >= fp32
     tokens = x.tokens.to(md)                                                   # (N, D)
     n = tokens.shape[0]
-    for i in range(steps):
+    cu = x.cu_seqlens.tolist()
+    texts = text.unpack(text.tokens)
+    utexts = uncond_text.unpack(uncond_text.tokens) if cfg else None
+    subs: dict = {}
+
+    def sub_pack(active: tuple):
+        """The pack, text and token rows of the videos in ``active`` (those whose steps have begun)."""
+        if active not in subs:
+            rows = torch.cat([torch.arange(cu[k], cu[k + 1]) for k in active]).to(tokens.device)
+            vids = [start[k] for k in active]
+            txt = [texts[k] for k in active] + ([utexts[k] for k in active] if cfg else [])
+            subs[active] = (pack_videos(vids * (2 if cfg else 1), patch=tuple(patch)), pack_sequences(txt), rows,
+                            torch.tensor(active, device=tokens.device))
+        return subs[active]
+
+    for i in range(total):
         sig = sigmas[:, i]                                                     # (B,)
         t = (sig * 1000).to(md).to(tokens.device)
-        inp = torch.cat([tokens, tokens]) if cfg else tokens
-        v = denoise(both.with_tokens(inp.to(x.tokens.dtype)), torch.cat([t, t]) if cfg else t, text_in)
-        v = v.to(md)                                                           # (N or 2N, D)
-        if cfg:
-            v_c, v_u = v[:n], v[n:]
-            v = v_u + guidance * (v_c - v_u)
-        dsig = (sigmas[:, i + 1] - sig).to(md).to(tokens.device)               # (B,)
-        tokens = tokens + dsig[seq_ids, None] * v
+        active = tuple(k for k in range(b) if first[k] <= i)
+        if len(active) == b:
+            inp = torch.cat([tokens, tokens]) if cfg else tokens
+            v = denoise(both.with_tokens(inp.to(x.tokens.dtype)), torch.cat([t, t]) if cfg else t, text_in)
+            v = v.to(md)                                                       # (N or 2N, D)
+            if cfg:
+                v_c, v_u = v[:n], v[n:]
+                v = v_u + guidance * (v_c - v_u)
+            dsig = (sigmas[:, i + 1] - sig).to(md).to(tokens.device)           # (B,)
+            tokens = tokens + dsig[seq_ids, None] * v
+        else:
+            pack, txt, rows, ids = sub_pack(active)
+            sub = tokens[rows]
+            m = sub.shape[0]
+            ts = t[ids]
+            v = denoise(pack.with_tokens((torch.cat([sub, sub]) if cfg else sub).to(x.tokens.dtype)),
+                        torch.cat([ts, ts]) if cfg else ts, txt).to(md)
+            if cfg:
+                v_c, v_u = v[:m], v[m:]
+                v = v_u + guidance * (v_c - v_u)
+            dsig = (sigmas[:, i + 1] - sig).to(md).to(tokens.device)[seq_ids[rows], None]
+            tokens = tokens.index_copy(0, rows, sub + dsig * v)
         if progress is not None:
-            progress(i + 1, steps)
+            progress(i + 1, total)
     out = x.unpack(tokens.to(x.tokens.dtype))
-    check_finite(out, f"the latents after {steps} denoising steps")
+    check_finite(out, f"the latents after {total} denoising steps")
     return out
 
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from sora_fast.packing import pack_sequences, pack_videos
-from sora_fast.sampling import concat_text, sample_euler
-from sora_fast.training.flow import sigma_schedule
+from sora_fast.sampling import check_strength, concat_text, sample_euler, strength_sigmas
+from sora_fast.training.flow import shift_sigmas, sigma_schedule
 
 SHAPES = [(4, 1, 6, 4), (4, 3, 4, 10), (4, 2, 2, 2)]   # (C, T, H, W): an image and two videos
 
@@ -150,3 +150,121 @@ def test_frames_with_nan_or_inf_are_never_written_as_grey(tmp_path):
         write_video(tmp_path / "a.gif", x)
     assert not (tmp_path / "a.gif").exists()
     assert to_uint8(torch.zeros(3, 1, 2, 2)).max() == 128            # finite frames convert as before
+
+
+# --- editing: strength and init latents -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 7.5])
+def test_strength_schedule_is_the_tail_of_the_full_one(shift):
+    full = sigma_schedule(10, shift, dtype=torch.float64)
+    assert torch.equal(strength_sigmas(10, shift, 1.0), full)
+    for k in range(0, 11):
+        tail = strength_sigmas(10, shift, k / 10)
+        assert len(tail) == k + 1 and tail[-1] == 0.0
+        torch.testing.assert_close(tail, full[10 - k:], atol=1e-15, rtol=0)
+    assert torch.equal(strength_sigmas(10, shift, 0.0), torch.zeros(1, dtype=torch.float64))
+    # between grid points: ceil(strength * steps) steps, starting at the shifted strength
+    s = strength_sigmas(10, shift, 0.55)
+    assert len(s) == 7 and float(s[0]) == pytest.approx(shift_sigmas(0.55, shift), abs=1e-15)
+    assert bool((s.diff() < 0).all())
+
+
+def _t_recording_flow(x0):
+    """The delta flow of ``x0`` that also records, per call, the timestep each video (by its x0 index, read
+    from the text feature) was given."""
+    seen = []
+
+    def denoise(x, t, text):
+        which = text.tokens[text.cu_seqlens[:-1].long(), 0].long()
+        seen.append({int(w): float(tt) for w, tt in zip(which, t)})
+        sig = (t.double() / 1000)[x.seq_ids.long(), None]
+        pts = pack_videos([x0[int(w)] for w in which], patch=x.patch).tokens.double()
+        return ((x.tokens.double() - pts) / sig + 0.1 * sig).to(x.tokens.dtype)  # not a straight line
+
+    return denoise, seen
+
+
+def test_strength_zero_returns_the_init_and_strength_one_ignores_it():
+    x0 = [torch.randn(s, dtype=torch.float64) for s in SHAPES]
+    init = [torch.randn(s, dtype=torch.float64) for s in SHAPES]
+    noise = [torch.randn(s, dtype=torch.float64) for s in SHAPES]
+    denoise, seen = _t_recording_flow(x0)
+    out = sample_euler(denoise, noise, _text(range(3)), steps=4, guidance=1.0, shift=3.0, init=init, strength=0.0)
+    assert seen == []
+    for o, z in zip(out, init):
+        assert torch.equal(o, z)
+    plain = sample_euler(denoise, noise, _text(range(3)), steps=4, guidance=1.0, shift=3.0)
+    edit1 = sample_euler(denoise, noise, _text(range(3)), steps=4, guidance=1.0, shift=3.0, init=init, strength=1.0)
+    for a, b in zip(plain, edit1):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cfg", [False, True])
+def test_mixed_strengths_in_one_pack_equal_each_video_alone(cfg):
+    """Videos join the pack when their remaining steps begin: each sees its own levels, and the result
+    equals sampling it alone; a video is in a forward only over its own steps."""
+    x0 = [torch.randn(s, dtype=torch.float64) for s in SHAPES]
+    init = [torch.randn(s, dtype=torch.float64) for s in SHAPES]
+    noise = [torch.randn(s, dtype=torch.float64) for s in SHAPES]
+    strengths = [0.5, 1.0, 0.25]
+    inits = [init[0], None, init[2]]
+    kw = dict(steps=8, shift=[2.0, 3.0, 5.0], guidance=3.0 if cfg else 1.0)
+    text = _text(range(3))
+    unc = _text(range(3)) if cfg else None
+    denoise, seen = _t_recording_flow(x0)
+    out = sample_euler(denoise, noise, text, uncond_text=unc, init=inits, strength=strengths, **kw)
+    assert len(seen) == 8
+    assert [sorted(s) for s in seen] == [[1]] * 4 + [[0, 1]] * 2 + [[0, 1, 2]] * 2
+    for i in range(3):
+        d1, seen1 = _t_recording_flow([x0[i]])
+        alone = sample_euler(d1, [noise[i]], _text([0]), uncond_text=_text([0]) if cfg else None,
+                             init=[inits[i]], strength=strengths[i], steps=8, shift=kw["shift"][i],
+                             guidance=kw["guidance"])[0]
+        torch.testing.assert_close(out[i], alone, atol=1e-12, rtol=0)
+        assert [s[0] for s in seen1] == [s[i] for s in seen if i in s]
+        assert len(seen1) == {0: 4, 1: 8, 2: 2}[i]
+
+
+def test_editing_starts_from_the_noised_input():
+    """The first forward sees the shifted strength as its level, at x = (1 − σ0)·init + σ0·ε (with v = 0
+    the start comes back unchanged), and only the remaining ceil(strength·steps) steps run."""
+    init = [torch.randn(s, dtype=torch.float64) for s in SHAPES]
+    noise = [torch.randn(s, dtype=torch.float64) for s in SHAPES]
+    calls = []
+
+    def denoise(x, t, text):
+        calls.append(t.clone())
+        return torch.zeros_like(x.tokens)
+
+    out = sample_euler(denoise, noise, _text([0] * 3), steps=10, guidance=1.0, shift=2.0, init=init, strength=0.3)
+    s0 = shift_sigmas(0.3, 2.0)
+    assert len(calls) == 3
+    torch.testing.assert_close(calls[0], torch.full((3,), 1000 * s0, dtype=torch.float64))
+    for o, z, e in zip(out, init, noise):
+        torch.testing.assert_close(o, (1 - s0) * z + s0 * e, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("strength, exc, match", [
+    (1.5, ValueError, r"strength must be a number in \[0, 1\], got 1.5"),
+    (-0.1, ValueError, r"strength must be a number in \[0, 1\], got -0.1"),
+    (float("nan"), ValueError, r"strength must be a number in \[0, 1\], got nan"),
+    ([0.5, 0.5], ValueError, r"strength must be a number or a list of 3 numbers .* got a list of 2"),
+    ([0.5, "x", 0.5], TypeError, r"strength\[1\] must be a number in \[0, 1\], got str"),
+    ("0.5", TypeError, r"strength must be a number in \[0, 1\] or a list of 3 of them, got str"),
+    (True, TypeError, r"got bool"),
+])
+def test_bad_strength(strength, exc, match):
+    with pytest.raises(exc, match=match):
+        check_strength(strength, 3)
+    noise = [torch.randn(s) for s in SHAPES]
+    with pytest.raises(exc, match=match):
+        sample_euler(lambda *a: None, noise, _text([0] * 3), init=noise, strength=strength, guidance=1.0)
+
+
+def test_strength_below_one_needs_an_init():
+    noise = [torch.randn(s) for s in SHAPES]
+    with pytest.raises(ValueError, match=r"strength\[1\]=0.5 needs an init latent"):
+        sample_euler(lambda *a: None, noise, _text([0] * 3), init=[noise[0], None, noise[2]], strength=0.5)
+    with pytest.raises(ValueError, match=r"init\[0\] has shape \(4, 1, 6, 5\), expected its noise's"):
+        sample_euler(lambda *a: None, noise, _text([0] * 3), init=[torch.zeros(4, 1, 6, 5), None, None])
