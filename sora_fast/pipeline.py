@@ -28,9 +28,52 @@ from .models.text import T5TextEncoder, TextEncoder, TinyTextConfig, TinyTextEnc
 from .models.vae import CausalVAE, VAEConfig
 from .sampling import sample_euler
 
-__all__ = ["VideoPipeline", "check_video_size"]
+__all__ = ["VideoPipeline", "check_video_size", "read_media"]
 
 Size = tuple[int, int, int]  # (frames, height, width) in pixels
+Media = Union[torch.Tensor, str, "os.PathLike[str]"]
+
+
+def read_media(path: Union[str, "os.PathLike[str]"], name: str = "path") -> torch.Tensor:
+    """Every frame of a video file (PyAV) or an image (Pillow, one frame) as a ``(3, T, H, W)`` float tensor
+    in [-1, 1], the format :meth:`VideoPipeline.generate` returns; nothing is resized or cut. A missing or
+    non-regular file is a FileNotFoundError, an undecodable one a ValueError, each naming ``name``."""
+    import stat
+
+    import numpy as np
+
+    from .data.io import _import_av, _import_pil
+    from .data.video_folder import IMAGE_EXTENSIONS
+
+    f = Path(path)
+    try:
+        st = f.stat()
+    except OSError as e:
+        raise FileNotFoundError(f"{name}: cannot read {str(f)!r} ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise FileNotFoundError(f"{name}: {str(f)!r} is not a regular file")
+    try:
+        if f.suffix.lower() in IMAGE_EXTENSIONS:
+            Image = _import_pil("to read images")
+            with Image.open(f) as im:
+                frames = np.array(im.convert("RGB"))[None]
+        else:
+            av = _import_av("to read videos")
+            with av.open(str(f)) as c:
+                if not c.streams.video:
+                    raise ValueError("no video stream")
+                frames = [fr.to_ndarray(format="rgb24") for fr in c.decode(c.streams.video[0])]
+            if not frames:
+                raise ValueError("no decodable frame")
+            if len({fr.shape for fr in frames}) != 1:
+                raise ValueError("the frame size changes mid-stream")
+            frames = np.stack(frames)
+    except ImportError:
+        raise
+    except Exception as e:  # any decoder failure names the file
+        raise ValueError(f"{name}: {str(f)!r} is not a readable video or image ({type(e).__name__}: {e})") from e
+    x = torch.from_numpy(frames).permute(3, 0, 1, 2).float()  # (3, T, H, W) in [0, 255]
+    return x / 127.5 - 1.0
 
 
 def check_video_size(size, temporal_factor: int, spatial_factor: int, patch: Sequence[int],
@@ -182,8 +225,8 @@ class VideoPipeline(nn.Module):
 
     ``dit.config.in_channels`` must equal the VAE's latent channels and ``dit.config.text_dim`` the text
     encoder's ``dim``. The DiT works on normalized latents (:meth:`CausalVAE.normalize_latents`).
-    After :meth:`generate`, ``last_timings`` holds seconds per stage (``text``, ``denoise``, per-step
-    ``steps``, ``decode``).
+    After :meth:`generate`, ``last_timings`` holds seconds per stage (``text``, ``encode`` (init videos),
+    ``denoise``, per-step ``steps``, ``decode``).
     """
 
     def __init__(self, dit: VideoDiT, vae: CausalVAE, text_encoder: TextEncoder):
@@ -210,23 +253,75 @@ class VideoPipeline(nn.Module):
         f, s = self.vae.temporal_factor, self.vae.spatial_factor
         return (self.vae.latent_channels, 1 + (t - 1) // f, h // s, w // s)
 
+    DEFAULT_SIZE: Size = (9, 32, 32)
+
+    def _check_init_videos(self, init_videos, b: int) -> list[Optional[torch.Tensor]]:
+        """``init_videos`` as B tensors ``(3, T, H, W)`` in [-1, 1] on the CPU or None (files are read)."""
+        if init_videos is None:
+            return [None] * b
+        if not isinstance(init_videos, (list, tuple)) or len(init_videos) != b:
+            got = (f"a list of {len(init_videos)}" if isinstance(init_videos, (list, tuple))
+                   else type(init_videos).__name__)
+            raise TypeError(f"init_videos must be a list of {b} entries (one per prompt: a (3, T, H, W) tensor, "
+                            f"a video or image path, or None), got {got}")
+        out = []
+        for i, v in enumerate(init_videos):
+            name = f"init_videos[{i}]"
+            if v is None:
+                out.append(None)
+                continue
+            if isinstance(v, (str, os.PathLike)):
+                v = read_media(v, name)
+            elif not isinstance(v, torch.Tensor):
+                raise TypeError(f"{name} must be a (3, T, H, W) float tensor in [-1, 1], a video or image path, "
+                                f"or None, got {type(v).__name__}")
+            if not v.is_floating_point() or v.dim() != 4 or v.shape[0] != 3:
+                raise ValueError(f"{name} must be a (3, T, H, W) float tensor in [-1, 1], got {v.dtype} of shape "
+                                 f"{tuple(v.shape)}")
+            v = v.detach().float().cpu()
+            if not bool(torch.isfinite(v).all()):
+                raise ValueError(f"{name} has {int((~torch.isfinite(v)).sum())} NaN / Inf values; expected values "
+                                 "in [-1, 1]")
+            lo, hi = float(v.min()), float(v.max())
+            if lo < -1.0 or hi > 1.0:
+                raise ValueError(f"{name} must have values in [-1, 1] (the format generate returns), got "
+                                 f"[{lo:.4g}, {hi:.4g}]")
+            out.append(v)
+        return out
+
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], sizes: Union[Size, Sequence[Size]] = (9, 32, 32), *,
+    def generate(self, prompts: Sequence[str], sizes: Union[Size, Sequence[Optional[Size]], None] = None, *,
                  steps: int = 30, guidance: float = 5.0, negative_prompt: str = "",
                  shift: Union[float, str, Sequence[float]] = "auto", seed: Union[int, Sequence[int]] = 0,
                  progress: Optional[Callable[[int, int], None]] = None,
-                 denoiser: Optional[Callable] = None) -> list[torch.Tensor]:
+                 denoiser: Optional[Callable] = None,
+                 init_videos: Optional[Sequence[Optional[Media]]] = None,
+                 strength: Union[float, Sequence[float]] = 1.0) -> list[torch.Tensor]:
         """Videos for ``prompts``, all denoised in one packed stream.
 
         Args:
             prompts: B strings.
-            sizes: one ``(frames, height, width)`` for all, or one per prompt (images: frames = 1).
+            sizes: one ``(frames, height, width)`` for all, or one per prompt (images: frames = 1). None (or
+                a None entry): the prompt's init video's size, else :attr:`DEFAULT_SIZE` ``(9, 32, 32)``.
             steps, guidance, shift: see :func:`sora_fast.sampling.sample_euler`; ``negative_prompt`` is the
                 unconditional text of CFG.
             denoiser: what runs the DiT at each step (default the DiT itself), e.g. a CFG- or
                 sequence-parallel one from :func:`sora_fast.distributed.make_denoiser`.
             seed: one int (video i uses ``seed + i``) or one per prompt; the noise of a video depends only
                 on its seed and size, so a prompt gives the same video alone or with others.
+            init_videos: editing (SDEdit): one entry per prompt, None (generate from noise) or the video to
+                edit, a ``(3, T, H, W)`` float tensor in [-1, 1] (what this method returns) or a path to a
+                video or image file (read whole, never resized). Its ``(T, H, W)`` must equal the prompt's
+                requested size (a ValueError otherwise; leave the size None to take the video's).
+            strength: a number for every prompt, or one per prompt, in [0, 1]: how far the edit may move
+                from the input. The input is encoded (posterior mean, normalized) to ``x0``; with the
+                prompt's shift ``s`` the sampler starts at ``σ0 = s·strength / (1 + (s − 1)·strength)`` from
+                ``(1 − σ0)·x0 + σ0·ε`` (``ε`` the seed's noise) and runs the remaining
+                ``ceil(strength·steps)`` steps (:func:`sora_fast.sampling.strength_sigmas`). Strength 1 is
+                plain generation (the input only sets the size; the result equals generating without
+                it); strength 0 runs no step and returns ``vae.decode(vae.encode(input))``. A prompt
+                without an init video must have strength 1. Edited and plain prompts of any strengths go
+                in one pack, CFG still one forward per step; each equals its run alone.
         Returns B float tensors ``(3, frames, height, width)`` in [-1, 1] on the CPU.
 
         Every argument is checked before any work starts (non-finite ``guidance`` / ``shift`` included), and
@@ -237,10 +332,25 @@ class VideoPipeline(nn.Module):
         if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
             raise TypeError("prompts must be a non-empty list of strings")
         b = len(prompts)
-        if isinstance(sizes, (tuple, list)) and len(sizes) == 3 and all(isinstance(v, int) for v in sizes):
+        inits = self._check_init_videos(init_videos, b)
+        if sizes is None:
+            sizes = [None] * b
+        elif isinstance(sizes, (tuple, list)) and len(sizes) == 3 and all(isinstance(v, int) for v in sizes):
             sizes = [tuple(sizes)] * b
         if not isinstance(sizes, (tuple, list)) or len(sizes) != b:
             raise ValueError(f"sizes must be one (frames, height, width) or a list of {b} of them, got {sizes!r}")
+        sizes = list(sizes)
+        for i, (sz, v) in enumerate(zip(sizes, inits)):
+            if v is None:
+                sizes[i] = self.DEFAULT_SIZE if sz is None else sz
+                continue
+            have = tuple(v.shape[1:])
+            self.check_size(have, name=f"init_videos[{i}]")
+            if sz is not None and tuple(sz) != have:
+                raise ValueError(f"init_videos[{i}] is {have[0]}x{have[1]}x{have[2]} (frames x height x width) but "
+                                 f"size {tuple(sz)!r} was requested for prompt {i}; an init video is never "
+                                 "resized: pass a video of the requested size, or leave its size None")
+            sizes[i] = have
         shapes = [self.latent_shape(s) for s in sizes]
         seeds = [seed + i for i in range(b)] if isinstance(seed, int) else list(seed)
         if len(seeds) != b or not all(isinstance(s, int) for s in seeds):
@@ -249,7 +359,7 @@ class VideoPipeline(nn.Module):
         import math
 
         from .memory import check_generate_memory
-        from .sampling import _check_shift, check_finite
+        from .sampling import _check_shift, check_finite, check_strength
         if not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompts must be strings, got {[type(p).__name__ for p in prompts]}")
         if not isinstance(negative_prompt, str):
@@ -261,6 +371,11 @@ class VideoPipeline(nn.Module):
         if not math.isfinite(guidance):
             raise ValueError(f"guidance must be a finite number, got {guidance!r}")
         _check_shift(shift, b)
+        strengths = check_strength(strength, b)
+        for i, (v, st) in enumerate(zip(inits, strengths)):
+            if v is None and st != 1.0:
+                raise ValueError(f"strength {st} for prompt {i} needs an init video (init_videos[{i}] is None; a "
+                                 "prompt without one is generated from noise at strength 1)")
         check_generate_memory(self, shapes, [self.check_size(s) for s in sizes], cfg=guidance != 1.0)
         self.eval()
         dev, timings = self.device, {}
@@ -271,6 +386,12 @@ class VideoPipeline(nn.Module):
         timings["text"] = time.perf_counter() - t0
 
         noise = [torch.randn(s, generator=torch.Generator().manual_seed(sd)).to(dev) for s, sd in zip(shapes, seeds)]
+        t0 = time.perf_counter()
+        vae_dtype = next(self.vae.parameters()).dtype
+        raw = [None if v is None or st == 1.0 else self.vae.encode(v[None].to(dev, vae_dtype))
+               for v, st in zip(inits, strengths)]                    # strength 1: the input only sets the size
+        x0 = [None if z is None else self.vae.normalize_latents(z)[0].to(e.dtype) for z, e in zip(raw, noise)]
+        timings["encode"] = time.perf_counter() - t0
         step_times, last = [], [time.perf_counter()]
 
         def on_step(i, n):
@@ -282,11 +403,14 @@ class VideoPipeline(nn.Module):
 
         t0 = time.perf_counter()
         latents = sample_euler(denoiser or self.dit, noise, text, patch=self.dit.config.patch, steps=steps,
-                               guidance=guidance, uncond_text=uncond, shift=shift, progress=on_step)
+                               guidance=guidance, uncond_text=uncond, shift=shift, progress=on_step,
+                               init=x0 if any(z is not None for z in x0) else None, strength=strengths)
         timings["denoise"], timings["steps"] = time.perf_counter() - t0, step_times
 
         t0 = time.perf_counter()
-        videos = [self.vae.decode(self.vae.denormalize_latents(z[None]))[0].float().cpu() for z in latents]
+        # strength 0: the input's own latents, decoded without the normalize / denormalize round trip
+        videos = [self.vae.decode(r if st == 0.0 else self.vae.denormalize_latents(z[None]))[0].float().cpu()
+                  for z, r, st in zip(latents, raw, strengths)]
         check_finite(videos, "the decoded videos")
         timings["decode"] = time.perf_counter() - t0
         self.last_timings = timings

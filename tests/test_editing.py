@@ -1,0 +1,124 @@
+"""Editing (SDEdit): ``generate(..., init_videos=, strength=)`` and ``sora-fast generate --edit --strength``."""
+
+import numpy as np
+import pytest
+import torch
+
+from sora_fast.pipeline import read_media
+
+
+def _video(size, seed=0):
+    """A smooth (3, T, H, W) clip in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand((3, *size), generator=g) * 2 - 1).clamp(-1, 1)
+
+
+def test_strength_zero_is_the_vae_round_trip(tiny_pipeline):
+    pipe, _ = tiny_pipeline
+    v = _video((5, 16, 32))
+    calls = []
+    dit_forward = pipe.dit.forward
+    pipe.dit.forward = lambda *a, **k: calls.append(1) or dit_forward(*a, **k)
+    out = pipe.generate(["a red circle"], init_videos=[v], strength=0.0, steps=4, guidance=3.0)[0]
+    assert calls == []                                        # no denoising step
+    with torch.no_grad():
+        ref = pipe.vae.decode(pipe.vae.encode(v[None]))[0]
+    assert out.shape == v.shape and torch.equal(out, ref)
+    assert pipe.last_timings["steps"] == []
+
+
+def test_strength_one_is_plain_generation_bit_for_bit(tiny_pipeline):
+    pipe, _ = tiny_pipeline
+    v = _video((5, 16, 32))
+    plain = pipe.generate(["a red circle"], (5, 16, 32), steps=3, guidance=3.0, seed=11)[0]
+    edit = pipe.generate(["a red circle"], init_videos=[v], strength=1.0, steps=3, guidance=3.0, seed=11)[0]
+    assert torch.equal(plain, edit)
+
+
+def test_strength_runs_only_the_remaining_steps_and_moves_towards_the_input(tiny_pipeline):
+    pipe, _ = tiny_pipeline
+    v = _video((5, 16, 16), seed=3)
+    round_trip = pipe.generate(["x"], init_videos=[v], strength=0.0, steps=10)[0]
+    dist = []
+    for st, n in [(0.2, 2), (0.55, 6), (1.0, 10)]:
+        out = pipe.generate(["x"], init_videos=[v], strength=st, steps=10, guidance=2.0, seed=5)[0]
+        assert len(pipe.last_timings["steps"]) == n
+        dist.append(float((out - round_trip).abs().mean()))
+    assert dist[0] < dist[1] < dist[2]                         # a lower strength keeps more of the input
+
+
+def test_packed_mix_of_edited_and_plain_prompts_equals_each_alone(tiny_pipeline):
+    """Edited and plain prompts, different strengths and sizes, one pack with CFG: each equals its run alone
+    (same seeds: seed + i), and every step is one DiT forward."""
+    pipe, _ = tiny_pipeline
+    prompts = ["a red circle moving left", "blue square", "green", "yellow"]
+    inits = [_video((5, 16, 32), 1), None, _video((1, 32, 16), 2), _video((9, 16, 16), 3)]
+    sizes = [None, (9, 16, 16), None, (9, 16, 16)]
+    strengths = [0.5, 1.0, 0.25, 0.0]
+    calls = []
+    dit_forward = pipe.dit.forward
+    pipe.dit.forward = lambda x, *a, **k: calls.append(x.num_sequences) or dit_forward(x, *a, **k)
+    together = pipe.generate(prompts, sizes, init_videos=inits, strength=strengths, steps=4, guidance=3.0, seed=7)
+    assert calls == [2, 2, 4, 6]                            # CFG pairs join as their steps begin
+    for i in range(4):
+        alone = pipe.generate([prompts[i]], [sizes[i]], init_videos=[inits[i]], strength=strengths[i], steps=4,
+                              guidance=3.0, seed=7 + i)[0]
+        assert together[i].shape == (3, *(inits[i].shape[1:] if inits[i] is not None else sizes[i]))
+        torch.testing.assert_close(together[i], alone, atol=2e-5, rtol=0)
+
+
+def test_init_video_from_a_file(tiny_pipeline, tmp_path):
+    from sora_fast.data import write_video
+
+    pipe, _ = tiny_pipeline
+    v = _video((5, 16, 32))
+    path = write_video(tmp_path / "in.gif", v, fps=8)
+    back = read_media(path)
+    assert back.shape == v.shape and back.min() >= -1 and back.max() <= 1
+    a = pipe.generate(["x"], init_videos=[path], strength=0.5, steps=2, seed=1)[0]
+    b = pipe.generate(["x"], init_videos=[back], strength=0.5, steps=2, seed=1)[0]
+    assert torch.equal(a, b)
+    png = write_video(tmp_path / "in.png", v[:, :1], fps=8)
+    assert pipe.generate(["x"], init_videos=[str(png)], strength=0.3, steps=2)[0].shape == (3, 1, 16, 32)
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(init_videos=[_video((5, 16, 16))], sizes=(9, 16, 16)), ValueError,
+     r"init_videos\[0\] is 5x16x16 .* but size \(9, 16, 16\) was requested for prompt 0; .*never resized"),
+    (dict(init_videos=[_video((5, 16, 32))], sizes=[(5, 16, 16)]), ValueError, r"init_videos\[0\] is 5x16x32"),
+    (dict(init_videos=[_video((4, 16, 16))]), ValueError, r"init_videos\[0\]: frames=4 must be 1 \+ 4k"),
+    (dict(init_videos=[_video((5, 16, 16)) * 2]), ValueError, r"init_videos\[0\] must have values in \[-1, 1\]"),
+    (dict(init_videos=[torch.full((3, 5, 16, 16), float("nan"))]), ValueError, r"init_videos\[0\] has 3840 NaN"),
+    (dict(init_videos=[torch.zeros(5, 16, 16)]), ValueError, r"init_videos\[0\] must be a \(3, T, H, W\) float"),
+    (dict(init_videos=[torch.zeros(3, 5, 16, 16, dtype=torch.uint8)]), ValueError, r"got torch.uint8"),
+    (dict(init_videos=[np.zeros((3, 5, 16, 16))]), TypeError,
+     r"init_videos\[0\] must be a \(3, T, H, W\) float tensor .* or None, got ndarray"),
+    (dict(init_videos=_video((5, 16, 16))), TypeError, r"init_videos must be a list of 1 entries .* got Tensor"),
+    (dict(init_videos=[None, None]), TypeError, r"init_videos must be a list of 1 entries .* got a list of 2"),
+    (dict(init_videos=["/nonexistent/clip.mp4"]), FileNotFoundError, r"init_videos\[0\]: cannot read"),
+    (dict(init_videos=[_video((5, 16, 16))], strength=1.5), ValueError,
+     r"strength must be a number in \[0, 1\], got 1.5"),
+    (dict(init_videos=[_video((5, 16, 16))], strength=float("nan")), ValueError, r"strength .* got nan"),
+    (dict(init_videos=[_video((5, 16, 16))], strength=[0.5, 0.5]), ValueError,
+     r"strength must be a number or a list of 1 numbers .* got a list of 2"),
+    (dict(init_videos=[_video((5, 16, 16))], strength="half"), TypeError, r"strength must be a number .* got str"),
+    (dict(strength=0.5), ValueError, r"strength 0.5 for prompt 0 needs an init video \(init_videos\[0\] is None"),
+])
+def test_bad_editing_arguments_fail_before_work(tiny_pipeline, kw, exc, match):
+    pipe, _ = tiny_pipeline
+    calls = []
+    pipe.text_encoder.encode = lambda *a, **k: calls.append(1)
+    pipe.vae.encode = lambda *a, **k: calls.append(1)
+    with pytest.raises(exc, match=match):
+        pipe.generate(["a"], steps=2, **kw)
+    assert not calls
+
+
+def test_unreadable_file_names_the_argument(tiny_pipeline, tmp_path):
+    pipe, _ = tiny_pipeline
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"not a video")
+    with pytest.raises(ValueError, match=r"init_videos\[0\]: .*broken.mp4' is not a readable video or image"):
+        pipe.generate(["a"], init_videos=[bad], strength=0.5)
+    with pytest.raises(FileNotFoundError, match=r"init_videos\[0\]: .* is not a regular file"):
+        pipe.generate(["a"], init_videos=[tmp_path], strength=0.5)
