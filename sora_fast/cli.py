@@ -261,6 +261,23 @@ def _check_generate_args(args) -> None:
     if len(sizes) not in (1, len(args.prompt)):
         raise ValueError(f"--size given {len(sizes)} times; give it once or once per --prompt ({len(args.prompt)})")
     args.format = list(dict.fromkeys(args.format))  # each format once
+    args.edit_video = None
+    if args.strength is not None and args.edit is None:
+        raise ValueError("--strength needs --edit VIDEO (the strength of an edit; plain generation has none)")
+    if args.edit is not None:
+        if args.strength is None:
+            raise ValueError("--edit needs --strength S in [0, 1] (0 keeps the video, 1 generates anew)")
+        if not 0.0 <= args.strength <= 1.0:  # NaN fails too
+            raise ValueError(f"--strength must be a number in [0, 1], got {args.strength!r}")
+        from .pipeline import read_media
+
+        args.edit_video = read_media(args.edit, "--edit")
+        have = tuple(args.edit_video.shape[1:])
+        for i, s in enumerate(args.size or []):
+            if tuple(s) != have:
+                raise ValueError(f"--size #{i + 1} {'x'.join(map(str, s))} differs from the --edit video's size "
+                                 f"{'x'.join(map(str, have))} (frames x height x width); an edited video is never "
+                                 "resized: leave out --size, it defaults to the video's")
 
 
 def cmd_generate(args) -> int:
@@ -275,14 +292,16 @@ def cmd_generate(args) -> int:
     mesh = sampling_mesh(args.sequence_parallel, args.cfg_parallel, args.guidance)  # None unless under torchrun
     out = check_writable(args.out)
     pipe = VideoPipeline.load(args.pipeline, verify=not args.no_verify)
-    sizes = args.size or [(9, 32, 32)]
+    edit = args.edit_video
+    sizes = args.size or [(9, 32, 32) if edit is None else tuple(edit.shape[1:])]
     if len(sizes) not in (1, len(args.prompt)):
         raise ValueError(f"--size given {len(sizes)} times; give it once or once per --prompt ({len(args.prompt)})")
     sizes = sizes * len(args.prompt) if len(sizes) == 1 else sizes
     for i, s in enumerate(sizes):
-        pipe.check_size(s, name=f"--size #{i + 1}")
+        pipe.check_size(s, name=f"--edit {args.edit}" if edit is not None else f"--size #{i + 1}")
+    kw = {} if edit is None else dict(init_videos=[edit] * len(args.prompt), strength=args.strength)
     clips = pipe.generate(args.prompt, sizes, steps=args.steps, guidance=args.guidance, shift=args.shift,
-                          negative_prompt=args.negative_prompt, seed=args.seed,
+                          negative_prompt=args.negative_prompt, seed=args.seed, **kw,
                           denoiser=None if mesh is None else make_denoiser(pipe.dit, mesh))
     if mesh is not None and not mesh.is_main:
         return 0  # every rank holds the same clips; rank 0 writes them
@@ -390,13 +409,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline", required=True, metavar="DIR", help="a saved pipeline (e.g. the demo's pipeline/)")
     g.add_argument("--prompt", required=True, action="append", metavar="TEXT", help="a prompt; repeat for several")
     g.add_argument("--size", action="append", type=_size, metavar="TxHxW",
-                   help="frames x height x width, once for all or once per prompt (default 9x32x32)")
+                   help="frames x height x width, once for all or once per prompt (default 9x32x32, or the --edit "
+                        "video's size)")
     g.add_argument("--steps", type=int, default=20, metavar="N", help="Euler steps (default: %(default)s)")
     g.add_argument("--guidance", type=float, default=4.0, metavar="G", help="CFG scale (default: %(default)s)")
     g.add_argument("--shift", default="auto", metavar="S",
                    help="schedule shift: a number, or 'auto' per video from its size (default: %(default)s)")
     g.add_argument("--negative-prompt", default="", metavar="TEXT", help="unconditional text (default: empty)")
     g.add_argument("--seed", type=int, default=0, metavar="N", help="video i uses seed + i (default: %(default)s)")
+    g.add_argument("--edit", metavar="PATH",
+                   help="edit this video or image (SDEdit) with every --prompt; the size defaults to its own "
+                        "(a different --size is an error: it is never resized); needs --strength")
+    g.add_argument("--strength", type=float, metavar="S",
+                   help="with --edit: 0 keeps the video (VAE round trip), 1 generates anew from the seed's "
+                        "noise; in between, re-noised to that level and denoised over the remaining steps")
     g.add_argument("--format", nargs="+", default=["mp4", "gif"], choices=["mp4", "gif"],
                    help="files to write per clip (default: mp4 gif; 1-frame clips as png instead of mp4)")
     g.add_argument("--fps", type=float, default=8.0, metavar="F", help="frames per second (default: %(default)s)")

@@ -1,9 +1,13 @@
 """Editing (SDEdit): ``generate(..., init_videos=, strength=)`` and ``sora-fast generate --edit --strength``."""
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from sora_fast import cli
 from sora_fast.pipeline import read_media
 
 
@@ -122,3 +126,70 @@ def test_unreadable_file_names_the_argument(tiny_pipeline, tmp_path):
         pipe.generate(["a"], init_videos=[bad], strength=0.5)
     with pytest.raises(FileNotFoundError, match=r"init_videos\[0\]: .* is not a regular file"):
         pipe.generate(["a"], init_videos=[tmp_path], strength=0.5)
+
+
+# --- CLI -------------------------------------------------------------------------------------------
+def test_cli_edit_writes_the_edited_clips(tiny_pipeline, tmp_path, capsys, monkeypatch):
+    import sora_fast.data as data
+    from sora_fast.data import write_video
+
+    pipe, path = tiny_pipeline
+    src = write_video(tmp_path / "in.gif", _video((5, 16, 32)), fps=8)
+    out = tmp_path / "gen"
+    written = {}
+
+    def spy(path, clip, **kw):
+        written[Path(path).name] = clip.clone()
+        return write_video(path, clip, **kw)
+
+    monkeypatch.setattr(data, "write_video", spy)
+    rc = cli.main(["generate", "--pipeline", str(path), "--prompt", "a red circle", "--prompt", "blue",
+                   "--edit", str(src), "--strength", "0.5", "--steps", "2", "--out", str(out), "--seed", "3",
+                   "--format", "gif"])
+    assert rc == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["00_a_red_circle.gif", "01_blue.gif", "contact_sheet.png"]
+    # the CLI's clips are the API's: same file, same strength, seed + i, the video's size
+    ref = pipe.generate(["a red circle", "blue"], init_videos=[src, src], strength=0.5, steps=2, guidance=4.0,
+                        seed=3)
+    for name, r in zip(["00_a_red_circle.gif", "01_blue.gif"], ref):
+        assert written[name].shape == (3, 5, 16, 32)
+        torch.testing.assert_close(written[name], r, atol=2e-5, rtol=0)
+    # an explicit --size equal to the video's is fine
+    rc = cli.main(["generate", "--pipeline", str(path), "--prompt", "a", "--edit", str(src), "--strength", "0",
+                   "--size", "5x16x32", "--steps", "1", "--out", str(tmp_path / "g2"), "--format", "gif"])
+    assert rc == 0
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--strength", "0.5"], r"--strength needs --edit VIDEO"),
+    (["--edit", "{src}"], r"--edit needs --strength S in \[0, 1\]"),
+    (["--edit", "{src}", "--strength", "1.5"], r"--strength must be a number in \[0, 1\], got 1.5"),
+    (["--edit", "{src}", "--strength=-0.1"], r"--strength must be a number in \[0, 1\], got -0.1"),
+    (["--edit", "{src}", "--strength", "nan"], r"--strength must be a number in \[0, 1\], got nan"),
+    (["--edit", "{src}", "--strength", "0.5", "--size", "9x16x32"],
+     r"--size #1 9x16x32 differs from the --edit video's size 5x16x32 .* never resized"),
+    (["--edit", "{tmp}/missing.mp4", "--strength", "0.5"], r"--edit: cannot read '.*missing.mp4'"),
+    (["--edit", "{tmp}/broken.mp4", "--strength", "0.5"], r"--edit: '.*broken.mp4' is not a readable video"),
+])
+def test_cli_edit_arguments_are_checked_before_anything_loads(tmp_path, capsys, args, match):
+    from sora_fast.data import write_video
+
+    src = write_video(tmp_path / "in.gif", _video((5, 16, 32)), fps=8)
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    args = [a.format(src=src, tmp=tmp_path) for a in args]
+    # the pipeline does not exist and the output is not created: the argument is the first thing checked
+    rc = cli.main(["generate", "--pipeline", str(tmp_path / "missing"), "--prompt", "a", "--out",
+                   str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(match, err), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_edit_video_of_an_invalid_frame_count(tiny_pipeline, tmp_path, capsys):
+    from sora_fast.data import write_video
+
+    _, path = tiny_pipeline
+    src = write_video(tmp_path / "in.gif", _video((4, 16, 32)), fps=8)
+    rc = cli.main(["generate", "--pipeline", str(path), "--prompt", "a", "--edit", str(src), "--strength", "0.5",
+                   "--out", str(tmp_path / "o")])
+    assert rc == 2 and re.search(r"--edit .*in.gif: frames=4 must be 1 \+ 4k", capsys.readouterr().err)
