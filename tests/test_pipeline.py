@@ -61,3 +61,14 @@ def test_mismatched_models():
         VideoPipeline(dit, CausalVAE("demo"), TinyTextEncoder(dim=dit.config.text_dim))
     with pytest.raises(ValueError, match="text_dim=32 must equal the text encoder's dim=16"):
         VideoPipeline(dit, CausalVAE("tiny"), TinyTextEncoder(dim=16))
+
+
+def test_sizes_default_to_the_default_size_or_the_init_videos():
+    pipe = _pipe()
+    assert pipe.generate(["x"], steps=1, guidance=1.0)[0].shape == (3, *VideoPipeline.DEFAULT_SIZE) == (3, 9, 32, 32)
+    init = torch.zeros(3, 5, 16, 32)
+    out = pipe.generate(["x", "y"], [None, (1, 16, 16)], init_videos=[init, None], strength=[0.5, 1.0], steps=2)
+    assert [tuple(o.shape) for o in out] == [(3, 5, 16, 32), (3, 1, 16, 16)]
+    steps = []
+    pipe.generate(["x"], init_videos=[init], strength=0.5, steps=4, progress=lambda i, n: steps.append((i, n)))
+    assert steps == [(1, 2), (2, 2)]                       # only the remaining steps run
