@@ -219,6 +219,37 @@ def test_bf16_autocast_per_frame_equals_per_video_bitwise():
     assert a.dtype == torch.bfloat16 and torch.equal(a, b)
 
 
+def test_tables_have_one_row_per_frame_never_per_token(monkeypatch):
+    """Every adaLN call of the model gets (F, D) tables and the int32 frame ids: table memory is
+    O(frames x D) whatever the token count."""
+    import sora_fast.models.dit as dit_module
+
+    seen = []
+    real_mod, real_gated = dit_module.ops.adaln_modulate, dit_module.ops.gated_residual_adaln
+
+    def modulate(x, shift, scale, ids, **kw):
+        seen.append((shift.shape, scale.shape, ids))
+        return real_mod(x, shift, scale, ids, **kw)
+
+    def gated(x, branch, gate, shift, scale, ids, **kw):
+        seen.append((gate.shape, shift.shape, scale.shape, ids))
+        return real_gated(x, branch, gate, shift, scale, ids, **kw)
+
+    monkeypatch.setattr(dit_module.ops, "adaln_modulate", modulate)
+    monkeypatch.setattr(dit_module.ops, "gated_residual_adaln", gated)
+    dit = tiny()
+    lat, txt = awkward_pack()
+    x, text = pack_videos(lat), pack_sequences(txt)
+    for t in (torch.tensor([1.0, 2.0, 3.0]), torch.rand(F_ALL) * 1000):
+        seen.clear()
+        with torch.no_grad():
+            dit(x, t, text)
+        assert len(seen) == 1 + 3 * dit.config.num_layers
+        for *shapes, ids in seen:
+            assert all(tuple(s) == (F_ALL, dit.config.dim) for s in shapes), shapes
+            assert torch.equal(ids, frame_ids(x))
+
+
 # ----------------------------------------------------------------------------------------------
 # the adaLN ops with one row per frame (R = F rows, not B)
 
