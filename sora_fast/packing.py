@@ -25,6 +25,7 @@ __all__ = [
     "pack_videos",
     "pack_sequences",
     "plan_batches",
+    "frame_ids",
 ]
 
 _INT32_MAX = 2**31 - 1
@@ -216,6 +217,16 @@ class PackedVideos(_Packed):
             x = x.permute(3, 0, 4, 1, 5, 2, 6)  # (C', T', pt, H', ph, W', pw)
             videos.append(x.reshape(channels, gt * pt, gh * ph, gw * pw))
         return videos
+
+
+def frame_ids(x: PackedVideos) -> torch.Tensor:
+    """Per-frame row of every token, without a host sync: ``(N,)`` int32, the frame offset of its video
+    (latent frames of the videos before it) plus its ``t`` coordinate, so values lie in ``[0, F)`` with
+    ``F = int(x.grid[:, 0].sum())``: rows are video by video, frames in time order. Works on token shards
+    too (``grid`` and ``coords`` are global)."""
+    frames = x.grid[:, 0].long()                                       # (B,)
+    offsets = torch.cumsum(frames, 0) - frames                         # (B,) first row of each video
+    return (offsets[x.seq_ids.long()] + x.coords[:, 0].long()).to(torch.int32)
 
 
 def segment_mean(x: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -378,9 +378,16 @@ def test_bad_inputs(model_inputs):
          (x, t, pack_sequences([torch.randn(1, 32)] * 3))),
         (ValueError, r"text tokens must have text_dim=32 features, got 24",
          (x, t, pack_sequences([torch.randn(1, 24)] * 2))),
-        (ValueError, r"timesteps must have shape \(2,\), one per video of x, got \(1,\)", (x, t[:1], text)),
-        (ValueError, r"timesteps must have shape \(2,\), one per video of x, got \(2, 1\)", (x, t[:, None], text)),
-        (TypeError, r"timesteps must be a torch\.Tensor of shape \(2,\), got float", (x, 1.0, text)),
+        (ValueError, r"timesteps must have shape \(2,\), one per video of x, or \(3,\), one per latent frame of "
+                     r"x, got \(1,\)$", (x, t[:1], text)),
+        (ValueError, r"timesteps must have shape \(2,\), one per video of x, or \(3,\), one per latent frame of "
+                     r"x, got \(2, 1\)$", (x, t[:, None], text)),
+        (ValueError, r"timesteps must have shape \(2,\), one per video of x, or \(3,\), one per latent frame of "
+                     r"x, got \(4,\)$", (x, torch.ones(4), text)),
+        (TypeError, r"timesteps must be a torch\.Tensor of shape \(2,\), one per video of x, or \(3,\), one per "
+                    r"latent frame of x, got float", (x, 1.0, text)),
+        (TypeError, r"timesteps must be real numbers \(float or int\), got torch\.bool",
+         (x, torch.ones(3, dtype=torch.bool), text)),
         (ValueError, r"timesteps and text must be on x's device cpu, got meta",
          (x, t.to("meta"), text)),
     ]

@@ -132,7 +132,7 @@ def _adaln_common(x, branch, gate, shift, scale, seq_ids, weight, bias, what, ma
         if t is None:
             continue
         if t.dim() != 2 or t.shape[1] != d or (seq_ids is None and t.shape[0] != n):
-            raise ValueError(f"{name} must be ({'B' if seq_ids is not None else n}, {d}), got {tuple(t.shape)}")
+            raise ValueError(f"{name} must be ({'R' if seq_ids is not None else n}, {d}), got {tuple(t.shape)}")
         if rows is not None and t.shape[0] != rows[1]:
             raise ValueError(f"{name} must have {rows[0]}'s number of rows ({rows[1]}), got {t.shape[0]}")
         rows = rows or (name, t.shape[0])
@@ -148,7 +148,7 @@ def _adaln_common(x, branch, gate, shift, scale, seq_ids, weight, bias, what, ma
 
 def _check_seq_ids_range(lo: int, hi: int, rows: int) -> None:
     if lo < 0 or hi >= rows:
-        raise ValueError(f"seq_ids values must lie in [0, {rows}) (rows of the per-sequence tables), "
+        raise ValueError(f"seq_ids values must lie in [0, {rows}) (row ids into the tables' rows), "
                          f"got min {lo}, max {hi}")
 
 

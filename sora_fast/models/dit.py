@@ -1,8 +1,8 @@
 """VideoDiT: a lean Wan2.1 video diffusion transformer on packed spacetime patches.
 
 Per block (Wan2.1 / diffusers ``WanTransformerBlock``), with ``mod = scale_shift_table + time_proj(temb)``
-split into six per-video ``(B, D)`` rows (shift, scale, gate for self-attention; shift, scale, gate for
-the FFN):
+split into six ``(F, D)`` tables with one row per latent frame (shift, scale, gate for self-attention;
+shift, scale, gate for the FFN):
 
     x = x + gate1 * SelfAttn(LN(x) * (1 + scale1) + shift1)          QK-RMSNorm over all heads, 3D RoPE
     x = x + CrossAttn(LN_affine(x), text)                             ungated
@@ -11,7 +11,10 @@ the FFN):
 Gated adds run in fp32 (``sora_fast.ops.gated_residual_adaln``), fused with the norm + modulation that
 follows them, so the residual stream is read once per add: a block takes ``(x, y)`` (``y`` = its first
 modulated norm) and returns ``(x, y_next)`` where ``y_next`` is already the next block's (or the output
-head's) modulated norm. Every video in a pack has its own timestep; tables are indexed by ``seq_ids``.
+head's) modulated norm. Every latent frame of every video in a pack has its own timestep (a per-video
+timestep is the case of equal values, computed the same way): the tables have one row per frame, video by
+video, and every token picks its row with an int32 row index (:func:`sora_fast.packing.frame_ids`: its
+video's frame offset plus its t coordinate), so they take O(frames x D) memory, never O(tokens x D).
 :meth:`VideoDiT.from_diffusers` loads diffusers ``WanTransformer3DModel`` weights (converted by
 :mod:`sora_fast.models.convert`); the same weights give the same output (fp32 parity is tested).
 """
@@ -29,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..ops._dispatch import resolve_family_backends
-from ..packing import PackedSequences, PackedVideos, pack_sequences, pack_videos, segment_mean
+from ..packing import PackedSequences, PackedVideos, frame_ids, pack_sequences, pack_videos, segment_mean
 from ._convert import load_converted
 
 # convert_wan_transformer_state_dict: from models.convert, on first use (module __getattr__ below)
@@ -206,17 +209,19 @@ class DiTBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(6, cfg.dim) / cfg.dim**0.5)
 
     def modulation(self, t6: torch.Tensor) -> torch.Tensor:
-        """``t6`` ``(B, 6, D)`` shared time projection -> this block's ``(6, B, D)`` fp32 tables."""
+        """``t6`` ``(F, 6, D)`` shared time projection (one row per latent frame) -> this block's
+        ``(6, F, D)`` fp32 tables."""
         return (self.scale_shift_table[:, None, :].float() + t6.float().transpose(0, 1)).contiguous()
 
     def forward(self, h: torch.Tensor, y: torch.Tensor, mod: torch.Tensor, next_shift: torch.Tensor,
                 next_scale: torch.Tensor, x: PackedVideos, context: torch.Tensor, text: PackedSequences,
-                backends: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """h ``(N, D)`` residual stream, y ``(N, D)`` = LN(h)·(1+scale1)+shift1, mod ``(6, B, D)``,
-        next_shift/next_scale ``(B, D)`` of the norm after this block -> ``(h_new, y_next)``, each ``(N, D)``."""
-        cfg, ids, ada = self.cfg, x.seq_ids, backends["adaln"]
-        _, _, gate1, shift2, scale2, gate2 = mod.unbind(0)                      # each (B, D) fp32
-        zero, one = torch.zeros_like(gate1), torch.ones_like(gate1)            # (B, D): plain norm, ungated add
+                backends: dict, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h ``(N, D)`` residual stream, y ``(N, D)`` = LN(h)·(1+scale1)+shift1, mod ``(6, F, D)``,
+        next_shift/next_scale ``(F, D)`` of the norm after this block, ids ``(N,)`` int32 row (frame) of
+        every token -> ``(h_new, y_next)``, each ``(N, D)``."""
+        cfg, ada = self.cfg, backends["adaln"]
+        _, _, gate1, shift2, scale2, gate2 = mod.unbind(0)                      # each (F, D) fp32
+        zero, one = torch.zeros_like(gate1), torch.ones_like(gate1)            # (F, D): plain norm, ungated add
         a = self.attn1(y, x, window=cfg.window, rope_theta=cfg.rope_theta, backend=backends["attention"])  # (N, D)
         n2w, n2b = (self.norm2.weight, self.norm2.bias) if self.norm2 is not None else (None, None)
         h, y = ops.gated_residual_adaln(h, a, gate1, zero, zero, ids, weight=n2w, bias=n2b, eps=cfg.eps,
@@ -362,40 +367,69 @@ class VideoDiT(nn.Module):
                              f"every video needs its own (possibly empty) text sequence")
         if text.tokens.shape[1] != c.text_dim:
             raise ValueError(f"text tokens must have text_dim={c.text_dim} features, got {text.tokens.shape[1]}")
+        b, f = x.num_sequences, int(x.grid[:, 0].sum())
+        shapes = f"({b},), one per video of x," + ("" if f == b else f" or ({f},), one per latent frame of x,")
         if not isinstance(timesteps, torch.Tensor):
-            raise TypeError(f"timesteps must be a torch.Tensor of shape ({x.num_sequences},), "
-                            f"got {type(timesteps).__name__}")
-        if tuple(timesteps.shape) != (x.num_sequences,):
-            raise ValueError(f"timesteps must have shape ({x.num_sequences},), one per video of x, "
-                             f"got {tuple(timesteps.shape)}")
+            raise TypeError(f"timesteps must be a torch.Tensor of shape {shapes} got {type(timesteps).__name__}")
+        if tuple(timesteps.shape) not in ((b,), (f,)):
+            raise ValueError(f"timesteps must have shape {shapes} got {tuple(timesteps.shape)}")
+        if timesteps.dtype == torch.bool or timesteps.is_complex():
+            raise TypeError(f"timesteps must be real numbers (float or int), got {timesteps.dtype}")
         if timesteps.device != x.tokens.device or text.tokens.device != x.tokens.device:
             raise ValueError(f"timesteps and text must be on x's device {x.tokens.device}, "
                              f"got {timesteps.device} and {text.tokens.device}")
+        return f
+
+    @staticmethod
+    def frame_timesteps(x: PackedVideos, timesteps: torch.Tensor, num_frames: Optional[int] = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``timesteps`` ``(B,)`` or ``(F,)`` -> ``(per-frame timesteps (F,), video of each frame (F,) int64)``.
+
+        A ``(B,)`` tensor gives every frame its video's value; an ``(F,)`` one is taken as is (when every
+        video has one frame, B == F and both readings are the same). No validation: see :meth:`forward`.
+        """
+        b = x.num_sequences
+        f = int(x.grid[:, 0].sum()) if num_frames is None else num_frames
+        video = torch.repeat_interleave(torch.arange(b, device=x.grid.device), x.grid[:, 0].long(),
+                                        output_size=f)                                     # (F,)
+        if timesteps.shape[0] == b and b != f:
+            timesteps = timesteps[video]                                                   # (F,)
+        return timesteps, video
 
     def forward(self, x: PackedVideos, timesteps: torch.Tensor, text: PackedSequences) -> torch.Tensor:
         """Predict the flow/noise of every patch token.
 
-        x: B packed videos, tokens ``(N, in_channels*pt*ph*pw)``. timesteps: ``(B,)`` one per video
-        (diffusion time in [0, 1000] as Wan). text: B packed sequences, tokens ``(L, text_dim)``.
+        x: B packed videos, tokens ``(N, in_channels*pt*ph*pw)``, F = ``int(x.grid[:, 0].sum())`` latent
+        frames in all (T' of each video). timesteps: diffusion time in [0, 1000] as Wan, either ``(B,)``
+        one per video, or ``(F,)`` one per latent frame, video by video, frames in time order (e.g. 0 for
+        frames given as conditions). With B == F (every video one frame) both mean the same. A per-video
+        value runs exactly as that value repeated for each of its frames (the same ops, bit for bit).
+        text: B packed sequences, tokens ``(L, text_dim)``.
         Returns ``(N, out_channels*pt*ph*pw)`` tokens in ``x``'s feature order: ``x.unpack(out)``
         gives the B videos ``(out_channels, T, H, W)``.
+
+        The modulation tables have one row per latent frame, ``(F, D)`` each, and every token reads its
+        frame's row (:func:`sora_fast.packing.frame_ids`); per-video conditioning (the pooled text) is
+        gathered to the frames of its video.
         """
-        self._validate(x, timesteps, text)
-        c, ids, backends = self.config, x.seq_ids, self._backends()
+        num_frames = self._validate(x, timesteps, text)
+        c, backends = self.config, self._backends()
+        ids = frame_ids(x)                                                          # (N,) int32 row of each token
+        t_rows, video = self.frame_timesteps(x, timesteps, num_frames)              # (F,), (F,) int64
         h = self.patch_embed(x.tokens)                                              # (N, D)
         context = self.text_embed(text.tokens)                                      # (L, D)
-        t_freq = timestep_embedding(timesteps, c.freq_dim)                          # (B, freq_dim) fp32
-        temb = self.time_embed(t_freq.to(self.time_embed[0].weight.dtype)).to(h.dtype)  # (B, D)
-        if self.text_pool is not None:                                              # + pooled text (B, D)
+        t_freq = timestep_embedding(t_rows, c.freq_dim)                             # (F, freq_dim) fp32
+        temb = self.time_embed(t_freq.to(self.time_embed[0].weight.dtype)).to(h.dtype)  # (F, D)
+        if self.text_pool is not None:                                              # + pooled text, per frame
             pooled = segment_mean(context, text.seq_ids, text.num_sequences)[0]       # (B, D)
-            temb = temb + self.text_pool(pooled).to(h.dtype)
-        t6 = self.time_proj(F.silu(temb)).unflatten(1, (6, c.dim))                  # (B, 6, D)
-        mods = [blk.modulation(t6) for blk in self.blocks]                          # L x (6, B, D) fp32
-        out_mod = (self.scale_shift_table[:, None].float() + temb.float()).contiguous()  # (2, B, D)
+            temb = temb + self.text_pool(pooled).to(h.dtype)[video]                  # (F, D)
+        t6 = self.time_proj(F.silu(temb)).unflatten(1, (6, c.dim))                  # (F, 6, D)
+        mods = [blk.modulation(t6) for blk in self.blocks]                          # L x (6, F, D) fp32
+        out_mod = (self.scale_shift_table[:, None].float() + temb.float()).contiguous()  # (2, F, D)
         norms = [m[:2] for m in mods[1:]] + [out_mod]                               # shift/scale after each block
         y = ops.adaln_modulate(h, mods[0][0], mods[0][1], ids, eps=c.eps, backend=backends["adaln"])  # (N, D)
         for blk, mod, (shift, scale) in zip(self.blocks, mods, norms):
-            args = (h, y, mod, shift, scale, x, context, text, backends)
+            args = (h, y, mod, shift, scale, x, context, text, backends, ids)
             if self.checkpointing and torch.is_grad_enabled():
                 h, y = checkpoint(blk, *args, use_reentrant=False)                  # (N, D), (N, D)
             else:
@@ -404,14 +438,37 @@ class VideoDiT(nn.Module):
 
     def forward_videos(self, latents: Sequence[torch.Tensor], timesteps, text_embeddings: Sequence[torch.Tensor]
                        ) -> list[torch.Tensor]:
-        """Convenience: list of ``(C, T, H, W)`` latents, timesteps ``(B,)`` (or one number for all),
-        list of ``(L_i, text_dim)`` text embeddings -> list of ``(out_channels, T, H, W)`` predictions."""
+        """Convenience: list of B ``(C, T, H, W)`` latents, timesteps, list of ``(L_i, text_dim)`` text
+        embeddings -> list of ``(out_channels, T, H, W)`` predictions.
+
+        timesteps: one number for all; ``(B,)`` one per video (tensor or list of numbers); ``(F,)`` one per
+        latent frame as in :meth:`forward`; or per frame as a list or tuple of B 1-D tensors, the i-th
+        with one value per latent frame of video i (``T_i / pt`` values), concatenated in order."""
         x = pack_videos(latents, self.config.patch)
-        if not isinstance(timesteps, torch.Tensor):
+        if isinstance(timesteps, (list, tuple)) and any(isinstance(t, torch.Tensor) for t in timesteps):
+            timesteps = self._cat_frame_timesteps(x, timesteps)
+        elif not isinstance(timesteps, torch.Tensor):
             timesteps = torch.as_tensor(timesteps, dtype=torch.float32, device=x.tokens.device)
             timesteps = timesteps.expand(x.num_sequences) if timesteps.dim() == 0 else timesteps
         out = self(x, timesteps, pack_sequences(text_embeddings))                   # (N, C_out*P)
         return x.unpack(out, channels=self.config.out_channels)
+
+    @staticmethod
+    def _cat_frame_timesteps(x: PackedVideos, timesteps: Sequence) -> torch.Tensor:
+        """A list of B per-video tensors of per-frame timesteps -> the ``(F,)`` form, checked video by video."""
+        frames = x.grid[:, 0].tolist()
+        if len(timesteps) != len(frames):
+            raise ValueError(f"timesteps as a list must hold one tensor per video ({len(frames)}), "
+                             f"got {len(timesteps)}")
+        for i, (t, n) in enumerate(zip(timesteps, frames)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"timesteps[{i}] must be a torch.Tensor of shape ({n},), got {type(t).__name__}")
+            if tuple(t.shape) != (n,):
+                raise ValueError(f"timesteps[{i}] must have shape ({n},), one per latent frame of video {i}, "
+                                 f"got {tuple(t.shape)}")
+            if t.device != x.tokens.device:
+                raise ValueError(f"timesteps[{i}] must be on x's device {x.tokens.device}, got {t.device}")
+        return torch.cat([t.float() if not t.is_floating_point() else t for t in timesteps])
 
 
 def __getattr__(name: str):

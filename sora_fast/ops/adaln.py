@@ -28,7 +28,8 @@ def _check_static(x, tables: dict, seq_ids, norm, weight, bias, eps, extra: Opti
                   grads: Optional[dict] = None, fake: bool = False) -> None:
     """The one static check of the family (shapes, dtypes, devices, scalars; no tensor values read): run by
     the public functions, the torch.library ops (which callers of ``torch.ops.sora_fast.*``, torch.compile
-    and opcheck reach directly) and their fakes. ``tables``: the per-sequence (or per-token) tables;
+    and opcheck reach directly) and their fakes. ``tables``: the ``(R, D)`` tables indexed by the row ids
+``seq_ids`` (R rows: one per sequence, per latent frame, ...; any R), or per-token ``(N, D)`` ones;
     ``extra``: other ``(N, D)`` inputs; ``grads``: the backward's incoming ``(N, D)`` gradients (None
     entries absent). ``fake``: under torch.compile eps may be a symbol, so it is not checked there."""
     check_float("x", x, ndim=2, layout="(N, D)")
@@ -43,12 +44,12 @@ def _check_static(x, tables: dict, seq_ids, norm, weight, bias, eps, extra: Opti
             raise ValueError(f"seq_ids must have one entry per row of x ({n}), got {seq_ids.shape[0]}")
     rows = None
     for name, t in tables.items():
-        check_float(name, t, ndim=2, layout="(B, D) or (N, D)", device=x.device)
+        check_float(name, t, ndim=2, layout="(R, D) or (N, D)", device=x.device)
         if t.shape[1] != d:
             raise ValueError(f"{name} must have x's hidden size {d} in dim 1, got shape {tuple(t.shape)}")
         if seq_ids is None and t.shape[0] != n:
             raise ValueError(f"{name} must be per token, shape ({n}, {d}), when seq_ids is None; "
-                             f"got {tuple(t.shape)} (pass seq_ids for per-sequence (B, D) tables)")
+                             f"got {tuple(t.shape)} (pass seq_ids, row ids, for (R, D) tables)")
         if rows is not None and t.shape[0] != rows[1]:
             raise ValueError(f"{name} must have {rows[0]}'s number of rows ({rows[1]}), got {t.shape[0]}")
         rows = rows or (name, t.shape[0])
@@ -69,10 +70,10 @@ def _check_static(x, tables: dict, seq_ids, norm, weight, bias, eps, extra: Opti
 
 
 def _check_values(seq_ids, table):
-    """The one value check: seq_ids in [0, rows of the tables) (every table has the same number of rows,
-    so one bound), read from the device once."""
+    """The one value check: the row ids seq_ids in [0, R), R the rows of the tables (every table has the
+    same number of rows, so one bound), read from the device once."""
     if seq_ids is not None:
-        check_index_values("seq_ids", seq_ids, table.shape[0], "rows of the per-sequence tables")
+        check_index_values("seq_ids", seq_ids, table.shape[0], "row ids into the tables' rows")
 
 
 def _op_kernel(op, backend, x, tables: dict, seq_ids, norm, weight, bias, eps, grads: Optional[dict] = None,
@@ -225,14 +226,16 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, se
 
     Args:
         x: ``(N, D)`` packed tokens, fp16/bf16/fp32.
-        shift, scale: ``(B, D)`` per-sequence tables (with ``seq_ids``) or ``(N, D)`` per-token tables
-            (``seq_ids=None``); any float dtype.
-        seq_ids: ``(N,)`` int32 sequence of each token, values in ``[0, B)``, or None.
+        shift, scale: ``(R, D)`` tables of R rows read through ``seq_ids`` (one row per sequence, or
+            per latent frame as the DiT's per-frame timesteps, or any other grouping of tokens), or
+            ``(N, D)`` per-token tables (``seq_ids=None``); any float dtype.
+        seq_ids: ``(N,)`` int32 row id of each token, values in ``[0, R)`` (any order; rows no token
+            reads get zero gradients), or None. Tables stay O(R x D): no per-token copy is made.
         norm: ``"layer"`` (LayerNorm) or ``"rms"`` (RMSNorm), over the last dim, with ``eps``.
         weight, bias: optional ``(D,)`` affine of the norm.
 
     Returns y ``(N, D)`` in x's dtype (N = 0 gives an empty y). Differentiable in x, shift, scale,
-    weight, bias; with ``backend="cuda"`` every gradient comes from the CUDA kernels, the per-sequence
+    weight, bias; with ``backend="cuda"`` every gradient comes from the CUDA kernels, the per-row
     ones reduced in a fixed order (bitwise reproducible).
 
     Layouts: any strides work on every backend. ``backend="cuda"`` reads operands whose last dim has
@@ -255,9 +258,9 @@ def gated_residual_adaln(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tens
 
     ``x_new = x + gate[seq_ids] * branch`` (fp32 math, rounded to x's dtype) and
     ``y = adaln_modulate(x_new, shift, scale, seq_ids, ...)``. x, branch ``(N, D)``; gate, shift,
-    scale ``(B, D)`` with seq_ids or ``(N, D)`` without. Returns ``(x_new, y)`` in x's dtype.
-    Differentiable in x, branch, gate, shift, scale, weight, bias. Empty inputs and layouts as in
-    :func:`adaln_modulate`.
+    scale ``(R, D)`` with seq_ids (``(N,)`` int32 row ids in ``[0, R)``) or ``(N, D)`` without.
+    Returns ``(x_new, y)`` in x's dtype. Differentiable in x, branch, gate, shift, scale, weight, bias.
+    Empty inputs and layouts as in :func:`adaln_modulate`.
     """
     _check_static(x, {"gate": gate, "shift": shift, "scale": scale}, seq_ids, norm, weight, bias, eps,
               extra={"branch": branch})
@@ -270,7 +273,8 @@ def gated_residual_adaln(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tens
 
 
 class AdaLNModulate(torch.nn.Module):
-    """Norm (optionally affine) + per-sequence modulation: ``forward(x, shift, scale, seq_ids)``."""
+    """Norm (optionally affine) + modulation from ``(R, D)`` tables and row ids:
+    ``forward(x, shift, scale, seq_ids)``."""
 
     def __init__(self, dim: int, norm: str = "layer", elementwise_affine: bool = False, eps: float = 1e-6,
                  backend: Optional[str] = None):

@@ -1,8 +1,9 @@
 """The adaLN family in plain torch: LayerNorm/RMSNorm + per-sequence modulation, and gated residual + norm +
 modulation; the references, their eager fast paths and reference backwards.
 
-Per-sequence conditioning is a ``(B, D)`` table indexed by ``seq_ids`` (one row per packed video);
-with ``seq_ids=None`` the tables are per token, ``(N, D)``. All math is fp32; outputs keep x's dtype.
+Conditioning is an ``(R, D)`` table whose rows the tokens read through the int32 row ids ``seq_ids``
+(one row per packed video, or per latent frame, ...; values in ``[0, R)``); with ``seq_ids=None`` the
+tables are per token, ``(N, D)``. All math is fp32; outputs keep x's dtype.
 
     adaln_modulate:        y = N(x) * (1 + scale[seq_ids]) + shift[seq_ids]
     gated_residual_adaln:  x_new = x + gate[seq_ids] * branch   (fp32, rounded to x's dtype)
