@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..training.flow import add_noise, flow_matching_loss
+from ..training.flow import add_noise, flow_matching_loss, token_levels
 from ..training.trainer import TrainConfig, Trainer
 from .checkpoint import latest_sharded, load_sharded, save_sharded
 from .fsdp import apply_fsdp, default_param_dtype
@@ -68,32 +68,36 @@ class DistributedTrainer(Trainer):
     def _wrap_model(self, model: nn.Module) -> nn.Module:
         return apply_fsdp(model, self.mesh, param_dtype=self._param_dtype)
 
-    def _local_batch(self, d: dict) -> tuple[Any, torch.Tensor, torch.Tensor, list[str]]:
-        """This dp group's contiguous range of the step's videos: ``(x0, noise, t, captions)``."""
-        x0, noise, t, captions = d["x0"], d["noise"], d["t"], d["captions"]
+    def _local_batch(self, d: dict) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+        """This dp group's contiguous range of the step's videos: ``(x0, noise, levels, given, captions)``
+        (``levels`` / ``given`` per latent frame of those videos)."""
+        x0, noise, levels, given, captions = d["x0"], d["noise"], d["levels"], d["given"], d["captions"]
         if self.mesh.outer_size == 1:
-            return x0, noise, t, captions
+            return x0, noise, levels, given, captions
         lo, hi = video_ranges(x0.seqlens, self.mesh.outer_size)[self.mesh.outer_rank]
         a, b = int(x0.cu_seqlens[lo]), int(x0.cu_seqlens[hi])
-        return select_videos(x0, lo, hi), noise[a:b], t[lo:hi], captions[lo:hi]
+        frames = x0.grid[:, 0].tolist()
+        fa, fb = sum(frames[:lo]), sum(frames[:hi])
+        return (select_videos(x0, lo, hi), noise[a:b], levels[fa:fb], given[fa:fb], captions[lo:hi])
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.config
         d = self.draw(step)
         num_videos = len(d["indices"])
-        x0, noise, t, captions = self._local_batch(d)
-        xt = add_noise(x0.tokens, noise, t[x0.seq_ids.long()])                     # (N_dp, C·p)
+        x0, noise, levels, given, captions = self._local_batch(d)
+        xt = add_noise(x0.tokens, noise, token_levels(x0, levels))                 # (N_dp, C·p)
 
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr(step)
         self.model.train()
         with self._autocast():
             text = self.text_encoder.encode(captions)
-            pred = sequence_parallel_forward(self.dit, x0.with_tokens(xt), t * 1000, text,
+            pred = sequence_parallel_forward(self.dit, x0.with_tokens(xt), levels * 1000, text,
                                              self.mesh.sp_group)                   # (N_dp, C·p)
-        # the mean over this group's videos, weighted by its share of the batch's videos
-        loss = flow_matching_loss(pred.float(), x0.tokens, noise, x0.seq_ids, x0.num_sequences) \
-            * (x0.num_sequences / num_videos)
+        # the mean over this group's videos, weighted by its share of the batch's videos (every video keeps
+        # a denoised frame, so each counts once whatever the conditioning mix gives)
+        loss = flow_matching_loss(pred.float(), x0.tokens, noise, x0.seq_ids, x0.num_sequences,
+                                  mask=self._loss_mask(x0, given)) * (x0.num_sequences / num_videos)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for p in self.model.parameters() if p.requires_grad]

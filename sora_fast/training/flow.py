@@ -8,7 +8,11 @@ and the model predicts ``v`` from ``(x_t, t)``. The noise level σ equals ``t``,
 σ from 1 down to 0 with Euler steps ``x ← x + (σ_next − σ)·v``.
 
 Every sequence of a packed batch has its own timestep: ``t`` is ``(B,)`` and ``t[seq_ids]`` gives the
-per-token ``(N,)`` values. Larger videos (more tokens) need more noise to destroy the same amount of
+per-token ``(N,)`` values. Levels may also be per latent frame: ``(F,)``, one per frame of every video,
+video by video, and ``t[frame_ids(x)]`` gives the per-token values (:func:`token_levels` does either).
+Frames given as conditioning are left out of the loss with a per-token ``mask``.
+
+Larger videos (more tokens) need more noise to destroy the same amount of
 signal, so timesteps and sampler schedules are moved towards 1 by the resolution shift
 ``σ' = s·σ / (1 + (s − 1)·σ)`` (:func:`shift_sigmas`, the one definition shared by training and sampling),
 with ``s`` growing with the token count (:func:`resolution_shift`).
@@ -21,13 +25,14 @@ from typing import Optional, Union
 
 import torch
 
-from ..packing import segment_mean
+from ..packing import PackedVideos, frame_ids, segment_mean
 
 __all__ = [
     "shift_sigmas",
     "resolution_shift",
     "sample_timesteps",
     "add_noise",
+    "token_levels",
     "flow_target",
     "sequence_mse",
     "flow_matching_loss",
@@ -184,12 +189,31 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.T
     return ((1 - t) * x0.to(ct) + t * noise.to(ct)).to(x0.dtype)
 
 
+def token_levels(x: PackedVideos, t: torch.Tensor) -> torch.Tensor:
+    """Per-token levels ``(N,)`` of a packed batch from per-video ``(B,)`` or per-frame ``(F,)`` levels
+    (``F = int(x.grid[:, 0].sum())``, video by video, frames in time order): ``t[seq_ids]`` or
+    ``t[frame_ids(x)]``. When ``B == F`` (every video one frame) both read the same values."""
+    b, f = x.num_sequences, int(x.grid[:, 0].sum())
+    if t.dim() != 1 or t.shape[0] not in (b, f):
+        raise ValueError(f"levels must be ({b},) per video or ({f},) per frame, got shape {tuple(t.shape)}")
+    ids = x.seq_ids if t.shape[0] == b else frame_ids(x)
+    return t[ids.long().to(t.device)]
+
+
 def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """The velocity target ``v = ε − x0``, ``(N, D)`` in fp32 (fp64 for fp64 inputs)."""
     if x0.shape != noise.shape:
         raise ValueError(f"noise must have x0's shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
     ct = torch.promote_types(torch.promote_types(x0.dtype, noise.dtype), torch.float32)
     return noise.to(ct) - x0.to(ct)
+
+
+def _check_mask(mask: Optional[torch.Tensor], n: int) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (n,):
+        raise ValueError(f"mask must be None or a ({n},) bool tensor (True = in the loss), got "
+                         f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
 
 
 def _check_packed(pred: torch.Tensor, target: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int) -> None:
@@ -206,17 +230,27 @@ def _check_packed(pred: torch.Tensor, target: torch.Tensor, seq_ids: torch.Tenso
 
 
 def sequence_mse(
-    pred: torch.Tensor, target: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int
+    pred: torch.Tensor, target: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int,
+    mask: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence mean squared error of packed tokens, in fp32, without a host sync.
 
     pred, target: ``(N, D)``; seq_ids: ``(N,)`` int, values in ``[0, num_seqs)``.
-    Returns ``(mse (B,), counts (B,))``: the MSE over each sequence's tokens and features, and its token
-    count (``B = num_seqs``; an empty sequence has mse 0 and count 0).
+    mask: optional ``(N,)`` bool, True for the tokens in the loss (False: e.g. conditioning frames; they
+          add exactly 0 to the loss and its gradient). None: every token.
+    Returns ``(mse (B,), counts (B,))``: the MSE over each sequence's (masked-in) tokens and features, and
+    their token count (``B = num_seqs``; a sequence without such tokens has mse 0 and count 0).
     """
     _check_packed(pred, target, seq_ids, num_seqs)
+    _check_mask(mask, pred.shape[0])
     per_token = (pred.float() - target.float()).pow(2).mean(dim=1)  # (N,)
-    return segment_mean(per_token, seq_ids, num_seqs)                 # (B,), (B,)
+    if mask is None:
+        return segment_mean(per_token, seq_ids, num_seqs)             # (B,), (B,)
+    per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
+    ids = seq_ids.long()
+    sums = per_token.new_zeros(num_seqs).index_add_(0, ids, per_token)
+    counts = per_token.new_zeros(num_seqs).index_add_(0, ids, mask.to(per_token.dtype))
+    return sums / counts.clamp_min(1), counts
 
 
 def flow_matching_loss(
@@ -227,26 +261,36 @@ def flow_matching_loss(
     num_seqs: int,
     *,
     weighting: str = "sequence",
+    mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Flow-matching loss ``‖pred − (ε − x0)‖²`` on a packed batch; a scalar fp32 tensor.
 
     pred_tokens, x0_tokens, noise_tokens: ``(N, D)`` (the model's velocity, the clean latents, the noise).
     seq_ids: ``(N,)`` int; num_seqs: B.
+    mask: optional ``(N,)`` bool, True for the tokens that are denoised (in the loss). Tokens outside it
+          (frames given as conditioning) are left out of every mean below, as if absent: they contribute
+          exactly zero loss and zero gradient. None (every token in) is today's loss, bit for bit.
     weighting:
       ``"sequence"`` (default): MSE over each sequence's tokens and features, then the mean over the
           sequences — every video weighs the same whatever its token count, so a batch mixing one long
           video with many images does not train almost only on the video. Empty sequences are left out
           of the mean.
-      ``"token"``: the plain mean over all tokens — long videos weigh in proportion to their tokens.
+      ``"token"``: the plain mean over all (masked-in) tokens — long videos weigh in proportion to their
+          tokens.
     """
     target = flow_target(x0_tokens, noise_tokens)
     if weighting == "sequence":
-        mse, counts = sequence_mse(pred_tokens, target, seq_ids, num_seqs)
+        mse, counts = sequence_mse(pred_tokens, target, seq_ids, num_seqs, mask)
         present = (counts > 0).to(torch.float32)
         return (mse * present).sum() / present.sum().clamp_min(1)
     if weighting == "token":
         _check_packed(pred_tokens, target, seq_ids, num_seqs)
-        return (pred_tokens.float() - target).pow(2).mean()
+        _check_mask(mask, pred_tokens.shape[0])
+        if mask is None:
+            return (pred_tokens.float() - target).pow(2).mean()
+        per_token = (pred_tokens.float() - target).pow(2).mean(dim=1)
+        per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
+        return per_token.sum() / mask.sum().clamp_min(1).to(per_token.dtype)
     raise ValueError(f"weighting must be 'sequence' or 'token', got {weighting!r}")
 
 

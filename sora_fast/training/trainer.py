@@ -26,14 +26,26 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..packing import pack_videos, plan_batches
+from ..packing import frame_ids, pack_videos, plan_batches
 from .checkpoint import check_writable, latest_checkpoint, load_checkpoint, save_checkpoint
 from .ema import EMA
-from .flow import add_noise, flow_matching_loss, resolution_shift, sample_timesteps
+from .flow import add_noise, flow_matching_loss, resolution_shift, sample_timesteps, token_levels
 from .lora import apply_lora, load_lora, lora_state_dict
 from .metrics import MetricsLogger, ProgressBar, plot_loss_curve
 
-__all__ = ["TrainConfig", "Trainer", "LatentItem", "config_from_dict"]
+__all__ = ["TrainConfig", "Trainer", "LatentItem", "config_from_dict", "COND_MODES", "draw_conditioning"]
+
+# The conditioning modes of TrainConfig.cond_mix, and the fewest latent frames each needs (a video with
+# fewer is trained as text-to-video: every mode keeps at least one frame to denoise).
+COND_MODES = {
+    "t2v": 1,                # nothing given: text-to-video
+    "i2v": 2,                # the first frame given: image-to-video
+    "extend_forward": 2,     # the first k frames given
+    "extend_backward": 2,    # the last k frames given
+    "interpolate": 3,        # the first and the last frame given
+    "keyframes": 2,          # a random non-empty proper subset of the frames given
+    "diffusion_forcing": 2,  # nothing given; every frame its own independent level
+}
 
 
 @dataclass
@@ -57,6 +69,19 @@ class TrainConfig:
     train_text_encoder: also train the text encoder (the tiny one; a frozen T5 never trains).
     save_every, keep_last, log_every: checkpoint / metrics cadence.
     seed:             all randomness of the run.
+    cond_mix:         probabilities of the conditioning modes (:data:`COND_MODES`), drawn per video and
+                      step: ``t2v``, ``i2v``, ``extend_forward``, ``extend_backward``, ``interpolate``,
+                      ``keyframes``, ``diffusion_forcing``. Weights >= 0, normalised by their sum; absent
+                      modes have 0. Default ``{"t2v": 1.0}``: pure text-to-video, so runs, tests and
+                      checkpoints made before the mix existed train exactly (bit for bit) as before.
+                      Given frames get level ``cond_noise`` and are left out of the loss; a video too
+                      short for its mode (an image: always) is trained as ``t2v``.
+    cond_frames:      the most frames given by ``extend_forward`` / ``extend_backward``: k is drawn
+                      uniformly from ``1..min(cond_frames, T - 1)`` for a video of T latent frames.
+                      Default 1 (one frame, the usual extension by a clip's last latent).
+    cond_noise:       the level of given frames, in [0, 1) (LTX-Video's ``image_cond_noise_scale``,
+                      SkyReels' ``addnoise_condition``): a little noise on the condition makes the model
+                      robust to conditions that are themselves generated. Default 0: given frames clean.
     """
 
     steps: int = 1000
@@ -81,6 +106,9 @@ class TrainConfig:
     keep_last: int = 2
     log_every: int = 10
     seed: int = 0
+    cond_mix: dict = dataclasses.field(default_factory=lambda: {"t2v": 1.0})
+    cond_frames: int = 1
+    cond_noise: float = 0.0
 
     def __post_init__(self):
         def positive_int(name, minimum=1):
@@ -88,7 +116,7 @@ class TrainConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
                 raise ValueError(f"TrainConfig.{name} must be an int >= {minimum}, got {v!r}")
 
-        for name in ("steps", "token_budget", "save_every", "keep_last", "log_every"):
+        for name in ("steps", "token_budget", "save_every", "keep_last", "log_every", "cond_frames"):
             positive_int(name)
         for name in ("warmup_steps", "lora_rank", "seed"):
             positive_int(name, 0)
@@ -127,6 +155,21 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.timestep_shift must be 'auto' or a positive number, "
                              f"got {self.timestep_shift!r}")
         self.betas = tuple(self.betas)
+        if not isinstance(self.cond_mix, Mapping):
+            raise ValueError(f"TrainConfig.cond_mix must be a mapping of mode -> probability, got "
+                             f"{type(self.cond_mix).__name__}")
+        for mode, w in self.cond_mix.items():
+            if mode not in COND_MODES:
+                raise ValueError(f"TrainConfig.cond_mix has an unknown mode {mode!r}; the modes are "
+                                 f"{', '.join(COND_MODES)}")
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise ValueError(f"TrainConfig.cond_mix[{mode!r}] must be a finite number >= 0, got {w!r}")
+        if not sum(self.cond_mix.values()) > 0:
+            raise ValueError(f"TrainConfig.cond_mix must give some mode a probability > 0, got {self.cond_mix!r}")
+        self.cond_mix = {m: float(w) for m, w in self.cond_mix.items()}
+        if isinstance(self.cond_noise, bool) or not isinstance(self.cond_noise, (int, float)) \
+                or not 0 <= self.cond_noise < 1:
+            raise ValueError(f"TrainConfig.cond_noise must be a number in [0, 1), got {self.cond_noise!r}")
 
 
 _TYPE_NAMES = {int: "an int", float: "a number", str: "a string", bool: "true or false", tuple: "a list",
@@ -218,6 +261,64 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + 12_345) % (2**63))
 
 
+def draw_conditioning(frames: Sequence[int], t: torch.Tensor, shift: Union[float, torch.Tensor],
+                      mix: Mapping[str, float], cond_frames: int = 1, cond_noise: float = 0.0,
+                      generator: Optional[torch.Generator] = None) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Per-frame levels and given frames of one step's videos (on the CPU).
+
+    frames: latent frames ``T'`` of each of the B videos; t: ``(B,)`` their timesteps in [0, 1];
+    shift: the timestep shift (a float, or ``(B,)`` per video) that Diffusion Forcing's per-frame levels
+    are drawn with; mix, cond_frames, cond_noise: as :class:`TrainConfig`'s.
+    Returns ``(modes, levels, given)``: the mode each video is trained in (after the too-short rule),
+    ``(F,)`` float32 levels (``t`` of the video; ``cond_noise`` at given frames; independent
+    logit-normal draws for ``diffusion_forcing``) and ``(F,)`` bool given frames, video by video.
+    Every video keeps at least one frame that is not given.
+
+    Draws from ``generator`` only when some mode other than ``t2v`` has a probability > 0, always the same
+    amount for the same videos: ``B`` (mode), ``B`` (k / number of keyframes), ``F`` (keyframe choice),
+    ``F`` (Diffusion Forcing levels), in that order.
+    """
+    b = len(frames)
+    t = t.detach().to("cpu", torch.float32)
+    video = torch.repeat_interleave(torch.arange(b), torch.as_tensor(list(frames), dtype=torch.long))
+    levels, given = t[video].clone(), torch.zeros(len(video), dtype=torch.bool)
+    names = [m for m in COND_MODES if mix.get(m, 0.0) > 0]
+    if names == ["t2v"]:
+        return ["t2v"] * b, levels, given
+    f = len(video)
+    weights = torch.tensor([mix[m] for m in names], dtype=torch.float64)
+    cum = torch.cumsum(weights, 0) / weights.sum()
+    u_mode = torch.rand(b, generator=generator, dtype=torch.float64)
+    u_k = torch.rand(b, generator=generator, dtype=torch.float64)
+    u_pick = torch.rand(f, generator=generator)
+    frame_shift = (shift.detach().to("cpu", torch.float32)[video] if isinstance(shift, torch.Tensor)
+                   and shift.dim() else shift)
+    df = sample_timesteps(f, generator=generator, shift=frame_shift, device="cpu")
+    picks = torch.searchsorted(cum, u_mode, right=True).clamp_max(len(names) - 1).tolist()
+    modes, start = [], 0
+    for j, n in enumerate(int(x) for x in frames):
+        mode = names[picks[j]]
+        if n < COND_MODES[mode]:
+            mode = "t2v"
+        sl, g = slice(start, start + n), given[start:start + n]
+        if mode == "i2v":
+            g[0] = True
+        elif mode in ("extend_forward", "extend_backward"):
+            k = 1 + int(u_k[j] * min(cond_frames, n - 1))
+            g[slice(0, k) if mode == "extend_forward" else slice(n - k, n)] = True
+        elif mode == "interpolate":
+            g[0] = g[-1] = True
+        elif mode == "keyframes":
+            m = 1 + int(u_k[j] * (n - 1))                  # 1..n-1 frames given
+            g[torch.argsort(u_pick[sl], stable=True)[:m]] = True
+        elif mode == "diffusion_forcing":
+            levels[sl] = df[sl]
+        levels[sl] = torch.where(g, torch.full_like(levels[sl], float(cond_noise)), levels[sl])
+        modes.append(mode)
+        start += n
+    return modes, levels, given
+
+
 class Trainer:
     """Trains ``dit`` (and a trainable text encoder) on ``items`` with flow matching.
 
@@ -305,7 +406,9 @@ class Trainer:
     def draw(self, step: int) -> dict[str, Any]:
         """All of step ``step``'s data and random draws (a function of the seed and the step only):
         ``indices``, ``captions`` (after dropout), ``x0`` (PackedVideos of the latents), ``noise``
-        ``(N, C·p)`` and ``t`` ``(B,)`` in [0, 1]."""
+        ``(N, C·p)``, ``t`` ``(B,)`` in [0, 1], and the conditioning mix (:func:`draw_conditioning`,
+        drawn after everything else so the default pure text-to-video mix draws nothing new):
+        ``modes`` (one per video), ``levels`` ``(F,)`` per latent frame and ``given`` ``(F,)`` bool."""
         cfg = self.config
         g = _step_generator(cfg.seed, step)
         idx = self.batch_for_step(step)
@@ -316,22 +419,35 @@ class Trainer:
         noise = torch.randn(x0.tokens.shape, generator=g).to(self.device)          # (N, C·p)
         shift = (resolution_shift(x0.cu_seqlens.diff()) if cfg.timestep_shift == "auto"
                  else float(cfg.timestep_shift))
-        t = sample_timesteps(len(idx), generator=g, shift=shift).to(self.device)  # (B,)
-        return {"indices": idx, "captions": captions, "x0": x0, "noise": noise, "t": t}
+        t = sample_timesteps(len(idx), generator=g, shift=shift)                    # (B,)
+        modes, levels, given = draw_conditioning(x0.grid[:, 0].tolist(), t, shift, cfg.cond_mix,
+                                                 cfg.cond_frames, cfg.cond_noise, generator=g)
+        return {"indices": idx, "captions": captions, "x0": x0, "noise": noise, "t": t.to(self.device),
+                "modes": modes, "levels": levels.to(self.device), "given": given.to(self.device)}
+
+    @staticmethod
+    def _loss_mask(x0, given: torch.Tensor) -> Optional[torch.Tensor]:
+        """``(N,)`` bool, True at the tokens of frames to denoise; None when no frame is given (the
+        unmasked loss, bit for bit today's)."""
+        if not bool(given.any()):
+            return None
+        return ~given[frame_ids(x0).long()]
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.config
         d = self.draw(step)
-        x0, noise, t, idx = d["x0"], d["noise"], d["t"], d["indices"]
-        xt = add_noise(x0.tokens, noise, t[x0.seq_ids.long()])                    # (N, C·p)
+        x0, noise, levels, idx = d["x0"], d["noise"], d["levels"], d["indices"]
+        xt = add_noise(x0.tokens, noise, token_levels(x0, levels))                # (N, C·p)
 
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr(step)
         self.model.train()
         with self._autocast():
             text = self.text_encoder.encode(d["captions"])
-            pred = self.dit(x0.with_tokens(xt), t * 1000, text)                    # (N, C·p) velocity
-        loss = flow_matching_loss(pred.float(), x0.tokens, noise, x0.seq_ids, len(idx))
+            pred = self.dit(x0.with_tokens(xt), levels * 1000, text)               # (N, C·p) velocity
+        # given frames are left out: per video, the mean over its denoised tokens (at least one frame's)
+        loss = flow_matching_loss(pred.float(), x0.tokens, noise, x0.seq_ids, len(idx),
+                                  mask=self._loss_mask(x0, d["given"]))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for p in self.model.parameters() if p.requires_grad]
