@@ -4,7 +4,8 @@ One spawned run (process start-up dominates on CPU) holds every 2-rank check; ea
 to a file and the assertions run here, against the same computation in this single process:
   * Ulysses sequence parallel forward and backward of a fp64 DiT (windows, fused RoPE, uneven shards
     cutting through videos, a 1-token video, an empty caption) == one process;
-  * FSDP2 training, mesh (dp=1, sp=2) and (dp=2, sp=1): the losses of the single-process Trainer;
+  * FSDP2 training, mesh (dp=1, sp=2) and (dp=2, sp=1): the losses of the single-process Trainer, also
+    with a conditioning mix (given frames, per-frame levels, images in the same batches);
   * a sharded checkpoint written at world size 2 resumes at world size 1 onto the same loss curve;
   * CFG-parallel and sequence-parallel sampling == single-process sample_euler for the same seed;
   * bad input (heads not divisible, mismatched meshes, a checkpoint of another model) raises the same clear
@@ -85,7 +86,15 @@ def _sp_loss_and_grads(dit, out, target):
     return {n: p.grad.clone() for n, p in dit.named_parameters()}
 
 
-def _train_parts(run_dir, mesh=None, seed=0, steps=3, dit_config=None, model_config="tiny", token_budget=24):
+# every conditioning mode but t2v (images still train as t2v), so the dp ranges cut through videos with
+# given frames and per-frame levels: the 3- and 4-frame videos never draw t2v, and 3 steps are an epoch
+COND = dict(cond_mix={"i2v": 1.0, "extend_forward": 1.0, "extend_backward": 1.0,
+                      "interpolate": 1.0, "keyframes": 1.0, "diffusion_forcing": 1.0},
+            cond_frames=2, cond_noise=0.05)
+
+
+def _train_parts(run_dir, mesh=None, seed=0, steps=3, dit_config=None, model_config="tiny", token_budget=24,
+                 **cond):
     torch.manual_seed(seed)
     dit = VideoDiT(dit_config or DiTConfig.from_name("tiny"))
     for p in dit.parameters():
@@ -94,7 +103,7 @@ def _train_parts(run_dir, mesh=None, seed=0, steps=3, dit_config=None, model_con
     items = [{"latent": torch.randn(s, generator=torch.Generator().manual_seed(seed + i)), "caption": c}
              for i, (s, c) in enumerate(zip(SHAPES, CAPTIONS))]
     cfg = TrainConfig(steps=steps, token_budget=token_budget, lr=1e-3, warmup_steps=2, save_every=2, log_every=1,
-                      seed=seed)
+                      seed=seed, **cond)
     kw = dict(model_config={"dit": model_config}, progress=False)
     if mesh is False:
         return Trainer(dit, text, items, cfg, run_dir, **kw)
@@ -167,12 +176,14 @@ def _rank_main(rank, port, out_dir, seed):
     res["sp"] = _attempt(sp_forward_backward)
     res["sp_triton"] = _attempt(lambda: _triton_sp_fp32(seed, dist.group.WORLD))
 
-    def train(sp, name):
-        tr = _train_parts(out_dir / name, make_mesh(sp), seed)
+    def train(sp, name, **cond):
+        tr = _train_parts(out_dir / name, make_mesh(sp), seed, **cond)
         return {"losses": tr.train()["losses"],
                 "local_numel": sum(p.to_local().numel() for p in tr.model.parameters())}
     res["train_sp"] = _attempt(lambda: train(2, "sp"))
     res["train_dp"] = _attempt(lambda: train(1, "dp"))
+    res["train_mix_sp"] = _attempt(lambda: train(2, "mix_sp", **COND))
+    res["train_mix_dp"] = _attempt(lambda: train(1, "mix_dp", **COND))
 
     def sample(sp):
         dit, noise, kw = _sampling_problem(seed)
@@ -314,6 +325,18 @@ def test_fsdp_training_losses_equal_one_process(ranks, reference_run):
         # weights sharded, not duplicated: the ranks' local shards add up to the model
         assert sum(g["local_numel"] for g in per_rank) == total
         assert max(g["local_numel"] for g in per_rank) <= shard
+
+
+def test_fsdp_training_with_the_conditioning_mix_equals_one_process(ranks, tmp_path):
+    """The mix's given frames, per-frame levels and loss mask on both meshes: the single-process losses."""
+    tr = _train_parts(tmp_path / "ref_mix", False, ranks[2], **COND)
+    ref = tr.train()["losses"]
+    modes = {m for s in range(3) for m in tr.draw(s)["modes"]}
+    assert modes - {"t2v"}, f"no conditioned video drawn; {_replay(ranks)}"
+    for key in ("train_mix_sp", "train_mix_dp"):
+        for res in ranks[1]:
+            got = _ok(res, key)
+            assert got["losses"] == pytest.approx(ref, rel=LOSS_RTOL, abs=0), f"{key}; {_replay(ranks)}"
 
 
 def test_checkpoint_from_world_size_2_resumes_at_world_size_1(ranks, reference_run):
