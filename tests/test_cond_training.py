@@ -246,3 +246,14 @@ def test_the_mix_from_a_run_file_train_table():
         config_from_dict(TrainConfig, {"cond_mix": "i2v"}, where="run.json [train]")
     with pytest.raises(ValueError, match=r"unknown mode 'i2i'"):
         config_from_dict(TrainConfig, {"cond_mix": {"i2i": 1}}, where="run.json [train]")
+
+
+def test_default_mix_is_text_to_video_with_the_video_timestep_on_every_frame(tmp_path):
+    tr = _setup(tmp_path, cond_mix={"t2v": 1.0}, cond_noise=0.0, cond_frames=1)
+    for step in range(3):
+        d = tr.draw(step)
+        frames = d["x0"].grid[:, 0]
+        assert d["modes"] == ["t2v"] * len(d["indices"]) and not d["given"].any()
+        assert torch.equal(d["levels"], torch.repeat_interleave(d["t"], frames))
+        assert tr._loss_mask(d["x0"], d["given"]) is None
+        assert torch.equal(token_levels(d["x0"], d["levels"]), d["t"][d["x0"].seq_ids.long()])
