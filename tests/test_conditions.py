@@ -2,6 +2,8 @@
 the per-frame levels of ``sample_euler(..., given=, given_levels=)``."""
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -290,3 +292,85 @@ def test_pack_videos_frame_rows_match_the_given_mask():
     x = pack_videos([torch.zeros(4, 3, 4, 4), torch.zeros(4, 2, 2, 2)], patch=PATCH)
     ids = frame_ids(x)
     assert ids.tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] + [4]
+
+
+# --- CLI -------------------------------------------------------------------------------------------
+def _write(tmp_path, name, clip):
+    from sora_fast.data import write_video
+    return write_video(tmp_path / name, clip, fps=8)
+
+
+def _run_cli(monkeypatch, path, tmp_path, *args):
+    import sora_fast.data as data
+    from sora_fast import cli
+    from sora_fast.data import write_video
+    written = {}
+
+    def spy(p, clip, **kw):
+        written[Path(p).name] = clip.clone()
+        return write_video(p, clip, **kw)
+    monkeypatch.setattr(data, "write_video", spy)
+    rc = cli.main(["generate", "--pipeline", str(path), "--prompt", "a", "--prompt", "b", "--steps", "2",
+                   "--out", str(tmp_path / "gen"), "--format", "gif", *args])
+    return rc, written
+
+
+@pytest.mark.parametrize("flags, conds, size", [
+    (["--image", "{img}"], lambda m: [Condition(m["img"], 0)], (9, 16, 32)),
+    (["--video", "{clip}", "--extend", "forward"], lambda m: [Condition(m["clip"], 0)], (9, 16, 32)),
+    (["--video", "{clip}", "--extend", "backward"], lambda m: [Condition(m["clip"], -5)], (9, 16, 32)),
+    (["--keyframe", "{img}@0", "--keyframe", "{img2}@-1", "--size", "13x16x32"],
+     lambda m: [Condition(m["img"], 0), Condition(m["img2"], -1)], (13, 16, 32)),
+])
+def test_cli_conditions_equal_the_api(tiny_pipeline, tmp_path, capsys, monkeypatch, flags, conds, size):
+    pipe, path = tiny_pipeline
+    media = {"img": str(_write(tmp_path, "img.png", _video((1, 16, 32), 1))),
+             "img2": str(_write(tmp_path, "img2.png", _video((1, 16, 32), 2))),
+             "clip": str(_write(tmp_path, "clip.gif", _video((5, 16, 32), 3)))}
+    rc, written = _run_cli(monkeypatch, path, tmp_path, *[f.format(**media) for f in flags])
+    assert rc == 0, capsys.readouterr().err
+    c = conds(media)
+    ref = pipe.generate(["a", "b"], size, conditions=[c, c], steps=2, guidance=4.0, seed=0)
+    for name, r in zip(["00_a.gif", "01_b.gif"], ref):
+        assert written[name].shape == (3, *size)
+        torch.testing.assert_close(written[name], r, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--extend", "forward"], r"--extend needs --video PATH"),
+    (["--video", "{clip}"], r"--video needs --extend forward\|backward"),
+    (["--video", "{clip}", "--extend", "sideways"], r"invalid choice"),
+    (["--image", "{img}", "--video", "{clip}", "--extend", "forward"], r"--image and --video"),
+    (["--image", "{img}", "--edit", "{clip}", "--strength", "0.5"], r"--edit cannot be combined"),
+    (["--image", "{clip}"], r"has 5 frames; give an image"),
+    (["--image", "{img}", "--size", "9x16x16"], r"--image is 16x32 .* --size #1 9x16x16 .* never resized"),
+    (["--keyframe", "{img}@9"], r"--keyframe .*@9: frame 9 is outside the video .*-9..8"),
+    (["--keyframe", "{img}@-10"], r"outside the video"),
+    (["--keyframe", "{img}"], r"a keyframe is PATH@FRAME"),
+    (["--keyframe", "{img}@x"], r"a keyframe is PATH@FRAME"),
+    (["--video", "{clip}", "--extend", "forward", "--size", "1x16x32"], r"has 5 frames, more than the 1"),
+    (["--image", "{tmp}/missing.png"], r"--image: cannot read"),
+    (["--image", "{img}", "--cfg-parallel"], r"--cfg-parallel does not take"),
+])
+def test_cli_condition_arguments_are_checked_before_anything_loads(tmp_path, capsys, args, match):
+    from sora_fast import cli
+    img = _write(tmp_path, "img.png", _video((1, 16, 32), 1))
+    clip = _write(tmp_path, "clip.gif", _video((5, 16, 32), 3))
+    args = [a.format(img=img, clip=clip, tmp=tmp_path) for a in args]
+    try:
+        rc = cli.main(["generate", "--pipeline", str(tmp_path / "missing"), "--prompt", "a", "--out",
+                       str(tmp_path / "o"), *args])
+    except SystemExit as e:  # argparse's own usage errors
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(match, err), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_keyframe_off_a_latent_boundary_fails_before_generating(tiny_pipeline, tmp_path, capsys):
+    from sora_fast import cli
+    _, path = tiny_pipeline
+    img = _write(tmp_path, "img.png", _video((1, 16, 32), 1))
+    rc = cli.main(["generate", "--pipeline", str(path), "--prompt", "a", "--keyframe", f"{img}@-2",
+                   "--out", str(tmp_path / "o")])
+    assert rc == 2 and re.search(r"frame=-2 \(pixel frame 7\) must be a multiple of 4", capsys.readouterr().err)
