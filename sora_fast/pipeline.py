@@ -76,7 +76,7 @@ def read_media(path: Union[str, "os.PathLike[str]"], name: str = "path") -> torc
     return x / 127.5 - 1.0
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # eq would compare media tensors
 class Condition:
     """An image or a clip that a generated video must contain at a given place (image-to-video, extension,
     keyframes).

@@ -374,3 +374,23 @@ def test_cli_keyframe_off_a_latent_boundary_fails_before_generating(tiny_pipelin
     rc = cli.main(["generate", "--pipeline", str(path), "--prompt", "a", "--keyframe", f"{img}@-2",
                    "--out", str(tmp_path / "o")])
     assert rc == 2 and re.search(r"frame=-2 \(pixel frame 7\) must be a multiple of 4", capsys.readouterr().err)
+
+
+def test_frame_sigmas_takes_the_videos_level_where_not_given():
+    from sora_fast.sampling import frame_sigmas
+    lv = torch.tensor([0.0, float("nan"), 0.3, float("nan")], dtype=torch.float64)
+    assert frame_sigmas(torch.tensor(0.8, dtype=torch.float64), lv).tolist() == [0.0, 0.8, 0.3, 0.8]
+
+
+def test_conditions_with_an_edit_at_strength_zero(tiny_pipeline, monkeypatch):
+    """No step runs; the given frame holds the condition's latent, the others the edited video's."""
+    pipe, _ = tiny_pipeline
+    got = _capture_latents(pipe, monkeypatch)
+    v, img = _video((9, 16, 16), 1), _video((1, 16, 16), 2)
+    calls = []
+    fwd = pipe.dit.forward
+    pipe.dit.forward = lambda *a, **k: calls.append(1) or fwd(*a, **k)
+    pipe.generate(["x"], init_videos=[v], strength=0.0, conditions=[[Condition(img, frame=-1)]], steps=3)
+    lat = got[0][0]
+    assert calls == []
+    assert torch.equal(lat[:, 2:], _encode(pipe, img)) and torch.equal(lat[:, :2], _encode(pipe, v)[:, :2])
