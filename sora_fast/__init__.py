@@ -17,14 +17,19 @@ __all__ = [
     "pack_sequences",
     "plan_batches",
     "accelerate",
+    "Condition",
 ]
 
 
 def __getattr__(name: str):
-    """``sora_fast.accelerate`` (diffusers pipelines on sora_fast kernels), imported on first use so that
-    ``import sora_fast`` does not import diffusers."""
+    """``sora_fast.accelerate`` (diffusers pipelines on sora_fast kernels) and ``sora_fast.Condition``,
+    imported on first use so that ``import sora_fast`` does not import diffusers or the models."""
     if name == "accelerate":
         from .integrations.diffusers import accelerate
 
         return accelerate
+    if name == "Condition":  # imported on first use: the pipeline imports the models
+        from .pipeline import Condition
+
+        return Condition
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -241,6 +241,66 @@ def output_stems(prompts: Sequence[str], max_bytes: int = MAX_NAME_BYTES) -> lis
     return stems
 
 
+def _keyframe(text: str) -> tuple[str, int]:
+    path, sep, frame = text.rpartition("@")
+    try:
+        if not sep or not path:
+            raise ValueError
+        return path, int(frame)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a keyframe is PATH@FRAME (FRAME a pixel frame index, negative from the "
+                                         f"end, e.g. last.png@-1); got {text!r}") from None
+
+
+def _check_condition_args(args) -> None:
+    """``--image`` / ``--video --extend`` / ``--keyframe`` -> ``args.conditions`` (a list of Condition for every
+    prompt, media read) and ``args.condition_size`` (the default size they imply), checked without a model."""
+    from .pipeline import Condition, read_media
+
+    args.conditions, args.condition_size = [], None
+    if args.extend is not None and args.video is None:
+        raise ValueError("--extend needs --video PATH (the clip to extend)")
+    if args.video is not None and args.extend is None:
+        raise ValueError("--video needs --extend forward|backward (where the clip goes: at the start or the end)")
+    if args.image is not None and args.video is not None:
+        raise ValueError("--image and --video --extend both give the video's frames; use one (add frames at other "
+                         "places with --keyframe PATH@FRAME)")
+    keyframes = args.keyframe or []
+    if args.edit is not None and (args.image is not None or args.video is not None or keyframes):
+        raise ValueError("--edit cannot be combined with --image, --video or --keyframe on the command line (use "
+                         "VideoPipeline.generate(init_videos=..., conditions=...) for both)")
+    if args.image is not None:
+        img = read_media(args.image, "--image")
+        if img.shape[1] != 1:
+            raise ValueError(f"--image {args.image!r} has {img.shape[1]} frames; give an image (use --video --extend "
+                             "for a clip)")
+        args.conditions.append(("--image", Condition(img, 0)))
+        args.condition_size = (9, *img.shape[2:])
+    if args.video is not None:
+        clip = read_media(args.video, "--video")
+        n = clip.shape[1]
+        frame = 0 if args.extend == "forward" else -n
+        args.conditions.append((f"--video (--extend {args.extend})", Condition(clip, frame)))
+        args.condition_size = (2 * n - 1, *clip.shape[2:])
+    for path, frame in keyframes:
+        media = read_media(path, f"--keyframe {path}@{frame}")
+        args.conditions.append((f"--keyframe {path}@{frame}", Condition(media, frame)))
+        if args.condition_size is None:
+            args.condition_size = (9, *media.shape[2:])
+    for i, s in enumerate((args.size or [args.condition_size]) if args.conditions else []):
+        t, h, w = s
+        for flag, c in args.conditions:
+            n, ch, cw = c.media.shape[1:]
+            where = f"--size #{i + 1} {t}x{h}x{w}" if args.size else f"the default size {t}x{h}x{w}"
+            if (ch, cw) != (h, w):
+                raise ValueError(f"{flag} is {ch}x{cw} (height x width) but {where} was requested; a condition is "
+                                 "never resized: pass --size with its height and width (or leave --size out)")
+            if n > t:
+                raise ValueError(f"{flag} has {n} frames, more than the {t} of {where}")
+            if not -t <= c.frame < t:
+                raise ValueError(f"{flag}: frame {c.frame} is outside the video ({where}: frames {-t}..{t - 1})")
+
+
 def _finite(flag: str, value: float, positive: bool = False) -> float:
     import math
 
@@ -278,6 +338,10 @@ def _check_generate_args(args) -> None:
                 raise ValueError(f"--size #{i + 1} {'x'.join(map(str, s))} differs from the --edit video's size "
                                  f"{'x'.join(map(str, have))} (frames x height x width); an edited video is never "
                                  "resized: leave out --size, it defaults to the video's")
+    _check_condition_args(args)
+    if args.conditions and args.cfg_parallel:
+        raise ValueError("--cfg-parallel does not take --image, --video or --keyframe yet (the conditioned frames "
+                         "need per-frame timesteps); leave out --cfg-parallel")
 
 
 def cmd_generate(args) -> int:
@@ -293,13 +357,15 @@ def cmd_generate(args) -> int:
     out = check_writable(args.out)
     pipe = VideoPipeline.load(args.pipeline, verify=not args.no_verify)
     edit = args.edit_video
-    sizes = args.size or [(9, 32, 32) if edit is None else tuple(edit.shape[1:])]
+    sizes = args.size or [args.condition_size or ((9, 32, 32) if edit is None else tuple(edit.shape[1:]))]
     if len(sizes) not in (1, len(args.prompt)):
         raise ValueError(f"--size given {len(sizes)} times; give it once or once per --prompt ({len(args.prompt)})")
     sizes = sizes * len(args.prompt) if len(sizes) == 1 else sizes
     for i, s in enumerate(sizes):
         pipe.check_size(s, name=f"--edit {args.edit}" if edit is not None else f"--size #{i + 1}")
     kw = {} if edit is None else dict(init_videos=[edit] * len(args.prompt), strength=args.strength)
+    if args.conditions:
+        kw["conditions"] = [[c for _, c in args.conditions] for _ in args.prompt]
     clips = pipe.generate(args.prompt, sizes, steps=args.steps, guidance=args.guidance, shift=args.shift,
                           negative_prompt=args.negative_prompt, seed=args.seed, **kw,
                           denoiser=None if mesh is None else make_denoiser(pipe.dit, mesh))
@@ -423,6 +489,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strength", type=float, metavar="S",
                    help="with --edit: 0 keeps the video (VAE round trip), 1 generates anew from the seed's "
                         "noise; in between, re-noised to that level and denoised over the remaining steps")
+    g.add_argument("--image", metavar="PATH",
+                   help="image-to-video: this image is the first frame of every prompt's video; the size defaults "
+                        "to 9 frames at the image's height and width")
+    g.add_argument("--video", metavar="PATH",
+                   help="extend this clip (needs --extend); the size defaults to 2n - 1 frames (n the clip's) at its "
+                        "height and width")
+    g.add_argument("--extend", choices=["forward", "backward"],
+                   help="with --video: forward puts the clip at the start and generates what follows, backward "
+                        "puts it at the end and generates what comes before")
+    g.add_argument("--keyframe", action="append", type=_keyframe, metavar="PATH@FRAME",
+                   help="an image (or clip) at pixel frame FRAME of every video (negative from the end: -1 is the "
+                        "last); FRAME must land on a multiple of 4; repeat for several (e.g. first.png@0 "
+                        "last.png@-1)")
     g.add_argument("--format", nargs="+", default=["mp4", "gif"], choices=["mp4", "gif"],
                    help="files to write per clip (default: mp4 gif; 1-frame clips as png instead of mp4)")
     g.add_argument("--fps", type=float, default=8.0, metavar="F", help="frames per second (default: %(default)s)")

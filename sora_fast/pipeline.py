@@ -28,7 +28,7 @@ from .models.text import T5TextEncoder, TextEncoder, TinyTextConfig, TinyTextEnc
 from .models.vae import CausalVAE, VAEConfig
 from .sampling import sample_euler
 
-__all__ = ["VideoPipeline", "check_video_size", "read_media"]
+__all__ = ["Condition", "VideoPipeline", "check_video_size", "read_media"]
 
 Size = tuple[int, int, int]  # (frames, height, width) in pixels
 Media = Union[torch.Tensor, str, "os.PathLike[str]"]
@@ -74,6 +74,28 @@ def read_media(path: Union[str, "os.PathLike[str]"], name: str = "path") -> torc
         raise ValueError(f"{name}: {str(f)!r} is not a readable video or image ({type(e).__name__}: {e})") from e
     x = torch.from_numpy(frames).permute(3, 0, 1, 2).float()  # (3, T, H, W) in [0, 255]
     return x / 127.5 - 1.0
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq would compare media tensors
+class Condition:
+    """An image or a clip that a generated video must contain at a given place (image-to-video, extension,
+    keyframes).
+
+    Args:
+        media: a ``(3, T, H, W)`` float tensor in [-1, 1] (the format :meth:`VideoPipeline.generate` returns;
+            T = 1 for an image) or the path of an image or video file (read whole by :func:`read_media`, never
+            resized). T must be ``1 + 4k`` (a valid video length for the causal VAE) and ``(H, W)`` the
+            generated video's.
+        frame: the pixel frame of the output where its first frame goes; negative counts from the end
+            (``-1`` is the last frame). After that it must be a multiple of the VAE's time factor (4): see
+            :meth:`VideoPipeline.generate` for how it is encoded and placed.
+        strength: in [0, 1]; 1 keeps its frames exactly (noise level 0), lower re-noises them to level
+            ``σc = 1 − strength``, at which they are held.
+    """
+
+    media: Union[torch.Tensor, str, "os.PathLike[str]"]
+    frame: int = 0
+    strength: float = 1.0
 
 
 def check_video_size(size, temporal_factor: int, spatial_factor: int, patch: Sequence[int],
@@ -255,8 +277,14 @@ class VideoPipeline(nn.Module):
 
     DEFAULT_SIZE: Size = (9, 32, 32)
 
-    def _check_init_videos(self, init_videos, b: int) -> list[Optional[torch.Tensor]]:
+    def _check_init_videos(self, init_videos, b: int, name: Optional[str] = None) -> list[Optional[torch.Tensor]]:
         """``init_videos`` as B tensors ``(3, T, H, W)`` in [-1, 1] on the CPU or None (files are read)."""
+        if name is not None:  # one media of a Condition: required, named as given
+            v = init_videos[0]
+            if v is None:
+                raise TypeError(f"{name} must be a (3, T, H, W) float tensor in [-1, 1] or an image or video path, "
+                                "got None")
+            return [self._check_media(v, name)]
         if init_videos is None:
             return [None] * b
         if not isinstance(init_videos, (list, tuple)) or len(init_videos) != b:
@@ -264,29 +292,89 @@ class VideoPipeline(nn.Module):
                    else type(init_videos).__name__)
             raise TypeError(f"init_videos must be a list of {b} entries (one per prompt: a (3, T, H, W) tensor, "
                             f"a video or image path, or None), got {got}")
+        return [None if v is None else self._check_media(v, f"init_videos[{i}]") for i, v in enumerate(init_videos)]
+
+    @staticmethod
+    def _check_media(v, name: str) -> torch.Tensor:
+        """One video or image (tensor or path) as a ``(3, T, H, W)`` CPU float tensor in [-1, 1]."""
+        if isinstance(v, (str, os.PathLike)):
+            v = read_media(v, name)
+        elif not isinstance(v, torch.Tensor):
+            raise TypeError(f"{name} must be a (3, T, H, W) float tensor in [-1, 1], a video or image path, "
+                            f"or None, got {type(v).__name__}")
+        if not v.is_floating_point() or v.dim() != 4 or v.shape[0] != 3:
+            raise ValueError(f"{name} must be a (3, T, H, W) float tensor in [-1, 1], got {v.dtype} of shape "
+                             f"{tuple(v.shape)}")
+        v = v.detach().float().cpu()
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{name} has {int((~torch.isfinite(v)).sum())} NaN / Inf values; expected values "
+                             "in [-1, 1]")
+        lo, hi = float(v.min()), float(v.max())
+        if lo < -1.0 or hi > 1.0:
+            raise ValueError(f"{name} must have values in [-1, 1] (the format generate returns), got "
+                             f"[{lo:.4g}, {hi:.4g}]")
+        return v
+
+    def _check_conditions(self, conditions, sizes: list, b: int) -> list[list[tuple]]:
+        """``conditions`` -> per prompt a list of ``(media (3, T, H, W) CPU float, first latent frame, level)``,
+        every rule checked against the prompt's size (see :meth:`generate`)."""
+        if conditions is None:
+            return [[] for _ in range(b)]
+        if not isinstance(conditions, (list, tuple)) or len(conditions) != b:
+            got = f"a list of {len(conditions)}" if isinstance(conditions, (list, tuple)) else type(conditions).__name__
+            raise TypeError(f"conditions must be a list of {b} lists of Condition (one per prompt; [] for none), "
+                            f"got {got}")
+        tf = self.vae.temporal_factor
         out = []
-        for i, v in enumerate(init_videos):
-            name = f"init_videos[{i}]"
-            if v is None:
-                out.append(None)
-                continue
-            if isinstance(v, (str, os.PathLike)):
-                v = read_media(v, name)
-            elif not isinstance(v, torch.Tensor):
-                raise TypeError(f"{name} must be a (3, T, H, W) float tensor in [-1, 1], a video or image path, "
-                                f"or None, got {type(v).__name__}")
-            if not v.is_floating_point() or v.dim() != 4 or v.shape[0] != 3:
-                raise ValueError(f"{name} must be a (3, T, H, W) float tensor in [-1, 1], got {v.dtype} of shape "
-                                 f"{tuple(v.shape)}")
-            v = v.detach().float().cpu()
-            if not bool(torch.isfinite(v).all()):
-                raise ValueError(f"{name} has {int((~torch.isfinite(v)).sum())} NaN / Inf values; expected values "
-                                 "in [-1, 1]")
-            lo, hi = float(v.min()), float(v.max())
-            if lo < -1.0 or hi > 1.0:
-                raise ValueError(f"{name} must have values in [-1, 1] (the format generate returns), got "
-                                 f"[{lo:.4g}, {hi:.4g}]")
-            out.append(v)
+        for i, (conds, size) in enumerate(zip(conditions, sizes)):
+            if isinstance(conds, Condition) or not isinstance(conds, (list, tuple)):
+                raise TypeError(f"conditions[{i}] must be a list of Condition (empty for none), got "
+                                f"{type(conds).__name__}")
+            t, h, w = size
+            placed, used = [], {}
+            for j, c in enumerate(conds):
+                name = f"conditions[{i}][{j}]"
+                if not isinstance(c, Condition):
+                    raise TypeError(f"{name} must be a sora_fast.Condition, got {type(c).__name__}")
+                st = c.strength
+                if isinstance(st, bool) or not isinstance(st, (int, float)):
+                    raise TypeError(f"{name}.strength must be a number in [0, 1], got {type(st).__name__}")
+                if not (0.0 <= st <= 1.0):  # NaN fails too
+                    raise ValueError(f"{name}.strength must be a number in [0, 1], got {st!r}")
+                fr = c.frame
+                if isinstance(fr, bool) or not isinstance(fr, int):
+                    raise TypeError(f"{name}.frame must be an int (a pixel frame index, negative from the end), got "
+                                    f"{type(fr).__name__}")
+                if not -t <= fr < t:
+                    raise ValueError(f"{name}.frame={fr} is outside the video of prompt {i}: expected a pixel frame "
+                                     f"in [{-t}, {t - 1}] (it has {t} frames)")
+                p = fr + t if fr < 0 else fr
+                (v,) = self._check_init_videos([c.media], 1, name=f"{name}.media")
+                n = v.shape[1]
+                if (n - 1) % tf:
+                    raise ValueError(f"{name}.media has {n} frames; expected 1 + {tf}k (1 for an image) so that it "
+                                     "encodes to whole latent frames")
+                if tuple(v.shape[2:]) != (h, w):
+                    raise ValueError(f"{name}.media is {v.shape[2]}x{v.shape[3]} (height x width) but prompt {i} is "
+                                     f"{h}x{w}; a condition is never resized: pass media of the requested size")
+                if n > t:
+                    raise ValueError(f"{name}.media has {n} frames, more than the {t} of prompt {i}'s video")
+                if p % tf:
+                    raise ValueError(f"{name}.frame={fr} (pixel frame {p}) must be a multiple of {tf} (0, {tf}, "
+                                     f"{2 * tf}, ..., or a negative index that lands on one, e.g. -1 for the last "
+                                     f"frame): a condition's first frame goes into latent frame frame/{tf}; nearest "
+                                     f"valid: {p // tf * tf} or {p // tf * tf + tf}")
+                if p + n > t:
+                    raise ValueError(f"{name}: its {n} frames from pixel frame {p} run past the end of prompt {i}'s "
+                                     f"video ({t} frames; the last starts at {t - n} at most)")
+                first, count = p // tf, 1 + (n - 1) // tf
+                for k in range(first, first + count):
+                    if k in used:
+                        raise ValueError(f"{name} overlaps conditions[{i}][{used[k]}]: both give latent frame {k} "
+                                         f"(pixel frames {max(0, tf * k - tf + 1)}..{tf * k})")
+                    used[k] = j
+                placed.append((v, first, 1.0 - float(st)))
+            out.append(placed)
         return out
 
     @torch.no_grad()
@@ -296,13 +384,15 @@ class VideoPipeline(nn.Module):
                  progress: Optional[Callable[[int, int], None]] = None,
                  denoiser: Optional[Callable] = None,
                  init_videos: Optional[Sequence[Optional[Media]]] = None,
-                 strength: Union[float, Sequence[float]] = 1.0) -> list[torch.Tensor]:
+                 strength: Union[float, Sequence[float]] = 1.0,
+                 conditions: Optional[Sequence[Sequence[Condition]]] = None) -> list[torch.Tensor]:
         """Videos for ``prompts``, all denoised in one packed stream.
 
         Args:
             prompts: B strings.
             sizes: one ``(frames, height, width)`` for all, or one per prompt (images: frames = 1). None (or
-                a None entry): the prompt's init video's size, else :attr:`DEFAULT_SIZE` ``(9, 32, 32)``.
+                a None entry): the prompt's init video's size; else, with conditions, :attr:`DEFAULT_SIZE`'s
+                frames at its first condition's height and width; else :attr:`DEFAULT_SIZE` ``(9, 32, 32)``.
             steps, guidance, shift: see :func:`sora_fast.sampling.sample_euler`; ``negative_prompt`` is the
                 unconditional text of CFG.
             denoiser: what runs the DiT at each step (default the DiT itself), e.g. a CFG- or
@@ -322,6 +412,34 @@ class VideoPipeline(nn.Module):
                 it); strength 0 runs no step and returns ``vae.decode(vae.encode(input))``. A prompt
                 without an init video must have strength 1. Edited and plain prompts of any strengths go
                 in one pack, CFG still one forward per step; each equals its run alone.
+            conditions: image-to-video, extension and keyframes: one list of :class:`Condition` per prompt
+                (``[]`` for none). Every latent frame carries its own noise level: the latent frames a
+                condition gives are held at level ``σc = 1 − condition.strength`` (0: kept exactly) from
+                ``(1 − σc)·x0 + σc·ε`` and never updated; the others are denoised; the DiT gets per-frame
+                timesteps (``1000·σc`` at given frames), CFG still one forward per step, and prompts with
+                different conditions and sizes share one pack (each equals its run alone).
+
+                **Encoding and placement.** A condition of ``n = 1 + 4m`` frames (``m = 0``: an image) is
+                encoded *on its own* with the causal VAE (posterior mean, normalized), giving ``1 + m`` latent
+                frames: the first encodes its first pixel frame alone, each next one 4 frames. Its first
+                frame goes to pixel frame ``p = frame`` (``frame + frames`` when negative), which must be a
+                multiple of 4, and its latents are written into latent frames ``p/4 .. p/4 + m`` of the
+                video. So at ``p = 0`` they are exactly the video's own first latents (an image at frame 0 or
+                a clip at the start: extension forward); at ``p > 0`` the condition's first latent (one
+                pixel frame) sits at latent frame ``p/4`` -- the one whose frames end at pixel ``p`` -- at
+                its RoPE time coordinate, as LTX-Video places conditions, and its next latents line up with
+                the video's groups of 4 (``frame=-n``: a clip at the end, extension backward; ``frame=-1``:
+                an image as the last keyframe). The returned latents hold the condition's latents exactly at
+                those frames, so its frames come back up to the VAE's round trip (exactly
+                ``vae.decode(vae.encode(media))`` at ``p = 0``; at ``p > 0`` the decoder sees them in the
+                video's context).
+
+                Refused before any work (ValueError / TypeError naming ``conditions[i][j]``): not a list of
+                B lists of Condition, media not ``(3, 1 + 4m, H, W)`` in [-1, 1] or of another height /
+                width than the prompt's (never resized), more frames than the video, a frame outside
+                ``[-frames, frames)`` or not a multiple of 4 after resolving, frames running past the end,
+                strength outside [0, 1] or NaN, two conditions giving the same latent frame. Conditions
+                combine with editing: given frames are held, the others follow the edit's schedule.
         Returns B float tensors ``(3, frames, height, width)`` in [-1, 1] on the CPU.
 
         Every argument is checked before any work starts (non-finite ``guidance`` / ``shift`` included), and
@@ -340,8 +458,14 @@ class VideoPipeline(nn.Module):
         if not isinstance(sizes, (tuple, list)) or len(sizes) != b:
             raise ValueError(f"sizes must be one (frames, height, width) or a list of {b} of them, got {sizes!r}")
         sizes = list(sizes)
+        if conditions is not None and not (isinstance(conditions, (list, tuple)) and len(conditions) == b):
+            self._check_conditions(conditions, sizes, b)  # raises, naming what was expected
         for i, (sz, v) in enumerate(zip(sizes, inits)):
             if v is None:
+                if sz is None and conditions is not None and isinstance(conditions[i], (list, tuple)) \
+                        and conditions[i] and isinstance(conditions[i][0], Condition):
+                    m = self._check_media(conditions[i][0].media, f"conditions[{i}][0].media")
+                    sz = (self.DEFAULT_SIZE[0], *m.shape[2:])
                 sizes[i] = self.DEFAULT_SIZE if sz is None else sz
                 continue
             have = tuple(v.shape[1:])
@@ -352,6 +476,7 @@ class VideoPipeline(nn.Module):
                                  "resized: pass a video of the requested size, or leave its size None")
             sizes[i] = have
         shapes = [self.latent_shape(s) for s in sizes]
+        conds = self._check_conditions(conditions, [self.check_size(s) for s in sizes], b)
         seeds = [seed + i for i in range(b)] if isinstance(seed, int) else list(seed)
         if len(seeds) != b or not all(isinstance(s, int) for s in seeds):
             raise ValueError(f"seed must be an int or a list of {b} ints, got {seed!r}")
@@ -391,6 +516,20 @@ class VideoPipeline(nn.Module):
         raw = [None if v is None or st == 1.0 else self.vae.encode(v[None].to(dev, vae_dtype))
                for v, st in zip(inits, strengths)]                    # strength 1: the input only sets the size
         x0 = [None if z is None else self.vae.normalize_latents(z)[0].to(e.dtype) for z, e in zip(raw, noise)]
+        given, levels = [], []
+        for cs, e in zip(conds, noise):
+            if not cs:
+                given.append(None)
+                levels.append(None)
+                continue
+            g = torch.zeros_like(e)
+            lv = torch.full((e.shape[1],), float("nan"), dtype=torch.float64)
+            for media, first, level in cs:  # each condition encoded on its own, written at its latent frames
+                z = self.vae.normalize_latents(self.vae.encode(media[None].to(dev, vae_dtype)))[0].to(e.dtype)
+                g[:, first:first + z.shape[1]] = z
+                lv[first:first + z.shape[1]] = level
+            given.append(g)
+            levels.append(lv)
         timings["encode"] = time.perf_counter() - t0
         step_times, last = [], [time.perf_counter()]
 
@@ -404,13 +543,14 @@ class VideoPipeline(nn.Module):
         t0 = time.perf_counter()
         latents = sample_euler(denoiser or self.dit, noise, text, patch=self.dit.config.patch, steps=steps,
                                guidance=guidance, uncond_text=uncond, shift=shift, progress=on_step,
-                               init=x0 if any(z is not None for z in x0) else None, strength=strengths)
+                               init=x0 if any(z is not None for z in x0) else None, strength=strengths,
+                               given=given if any(conds) else None, given_levels=levels if any(conds) else None)
         timings["denoise"], timings["steps"] = time.perf_counter() - t0, step_times
 
         t0 = time.perf_counter()
         # strength 0: the input's own latents, decoded without the normalize / denormalize round trip
-        videos = [self.vae.decode(r if st == 0.0 else self.vae.denormalize_latents(z[None]))[0].float().cpu()
-                  for z, r, st in zip(latents, raw, strengths)]
+        videos = [self.vae.decode(r if st == 0.0 and not cs else self.vae.denormalize_latents(z[None]))[0]
+                  .float().cpu() for z, r, st, cs in zip(latents, raw, strengths, conds)]
         check_finite(videos, "the decoded videos")
         timings["decode"] = time.perf_counter() - t0
         self.last_timings = timings

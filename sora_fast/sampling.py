@@ -12,6 +12,12 @@ own shift (``shift="auto"``: from its token count), which a padded batch could n
 Editing (SDEdit) starts a video part-way down its schedule, from its input's latents noised to the
 level its ``strength`` gives. :func:`strength_sigmas` is the one place that turns ``(steps, shift,
 strength)`` into noise levels; every sampler uses it.
+
+Conditioning (image-to-video, extension, keyframes) gives every latent frame its own noise level: a
+*given* frame is held at a fixed level ``σc`` (0 = clean) from ``(1 − σc)·x0 + σc·ε`` and never updated,
+the others follow their video's schedule, and the DiT gets per-frame timesteps ``(F,)``.
+:func:`frame_sigmas` is the one place that turns a video's schedule and its given levels into per-frame
+levels; samplers take them from it.
 """
 from __future__ import annotations
 
@@ -20,10 +26,11 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .packing import PackedSequences, PackedVideos, pack_sequences, pack_videos
+from .packing import PackedSequences, PackedVideos, frame_ids, pack_sequences, pack_videos
 from .training.flow import resolution_shift, shift_sigmas, sigma_schedule
 
-__all__ = ["concat_text", "sample_euler", "strength_sigmas", "check_strength", "check_finite"]
+__all__ = ["concat_text", "sample_euler", "strength_sigmas", "frame_sigmas", "check_given",
+           "check_strength", "check_finite"]
 
 DenoiseFn = Callable[[PackedVideos, torch.Tensor, PackedSequences], torch.Tensor]
 
@@ -94,6 +101,59 @@ def strength_sigmas(steps: int, shift: float, strength: float = 1.0) -> torch.Te
     return shift_sigmas(torch.linspace(strength, 0.0, n + 1, dtype=torch.float64), float(shift))
 
 
+def frame_sigmas(sigma: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Per-frame noise levels of one video at one step: ``levels`` ``(T,)`` holds the fixed level of each
+    given frame and NaN for a frame that is denoised; those take the video's current level ``sigma`` (a
+    0-dim tensor). The result is ``(T,)`` in ``levels``' dtype."""
+    return torch.where(torch.isnan(levels), sigma.to(levels.dtype), levels)
+
+
+def check_given(given, given_levels, noise: Sequence[torch.Tensor], patch: Sequence[int]
+                ) -> tuple[list, list]:
+    """Validate ``given`` / ``given_levels`` of :func:`sample_euler` -> two lists of B entries (None where a
+    video has no given frame; levels as float64 ``(T,)`` on the CPU, NaN = denoised)."""
+    b = len(noise)
+    if (given is None) != (given_levels is None):
+        raise ValueError("given and given_levels go together: pass both (one entry per video) or neither")
+    if given is None:
+        return [None] * b, [None] * b
+    given, given_levels = list(given), list(given_levels)
+    for name, v in (("given", given), ("given_levels", given_levels)):
+        if len(v) != b:
+            raise ValueError(f"{name} has {len(v)} entries, expected one per video ({b})")
+    pt = int(patch[0])
+    lat, lev = [], []
+    for i, (z, lv, e) in enumerate(zip(given, given_levels, noise)):
+        if (z is None) != (lv is None):
+            raise ValueError(f"given[{i}] and given_levels[{i}] must both be None or both be set")
+        if z is None:
+            lat.append(None)
+            lev.append(None)
+            continue
+        t = e.shape[1]
+        if tuple(z.shape) != tuple(e.shape):
+            raise ValueError(f"given[{i}] has shape {tuple(z.shape)}, expected its noise's {tuple(e.shape)}")
+        lv = torch.as_tensor(lv).detach().to("cpu", torch.float64)
+        if tuple(lv.shape) != (t,):
+            raise ValueError(f"given_levels[{i}] must have shape ({t},) (one level per latent frame), got "
+                             f"{tuple(lv.shape)}")
+        fixed = lv[~torch.isnan(lv)]
+        if bool(((fixed < 0) | (fixed > 1)).any()):
+            raise ValueError(f"given_levels[{i}] must hold levels in [0, 1] (or NaN for a denoised frame), got "
+                             f"{fixed.tolist()}")
+        if pt > 1:  # the DiT has one timestep per patch frame: a patch frame is given whole or not at all
+            if t % pt:
+                raise ValueError(f"video {i} has {t} latent frames, not a multiple of the temporal patch {pt}")
+            groups = lv.view(-1, pt)
+            same = (groups == groups[:, :1]).all(1) | torch.isnan(groups).all(1)
+            if not bool(same.all()):
+                raise ValueError(f"given_levels[{i}]: every group of {pt} latent frames (one temporal patch) must "
+                                 "be all given at one level or all denoised")
+        lat.append(z)
+        lev.append(lv)
+    return lat, lev
+
+
 @torch.no_grad()
 def sample_euler(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequences, *,
                  patch: Sequence[int] = (1, 2, 2), steps: int = 30, guidance: float = 5.0,
@@ -101,7 +161,9 @@ def sample_euler(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: Packed
                  shift: Union[float, Sequence[float], str] = 5.0,
                  progress: Optional[Callable[[int, int], None]] = None,
                  init: Optional[Sequence[Optional[torch.Tensor]]] = None,
-                 strength: Union[float, Sequence[float]] = 1.0) -> list[torch.Tensor]:
+                 strength: Union[float, Sequence[float]] = 1.0,
+                 given: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                 given_levels: Optional[Sequence[Optional[torch.Tensor]]] = None) -> list[torch.Tensor]:
     """Denoise a list of noise latents with flow-matching Euler steps, all videos in one pack.
 
     Args:
@@ -123,6 +185,14 @@ def sample_euler(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: Packed
             ``ε`` when ``σ0 = 1``, exactly ``x0`` when strength is 0). A video without ``init`` must have
             strength 1. Videos of different strengths share one pack: each joins when its remaining steps
             begin (all end together), so a video is denoised only over its own steps.
+        given, given_levels: conditioning, one entry per video (None: no given frame), both or neither.
+            ``given[i]`` is a clean latent ``x0`` of its noise's shape and ``given_levels[i]`` a ``(T,)`` tensor:
+            NaN for a latent frame that is denoised, else the fixed level ``σc`` in [0, 1] of a given frame.
+            A given frame starts at ``(1 − σc)·x0 + σc·ε`` (exactly ``x0`` when ``σc == 0``) and is never
+            updated; at every step the DiT gets per-frame timesteps ``(F,)`` with ``1000·σc`` at given frames
+            and the video's level at the others (:func:`frame_sigmas`). In the returned latents a given frame
+            holds ``x0`` exactly. With a temporal patch ``pt > 1`` a patch frame is given whole or not at all.
+            Without any given frame the DiT gets ``(B,)`` timesteps, as before.
 
     Returns the B denoised latents ``(C, T, H, W)`` in the noise's dtype. Non-finite arguments are refused
     up front; latents that end with NaN / Inf values (a diverged or corrupt model) raise a ValueError with
@@ -153,6 +223,7 @@ def sample_euler(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: Packed
                              "at strength 1)")
         if z is not None and tuple(z.shape) != tuple(e.shape):
             raise ValueError(f"init[{i}] has shape {tuple(z.shape)}, expected its noise's {tuple(e.shape)}")
+    g_lat, g_lev = check_given(given, given_levels, noise, patch)
     shifts = [resolution_shift(n) if s == "auto" else s for s, n in zip(shifts, x.seqlens)]
     scheds = [strength_sigmas(steps, s, st) for s, st in zip(shifts, strengths)]
     total = max(len(sc) - 1 for sc in scheds)                                 # DiT forwards
@@ -170,7 +241,24 @@ def sample_euler(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: Packed
             start.append(z.to(e.dtype))
         else:
             start.append(((1 - s0) * z.to(md) + s0 * e.to(md)).to(e.dtype))
+    for k, (z, lv, e) in enumerate(zip(g_lat, g_lev, noise)):
+        if z is None:
+            continue
+        st = start[k].clone()
+        for j in torch.nonzero(~torch.isnan(lv)).flatten().tolist():
+            sc = float(lv[j])
+            if sc == 0.0:
+                st[:, j] = z[:, j].to(e.dtype)
+            else:
+                st[:, j] = ((1 - sc) * z[:, j].to(md) + sc * e[:, j].to(md)).to(e.dtype)
+        start[k] = st
     x = pack_videos(start, patch=tuple(patch))
+    conditioned = any(lv is not None for lv in g_lev)
+    pt = int(patch[0])
+    # per patch frame (the DiT's frame): fixed level (NaN = denoised), for all videos in pack order
+    frame_lv = [torch.full((int(g),), float("nan"), dtype=torch.float64) if lv is None else lv[::pt]
+                for lv, g in zip(g_lev, x.grid[:, 0].tolist())]
+    fixed_tok = ~torch.isnan(torch.cat(frame_lv))[frame_ids(x).long().cpu()].to(x.tokens.device)  # (N,)
     if cfg:  # the conditional copies, then the unconditional ones, in one stream
         both = pack_videos(start * 2, patch=tuple(patch))
         text_in = concat_text(text, uncond_text)
@@ -194,10 +282,20 @@ def sample_euler(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: Packed
                             torch.tensor(active, device=tokens.device))
         return subs[active]
 
+    def timesteps(sig: torch.Tensor, active) -> torch.Tensor:
+        """``(B_active,)`` timesteps, or ``(F_active,)`` per-frame ones when any video has given frames."""
+        if not conditioned:
+            return (sig[list(active)] * 1000).to(md).to(tokens.device)
+        lv = torch.cat([frame_sigmas(sig[k], frame_lv[k]) for k in active])
+        return (lv * 1000).to(md).to(tokens.device)
+
+    def update(old: torch.Tensor, new: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        return torch.where(fixed[:, None], old, new) if conditioned else new
+
     for i in range(total):
         sig = sigmas[:, i]                                                     # (B,)
-        t = (sig * 1000).to(md).to(tokens.device)
         active = tuple(k for k in range(b) if first[k] <= i)
+        t = timesteps(sig, active)
         if len(active) == b:
             inp = torch.cat([tokens, tokens]) if cfg else tokens
             v = denoise(both.with_tokens(inp.to(x.tokens.dtype)), torch.cat([t, t]) if cfg else t, text_in)
@@ -206,22 +304,27 @@ def sample_euler(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: Packed
                 v_c, v_u = v[:n], v[n:]
                 v = v_u + guidance * (v_c - v_u)
             dsig = (sigmas[:, i + 1] - sig).to(md).to(tokens.device)           # (B,)
-            tokens = tokens + dsig[seq_ids, None] * v
+            tokens = update(tokens, tokens + dsig[seq_ids, None] * v, fixed_tok)
         else:
             pack, txt, rows, ids = sub_pack(active)
             sub = tokens[rows]
             m = sub.shape[0]
-            ts = t[ids]
+            ts = t
             v = denoise(pack.with_tokens((torch.cat([sub, sub]) if cfg else sub).to(x.tokens.dtype)),
                         torch.cat([ts, ts]) if cfg else ts, txt).to(md)
             if cfg:
                 v_c, v_u = v[:m], v[m:]
                 v = v_u + guidance * (v_c - v_u)
             dsig = (sigmas[:, i + 1] - sig).to(md).to(tokens.device)[seq_ids[rows], None]
-            tokens = tokens.index_copy(0, rows, sub + dsig * v)
+            tokens = tokens.index_copy(0, rows, update(sub, sub + dsig * v, fixed_tok[rows]))
         if progress is not None:
             progress(i + 1, total)
     out = x.unpack(tokens.to(x.tokens.dtype))
+    for k, (z, lv) in enumerate(zip(g_lat, g_lev)):
+        if z is not None:  # a given frame comes back as its clean latent, whatever level it was held at
+            keep = ~torch.isnan(lv)
+            out[k] = out[k].clone()
+            out[k][:, keep] = z[:, keep].to(out[k].dtype)
     check_finite(out, f"the latents after {total} denoising steps")
     return out
 
