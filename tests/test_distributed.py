@@ -7,7 +7,9 @@ to a file and the assertions run here, against the same computation in this sing
   * FSDP2 training, mesh (dp=1, sp=2) and (dp=2, sp=1): the losses of the single-process Trainer, also
     with a conditioning mix (given frames, per-frame levels, images in the same batches);
   * a sharded checkpoint written at world size 2 resumes at world size 1 onto the same loss curve;
-  * CFG-parallel and sequence-parallel sampling == single-process sample_euler for the same seed;
+  * CFG-parallel and sequence-parallel sampling == single-process sample_euler for the same seed, also with
+    given frames (per-frame timesteps); the CFG-parallel denoiser's forward with per-video and per-frame
+    timesteps == the DiT's in one process;
   * bad input (heads not divisible, mismatched meshes, a checkpoint of another model) raises the same clear
     error on every rank and nothing hangs: the process group's timeout bounds every collective, and the
     spawned run as a whole is killed (and the test failed) after a deadline.
@@ -123,6 +125,33 @@ def _sampling_problem(seed, dtype=torch.float32):
     return dit, noise, dict(text=text, uncond_text=uncond, patch=(1, 2, 2), steps=4, guidance=4.0, shift="auto")
 
 
+def _given(seed, dtype=torch.float32):
+    """Given frames for :func:`_sampling_problem`: video 0's first and last latent frames (at 0 and 0.1),
+    video 1 none; the sampler then passes per-frame timesteps."""
+    x0 = torch.randn(4, 3, 4, 6, generator=torch.Generator().manual_seed(seed + 11)).to(dtype)
+    levels = torch.tensor([0.0, float("nan"), 0.1], dtype=torch.float64)
+    return dict(given=[x0, None], given_levels=[levels, None])
+
+
+def _cfg_forward_problem(seed):
+    """A fp64 DiT and a guided-looking pack of 4 videos with 3, 1, 2 and 2 latent frames (so a rank's frame
+    rows are not its video rows), an empty caption, and timesteps per video (4,) and per frame (8,): some
+    frames at 0 (given), the others spread over (0, 1000)."""
+    torch.manual_seed(seed)
+    dit = VideoDiT(DiTConfig.from_name("tiny")).double().eval()
+    for p in dit.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    g = torch.Generator().manual_seed(seed + 3)
+    f64 = dict(generator=g, dtype=torch.float64)
+    lat = [torch.randn(4, *s, **f64) for s in [(3, 4, 6), (1, 2, 2), (2, 6, 2), (2, 2, 2)]]
+    texts = [torch.randn(3, 32, **f64), torch.randn(2, 32, **f64), torch.zeros(0, 32, dtype=torch.float64),
+             torch.zeros(0, 32, dtype=torch.float64)]
+    t_video = torch.rand(4, **f64) * 1000
+    t_frame = torch.rand(8, **f64) * 1000
+    t_frame[[0, 2, 4, 7]] = 0
+    return dit, pack_videos(lat, (1, 2, 2)), pack_sequences(texts), {"video": t_video, "frame": t_frame}
+
+
 def _triton_sp_fp32(seed, group):
     """The fp32 DiT of :func:`_sp_problem` with the Triton attention kernel: forward and summed gradients,
     sequence-parallel over ``group`` (None: one process)."""
@@ -191,6 +220,18 @@ def _rank_main(rank, port, out_dir, seed):
         return sample_euler(make_denoiser(dit, mesh), noise, **kw)
     res["sample_cfg"] = _attempt(lambda: sample(1))
     res["sample_sp"] = _attempt(lambda: sample(2))
+
+    def sample_given(sp):
+        dit, noise, kw = _sampling_problem(seed)
+        return sample_euler(make_denoiser(dit, make_mesh(sp, outer="cfg")), noise, **kw, **_given(seed))
+    res["sample_given_cfg"] = _attempt(lambda: sample_given(1))
+    res["sample_given_sp"] = _attempt(lambda: sample_given(2))
+
+    def cfg_forward():
+        dit, x, text, ts = _cfg_forward_problem(seed)
+        with _fp64_throughout():
+            return {k: CFGParallelDenoiser(dit, dist.group.WORLD)(x, t, text) for k, t in ts.items()}
+    res["cfg_forward"] = _attempt(cfg_forward)
 
     # bad input: every rank must raise
     res["bad_heads"] = _attempt(lambda: enable_sequence_parallel(
@@ -389,6 +430,34 @@ def test_cfg_and_sequence_parallel_sampling_equal_one_process(ranks):
                 _assert_no_worse(a.double(), b.double(), e, f"{key} video {i}; {_replay(ranks)}")
 
 
+def test_sampling_with_given_frames_in_parallel_equals_one_process(ranks):
+    """Given frames make the sampler pass per-frame timesteps (F,): CFG-parallel (each rank the frames of its
+    half of the videos) and sequence-parallel samples follow the same rule as without them."""
+    dit, noise, kw = _sampling_problem(ranks[2])
+    one = sample_euler(dit, noise, **kw, **_given(ranks[2]))
+    dit64, noise64, kw64 = _sampling_problem(ranks[2], torch.float64)
+    with _fp64_throughout():
+        exact = sample_euler(dit64, noise64, **kw64, **_given(ranks[2], torch.float64))
+    for key in ("sample_given_cfg", "sample_given_sp"):
+        for res in ranks[1]:
+            got = _ok(res, key)
+            assert torch.equal(got[0][:, [0, 2]], _given(ranks[2])["given"][0][:, [0, 2]])   # held exactly
+            for i, (a, b, e) in enumerate(zip(got, one, exact)):
+                _assert_no_worse(a.double(), b.double(), e, f"{key} video {i}; {_replay(ranks)}")
+
+
+@pytest.mark.parametrize("form", ["video", "frame"])
+def test_cfg_parallel_forward_takes_per_video_and_per_frame_timesteps(ranks, form):
+    """The CFG-parallel denoiser with timesteps (B,) or (F,) == the DiT in one process (fp64)."""
+    dit, x, text, ts = _cfg_forward_problem(ranks[2])
+    with _fp64_throughout():
+        ref = dit(x, ts[form], text)
+    tol = x.num_tokens * torch.finfo(torch.float64).eps    # as the sequence-parallel forward
+    for res in ranks[1]:
+        torch.testing.assert_close(_ok(res, "cfg_forward")[form], ref, rtol=0, atol=tol * ref.abs().max().item(),
+                                   msg=lambda m: f"{form}: {m}; {_replay(ranks)}")
+
+
 @pytest.mark.parametrize("key, error, words", [
     ("bad_heads", "ValueError", ["sequence_parallel=2", "num_heads=3"]),
     ("bad_mesh", "ValueError", ["same on every rank", "rank 0: (2, 'dp')", "rank 1: (1, 'dp')"]),
@@ -402,6 +471,22 @@ def test_bad_input_raises_on_every_rank(ranks, key, error, words):
         assert (status, name) == ("error", error), res[key]
         for w in words:
             assert w in msg, (w, msg)
+
+
+def test_select_timesteps_cuts_video_rows_or_frame_rows():
+    """(B,) -> rows lo:hi; (F,) -> the rows of videos lo..hi-1's frames; B == F reads the same both ways."""
+    from sora_fast.distributed import select_timesteps
+    x = pack_videos([torch.zeros(4, t, 2, 2) for t in (3, 1, 2, 2)], (1, 2, 2))     # frames at rows 0-2, 3, 4-5, 6-7
+    t_video, t_frame = torch.arange(4.0), torch.arange(8.0)
+    assert select_timesteps(x, t_video, 1, 3).tolist() == [1.0, 2.0]
+    assert select_timesteps(x, t_frame, 0, 2).tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert select_timesteps(x, t_frame, 2, 4).tolist() == [4.0, 5.0, 6.0, 7.0]
+    ones = pack_videos([torch.zeros(4, 1, 2, 2)] * 4, (1, 2, 2))                      # B == F == 4
+    assert select_timesteps(ones, t_video, 2, 4).tolist() == [2.0, 3.0]
+    with pytest.raises(ValueError, match=r"\(4,\) or \(8,\).*got \(5,\)"):
+        select_timesteps(x, torch.zeros(5), 0, 2)
+    with pytest.raises(ValueError, match="non-empty"):
+        select_timesteps(x, t_video, 2, 2)
 
 
 def test_cutting_packs_keeps_the_packing_consistent():

@@ -5,7 +5,9 @@ unconditional ones, into one stream of 2B videos and calls the denoiser once per
 :class:`CFGParallelDenoiser` is such a denoiser: on a ``cfg`` group of G ranks it runs only its own G-th of
 the pack's videos (rank 0 the conditional half, rank 1 the unconditional half when G = 2), optionally
 sequence-parallel over an ``sp`` group, and gathers the velocities of all videos on every rank, so the
-sampler, its schedule and its guidance formula stay exactly the single-process ones.
+sampler, its schedule and its guidance formula stay exactly the single-process ones. Timesteps may be
+per video ``(B,)`` or per latent frame ``(F,)`` (the sampler's form when some frames are given): each rank
+takes those of its own videos (:func:`~sora_fast.distributed.packs.select_timesteps`).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from torch import nn
 
 from ..packing import PackedSequences, PackedVideos
 from .mesh import ParallelMesh
-from .packs import select_sequences, select_videos
+from .packs import select_sequences, select_timesteps, select_videos
 from .ulysses import enable_sequence_parallel, sequence_parallel_forward
 
 __all__ = ["CFGParallelDenoiser", "make_denoiser"]
@@ -51,7 +53,7 @@ class CFGParallelDenoiser:
                              f"(the conditional and unconditional copies: guidance != 1), got {b} videos")
         r, k = dist.get_rank(self.cfg_group), b // g
         lo, hi = r * k, (r + 1) * k
-        out = sequence_parallel_forward(self.dit, select_videos(x, lo, hi), timesteps[lo:hi],
+        out = sequence_parallel_forward(self.dit, select_videos(x, lo, hi), select_timesteps(x, timesteps, lo, hi),
                                         select_sequences(text, lo, hi), self.sp_group)   # (N_r, D_out)
         cu = x.cu_seqlens.tolist()
         return _gather_rows(out, [cu[(i + 1) * k] - cu[i * k] for i in range(g)], self.cfg_group)

@@ -3,16 +3,20 @@
 Both keep the packing's invariants, so the pieces are ordinary :class:`~sora_fast.packing.PackedVideos`
 the DiT accepts: a video range renumbers its sequences from 0; a token shard keeps all B sequences (its
 ``cu_seqlens`` are the global offsets clipped to the shard, so a sequence outside it has length 0 and
-``seq_ids`` still index the per-video timestep and modulation tables).
+``seq_ids`` still index the per-video timestep and modulation tables). Timesteps follow a video range
+with :func:`select_timesteps`, whichever of the DiT's two forms they take (per video or per latent frame).
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Sequence
 
+import torch
+
 from ..packing import PackedSequences, PackedVideos
 
-__all__ = ["even_splits", "video_ranges", "select_videos", "select_sequences", "token_shard"]
+__all__ = ["even_splits", "video_ranges", "select_videos", "select_sequences", "select_timesteps",
+           "token_shard"]
 
 
 def even_splits(total: int, parts: int) -> list[int]:
@@ -64,6 +68,22 @@ def select_sequences(s: PackedSequences, lo: int, hi: int) -> PackedSequences:
     lens = cu[lo + 1:hi + 1] - cu[lo:hi]
     return PackedSequences(tokens=s.tokens[a:b], cu_seqlens=cu[lo:hi + 1] - cu[lo], seq_ids=s.seq_ids[a:b] - lo,
                            max_seqlen=int(lens.max()))
+
+
+def select_timesteps(x: PackedVideos, timesteps: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """The timesteps of videos ``lo:hi`` of ``x``, in the form they came: ``(B,)`` per video -> rows
+    ``lo:hi``; ``(F,)`` per latent frame (``F = x.grid[:, 0].sum()``, video by video) -> the rows of those
+    videos' frames. When every video has one frame, B == F and both readings cut the same rows."""
+    if not 0 <= lo < hi <= x.num_sequences:
+        raise ValueError(f"video range [{lo}, {hi}) must be non-empty inside [0, {x.num_sequences})")
+    b, frames = x.num_sequences, x.grid[:, 0].tolist()
+    f = sum(frames)
+    if timesteps.dim() != 1 or timesteps.shape[0] not in (b, f):
+        raise ValueError(f"timesteps must have shape ({b},) or ({f},) for a pack of {b} videos with {f} latent "
+                         f"frames, got {tuple(timesteps.shape)}")
+    if timesteps.shape[0] == b:
+        return timesteps[lo:hi]
+    return timesteps[sum(frames[:lo]):sum(frames[:hi])]
 
 
 def token_shard(x: PackedVideos, lo: int, hi: int) -> PackedVideos:
