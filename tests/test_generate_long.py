@@ -1,5 +1,7 @@
 """VideoPipeline.generate_long: autoregressive windows in latent space, each given the previous window's last
 latent frames at level 0 (per-frame held levels of sample_euler), memory flat in the total length."""
+import re
+
 import pytest
 import torch
 
@@ -139,3 +141,66 @@ def test_bad_types(tiny_pipeline, kw, err):
     args = {"prompt": "x", "frames": 17, "window": 9, "overlap": 1, **KW, **kw}
     with pytest.raises(err):
         pipe.generate_long(args.pop("prompt"), args.pop("frames"), **args)
+
+
+# --- CLI: sora-fast generate --frames N --window W --overlap K ---------------------------------------------
+def test_cli_long_writes_each_prompts_rollout(tiny_pipeline, tmp_path, capsys, monkeypatch):
+    import sora_fast.data as data
+    from sora_fast import cli
+
+    pipe, path = tiny_pipeline
+    real, got = data.write_video, {}
+
+    def spy(f, clip, **kw):
+        got[f.name] = clip.clone()
+        return real(f, clip, **kw)
+
+    monkeypatch.setattr(data, "write_video", spy)
+    out = tmp_path / "gen"
+    rc = cli.main(["generate", "--pipeline", str(path), "--prompt", "a red circle", "--prompt", "blue",
+                   "--frames", "17", "--window", "9", "--overlap", "1", "--size", "17x16x16", "--steps", "2",
+                   "--out", str(out), "--seed", "3"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert sorted(p.name for p in out.iterdir()) == ["00_a_red_circle.gif", "00_a_red_circle.mp4", "01_blue.gif",
+                                                     "01_blue.mp4", "contact_sheet.png"]
+    assert "windows of 9 frames" in cap.out and "windows 2/2" in cap.err
+    for name, prompt, seed in (("00_a_red_circle.mp4", "a red circle", 3), ("01_blue.mp4", "blue", 4)):
+        ref = pipe.generate_long(prompt, 17, window=9, overlap=1, size=(16, 16), steps=2, guidance=4.0, seed=seed)
+        assert torch.equal(got[name], ref)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--frames", "17", "--window", "9"], "missing --overlap"),
+    (["--window", "9", "--overlap", "1"], "missing --frames"),
+    (["--frames", "17", "--window", "9", "--overlap", "1", "--edit", "x.mp4", "--strength", "0.5"],
+     "cannot be combined with --edit"),
+    (["--frames", "17", "--window", "9", "--overlap", "1", "--keyframe", "a.png@0"], "cannot be combined with "
+                                                                                    "--keyframe"),
+    (["--frames", "17", "--window", "9", "--overlap", "1", "--cfg-parallel"], "--cfg-parallel does not take"),
+    (["--frames", "5", "--window", "9", "--overlap", "1"], r"--frames must be >= --window \(9\), got 5"),
+    (["--frames", "17", "--window", "9", "--overlap", "0"], "--overlap must be >= 1"),
+    (["--frames", "17", "--window", "9", "--overlap", "1", "--size", "9x16x16"], "--size #1 9x16x16 has 9 frames"),
+])
+def test_cli_long_bad_args_before_loading(tmp_path, capsys, args, match):
+    from sora_fast import cli
+
+    rc = cli.main(["generate", "--pipeline", str(tmp_path / "missing"), "--prompt", "a", "--out",
+                   str(tmp_path / "o"), *args])   # the pipeline does not exist: the error comes before loading it
+    assert rc == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--frames", "18", "--window", "9", "--overlap", "1"], r"frames: frames=18 must be 1 \+ 4k"),
+    (["--frames", "17", "--window", "8", "--overlap", "1"], r"window: frames=8 must be 1 \+ 4k"),
+    (["--frames", "17", "--window", "9", "--overlap", "3"], r"overlap must be in \[1, 2\]"),
+])
+def test_cli_long_bad_args_after_loading_before_work(tiny_pipeline, tmp_path, capsys, args, match):
+    from sora_fast import cli
+
+    _, path = tiny_pipeline
+    rc = cli.main(["generate", "--pipeline", str(path), "--prompt", "a", "--out", str(tmp_path / "o"), *args])
+    assert rc == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
