@@ -578,6 +578,7 @@ class VideoPipeline(nn.Module):
         if window < 1 + tf:
             raise ValueError(f"window must be at least {1 + tf} pixel frames (1 + {tf}m, m >= 1: two latent frames "
                              f"or more), got {window}")
+        self.check_size((1, h, w), name="size")
         self.check_size((window, h, w), name="window")
         self.check_size((frames, h, w), name="frames")
         if frames < window:

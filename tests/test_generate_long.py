@@ -122,12 +122,13 @@ def test_peak_tokens_per_forward_is_one_window(tiny_pipeline):
     (dict(frames=5, window=9, overlap=1), "frames must be >= window"),
     (dict(frames=17, window=9, overlap=0), r"overlap must be in \[1, 2\]"),
     (dict(frames=17, window=9, overlap=3), r"overlap must be in \[1, 2\].*got 3"),
+    (dict(frames=17, window=9, overlap=1, size=(15, 16)), r"size: height=15 must be a multiple of"),
 ])
 def test_bad_args_before_any_work(tiny_pipeline, kw, match):
     pipe, _ = tiny_pipeline
     calls = _spy_dit(pipe)
     with pytest.raises(ValueError, match=match):
-        pipe.generate_long("x", kw.pop("frames"), **kw, **KW)
+        pipe.generate_long("x", kw.pop("frames"), **{**KW, **kw})
     assert not calls
 
 
