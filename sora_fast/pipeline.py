@@ -587,11 +587,14 @@ class VideoPipeline(nn.Module):
         if not 0 < overlap < wl:
             raise ValueError(f"overlap must be in [1, {wl - 1}] latent frames (the window of {window} pixel frames "
                              f"has {wl}), got {overlap}")
-        if overlap % pt:
-            raise ValueError(f"overlap must be a multiple of the DiT's temporal patch ({pt}), got {overlap}")
         stride = wl - overlap
         n = 1 + -(-(lat - wl) // stride)                               # ceil((lat - overlap) / stride)
-        return [min(k * stride, lat - wl) for k in range(n)]
+        starts = [min(k * stride, lat - wl) for k in range(n)]
+        if pt > 1 and n > 1:  # a window of 1 + pt*k latent frames cannot hold given frames per patch frame
+            raise ValueError(f"frames={frames} needs {n} windows, but the DiT's temporal patch is {pt}: windows after "
+                             "the first are given latent frames, which sample_euler takes with a temporal patch of 1 "
+                             f"only; use frames={window} (one window) or a DiT with patch (1, ph, pw)")
+        return starts
 
     @torch.no_grad()
     def generate_long(self, prompt: str, frames: int, *, window: int, overlap: int, size=None, steps: int = 30,

@@ -205,3 +205,11 @@ def test_cli_long_bad_args_after_loading_before_work(tiny_pipeline, tmp_path, ca
     assert rc == 2
     assert re.search(match, capsys.readouterr().err)
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_temporal_patch_above_one_is_refused_beyond_one_window(tiny_pipeline, monkeypatch):
+    pipe, _ = tiny_pipeline
+    monkeypatch.setattr(pipe.dit.config, "patch", (2, 2, 2))
+    assert pipe.plan_long(9, 9, 1, (16, 16)) == [0]                   # one window: nothing given
+    with pytest.raises(ValueError, match=r"frames=17 needs 2 windows, but the DiT's temporal patch is 2"):
+        pipe.plan_long(17, 9, 1, (16, 16))
