@@ -321,6 +321,7 @@ def _check_generate_args(args) -> None:
     if len(sizes) not in (1, len(args.prompt)):
         raise ValueError(f"--size given {len(sizes)} times; give it once or once per --prompt ({len(args.prompt)})")
     args.format = list(dict.fromkeys(args.format))  # each format once
+    _check_long_args(args)  # before any media is read
     args.edit_video = None
     if args.strength is not None and args.edit is None:
         raise ValueError("--strength needs --edit VIDEO (the strength of an edit; plain generation has none)")
@@ -344,6 +345,60 @@ def _check_generate_args(args) -> None:
                          "need per-frame timesteps); leave out --cfg-parallel")
 
 
+def _check_long_args(args) -> None:
+    """``--frames N --window W --overlap K`` (long videos): all three or none, not combined with the flags that
+    condition or edit a video, a ``--size`` whose frames are ``--frames``; checked without a model (the VAE's
+    frame rules are checked by ``VideoPipeline.plan_long`` once it is loaded, before any work)."""
+    flags = {"--frames": args.frames, "--window": args.window, "--overlap": args.overlap}
+    if all(v is None for v in flags.values()):
+        return
+    missing = [f for f, v in flags.items() if v is None]
+    if missing:
+        raise ValueError(f"long videos need --frames N --window W --overlap K together; missing {', '.join(missing)}")
+    other = [f for f, v in (("--edit", args.edit), ("--image", args.image), ("--video", args.video),
+                            ("--keyframe", args.keyframe)) if v]
+    if other:
+        raise ValueError(f"--frames/--window/--overlap (a long video) cannot be combined with {', '.join(other)}; "
+                         "generate the long video without them")
+    if args.cfg_parallel:
+        raise ValueError("--cfg-parallel does not take --frames/--window/--overlap yet (the windows after the first "
+                         "need per-frame timesteps); leave out --cfg-parallel")
+    if args.window < 1:
+        raise ValueError(f"--window must be a positive number of pixel frames (1 + 4m, m >= 1), got {args.window}")
+    if args.frames < args.window:
+        raise ValueError(f"--frames must be >= --window ({args.window}), got {args.frames}")
+    if args.overlap < 1:
+        raise ValueError(f"--overlap must be >= 1 latent frame, got {args.overlap}")
+    for i, s in enumerate(args.size or []):
+        if s[0] != args.frames:
+            raise ValueError(f"--size #{i + 1} {'x'.join(map(str, s))} has {s[0]} frames but --frames is "
+                             f"{args.frames}; with a long video --size is the whole video's (or give only --frames "
+                             "and a size of the same frames)")
+
+
+def _generate_long(pipe, args, sizes, mesh) -> list:
+    """Every prompt rolled out alone by ``generate_long`` (prompt i with seed + i), a progress bar over its
+    windows; returns the clips and sets ``pipe.last_timings`` to the sums over prompts."""
+    from .distributed import make_denoiser
+    from .training.metrics import ProgressBar
+
+    plans = [pipe.plan_long(args.frames, args.window, args.overlap, tuple(s[1:])) for s in sizes]  # before work
+    denoiser = None if mesh is None else make_denoiser(pipe.dit, mesh)
+    clips, total = [], {"text": 0.0, "denoise": 0.0, "decode": 0.0}
+    for i, (prompt, s, plan) in enumerate(zip(args.prompt, sizes, plans)):
+        bar = ProgressBar(len(plan), desc=f"video {i + 1}/{len(sizes)} windows",
+                          disable=mesh is not None and not mesh.is_main, print_every=1)
+        clips.append(pipe.generate_long(prompt, args.frames, window=args.window, overlap=args.overlap,
+                                        size=tuple(s[1:]), steps=args.steps, guidance=args.guidance,
+                                        shift=args.shift, negative_prompt=args.negative_prompt, seed=args.seed + i,
+                                        progress=lambda k, n: bar.update(), denoiser=denoiser))
+        bar.close()
+        for k in total:
+            total[k] += pipe.last_timings[k]
+    pipe.last_timings = total
+    return clips
+
+
 def cmd_generate(args) -> int:
     from .data import write_contact_sheet, write_video
     from .distributed import make_denoiser
@@ -357,18 +412,24 @@ def cmd_generate(args) -> int:
     out = check_writable(args.out)
     pipe = VideoPipeline.load(args.pipeline, verify=not args.no_verify)
     edit = args.edit_video
-    sizes = args.size or [args.condition_size or ((9, 32, 32) if edit is None else tuple(edit.shape[1:]))]
+    long = args.frames is not None
+    sizes = args.size or [(args.frames, 32, 32) if long else
+                          args.condition_size or ((9, 32, 32) if edit is None else tuple(edit.shape[1:]))]
     if len(sizes) not in (1, len(args.prompt)):
         raise ValueError(f"--size given {len(sizes)} times; give it once or once per --prompt ({len(args.prompt)})")
     sizes = sizes * len(args.prompt) if len(sizes) == 1 else sizes
     for i, s in enumerate(sizes):
-        pipe.check_size(s, name=f"--edit {args.edit}" if edit is not None else f"--size #{i + 1}")
+        if not long:
+            pipe.check_size(s, name=f"--edit {args.edit}" if edit is not None else f"--size #{i + 1}")
     kw = {} if edit is None else dict(init_videos=[edit] * len(args.prompt), strength=args.strength)
     if args.conditions:
         kw["conditions"] = [[c for _, c in args.conditions] for _ in args.prompt]
-    clips = pipe.generate(args.prompt, sizes, steps=args.steps, guidance=args.guidance, shift=args.shift,
-                          negative_prompt=args.negative_prompt, seed=args.seed, **kw,
-                          denoiser=None if mesh is None else make_denoiser(pipe.dit, mesh))
+    if long:
+        clips = _generate_long(pipe, args, sizes, mesh)
+    else:
+        clips = pipe.generate(args.prompt, sizes, steps=args.steps, guidance=args.guidance, shift=args.shift,
+                              negative_prompt=args.negative_prompt, seed=args.seed, **kw,
+                              denoiser=None if mesh is None else make_denoiser(pipe.dit, mesh))
     if mesh is not None and not mesh.is_main:
         return 0  # every rank holds the same clips; rank 0 writes them
     written = []
@@ -378,8 +439,12 @@ def cmd_generate(args) -> int:
             written.append(write_video(out / f"{stem}.{ext}", clip, fps=args.fps))
     write_contact_sheet(out / "contact_sheet.png", clips, args.prompt)
     t = pipe.last_timings
-    print(f"text {t['text'] * 1e3:.0f} ms | denoise {t['denoise']:.2f} s ({args.steps} steps, "
-          f"{1e3 * t['denoise'] / args.steps:.0f} ms/step) | decode {t['decode'] * 1e3:.0f} ms")
+    if long:
+        print(f"text {t['text'] * 1e3:.0f} ms | denoise {t['denoise']:.2f} s (windows of {args.window} frames, "
+              f"{args.steps} steps each) | decode {t['decode'] * 1e3:.0f} ms")
+    else:
+        print(f"text {t['text'] * 1e3:.0f} ms | denoise {t['denoise']:.2f} s ({args.steps} steps, "
+              f"{1e3 * t['denoise'] / args.steps:.0f} ms/step) | decode {t['decode'] * 1e3:.0f} ms")
     print(f"wrote {len(written)} files and contact_sheet.png to {out}")
     return 0
 
@@ -502,6 +567,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an image (or clip) at pixel frame FRAME of every video (negative from the end: -1 is the "
                         "last); FRAME must land on a multiple of 4; repeat for several (e.g. first.png@0 "
                         "last.png@-1)")
+    g.add_argument("--frames", type=int, metavar="N",
+                   help="a long video of N pixel frames (1 + 4k) per prompt, rolled out in windows of --window "
+                        "frames, each given the previous one's last --overlap latent frames; --size (if given) is "
+                        "the whole video's (default Nx32x32)")
+    g.add_argument("--window", type=int, metavar="W",
+                   help="with --frames: pixel frames per window (1 + 4m, m >= 1; e.g. the trained length)")
+    g.add_argument("--overlap", type=int, metavar="K",
+                   help="with --frames: latent frames each window takes from the previous one (1 <= K < the "
+                        "window's latent frames, 1 + (W - 1)/4)")
     g.add_argument("--format", nargs="+", default=["mp4", "gif"], choices=["mp4", "gif"],
                    help="files to write per clip (default: mp4 gif; 1-frame clips as png instead of mp4)")
     g.add_argument("--fps", type=float, default=8.0, metavar="F", help="frames per second (default: %(default)s)")
