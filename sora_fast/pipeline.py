@@ -481,21 +481,13 @@ class VideoPipeline(nn.Module):
         if len(seeds) != b or not all(isinstance(s, int) for s in seeds):
             raise ValueError(f"seed must be an int or a list of {b} ints, got {seed!r}")
         # every argument is checked before any work (text encoding, denoising) starts
-        import math
-
         from .memory import check_generate_memory
-        from .sampling import _check_shift, check_finite, check_strength
+        from .sampling import check_finite, check_sampling, check_strength
         if not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompts must be strings, got {[type(p).__name__ for p in prompts]}")
         if not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
-            raise TypeError(f"guidance must be a number, got {type(guidance).__name__}")
-        if not math.isfinite(guidance):
-            raise ValueError(f"guidance must be a finite number, got {guidance!r}")
-        _check_shift(shift, b)
+        check_sampling(steps, guidance, shift, b)
         strengths = check_strength(strength, b)
         for i, (v, st) in enumerate(zip(inits, strengths)):
             if v is None and st != 1.0:
@@ -640,10 +632,8 @@ class VideoPipeline(nn.Module):
         latents with ``return_latents=True``). Every argument is checked before any work; ``last_timings``
         holds ``text``, ``denoise`` (all windows), ``windows`` (seconds per window) and ``decode``.
         """
-        import math
-
         from .memory import check_generate_memory
-        from .sampling import _check_shift, check_finite
+        from .sampling import check_finite, check_sampling
 
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
@@ -651,13 +641,7 @@ class VideoPipeline(nn.Module):
             raise TypeError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
         starts = self.plan_long(frames, window, overlap, size)
         h, w = self.DEFAULT_SIZE[1:] if size is None else tuple(size)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
-            raise TypeError(f"guidance must be a number, got {type(guidance).__name__}")
-        if not math.isfinite(guidance):
-            raise ValueError(f"guidance must be a finite number, got {guidance!r}")
-        _check_shift(shift, 1)
+        check_sampling(steps, guidance, shift, 1)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         if not isinstance(return_latents, bool):

@@ -41,6 +41,18 @@ def concat_text(*packs: PackedSequences) -> PackedSequences:
     return pack_sequences(seqs)
 
 
+def check_sampling(steps, guidance, shift, n: int) -> None:
+    """The sampling arguments of ``generate`` and ``generate_long``: ``steps`` a positive int, ``guidance``
+    a finite number, ``shift`` as :func:`_check_shift` takes it for ``n`` videos."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
+        raise TypeError(f"guidance must be a number, got {type(guidance).__name__}")
+    if not math.isfinite(guidance):
+        raise ValueError(f"guidance must be a finite number, got {guidance!r}")
+    _check_shift(shift, n)
+
+
 def _check_shift(shift, n: int) -> list:
     if isinstance(shift, str):
         if shift != "auto":
