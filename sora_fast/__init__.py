@@ -29,7 +29,7 @@ def __getattr__(name: str):
 
         return accelerate
     if name == "Condition":  # imported on first use: the pipeline imports the models
-        from .pipeline import Condition
+        from .conditioning import Condition
 
         return Condition
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

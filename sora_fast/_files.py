@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
@@ -174,3 +176,90 @@ def fsync_dir(path: PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# --- a directory written whole: a temporary name, then two renames ---------------------------------
+def _old_dir(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old")
+
+
+def _new_prefix(final: Path) -> str:
+    return f".{final.name}.new-"
+
+
+def _complete_dir(d: Path, record: str) -> bool:
+    """``d`` holds files that match the sizes and hashes listed in its ``record`` JSON file."""
+    try:
+        desc = read_json(d / record, "a directory's record of its files")
+        if not isinstance(desc, dict) or "sha256" not in desc:
+            return False
+        verify_files(d, desc.get("files"), desc["sha256"], verify=True, record=record)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def recover_dir(final: Path, record: str) -> Optional[Path]:
+    """Put a directory back under ``final`` after a crash in the middle of :func:`atomic_dir`'s swap.
+
+    The swap renames ``final`` to ``.NAME.old``, then the complete new ``.NAME.new-*`` to ``final``. When
+    ``final`` is missing, the newest new directory is renamed into place if its files pass their hash check
+    (its save had finished writing), else ``.NAME.old`` (the previous directory). Warns naming what was
+    recovered and returns it (None when nothing needed recovery). Safe to run by several processes at once.
+    """
+    if final.exists() or not final.parent.is_dir():
+        return None
+    new = sorted((p for p in final.parent.iterdir() if p.name.startswith(_new_prefix(final)) and p.is_dir()),
+                 key=lambda p: p.stat().st_mtime, reverse=True)
+    for cand in [p for p in new if _complete_dir(p, record)] + [p for p in [_old_dir(final)] if (p / record).is_file()]:
+        try:
+            os.replace(cand, final)
+        except OSError:
+            if not (final / record).is_file():
+                continue
+            return None  # another process recovered it meanwhile
+        fsync_dir(final.parent)
+        warnings.warn(f"{str(final)!r} was missing (a save was interrupted between its two renames): recovered "
+                      f"it from {str(cand)!r}", stacklevel=3)
+        return cand
+    return None
+
+
+def atomic_dir(final: Path, write: Callable[[Path], None], record: str) -> None:
+    """Write a directory under a temporary name beside ``final``, then swap it in.
+
+    Every file gets the user's umask (tempfile and safetensors create 0700 / 0600) and is fsynced before
+    the swap. A crash between the swap's two renames leaves ``.NAME.old`` and the complete new directory;
+    :func:`recover_dir` (run by ``load`` and by the next ``save``; ``record`` names the JSON file listing
+    the sizes and hashes of the directory's files) puts one of them back under ``final``.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(final, record)
+    tmp = Path(tempfile.mkdtemp(prefix=_new_prefix(final), dir=final.parent))
+    old = None
+    try:
+        write(tmp)
+        for f in tmp.iterdir():
+            apply_umask(f)
+            fsync_file(f)
+        apply_umask(tmp)
+        fsync_dir(tmp)
+        if final.exists():
+            old = _old_dir(final)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        if old is not None and not final.exists():
+            try:  # the second rename failed: put the previous directory back
+                os.replace(old, final)
+            except OSError:
+                pass  # left for recover_dir
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    for p in final.parent.iterdir():  # new directories of saves that crashed while writing
+        if p.name.startswith(_new_prefix(final)) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)

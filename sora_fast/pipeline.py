@@ -5,15 +5,13 @@ durations in one call: their latents are denoised together in one packed stream,
 chunk (memory flat in the number of frames). ``save``/``load`` keep the three models in one directory
 (safetensors weights + a JSON description with the size and sha256 of every weight file), written atomically:
 the new directory is written beside the old one and swapped in by two renames; a crash between them is
-repaired by the next ``load`` or ``save`` (see :func:`_recover_dir`).
+repaired by the next ``load`` or ``save`` (see :func:`sora_fast._files.recover_dir`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -22,7 +20,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ._files import apply_umask, fsync_dir, fsync_file, load_safetensors, read_json, verify_files
+from ._files import atomic_dir, load_safetensors, read_json, recover_dir, verify_files
+from .conditioning import Condition, Media, check_conditions, check_init_videos, check_media, read_media
 from .models.dit import DiTConfig, VideoDiT
 from .models.text import T5TextEncoder, TextEncoder, TinyTextConfig, TinyTextEncoder
 from .models.vae import CausalVAE, VAEConfig
@@ -31,71 +30,6 @@ from .sampling import sample_euler
 __all__ = ["Condition", "VideoPipeline", "check_video_size", "read_media"]
 
 Size = tuple[int, int, int]  # (frames, height, width) in pixels
-Media = Union[torch.Tensor, str, "os.PathLike[str]"]
-
-
-def read_media(path: Union[str, "os.PathLike[str]"], name: str = "path") -> torch.Tensor:
-    """Every frame of a video file (PyAV) or an image (Pillow, one frame) as a ``(3, T, H, W)`` float tensor
-    in [-1, 1], the format :meth:`VideoPipeline.generate` returns; nothing is resized or cut. A missing or
-    non-regular file is a FileNotFoundError, an undecodable one a ValueError, each naming ``name``."""
-    import stat
-
-    import numpy as np
-
-    from .data.io import _import_av, _import_pil
-    from .data.video_folder import IMAGE_EXTENSIONS
-
-    f = Path(path)
-    try:
-        st = f.stat()
-    except OSError as e:
-        raise FileNotFoundError(f"{name}: cannot read {str(f)!r} ({e.strerror or e})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise FileNotFoundError(f"{name}: {str(f)!r} is not a regular file")
-    try:
-        if f.suffix.lower() in IMAGE_EXTENSIONS:
-            Image = _import_pil("to read images")
-            with Image.open(f) as im:
-                frames = np.array(im.convert("RGB"))[None]
-        else:
-            av = _import_av("to read videos")
-            with av.open(str(f)) as c:
-                if not c.streams.video:
-                    raise ValueError("no video stream")
-                frames = [fr.to_ndarray(format="rgb24") for fr in c.decode(c.streams.video[0])]
-            if not frames:
-                raise ValueError("no decodable frame")
-            if len({fr.shape for fr in frames}) != 1:
-                raise ValueError("the frame size changes mid-stream")
-            frames = np.stack(frames)
-    except ImportError:
-        raise
-    except Exception as e:  # any decoder failure names the file
-        raise ValueError(f"{name}: {str(f)!r} is not a readable video or image ({type(e).__name__}: {e})") from e
-    x = torch.from_numpy(frames).permute(3, 0, 1, 2).float()  # (3, T, H, W) in [0, 255]
-    return x / 127.5 - 1.0
-
-
-@dataclasses.dataclass(frozen=True, eq=False)  # eq would compare media tensors
-class Condition:
-    """An image or a clip that a generated video must contain at a given place (image-to-video, extension,
-    keyframes).
-
-    Args:
-        media: a ``(3, T, H, W)`` float tensor in [-1, 1] (the format :meth:`VideoPipeline.generate` returns;
-            T = 1 for an image) or the path of an image or video file (read whole by :func:`read_media`, never
-            resized). T must be ``1 + 4k`` (a valid video length for the causal VAE) and ``(H, W)`` the
-            generated video's.
-        frame: the pixel frame of the output where its first frame goes; negative counts from the end
-            (``-1`` is the last frame). After that it must be a multiple of the VAE's time factor (4): see
-            :meth:`VideoPipeline.generate` for how it is encoded and placed.
-        strength: in [0, 1]; 1 keeps its frames exactly (noise level 0), lower re-noises them to level
-            ``σc = 1 − strength``, at which they are held.
-    """
-
-    media: Union[torch.Tensor, str, "os.PathLike[str]"]
-    frame: int = 0
-    strength: float = 1.0
 
 
 def check_video_size(size, temporal_factor: int, spatial_factor: int, patch: Sequence[int],
@@ -126,91 +60,6 @@ def check_video_size(size, temporal_factor: int, spatial_factor: int, patch: Seq
 
 _DESC = "pipeline.json"
 _FORMAT = 1
-
-
-def _old_dir(final: Path) -> Path:
-    return final.with_name(f".{final.name}.old")
-
-
-def _new_prefix(final: Path) -> str:
-    return f".{final.name}.new-"
-
-
-def _complete_dir(d: Path) -> bool:
-    """``d`` holds a pipeline whose files match the sizes and hashes of its pipeline.json."""
-    try:
-        desc = read_json(d / _DESC, "a pipeline description")
-        if not isinstance(desc, dict) or "sha256" not in desc:
-            return False
-        verify_files(d, desc.get("files"), desc["sha256"], verify=True, record=_DESC)
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def _recover_dir(final: Path) -> Optional[Path]:
-    """Put a pipeline back under ``final`` after a crash in the middle of :func:`_atomic_dir`'s swap.
-
-    The swap renames ``final`` to ``.NAME.old``, then the complete new ``.NAME.new-*`` to ``final``. When
-    ``final`` is missing, the newest new directory is renamed into place if its files pass their hash check
-    (its save had finished writing), else ``.NAME.old`` (the previous pipeline). Warns naming what was
-    recovered and returns it (None when nothing needed recovery). Safe to run by several processes at once.
-    """
-    if final.exists() or not final.parent.is_dir():
-        return None
-    new = sorted((p for p in final.parent.iterdir() if p.name.startswith(_new_prefix(final)) and p.is_dir()),
-                 key=lambda p: p.stat().st_mtime, reverse=True)
-    for cand in [p for p in new if _complete_dir(p)] + [p for p in [_old_dir(final)] if (p / _DESC).is_file()]:
-        try:
-            os.replace(cand, final)
-        except OSError:
-            if not (final / _DESC).is_file():
-                continue
-            return None  # another process recovered it meanwhile
-        fsync_dir(final.parent)
-        warnings.warn(f"{str(final)!r} was missing (a save was interrupted between its two renames): recovered "
-                      f"it from {str(cand)!r}", stacklevel=3)
-        return cand
-    return None
-
-
-def _atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
-    """Write a directory under a temporary name beside ``final``, then swap it in.
-
-    Every file gets the user's umask (tempfile and safetensors create 0700 / 0600) and is fsynced before
-    the swap. A crash between the swap's two renames leaves ``.NAME.old`` and the complete new directory;
-    :func:`_recover_dir` (run by ``load`` and by the next ``save``) puts one of them back under ``final``.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _recover_dir(final)
-    tmp = Path(tempfile.mkdtemp(prefix=_new_prefix(final), dir=final.parent))
-    old = None
-    try:
-        write(tmp)
-        for f in tmp.iterdir():
-            apply_umask(f)
-            fsync_file(f)
-        apply_umask(tmp)
-        fsync_dir(tmp)
-        if final.exists():
-            old = _old_dir(final)
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-    except BaseException:
-        if old is not None and not final.exists():
-            try:  # the second rename failed: put the previous pipeline back
-                os.replace(old, final)
-            except OSError:
-                pass  # left for _recover_dir
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    for p in final.parent.iterdir():  # new directories of saves that crashed while writing
-        if p.name.startswith(_new_prefix(final)) and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
 
 
 _TEXT_KINDS = ("tiny", "t5")
@@ -276,106 +125,6 @@ class VideoPipeline(nn.Module):
         return (self.vae.latent_channels, 1 + (t - 1) // f, h // s, w // s)
 
     DEFAULT_SIZE: Size = (9, 32, 32)
-
-    def _check_init_videos(self, init_videos, b: int, name: Optional[str] = None) -> list[Optional[torch.Tensor]]:
-        """``init_videos`` as B tensors ``(3, T, H, W)`` in [-1, 1] on the CPU or None (files are read)."""
-        if name is not None:  # one media of a Condition: required, named as given
-            v = init_videos[0]
-            if v is None:
-                raise TypeError(f"{name} must be a (3, T, H, W) float tensor in [-1, 1] or an image or video path, "
-                                "got None")
-            return [self._check_media(v, name)]
-        if init_videos is None:
-            return [None] * b
-        if not isinstance(init_videos, (list, tuple)) or len(init_videos) != b:
-            got = (f"a list of {len(init_videos)}" if isinstance(init_videos, (list, tuple))
-                   else type(init_videos).__name__)
-            raise TypeError(f"init_videos must be a list of {b} entries (one per prompt: a (3, T, H, W) tensor, "
-                            f"a video or image path, or None), got {got}")
-        return [None if v is None else self._check_media(v, f"init_videos[{i}]") for i, v in enumerate(init_videos)]
-
-    @staticmethod
-    def _check_media(v, name: str) -> torch.Tensor:
-        """One video or image (tensor or path) as a ``(3, T, H, W)`` CPU float tensor in [-1, 1]."""
-        if isinstance(v, (str, os.PathLike)):
-            v = read_media(v, name)
-        elif not isinstance(v, torch.Tensor):
-            raise TypeError(f"{name} must be a (3, T, H, W) float tensor in [-1, 1], a video or image path, "
-                            f"or None, got {type(v).__name__}")
-        if not v.is_floating_point() or v.dim() != 4 or v.shape[0] != 3:
-            raise ValueError(f"{name} must be a (3, T, H, W) float tensor in [-1, 1], got {v.dtype} of shape "
-                             f"{tuple(v.shape)}")
-        v = v.detach().float().cpu()
-        if not bool(torch.isfinite(v).all()):
-            raise ValueError(f"{name} has {int((~torch.isfinite(v)).sum())} NaN / Inf values; expected values "
-                             "in [-1, 1]")
-        lo, hi = float(v.min()), float(v.max())
-        if lo < -1.0 or hi > 1.0:
-            raise ValueError(f"{name} must have values in [-1, 1] (the format generate returns), got "
-                             f"[{lo:.4g}, {hi:.4g}]")
-        return v
-
-    def _check_conditions(self, conditions, sizes: list, b: int) -> list[list[tuple]]:
-        """``conditions`` -> per prompt a list of ``(media (3, T, H, W) CPU float, first latent frame, level)``,
-        every rule checked against the prompt's size (see :meth:`generate`)."""
-        if conditions is None:
-            return [[] for _ in range(b)]
-        if not isinstance(conditions, (list, tuple)) or len(conditions) != b:
-            got = f"a list of {len(conditions)}" if isinstance(conditions, (list, tuple)) else type(conditions).__name__
-            raise TypeError(f"conditions must be a list of {b} lists of Condition (one per prompt; [] for none), "
-                            f"got {got}")
-        tf = self.vae.temporal_factor
-        out = []
-        for i, (conds, size) in enumerate(zip(conditions, sizes)):
-            if isinstance(conds, Condition) or not isinstance(conds, (list, tuple)):
-                raise TypeError(f"conditions[{i}] must be a list of Condition (empty for none), got "
-                                f"{type(conds).__name__}")
-            t, h, w = size
-            placed, used = [], {}
-            for j, c in enumerate(conds):
-                name = f"conditions[{i}][{j}]"
-                if not isinstance(c, Condition):
-                    raise TypeError(f"{name} must be a sora_fast.Condition, got {type(c).__name__}")
-                st = c.strength
-                if isinstance(st, bool) or not isinstance(st, (int, float)):
-                    raise TypeError(f"{name}.strength must be a number in [0, 1], got {type(st).__name__}")
-                if not (0.0 <= st <= 1.0):  # NaN fails too
-                    raise ValueError(f"{name}.strength must be a number in [0, 1], got {st!r}")
-                fr = c.frame
-                if isinstance(fr, bool) or not isinstance(fr, int):
-                    raise TypeError(f"{name}.frame must be an int (a pixel frame index, negative from the end), got "
-                                    f"{type(fr).__name__}")
-                if not -t <= fr < t:
-                    raise ValueError(f"{name}.frame={fr} is outside the video of prompt {i}: expected a pixel frame "
-                                     f"in [{-t}, {t - 1}] (it has {t} frames)")
-                p = fr + t if fr < 0 else fr
-                (v,) = self._check_init_videos([c.media], 1, name=f"{name}.media")
-                n = v.shape[1]
-                if (n - 1) % tf:
-                    raise ValueError(f"{name}.media has {n} frames; expected 1 + {tf}k (1 for an image) so that it "
-                                     "encodes to whole latent frames")
-                if tuple(v.shape[2:]) != (h, w):
-                    raise ValueError(f"{name}.media is {v.shape[2]}x{v.shape[3]} (height x width) but prompt {i} is "
-                                     f"{h}x{w}; a condition is never resized: pass media of the requested size")
-                if n > t:
-                    raise ValueError(f"{name}.media has {n} frames, more than the {t} of prompt {i}'s video")
-                if p % tf:
-                    raise ValueError(f"{name}.frame={fr} (pixel frame {p}) must be a multiple of {tf} (0, {tf}, "
-                                     f"{2 * tf}, ..., or a negative index that lands on one, e.g. -1 for the last "
-                                     f"frame): a condition's first frame goes into latent frame frame/{tf}; nearest "
-                                     f"valid: {p // tf * tf} or {p // tf * tf + tf}")
-                if p + n > t:
-                    raise ValueError(f"{name}: its {n} frames from pixel frame {p} run past the end of prompt {i}'s "
-                                     f"video ({t} frames; the last starts at {t - n} at most)")
-                first, count = p // tf, 1 + (n - 1) // tf
-                for k in range(first, first + count):
-                    if k in used:
-                        raise ValueError(f"{name} overlaps conditions[{i}][{used[k]}]: both give latent frame {k} "
-                                         f"(pixel frames {max(0, tf * k - tf + 1)}..{tf * k})")
-                    used[k] = j
-                placed.append((v, first, 1.0 - float(st)))
-            out.append(placed)
-        return out
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], sizes: Union[Size, Sequence[Optional[Size]], None] = None, *,
@@ -450,7 +199,7 @@ class VideoPipeline(nn.Module):
         if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
             raise TypeError("prompts must be a non-empty list of strings")
         b = len(prompts)
-        inits = self._check_init_videos(init_videos, b)
+        inits = check_init_videos(init_videos, b)
         if sizes is None:
             sizes = [None] * b
         elif isinstance(sizes, (tuple, list)) and len(sizes) == 3 and all(isinstance(v, int) for v in sizes):
@@ -459,12 +208,12 @@ class VideoPipeline(nn.Module):
             raise ValueError(f"sizes must be one (frames, height, width) or a list of {b} of them, got {sizes!r}")
         sizes = list(sizes)
         if conditions is not None and not (isinstance(conditions, (list, tuple)) and len(conditions) == b):
-            self._check_conditions(conditions, sizes, b)  # raises, naming what was expected
+            check_conditions(conditions, sizes, b, self.vae.temporal_factor)  # raises, naming what was expected
         for i, (sz, v) in enumerate(zip(sizes, inits)):
             if v is None:
                 if sz is None and conditions is not None and isinstance(conditions[i], (list, tuple)) \
                         and conditions[i] and isinstance(conditions[i][0], Condition):
-                    m = self._check_media(conditions[i][0].media, f"conditions[{i}][0].media")
+                    m = check_media(conditions[i][0].media, f"conditions[{i}][0].media")
                     sz = (self.DEFAULT_SIZE[0], *m.shape[2:])
                 sizes[i] = self.DEFAULT_SIZE if sz is None else sz
                 continue
@@ -476,7 +225,7 @@ class VideoPipeline(nn.Module):
                                  "resized: pass a video of the requested size, or leave its size None")
             sizes[i] = have
         shapes = [self.latent_shape(s) for s in sizes]
-        conds = self._check_conditions(conditions, [self.check_size(s) for s in sizes], b)
+        conds = check_conditions(conditions, [self.check_size(s) for s in sizes], b, self.vae.temporal_factor)
         seeds = [seed + i for i in range(b)] if isinstance(seed, int) else list(seed)
         if len(seeds) != b or not all(isinstance(s, int) for s in seeds):
             raise ValueError(f"seed must be an int or a list of {b} ints, got {seed!r}")
@@ -724,7 +473,7 @@ class VideoPipeline(nn.Module):
             sizes, hashes = file_records(tmp, [f"{name}.safetensors" for name in parts])
             (tmp / _DESC).write_text(json.dumps({**desc, "files": sizes, "sha256": hashes}, indent=2))
 
-        _atomic_dir(final, write)
+        atomic_dir(final, write, _DESC)
         return final
 
     @classmethod
@@ -739,7 +488,7 @@ class VideoPipeline(nn.Module):
         from .models._convert import load_converted
 
         d = Path(directory)
-        _recover_dir(d)
+        recover_dir(d, _DESC)
         desc_path = d / _DESC
         if not desc_path.is_file():
             raise FileNotFoundError(f"{d} is not a saved pipeline: {desc_path} is missing")

@@ -242,7 +242,6 @@ def test_size_defaults_to_the_conditions_height_and_width(tiny_pipeline):
 
 
 def test_condition_from_a_file(tiny_pipeline, tmp_path, monkeypatch):
-    pytest.importorskip("PIL")
     import numpy as np
     from PIL import Image
     pipe, _ = tiny_pipeline

@@ -1,0 +1,246 @@
+"""``sora-fast generate``: arguments checked before any model loads, conditions and edits read from files,
+long rollouts, and the files written (names bounded in bytes)."""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+
+# --- generate --------------------------------------------------------------------------------------
+def _size(text: str) -> tuple[int, int, int]:
+    try:
+        t, h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a size is FRAMESxHEIGHTxWIDTH, e.g. 9x32x48; got {text!r}") from None
+    return t, h, w
+
+
+MAX_NAME_BYTES = 100  # file names built from prompts, in UTF-8 bytes (file systems allow 255)
+
+
+def output_stems(prompts: Sequence[str], max_bytes: int = MAX_NAME_BYTES) -> list[str]:
+    """File names (without extension) for the videos of ``prompts``: the index, then the prompt's first
+    words (letters and digits only), cut to at most ``max_bytes`` UTF-8 bytes on a character boundary, and
+    unique (a hash of the prompt is appended should two ever agree)."""
+    import hashlib
+
+    width = max(2, len(str(len(prompts) - 1)))
+    stems, used = [], set()
+    for i, p in enumerate(prompts):
+        words = ("".join(c for c in w if c.isalnum()) for w in p.split()[:6])
+        stem = f"{i:0{width}d}_" + "_".join(w for w in words if w)
+        stem = stem.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore").rstrip("_")
+        if stem.lower() in used:
+            tag = "_" + hashlib.sha1(f"{i}:{p}".encode("utf-8")).hexdigest()[:8]
+            stem = stem.encode("utf-8")[:max_bytes - len(tag)].decode("utf-8", errors="ignore") + tag
+        used.add(stem.lower())
+        stems.append(stem)
+    return stems
+
+
+def _keyframe(text: str) -> tuple[str, int]:
+    path, sep, frame = text.rpartition("@")
+    try:
+        if not sep or not path:
+            raise ValueError
+        return path, int(frame)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a keyframe is PATH@FRAME (FRAME a pixel frame index, negative from the "
+                                         f"end, e.g. last.png@-1); got {text!r}") from None
+
+
+def _check_condition_args(args) -> None:
+    """``--image`` / ``--video --extend`` / ``--keyframe`` -> ``args.conditions`` (a list of Condition for every
+    prompt, media read) and ``args.condition_size`` (the default size they imply), checked without a model."""
+    from ..pipeline import Condition, read_media
+
+    args.conditions, args.condition_size = [], None
+    if args.extend is not None and args.video is None:
+        raise ValueError("--extend needs --video PATH (the clip to extend)")
+    if args.video is not None and args.extend is None:
+        raise ValueError("--video needs --extend forward|backward (where the clip goes: at the start or the end)")
+    if args.image is not None and args.video is not None:
+        raise ValueError("--image and --video --extend both give the video's frames; use one (add frames at other "
+                         "places with --keyframe PATH@FRAME)")
+    keyframes = args.keyframe or []
+    if args.edit is not None and (args.image is not None or args.video is not None or keyframes):
+        raise ValueError("--edit cannot be combined with --image, --video or --keyframe on the command line (use "
+                         "VideoPipeline.generate(init_videos=..., conditions=...) for both)")
+    if args.image is not None:
+        img = read_media(args.image, "--image")
+        if img.shape[1] != 1:
+            raise ValueError(f"--image {args.image!r} has {img.shape[1]} frames; give an image (use --video --extend "
+                             "for a clip)")
+        args.conditions.append(("--image", Condition(img, 0)))
+        args.condition_size = (9, *img.shape[2:])
+    if args.video is not None:
+        clip = read_media(args.video, "--video")
+        n = clip.shape[1]
+        frame = 0 if args.extend == "forward" else -n
+        args.conditions.append((f"--video (--extend {args.extend})", Condition(clip, frame)))
+        args.condition_size = (2 * n - 1, *clip.shape[2:])
+    for path, frame in keyframes:
+        media = read_media(path, f"--keyframe {path}@{frame}")
+        args.conditions.append((f"--keyframe {path}@{frame}", Condition(media, frame)))
+        if args.condition_size is None:
+            args.condition_size = (9, *media.shape[2:])
+    for i, s in enumerate((args.size or [args.condition_size]) if args.conditions else []):
+        t, h, w = s
+        for flag, c in args.conditions:
+            n, ch, cw = c.media.shape[1:]
+            where = f"--size #{i + 1} {t}x{h}x{w}" if args.size else f"the default size {t}x{h}x{w}"
+            if (ch, cw) != (h, w):
+                raise ValueError(f"{flag} is {ch}x{cw} (height x width) but {where} was requested; a condition is "
+                                 "never resized: pass --size with its height and width (or leave --size out)")
+            if n > t:
+                raise ValueError(f"{flag} has {n} frames, more than the {t} of {where}")
+            if not -t <= c.frame < t:
+                raise ValueError(f"{flag}: frame {c.frame} is outside the video ({where}: frames {-t}..{t - 1})")
+
+
+def _finite(flag: str, value: float, positive: bool = False) -> float:
+    import math
+
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{flag} must be a {'positive ' if positive else ''}finite number, got {value!r}")
+    return value
+
+
+def _check_generate_args(args) -> None:
+    """Every argument of ``generate`` that needs no model, checked before anything loads or runs."""
+    _finite("--guidance", args.guidance)
+    if args.shift != "auto":
+        _finite("--shift", args.shift, positive=True)
+    _finite("--fps", args.fps, positive=True)
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    sizes = args.size or [(9, 32, 32)]
+    if len(sizes) not in (1, len(args.prompt)):
+        raise ValueError(f"--size given {len(sizes)} times; give it once or once per --prompt ({len(args.prompt)})")
+    args.format = list(dict.fromkeys(args.format))  # each format once
+    _check_long_args(args)  # before any media is read
+    args.edit_video = None
+    if args.strength is not None and args.edit is None:
+        raise ValueError("--strength needs --edit VIDEO (the strength of an edit; plain generation has none)")
+    if args.edit is not None:
+        if args.strength is None:
+            raise ValueError("--edit needs --strength S in [0, 1] (0 keeps the video, 1 generates anew)")
+        if not 0.0 <= args.strength <= 1.0:  # NaN fails too
+            raise ValueError(f"--strength must be a number in [0, 1], got {args.strength!r}")
+        from ..pipeline import read_media
+
+        args.edit_video = read_media(args.edit, "--edit")
+        have = tuple(args.edit_video.shape[1:])
+        for i, s in enumerate(args.size or []):
+            if tuple(s) != have:
+                raise ValueError(f"--size #{i + 1} {'x'.join(map(str, s))} differs from the --edit video's size "
+                                 f"{'x'.join(map(str, have))} (frames x height x width); an edited video is never "
+                                 "resized: leave out --size, it defaults to the video's")
+    _check_condition_args(args)
+    if args.conditions and args.cfg_parallel:
+        raise ValueError("--cfg-parallel does not take --image, --video or --keyframe yet (the conditioned frames "
+                         "need per-frame timesteps); leave out --cfg-parallel")
+
+
+def _check_long_args(args) -> None:
+    """``--frames N --window W --overlap K`` (long videos): all three or none, not combined with the flags that
+    condition or edit a video, a ``--size`` whose frames are ``--frames``; checked without a model (the VAE's
+    frame rules are checked by ``VideoPipeline.plan_long`` once it is loaded, before any work)."""
+    flags = {"--frames": args.frames, "--window": args.window, "--overlap": args.overlap}
+    if all(v is None for v in flags.values()):
+        return
+    missing = [f for f, v in flags.items() if v is None]
+    if missing:
+        raise ValueError(f"long videos need --frames N --window W --overlap K together; missing {', '.join(missing)}")
+    other = [f for f, v in (("--edit", args.edit), ("--image", args.image), ("--video", args.video),
+                            ("--keyframe", args.keyframe)) if v]
+    if other:
+        raise ValueError(f"--frames/--window/--overlap (a long video) cannot be combined with {', '.join(other)}; "
+                         "generate the long video without them")
+    if args.cfg_parallel:
+        raise ValueError("--cfg-parallel does not take --frames/--window/--overlap yet (the windows after the first "
+                         "need per-frame timesteps); leave out --cfg-parallel")
+    if args.window < 1:
+        raise ValueError(f"--window must be a positive number of pixel frames (1 + 4m, m >= 1), got {args.window}")
+    if args.frames < args.window:
+        raise ValueError(f"--frames must be >= --window ({args.window}), got {args.frames}")
+    if args.overlap < 1:
+        raise ValueError(f"--overlap must be >= 1 latent frame, got {args.overlap}")
+    for i, s in enumerate(args.size or []):
+        if s[0] != args.frames:
+            raise ValueError(f"--size #{i + 1} {'x'.join(map(str, s))} has {s[0]} frames but --frames is "
+                             f"{args.frames}; with a long video --size is the whole video's (or give only --frames "
+                             "and a size of the same frames)")
+
+
+def _generate_long(pipe, args, sizes, mesh) -> list:
+    """Every prompt rolled out alone by ``generate_long`` (prompt i with seed + i), a progress bar over its
+    windows; returns the clips and sets ``pipe.last_timings`` to the sums over prompts."""
+    from ..distributed import make_denoiser
+    from ..training.metrics import ProgressBar
+
+    plans = [pipe.plan_long(args.frames, args.window, args.overlap, tuple(s[1:])) for s in sizes]  # before work
+    denoiser = None if mesh is None else make_denoiser(pipe.dit, mesh)
+    clips, total = [], {"text": 0.0, "denoise": 0.0, "decode": 0.0}
+    for i, (prompt, s, plan) in enumerate(zip(args.prompt, sizes, plans)):
+        bar = ProgressBar(len(plan), desc=f"video {i + 1}/{len(sizes)} windows",
+                          disable=mesh is not None and not mesh.is_main, print_every=1)
+        clips.append(pipe.generate_long(prompt, args.frames, window=args.window, overlap=args.overlap,
+                                        size=tuple(s[1:]), steps=args.steps, guidance=args.guidance,
+                                        shift=args.shift, negative_prompt=args.negative_prompt, seed=args.seed + i,
+                                        progress=lambda k, n: bar.update(), denoiser=denoiser))
+        bar.close()
+        for k in total:
+            total[k] += pipe.last_timings[k]
+    pipe.last_timings = total
+    return clips
+
+
+def cmd_generate(args) -> int:
+    from ..data import write_contact_sheet, write_video
+    from ..distributed import make_denoiser
+    from ..distributed.launch import sampling_mesh
+    from ..pipeline import VideoPipeline
+    from ..training.checkpoint import check_writable
+
+    _check_generate_args(args)
+    stems = output_stems(args.prompt)
+    mesh = sampling_mesh(args.sequence_parallel, args.cfg_parallel, args.guidance)  # None unless under torchrun
+    out = check_writable(args.out)
+    pipe = VideoPipeline.load(args.pipeline, verify=not args.no_verify)
+    edit = args.edit_video
+    long = args.frames is not None
+    sizes = args.size or [(args.frames, 32, 32) if long else
+                          args.condition_size or ((9, 32, 32) if edit is None else tuple(edit.shape[1:]))]
+    if len(sizes) not in (1, len(args.prompt)):
+        raise ValueError(f"--size given {len(sizes)} times; give it once or once per --prompt ({len(args.prompt)})")
+    sizes = sizes * len(args.prompt) if len(sizes) == 1 else sizes
+    for i, s in enumerate(sizes):
+        if not long:
+            pipe.check_size(s, name=f"--edit {args.edit}" if edit is not None else f"--size #{i + 1}")
+    kw = {} if edit is None else dict(init_videos=[edit] * len(args.prompt), strength=args.strength)
+    if args.conditions:
+        kw["conditions"] = [[c for _, c in args.conditions] for _ in args.prompt]
+    if long:
+        clips = _generate_long(pipe, args, sizes, mesh)
+    else:
+        clips = pipe.generate(args.prompt, sizes, steps=args.steps, guidance=args.guidance, shift=args.shift,
+                              negative_prompt=args.negative_prompt, seed=args.seed, **kw,
+                              denoiser=None if mesh is None else make_denoiser(pipe.dit, mesh))
+    if mesh is not None and not mesh.is_main:
+        return 0  # every rank holds the same clips; rank 0 writes them
+    written = []
+    for clip, stem in zip(clips, stems):
+        for fmt in args.format:
+            ext = "png" if fmt == "mp4" and clip.shape[1] == 1 else fmt
+            written.append(write_video(out / f"{stem}.{ext}", clip, fps=args.fps))
+    write_contact_sheet(out / "contact_sheet.png", clips, args.prompt)
+    t = pipe.last_timings
+    if long:
+        print(f"text {t['text'] * 1e3:.0f} ms | denoise {t['denoise']:.2f} s (windows of {args.window} frames, "
+              f"{args.steps} steps each) | decode {t['decode'] * 1e3:.0f} ms")
+    else:
+        print(f"text {t['text'] * 1e3:.0f} ms | denoise {t['denoise']:.2f} s ({args.steps} steps, "
+              f"{1e3 * t['denoise'] / args.steps:.0f} ms/step) | decode {t['decode'] * 1e3:.0f} ms")
+    print(f"wrote {len(written)} files and contact_sheet.png to {out}")
+    return 0
