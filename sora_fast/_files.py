@@ -109,6 +109,19 @@ def first_good(candidates: list, check: Callable[[Path], Any], what: str, where:
                            + "; ".join(tried))
 
 
+
+def warn_unchecked(what: str, path: PathLike, hashes: Optional[Mapping[str, Any]], verify: bool,
+                   stacklevel: int = 3) -> None:
+    """Say what :func:`verify_files` could not check: the files of ``what`` at ``path`` when its record holds
+    no hashes (written by an older version), or their sha256 when ``verify`` is False."""
+    if hashes is None:
+        warnings.warn(f"{what} {str(path)!r} was written without content hashes (an older version): only the "
+                      "sizes of its files are checked", stacklevel=stacklevel + 1)
+    elif not verify:
+        warnings.warn(f"verify=False: the sha256 of the {len(hashes)} files of {what} {str(path)!r} "
+                      f"({', '.join(sorted(hashes))}) is not checked (only sizes)", stacklevel=stacklevel + 1)
+
+
 def read_json(path: PathLike, what: str) -> Any:
     """The parsed JSON of ``path``. FileNotFoundError when missing; :class:`CorruptFileError` when it is not
     UTF-8 JSON; both name the file and ``what`` it should hold (e.g. "a pipeline description")."""

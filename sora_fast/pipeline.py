@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ._files import atomic_dir, load_safetensors, read_json, recover_dir, verify_files
+from ._files import atomic_dir, load_safetensors, read_json, recover_dir, verify_files, warn_unchecked
 from .conditioning import Condition, Media, check_conditions, check_init_videos, check_media, read_media
 from .models.dit import DiTConfig, VideoDiT
 from .models.text import T5TextEncoder, TextEncoder, TinyTextConfig, TinyTextEncoder
@@ -502,9 +502,7 @@ class VideoPipeline(nn.Module):
                           "weight files are not checked", stacklevel=2)
         else:
             verify_files(d, sizes, hashes, verify=verify, record=_DESC)
-            if hashes is not None and not verify:
-                warnings.warn(f"verify=False: the sha256 of {', '.join(sorted(hashes))} in {str(d)!r} is not "
-                              "checked (only sizes)", stacklevel=2)
+            warn_unchecked("pipeline", d, hashes, verify, stacklevel=2)
         vae_desc = {k: tuple(v) if isinstance(v, list) else v for k, v in desc["vae"].items()}
         models = {}
         for name, build in (("dit", lambda: VideoDiT(DiTConfig(**desc["dit"]))),

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._files import CorruptFileError, file_records, first_good, read_json, verify_files
+from .._files import CorruptFileError, file_records, first_good, read_json, verify_files, warn_unchecked
 from ..models._convert import StateDictMismatchError, _listing
 from ..training.checkpoint import _config_diff, _plain, check_writable
 from ..training.ema import EMA
@@ -172,12 +172,7 @@ def verify_sharded(path: PathLike, *, verify: bool = True) -> dict[str, Any]:
     hashes = record.get("sha256")
     if "files" in record or hashes is not None:
         verify_files(ckpt, record.get("files"), hashes, verify=verify, record=f"its {_META}")
-    if hashes is None:
-        warnings.warn(f"sharded checkpoint {str(ckpt)!r} was written without content hashes (an older version): "
-                      "its files are not checked", stacklevel=3)
-    elif not verify:
-        warnings.warn(f"verify=False: the sha256 of the {len(hashes)} files of sharded checkpoint {str(ckpt)!r} is "
-                      "not checked (only sizes)", stacklevel=3)
+    warn_unchecked("sharded checkpoint", ckpt, hashes, verify)
     return record
 
 

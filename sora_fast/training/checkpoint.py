@@ -38,7 +38,6 @@ import random
 import re
 import shutil
 import uuid
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -55,6 +54,7 @@ from .._files import (
     load_safetensors,
     read_json,
     verify_files,
+    warn_unchecked,
 )
 from ..models._convert import StateDictMismatchError, _listing
 from .ema import EMA
@@ -214,12 +214,7 @@ def verify_checkpoint(path: PathLike, *, verify: bool = True) -> dict[str, Any]:
                                f"{type(marker).__name__}{'' if not isinstance(marker, dict) else ' without it'}")
     hashes = marker.get("sha256")
     verify_files(ckpt, marker["files"], hashes, verify=verify, record=f"its {_COMPLETE!r} marker")
-    if hashes is None:
-        warnings.warn(f"checkpoint {str(ckpt)!r} was written without content hashes (an older version): only the "
-                      "sizes of its files are checked", stacklevel=3)
-    elif not verify:
-        warnings.warn(f"verify=False: the sha256 of {', '.join(sorted(hashes))} in checkpoint {str(ckpt)!r} is not "
-                      "checked (only sizes)", stacklevel=3)
+    warn_unchecked("checkpoint", ckpt, hashes, verify)
     state_path = ckpt / _STATE
     meta = read_json(state_path, "a checkpoint's state: step, config, the structure of its tensors")
     if not isinstance(meta, dict):
