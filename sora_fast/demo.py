@@ -1,9 +1,11 @@
 """``sora-fast demo``: every stage of the engine on a CPU in minutes, with no download.
 
 data (a synthetic captioned video folder) → VAE (trained from scratch) → latent cache → packed DiT
-training on mixed resolutions and durations → packed CFG sampling of several prompts at different sizes →
-chunked VAE decode → MP4/GIF files and a contact sheet → an automatic checker of every generated clip
-(right color, present, moving the prompted way) → a latency table per stage.
+training on mixed resolutions and durations, with a conditioning mix (:data:`DEMO_COND_MIX`: every latent
+frame its own noise level) → packed CFG sampling of several prompts at different sizes → chunked VAE decode
+→ MP4/GIF files and a contact sheet → an automatic checker of every generated clip (right color, present,
+moving the prompted way) → each conditioned mode (image-to-video, extension both ways, keyframes, editing,
+long rollouts) scored on held-out clips (:mod:`sora_fast.eval.conditioning`) → a latency table per stage.
 """
 from __future__ import annotations
 
@@ -16,7 +18,12 @@ from typing import Callable, Optional, TextIO
 
 import torch
 
-__all__ = ["DemoConfig", "run_demo", "DEMO_PRESETS"]
+__all__ = ["DemoConfig", "run_demo", "DEMO_PRESETS", "DEMO_COND_MIX"]
+
+
+#: The demo's conditioning mix (probabilities per training video and step, :data:`COND_MODES`).
+DEMO_COND_MIX = {"t2v": 0.4, "i2v": 0.15, "extend_forward": 0.1, "extend_backward": 0.1, "interpolate": 0.1,
+                 "keyframes": 0.05, "diffusion_forcing": 0.1}
 
 
 @dataclass
@@ -27,21 +34,29 @@ class DemoConfig:
     sizes: tuple = ((32, 32), (32, 48), (48, 32))
     lengths: tuple = (1, 5, 9)
     object_size: float = 0.4
+    bounce_prob: float = 0.2  # bouncing clips: what the long rollout needs to stay in frame (docs/results.md)
     vae_steps: int = 1100
     vae_focus: float = 4.0
     dit_steps: int = 3200     # more steps scored no better on held-out prompts (docs/results.md)
     token_budget: int = 1152
     lr: float = 1.5e-3
+    # the conditioning mix (TrainConfig.cond_mix): text-to-video keeps the largest share; every mode the
+    # demo scores (image-to-video, extension both ways, keyframes, long rollouts) is trained
+    cond_mix: dict = dataclasses.field(default_factory=lambda: dict(DEMO_COND_MIX))
+    cond_frames: int = 3      # extension gives up to 3 of a 9-frame clip's 5 latent frames
     sample_steps: int = 20
     guidance: float = 5.0     # the best scale measured on held-out prompts (docs/results.md)
     prompts: int = 8
     gen_sizes: tuple = ((9, 32, 32), (9, 32, 48), (9, 48, 32))
     seed: int = 0
+    eval_clips: int = 24      # held-out clips per conditioned mode (sora_fast.eval.conditioning); 0: skip
+    eval_prompts: int = 48    # held-out text-to-video prompts scored with them
 
 
 DEMO_PRESETS = {
     "default": DemoConfig(),
-    "quick": DemoConfig(clips=24, vae_steps=20, dit_steps=40, sample_steps=6, prompts=4),
+    "quick": DemoConfig(clips=24, vae_steps=20, dit_steps=40, sample_steps=6, prompts=4, eval_clips=1,
+                        eval_prompts=2),
 }
 
 
@@ -104,8 +119,10 @@ def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, config: Op
 
     Writes ``data/`` (the synthetic folder), ``latents/``, ``dit_run/`` (checkpoints, metrics.jsonl,
     loss.png), ``pipeline/`` (the trained models), ``samples/*.mp4|gif``, ``contact_sheet.png`` and
-    ``summary.json``. ``on_dit_step(step, trainer, vae)``, when given, runs after every DiT training step
-    (``bench/bench_demo_quality.py`` evaluates checkpoints with it); its time counts in the DiT stage.
+    ``summary.json`` (with ``conditioning``: per mode passed / clips / rate / target and why clips failed;
+    ``conditioning/<mode>.png`` shows 8 clips of each). ``on_dit_step(step, trainer, vae)``, when given, runs
+    after every DiT training step (``bench/bench_demo_quality.py`` evaluates checkpoints with it); its time
+    counts in the DiT stage.
     """
     from .data import (
         LatentDataset,
@@ -123,6 +140,7 @@ def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, config: Op
     from .models.vae import CausalVAE
     from .pipeline import VideoPipeline
     from .training.checkpoint import check_writable
+    from .training.conditioning import standalone_latents
     from .training.trainer import TrainConfig, Trainer
     from .training.vae import VAETrainConfig, fit_latent_stats, train_vae
 
@@ -137,7 +155,8 @@ def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, config: Op
     # 1. data: a real video folder of captioned synthetic clips, read back at native size
     with timer.stage("data: synthetic clips") as st:
         make_synthetic_dataset(out / "data", cfg.clips, seed=cfg.seed, sizes=cfg.sizes, lengths=cfg.lengths,
-                               object_size=cfg.object_size, overwrite=True, progress=progress)
+                               object_size=cfg.object_size, bounce_prob=cfg.bounce_prob, overwrite=True,
+                               progress=progress)
         st.detail = f"{cfg.clips} clips, sizes {list(cfg.sizes)}, frames {list(cfg.lengths)}"
     vae = CausalVAE("demo")
     tf, sf = vae.temporal_factor, vae.spatial_factor
@@ -166,14 +185,24 @@ def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, config: Op
         latents = LatentDataset(out / "latents")
         items = [{"latent": latents[i]["latent"].float(), "caption": latents[i]["caption"]}
                  for i in range(len(latents))]
-        st.detail = f"{len(items)} latents, {vae.latent_channels} channels, /{tf} time, /{sf} space"
+        # every suffix of a clip encoded on its own: what given frames after the first hold in training,
+        # as sampling encodes a condition placed later in a video (sora_fast.training.conditioning)
+        captions = [folder[i]["caption"] for i in range(len(folder))]
+        with torch.no_grad():
+            for it, v, cap in zip(items, videos, captions):
+                if cap != it["caption"] or 1 + (v.shape[1] - 1) // tf != it["latent"].shape[1]:
+                    raise RuntimeError("the latent cache and the video folder disagree on the order of clips")
+                it["alone"] = standalone_latents(lambda x: vae.normalize_latents(vae.encode(x)), v, tf)
+        st.detail = (f"{len(items)} latents (and their suffixes encoded alone), {vae.latent_channels} channels, "
+                     f"/{tf} time, /{sf} space")
 
     # 4. packed DiT training on mixed sizes
     text = TinyTextEncoder(dim=64)
     dit = VideoDiT(DiTConfig.from_name("demo", in_channels=vae.latent_channels, out_channels=vae.latent_channels,
                                        text_dim=text.dim))
     train_cfg = TrainConfig(steps=cfg.dit_steps, token_budget=cfg.token_budget, lr=cfg.lr, warmup_steps=50,
-                            ema_decay=0.995, save_every=max(cfg.dit_steps // 2, 1), log_every=10, seed=cfg.seed)
+                            ema_decay=0.995, save_every=max(cfg.dit_steps // 2, 1), log_every=10, seed=cfg.seed,
+                            cond_mix=dict(cfg.cond_mix), cond_frames=cfg.cond_frames)
     with timer.stage("train dit") as st:
         trainer = Trainer(dit, text, items, train_cfg, out / "dit_run", progress=progress,
                           model_config={"dit": dataclasses.asdict(dit.config), "text": dataclasses.asdict(text.config)})
@@ -204,9 +233,24 @@ def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, config: Op
         write_contact_sheet(out / "contact_sheet.png", clips, prompt_list)
         st.detail = f"{2 * len(clips)} files in samples/, contact_sheet.png"
 
+    scores = {}
+    if cfg.eval_clips:
+        from .eval import evaluate_conditioning, format_table
+        with timer.stage("score modes") as st:
+            scores = evaluate_conditioning(pipe, clips=cfg.eval_clips, t2v_prompts=cfg.eval_prompts,
+                                           sizes=cfg.gen_sizes, steps=cfg.sample_steps, guidance=cfg.guidance)
+            (out / "conditioning").mkdir(exist_ok=True)
+            for mode, sc in scores.items():
+                shown = sc.pop("clips_out")[:8]
+                write_contact_sheet(out / "conditioning" / f"{mode}.png", [v for _, v in shown], [c for c, _ in shown])
+            st.detail = (f"{len(scores)} modes, {cfg.eval_clips} held-out clips each ({cfg.eval_prompts} for "
+                         "text-to-video), conditioning/*.png")
     results = check_clips(clips, prompt_list)
     _say(stream, "")
     _say(stream, timer.table())
+    if scores:
+        _say(stream, "")
+        _say(stream, format_table(scores))
     _say(stream, "")
     for p, r in zip(prompt_list, results):
         _say(stream, f"  {'PASS' if r.passed else 'fail'}  {p}  ({r})")
@@ -214,6 +258,7 @@ def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, config: Op
     summary = {"out_dir": str(out), "quick": quick, "config": dataclasses.asdict(cfg),
                "timings": {n: s for n, s, _ in timer.rows}, "prompts": prompt_list,
                "passed": [r.passed for r in results], "checker": line, "vae_check": vae_check,
+               "conditioning": scores,
                "samples": sorted(p.name for p in (out / "samples").iterdir())}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _say(stream, f"outputs in {out}: samples/, contact_sheet.png, pipeline/, dit_run/loss.png")

@@ -257,3 +257,74 @@ def test_default_mix_is_text_to_video_with_the_video_timestep_on_every_frame(tmp
         assert torch.equal(d["levels"], torch.repeat_interleave(d["t"], frames))
         assert tr._loss_mask(d["x0"], d["given"]) is None
         assert torch.equal(token_levels(d["x0"], d["levels"]), d["t"][d["x0"].seq_ids.long()])
+
+
+# --- given frames after the first, encoded on their own (sora_fast.training.conditioning) ------------------
+def _causal_encode(x):
+    """A causal toy encoder with time factor 2: latent 0 = frame 0, latent k = mean of frames 2k-1, 2k plus a
+    running sum of everything before (so a suffix encoded alone differs from the same frames in context)."""
+    first = x[:, :, :1]
+    groups = (x[:, :, 1::2] + x[:, :, 2::2]) / 2
+    z = torch.cat([first, groups], dim=2)
+    return z + 0.1 * torch.cumsum(z, dim=2)
+
+
+def test_standalone_latents_are_each_suffix_encoded_alone():
+    from sora_fast.training.conditioning import standalone_latents, suffix_offset
+
+    video = torch.randn(4, 9, 2, 3)                                     # m = 4: 5 latent frames
+    alone = standalone_latents(_causal_encode, video, 2)
+    assert alone.shape == (4, 10, 2, 3)
+    for j in range(1, 5):
+        ref = _causal_encode(video[None, :, 2 * j:])[0]
+        o = suffix_offset(5, j)
+        assert torch.equal(alone[:, o:o + 5 - j], ref)
+        assert not torch.allclose(ref, _causal_encode(video[None])[0][:, j:])   # in context it differs
+    assert standalone_latents(_causal_encode, video[:, :1], 2) is None
+    with pytest.raises(ValueError, match="1 \\+ 2k"):
+        standalone_latents(_causal_encode, video[:, :4], 2)
+
+
+def test_swap_given_replaces_runs_that_start_after_the_first_frame():
+    from sora_fast.training.conditioning import standalone_latents, swap_given, suffix_offset
+
+    videos = [torch.randn(4, 9, 2, 2), torch.randn(4, 5, 2, 2), torch.randn(4, 9, 2, 2)]
+    lat = [_causal_encode(v[None])[0] for v in videos]                 # 5, 3, 5 latent frames
+    alone = [standalone_latents(_causal_encode, v, 2) for v in videos]
+    given = torch.tensor([1, 0, 1, 1, 0] + [1, 1, 0] + [0, 0, 0, 1, 1], dtype=torch.bool)
+    out = swap_given(lat, alone, given)
+    a0 = alone[0][:, suffix_offset(5, 2):]
+    assert torch.equal(out[0][:, 0], lat[0][:, 0]) and torch.equal(out[0][:, 1], lat[0][:, 1])   # run from 0 kept
+    assert torch.equal(out[0][:, 2:4], a0[:, :2]) and torch.equal(out[0][:, 4], lat[0][:, 4])
+    assert out[1] is lat[1]                                            # its only run starts at frame 0
+    assert torch.equal(out[2][:, 3:], alone[2][:, suffix_offset(5, 3):suffix_offset(5, 3) + 2])
+    assert torch.equal(out[2][:, :3], lat[2][:, :3])
+    assert swap_given(lat, [None, None, None], given)[0] is lat[0]     # no standalone latents: in context
+
+
+def test_trainer_feeds_standalone_latents_at_later_given_frames(tmp_path):
+    """With ``alone`` on the items, the packed x0 at given frames of runs after frame 0 holds them (so the
+    DiT sees them at level cond_noise), everything else is the item's own latent; a wrong shape is refused."""
+    from sora_fast.training.conditioning import suffix_offset
+
+    tr = _setup(tmp_path)
+    for it in tr.items:
+        n = it.latent.shape[1]
+        it.alone = torch.randn(it.latent.shape[0], n * (n - 1) // 2, *it.latent.shape[2:]) if n > 1 else None
+    swapped = 0
+    for step in range(8):
+        d = tr.draw(step)
+        frames = d["x0"].grid[:, 0].tolist()
+        x0s = d["x0"].unpack(d["x0"].tokens)
+        for j, (i, g) in enumerate(zip(d["indices"], torch.split(d["given"], frames))):
+            ref, g = tr.items[i].latent.clone(), g.tolist()
+            for j0 in [k for k in range(1, len(g)) if g[k] and not g[k - 1]]:
+                j1 = next((k for k in range(j0, len(g)) if not g[k]), len(g))
+                o = suffix_offset(len(g), j0)
+                ref[:, j0:j1] = tr.items[i].alone[:, o:o + j1 - j0]
+                swapped += 1
+            assert torch.equal(x0s[j], ref)
+    assert swapped > 0
+    items = [{"latent": torch.randn(4, 3, 2, 2), "caption": "", "alone": torch.randn(4, 2, 2, 2)}]
+    with pytest.raises(ValueError, match=r"items\[0\]\.alone must be \(4, 3, 2, 2\)"):
+        Trainer(tr.dit, tr.text_encoder, items, tr.config, tmp_path / "bad", progress=False)

@@ -20,6 +20,16 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
     assert sum(name.endswith(".gif") for name in summary["samples"]) == n
     for f in ("contact_sheet.png", "pipeline/pipeline.json", "dit_run/metrics.jsonl", "dit_run/loss.png"):
         assert (out / f).stat().st_size > 0, f
+    # every conditioned mode scored, printed as a row of the summary table, with a contact sheet
+    from sora_fast.eval import MODES, TARGETS
+    scores = summary["conditioning"]
+    assert list(scores) == list(MODES) and "score modes" in printed
+    for mode, s in scores.items():
+        assert s["clips"] == (2 if mode == "t2v" else 1) and 0 <= s["passed"] <= s["clips"]
+        assert s["rate"] == s["passed"] / s["clips"] and s["met"] == (s["rate"] >= TARGETS[mode])
+        assert len(s["failures"]) == s["clips"] - s["passed"]
+        assert any(line.startswith(s["label"]) and f"{s['passed']}/" in line for line in printed.splitlines())
+        assert (out / "conditioning" / f"{mode}.png").stat().st_size > 0
 
 
 class _FakeVAE:

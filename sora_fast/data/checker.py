@@ -41,7 +41,8 @@ import torch
 from .io import to_uint8
 from .synthetic import COLORS, SPEEDS, parse_caption
 
-__all__ = ["CheckerThresholds", "CheckResult", "check_clip", "check_clips", "summary", "color_masks"]
+__all__ = ["CheckerThresholds", "CheckResult", "Track", "track_object", "check_clip", "check_clips", "summary",
+           "color_masks"]
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,75 @@ def _objects(mask: np.ndarray, radius: float, min_piece: float) -> tuple[np.ndar
     return area, cent
 
 
+@dataclass(frozen=True)
+class Track:
+    """One colour's object, frame by frame (what :func:`track_object` returns; the checker's tracker).
+
+    present: ``(T,)`` bool, the object found (rule 2 of the module docstring). area: ``(T,)`` px.
+    centers: ``(T, 2)`` centroid ``(x, y)`` px (+x right, +y down), NaN without a pixel of the colour.
+    votes: pixels of every palette colour over the clip (rule 3). min_area: the presence threshold in px.
+    """
+
+    color: str
+    present: np.ndarray
+    area: np.ndarray
+    centers: np.ndarray
+    votes: dict
+    min_area: float
+    full_area_frac: float
+
+    @property
+    def frames(self) -> int:
+        return int(self.present.shape[0])
+
+    @property
+    def dominant(self) -> Optional[str]:
+        """The palette colour with the most matching pixels (None when no pixel matches any)."""
+        return max(self.votes, key=self.votes.get) if max(self.votes.values()) > 0 else None
+
+    def usable(self, frames: Optional[Sequence[int]] = None, *, partial: bool = False) -> np.ndarray:
+        """Indices of the frames (of ``frames``, default all) where the object is present, leaving out
+        partly hidden ones (area ``< full_area_frac`` of the median) when two or more full ones remain
+        (``partial=True`` keeps them)."""
+        idx = np.arange(self.frames) if frames is None else np.asarray(list(frames), dtype=np.int64)
+        use = idx[self.present[idx]]
+        if use.size >= 2 and not partial:
+            full = use[self.area[use] >= self.full_area_frac * np.median(self.area[use])]
+            if full.size >= 2:
+                use = full
+        return use
+
+    def velocity(self, frames: Optional[Sequence[int]] = None) -> Optional[np.ndarray]:
+        """``(vx, vy)`` px per frame: the least-squares slope of the centroid over :meth:`usable` frames of
+        ``frames`` (default all); None when fewer than two are usable."""
+        use = self.usable(frames)
+        if use.size < 2:
+            return None
+        tt = use.astype(np.float64) - use.mean()
+        xy = self.centers[use]
+        return (tt[:, None] * (xy - xy.mean(0))).sum(0) / (tt * tt).sum()
+
+
+def track_object(clip: Union[torch.Tensor, np.ndarray], color: str, *,
+                 thresholds: Optional[CheckerThresholds] = None) -> Track:
+    """Track the ``color`` object of a clip (``(T, H, W, 3)`` uint8 or ``(3, T, H, W)`` float in [-1, 1]):
+    per frame its presence, area and centroid, with the palette votes of the whole clip."""
+    if color not in COLORS:
+        raise ValueError(f"color must be one of {list(COLORS)}, got {color!r}")
+    th = thresholds or CheckerThresholds()
+    frames = _as_frames(clip)
+    t, h, w, _ = frames.shape
+    masks = color_masks(frames, th)
+    mask = masks[color]
+    min_area = max(th.min_area_px, th.min_area_frac * min(h, w) ** 2)
+    area, cent = _objects(mask, th.merge_radius_frac * min(h, w), max(2.0, min_area / 4))
+    total = mask.reshape(t, -1).sum(1)
+    present = (area >= min_area) & (area >= th.concentration * np.maximum(total, 1))
+    return Track(color=color, present=present, area=area, centers=cent,
+                 votes={name: int(m.sum()) for name, m in masks.items()}, min_area=float(min_area),
+                 full_area_frac=th.full_area_frac)
+
+
 # ----------------------------------------------------------------------------------------------
 # the check
 
@@ -211,9 +281,8 @@ def check_clip(clip: Union[torch.Tensor, np.ndarray], prompt: str, *,
     reasons: list[str] = []
     notes: list[str] = []
 
-    masks = color_masks(frames, th)
-    votes = {name: int(m.sum()) for name, m in masks.items()}
-    dominant = max(votes, key=votes.get) if max(votes.values()) > 0 else None
+    tr = track_object(frames, spec.color, thresholds=th)
+    votes, dominant = tr.votes, tr.dominant
     color_ok = dominant == spec.color
     if dominant is None:
         reasons.append("no pixel of any palette colour (empty or unrecognisable frames)")
@@ -221,11 +290,7 @@ def check_clip(clip: Union[torch.Tensor, np.ndarray], prompt: str, *,
         share = votes[dominant] / sum(votes.values())
         reasons.append(f"wrong colour: mostly {dominant} ({share:.0%} of coloured pixels), prompt says {spec.color}")
 
-    mask = masks[spec.color]
-    min_area = max(th.min_area_px, th.min_area_frac * min(h, w) ** 2)
-    area, cent = _objects(mask, th.merge_radius_frac * min(h, w), max(2.0, min_area / 4))
-    total = mask.reshape(t, -1).sum(1)
-    present = (area >= min_area) & (area >= th.concentration * np.maximum(total, 1))
+    present, min_area = tr.present, tr.min_area
     n_present = int(present.sum())
     fraction = n_present / t
     if fraction < th.min_present:
@@ -244,16 +309,12 @@ def check_clip(clip: Union[torch.Tensor, np.ndarray], prompt: str, *,
         min_travel = max(th.min_travel_px, th.travel_frac * SPEEDS["slow"] * side * (t - 1))
         if spec.bounce:  # a bounce may turn back half way: its range is at least half its travel
             min_travel = max(th.min_travel_px, min_travel / 2)
-        use = np.nonzero(present)[0]
-        if use.size >= 2 and not spec.bounce:
-            full = use[area[use] >= th.full_area_frac * np.median(area[use])]
-            if full.size >= 2:
-                use = full
+        use = tr.usable(partial=spec.bounce)
         if use.size < 2:
             direction_ok = False
             reasons.append(f"direction unknown: the object is present in {use.size} frame(s), 2 are needed")
         else:
-            xy = cent[use]
+            xy = tr.centers[use]
             if spec.bounce:
                 d = xy.max(0) - xy.min(0)
                 displacement = (float(d[0]), float(d[1]))
@@ -264,10 +325,7 @@ def check_clip(clip: Union[torch.Tensor, np.ndarray], prompt: str, *,
                                    f" {across:.1f} px across (needs >= {min_travel:.1f} px and"
                                    f" {th.dominance:g}x the range across)")
             else:
-                tt = use.astype(np.float64)
-                tt = tt - tt.mean()
-                slope = (tt[:, None] * (xy - xy.mean(0))).sum(0) / (tt * tt).sum()
-                d = slope * (t - 1)
+                d = tr.velocity() * (t - 1)
                 displacement = (float(d[0]), float(d[1]))
                 sign = -1.0 if spec.direction in ("left", "up") else 1.0
                 along, across = sign * d[k], abs(d[1 - k])

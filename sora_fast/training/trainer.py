@@ -28,25 +28,13 @@ from torch import nn
 
 from ..packing import frame_ids, pack_videos, plan_batches
 from .checkpoint import check_writable, latest_checkpoint, load_checkpoint, save_checkpoint
+from .conditioning import COND_MODES, draw_conditioning, swap_given
 from .ema import EMA
 from .flow import add_noise, flow_matching_loss, resolution_shift, sample_timesteps, token_levels
 from .lora import apply_lora, load_lora, lora_state_dict
 from .metrics import MetricsLogger, ProgressBar, plot_loss_curve
 
 __all__ = ["TrainConfig", "Trainer", "LatentItem", "config_from_dict", "COND_MODES", "draw_conditioning"]
-
-# The conditioning modes of TrainConfig.cond_mix, and the fewest latent frames each needs (a video with
-# fewer is trained as text-to-video: every mode keeps at least one frame to denoise).
-COND_MODES = {
-    "t2v": 1,                # nothing given: text-to-video
-    "i2v": 2,                # the first frame given: image-to-video
-    "extend_forward": 2,     # the first k frames given
-    "extend_backward": 2,    # the last k frames given
-    "interpolate": 3,        # the first and the last frame given
-    "keyframes": 2,          # a random non-empty proper subset of the frames given
-    "diffusion_forcing": 2,  # nothing given; every frame its own independent level
-}
-
 
 @dataclass
 class TrainConfig:
@@ -75,7 +63,10 @@ class TrainConfig:
                       modes have 0. Default ``{"t2v": 1.0}``: pure text-to-video, so runs, tests and
                       checkpoints made before the mix existed train exactly (bit for bit) as before.
                       Given frames get level ``cond_noise`` and are left out of the loss; a video too
-                      short for its mode (an image: always) is trained as ``t2v``.
+                      short for its mode (an image: always) is trained as ``t2v``. Given frames after
+                      the first hold the item's standalone suffix latents when it has them
+                      (``LatentItem.alone``; :mod:`sora_fast.training.conditioning` says why), else
+                      their in-context latents (what ``sora-fast train``'s latent cache holds today).
     cond_frames:      the most frames given by ``extend_forward`` / ``extend_backward``: k is drawn
                       uniformly from ``1..min(cond_frames, T - 1)`` for a video of T latent frames.
                       Default 1 (one frame, the usual extension by a clip's last latent).
@@ -229,10 +220,13 @@ def config_from_dict(cls, data: Mapping[str, Any], where: str = "config"):
 
 @dataclass
 class LatentItem:
-    """One training sample: a normalized latent ``(C, T, H, W)`` and its caption."""
+    """One training sample: a normalized latent ``(C, T, H, W)``, its caption and, optionally, its suffixes
+    encoded on their own (``alone``: :func:`~sora_fast.training.conditioning.standalone_latents`), which
+    given frames after the first take (:func:`~sora_fast.training.conditioning.swap_given`)."""
 
     latent: torch.Tensor
     caption: str
+    alone: Optional[torch.Tensor] = None
 
 
 class _Adapters(nn.Module):
@@ -261,64 +255,6 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + 12_345) % (2**63))
 
 
-def draw_conditioning(frames: Sequence[int], t: torch.Tensor, shift: Union[float, torch.Tensor],
-                      mix: Mapping[str, float], cond_frames: int = 1, cond_noise: float = 0.0,
-                      generator: Optional[torch.Generator] = None) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """Per-frame levels and given frames of one step's videos (on the CPU).
-
-    frames: latent frames ``T'`` of each of the B videos; t: ``(B,)`` their timesteps in [0, 1];
-    shift: the timestep shift (a float, or ``(B,)`` per video) that Diffusion Forcing's per-frame levels
-    are drawn with; mix, cond_frames, cond_noise: as :class:`TrainConfig`'s.
-    Returns ``(modes, levels, given)``: the mode each video is trained in (after the too-short rule),
-    ``(F,)`` float32 levels (``t`` of the video; ``cond_noise`` at given frames; independent
-    logit-normal draws for ``diffusion_forcing``) and ``(F,)`` bool given frames, video by video.
-    Every video keeps at least one frame that is not given.
-
-    Draws from ``generator`` only when some mode other than ``t2v`` has a probability > 0, always the same
-    amount for the same videos: ``B`` (mode), ``B`` (k / number of keyframes), ``F`` (keyframe choice),
-    ``F`` (Diffusion Forcing levels), in that order.
-    """
-    b = len(frames)
-    t = t.detach().to("cpu", torch.float32)
-    video = torch.repeat_interleave(torch.arange(b), torch.as_tensor(list(frames), dtype=torch.long))
-    levels, given = t[video].clone(), torch.zeros(len(video), dtype=torch.bool)
-    names = [m for m in COND_MODES if mix.get(m, 0.0) > 0]
-    if names == ["t2v"]:
-        return ["t2v"] * b, levels, given
-    f = len(video)
-    weights = torch.tensor([mix[m] for m in names], dtype=torch.float64)
-    cum = torch.cumsum(weights, 0) / weights.sum()
-    u_mode = torch.rand(b, generator=generator, dtype=torch.float64)
-    u_k = torch.rand(b, generator=generator, dtype=torch.float64)
-    u_pick = torch.rand(f, generator=generator)
-    frame_shift = (shift.detach().to("cpu", torch.float32)[video] if isinstance(shift, torch.Tensor)
-                   and shift.dim() else shift)
-    df = sample_timesteps(f, generator=generator, shift=frame_shift, device="cpu")
-    picks = torch.searchsorted(cum, u_mode, right=True).clamp_max(len(names) - 1).tolist()
-    modes, start = [], 0
-    for j, n in enumerate(int(x) for x in frames):
-        mode = names[picks[j]]
-        if n < COND_MODES[mode]:
-            mode = "t2v"
-        sl, g = slice(start, start + n), given[start:start + n]
-        if mode == "i2v":
-            g[0] = True
-        elif mode in ("extend_forward", "extend_backward"):
-            k = 1 + int(u_k[j] * min(cond_frames, n - 1))
-            g[slice(0, k) if mode == "extend_forward" else slice(n - k, n)] = True
-        elif mode == "interpolate":
-            g[0] = g[-1] = True
-        elif mode == "keyframes":
-            m = 1 + int(u_k[j] * (n - 1))                  # 1..n-1 frames given
-            g[torch.argsort(u_pick[sl], stable=True)[:m]] = True
-        elif mode == "diffusion_forcing":
-            levels[sl] = df[sl]
-        levels[sl] = torch.where(g, torch.full_like(levels[sl], float(cond_noise)), levels[sl])
-        modes.append(mode)
-        start += n
-    return modes, levels, given
-
-
 class Trainer:
     """Trains ``dit`` (and a trainable text encoder) on ``items`` with flow matching.
 
@@ -344,7 +280,8 @@ class Trainer:
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         self.config, self.dit, self.text_encoder = config, dit, text_encoder
         self.run_dir = check_writable(run_dir)
-        self.items = [it if isinstance(it, LatentItem) else LatentItem(it["latent"], it["caption"]) for it in items]
+        self.items = [it if isinstance(it, LatentItem) else LatentItem(it["latent"], it["caption"], it.get("alone"))
+                      for it in items]
         if not self.items:
             raise ValueError("items is empty: nothing to train on")
         self.patch = tuple(dit.config.patch)
@@ -353,6 +290,10 @@ class Trainer:
             if it.latent.dim() != 4 or it.latent.shape[0] != c_in:
                 raise ValueError(f"items[{i}].latent must be (C={c_in}, T, H, W) for this DiT, got "
                                  f"{tuple(it.latent.shape)}")
+            c, n, h, w = it.latent.shape
+            if it.alone is not None and tuple(it.alone.shape) != (c, n * (n - 1) // 2, h, w):
+                raise ValueError(f"items[{i}].alone must be ({c}, {n * (n - 1) // 2}, {h}, {w}) (every suffix of its "
+                                 f"{n} latent frames encoded on its own), got {tuple(it.alone.shape)}")
         self.plan = plan_batches([tuple(it.latent.shape) for it in self.items], config.token_budget, self.patch)
         self.model_config = dict(model_config or {})
         self.progress = progress
@@ -422,6 +363,9 @@ class Trainer:
         t = sample_timesteps(len(idx), generator=g, shift=shift)                    # (B,)
         modes, levels, given = draw_conditioning(x0.grid[:, 0].tolist(), t, shift, cfg.cond_mix,
                                                  cfg.cond_frames, cfg.cond_noise, generator=g)
+        swapped = swap_given(latents, [self.items[i].alone for i in idx], given)
+        if any(a is not b for a, b in zip(swapped, latents)):   # given frames after the first: as sampling gives them
+            x0 = pack_videos(swapped, patch=self.patch)
         return {"indices": idx, "captions": captions, "x0": x0, "noise": noise, "t": t.to(self.device),
                 "modes": modes, "levels": levels.to(self.device), "given": given.to(self.device)}
 
