@@ -115,6 +115,40 @@ def test_every_video_one_frame_both_forms_are_the_same():
         assert_close(got, ref, torch.float32)
 
 
+def test_forward_reads_the_frame_count_on_the_host(monkeypatch):
+    """The pack's host frame count tells (B,) from (F,) timesteps: the forward gives the same output,
+    bit for bit, as with the count unknown (read from grid), and no device read of the forward comes
+    from the model or the packing (only from the ops' own value checks); with the count unknown one does."""
+    import dataclasses
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class DeviceReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.where = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:         # .item(), int(), .tolist()
+                ours = [f for f in traceback.extract_stack() if "/sora_fast/" in f.filename]
+                self.where.append(ours[-1].filename.rsplit("/sora_fast/", 1)[1])
+            return func(*args, **(kwargs or {}))
+
+    dit = tiny(pooled_text=True)
+    lat, txt = awkward_pack()
+    x, text = pack_videos(lat), pack_sequences(txt)
+    unknown = dataclasses.replace(x, frames=None)
+    for t in (torch.rand(3) * 1000, torch.rand(F_ALL) * 1000):
+        outs = []
+        for pack in (x, unknown):
+            with torch.no_grad(), DeviceReads() as reads:
+                outs.append(dit(pack, t, text))
+            own = [w for w in reads.where if w.startswith(("models/", "packing.py"))]
+            assert own == ([] if pack.frames is not None else ["packing.py"]), reads.where
+        assert torch.equal(outs[0], outs[1])
+
+
 # ----------------------------------------------------------------------------------------------
 # different per-frame values against an independent implementation
 

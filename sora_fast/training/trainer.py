@@ -420,7 +420,7 @@ class Trainer:
         shift = (resolution_shift(x0.cu_seqlens.diff()) if cfg.timestep_shift == "auto"
                  else float(cfg.timestep_shift))
         t = sample_timesteps(len(idx), generator=g, shift=shift)                    # (B,)
-        modes, levels, given = draw_conditioning(x0.grid[:, 0].tolist(), t, shift, cfg.cond_mix,
+        modes, levels, given = draw_conditioning(x0.frames_per_video, t, shift, cfg.cond_mix,
                                                  cfg.cond_frames, cfg.cond_noise, generator=g)
         return {"indices": idx, "captions": captions, "x0": x0, "noise": noise, "t": t.to(self.device),
                 "modes": modes, "levels": levels.to(self.device), "given": given.to(self.device)}
