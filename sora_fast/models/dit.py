@@ -275,7 +275,11 @@ class VideoDiT(nn.Module):
     @classmethod
     def from_diffusers(cls, model, **kwargs) -> "VideoDiT":
         """The same network as a diffusers ``WanTransformer3DModel``: same weights, device, and each
-        tensor in the dtype diffusers holds it (e.g. fp32 tables and norms in a bf16 model)."""
+        tensor in the dtype diffusers holds it (e.g. fp32 tables and norms in a bf16 model).
+
+        diffusers' ``timestep`` converts at the boundary with
+        :func:`sora_fast.models.convert.wan_frame_timesteps`: ``(B,)`` as is, or Wan 2.2 TI2V's per-token
+        ``(B, S)`` to one value per latent frame ``(F,)`` (values must be equal within a frame)."""
         from .convert import convert_wan_transformer_state_dict
 
         config = DiTConfig.from_diffusers_config(model.config)
