@@ -8,8 +8,9 @@ to a file and the assertions run here, against the same computation in this sing
     with a conditioning mix (given frames, per-frame levels, images in the same batches);
   * a sharded checkpoint written at world size 2 resumes at world size 1 onto the same loss curve;
   * CFG-parallel and sequence-parallel sampling == single-process sample_euler for the same seed, also with
-    given frames (per-frame timesteps); the CFG-parallel denoiser's forward with per-video and per-frame
-    timesteps == the DiT's in one process;
+    given frames (per-frame timesteps) and edits joining the pack mid-way; the CFG-parallel denoiser's forward
+    with per-video and per-frame timesteps == the DiT's in one process; `sora-fast generate --cfg-parallel`
+    under torchrun writes the single process's videos, plain, conditioned and long;
   * bad input (heads not divisible, mismatched meshes, a checkpoint of another model) raises the same clear
     error on every rank and nothing hangs: the process group's timeout bounds every collective, and the
     spawned run as a whole is killed (and the test failed) after a deadline.
@@ -133,6 +134,14 @@ def _given(seed, dtype=torch.float32):
     return dict(given=[x0, None], given_levels=[levels, None])
 
 
+def _edit(seed, dtype=torch.float32):
+    """Editing for :func:`_sampling_problem`: both videos from clean latents at strengths 0.5 and 0.75, so they
+    join the pack at different steps (the pack the denoiser sees grows from one video's two copies to all)."""
+    g = torch.Generator().manual_seed(seed + 13)
+    return dict(init=[torch.randn(4, 3, 4, 6, generator=g).to(dtype), torch.randn(4, 1, 2, 2, generator=g).to(dtype)],
+                strength=[0.5, 0.75])
+
+
 def _cfg_forward_problem(seed):
     """A fp64 DiT and a guided-looking pack of 4 videos with 3, 1, 2 and 2 latent frames (so a rank's frame
     rows are not its video rows), an empty caption, and timesteps per video (4,) and per frame (8,): some
@@ -226,6 +235,11 @@ def _rank_main(rank, port, out_dir, seed):
         return sample_euler(make_denoiser(dit, make_mesh(sp, outer="cfg")), noise, **kw, **_given(seed))
     res["sample_given_cfg"] = _attempt(lambda: sample_given(1))
     res["sample_given_sp"] = _attempt(lambda: sample_given(2))
+
+    def sample_edit_given():
+        dit, noise, kw = _sampling_problem(seed)
+        return sample_euler(make_denoiser(dit, make_mesh(1, outer="cfg")), noise, **kw, **_given(seed), **_edit(seed))
+    res["sample_edit_given_cfg"] = _attempt(sample_edit_given)
 
     def cfg_forward():
         dit, x, text, ts = _cfg_forward_problem(seed)
@@ -456,6 +470,22 @@ def test_sampling_with_given_frames_in_parallel_equals_one_process(ranks):
                 _assert_no_worse(a.double(), b.double(), e, f"{key} video {i}; {_replay(ranks)}")
 
 
+def test_editing_with_given_frames_under_cfg_parallel_equals_one_process(ranks):
+    """Edited videos (strengths 0.5 and 0.75: they join the pack at different steps) with given frames: each
+    CFG-parallel rank runs its half of a pack that grows; the same rule as the samples above."""
+    dit, noise, kw = _sampling_problem(ranks[2])
+    one = sample_euler(dit, noise, **kw, **_given(ranks[2]), **_edit(ranks[2]))
+    dit64, noise64, kw64 = _sampling_problem(ranks[2], torch.float64)
+    with _fp64_throughout():
+        exact = sample_euler(dit64, noise64, **kw64, **_given(ranks[2], torch.float64),
+                             **_edit(ranks[2], torch.float64))
+    for res in ranks[1]:
+        got = _ok(res, "sample_edit_given_cfg")
+        assert torch.equal(got[0][:, [0, 2]], _given(ranks[2])["given"][0][:, [0, 2]])   # held exactly
+        for i, (a, b, e) in enumerate(zip(got, one, exact)):
+            _assert_no_worse(a.double(), b.double(), e, f"video {i}; {_replay(ranks)}")
+
+
 @pytest.mark.parametrize("form", ["video", "frame"])
 def test_cfg_parallel_forward_takes_per_video_and_per_frame_timesteps(ranks, form):
     """The CFG-parallel denoiser with timesteps (B,) or (F,) == the DiT in one process (fp64)."""
@@ -540,17 +570,27 @@ def test_single_process_mesh_and_errors():
 
 
 # --- the command line under torchrun ----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def saved_pipeline(tmp_path_factory):
+def _save_pipeline(path, std):
     from sora_fast.models.vae import CausalVAE
     from sora_fast.pipeline import VideoPipeline
 
     torch.manual_seed(0)
     dit = VideoDiT.from_name("tiny")
     for p in dit.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    return VideoPipeline(dit, CausalVAE("tiny"), TinyTextEncoder(dim=dit.config.text_dim)).save(
-        tmp_path_factory.mktemp("pipe") / "pipe")
+        torch.nn.init.normal_(p, std=std)
+    return VideoPipeline(dit, CausalVAE("tiny"), TinyTextEncoder(dim=dit.config.text_dim)).save(path)
+
+
+@pytest.fixture(scope="module")
+def saved_pipeline(tmp_path_factory):
+    return _save_pipeline(tmp_path_factory.mktemp("pipe") / "pipe", 0.05)
+
+
+@pytest.fixture(scope="module")
+def sampling_pipeline(tmp_path_factory):
+    """Weights large enough (std 0.2) that the timesteps move the decoded frames by tens of 8-bit levels
+    (std 0.05: under one), so a frame given the wrong timestep shows in the written files."""
+    return _save_pipeline(tmp_path_factory.mktemp("pipe") / "pipe", 0.2)
 
 
 def _gif(path):
@@ -560,14 +600,26 @@ def _gif(path):
                         for f in ImageSequence.Iterator(Image.open(path))])
 
 
-def test_generate_cfg_parallel_under_torchrun_matches_one_process(saved_pipeline, tmp_path):
+@pytest.mark.parametrize("extra, size", [
+    ([], "5x16x16"),
+    (["--image", "{first}", "--keyframe", "{last}@-1"], "9x16x16"),       # given frames: per-frame timesteps
+    (["--frames", "9", "--window", "5", "--overlap", "1"], "9x16x16"),    # a long video: windows 2.. are given
+], ids=["plain", "conditions", "long"])
+def test_generate_cfg_parallel_under_torchrun_matches_one_process(sampling_pipeline, tmp_path, extra, size):
+    """`sora-fast generate --cfg-parallel` on 2 ranks writes the single process's videos: plain, conditioned
+    (image-to-video and a last keyframe) and a long rollout."""
     import subprocess
     import sys
 
     from sora_fast import cli
+    from sora_fast.data import write_video
 
-    flags = ["generate", "--pipeline", str(saved_pipeline), "--prompt", "a red circle", "--prompt", "blue",
-             "--size", "5x16x16", "--steps", "3", "--format", "gif"]
+    g = torch.Generator().manual_seed(random.randrange(2**31))
+    media = {}
+    for name in ("first", "last"):
+        media[name] = str(write_video(tmp_path / f"{name}.png", torch.rand(3, 1, 16, 16, generator=g) * 2 - 1))
+    flags = ["generate", "--pipeline", str(sampling_pipeline), "--prompt", "a red circle", "--prompt", "blue",
+             "--size", size, "--steps", "3", "--format", "gif", *(a.format(**media) for a in extra)]
     assert cli.main(flags + ["--out", str(tmp_path / "one")]) == 0
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "sora_fast.cli", *flags, "--cfg-parallel", "--out", str(tmp_path / "two")],
@@ -576,7 +628,7 @@ def test_generate_cfg_parallel_under_torchrun_matches_one_process(saved_pipeline
     assert run.stdout.count("wrote 2 files") == 1          # rank 0 alone writes
     for name in ("00_a_red_circle.gif", "01_blue.gif"):
         a, b = _gif(tmp_path / "one" / name), _gif(tmp_path / "two" / name)
-        # the latents agree to fp32 rounding (test above); 8-bit frames may round across one level
+        # the latents agree to fp32 rounding (tests above); 8-bit frames may round across one level
         assert a.shape == b.shape and (a - b).abs().max() <= 1
 
 
