@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from dataclasses import dataclass
-from typing import Iterator, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -170,7 +170,11 @@ class PackedVideos(_Packed):
     seq_ids:     ``(N,)`` int32; which video each token belongs to.
     max_seqlen:  python int; the longest sequence.
     patch:       ``(pt, ph, pw)``.
-    All metadata lives on the tokens' device.
+    frames:      tuple of B python ints, ``grid[:, 0]`` on the host (latent frames T' of each video), or
+                 None when unknown. :func:`pack_videos` sets it from the latents' shapes and every method
+                 that makes a new pack carries it, so reading frame counts (:attr:`num_frames`,
+                 :attr:`frames_per_video`) needs no device sync; when None they read ``grid``.
+    All tensor metadata lives on the tokens' device.
     """
 
     tokens: torch.Tensor
@@ -180,6 +184,30 @@ class PackedVideos(_Packed):
     seq_ids: torch.Tensor
     max_seqlen: int
     patch: tuple[int, int, int]
+    frames: Optional[tuple[int, ...]] = None
+
+    def __post_init__(self):
+        if self.frames is not None:
+            frames = tuple(self.frames) if isinstance(self.frames, (tuple, list)) else None
+            if frames is None or not all(_is_int(f) and f >= 1 for f in frames):
+                raise TypeError(f"frames must be None or a tuple of positive ints (grid[:, 0] on the host), "
+                                f"got {self.frames!r}")
+            if len(frames) != self.grid.shape[0]:
+                raise ValueError(f"frames must hold one count per video ({self.grid.shape[0]}, the rows of grid), "
+                                 f"got {len(frames)}")
+            self.frames = tuple(int(f) for f in frames)
+
+    @property
+    def frames_per_video(self) -> list[int]:
+        """Latent frames ``T'`` of each video (``grid[:, 0]``) as python ints: :attr:`frames` when the pack
+        knows them, else read from ``grid`` (a device sync)."""
+        return list(self.frames) if self.frames is not None else self.grid[:, 0].tolist()
+
+    @property
+    def num_frames(self) -> int:
+        """``F``, the latent frames of all videos (``int(grid[:, 0].sum())``), without a device sync when
+        :attr:`frames` is known."""
+        return sum(self.frames) if self.frames is not None else int(self.grid[:, 0].sum())
 
     @property
     def shapes(self) -> list[tuple[int, int, int]]:
@@ -294,6 +322,7 @@ def pack_videos(
         seq_ids=seq_ids,
         max_seqlen=max(seqlens),
         patch=patch,
+        frames=tuple(g[0] for g in grids),
     )
 
 

@@ -215,6 +215,8 @@ class VideoPipeline(nn.Module):
                         and conditions[i] and isinstance(conditions[i][0], Condition):
                     m = check_media(conditions[i][0].media, f"conditions[{i}][0].media")
                     sz = (self.DEFAULT_SIZE[0], *m.shape[2:])
+                    conditions = list(conditions)   # the media read once: check_conditions below takes it
+                    conditions[i] = [dataclasses.replace(conditions[i][0], media=m), *conditions[i][1:]]
                 sizes[i] = self.DEFAULT_SIZE if sz is None else sz
                 continue
             have = tuple(v.shape[1:])

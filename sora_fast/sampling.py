@@ -269,7 +269,7 @@ def sample_euler(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: Packed
     pt = int(patch[0])
     # per patch frame (the DiT's frame): fixed level (NaN = denoised), for all videos in pack order
     frame_lv = [torch.full((int(g),), float("nan"), dtype=torch.float64) if lv is None else lv[::pt]
-                for lv, g in zip(g_lev, x.grid[:, 0].tolist())]
+                for lv, g in zip(g_lev, x.frames_per_video)]
     fixed_tok = ~torch.isnan(torch.cat(frame_lv))[frame_ids(x).long().cpu()].to(x.tokens.device)  # (N,)
     if cfg:  # the conditional copies, then the unconditional ones, in one stream
         both = pack_videos(start * 2, patch=tuple(patch))

@@ -253,6 +253,26 @@ def test_condition_from_a_file(tiny_pipeline, tmp_path, monkeypatch):
     assert torch.equal(got[0][0][:, :1], _encode(pipe, img))
 
 
+def test_a_condition_file_is_read_once(tiny_pipeline, tmp_path, monkeypatch):
+    """A prompt whose size is left out takes it from its first condition's file: that file is read once (not
+    again by the condition checks), as is a file whose prompt has a size; the caller's list is not changed."""
+    import numpy as np
+    from PIL import Image
+
+    import sora_fast.conditioning as conditioning
+    pipe, _ = tiny_pipeline
+    rng = np.random.default_rng()
+    for name, (h, w) in (("a.png", (16, 48)), ("b.png", (16, 16))):
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(tmp_path / name)
+    reads, real = [], conditioning.read_media
+    monkeypatch.setattr(conditioning, "read_media", lambda path, name="path": reads.append(name) or real(path, name))
+    conds = [[Condition(str(tmp_path / "a.png"))], [Condition(str(tmp_path / "b.png"), frame=-1)]]
+    out = pipe.generate(["x", "y"], [None, (5, 16, 16)], conditions=conds, steps=1, guidance=1.0)
+    assert reads == ["conditions[0][0].media", "conditions[1][0].media"]
+    assert out[0].shape == (3, pipe.DEFAULT_SIZE[0], 16, 48) and out[1].shape == (3, 5, 16, 16)
+    assert conds[0][0].media == str(tmp_path / "a.png")
+
+
 IMG = _video((1, 16, 16))
 
 
@@ -349,7 +369,7 @@ def test_cli_conditions_equal_the_api(tiny_pipeline, tmp_path, capsys, monkeypat
     (["--keyframe", "{img}@x"], r"a keyframe is PATH@FRAME"),
     (["--video", "{clip}", "--extend", "forward", "--size", "1x16x32"], r"has 5 frames, more than the 1"),
     (["--image", "{tmp}/missing.png"], r"--image: cannot read"),
-    (["--image", "{img}", "--cfg-parallel"], r"--cfg-parallel does not take"),
+    (["--image", "{img}", "--cfg-parallel"], r"--cfg-parallel needs 2 processes"),   # taken; needs torchrun
 ])
 def test_cli_condition_arguments_are_checked_before_anything_loads(tmp_path, capsys, args, match):
     from sora_fast import cli

@@ -8,8 +8,9 @@ to a file and the assertions run here, against the same computation in this sing
     with a conditioning mix (given frames, per-frame levels, images in the same batches);
   * a sharded checkpoint written at world size 2 resumes at world size 1 onto the same loss curve;
   * CFG-parallel and sequence-parallel sampling == single-process sample_euler for the same seed, also with
-    given frames (per-frame timesteps); the CFG-parallel denoiser's forward with per-video and per-frame
-    timesteps == the DiT's in one process;
+    given frames (per-frame timesteps) and edits joining the pack mid-way; the CFG-parallel denoiser's forward
+    with per-video and per-frame timesteps == the DiT's in one process; `sora-fast generate --cfg-parallel`
+    under torchrun writes the single process's videos, plain, conditioned and long;
   * bad input (heads not divisible, mismatched meshes, a checkpoint of another model) raises the same clear
     error on every rank and nothing hangs: the process group's timeout bounds every collective, and the
     spawned run as a whole is killed (and the test failed) after a deadline.
@@ -133,6 +134,14 @@ def _given(seed, dtype=torch.float32):
     return dict(given=[x0, None], given_levels=[levels, None])
 
 
+def _edit(seed, dtype=torch.float32):
+    """Editing for :func:`_sampling_problem`: both videos from clean latents at strengths 0.5 and 0.75, so they
+    join the pack at different steps (the pack the denoiser sees grows from one video's two copies to all)."""
+    g = torch.Generator().manual_seed(seed + 13)
+    return dict(init=[torch.randn(4, 3, 4, 6, generator=g).to(dtype), torch.randn(4, 1, 2, 2, generator=g).to(dtype)],
+                strength=[0.5, 0.75])
+
+
 def _cfg_forward_problem(seed):
     """A fp64 DiT and a guided-looking pack of 4 videos with 3, 1, 2 and 2 latent frames (so a rank's frame
     rows are not its video rows), an empty caption, and timesteps per video (4,) and per frame (8,): some
@@ -226,6 +235,11 @@ def _rank_main(rank, port, out_dir, seed):
         return sample_euler(make_denoiser(dit, make_mesh(sp, outer="cfg")), noise, **kw, **_given(seed))
     res["sample_given_cfg"] = _attempt(lambda: sample_given(1))
     res["sample_given_sp"] = _attempt(lambda: sample_given(2))
+
+    def sample_edit_given():
+        dit, noise, kw = _sampling_problem(seed)
+        return sample_euler(make_denoiser(dit, make_mesh(1, outer="cfg")), noise, **kw, **_given(seed), **_edit(seed))
+    res["sample_edit_given_cfg"] = _attempt(sample_edit_given)
 
     def cfg_forward():
         dit, x, text, ts = _cfg_forward_problem(seed)
@@ -344,10 +358,10 @@ def test_sequence_parallel_with_the_triton_kernel(ranks):
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, ranks):
-    """The single-process Trainer on the same model and data: its losses, parameter shapes and final state."""
+    """The single-process Trainer on the same model and data: its losses and parameter shapes."""
     tr = _train_parts(tmp_path_factory.mktemp("ref"), False, ranks[2])
     losses = tr.train()["losses"]
-    return losses, [tuple(p.shape) for p in tr.model.parameters()], tr.model.state_dict(), tr.ema.params
+    return losses, [tuple(p.shape) for p in tr.model.parameters()]
 
 
 # the loss is a fp32 value; one process and the mesh evaluate the same fp32 sums in other orders (per shard,
@@ -356,7 +370,7 @@ LOSS_RTOL = 16 * torch.finfo(torch.float32).eps
 
 
 def test_fsdp_training_losses_equal_one_process(ranks, reference_run):
-    ref, shapes, _, _ = reference_run
+    ref, shapes = reference_run
     total = sum(math.prod(s) for s in shapes)
     shard = sum(math.ceil(s[0] / WORLD) * math.prod(s[1:]) for s in shapes)      # FSDP2: dim-0 chunks
     for key in ("train_sp", "train_dp"):
@@ -381,20 +395,30 @@ def test_fsdp_training_with_the_conditioning_mix_equals_one_process(ranks, tmp_p
 
 
 def test_checkpoint_from_world_size_2_resumes_at_world_size_1(ranks, reference_run):
+    """The world-size-2 run's step-2 checkpoint, resumed in one process, continues onto the losses of the
+    single-process run and ends in the world-size-2 run's own final state (its step-3 checkpoint)."""
     out, _, seed = ranks
+    uninterrupted = _train_parts(out / "sp", None, seed)
+    assert uninterrupted.resume(out / "sp" / "dcp_step_000003") == 3
     resumed = _train_parts(out / "sp", None, seed)    # one process, no process group
     assert resumed.resume(out / "sp" / "dcp_step_000002") == 2
     assert resumed.train()["losses"] == pytest.approx(reference_run[0][2:], rel=LOSS_RTOL, abs=0), _replay(ranks)
-    # weights, AdamW moments and EMA shadow all came back, so the final weights and EMA are the uninterrupted
-    # run's. Rounding-level gradient differences move an Adam step (at most lr per element) by far less than
-    # 1% of lr (measured <= 0.2%); fresh moments or a fresh EMA would be off by a sizeable fraction of lr.
-    # One exception: the text encoder's key biases get no gradient at all (softmax ignores a shift shared by
-    # every key of a row), so theirs is pure rounding noise, which Adam normalizes into steps of up to ~lr
-    # whatever its size: two runs may then differ by up to 2 lr per step, and those slices are held to that.
+    # Weights, AdamW moments and EMA shadow all came back, so the step taken after resuming is the world-size-2
+    # run's own: both start from one state and differ only by the rounding of that step's gradient, which moves
+    # a well-conditioned Adam step (at most lr per element) by far less than 1% of lr; fresh moments or a fresh
+    # EMA would be off by a sizeable fraction of lr.
+    # Not compared with the single-process run's weights: Adam's first step of an element is g / (|g| + eps),
+    # whose slope is ~1/eps where |g| ~ eps (1e-8), so an element whose first gradient is that small (a chance
+    # near-cancellation) turns the rounding difference between 1 and 2 processes into a step difference of a
+    # few % of lr, already in the step-2 checkpoint: not the resume's doing.
+    # The text encoder's key biases get no gradient at all (softmax ignores a shift shared by every key of a
+    # row), so theirs is pure rounding noise, which Adam normalizes into steps of up to ~lr whatever its size:
+    # the two may differ by up to 2 lr per step taken after resuming, and those slices are held to that.
     atol = 1e-2 * resumed.config.lr
-    atol_no_signal = 2 * resumed.config.lr * resumed.config.steps
-    final = resumed.model.state_dict()
-    for tag, got, ref in (("", final, reference_run[2]), ("EMA ", resumed.ema.params, reference_run[3])):
+    atol_no_signal = 2 * resumed.config.lr * (resumed.config.steps - 2)
+    for tag, got, ref in (("", resumed.model.state_dict(), uninterrupted.model.state_dict()),
+                          ("EMA ", resumed.ema.params, uninterrupted.ema.params)):
+        assert got.keys() == ref.keys()
         for name, want in ref.items():
             have = got[name]
             if name.startswith("text.") and name.endswith("qkv.bias"):
@@ -404,7 +428,7 @@ def test_checkpoint_from_world_size_2_resumes_at_world_size_1(ranks, reference_r
                 have, want = torch.cat([have[:d], have[2 * d:]]), torch.cat([want[:d], want[2 * d:]])
             torch.testing.assert_close(have, want, rtol=0, atol=atol,
                                        msg=lambda m: f"{tag}{name}: {m}; {_replay(ranks)}")
-    assert resumed.ema.num_updates == 3
+    assert resumed.ema.num_updates == uninterrupted.ema.num_updates == 3
 
 
 def test_sigterm_on_one_rank_stops_every_rank_with_a_checkpoint(ranks):
@@ -444,6 +468,22 @@ def test_sampling_with_given_frames_in_parallel_equals_one_process(ranks):
             assert torch.equal(got[0][:, [0, 2]], _given(ranks[2])["given"][0][:, [0, 2]])   # held exactly
             for i, (a, b, e) in enumerate(zip(got, one, exact)):
                 _assert_no_worse(a.double(), b.double(), e, f"{key} video {i}; {_replay(ranks)}")
+
+
+def test_editing_with_given_frames_under_cfg_parallel_equals_one_process(ranks):
+    """Edited videos (strengths 0.5 and 0.75: they join the pack at different steps) with given frames: each
+    CFG-parallel rank runs its half of a pack that grows; the same rule as the samples above."""
+    dit, noise, kw = _sampling_problem(ranks[2])
+    one = sample_euler(dit, noise, **kw, **_given(ranks[2]), **_edit(ranks[2]))
+    dit64, noise64, kw64 = _sampling_problem(ranks[2], torch.float64)
+    with _fp64_throughout():
+        exact = sample_euler(dit64, noise64, **kw64, **_given(ranks[2], torch.float64),
+                             **_edit(ranks[2], torch.float64))
+    for res in ranks[1]:
+        got = _ok(res, "sample_edit_given_cfg")
+        assert torch.equal(got[0][:, [0, 2]], _given(ranks[2])["given"][0][:, [0, 2]])   # held exactly
+        for i, (a, b, e) in enumerate(zip(got, one, exact)):
+            _assert_no_worse(a.double(), b.double(), e, f"video {i}; {_replay(ranks)}")
 
 
 @pytest.mark.parametrize("form", ["video", "frame"])
@@ -530,17 +570,27 @@ def test_single_process_mesh_and_errors():
 
 
 # --- the command line under torchrun ----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def saved_pipeline(tmp_path_factory):
+def _save_pipeline(path, std):
     from sora_fast.models.vae import CausalVAE
     from sora_fast.pipeline import VideoPipeline
 
     torch.manual_seed(0)
     dit = VideoDiT.from_name("tiny")
     for p in dit.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    return VideoPipeline(dit, CausalVAE("tiny"), TinyTextEncoder(dim=dit.config.text_dim)).save(
-        tmp_path_factory.mktemp("pipe") / "pipe")
+        torch.nn.init.normal_(p, std=std)
+    return VideoPipeline(dit, CausalVAE("tiny"), TinyTextEncoder(dim=dit.config.text_dim)).save(path)
+
+
+@pytest.fixture(scope="module")
+def saved_pipeline(tmp_path_factory):
+    return _save_pipeline(tmp_path_factory.mktemp("pipe") / "pipe", 0.05)
+
+
+@pytest.fixture(scope="module")
+def sampling_pipeline(tmp_path_factory):
+    """Weights large enough (std 0.2) that the timesteps move the decoded frames by tens of 8-bit levels
+    (std 0.05: under one), so a frame given the wrong timestep shows in the written files."""
+    return _save_pipeline(tmp_path_factory.mktemp("pipe") / "pipe", 0.2)
 
 
 def _gif(path):
@@ -550,14 +600,26 @@ def _gif(path):
                         for f in ImageSequence.Iterator(Image.open(path))])
 
 
-def test_generate_cfg_parallel_under_torchrun_matches_one_process(saved_pipeline, tmp_path):
+@pytest.mark.parametrize("extra, size", [
+    ([], "5x16x16"),
+    (["--image", "{first}", "--keyframe", "{last}@-1"], "9x16x16"),       # given frames: per-frame timesteps
+    (["--frames", "9", "--window", "5", "--overlap", "1"], "9x16x16"),    # a long video: windows 2.. are given
+], ids=["plain", "conditions", "long"])
+def test_generate_cfg_parallel_under_torchrun_matches_one_process(sampling_pipeline, tmp_path, extra, size):
+    """`sora-fast generate --cfg-parallel` on 2 ranks writes the single process's videos: plain, conditioned
+    (image-to-video and a last keyframe) and a long rollout."""
     import subprocess
     import sys
 
     from sora_fast import cli
+    from sora_fast.data import write_video
 
-    flags = ["generate", "--pipeline", str(saved_pipeline), "--prompt", "a red circle", "--prompt", "blue",
-             "--size", "5x16x16", "--steps", "3", "--format", "gif"]
+    g = torch.Generator().manual_seed(random.randrange(2**31))
+    media = {}
+    for name in ("first", "last"):
+        media[name] = str(write_video(tmp_path / f"{name}.png", torch.rand(3, 1, 16, 16, generator=g) * 2 - 1))
+    flags = ["generate", "--pipeline", str(sampling_pipeline), "--prompt", "a red circle", "--prompt", "blue",
+             "--size", size, "--steps", "3", "--format", "gif", *(a.format(**media) for a in extra)]
     assert cli.main(flags + ["--out", str(tmp_path / "one")]) == 0
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "sora_fast.cli", *flags, "--cfg-parallel", "--out", str(tmp_path / "two")],
@@ -566,7 +628,7 @@ def test_generate_cfg_parallel_under_torchrun_matches_one_process(saved_pipeline
     assert run.stdout.count("wrote 2 files") == 1          # rank 0 alone writes
     for name in ("00_a_red_circle.gif", "01_blue.gif"):
         a, b = _gif(tmp_path / "one" / name), _gif(tmp_path / "two" / name)
-        # the latents agree to fp32 rounding (test above); 8-bit frames may round across one level
+        # the latents agree to fp32 rounding (tests above); 8-bit frames may round across one level
         assert a.shape == b.shape and (a - b).abs().max() <= 1
 
 

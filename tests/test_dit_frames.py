@@ -2,7 +2,8 @@
 
 Equal per-frame values give bit for bit the per-video result (torch and the CUDA host emulation, fp32 and
 bf16, outputs and gradients); different values match diffusers' WanTransformer3DModel given the same
-values per token (its Wan 2.2 TI2V path: an independent implementation of the per-token modulation);
+values per token (its Wan 2.2 TI2V path: an independent implementation of the per-token modulation), and
+diffusers' per-token timesteps convert to per-frame ones (or are refused where a frame's tokens differ);
 changing one frame's timestep changes only what it must; the adaLN ops take tables of R rows with any
 R (frames) and int32 row ids on every backend, forward and backward."""
 import pytest
@@ -11,6 +12,7 @@ from _utils import assert_close
 from test_dit import FP32_REL, randomize, rel_err, wan
 
 from sora_fast.cuda import launchers as _cuda
+from sora_fast.models.convert import wan_frame_timesteps
 from sora_fast.models.dit import VideoDiT
 from sora_fast.ops import adaln_modulate, gated_residual_adaln
 from sora_fast.packing import frame_ids, pack_sequences, pack_videos
@@ -115,6 +117,40 @@ def test_every_video_one_frame_both_forms_are_the_same():
         assert_close(got, ref, torch.float32)
 
 
+def test_forward_reads_the_frame_count_on_the_host(monkeypatch):
+    """The pack's host frame count tells (B,) from (F,) timesteps: the forward gives the same output,
+    bit for bit, as with the count unknown (read from grid), and no device read of the forward comes
+    from the model or the packing (only from the ops' own value checks); with the count unknown one does."""
+    import dataclasses
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class DeviceReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.where = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:         # .item(), int(), .tolist()
+                ours = [f for f in traceback.extract_stack() if "/sora_fast/" in f.filename]
+                self.where.append(ours[-1].filename.rsplit("/sora_fast/", 1)[1])
+            return func(*args, **(kwargs or {}))
+
+    dit = tiny(pooled_text=True)
+    lat, txt = awkward_pack()
+    x, text = pack_videos(lat), pack_sequences(txt)
+    unknown = dataclasses.replace(x, frames=None)
+    for t in (torch.rand(3) * 1000, torch.rand(F_ALL) * 1000):
+        outs = []
+        for pack in (x, unknown):
+            with torch.no_grad(), DeviceReads() as reads:
+                outs.append(dit(pack, t, text))
+            own = [w for w in reads.where if w.startswith(("models/", "packing.py"))]
+            assert own == ([] if pack.frames is not None else ["packing.py"]), reads.where
+        assert torch.equal(outs[0], outs[1])
+
+
 # ----------------------------------------------------------------------------------------------
 # different per-frame values against an independent implementation
 
@@ -148,6 +184,67 @@ def test_different_per_frame_values_match_diffusers_per_token_timesteps(patch):
     with torch.no_grad():
         mean = dit.forward_videos(lat, torch.stack([t.mean() for t in t_frames]), txt)
     assert rel_err(mean[2], got[2]) > 1e-3
+
+
+@pytest.mark.parametrize("patch", [(1, 2, 2), (2, 2, 1)])
+def test_diffusers_per_token_timesteps_convert_to_per_frame(patch):
+    """Wan 2.2 TI2V gives diffusers one timestep per patch token, (B, S), equal within each latent frame:
+    wan_frame_timesteps turns them into VideoDiT's (F,) form, and the converted model's output on the pack
+    equals diffusers' on the batch; (B,) timesteps convert too. The TI2V pipeline's own construction (a
+    mask at the patch grid times t, one row expanded over the batch) included."""
+    m = wan(patch=patch)
+    dit = VideoDiT.from_diffusers(m)
+    grid = (3, 3, 2)                                                               # T', H', W' in patches
+    hw = grid[1] * grid[2]
+    lat = torch.randn(2, 4, *(g * p for g, p in zip(grid, patch)))
+    txt = torch.randn(2, 5, 24)
+    per_frame = torch.rand(2, grid[0]) * 1000
+    per_frame[0, 1:] = per_frame[0, 0]
+    per_frame[0, 0] = 0.0                                                          # image-to-video: frame 0 given
+    mask = torch.ones(grid[0], hw)
+    mask[0] = 0
+    t = torch.rand(()) * 1000
+    cases = {"per-frame values": per_frame.repeat_interleave(hw, dim=1),          # (2, S)
+             "pipeline": (mask * t).flatten()[None].expand(2, -1),                # stride-0 rows, as TI2V
+             "per-video": torch.rand(2) * 1000}                                   # (B,)
+    x, text = pack_videos(list(lat), patch), pack_sequences(list(txt))
+    for name, ts in cases.items():
+        with torch.no_grad():
+            ref = m(lat, ts, txt, return_dict=False)[0]                            # diffusers on the batch
+            frames = wan_frame_timesteps(ts, grid)
+            got = x.unpack(dit(x, frames, text))
+        assert frames.shape == (2 * grid[0],)
+        want = ts.repeat_interleave(grid[0]) if ts.dim() == 1 else ts.reshape(2, grid[0], hw)[:, :, 0].flatten()
+        assert torch.equal(frames, want), name
+        for i in range(2):
+            assert rel_err(got[i], ref[i]) <= FP32_REL, f"{name}, latent {i}"
+    # the per-frame values matter: the per-video mean is another output
+    with torch.no_grad():
+        mean = x.unpack(dit(x, per_frame.mean(1), text))
+        got = x.unpack(dit(x, per_frame.flatten(), text))
+    assert rel_err(mean[0], got[0]) > 1e-3
+
+
+def test_diffusers_per_token_timesteps_varying_within_a_frame_are_refused():
+    """Values that differ inside a latent frame have no per-frame table: a ValueError naming the latent,
+    the frame, its tokens and two of the values, never a silent answer. Bad shapes and types too."""
+    grid = (3, 2, 3)
+    ts = (torch.rand(2, 3) * 1000).repeat_interleave(6, dim=1)                    # (2, 18)
+    ts[1, 2 * 6 + 4] += 0.5                                                        # latent 1, frame 2, its 5th token
+    with pytest.raises(ValueError, match=r"^timestep\[1\] varies within latent frame 2 \(tokens 12\.\.17: "
+                                         r"[0-9.e+]+ and [0-9.e+]+\); VideoDiT takes one timestep per latent frame"):
+        wan_frame_timesteps(ts, grid)
+    with pytest.raises(ValueError, match=r"timestep must have shape \(B,\) or \(B, 18\) \(one per token of a "
+                                         r"3x2x3 patch grid\), got \(2, 17\)"):
+        wan_frame_timesteps(ts[:, 1:], grid)
+    with pytest.raises(ValueError, match=r"got \(2, 3, 6\)"):
+        wan_frame_timesteps(ts.reshape(2, 3, 6), grid)
+    with pytest.raises(ValueError, match=r"grid must be 3 positive ints \(T', H', W'\).*got \(3, 0, 3\)"):
+        wan_frame_timesteps(ts, (3, 0, 3))
+    with pytest.raises(TypeError, match=r"timestep must hold real numbers .* got torch\.bool"):
+        wan_frame_timesteps(ts > 500, grid)
+    with pytest.raises(TypeError, match=r"timestep must be a torch\.Tensor of shape \(B,\) or \(B, S\), got list"):
+        wan_frame_timesteps([1.0, 2.0], grid)
 
 
 def test_one_frame_timestep_changes_only_what_it_must():

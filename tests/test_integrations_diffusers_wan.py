@@ -10,6 +10,9 @@ from test_dit import rel_err
 from sora_fast.integrations.diffusers import accelerate, wan_packed_forward
 from sora_fast.integrations.diffusers.wan import _GridRope
 from sora_fast.integrations.diffusers.wan_packed import _shared_video_dit
+from sora_fast.models.convert import wan_frame_timesteps
+from sora_fast.models.dit import VideoDiT
+from sora_fast.packing import pack_sequences, pack_videos
 
 calls, kernels = _diffusers_utils.calls, _diffusers_utils.kernels  # the shared fixtures
 
@@ -90,6 +93,37 @@ def test_wan_kernel_backends(kernels):
     assert rel_err(out, ref) <= FP32_REL
 
 
+@pytest.mark.parametrize("backend", [None, {"attention": "triton", "adaln": "cuda"}], ids=["auto", "kernels"])
+def test_wan_ti2v_per_token_timesteps(backend, kernels):
+    """Wan 2.2 TI2V's 2-D per-token timesteps through the accelerated model equal diffusers' output: the TI2V
+    pipeline's (given first frame at 0, the rest at t, one row expanded over the batch) and values that vary
+    within a frame (the accelerated blocks take per-token tables, as diffusers does, so any values). Where
+    they are equal per frame, the converted VideoDiT with per-frame timesteps agrees as well."""
+    m = tiny_wan(layers=2)
+    grid = (3, 2, 3)                                                              # (T', H', W') of 3x4x6 latents
+    lat, txt = torch.randn(B, 4, 3, 4, 6), torch.randn(B, 5, 24)
+    mask = torch.ones(3, 6)
+    mask[0] = 0
+    cases = {"pipeline": (mask * (torch.rand(()) * 1000)).flatten()[None].expand(B, -1),
+             "any values": torch.rand(B, 18) * 1000}
+    refs = {k: run(m, hidden_states=lat, timestep=ts, encoder_hidden_states=txt) for k, ts in cases.items()}
+    with accelerate(m, backend=backend):
+        for k, ts in cases.items():
+            out = run(m, hidden_states=lat, timestep=ts, encoder_hidden_states=txt)
+            assert rel_err(out, refs[k]) <= FP32_REL, k
+    if backend is not None:
+        assert {("adaln_modulate", "cuda"), ("gated_residual_adaln", "cuda"), ("spacetime_attention", "triton")} \
+            <= kernels
+    dit = VideoDiT.from_diffusers(m)
+    x = pack_videos(list(lat))
+    with torch.no_grad():
+        got = x.unpack(dit(x, wan_frame_timesteps(cases["pipeline"], grid), pack_sequences(list(txt))))
+    for i in range(B):
+        assert rel_err(got[i], refs["pipeline"][i]) <= FP32_REL
+    with pytest.raises(ValueError, match=r"timestep\[0\] varies within latent frame 0"):
+        wan_frame_timesteps(cases["any values"], grid)
+
+
 def test_wan_unfused_rope_when_the_grid_is_unknown():
     """Called with plain cos/sin tables (no grid: a hand-made call, a split sequence), the processor
     rotates q and k first, as diffusers does, and still matches."""
@@ -120,6 +154,31 @@ def test_wan_packed_forward_equals_each_latent_alone():
         ref = run(m, hidden_states=lat[None], timestep=t[i:i + 1], encoder_hidden_states=txt[None])[0]
         assert outs[i].shape == ref.shape == (3, *lat.shape[1:])
         assert rel_err(outs[i], ref) <= FP32_REL, f"latent {i}"
+
+
+def test_wan_packed_forward_takes_per_token_timesteps():
+    """Per latent, diffusers' per-token timesteps (Wan 2.2 TI2V, equal within each latent frame) or per-frame
+    ones: each output equals diffusers on that latent alone with (1, S_i) per-token timesteps; a value that
+    varies within a frame is a ValueError naming the latent."""
+    m = tiny_wan(layers=2)
+    latents = [torch.randn(4, 3, 4, 2), torch.randn(4, 1, 6, 10), torch.randn(4, 2, 8, 6)]
+    text = [torch.randn(5, 24), torch.randn(1, 24), torch.randn(9, 24)]
+    frames = [torch.rand(lat.shape[1]) * 1000 for lat in latents]
+    frames[0][0] = 0.0                                                            # a given first frame
+    tokens = [f.repeat_interleave(lat.shape[2] * lat.shape[3] // 4) for f, lat in zip(frames, latents)]
+    with torch.no_grad():
+        outs = wan_packed_forward(m, latents, [tokens[0], frames[1], tokens[2]], text)
+    for i, (lat, txt) in enumerate(zip(latents, text)):
+        ref = run(m, hidden_states=lat[None], timestep=tokens[i][None], encoder_hidden_states=txt[None])[0]
+        assert rel_err(outs[i], ref) <= FP32_REL, f"latent {i}"
+    bad = tokens[2].clone()
+    bad[-1] += 1.0
+    with pytest.raises(ValueError, match=r"timesteps\[2\] varies within latent frame 1 \(tokens 12\.\.23: "):
+        wan_packed_forward(m, latents, [tokens[0], tokens[1], bad], text)
+    with pytest.raises(ValueError, match=r"timesteps as a list must hold one tensor per latent \(3\), got 2"):
+        wan_packed_forward(m, latents, tokens[:2], text)
+    with pytest.raises(ValueError, match=r"timesteps\[1\] must have shape \(1,\), one per latent frame"):
+        wan_packed_forward(m, latents, [tokens[0], torch.ones(7), tokens[2]], text)
 
 
 def test_wan_packed_forward_shares_weights_and_takes_a_text_tensor():

@@ -1,5 +1,6 @@
 """Tests for sora_fast.packing: layout against independent loop/conv3d references, round trips,
 token-budget batching (property-based), and the wording of every validation error."""
+import dataclasses
 import math
 import random
 
@@ -202,6 +203,45 @@ def test_to_and_with_tokens():
         packed.with_tokens(torch.randn(3, 32))
     with pytest.raises(ValueError, match=r"tokens must be 2-D \(N, D\), got shape \(\d+,\)"):
         packed.with_tokens(torch.randn(packed.num_tokens))
+
+
+@pytest.mark.parametrize("patch", [(1, 2, 2), (2, 1, 1)])
+def test_host_frame_counts_equal_the_grid_on_every_pack(patch):
+    """``frames``, set by pack_videos from the latents' shapes, is ``grid[:, 0]`` on the host for awkward packs
+    (images, a 1-token video, temporal patch 2), and every pack made from a pack carries it: to, with_tokens,
+    select_videos, token_shard, shard_videos. Without it (None) the counts are read from grid, the same."""
+    from sora_fast.distributed.packs import select_videos, token_shard
+    from sora_fast.distributed.ulysses import shard_videos
+
+    pt, ph, pw = patch
+    shapes = [(pt, ph, pw), (3 * pt, 2 * ph, 5 * pw), (pt, 3 * ph, 2 * pw), (random.randint(1, 6) * pt, ph, 4 * pw),
+              (2 * pt, ph, pw)]
+    x = pack_videos([torch.randn(3, *s) for s in shapes], patch)
+
+    def same_as_grid(p):
+        assert p.frames is not None
+        grid = p.grid[:, 0]
+        assert p.frames == tuple(grid.tolist()) and p.frames_per_video == grid.tolist()
+        assert p.num_frames == int(grid.sum()) and isinstance(p.num_frames, int)
+
+    same_as_grid(x)
+    assert x.frames == tuple(s[0] // pt for s in shapes)
+    n = x.num_tokens
+    for p in (x.to("cpu"), x.with_tokens(torch.randn(n, 5)), select_videos(x, 1, 4), select_videos(x, 4, 5),
+              token_shard(x, 2, n - 3), shard_videos(x, None)):
+        same_as_grid(p)
+    assert select_videos(x, 1, 4).frames == x.frames[1:4]
+    unknown = dataclasses.replace(x, frames=None)
+    assert unknown.num_frames == x.num_frames and unknown.frames_per_video == list(x.frames)
+    assert select_videos(unknown, 1, 3).frames is None
+    assert select_videos(unknown, 1, 3).frames_per_video == list(x.frames[1:3])
+    # on the meta device the grid cannot be read, the host counts still can
+    meta = pack_videos([torch.randn(3, *s, device="meta") for s in shapes], patch)
+    assert meta.num_frames == x.num_frames
+    with pytest.raises(ValueError, match=r"frames must hold one count per video \(5, the rows of grid\), got 4"):
+        dataclasses.replace(x, frames=x.frames[:4])
+    with pytest.raises(TypeError, match=r"frames must be None or a tuple of positive ints .* got \(1, 0, 1, 1, 1\)"):
+        dataclasses.replace(x, frames=(1, 0, 1, 1, 1))
 
 
 def test_unpack_errors():

@@ -137,9 +137,6 @@ def _check_generate_args(args) -> None:
                                  f"{'x'.join(map(str, have))} (frames x height x width); an edited video is never "
                                  "resized: leave out --size, it defaults to the video's")
     _check_condition_args(args)
-    if args.conditions and args.cfg_parallel:
-        raise ValueError("--cfg-parallel does not take --image, --video or --keyframe yet (the conditioned frames "
-                         "need per-frame timesteps); leave out --cfg-parallel")
 
 
 def _check_long_args(args) -> None:
@@ -157,9 +154,6 @@ def _check_long_args(args) -> None:
     if other:
         raise ValueError(f"--frames/--window/--overlap (a long video) cannot be combined with {', '.join(other)}; "
                          "generate the long video without them")
-    if args.cfg_parallel:
-        raise ValueError("--cfg-parallel does not take --frames/--window/--overlap yet (the windows after the first "
-                         "need per-frame timesteps); leave out --cfg-parallel")
     if args.window < 1:
         raise ValueError(f"--window must be a positive number of pixel frames (1 + 4m, m >= 1), got {args.window}")
     if args.frames < args.window:

@@ -56,7 +56,7 @@ def select_videos(x: PackedVideos, lo: int, hi: int) -> PackedVideos:
     lens = cu[lo + 1:hi + 1] - cu[lo:hi]
     return PackedVideos(tokens=x.tokens[a:b], cu_seqlens=cu[lo:hi + 1] - cu[lo], grid=x.grid[lo:hi],
                         coords=x.coords[a:b], seq_ids=x.seq_ids[a:b] - lo, max_seqlen=int(lens.max()),
-                        patch=x.patch)
+                        patch=x.patch, frames=None if x.frames is None else x.frames[lo:hi])
 
 
 def select_sequences(s: PackedSequences, lo: int, hi: int) -> PackedSequences:
@@ -76,7 +76,7 @@ def select_timesteps(x: PackedVideos, timesteps: torch.Tensor, lo: int, hi: int)
     videos' frames. When every video has one frame, B == F and both readings cut the same rows."""
     if not 0 <= lo < hi <= x.num_sequences:
         raise ValueError(f"video range [{lo}, {hi}) must be non-empty inside [0, {x.num_sequences})")
-    b, frames = x.num_sequences, x.grid[:, 0].tolist()
+    b, frames = x.num_sequences, x.frames_per_video
     f = sum(frames)
     if timesteps.dim() != 1 or timesteps.shape[0] not in (b, f):
         raise ValueError(f"timesteps must have shape ({b},) or ({f},) for a pack of {b} videos with {f} latent "

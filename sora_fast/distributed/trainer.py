@@ -76,7 +76,7 @@ class DistributedTrainer(Trainer):
             return x0, noise, levels, given, captions
         lo, hi = video_ranges(x0.seqlens, self.mesh.outer_size)[self.mesh.outer_rank]
         a, b = int(x0.cu_seqlens[lo]), int(x0.cu_seqlens[hi])
-        frames = x0.grid[:, 0].tolist()
+        frames = x0.frames_per_video
         fa, fb = sum(frames[:lo]), sum(frames[:hi])
         return (select_videos(x0, lo, hi), noise[a:b], levels[fa:fb], given[fa:fb], captions[lo:hi])
 

@@ -1,5 +1,6 @@
 """diffusers -> sora_fast: configs and weights of ``WanTransformer3DModel`` (-> :class:`VideoDiT`) and
-``AutoencoderKLWan`` (-> :class:`CausalVAE`).
+``AutoencoderKLWan`` (-> :class:`CausalVAE`), and the Wan transformer's timesteps (per latent or, Wan 2.2
+TI2V, per patch token) in :class:`VideoDiT`'s per-frame form.
 
 This module imports the models, never the other way: their ``from_diffusers*`` class methods import it
 when called.
@@ -8,15 +9,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import fields
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
 from .dit import DiTConfig
 from .vae import CausalVAE, VAEConfig
 
-__all__ = ["dit_config_from_diffusers", "convert_wan_transformer_state_dict", "vae_config_from_diffusers",
-           "wan_config_kwargs", "convert_wan_vae_state_dict"]
+__all__ = ["dit_config_from_diffusers", "convert_wan_transformer_state_dict", "wan_frame_timesteps",
+           "vae_config_from_diffusers", "wan_config_kwargs", "convert_wan_vae_state_dict"]
 
 
 # --- WanTransformer3DModel -> VideoDiT -------------------------------------------------------
@@ -80,6 +81,54 @@ def convert_wan_transformer_state_dict(sd: Mapping[str, torch.Tensor], config: D
             t = t.reshape(p, c_out, *t.shape[1:]).transpose(0, 1).reshape(t.shape)  # rows (pt,ph,pw,C)->(C,pt,ph,pw)
         out[new] = t
     return out
+
+
+def wan_frame_timesteps(timestep: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """A diffusers ``WanTransformer3DModel`` ``timestep`` -> :class:`VideoDiT`'s per-frame ``(F,)`` timesteps.
+
+    Args:
+        timestep: what diffusers' forward takes for B latents of one shape: ``(B,)``, one per latent, or
+            ``(B, S)``, one per patch token (Wan 2.2 TI2V, ``expand_timesteps``), S = T'·H'·W' in diffusers'
+            token order (t slowest, then h, then w: :func:`~sora_fast.packing.pack_videos`' order).
+        grid: ``(T', H', W')``, the latents' patch grid: ``(T // pt, H // ph, W // pw)``.
+
+    Returns ``(B·T',)``: the value of every latent frame, latent by latent, frames in time order, the form
+    :meth:`VideoDiT.forward` takes for ``pack_videos(list(hidden_states))``; the same output as diffusers
+    (fp32 parity). VideoDiT's modulation tables have one row per latent frame, so per-token values must be
+    equal within each frame (as the TI2V pipeline's are: 0 at the given first frame, ``t`` elsewhere); a
+    frame whose tokens differ is a ValueError naming the latent, the frame and two of its values (diffusers
+    itself, or ``sora_fast.integrations.diffusers.accelerate``, takes any per-token values). Reads the
+    values once (a device sync): convert at the boundary, not per step inside a compiled graph.
+    """
+    g = tuple(grid) if isinstance(grid, (tuple, list, torch.Size)) else None
+    if g is None or len(g) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in g):
+        raise ValueError(f"grid must be 3 positive ints (T', H', W'), the latents' patch grid, got {grid!r}")
+    if not isinstance(timestep, torch.Tensor):
+        raise TypeError(f"timestep must be a torch.Tensor of shape (B,) or (B, S), got {type(timestep).__name__}")
+    if timestep.dtype == torch.bool or timestep.is_complex():
+        raise TypeError(f"timestep must hold real numbers (float or int), got {timestep.dtype}")
+    t, hw = g[0], g[1] * g[2]
+    if timestep.dim() == 1:
+        return timestep.repeat_interleave(t)                                     # (B*T',)
+    if timestep.dim() != 2 or timestep.shape[1] != t * hw:
+        raise ValueError(f"timestep must have shape (B,) or (B, {t * hw}) (one per token of a {g[0]}x{g[1]}x{g[2]} "
+                         f"patch grid), got {tuple(timestep.shape)}")
+    return _frame_values(timestep.reshape(timestep.shape[0], t, hw), [f"timestep[{b}]" for b in
+                                                                      range(timestep.shape[0])])
+
+
+def _frame_values(frames: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+    """Per-token values ``(B, T', H'W')`` -> ``(B·T',)`` per-frame ones, or a ValueError naming ``names[b]``
+    of the first row with a frame whose tokens differ."""
+    hw = frames.shape[2]
+    first = frames[:, :, :1]                                                    # (B, T', 1)
+    same = (frames == first) | (torch.isnan(frames) & torch.isnan(first))
+    if not bool(same.all()):
+        b, f, k = (int(v) for v in torch.nonzero(~same)[0])
+        raise ValueError(f"{names[b]} varies within latent frame {f} (tokens {f * hw}..{(f + 1) * hw - 1}: "
+                         f"{frames[b, f, 0].item()!r} and {frames[b, f, k].item()!r}); VideoDiT takes one timestep "
+                         f"per latent frame: give every token of a frame the same value")
+    return first.reshape(-1)                                                    # (B*T',)
 
 
 # --- AutoencoderKLWan -> CausalVAE -----------------------------------------------------------

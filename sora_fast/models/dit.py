@@ -275,7 +275,11 @@ class VideoDiT(nn.Module):
     @classmethod
     def from_diffusers(cls, model, **kwargs) -> "VideoDiT":
         """The same network as a diffusers ``WanTransformer3DModel``: same weights, device, and each
-        tensor in the dtype diffusers holds it (e.g. fp32 tables and norms in a bf16 model)."""
+        tensor in the dtype diffusers holds it (e.g. fp32 tables and norms in a bf16 model).
+
+        diffusers' ``timestep`` converts at the boundary with
+        :func:`sora_fast.models.convert.wan_frame_timesteps`: ``(B,)`` as is, or Wan 2.2 TI2V's per-token
+        ``(B, S)`` to one value per latent frame ``(F,)`` (values must be equal within a frame)."""
         from .convert import convert_wan_transformer_state_dict
 
         config = DiTConfig.from_diffusers_config(model.config)
@@ -349,7 +353,7 @@ class VideoDiT(nn.Module):
     def _backends(self) -> dict:
         return resolve_family_backends(self.backend, OP_FAMILIES)
 
-    def _validate(self, x, timesteps, text) -> None:
+    def _validate(self, x, timesteps, text) -> int:
         c = self.config
         if not isinstance(x, PackedVideos):
             raise TypeError(f"x must be a PackedVideos (sora_fast.packing.pack_videos), got {type(x).__name__}")
@@ -367,7 +371,7 @@ class VideoDiT(nn.Module):
                              f"every video needs its own (possibly empty) text sequence")
         if text.tokens.shape[1] != c.text_dim:
             raise ValueError(f"text tokens must have text_dim={c.text_dim} features, got {text.tokens.shape[1]}")
-        b, f = x.num_sequences, int(x.grid[:, 0].sum())
+        b, f = x.num_sequences, x.num_frames                  # host count: no device read when the pack has it
         shapes = f"({b},), one per video of x," + ("" if f == b else f" or ({f},), one per latent frame of x,")
         if not isinstance(timesteps, torch.Tensor):
             raise TypeError(f"timesteps must be a torch.Tensor of shape {shapes} got {type(timesteps).__name__}")
@@ -389,7 +393,7 @@ class VideoDiT(nn.Module):
         video has one frame, B == F and both readings are the same). No validation: see :meth:`forward`.
         """
         b = x.num_sequences
-        f = int(x.grid[:, 0].sum()) if num_frames is None else num_frames
+        f = x.num_frames if num_frames is None else num_frames
         video = torch.repeat_interleave(torch.arange(b, device=x.grid.device), x.grid[:, 0].long(),
                                         output_size=f)                                     # (F,)
         if timesteps.shape[0] == b and b != f:
@@ -456,7 +460,7 @@ class VideoDiT(nn.Module):
     @staticmethod
     def _cat_frame_timesteps(x: PackedVideos, timesteps: Sequence) -> torch.Tensor:
         """A list of B per-video tensors of per-frame timesteps -> the ``(F,)`` form, checked video by video."""
-        frames = x.grid[:, 0].tolist()
+        frames = x.frames_per_video
         if len(timesteps) != len(frames):
             raise ValueError(f"timesteps as a list must hold one tensor per video ({len(frames)}), "
                              f"got {len(timesteps)}")

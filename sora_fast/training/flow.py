@@ -193,7 +193,7 @@ def token_levels(x: PackedVideos, t: torch.Tensor) -> torch.Tensor:
     """Per-token levels ``(N,)`` of a packed batch from per-video ``(B,)`` or per-frame ``(F,)`` levels
     (``F = int(x.grid[:, 0].sum())``, video by video, frames in time order): ``t[seq_ids]`` or
     ``t[frame_ids(x)]``. When ``B == F`` (every video one frame) both read the same values."""
-    b, f = x.num_sequences, int(x.grid[:, 0].sum())
+    b, f = x.num_sequences, x.num_frames
     if t.dim() != 1 or t.shape[0] not in (b, f):
         raise ValueError(f"levels must be ({b},) per video or ({f},) per frame, got shape {tuple(t.shape)}")
     ids = x.seq_ids if t.shape[0] == b else frame_ids(x)

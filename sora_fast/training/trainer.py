@@ -361,7 +361,7 @@ class Trainer:
         shift = (resolution_shift(x0.cu_seqlens.diff()) if cfg.timestep_shift == "auto"
                  else float(cfg.timestep_shift))
         t = sample_timesteps(len(idx), generator=g, shift=shift)                    # (B,)
-        modes, levels, given = draw_conditioning(x0.grid[:, 0].tolist(), t, shift, cfg.cond_mix,
+        modes, levels, given = draw_conditioning(x0.frames_per_video, t, shift, cfg.cond_mix,
                                                  cfg.cond_frames, cfg.cond_noise, generator=g)
         swapped = swap_given(latents, [self.items[i].alone for i in idx], given)
         if any(a is not b for a, b in zip(swapped, latents)):   # given frames after the first: as sampling gives them

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ...models.convert import convert_wan_transformer_state_dict, dit_config_from_diffusers
+from ...models.convert import _frame_values, convert_wan_transformer_state_dict, dit_config_from_diffusers
 from ...models.dit import VideoDiT
 from ._accelerate import _supported_class
 
@@ -37,7 +37,10 @@ def wan_packed_forward(transformer: nn.Module, latents: Sequence[torch.Tensor], 
     Args:
         transformer: a diffusers ``WanTransformer3DModel`` (text-to-video: no image embedder).
         latents: list of ``(C, T, H, W)`` latents, each T, H, W divisible by the patch size.
-        timesteps: ``(B,)`` one per latent, or one number for all.
+        timesteps: ``(B,)`` one per latent, one number for all, or a list of B 1-D tensors, the i-th either
+            ``(T'_i,)``, one per latent frame, or ``(S_i,)``, one per patch token as diffusers takes them for
+            that latent alone (Wan 2.2 TI2V, ``(1, S_i)``); per-token values must be equal within each latent
+            frame (:func:`sora_fast.models.convert.wan_frame_timesteps`), else a ValueError.
         encoder_hidden_states: list of ``(L_i, text_dim)`` prompt embeddings (lengths may differ), or a
             ``(B, L, text_dim)`` tensor.
         backend: as :class:`~sora_fast.models.VideoDiT`'s (None, a name, or ``{"attention", "adaln"}``).
@@ -60,4 +63,22 @@ def wan_packed_forward(transformer: nn.Module, latents: Sequence[torch.Tensor], 
             type(encoder_hidden_states).__name__
         raise ValueError(f"encoder_hidden_states must hold one prompt embedding per latent ({len(latents)}), "
                          f"got {got}")
+    if isinstance(timesteps, (list, tuple)) and any(isinstance(t, torch.Tensor) for t in timesteps):
+        timesteps = _per_frame(timesteps, latents, tuple(transformer.config.patch_size))
     return _shared_video_dit(transformer, backend).forward_videos(latents, timesteps, encoder_hidden_states)
+
+
+def _per_frame(timesteps: Sequence, latents: Sequence[torch.Tensor], patch: tuple) -> list:
+    """Per latent: a per-token tensor ``(S_i,)`` becomes its per-frame values ``(T'_i,)``; anything else is
+    passed on for :meth:`VideoDiT.forward_videos` to check."""
+    if len(timesteps) != len(latents):
+        raise ValueError(f"timesteps as a list must hold one tensor per latent ({len(latents)}), got {len(timesteps)}")
+    out = []
+    for i, (t, lat) in enumerate(zip(timesteps, latents)):
+        if isinstance(t, torch.Tensor) and isinstance(lat, torch.Tensor) and lat.dim() == 4 and t.dim() == 1:
+            grid = [n // p for n, p in zip(lat.shape[1:], patch)]
+            s = grid[0] * grid[1] * grid[2]
+            if t.shape[0] == s and s != grid[0]:
+                t = _frame_values(t.reshape(1, grid[0], -1), [f"timesteps[{i}]"])   # (T'_i,)
+        out.append(t)
+    return out
