@@ -109,7 +109,7 @@ def _finite(flag: str, value: float, positive: bool = False) -> float:
 def _check_generate_args(args) -> None:
     """Every argument of ``generate`` that needs no model, checked before anything loads or runs."""
     _finite("--guidance", args.guidance)
-    if args.shift != "auto":
+    if args.shift not in (None, "auto"):
         _finite("--shift", args.shift, positive=True)
     _finite("--fps", args.fps, positive=True)
     if args.steps < 1:

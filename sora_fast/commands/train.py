@@ -16,8 +16,8 @@ class TrainRunConfig:
 
     data:          a video folder (videos + images with .txt captions or a manifest.jsonl).
     out:           the run directory: latents/, checkpoints, metrics.jsonl, loss.png, pipeline/.
-    pipeline:      a saved pipeline (``VideoPipeline.save``, e.g. the demo's ``pipeline/``) giving the VAE, the
-                   text encoder and the starting DiT.
+    pipeline:      a saved pipeline (``VideoPipeline.save``, e.g. the demo's ``pipeline/``) or a diffusers Wan
+                   pipeline directory (``model_index.json``) giving the VAE, the text encoder and the starting DiT.
     dit:           optional DiT preset name: train a fresh DiT of that size instead of the pipeline's
                    (latent channels and text width are taken from the pipeline).
     diffusers_transformer: optional directory of a diffusers ``WanTransformer3DModel`` to fine-tune
@@ -165,7 +165,7 @@ def cmd_train(args) -> int:
         dit = VideoDiT.from_diffusers_dir(run.diffusers_transformer)
     else:
         dit = pipe.dit
-    pipe = VideoPipeline(dit, vae, text)  # checks channels and text width agree
+    pipe = VideoPipeline(dit, vae, text, sampling=pipe.sampling)  # checks channels and text width agree
 
     ph = dit.config.patch[1]
     folder = VideoFolder(run.data, manifest=run.manifest, max_area=run.max_area, max_frames=run.max_frames,
