@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a saved pipeline (e.g. the demo's pipeline/) or a diffusers Wan pipeline directory "
                         "(model_index.json, e.g. Wan2.1-T2V-1.3B-Diffusers)")
     g.add_argument("--prompt", required=True, action="append", metavar="TEXT", help="a prompt; repeat for several")
+    g.add_argument("--lora", metavar="PATH",
+                   help="a Wan LoRA to apply: a diffusers (pytorch_lora_weights.safetensors, or its directory), "
+                        "ComfyUI or sora_fast adapter file")
     g.add_argument("--size", action="append", type=_size, metavar="TxHxW",
                    help="frames x height x width, once for all or once per prompt (default 9x32x32, or the --edit "
                         "video's size)")

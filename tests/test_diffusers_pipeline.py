@@ -124,6 +124,11 @@ def test_cli_generate_and_train_take_a_diffusers_directory(wan_dir, tmp_path, ca
     (tmp_path / "run.json").write_text(json.dumps(run))
     assert cli.main(["train", "--config", str(tmp_path / "run.json")]) == 0, capsys.readouterr().err
     assert VideoPipeline.load(tmp_path / "run" / "pipeline").sampling["shift"] == 3.0
+    lora = tmp_path / "run" / "lora"   # the adapters alone, for diffusers and ComfyUI, and back through --lora
+    assert {p.name for p in lora.iterdir()} == {"pytorch_lora_weights.safetensors", "comfyui.safetensors", "lora.json"}
+    for f in (lora, lora / "comfyui.safetensors"):
+        assert cli.main(["generate", "--pipeline", str(d), "--lora", str(f), "--prompt", PROMPT, "--size", "1x16x16",
+                         "--steps", "1", "--format", "gif", "--out", str(tmp_path / "g")]) == 0
 
 
 def _broken(src, tmp_path, edit):

@@ -208,6 +208,10 @@ def cmd_generate(args) -> int:
     mesh = sampling_mesh(args.sequence_parallel, args.cfg_parallel, args.guidance)  # None unless under torchrun
     out = check_writable(args.out)
     pipe = VideoPipeline.load(args.pipeline, verify=not args.no_verify)
+    if args.lora is not None:
+        from ..training.lora_formats import load_lora_file
+
+        load_lora_file(pipe.dit, args.lora)
     edit = args.edit_video
     long = args.frames is not None
     sizes = args.size or [(args.frames, 32, 32) if long else

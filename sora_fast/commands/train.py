@@ -81,9 +81,9 @@ def load_run_config(path: str) -> tuple[TrainRunConfig, Any]:
 
 
 # what a training run writes into its directory (the latent cache is keyed on its data and kept)
-_RUN_NAMES = ("metrics.jsonl", "loss.png", "latest", "latest_dcp", "pipeline")
+_RUN_NAMES = ("metrics.jsonl", "loss.png", "latest", "latest_dcp", "pipeline", "lora")
 _RUN_PREFIXES = ("step_", "dcp_step_", "pipeline.")
-_RUN_LEFTOVERS = (".tmp-", ".pipeline.")  # temporaries of interrupted writes, cleared by --overwrite
+_RUN_LEFTOVERS = (".tmp-", ".pipeline.", ".lora.")  # temporaries of interrupted writes, cleared by --overwrite
 
 
 def previous_run(run_dir) -> list[str]:
@@ -195,6 +195,10 @@ def cmd_train(args) -> int:
     if trainer.ema is not None:
         trainer.ema.copy_to(trainer.model)
     if train_cfg.lora_rank:
+        if mesh is None:  # the adapters alone, in diffusers' and ComfyUI's layouts, before they are merged
+            from ..training.lora_formats import save_lora_files
+
+            save_lora_files(dit, out / "lora")
         merge_lora(dit)
     if not save_pipeline(pipe, out / "pipeline", mesh):
         return 0  # ranks other than 0 print nothing
