@@ -124,6 +124,8 @@ def test_cli_generate_and_train_take_a_diffusers_directory(wan_dir, tmp_path, ca
     (tmp_path / "run.json").write_text(json.dumps(run))
     assert cli.main(["train", "--config", str(tmp_path / "run.json")]) == 0, capsys.readouterr().err
     assert VideoPipeline.load(tmp_path / "run" / "pipeline").sampling["shift"] == 3.0
+    index = json.loads((tmp_path / "run" / "text" / "index.json").read_text())   # the umT5 ran once per caption
+    assert len(index["captions"]) == 1 + len({p.read_text().strip() for p in data.glob("*.txt")})
     lora = tmp_path / "run" / "lora"   # the adapters alone, for diffusers and ComfyUI, and back through --lora
     assert {p.name for p in lora.iterdir()} == {"pytorch_lora_weights.safetensors", "comfyui.safetensors", "lora.json"}
     for f in (lora, lora / "comfyui.safetensors"):

@@ -15,7 +15,8 @@ class TrainRunConfig:
     """A ``sora-fast train --config FILE`` run (JSON, or TOML with Python >= 3.11).
 
     data:          a video folder (videos + images with .txt captions or a manifest.jsonl).
-    out:           the run directory: latents/, checkpoints, metrics.jsonl, loss.png, pipeline/.
+    out:           the run directory: latents/, text/ (embeddings of a frozen text encoder), checkpoints,
+                   metrics.jsonl, loss.png, pipeline/, lora/.
     pipeline:      a saved pipeline (``VideoPipeline.save``, e.g. the demo's ``pipeline/``) or a diffusers Wan
                    pipeline directory (``model_index.json``) giving the VAE, the text encoder and the starting DiT.
     dit:           optional DiT preset name: train a fresh DiT of that size instead of the pipeline's
@@ -137,6 +138,22 @@ def _check_run_dir(out: str, config: str, resume: bool, overwrite: bool, mesh) -
         barrier()
 
 
+def _cached_text(text, captions, train_cfg, out: Path, mesh, device):
+    """A frozen text encoder (a T5, or any under LoRA) runs once per caption into ``out/text/`` and leaves memory;
+    training reads the cache. A trainable one is returned as it is."""
+    from ..data.text_cache import CachedTextEncoder, ensure_text_cache, release_text_encoder
+    from ..distributed.launch import barrier
+    from ..models.text import T5TextEncoder
+
+    if not (isinstance(text, T5TextEncoder) or train_cfg.lora_rank):
+        return text
+    if mesh is None or mesh.is_main:
+        ensure_text_cache(text, captions, out / "text")
+    barrier()
+    release_text_encoder(text)
+    return CachedTextEncoder(out / "text", pad_to=getattr(text, "pad_to", None), device=device)
+
+
 def cmd_train(args) -> int:
     import torch
 
@@ -183,6 +200,7 @@ def cmd_train(args) -> int:
               file=sys.stderr)
     items = [{"latent": latents[i]["latent"].float(), "caption": latents[i]["caption"]} for i in range(len(latents))]
     model_config = {"dit": dataclasses.asdict(dit.config), "text": pipe.describe()["text"]}
+    text = _cached_text(text, [it["caption"] for it in items], train_cfg, out, mesh, next(dit.parameters()).device)
     trainer = make_trainer(dit, text, items, train_cfg, out, mesh=mesh, model_config=model_config)
     if args.resume:
         if not has_checkpoint(out, mesh):
