@@ -25,6 +25,9 @@ class TrainRunConfig:
                    (converted with ``VideoDiT.from_diffusers``).
     manifest, max_area, max_frames: passed to ``VideoFolder`` (captions, down-scaling only, never crops).
     allow_outside_root: passed to ``VideoFolder``: also read manifest paths and links outside ``data``.
+    log:           ``"jsonl"`` (metrics.jsonl) or ``"tensorboard"`` (also TensorBoard scalars in out/tensorboard/).
+    validation:    optional ``{"prompts": [...], "every": N, "size": [T, H, W], "steps", "guidance", "seed"}``:
+                   samples of the model being trained every N steps in out/samples/step_XXXXXX/.
     train:         :class:`sora_fast.training.TrainConfig` fields.
     """
 
@@ -37,6 +40,8 @@ class TrainRunConfig:
     max_area: Optional[int] = None
     max_frames: Optional[int] = None
     allow_outside_root: bool = False
+    log: str = "jsonl"
+    validation: Optional[dict] = None
     train: dict = field(default_factory=dict)
 
 
@@ -78,6 +83,13 @@ def load_run_config(path: str) -> tuple[TrainRunConfig, Any]:
     if run.dit is not None and run.diffusers_transformer is not None:
         raise ValueError(f"{p.name}: give at most one of 'dit' and 'diffusers_transformer'")
     train = config_from_dict(TrainConfig, run.train, where=f"{p.name} [train]")
+    from ..training.run_logs import LOGS, check_validation, summary_writer
+
+    if run.log not in LOGS:
+        raise ValueError(f"{p.name}: 'log' must be one of {', '.join(map(repr, LOGS))}, got {run.log!r}")
+    if run.log == "tensorboard":
+        summary_writer()  # a missing package is said before any work
+    run.validation = check_validation(run.validation, p.name)
     return run, train
 
 
@@ -200,8 +212,16 @@ def cmd_train(args) -> int:
               file=sys.stderr)
     items = [{"latent": latents[i]["latent"].float(), "caption": latents[i]["caption"]} for i in range(len(latents))]
     model_config = {"dit": dataclasses.asdict(dit.config), "text": pipe.describe()["text"]}
-    text = _cached_text(text, [it["caption"] for it in items], train_cfg, out, mesh, next(dit.parameters()).device)
+    val = run.validation
+    if val is not None and mesh is not None:
+        raise ValueError(f"{args.config}: 'validation' samples are not supported under torchrun yet; remove it")
+    captions = [it["caption"] for it in items] + (val["prompts"] if val else [])
+    text = _cached_text(text, captions, train_cfg, out, mesh, next(dit.parameters()).device)
     trainer = make_trainer(dit, text, items, train_cfg, out, mesh=mesh, model_config=model_config)
+    from ..training.run_logs import run_callbacks
+
+    on_step, closers = run_callbacks(run.log, val, VideoPipeline(dit, vae, text, sampling=pipe.sampling), out,
+                                     train_cfg.log_every, is_main=trainer.is_main)
     if args.resume:
         if not has_checkpoint(out, mesh):
             print(f"--resume: no checkpoint in {out} yet, starting at step 0", file=sys.stderr)
@@ -209,7 +229,11 @@ def cmd_train(args) -> int:
             print(f"resuming from step {trainer.resume(verify=not args.no_verify)}", file=sys.stderr)
     if trainer.is_main:
         print(trainer.plan.summary(), file=sys.stderr)
-    res = trainer.train()
+    try:
+        res = trainer.train(on_step=on_step)
+    finally:
+        for close in closers:
+            close()
     if trainer.ema is not None:
         trainer.ema.copy_to(trainer.model)
     if train_cfg.lora_rank:
