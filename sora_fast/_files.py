@@ -252,9 +252,12 @@ def atomic_dir(final: Path, write: Callable[[Path], None], record: str) -> None:
     old = None
     try:
         write(tmp)
-        for f in tmp.iterdir():
+        for f in sorted(tmp.rglob("*"), key=lambda p: -len(p.parts)):  # files and subdirectories, deepest first
             apply_umask(f)
-            fsync_file(f)
+            if f.is_dir():
+                fsync_dir(f)
+            else:
+                fsync_file(f)
         apply_umask(tmp)
         fsync_dir(tmp)
         if final.exists():

@@ -102,15 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate videos from prompts with a saved pipeline",
                        description="All prompts are denoised together in one packed stream (CFG in the same "
                                    "forward), then decoded chunk by chunk.")
-    g.add_argument("--pipeline", required=True, metavar="DIR", help="a saved pipeline (e.g. the demo's pipeline/)")
+    g.add_argument("--pipeline", required=True, metavar="DIR",
+                   help="a saved pipeline (e.g. the demo's pipeline/) or a diffusers Wan pipeline directory "
+                        "(model_index.json, e.g. Wan2.1-T2V-1.3B-Diffusers)")
     g.add_argument("--prompt", required=True, action="append", metavar="TEXT", help="a prompt; repeat for several")
+    g.add_argument("--lora", metavar="PATH",
+                   help="a Wan LoRA to apply: a diffusers (pytorch_lora_weights.safetensors, or its directory), "
+                        "ComfyUI or sora_fast adapter file")
     g.add_argument("--size", action="append", type=_size, metavar="TxHxW",
                    help="frames x height x width, once for all or once per prompt (default 9x32x32, or the --edit "
                         "video's size)")
     g.add_argument("--steps", type=int, default=20, metavar="N", help="Euler steps (default: %(default)s)")
     g.add_argument("--guidance", type=float, default=4.0, metavar="G", help="CFG scale (default: %(default)s)")
-    g.add_argument("--shift", default="auto", metavar="S",
-                   help="schedule shift: a number, or 'auto' per video from its size (default: %(default)s)")
+    g.add_argument("--shift", default=None, metavar="S",
+                   help="schedule shift: a number, or 'auto' per video from its size (default: a diffusers "
+                        "pipeline's scheduler shift, else auto)")
     g.add_argument("--negative-prompt", default="", metavar="TEXT", help="unconditional text (default: empty)")
     g.add_argument("--seed", type=int, default=0, metavar="N", help="video i uses seed + i (default: %(default)s)")
     g.add_argument("--edit", metavar="PATH",

@@ -21,9 +21,14 @@ import torch
 from torch import nn
 
 from ._files import atomic_dir, load_safetensors, read_json, recover_dir, verify_files, warn_unchecked
+from ._pipeline_desc import DESC as _DESC
+from ._pipeline_desc import FORMAT as _FORMAT
+from ._pipeline_desc import check_description as _check_description
+from ._pipeline_desc import check_sampling_settings as _check_sampling_settings
+from ._pipeline_desc import text_encoder_from as _text_encoder
 from .conditioning import Condition, Media, check_conditions, check_init_videos, check_media, read_media
 from .models.dit import DiTConfig, VideoDiT
-from .models.text import T5TextEncoder, TextEncoder, TinyTextConfig, TinyTextEncoder
+from .models.text import T5TextEncoder, TextEncoder, TinyTextEncoder
 from .models.vae import CausalVAE, VAEConfig
 from .sampling import sample_euler
 
@@ -58,50 +63,41 @@ def check_video_size(size, temporal_factor: int, spatial_factor: int, patch: Seq
     return (t, h, w)
 
 
-_DESC = "pipeline.json"
-_FORMAT = 1
-
-
-_TEXT_KINDS = ("tiny", "t5")
-
-
-def _check_description(desc, path: Path) -> None:
-    """Refuse a pipeline.json of another format or shape, naming the file and what was expected."""
-    if not isinstance(desc, dict):
-        raise ValueError(f"{str(path)!r} must be a JSON object describing a pipeline, got {type(desc).__name__}")
-    if desc.get("format") != _FORMAT:
-        raise ValueError(f"{str(path)!r} has format {desc.get('format')!r}; this version of sora_fast reads "
-                         f"pipelines of format {_FORMAT}")
-    for key in ("dit", "vae", "text"):
-        if not isinstance(desc.get(key), dict):
-            raise ValueError(f"{str(path)!r} must have a {key!r} object, got {desc.get(key)!r}")
-    kind = desc["text"].get("kind")
-    if kind not in _TEXT_KINDS:
-        raise ValueError(f"{str(path)!r}: text.kind is {kind!r}, expected one of {', '.join(map(repr, _TEXT_KINDS))}")
-    for key, want in (("files", int), ("sha256", str)):
-        v = desc.get(key)
-        if v is not None and not (isinstance(v, dict) and all(isinstance(x, want) for x in v.values())):
-            raise ValueError(f"{str(path)!r}: {key!r} must map file names to {'sizes' if want is int else 'hashes'},"
-                             f" got {v!r}")
-
-
-def _text_encoder(text: dict) -> TextEncoder:
-    if text["kind"] == "tiny":
-        return TinyTextEncoder(TinyTextConfig(**text["config"]))
-    return T5TextEncoder(text["path"], max_length=text["max_length"], pad_to=text["pad_to"])
-
-
 class VideoPipeline(nn.Module):
     """A DiT, a causal VAE and a text encoder that generate videos from prompts.
 
     ``dit.config.in_channels`` must equal the VAE's latent channels and ``dit.config.text_dim`` the text
     encoder's ``dim``. The DiT works on normalized latents (:meth:`CausalVAE.normalize_latents`).
     After :meth:`generate`, ``last_timings`` holds seconds per stage (``text``, ``encode`` (init videos),
-    ``denoise``, per-step ``steps``, ``decode``).
+    ``denoise``, per-step ``steps``, ``decode``). ``sampling`` (None, or the settings of a diffusers
+    pipeline's scheduler: ``solver``, ``shift``, ``schedule``) gives :meth:`generate` its default shift and its
+    noise levels (:func:`sora_fast.sampling.schedule_sigmas`).
     """
 
-    def __init__(self, dit: VideoDiT, vae: CausalVAE, text_encoder: TextEncoder):
+    @classmethod
+    def from_diffusers(cls, path_or_pipeline, *, dtype: Optional[torch.dtype] = None,
+                       vae_dtype: Optional[torch.dtype] = torch.float32, device=None,
+                       max_length: int = 512) -> "VideoPipeline":
+        """A diffusers Wan 2.1 / 2.2 text-to-video pipeline: a directory as distributed (``model_index.json``,
+        ``transformer/``, ``vae/``, ``text_encoder/`` umT5, ``tokenizer/``, ``scheduler/``) or a ``WanPipeline``.
+
+        The transformer becomes a :class:`VideoDiT`, the VAE a :class:`CausalVAE` (``vae_dtype``, default fp32
+        as Wan runs it), the text encoder a :class:`T5TextEncoder` (prompts cut to ``max_length`` tokens and
+        padded with zero rows to it, as diffusers does), and the scheduler's shift and levels
+        :attr:`sampling`. ``dtype`` None keeps the stored dtypes; otherwise the transformer and text encoder are
+        cast (diffusers' fp32 modules stay fp32). Weights are read lazily, tensor by tensor, and never held
+        twice; from a ``WanPipeline`` object the models share its tensors. Not a Wan pipeline, a missing
+        component, a mismatched text encoder or an unsupported option raise errors naming what was found
+        and what was expected (:mod:`sora_fast.integrations.diffusers.wan_pipeline`). :meth:`save` writes
+        sora_fast's format."""
+        from .integrations.diffusers.wan_pipeline import load_wan_pipeline
+
+        return load_wan_pipeline(path_or_pipeline, dtype=dtype, vae_dtype=vae_dtype, device=device,
+                                 max_length=max_length)
+
+    def __init__(self, dit: VideoDiT, vae: CausalVAE, text_encoder: TextEncoder, sampling: Optional[dict] = None):
         super().__init__()
+        self.sampling = _check_sampling_settings(sampling)
         if dit.config.in_channels != vae.latent_channels or dit.config.out_channels != vae.latent_channels:
             raise ValueError(f"dit in/out channels ({dit.config.in_channels}/{dit.config.out_channels}) must equal "
                              f"the VAE's latent channels ({vae.latent_channels})")
@@ -126,10 +122,14 @@ class VideoPipeline(nn.Module):
 
     DEFAULT_SIZE: Size = (9, 32, 32)
 
+    def _shift(self, shift):
+        """``shift`` as given, or (None) the pipeline's: its scheduler's shift, else ``"auto"``."""
+        return shift if shift is not None else self.sampling["shift"] if self.sampling else "auto"
+
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], sizes: Union[Size, Sequence[Optional[Size]], None] = None, *,
                  steps: int = 30, guidance: float = 5.0, negative_prompt: str = "",
-                 shift: Union[float, str, Sequence[float]] = "auto", seed: Union[int, Sequence[int]] = 0,
+                 shift: Union[float, str, Sequence[float], None] = None, seed: Union[int, Sequence[int]] = 0,
                  progress: Optional[Callable[[int, int], None]] = None,
                  denoiser: Optional[Callable] = None,
                  init_videos: Optional[Sequence[Optional[Media]]] = None,
@@ -143,7 +143,7 @@ class VideoPipeline(nn.Module):
                 a None entry): the prompt's init video's size; else, with conditions, :attr:`DEFAULT_SIZE`'s
                 frames at its first condition's height and width; else :attr:`DEFAULT_SIZE` ``(9, 32, 32)``.
             steps, guidance, shift: see :func:`sora_fast.sampling.sample_euler`; ``negative_prompt`` is the
-                unconditional text of CFG.
+                unconditional text of CFG. ``shift`` None: :attr:`sampling`'s, else ``"auto"``.
             denoiser: what runs the DiT at each step (default the DiT itself), e.g. a CFG- or
                 sequence-parallel one from :func:`sora_fast.distributed.make_denoiser`.
             seed: one int (video i uses ``seed + i``) or one per prompt; the noise of a video depends only
@@ -238,6 +238,7 @@ class VideoPipeline(nn.Module):
             raise TypeError(f"prompts must be strings, got {[type(p).__name__ for p in prompts]}")
         if not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
+        shift = self._shift(shift)
         check_sampling(steps, guidance, shift, b)
         strengths = check_strength(strength, b)
         for i, (v, st) in enumerate(zip(inits, strengths)):
@@ -286,6 +287,7 @@ class VideoPipeline(nn.Module):
         t0 = time.perf_counter()
         latents = sample_euler(denoiser or self.dit, noise, text, patch=self.dit.config.patch, steps=steps,
                                guidance=guidance, uncond_text=uncond, shift=shift, progress=on_step,
+                               schedule=self.sampling and self.sampling["schedule"],
                                init=x0 if any(z is not None for z in x0) else None, strength=strengths,
                                given=given if any(conds) else None, given_levels=levels if any(conds) else None)
         timings["denoise"], timings["steps"] = time.perf_counter() - t0, step_times
@@ -341,7 +343,7 @@ class VideoPipeline(nn.Module):
 
     @torch.no_grad()
     def generate_long(self, prompt: str, frames: int, *, window: int, overlap: int, size=None, steps: int = 30,
-                      guidance: float = 5.0, negative_prompt: str = "", shift: Union[float, str] = "auto",
+                      guidance: float = 5.0, negative_prompt: str = "", shift: Union[float, str, None] = None,
                       seed: int = 0, progress: Optional[Callable[[int, int], None]] = None,
                       denoiser: Optional[Callable] = None, return_latents: bool = False):
         """One long video of ``frames`` pixel frames, rolled out in autoregressive windows of ``window`` frames.
@@ -392,6 +394,7 @@ class VideoPipeline(nn.Module):
             raise TypeError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
         starts = self.plan_long(frames, window, overlap, size)
         h, w = self.DEFAULT_SIZE[1:] if size is None else tuple(size)
+        shift = self._shift(shift)
         check_sampling(steps, guidance, shift, 1)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
@@ -424,7 +427,8 @@ class VideoPipeline(nn.Module):
                 lv[:have] = 0.0
                 given, levels = [g], [lv]
             (z,) = sample_euler(denoiser or self.dit, [noise], text, patch=self.dit.config.patch, steps=steps,
-                                guidance=guidance, uncond_text=uncond, shift=shift, given=given, given_levels=levels)
+                                guidance=guidance, uncond_text=uncond, shift=shift, given=given, given_levels=levels,
+                                schedule=self.sampling and self.sampling["schedule"])
             chunks.append(z[:, have:])
             prev, prev_start, end = z, s, s + wl
             if return_latents:
@@ -448,17 +452,22 @@ class VideoPipeline(nn.Module):
         te = self.text_encoder
         if isinstance(te, TinyTextEncoder):
             text = {"kind": "tiny", "config": dataclasses.asdict(te.config)}
-        elif isinstance(te, T5TextEncoder):
-            text = {"kind": "t5", "path": getattr(te, "path", None), "max_length": te.max_length, "pad_to": te.pad_to}
+        elif isinstance(te, T5TextEncoder):  # by path; an encoder from memory is saved inside (see save)
+            inside = te.path is None
+            path, tok = ("text_encoder", "tokenizer") if inside else (te.path, te.tokenizer_path)
+            text = {"kind": "t5", "path": path, "tokenizer_path": tok, "max_length": te.max_length,
+                    "pad_to": te.pad_to, **({"inside": True} if inside else {})}
         else:
             raise TypeError(f"cannot describe a text encoder of type {type(te).__name__}")
-        return {"format": _FORMAT, "dit": dataclasses.asdict(self.dit.config),
+        desc = {"format": _FORMAT, "dit": dataclasses.asdict(self.dit.config),
                 "vae": dataclasses.asdict(self.vae.config), "text": text}
+        return desc if self.sampling is None else {**desc, "sampling": self.sampling}
 
     def save(self, directory: Union[str, os.PathLike]) -> Path:
         """Write ``pipeline.json`` + ``dit``/``vae``/``text.safetensors`` to ``directory`` atomically (a crash
         leaves the previous contents or the new ones, never a half-written pipeline). ``pipeline.json``,
-        written last, records the size and sha256 of every weight file. A frozen T5 is stored by path only."""
+        written last, records the size and sha256 of every weight file. A frozen T5 is stored by path only (one
+        wrapped from memory, :meth:`T5TextEncoder.from_model`, is written inside: ``text_encoder/``, ``tokenizer/``)."""
         from safetensors.torch import save_file
 
         from ._files import file_records
@@ -472,7 +481,13 @@ class VideoPipeline(nn.Module):
             for name, m in parts.items():
                 save_file({k: v.detach().contiguous().cpu() for k, v in m.state_dict().items()},
                           str(tmp / f"{name}.safetensors"))
-            sizes, hashes = file_records(tmp, [f"{name}.safetensors" for name in parts])
+            names = [f"{name}.safetensors" for name in parts]
+            if desc["text"]["kind"] == "t5" and self.text_encoder.path is None:
+                self.text_encoder.model.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+                self.text_encoder.tokenizer.save_pretrained(tmp / "tokenizer")
+                names += [str(f.relative_to(tmp)) for sub in ("text_encoder", "tokenizer")
+                          for f in sorted((tmp / sub).rglob("*")) if f.is_file()]
+            sizes, hashes = file_records(tmp, names)
             (tmp / _DESC).write_text(json.dumps({**desc, "files": sizes, "sha256": hashes}, indent=2))
 
         atomic_dir(final, write, _DESC)
@@ -490,10 +505,15 @@ class VideoPipeline(nn.Module):
         from .models._convert import load_converted
 
         d = Path(directory)
+        from .integrations.diffusers.wan_pipeline import is_diffusers_pipeline_dir
+
+        if is_diffusers_pipeline_dir(d) and not (d / _DESC).exists():  # a diffusers Wan pipeline as distributed
+            return cls.from_diffusers(d, device=device)
         recover_dir(d, _DESC)
         desc_path = d / _DESC
         if not desc_path.is_file():
-            raise FileNotFoundError(f"{d} is not a saved pipeline: {desc_path} is missing")
+            raise FileNotFoundError(f"{d} is not a saved pipeline: {desc_path} is missing (and so is the "
+                                    "model_index.json of a diffusers Wan pipeline)")
         desc = read_json(desc_path, "a pipeline description (format, dit, vae, text, files, sha256)")
         _check_description(desc, desc_path)
         text_desc = desc["text"]
@@ -509,7 +529,7 @@ class VideoPipeline(nn.Module):
         models = {}
         for name, build in (("dit", lambda: VideoDiT(DiTConfig(**desc["dit"]))),
                             ("vae", lambda: CausalVAE(VAEConfig(**vae_desc))),
-                            ("text", lambda: _text_encoder(text_desc))):
+                            ("text", lambda: _text_encoder(text_desc, d))):
             try:
                 models[name] = build()
             except (TypeError, ValueError, KeyError) as e:
@@ -520,5 +540,8 @@ class VideoPipeline(nn.Module):
         for name in parts:
             f = d / f"{name}.safetensors"
             load_converted(models[name], load_safetensors(f, what[name]), str(f))
-        pipe = cls(dit, vae, text)
+        try:
+            pipe = cls(dit, vae, text, sampling=desc.get("sampling"))
+        except ValueError as e:
+            raise ValueError(f"{str(desc_path)!r}: {e}") from e
         return pipe.to(device) if device is not None else pipe

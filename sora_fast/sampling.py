@@ -29,8 +29,8 @@ import torch
 from .packing import PackedSequences, PackedVideos, frame_ids, pack_sequences, pack_videos
 from .training.flow import resolution_shift, shift_sigmas, sigma_schedule
 
-__all__ = ["concat_text", "sample_euler", "strength_sigmas", "frame_sigmas", "check_given",
-           "check_strength", "check_finite"]
+__all__ = ["concat_text", "sample_euler", "strength_sigmas", "schedule_sigmas", "frame_sigmas", "check_given",
+           "check_strength", "check_finite", "SCHEDULES"]
 
 DenoiseFn = Callable[[PackedVideos, torch.Tensor, PackedSequences], torch.Tensor]
 
@@ -88,7 +88,41 @@ def check_strength(strength, n: int, name: str = "strength") -> list[float]:
     return [float(v) for v in values]
 
 
-def strength_sigmas(steps: int, shift: float, strength: float = 1.0) -> torch.Tensor:
+# Named noise-level schedules of a full (strength 1) run; ``None`` is sora_fast's own.
+SCHEDULES = ("sora_fast", "diffusers_flow_euler")
+
+
+def schedule_sigmas(steps: int, shift: float, schedule: Optional[dict] = None) -> torch.Tensor:
+    """The ``steps + 1`` noise levels (float64, from the start level down to exactly 0) of a full run.
+
+    ``schedule`` None or ``{"kind": "sora_fast"}``: :func:`sigma_schedule` (``shift_sigmas(linspace(1, 0,
+    steps + 1))``). ``{"kind": "diffusers_flow_euler", "num_train_timesteps": T}``: what diffusers'
+    ``FlowMatchEulerDiscreteScheduler(shift=s, num_train_timesteps=T)`` (no dynamic shifting, no Karras /
+    exponential / beta levels) runs: ``linspace(1, m, steps)`` with ``m = shift(1 / T)`` (its smallest
+    training level, already shifted), shifted once more, each level rounded to float32 as diffusers holds it,
+    then 0. Loading a diffusers pipeline records its scheduler's schedule, so the same steps give the same
+    levels and the same video.
+    """
+    kind = "sora_fast" if schedule is None else schedule.get("kind") if isinstance(schedule, dict) else None
+    if kind not in SCHEDULES:
+        raise ValueError(f"schedule must be None or a dict with 'kind' one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if kind == "sora_fast":
+        return sigma_schedule(steps, shift, dtype=torch.float64)
+    import numpy as np
+
+    t = schedule.get("num_train_timesteps", 1000)
+    if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+        raise ValueError(f"schedule['num_train_timesteps'] must be a positive int, got {t!r}")
+    lowest = torch.tensor(1.0, dtype=torch.float32) / t                         # float32, as diffusers' init
+    sigma_min = (shift * lowest / (1 + (shift - 1) * lowest)).item()
+    levels = np.linspace(1.0 * t, sigma_min * t, steps) / t                    # numpy float64, as set_timesteps
+    levels = shift * levels / (1 + (shift - 1) * levels)
+    levels = torch.from_numpy(levels).to(torch.float32).to(torch.float64)
+    return torch.cat([levels, levels.new_zeros(1)])
+
+
+def strength_sigmas(steps: int, shift: float, strength: float = 1.0, schedule: Optional[dict] = None
+                    ) -> torch.Tensor:
     """The noise levels (float64, decreasing to exactly 0) that a video of ``strength`` is sampled on.
 
     ``strength`` is the starting point on the *unshifted* time axis ``t ∈ [0, 1]`` of the ``steps``-step
@@ -103,10 +137,13 @@ def strength_sigmas(steps: int, shift: float, strength: float = 1.0) -> torch.Te
     - ``strength · steps`` an integer k: the last k levels of the full schedule (diffusers' img2img
       ``t_start = steps − int(steps·strength)``); otherwise the levels are evenly spaced from the strength,
       so results are continuous in the strength rather than rounded to a step.
+
+    ``schedule`` (see :func:`schedule_sigmas`) chooses the levels of a full run (strength 1); an edit
+    (strength < 1) always takes the rule above.
     """
     (strength,) = check_strength(strength, 1)
     if strength == 1.0:
-        return sigma_schedule(steps, shift, dtype=torch.float64)
+        return schedule_sigmas(steps, shift, schedule)
     n = min(steps, math.ceil(round(strength * steps, 9)))  # round: 0.3 * 10 is 3.0000000000000004
     if n == 0:
         return torch.zeros(1, dtype=torch.float64)
@@ -175,7 +212,8 @@ def sample_euler(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: Packed
                  init: Optional[Sequence[Optional[torch.Tensor]]] = None,
                  strength: Union[float, Sequence[float]] = 1.0,
                  given: Optional[Sequence[Optional[torch.Tensor]]] = None,
-                 given_levels: Optional[Sequence[Optional[torch.Tensor]]] = None) -> list[torch.Tensor]:
+                 given_levels: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                 schedule: Optional[dict] = None) -> list[torch.Tensor]:
     """Denoise a list of noise latents with flow-matching Euler steps, all videos in one pack.
 
     Args:
@@ -205,6 +243,8 @@ def sample_euler(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: Packed
             and the video's level at the others (:func:`frame_sigmas`). In the returned latents a given frame
             holds ``x0`` exactly. With a temporal patch ``pt > 1`` a patch frame is given whole or not at all.
             Without any given frame the DiT gets ``(B,)`` timesteps, as before.
+        schedule: the levels of a full run (:func:`schedule_sigmas`; None: sora_fast's own), e.g. a diffusers
+            scheduler's, recorded by :meth:`sora_fast.pipeline.VideoPipeline.from_diffusers`.
 
     Returns the B denoised latents ``(C, T, H, W)`` in the noise's dtype. Non-finite arguments are refused
     up front; latents that end with NaN / Inf values (a diverged or corrupt model) raise a ValueError with
@@ -237,7 +277,7 @@ def sample_euler(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: Packed
             raise ValueError(f"init[{i}] has shape {tuple(z.shape)}, expected its noise's {tuple(e.shape)}")
     g_lat, g_lev = check_given(given, given_levels, noise, patch)
     shifts = [resolution_shift(n) if s == "auto" else s for s, n in zip(shifts, x.seqlens)]
-    scheds = [strength_sigmas(steps, s, st) for s, st in zip(shifts, strengths)]
+    scheds = [strength_sigmas(steps, s, st, schedule) for s, st in zip(shifts, strengths)]
     total = max(len(sc) - 1 for sc in scheds)                                 # DiT forwards
     first = [total - (len(sc) - 1) for sc in scheds]                          # the step each video joins
     # (B, total+1): a video holds its starting level until it joins, so its dσ is 0 before that

@@ -109,7 +109,7 @@ def _finite(flag: str, value: float, positive: bool = False) -> float:
 def _check_generate_args(args) -> None:
     """Every argument of ``generate`` that needs no model, checked before anything loads or runs."""
     _finite("--guidance", args.guidance)
-    if args.shift != "auto":
+    if args.shift not in (None, "auto"):
         _finite("--shift", args.shift, positive=True)
     _finite("--fps", args.fps, positive=True)
     if args.steps < 1:
@@ -202,6 +202,10 @@ def cmd_generate(args) -> int:
     mesh = sampling_mesh(args.sequence_parallel, args.cfg_parallel, args.guidance)  # None unless under torchrun
     out = check_writable(args.out)
     pipe = VideoPipeline.load(args.pipeline, verify=not args.no_verify)
+    if args.lora is not None:
+        from ..training.lora_formats import load_lora_file
+
+        load_lora_file(pipe.dit, args.lora)
     edit = args.edit_video
     long = args.frames is not None
     sizes = args.size or [(args.frames, 32, 32) if long else

@@ -15,15 +15,19 @@ class TrainRunConfig:
     """A ``sora-fast train --config FILE`` run (JSON, or TOML with Python >= 3.11).
 
     data:          a video folder (videos + images with .txt captions or a manifest.jsonl).
-    out:           the run directory: latents/, checkpoints, metrics.jsonl, loss.png, pipeline/.
-    pipeline:      a saved pipeline (``VideoPipeline.save``, e.g. the demo's ``pipeline/``) giving the VAE, the
-                   text encoder and the starting DiT.
+    out:           the run directory: latents/, text/ (embeddings of a frozen text encoder), checkpoints,
+                   metrics.jsonl, loss.png, pipeline/, lora/.
+    pipeline:      a saved pipeline (``VideoPipeline.save``, e.g. the demo's ``pipeline/``) or a diffusers Wan
+                   pipeline directory (``model_index.json``) giving the VAE, the text encoder and the starting DiT.
     dit:           optional DiT preset name: train a fresh DiT of that size instead of the pipeline's
                    (latent channels and text width are taken from the pipeline).
     diffusers_transformer: optional directory of a diffusers ``WanTransformer3DModel`` to fine-tune
                    (converted with ``VideoDiT.from_diffusers``).
     manifest, max_area, max_frames: passed to ``VideoFolder`` (captions, down-scaling only, never crops).
     allow_outside_root: passed to ``VideoFolder``: also read manifest paths and links outside ``data``.
+    log:           ``"jsonl"`` (metrics.jsonl) or ``"tensorboard"`` (also TensorBoard scalars in out/tensorboard/).
+    validation:    optional ``{"prompts": [...], "every": N, "size": [T, H, W], "steps", "guidance", "seed"}``:
+                   samples of the model being trained every N steps in out/samples/step_XXXXXX/.
     train:         :class:`sora_fast.training.TrainConfig` fields.
     """
 
@@ -36,6 +40,8 @@ class TrainRunConfig:
     max_area: Optional[int] = None
     max_frames: Optional[int] = None
     allow_outside_root: bool = False
+    log: str = "jsonl"
+    validation: Optional[dict] = None
     train: dict = field(default_factory=dict)
 
 
@@ -77,13 +83,20 @@ def load_run_config(path: str) -> tuple[TrainRunConfig, Any]:
     if run.dit is not None and run.diffusers_transformer is not None:
         raise ValueError(f"{p.name}: give at most one of 'dit' and 'diffusers_transformer'")
     train = config_from_dict(TrainConfig, run.train, where=f"{p.name} [train]")
+    from ..training.run_logs import LOGS, check_validation, summary_writer
+
+    if run.log not in LOGS:
+        raise ValueError(f"{p.name}: 'log' must be one of {', '.join(map(repr, LOGS))}, got {run.log!r}")
+    if run.log == "tensorboard":
+        summary_writer()  # a missing package is said before any work
+    run.validation = check_validation(run.validation, p.name)
     return run, train
 
 
 # what a training run writes into its directory (the latent cache is keyed on its data and kept)
-_RUN_NAMES = ("metrics.jsonl", "loss.png", "latest", "latest_dcp", "pipeline")
+_RUN_NAMES = ("metrics.jsonl", "loss.png", "latest", "latest_dcp", "pipeline", "lora")
 _RUN_PREFIXES = ("step_", "dcp_step_", "pipeline.")
-_RUN_LEFTOVERS = (".tmp-", ".pipeline.")  # temporaries of interrupted writes, cleared by --overwrite
+_RUN_LEFTOVERS = (".tmp-", ".pipeline.", ".lora.")  # temporaries of interrupted writes, cleared by --overwrite
 
 
 def previous_run(run_dir) -> list[str]:
@@ -137,6 +150,22 @@ def _check_run_dir(out: str, config: str, resume: bool, overwrite: bool, mesh) -
         barrier()
 
 
+def _cached_text(text, captions, train_cfg, out: Path, mesh, device):
+    """A frozen text encoder (a T5, or any under LoRA) runs once per caption into ``out/text/`` and leaves memory;
+    training reads the cache. A trainable one is returned as it is."""
+    from ..data.text_cache import CachedTextEncoder, ensure_text_cache, release_text_encoder
+    from ..distributed.launch import barrier
+    from ..models.text import T5TextEncoder
+
+    if not (isinstance(text, T5TextEncoder) or train_cfg.lora_rank):
+        return text
+    if mesh is None or mesh.is_main:
+        ensure_text_cache(text, captions, out / "text")
+    barrier()
+    release_text_encoder(text)
+    return CachedTextEncoder(out / "text", pad_to=getattr(text, "pad_to", None), device=device)
+
+
 def cmd_train(args) -> int:
     import torch
 
@@ -165,7 +194,7 @@ def cmd_train(args) -> int:
         dit = VideoDiT.from_diffusers_dir(run.diffusers_transformer)
     else:
         dit = pipe.dit
-    pipe = VideoPipeline(dit, vae, text)  # checks channels and text width agree
+    pipe = VideoPipeline(dit, vae, text, sampling=pipe.sampling)  # checks channels and text width agree
 
     ph = dit.config.patch[1]
     folder = VideoFolder(run.data, manifest=run.manifest, max_area=run.max_area, max_frames=run.max_frames,
@@ -183,7 +212,16 @@ def cmd_train(args) -> int:
               file=sys.stderr)
     items = [{"latent": latents[i]["latent"].float(), "caption": latents[i]["caption"]} for i in range(len(latents))]
     model_config = {"dit": dataclasses.asdict(dit.config), "text": pipe.describe()["text"]}
+    val = run.validation
+    if val is not None and mesh is not None:
+        raise ValueError(f"{args.config}: 'validation' samples are not supported under torchrun yet; remove it")
+    captions = [it["caption"] for it in items] + (val["prompts"] if val else [])
+    text = _cached_text(text, captions, train_cfg, out, mesh, next(dit.parameters()).device)
     trainer = make_trainer(dit, text, items, train_cfg, out, mesh=mesh, model_config=model_config)
+    from ..training.run_logs import run_callbacks
+
+    on_step, closers = run_callbacks(run.log, val, VideoPipeline(dit, vae, text, sampling=pipe.sampling), out,
+                                     train_cfg.log_every, is_main=trainer.is_main)
     if args.resume:
         if not has_checkpoint(out, mesh):
             print(f"--resume: no checkpoint in {out} yet, starting at step 0", file=sys.stderr)
@@ -191,10 +229,18 @@ def cmd_train(args) -> int:
             print(f"resuming from step {trainer.resume(verify=not args.no_verify)}", file=sys.stderr)
     if trainer.is_main:
         print(trainer.plan.summary(), file=sys.stderr)
-    res = trainer.train()
+    try:
+        res = trainer.train(on_step=on_step)
+    finally:
+        for close in closers:
+            close()
     if trainer.ema is not None:
         trainer.ema.copy_to(trainer.model)
     if train_cfg.lora_rank:
+        if mesh is None:  # the adapters alone, in diffusers' and ComfyUI's layouts, before they are merged
+            from ..training.lora_formats import save_lora_files
+
+            save_lora_files(dit, out / "lora")
         merge_lora(dit)
     if not save_pipeline(pipe, out / "pipeline", mesh):
         return 0  # ranks other than 0 print nothing

@@ -18,8 +18,10 @@ def _listing(title: str, names: list[str], limit: int = 20) -> str:
     return f"{title} ({len(names)}): {shown}"
 
 
-def load_converted(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """Copy ``state_dict`` into ``module`` strictly.
+def load_converted(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, *,
+                   assign: bool = False) -> None:
+    """Copy ``state_dict`` into ``module`` strictly (``assign=True``: take its tensors as the module's own,
+    no copy, e.g. into a module built on the meta device).
 
     Raises :class:`StateDictMismatchError` (a ValueError) that lists, by name, the tensors the module
     expects but ``state_dict`` lacks, the ones it has that the module does not, and the ones whose
@@ -40,4 +42,4 @@ def load_converted(module: torch.nn.Module, state_dict: Mapping[str, torch.Tenso
         raise StateDictMismatchError(
             f"{source} does not fit {type(module).__name__}: " + "; ".join(parts)
         )
-    module.load_state_dict(state_dict, strict=True)
+    module.load_state_dict(state_dict, strict=True, assign=assign)

@@ -192,7 +192,25 @@ class T5TextEncoder(TextEncoder):
         if device is not None:
             self.model.to(device)
         self.dim, self.max_length, self.pad_to = self.model.config.d_model, max_length, pad_to
-        self.path = os.fspath(path)
+        self.path, self.tokenizer_path = os.fspath(path), None if tokenizer_path is None else os.fspath(tokenizer_path)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, *, max_length: int = 512, pad_to: Optional[int] = None) -> "T5TextEncoder":
+        """Wrap a transformers T5 / umT5 encoder and its tokenizer already in memory (e.g. a diffusers
+        pipeline's ``text_encoder`` and ``tokenizer``): no copy, frozen. ``path`` is None, so
+        :meth:`sora_fast.pipeline.VideoPipeline.save` writes the encoder next to the other weights."""
+        kind = getattr(getattr(model, "config", None), "model_type", None)
+        if kind not in ("t5", "umt5"):
+            raise TypeError(f"model must be a transformers T5EncoderModel or UMT5EncoderModel, got "
+                            f"{type(model).__name__} (model_type {kind!r})")
+        if not callable(tokenizer):
+            raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
+        self = cls.__new__(cls)
+        TextEncoder.__init__(self)
+        self.tokenizer, self.model = tokenizer, model.eval().requires_grad_(False)
+        self.dim, self.max_length, self.pad_to = model.config.d_model, max_length, pad_to
+        self.path = self.tokenizer_path = None
+        return self
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> PackedSequences:

@@ -18,7 +18,7 @@ try:  # the registry of torch.library.custom_op definitions (a private module: a
 except ImportError:  # pragma: no cover
     _OPDEFS = {}
 
-__all__ = ["PeakMemory"]
+__all__ = ["PeakMemory", "saved_activations", "memory_plan"]
 
 
 def _storages(t: torch.Tensor) -> list:
@@ -84,3 +84,80 @@ class PeakMemory(TorchDispatchMode):
     def _free(self, ptr: int, n: int) -> None:
         self._counted.discard(ptr)
         self.live -= n
+
+
+# --- the memory plan of a fine-tune: ``python -m sora_fast.tools.memory`` ---------------------------------
+def saved_activations(config, tokens: int = 1024, *, checkpointing: bool, layers: int = 1, text_tokens: int = 128,
+                      dtype=torch.float32) -> int:
+    """Bytes a ``VideoDiT`` of ``config`` with ``layers`` blocks keeps for backward after a forward over one video
+    of ``tokens`` patch tokens (measured with :class:`PeakMemory`: the tensors alive after the forward, weights
+    excluded)."""
+    import dataclasses
+
+    from ..models.dit import VideoDiT
+    from ..packing import pack_sequences, pack_videos
+
+    cfg = dataclasses.replace(config, num_layers=layers)
+    dit = VideoDiT(cfg, checkpointing=checkpointing).to(dtype)
+    pt, ph, pw = cfg.patch
+    x = pack_videos([torch.randn(cfg.in_channels, pt, ph * tokens, pw, dtype=dtype)], patch=cfg.patch)
+    text = pack_sequences([torch.randn(text_tokens, cfg.text_dim, dtype=dtype)])
+    with torch.enable_grad(), PeakMemory(exclude=[*dit.parameters(), x.tokens, text.tokens]) as mem:
+        out = dit(x, torch.tensor([500.0]), text)          # holds the graph, so the saved tensors stay alive
+    return mem.live - out.untyped_storage().nbytes()     # the output is the loss's input, not saved for backward
+
+
+def memory_plan(name: str, tokens: int = 1024, *, lora_rank: int = 0, weight_bytes: int = 2, text_tokens: int = 512,
+                text_dim: int = 4096) -> dict:
+    """The memory a fine-tune of preset ``name`` needs, in bytes: ``weights`` (bf16), ``grads_optimizer`` (fp32
+    gradients + AdamW moments of what trains: all weights, or the LoRA adapters of rank ``lora_rank``), saved
+    activations per ``tokens`` tokens without and with checkpointing (measured at full width on one and two
+    blocks in fp32, extrapolated linearly in blocks, halved for bf16), and ``text_cache_per_caption`` (one
+    caption's ``text_tokens`` rows of the encoder's width in bf16; the real tokens only are stored)."""
+    from ..models.dit import DiTConfig
+
+    cfg = DiTConfig.from_name(name)
+    d, f, n_layers = cfg.dim, cfg.ffn_dim, cfg.num_layers
+    with torch.device("meta"):
+        from ..models.dit import VideoDiT
+
+        n_params = sum(p.numel() for p in VideoDiT(cfg).parameters())
+    trained = n_params if not lora_rank else n_layers * lora_rank * (8 * 2 * d + 2 * (d + f))
+    act = {}
+    for ckpt in (False, True):
+        one, two = (saved_activations(cfg, tokens, checkpointing=ckpt, layers=k) for k in (1, 2))
+        act[ckpt] = (one + (two - one) * (n_layers - 1)) // 2            # fp32 measured -> bf16
+    return {"preset": name, "params": n_params, "weights": n_params * weight_bytes,
+            "grads_optimizer": trained * 4 * 3, "activations_per_1k_tokens": act[False] * 1024 // tokens,
+            "activations_per_1k_tokens_checkpointed": act[True] * 1024 // tokens,
+            "text_cache_per_caption": text_tokens * text_dim * 2}
+
+
+def _gib(b: int) -> str:
+    return f"{b / 2**30:.2f} GiB"
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m sora_fast.tools.memory",
+                                description="Memory plan of a Wan2.1 fine-tune: weights, gradients and optimizer, "
+                                            "activations per 1k tokens with and without checkpointing, text cache.")
+    p.add_argument("--preset", action="append", help="DiT preset(s) (default: wan2.1-1.3b and wan2.1-14b)")
+    p.add_argument("--tokens", type=int, default=1024, help="tokens of the measured forward (default: %(default)s)")
+    p.add_argument("--lora-rank", type=int, default=0, help="plan a LoRA fine-tune of this rank (default: full)")
+    args = p.parse_args(argv)
+    torch.set_grad_enabled(True)
+    print("| preset | params | weights (bf16) | grads + AdamW (fp32) | activations / 1k tokens | "
+          "checkpointed | text cache / caption |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.preset or ["wan2.1-1.3b", "wan2.1-14b"]:
+        r = memory_plan(name, args.tokens, lora_rank=args.lora_rank)
+        print(f"| {name} | {r['params'] / 1e9:.2f} B | {_gib(r['weights'])} | {_gib(r['grads_optimizer'])} | "
+              f"{_gib(r['activations_per_1k_tokens'])} | {_gib(r['activations_per_1k_tokens_checkpointed'])} | "
+              f"{r['text_cache_per_caption'] / 2**20:.1f} MiB |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
