@@ -14,6 +14,7 @@ own shift (``shift="auto"``: from its token count), which a padded batch could n
 - :mod:`.sampler`: :func:`sample` (every solver, every cache) and :func:`sample_euler`;
 - :mod:`.cache`: first-block and TeaCache-style step caches, decided per video and per CFG half.
 """
+from .cache import CACHES, FirstBlockCache, TeaCache, calibrate_teacache, parse_cache
 from .sampler import sample, sample_euler
 from .schedule import (
     DenoiseFn,
@@ -29,4 +30,4 @@ from .solvers import DEFAULT_ORDER, MAX_ORDER, SOLVERS, check_solver
 
 __all__ = ["sample", "sample_euler", "concat_text", "strength_sigmas", "frame_sigmas", "check_given",
            "check_strength", "check_finite", "check_sampling", "check_solver", "DenoiseFn", "SOLVERS",
-           "MAX_ORDER", "DEFAULT_ORDER"]
+           "MAX_ORDER", "DEFAULT_ORDER", "CACHES", "FirstBlockCache", "TeaCache", "parse_cache", "calibrate_teacache"]
