@@ -33,9 +33,19 @@ def concat_text(*packs: PackedSequences) -> PackedSequences:
     return pack_sequences(seqs)
 
 
-def check_sampling(steps, guidance, shift, n: int) -> None:
+def check_sampling(steps, guidance, shift, n: int, *, solver: str = "euler", order=None, cache=None,
+                   denoiser=None) -> None:
     """The sampling arguments of ``generate`` and ``generate_long``: ``steps`` a positive int, ``guidance``
-    a finite number, ``shift`` as :func:`_check_shift` takes it for ``n`` videos."""
+    a finite number, ``shift`` as :func:`_check_shift` takes it for ``n`` videos, ``solver`` / ``order`` as
+    :func:`sora_fast.sampling.check_solver` and ``cache`` as :func:`sora_fast.sampling.parse_cache` take them
+    (with a ``denoiser`` other than None, the one the cache will run)."""
+    from .cache import parse_cache, start_cache
+    from .solvers import check_solver
+
+    check_solver(solver, order)
+    if denoiser is not None:
+        start_cache(cache, denoiser, 1)
+    parse_cache(cache)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
