@@ -31,3 +31,4 @@ def test_psnr():
     a = torch.rand(3, 2, 4, 4)
     assert bench.psnr(a, a) == math.inf
     assert abs(bench.psnr(a, a + 0.1) - 20.0) < 1e-4
+    assert abs(bench.psnr([a, a], [a, a + 0.1]) - 10 * math.log10(2 / 0.01)) < 1e-4   # pooled MSE, finite
