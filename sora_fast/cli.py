@@ -8,7 +8,16 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .commands.generate import MAX_NAME_BYTES, _finite, _keyframe, _size, cmd_generate, output_stems  # noqa: F401
+from .commands.generate import (  # noqa: F401
+    MAX_NAME_BYTES,
+    _check_solver_args,
+    _finite,
+    _keyframe,
+    _size,
+    cmd_calibrate_cache,
+    cmd_generate,
+    output_stems,
+)
 from .commands.train import TrainRunConfig, cmd_train, load_run_config, previous_run  # noqa: F401
 
 __all__ = ["main", "TrainRunConfig", "load_run_config", "output_stems", "previous_run", "is_user_error"]
@@ -45,6 +54,7 @@ def cmd_profile(args) -> int:
         if v < lo:
             raise ValueError(f"{flag} must be >= {lo}, got {v}")
     _finite("--guidance", args.guidance)
+    _check_solver_args(args)
     if args.pipeline is not None:
         pipe = VideoPipeline.load(args.pipeline)
     else:
@@ -54,7 +64,8 @@ def cmd_profile(args) -> int:
     size = pipe.check_size(args.size, name="--size") if args.size else default_size(pipe)
     prompts = [f"profile prompt {i}" for i in range(args.prompts)]
     report = profile_pipeline(pipe, prompts=prompts, size=size, steps=args.steps, guidance=args.guidance,
-                              warmup=args.warmup, trace=args.trace, top=args.top)
+                              warmup=args.warmup, trace=args.trace, top=args.top, solver=args.solver,
+                              order=args.order, cache=args.cache)
     print(format_report(report, top=args.top))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -64,6 +75,17 @@ def cmd_profile(args) -> int:
 
 
 # --- parser --------------------------------------------------------------------------------------
+def _add_solver_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--solver", default="euler", choices=["euler", "unipc", "dpm++"],
+                   help="flow solver: euler, unipc (UniPC predictor-corrector) or dpm++ (DPM-Solver++ multistep); "
+                        "one DiT forward per step each (default: %(default)s)")
+    p.add_argument("--order", type=int, metavar="K",
+                   help="solver order: unipc 1-3 (default 2), dpm++ 1-2 (default 2), euler 1")
+    p.add_argument("--cache", metavar="SPEC",
+                   help="step cache, decided per video and CFG half: first-block:THRESH (e.g. first-block:0.05) or "
+                        "teacache:THRESH[:C_n,...,C_0] (coefficients from `sora-fast calibrate-cache`); default none")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sora-fast",
                                      description="sora_fast: packed video diffusion with custom kernels. "
@@ -112,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size", action="append", type=_size, metavar="TxHxW",
                    help="frames x height x width, once for all or once per prompt (default 9x32x32, or the --edit "
                         "video's size)")
-    g.add_argument("--steps", type=int, default=20, metavar="N", help="Euler steps (default: %(default)s)")
+    g.add_argument("--steps", type=int, default=20, metavar="N",
+                   help="solver steps, one DiT forward each (default: %(default)s)")
+    _add_solver_args(g)
     g.add_argument("--guidance", type=float, default=4.0, metavar="G", help="CFG scale (default: %(default)s)")
     g.add_argument("--shift", default=None, metavar="S",
                    help="schedule shift: a number, or 'auto' per video from its size (default: a diffusers "
@@ -162,6 +186,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "names what is skipped): for huge files on trusted storage")
     g.set_defaults(func=cmd_generate)
 
+    cc = sub.add_parser("calibrate-cache", help="fit TeaCache's rescaling polynomial on a saved pipeline's DiT",
+                        description="Samples held-out prompts with every step computed, records per video and CFG "
+                                    "half the relative change of the DiT's modulated input and of its output residual "
+                                    "between steps, fits a polynomial of one to the other and prints the "
+                                    "--cache teacache:THRESH:C_n,...,C_0 spec to generate with.")
+    cc.add_argument("--pipeline", required=True, metavar="DIR", help="a saved pipeline")
+    cc.add_argument("--prompts", type=int, default=8, metavar="N",
+                    help="held-out prompts to sample (default: %(default)s)")
+    cc.add_argument("--size", type=_size, metavar="TxHxW", help="frames x height x width (default 9x32x32)")
+    cc.add_argument("--steps", type=int, default=20, metavar="N", help="solver steps (default: %(default)s)")
+    cc.add_argument("--guidance", type=float, default=4.0, metavar="G", help="CFG scale (default: %(default)s)")
+    cc.add_argument("--solver", default="euler", choices=["euler", "unipc", "dpm++"],
+                    help="the solver the cache will be used with (default: %(default)s)")
+    cc.add_argument("--order", type=int, metavar="K", help="solver order (default: the solver's)")
+    cc.add_argument("--degree", type=int, default=4, metavar="D", help="polynomial degree (default: %(default)s)")
+    cc.add_argument("--seed", type=int, default=0, metavar="N", help="prompts and noise seed (default: %(default)s)")
+    cc.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the pipeline's weight files")
+    cc.set_defaults(func=cmd_calibrate_cache)
+
     pr = sub.add_parser("profile", help="inference latency of a pipeline: stages, top ops, memory, throughput",
                         description="Warm-up run(s), then one timed run of generate (text encode, every denoising "
                                     "step, VAE decode), one under torch.profiler (top ops, optional Chrome trace) "
@@ -174,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="frames x height x width of every video (default 9x32x32, or the smallest valid size)")
     pr.add_argument("--prompts", type=int, default=1, metavar="N",
                     help="videos generated together in one packed stream (default: %(default)s)")
-    pr.add_argument("--steps", type=int, default=10, metavar="N", help="Euler steps (default: %(default)s)")
+    pr.add_argument("--steps", type=int, default=10, metavar="N", help="solver steps (default: %(default)s)")
+    _add_solver_args(pr)
     pr.add_argument("--guidance", type=float, default=4.0, metavar="G",
                     help="CFG scale; 1 runs without the unconditional copy (default: %(default)s)")
     pr.add_argument("--warmup", type=int, default=1, metavar="N",

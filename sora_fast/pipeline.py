@@ -30,7 +30,7 @@ from .conditioning import Condition, Media, check_conditions, check_init_videos,
 from .models.dit import DiTConfig, VideoDiT
 from .models.text import T5TextEncoder, TextEncoder, TinyTextEncoder
 from .models.vae import CausalVAE, VAEConfig
-from .sampling import sample_euler
+from .sampling import sample
 
 __all__ = ["Condition", "VideoPipeline", "check_video_size", "read_media"]
 
@@ -134,7 +134,8 @@ class VideoPipeline(nn.Module):
                  denoiser: Optional[Callable] = None,
                  init_videos: Optional[Sequence[Optional[Media]]] = None,
                  strength: Union[float, Sequence[float]] = 1.0,
-                 conditions: Optional[Sequence[Sequence[Condition]]] = None) -> list[torch.Tensor]:
+                 conditions: Optional[Sequence[Sequence[Condition]]] = None,
+                 solver: str = "euler", order: Optional[int] = None, cache=None) -> list[torch.Tensor]:
         """Videos for ``prompts``, all denoised in one packed stream.
 
         Args:
@@ -142,8 +143,14 @@ class VideoPipeline(nn.Module):
             sizes: one ``(frames, height, width)`` for all, or one per prompt (images: frames = 1). None (or
                 a None entry): the prompt's init video's size; else, with conditions, :attr:`DEFAULT_SIZE`'s
                 frames at its first condition's height and width; else :attr:`DEFAULT_SIZE` ``(9, 32, 32)``.
-            steps, guidance, shift: see :func:`sora_fast.sampling.sample_euler`; ``negative_prompt`` is the
+            steps, guidance, shift: see :func:`sora_fast.sampling.sample`; ``negative_prompt`` is the
                 unconditional text of CFG. ``shift`` None: :attr:`sampling`'s, else ``"auto"``.
+            solver, order: ``"euler"`` (default), ``"unipc"`` (order 1-3, default 2) or ``"dpm++"`` (order 1-2,
+                default 2), one DiT forward per step each (:func:`sora_fast.sampling.sample`).
+            cache: None, or a step cache such as ``"first-block:0.05"`` or ``"teacache:0.1"``
+                (:func:`sora_fast.sampling.parse_cache`): deep features reused per video and CFG half on steps
+                where its input barely changed. ``last_timings["evaluations"]`` counts the full DiT
+                evaluations of every prompt (its CFG copies apart).
             denoiser: what runs the DiT at each step (default the DiT itself), e.g. a CFG- or
                 sequence-parallel one from :func:`sora_fast.distributed.make_denoiser`.
             seed: one int (video i uses ``seed + i``) or one per prompt; the noise of a video depends only
@@ -239,7 +246,7 @@ class VideoPipeline(nn.Module):
         if not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
         shift = self._shift(shift)
-        check_sampling(steps, guidance, shift, b)
+        check_sampling(steps, guidance, shift, b, solver=solver, order=order, cache=cache, denoiser=denoiser)
         strengths = check_strength(strength, b)
         for i, (v, st) in enumerate(zip(inits, strengths)):
             if v is None and st != 1.0:
@@ -284,13 +291,15 @@ class VideoPipeline(nn.Module):
             if progress is not None:
                 progress(i, n)
 
-        t0 = time.perf_counter()
-        latents = sample_euler(denoiser or self.dit, noise, text, patch=self.dit.config.patch, steps=steps,
-                               guidance=guidance, uncond_text=uncond, shift=shift, progress=on_step,
-                               schedule=self.sampling and self.sampling["schedule"],
-                               init=x0 if any(z is not None for z in x0) else None, strength=strengths,
-                               given=given if any(conds) else None, given_levels=levels if any(conds) else None)
+        t0, stats = time.perf_counter(), {}
+        latents = sample(denoiser or self.dit, noise, text, patch=self.dit.config.patch, steps=steps,
+                         guidance=guidance, uncond_text=uncond, shift=shift, progress=on_step,
+                         init=x0 if any(z is not None for z in x0) else None, strength=strengths,
+                         given=given if any(conds) else None, given_levels=levels if any(conds) else None,
+                         solver=solver, order=order, cache=cache, stats=stats,
+                         schedule=self.sampling and self.sampling["schedule"])
         timings["denoise"], timings["steps"] = time.perf_counter() - t0, step_times
+        timings["evaluations"] = stats["evaluations"]
 
         t0 = time.perf_counter()
         # strength 0: the input's own latents, decoded without the normalize / denormalize round trip
@@ -337,7 +346,7 @@ class VideoPipeline(nn.Module):
         starts = [min(k * stride, lat - wl) for k in range(n)]
         if pt > 1 and n > 1:  # a window of 1 + pt*k latent frames cannot hold given frames per patch frame
             raise ValueError(f"frames={frames} needs {n} windows, but the DiT's temporal patch is {pt}: windows after "
-                             "the first are given latent frames, which sample_euler takes with a temporal patch of 1 "
+                             "the first are given latent frames, which the sampler takes with a temporal patch of 1 "
                              f"only; use frames={window} (one window) or a DiT with patch (1, ph, pw)")
         return starts
 
@@ -345,11 +354,12 @@ class VideoPipeline(nn.Module):
     def generate_long(self, prompt: str, frames: int, *, window: int, overlap: int, size=None, steps: int = 30,
                       guidance: float = 5.0, negative_prompt: str = "", shift: Union[float, str, None] = None,
                       seed: int = 0, progress: Optional[Callable[[int, int], None]] = None,
-                      denoiser: Optional[Callable] = None, return_latents: bool = False):
+                      denoiser: Optional[Callable] = None, return_latents: bool = False,
+                      solver: str = "euler", order: Optional[int] = None, cache=None):
         """One long video of ``frames`` pixel frames, rolled out in autoregressive windows of ``window`` frames.
 
         **Design.** The rollout works in latent space. A window is a video of ``window = 1 + 4m`` pixel frames
-        (``W = 1 + m`` latent frames), denoised by :func:`sora_fast.sampling.sample_euler` exactly as
+        (``W = 1 + m`` latent frames), denoised by :func:`sora_fast.sampling.sample` exactly as
         :meth:`generate` denoises one prompt. Window 0 is plain generation. Every next window starts
         ``W − overlap`` latent frames later: its first ``overlap`` latent frames are the previous window's
         last ``overlap`` generated latents, given at level 0 through the per-frame held levels
@@ -361,7 +371,7 @@ class VideoPipeline(nn.Module):
         frames. Note that in windows after the first, latent frame 0 of the window is a 4-frame latent
         (the causal VAE's single-frame latent is only the video's first).
 
-        **Memory** is flat in the total length: each window is one ``sample_euler`` call over one window's
+        **Memory** is flat in the total length: each window is one ``sample`` call over one window's
         tokens (no activation of an earlier window is kept; every DiT forward sees one window, CFG doubled);
         only the latents (a list of per-window chunks of new frames, ``L`` latent frames in all) are kept,
         and they are decoded at the end by the causal VAE's chunked decode (one latent frame per chunk, a
@@ -377,13 +387,15 @@ class VideoPipeline(nn.Module):
             window: pixel frames per window, ``1 + 4m`` with ``m >= 1``.
             overlap: latent frames each window takes from the previous one, ``0 < overlap < W``.
             size: ``(height, width)`` in pixels (default: :attr:`DEFAULT_SIZE`'s).
-            steps, guidance, negative_prompt, shift, denoiser: as in :meth:`generate`, for every window.
+            steps, guidance, negative_prompt, shift, denoiser, solver, order, cache: as in :meth:`generate`, for
+                every window.
             seed: an int (see Seeds).
             progress: called with ``(windows done, windows)`` after every window.
             return_latents: also return the list of every window's normalized latents ``(C, W, h, w)``.
         Returns a float tensor ``(3, frames, height, width)`` in [-1, 1] on the CPU (and the list of window
         latents with ``return_latents=True``). Every argument is checked before any work; ``last_timings``
-        holds ``text``, ``denoise`` (all windows), ``windows`` (seconds per window) and ``decode``.
+        holds ``text``, ``denoise`` (all windows), ``windows`` (seconds per window), ``decode`` and
+        ``evaluations`` (full DiT evaluations over all windows).
         """
         from .memory import check_generate_memory
         from .sampling import check_finite, check_sampling
@@ -395,7 +407,7 @@ class VideoPipeline(nn.Module):
         starts = self.plan_long(frames, window, overlap, size)
         h, w = self.DEFAULT_SIZE[1:] if size is None else tuple(size)
         shift = self._shift(shift)
-        check_sampling(steps, guidance, shift, 1)
+        check_sampling(steps, guidance, shift, 1, solver=solver, order=order, cache=cache, denoiser=denoiser)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         if not isinstance(return_latents, bool):
@@ -412,7 +424,7 @@ class VideoPipeline(nn.Module):
 
         wl = shape[1]
         chunks: list[torch.Tensor] = []   # new latent frames of every window, on the device
-        windows, window_times, end = [], [], 0
+        windows, window_times, end, evaluations = [], [], 0, 0
         prev, prev_start = None, 0
         t0 = time.perf_counter()
         for k, s in enumerate(starts):
@@ -426,9 +438,12 @@ class VideoPipeline(nn.Module):
                 lv = torch.full((wl,), float("nan"), dtype=torch.float64)
                 lv[:have] = 0.0
                 given, levels = [g], [lv]
-            (z,) = sample_euler(denoiser or self.dit, [noise], text, patch=self.dit.config.patch, steps=steps,
-                                guidance=guidance, uncond_text=uncond, shift=shift, given=given, given_levels=levels,
-                                schedule=self.sampling and self.sampling["schedule"])
+            stats = {}
+            (z,) = sample(denoiser or self.dit, [noise], text, patch=self.dit.config.patch, steps=steps,
+                          guidance=guidance, uncond_text=uncond, shift=shift, given=given, given_levels=levels,
+                          solver=solver, order=order, cache=cache, stats=stats,
+                          schedule=self.sampling and self.sampling["schedule"])
+            evaluations += stats["evaluations"][0]
             chunks.append(z[:, have:])
             prev, prev_start, end = z, s, s + wl
             if return_latents:
@@ -437,6 +452,7 @@ class VideoPipeline(nn.Module):
             if progress is not None:
                 progress(k + 1, len(starts))
         timings["denoise"], timings["windows"] = time.perf_counter() - t0, window_times
+        timings["evaluations"] = evaluations
 
         t0 = time.perf_counter()
         latents = torch.cat(chunks, dim=1)

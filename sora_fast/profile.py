@@ -163,13 +163,15 @@ def _environment(device: torch.device) -> dict:
 
 def profile_pipeline(pipe, *, prompts: Sequence[str], size: tuple[int, int, int], steps: int, guidance: float,
                      warmup: int = 1, trace: Optional[str] = None, op_breakdown: bool = True, top: int = 15,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, solver: str = "euler", order: Optional[int] = None, cache=None) -> dict:
     """Latency, op breakdown, peak memory and throughput of ``pipe.generate(prompts, size, ...)``.
 
     Args:
         pipe: a :class:`~sora_fast.pipeline.VideoPipeline` (on the device to measure).
         prompts: B strings, all generated at ``size`` = ``(frames, height, width)``.
         steps, guidance: as in ``generate``; tokens/s counts both CFG copies when ``guidance != 1``.
+        solver, order, cache: as in ``generate``; ``stages["evaluations"]`` lists the full DiT evaluations per
+            prompt (CFG copies apart) of the timed run.
         warmup: runs before the measured one, excluded from every number.
         trace: a path for a Chrome trace (``chrome://tracing``, Perfetto) of the profiled run.
         op_breakdown: profile a run with ``torch.profiler`` and list the ``top`` ops by self time.
@@ -185,6 +187,11 @@ def profile_pipeline(pipe, *, prompts: Sequence[str], size: tuple[int, int, int]
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise ValueError(f"--top must be an int >= 1, got {top!r}")
     size = pipe.check_size(tuple(size) if isinstance(size, list) else size, name="--size")
+    from .sampling import check_solver, parse_cache
+
+    check_solver(solver, order)
+    parse_cache(cache)
+    gen = dict(steps=steps, guidance=guidance, seed=seed, solver=solver, order=order, cache=cache)
     prompts, dev = list(prompts), pipe.device
     on_gpu = dev.type == "cuda"
 
@@ -194,7 +201,7 @@ def profile_pipeline(pipe, *, prompts: Sequence[str], size: tuple[int, int, int]
 
     def run():
         if not on_gpu:
-            pipe.generate(prompts, size, steps=steps, guidance=guidance, seed=seed)
+            pipe.generate(prompts, size, **gen)
             return dict(pipe.last_timings)
         # Kernels run asynchronously: the pipeline's own step clock would time launches. Synchronize at the
         # first DiT call and after every step, and time the steps between those points instead.
@@ -211,7 +218,7 @@ def profile_pipeline(pipe, *, prompts: Sequence[str], size: tuple[int, int, int]
 
         hook = pipe.dit.register_forward_pre_hook(first_call)
         try:
-            pipe.generate(prompts, size, steps=steps, guidance=guidance, seed=seed, progress=step_done)
+            pipe.generate(prompts, size, progress=step_done, **gen)
         finally:
             hook.remove()
         t = dict(pipe.last_timings)
@@ -231,7 +238,8 @@ def profile_pipeline(pipe, *, prompts: Sequence[str], size: tuple[int, int, int]
         t = run()
         wall = time.perf_counter() - t0
     stages = {"text_s": t["text"], "denoise_s": t["denoise"], "steps": _stats(t["steps"]),
-              "step_times_s": list(t["steps"]), "decode_s": t["decode"], "total_s": wall}
+              "step_times_s": list(t["steps"]), "decode_s": t["decode"], "total_s": wall,
+              "evaluations": list(t.get("evaluations", []))}
 
     c, lt, lh, lw = pipe.latent_shape(size)
     pt, ph, pw = pipe.dit.config.patch
@@ -272,6 +280,7 @@ def profile_pipeline(pipe, *, prompts: Sequence[str], size: tuple[int, int, int]
         memory.update(method="PeakMemory (live tensor storage, weights excluded)", peak_bytes=mem.peak)
 
     return {"config": {"prompts": len(prompts), "size": list(size), "steps": steps, "guidance": guidance,
+                       "solver": solver, "order": order, "cache": None if cache is None else str(cache),
                        "warmup_runs": warmup, "seed": seed,
                        "latent_shape": [c, lt, lh, lw], "dit": _short_config(pipe.dit.config)},
             "stages": stages, "throughput": throughput, "memory": memory, "ops": ops,
@@ -299,8 +308,10 @@ def format_report(r: dict, top: Optional[int] = None) -> str:
              f"(profiler and memory tracker ran separately)", ""]
     s = st["steps"]
     rows = [("text encode", st["text_s"], ""),
-            ("denoise", st["denoise_s"], f"{s['count']} steps: mean {1e3 * s['mean_s']:.2f} / min "
-                                         f"{1e3 * s['min_s']:.2f} / max {1e3 * s['max_s']:.2f} ms"),
+            ("denoise", st["denoise_s"], f"{s['count']} steps ({cfg.get('solver', 'euler')}): mean "
+                                         f"{1e3 * s['mean_s']:.2f} / min {1e3 * s['min_s']:.2f} / max "
+                                         f"{1e3 * s['max_s']:.2f} ms; DiT evaluations per prompt "
+                                         f"{st.get('evaluations', [])}"),
             ("VAE decode", st["decode_s"], ""),
             ("total", st["total_s"], "end to end, as the caller sees it")]
     lines.append(f"{'stage':<14}{'ms':>10}{'%':>7}  detail")

@@ -155,8 +155,8 @@ def _capture_latents(pipe, monkeypatch):
         out = pl_sample(*a, **k)
         got.append(out)
         return out
-    pl_sample = pl.sample_euler
-    monkeypatch.setattr(pl, "sample_euler", wrapped)
+    pl_sample = pl.sample
+    monkeypatch.setattr(pl, "sample", wrapped)
     return got
 
 

@@ -49,7 +49,7 @@ def test_first_window_equals_generate(tiny_pipeline):
 def test_overlap_latents_are_the_previous_windows_last(tiny_pipeline, monkeypatch):
     pipe, _ = tiny_pipeline
     import sora_fast.pipeline as pl
-    real = pl.sample_euler
+    real = pl.sample
     seen = []
 
     def spy(*a, **kw):
@@ -57,7 +57,7 @@ def test_overlap_latents_are_the_previous_windows_last(tiny_pipeline, monkeypatc
         seen.append((kw.get("given"), kw.get("given_levels"), [z.clone() for z in out]))
         return out
 
-    monkeypatch.setattr(pl, "sample_euler", spy)
+    monkeypatch.setattr(pl, "sample", spy)
     video, lats = pipe.generate_long("a blue square", 29, window=13, overlap=2, return_latents=True, **KW)
     # 8 latent frames, windows of 4 overlapping by 2: starts 0, 2, 4
     assert [g is None for g, _, _ in seen] == [True, False, False]

@@ -106,9 +106,27 @@ def _finite(flag: str, value: float, positive: bool = False) -> float:
     return value
 
 
+def _check_solver_args(args) -> None:
+    """``--solver`` / ``--order`` / ``--cache``, errors naming the flag."""
+    from ..sampling import check_solver, parse_cache
+
+    try:
+        check_solver(args.solver, args.order)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"--order/--solver: {e}") from None
+    try:
+        parse_cache(args.cache)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"--cache: {e}") from None
+
+
 def _check_generate_args(args) -> None:
     """Every argument of ``generate`` that needs no model, checked before anything loads or runs."""
     _finite("--guidance", args.guidance)
+    _check_solver_args(args)
+    if args.cache is not None and (args.sequence_parallel > 1 or args.cfg_parallel):
+        raise ValueError("--cache runs the DiT block by block on one process; leave out --sequence-parallel and "
+                         "--cfg-parallel with it")
     if args.shift not in (None, "auto"):
         _finite("--shift", args.shift, positive=True)
     _finite("--fps", args.fps, positive=True)
@@ -175,18 +193,20 @@ def _generate_long(pipe, args, sizes, mesh) -> list:
 
     plans = [pipe.plan_long(args.frames, args.window, args.overlap, tuple(s[1:])) for s in sizes]  # before work
     denoiser = None if mesh is None else make_denoiser(pipe.dit, mesh)
-    clips, total = [], {"text": 0.0, "denoise": 0.0, "decode": 0.0}
+    clips, total, evaluations = [], {"text": 0.0, "denoise": 0.0, "decode": 0.0}, []
     for i, (prompt, s, plan) in enumerate(zip(args.prompt, sizes, plans)):
         bar = ProgressBar(len(plan), desc=f"video {i + 1}/{len(sizes)} windows",
                           disable=mesh is not None and not mesh.is_main, print_every=1)
         clips.append(pipe.generate_long(prompt, args.frames, window=args.window, overlap=args.overlap,
                                         size=tuple(s[1:]), steps=args.steps, guidance=args.guidance,
                                         shift=args.shift, negative_prompt=args.negative_prompt, seed=args.seed + i,
-                                        progress=lambda k, n: bar.update(), denoiser=denoiser))
+                                        progress=lambda k, n: bar.update(), denoiser=denoiser,
+                                        solver=args.solver, order=args.order, cache=args.cache))
         bar.close()
         for k in total:
             total[k] += pipe.last_timings[k]
-    pipe.last_timings = total
+        evaluations.append(pipe.last_timings["evaluations"])
+    pipe.last_timings = {**total, "evaluations": evaluations}
     return clips
 
 
@@ -224,7 +244,8 @@ def cmd_generate(args) -> int:
     else:
         clips = pipe.generate(args.prompt, sizes, steps=args.steps, guidance=args.guidance, shift=args.shift,
                               negative_prompt=args.negative_prompt, seed=args.seed, **kw,
-                              denoiser=None if mesh is None else make_denoiser(pipe.dit, mesh))
+                              denoiser=None if mesh is None else make_denoiser(pipe.dit, mesh),
+                              solver=args.solver, order=args.order, cache=args.cache)
     if mesh is not None and not mesh.is_main:
         return 0  # every rank holds the same clips; rank 0 writes them
     written = []
@@ -236,9 +257,49 @@ def cmd_generate(args) -> int:
     t = pipe.last_timings
     if long:
         print(f"text {t['text'] * 1e3:.0f} ms | denoise {t['denoise']:.2f} s (windows of {args.window} frames, "
-              f"{args.steps} steps each) | decode {t['decode'] * 1e3:.0f} ms")
+              f"{args.steps} {args.solver} steps each; DiT evaluations per video {t['evaluations']}) | "
+              f"decode {t['decode'] * 1e3:.0f} ms")
     else:
-        print(f"text {t['text'] * 1e3:.0f} ms | denoise {t['denoise']:.2f} s ({args.steps} steps, "
-              f"{1e3 * t['denoise'] / args.steps:.0f} ms/step) | decode {t['decode'] * 1e3:.0f} ms")
+        print(f"text {t['text'] * 1e3:.0f} ms | denoise {t['denoise']:.2f} s ({args.steps} {args.solver} steps, "
+              f"{1e3 * t['denoise'] / args.steps:.0f} ms/step; DiT evaluations per video {t['evaluations']}) | "
+              f"decode {t['decode'] * 1e3:.0f} ms")
     print(f"wrote {len(written)} files and contact_sheet.png to {out}")
+    return 0
+
+
+# --- calibrate-cache -------------------------------------------------------------------------------
+def calibrate_pipeline_teacache(pipe, prompts: Sequence[str], size, *, steps: int = 20, guidance: float = 4.0,
+                                solver: str = "euler", order=None, degree: int = 4, seed: int = 0) -> tuple:
+    """TeaCache's rescaling polynomial for ``pipe``'s DiT, fitted on ``prompts`` at ``size`` (frames, height,
+    width) with the sampling settings it will be used with (:func:`sora_fast.sampling.calibrate_teacache`)."""
+    import torch
+
+    from ..sampling import calibrate_teacache
+
+    shape = pipe.latent_shape(size)
+    dev = pipe.device
+    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)).to(dev) for i in range(len(prompts))]
+    with torch.no_grad():
+        text = pipe.text_encoder.encode(list(prompts)).to(dev)
+        uncond = pipe.text_encoder.encode([""] * len(prompts)).to(dev) if guidance != 1.0 else None
+    return calibrate_teacache(pipe.dit.eval(), noise, text, uncond_text=uncond, patch=pipe.dit.config.patch,
+                              steps=steps, guidance=guidance, shift="auto", solver=solver, order=order, degree=degree)
+
+
+def cmd_calibrate_cache(args) -> int:
+    from ..data import prompts as held_out
+    from ..pipeline import VideoPipeline
+
+    _finite("--guidance", args.guidance)
+    _check_solver_args(argparse.Namespace(solver=args.solver, order=args.order, cache=None))
+    if args.prompts < 1 or args.steps < 3:
+        raise ValueError(f"--prompts must be >= 1 and --steps >= 3, got {args.prompts} and {args.steps}")
+    pipe = VideoPipeline.load(args.pipeline, verify=not args.no_verify)
+    size = pipe.check_size(args.size or (9, 32, 32), name="--size")
+    coef = calibrate_pipeline_teacache(pipe, held_out(args.prompts, seed=args.seed), size, steps=args.steps,
+                                       guidance=args.guidance, solver=args.solver, order=args.order,
+                                       degree=args.degree, seed=args.seed)
+    print(f"TeaCache polynomial (highest degree first) fitted on {args.prompts} prompts x {args.steps} "
+          f"{args.solver} steps: {', '.join(f'{c:.6g}' for c in coef)}")
+    print("use: --cache teacache:0.1:" + ",".join(f"{c:.6g}" for c in coef))
     return 0

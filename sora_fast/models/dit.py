@@ -416,6 +416,20 @@ class VideoDiT(nn.Module):
         frame's row (:func:`sora_fast.packing.frame_ids`); per-video conditioning (the pooled text) is
         gathered to the frames of its video.
         """
+        ids, h, y, mods, norms, context, backends = self.embed(x, timesteps, text)
+        for blk, mod, (shift, scale) in zip(self.blocks, mods, norms):
+            args = (h, y, mod, shift, scale, x, context, text, backends, ids)
+            if self.checkpointing and torch.is_grad_enabled():
+                h, y = checkpoint(blk, *args, use_reentrant=False)                  # (N, D), (N, D)
+            else:
+                h, y = blk(*args)                                                   # (N, D), (N, D)
+        return self.proj_out(y)                                                     # (N, C_out*pt*ph*pw)
+
+    def embed(self, x: PackedVideos, timesteps: torch.Tensor, text: PackedSequences) -> tuple:
+        """What :meth:`forward` computes before its first block (validated): ``(ids (N,) int32 frame row of every
+        token, h (N, D) patch embeddings, y (N, D) block 0's modulated norm, mods L x (6, F, D) fp32 tables,
+        norms L x (shift, scale) of the norm after each block (the last: the output head's), context (L, D)
+        embedded text, backends)``. Step caches run the blocks from here (:mod:`sora_fast.sampling.cache`)."""
         num_frames = self._validate(x, timesteps, text)
         c, backends = self.config, self._backends()
         ids = frame_ids(x)                                                          # (N,) int32 row of each token
@@ -432,13 +446,7 @@ class VideoDiT(nn.Module):
         out_mod = (self.scale_shift_table[:, None].float() + temb.float()).contiguous()  # (2, F, D)
         norms = [m[:2] for m in mods[1:]] + [out_mod]                               # shift/scale after each block
         y = ops.adaln_modulate(h, mods[0][0], mods[0][1], ids, eps=c.eps, backend=backends["adaln"])  # (N, D)
-        for blk, mod, (shift, scale) in zip(self.blocks, mods, norms):
-            args = (h, y, mod, shift, scale, x, context, text, backends, ids)
-            if self.checkpointing and torch.is_grad_enabled():
-                h, y = checkpoint(blk, *args, use_reentrant=False)                  # (N, D), (N, D)
-            else:
-                h, y = blk(*args)                                                   # (N, D), (N, D)
-        return self.proj_out(y)                                                     # (N, C_out*pt*ph*pw)
+        return ids, h, y, mods, norms, context, backends
 
     def forward_videos(self, latents: Sequence[torch.Tensor], timesteps, text_embeddings: Sequence[torch.Tensor]
                        ) -> list[torch.Tensor]:

@@ -1,0 +1,101 @@
+"""Step caches on a tiny random VideoDiT: exact when nothing is reused, per-video and per-CFG-half decisions
+(a pack equals each video alone, counts included), fewer evaluations at a threshold, calibration, errors."""
+import pytest
+import torch
+from test_dit import randomize
+
+from sora_fast.models.dit import VideoDiT
+from sora_fast.packing import pack_sequences
+from sora_fast.sampling import FirstBlockCache, TeaCache, calibrate_teacache, parse_cache, sample
+
+SHAPES = [(4, 1, 4, 4), (4, 3, 4, 6), (4, 2, 6, 4)]     # an image and two videos, mixed sizes
+
+
+@pytest.fixture(scope="module")
+def dit():
+    torch.manual_seed(0)
+    with torch.no_grad():
+        m = randomize(VideoDiT.from_name("tiny", num_layers=3)).double().eval()
+    return m
+
+
+def _text(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return pack_sequences([torch.randn(2 + i, 32, generator=g, dtype=torch.float64) for i in range(n)])
+
+
+def _run(dit, noise, cache, *, cond=0, uncond=100, stats=None, **kw):
+    kw = {**dict(steps=8, guidance=3.0, shift=2.0, solver="unipc"), **kw}
+    return sample(dit, noise, _text(len(noise), cond), uncond_text=_text(len(noise), uncond), cache=cache,
+                  stats=stats, **kw)
+
+
+@pytest.mark.parametrize("cache", ["first-block:0", "teacache:0"])
+def test_threshold_zero_is_the_plain_sampler_bit_for_bit(dit, cache):
+    noise = [torch.randn(s, dtype=torch.float64) for s in SHAPES]
+    plain, st = _run(dit, noise, None, stats=(s0 := {})), {}
+    cached = _run(dit, noise, cache, stats=st)
+    assert all(torch.equal(a, b) for a, b in zip(plain, cached))
+    assert st["evaluations"] == s0["evaluations"] == [16, 16, 16]
+
+
+@pytest.mark.parametrize("cache", ["first-block:0.3", "teacache:0.6"])
+def test_decisions_per_video_and_cfg_half(dit, cache):
+    """Videos of a pack decide alone: each equals its run alone (values and evaluation counts), with
+    fewer evaluations than steps, and held frames stay bit-identical."""
+    noise = [torch.randn(s, dtype=torch.float64) for s in SHAPES]
+    given = [None, torch.randn(SHAPES[1], dtype=torch.float64), None]
+    levels = [None, torch.tensor([0.0, float("nan"), float("nan")], dtype=torch.float64), None]
+    st = {}
+    out = _run(dit, noise, cache, stats=st, given=given, given_levels=levels)
+    assert torch.equal(out[1][:, 0], given[1][:, 0])
+    assert sum(st["evaluations"]) < 3 * 16, st
+    text, unc = _text(3, 0), _text(3, 100)
+    for i in range(3):
+        sti = {}
+        alone = sample(dit, [noise[i]], pack_sequences([text.unpack(text.tokens)[i]]),
+                       uncond_text=pack_sequences([unc.unpack(unc.tokens)[i]]), cache=cache, stats=sti,
+                       steps=8, guidance=3.0, shift=2.0, solver="unipc",
+                       given=[given[i]] if given[i] is not None else None,
+                       given_levels=[levels[i]] if levels[i] is not None else None)[0]
+        assert sti["evaluations"][0] == st["evaluations"][i]
+        # the same per-token math in a smaller pack: fp64 rounding only
+        torch.testing.assert_close(out[i], alone, atol=1e-10, rtol=1e-10)
+
+
+def test_cache_trades_evaluations_for_a_small_change(dit):
+    noise = [torch.randn(s, dtype=torch.float64) for s in SHAPES]
+    ref = _run(dit, noise, None, steps=16)
+    for cache in (FirstBlockCache(0.3), TeaCache(0.4)):
+        st = {}
+        out = _run(dit, noise, cache, stats=st, steps=16)
+        assert sum(st["evaluations"]) < 0.85 * 3 * 32, (cache, st)       # measured 0.81, 0.56
+        for a, b in zip(out, ref):
+            assert float((a - b).norm() / b.norm()) < 0.2, cache    # measured 0.02-0.06
+
+
+def test_calibration_fits_a_polynomial(dit):
+    noise = [torch.randn(s, dtype=torch.float64) for s in SHAPES[:2]]
+    coef = calibrate_teacache(dit, noise, _text(2, 0), uncond_text=_text(2, 100), steps=8, guidance=3.0, degree=2)
+    assert len(coef) == 3 and all(torch.isfinite(torch.tensor(coef)))
+    assert parse_cache("teacache:0.1:" + ",".join(map(str, coef))) == TeaCache(0.1, coef)
+
+
+@pytest.mark.parametrize("spec, err, match", [
+    ("fast", ValueError, r"cache must be 'first-block:THRESH' or 'teacache:THRESH\[:C_n,...,C_0\]'.*got 'fast'"),
+    ("first-block", ValueError, r"got 'first-block'"),
+    ("first-block:x", ValueError, r"threshold and coefficients must be numbers"),
+    ("first-block:-1", ValueError, r"threshold must be a finite number >= 0, got -1.0"),
+    ("teacache:nan", ValueError, r"threshold must be a finite number >= 0, got nan"),
+    ("first-block:0.1:1,0", ValueError, r"got 'first-block:0.1:1,0'"),
+    (0.05, TypeError, r"cache must be None, a spec string .* got float"),
+])
+def test_bad_cache_specs(spec, err, match):
+    with pytest.raises(err, match=match):
+        parse_cache(spec)
+
+
+def test_cache_needs_a_videodit():
+    f = lambda x, t, text: x.tokens  # noqa: E731
+    with pytest.raises(TypeError, match="needs denoise to be a sora_fast VideoDiT, got function"):
+        sample(f, [torch.randn(SHAPES[0])], _text(1, 0).to("cpu"), cache="first-block:0.05", guidance=1.0)
