@@ -27,9 +27,18 @@ def _run(tmp_path, pipe_path, **extra):
     return f
 
 
-def test_validation_samples_every_n_steps(tiny_pipeline, tmp_path, capsys):
+def test_validation_samples_every_n_steps(tiny_pipeline, tmp_path, capsys, monkeypatch):
+    from sora_fast.pipeline import VideoPipeline
+
     pipe, path = tiny_pipeline
-    val = {"prompts": ["a red circle", "blue"], "every": 2, "size": [5, 16, 16], "steps": 2, "seed": 3}
+    seen, generate = [], VideoPipeline.generate
+
+    def spy(self, *args, **kwargs):
+        seen.append({k: kwargs.get(k) for k in ("solver", "order", "cache", "steps")})
+        return generate(self, *args, **kwargs)
+    monkeypatch.setattr(VideoPipeline, "generate", spy)
+    val = {"prompts": ["a red circle", "blue"], "every": 2, "size": [5, 16, 16], "steps": 3, "seed": 3,
+           "solver": "unipc"}
     f = _run(tmp_path, path, validation=val)
     cfg = json.loads(f.read_text())
     cfg["train"]["ema_decay"] = None          # the saved pipeline is then the model the last samples came from
@@ -43,14 +52,14 @@ def test_validation_samples_every_n_steps(tiny_pipeline, tmp_path, capsys):
         assert Image.open(samples / step / "contact_sheet.png").size[0] > 0
     # the samples are the model being trained: the pipeline saved after the last step generates the same clips
     from sora_fast.data.io import write_contact_sheet
-    from sora_fast.pipeline import VideoPipeline
 
-    clips = VideoPipeline.load(tmp_path / "run" / "pipeline").generate(val["prompts"], (5, 16, 16), steps=2,
-                                                                         guidance=4.0, seed=3)
+    trained = VideoPipeline.load(tmp_path / "run" / "pipeline")
+    clips = trained.generate(val["prompts"], (5, 16, 16), steps=3, guidance=4.0, seed=3, solver="unipc")
     ref = write_contact_sheet(tmp_path / "ref.png", clips, val["prompts"])
     got = pixels(samples / "step_000004" / "contact_sheet.png")
     want = pixels(ref)
     assert got.shape == want.shape and (got - want).abs().max() <= 1
+    assert seen[:2] == [{"solver": "unipc", "order": None, "cache": None, "steps": 3}] * 2   # the run's sampler
     first = pixels(samples / "step_000002" / "contact_sheet.png")
     assert (first - want).abs().max() > 1                             # and they change as it trains
 
@@ -81,6 +90,9 @@ def test_tensorboard_log(tiny_pipeline, tmp_path, capsys):
     ({"prompts": ["a"], "every": 0}, r"validation.every must be an int >= 1, got 0"),
     ({"prompts": ["a"], "every": 1, "size": [5, 16]}, r"validation.size must be \[frames, height, width\]"),
     ({"prompts": ["a"], "every": 1, "sizes": 1}, r"unknown keys \['sizes'\]"),
+    ({"prompts": ["a"], "every": 1, "solver": "heun"}, r"validation: solver must be one of"),
+    ({"prompts": ["a"], "every": 1, "solver": "dpm++", "order": 3}, r"validation: order must be in 1..2"),
+    ({"prompts": ["a"], "every": 1, "cache": "fast"}, r"validation: cache must be 'first-block:THRESH'"),
 ])
 def test_validation_errors(value, match):
     with pytest.raises(ValueError, match=match):

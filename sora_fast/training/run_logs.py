@@ -12,7 +12,7 @@ from typing import Callable, Optional
 __all__ = ["summary_writer", "TensorBoardLog", "ValidationSampler", "check_validation", "run_callbacks", "LOGS"]
 
 LOGS = ("jsonl", "tensorboard")
-_VALIDATION_KEYS = {"prompts", "every", "size", "steps", "guidance", "seed"}
+_VALIDATION_KEYS = {"prompts", "every", "size", "steps", "guidance", "seed", "solver", "order", "cache"}
 
 
 def summary_writer():
@@ -47,7 +47,8 @@ class TensorBoardLog:
 def check_validation(v, where: str) -> Optional[dict]:
     """The run file's ``"validation"`` object: ``prompts`` (non-empty list of str), ``every`` (steps, int >= 1);
     optional ``size`` ([frames, height, width], default [9, 32, 32]), ``steps`` (20), ``guidance`` (4.0),
-    ``seed`` (0). Errors name the key, what was expected and what was found."""
+    ``seed`` (0), and the sampler's ``solver`` (``"euler"``), ``order`` and ``cache`` (None), named and checked as
+    ``generate``'s. Errors name the key, what was expected and what was found."""
     if v is None:
         return None
     if not isinstance(v, dict):
@@ -56,7 +57,8 @@ def check_validation(v, where: str) -> Optional[dict]:
     if unknown:
         raise ValueError(f"{where}: 'validation' has unknown keys {unknown}; valid: "
                          f"{', '.join(sorted(_VALIDATION_KEYS))}")
-    out = {"size": [9, 32, 32], "steps": 20, "guidance": 4.0, "seed": 0, **v}
+    out = {"size": [9, 32, 32], "steps": 20, "guidance": 4.0, "seed": 0, "solver": "euler", "order": None,
+           "cache": None, **v}
     p = out.get("prompts")
     if not (isinstance(p, list) and p and all(isinstance(x, str) for x in p)):
         raise ValueError(f"{where}: validation.prompts must be a non-empty list of strings, got {p!r}")
@@ -71,6 +73,13 @@ def check_validation(v, where: str) -> Optional[dict]:
         raise ValueError(f"{where}: validation.guidance must be a number, got {out['guidance']!r}")
     if isinstance(out["seed"], bool) or not isinstance(out["seed"], int):
         raise ValueError(f"{where}: validation.seed must be an int, got {out['seed']!r}")
+    from ..sampling import check_solver, parse_cache
+
+    try:
+        check_solver(out["solver"], out["order"])
+        parse_cache(out["cache"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: validation: {e}") from None
     return out
 
 
@@ -91,7 +100,7 @@ class ValidationSampler:
 
         s = self.s
         clips = self.pipe.generate(s["prompts"], tuple(s["size"]), steps=s["steps"], guidance=s["guidance"],
-                                   seed=s["seed"])
+                                   seed=s["seed"], solver=s["solver"], order=s["order"], cache=s["cache"])
         d = self.out / "samples" / f"step_{step:06d}"
         d.mkdir(parents=True, exist_ok=True)
         for clip, stem in zip(clips, output_stems(s["prompts"])):
