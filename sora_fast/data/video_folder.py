@@ -4,7 +4,8 @@ Files: videos (``.mp4 .webm .gif .mov .mkv .avi``, decoded with PyAV) and images
 .bmp .webp``, read with Pillow, as 1-frame videos). Captions come from a sidecar ``<stem>.txt`` next to
 each file, or from a JSONL manifest of ``{"path": ..., "caption": ...}`` lines.
 
-Nothing is cropped or flipped. Two optional reductions keep samples model-friendly:
+Nothing is cropped, and nothing flipped but what a display matrix asks for (below). Two optional reductions
+keep samples model-friendly:
 
 - **space**: frames are downscaled (never upscaled; bilinear with antialiasing) to at most ``max_area``
   pixels with both sides multiples of ``size_multiple`` ``m`` (e.g. VAE factor x patch size = 16). With
