@@ -195,9 +195,10 @@ class VideoFolder(Dataset):
                     absolute ones, symbolic links); by default they are skipped as ``"outside root"``.
 
     Items: ``{"video": (3, T, H, W) float32 in [-1, 1], "caption": str, "path": str, "fps": float,
-    "index": int}``. :attr:`shapes` gives every item's ``(3, T, H, W)`` without decoding (for
-    :func:`sora_fast.packing.plan_batches` after the VAE's reduction), :attr:`skipped` the files left out
-    (``(path, reason)`` pairs), :meth:`identity` what a latent cache of the folder is keyed on.
+    "index": int}`` (``fps``: the target rate when given, else the stream's average rate). :attr:`shapes`
+    gives every item's ``(3, T, H, W)`` without decoding (for :func:`sora_fast.packing.plan_batches` after
+    the VAE's reduction), :attr:`skipped` the files left out (``(path, reason)`` pairs), :meth:`identity`
+    what a latent cache of the folder is keyed on.
     """
 
     def __init__(self, root: Union[str, "os.PathLike[str]"], *, manifest: Union[str, "os.PathLike[str]", None] = None,
