@@ -24,6 +24,8 @@ class TrainRunConfig:
     diffusers_transformer: optional directory of a diffusers ``WanTransformer3DModel`` to fine-tune
                    (converted with ``VideoDiT.from_diffusers``).
     manifest, max_area, max_frames: passed to ``VideoFolder`` (captions, down-scaling only, never crops).
+    fps, max_seconds: passed to ``VideoFolder``: resample videos to ``fps`` by their timestamps, keep their
+                   first ``max_seconds``.
     allow_outside_root: passed to ``VideoFolder``: also read manifest paths and links outside ``data``.
     log:           ``"jsonl"`` (metrics.jsonl) or ``"tensorboard"`` (also TensorBoard scalars in out/tensorboard/).
     validation:    optional ``{"prompts": [...], "every": N, "size": [T, H, W], "steps", "guidance", "seed"}``:
@@ -39,6 +41,8 @@ class TrainRunConfig:
     manifest: Optional[str] = None
     max_area: Optional[int] = None
     max_frames: Optional[int] = None
+    fps: Optional[float] = None
+    max_seconds: Optional[float] = None
     allow_outside_root: bool = False
     log: str = "jsonl"
     validation: Optional[dict] = None
@@ -199,7 +203,7 @@ def cmd_train(args) -> int:
     ph = dit.config.patch[1]
     folder = VideoFolder(run.data, manifest=run.manifest, max_area=run.max_area, max_frames=run.max_frames,
                          size_multiple=vae.spatial_factor * ph, frame_multiple=vae.temporal_factor, frame_offset=1,
-                         allow_outside_root=run.allow_outside_root)
+                         allow_outside_root=run.allow_outside_root, fps=run.fps, max_seconds=run.max_seconds)
     cache = out / "latents"
     if mesh is None or mesh.is_main:  # re-encoded when the data, its settings or the VAE differ from the cache's
         with torch.no_grad():

@@ -1,7 +1,8 @@
 """Data layer: video folders, synthetic captioned clips, an automatic clip checker, latent caches, writers.
 
 - :class:`VideoFolder` — videos and images of a folder with captions, native size (optional downscale to a
-  pixel budget and frame-count rule), broken files skipped and named (:func:`write_skip_report`).
+  pixel budget and frame-count rule), broken files skipped and named (:func:`write_skip_report`); camera
+  files read upright and, with ``fps``, resampled by their timestamps (:mod:`~sora_fast.data.video_decode`).
 - :mod:`~sora_fast.data.synthetic` — deterministic clips of coloured shapes moving in captioned directions,
   written as a video folder by :func:`make_synthetic_dataset`.
 - :mod:`~sora_fast.data.checker` — :func:`check_clip` judges whether a generated clip matches its synthetic

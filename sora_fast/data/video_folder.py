@@ -4,7 +4,8 @@ Files: videos (``.mp4 .webm .gif .mov .mkv .avi``, decoded with PyAV) and images
 .bmp .webp``, read with Pillow, as 1-frame videos). Captions come from a sidecar ``<stem>.txt`` next to
 each file, or from a JSONL manifest of ``{"path": ..., "caption": ...}`` lines.
 
-Nothing is cropped or flipped. Two optional reductions keep samples model-friendly:
+Nothing is cropped, and nothing flipped but what a display matrix asks for (below). Two optional reductions
+keep samples model-friendly:
 
 - **space**: frames are downscaled (never upscaled; bilinear with antialiasing) to at most ``max_area``
   pixels with both sides multiples of ``size_multiple`` ``m`` (e.g. VAE factor x patch size = 16). With
@@ -15,9 +16,16 @@ Nothing is cropped or flipped. Two optional reductions keep samples model-friend
   ``48x64`` at ``max_area=1024, m=16`` gives ``32x32`` (rounding both sides down would give ``16x32``).
   Without ``max_area`` only the rounding down to multiples happens. A frame with a side below ``m``
   cannot be resized without upscaling and is skipped.
-- **time**: the first ``T'`` frames are kept, ``T'`` the largest count <= ``min(T, max_frames)`` of the
-  form ``frame_offset + k * frame_multiple`` (``frame_multiple=4, frame_offset=1`` gives the ``1 + 4k``
-  frames a 4x causal VAE needs), or whatever a custom ``frames_rule(T) -> T'`` returns.
+- **time**: with ``fps``, the stream is resampled by its real timestamps (variable frame rate included):
+  for each target time ``k / fps`` the frame nearest in time (:func:`~sora_fast.data.video_decode.select_frames`);
+  ``max_seconds`` keeps the first seconds only. Then the first ``T'`` frames are kept, ``T'`` the largest
+  count <= ``min(T, max_frames)`` of the form ``frame_offset + k * frame_multiple`` (``frame_multiple=4,
+  frame_offset=1`` gives the ``1 + 4k`` frames a 4x causal VAE needs), or whatever a custom
+  ``frames_rule(T) -> T'`` returns.
+
+Camera files are read as they display: a rotation / mirror in the display matrix (phones' portrait
+video) is applied to the frames, so ``(H, W)`` are the upright sizes. Odd sizes (VP9, 4:4:4 H.264, cropped
+streams) are read exactly; with ``size_multiple > 1`` they are resized down like any other size.
 
 Broken files never stop a run. Strategy: at construction every file is *probed* (container and stream
 opened, the first frame decoded, the frame count read from the metadata or counted from the packets),
@@ -56,16 +64,13 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .io import _AtomicFile, _import_av, _import_pil, _progress
+from .video_decode import Orientation, UnreadableFileError, VideoInfo, _err, check_rate, decode_video, probe_video
 
 __all__ = ["VideoFolder", "Skipped", "UnreadableFileError", "fit_size", "write_skip_report", "VIDEO_EXTENSIONS",
            "IMAGE_EXTENSIONS"]
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".gif", ".mov", ".mkv", ".avi")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
-class UnreadableFileError(OSError):
-    """A file of the folder could not be decoded (raised by :meth:`VideoFolder.load`)."""
 
 
 class Skipped(NamedTuple):
@@ -86,9 +91,10 @@ class _Entry:
     is_image: bool
     native: tuple[int, int, int]  # (T, H, W) as stored
     size: tuple[int, int, int]  # (T', H', W') as returned
-    fps: float
+    fps: float  # of the items: the target fps, else the stream's average rate (0.0 for images)
     has_caption: bool
     stat: tuple[int, int] = (0, 0)  # (size in bytes, mtime in ns) when probed
+    orientation: Orientation = Orientation()
 
 
 def _positive_int(name: str, v, allow_none: bool = False, minimum: int = 1):
@@ -142,11 +148,6 @@ def _regular_stat(path: Path, what: str = "") -> os.stat_result:
     return st
 
 
-def _err(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
-
-
 def first_readable(ds, index, n: int, name_of: Callable[[int], str], all_failed: str) -> dict:
     """``ds.load(index)``, or when that item turns out unreadable the next readable one (wrapping around):
     the broken item is remembered in ``ds._broken``, recorded in ``ds.skipped`` (named by ``name_of``) and
@@ -185,22 +186,27 @@ class VideoFolder(Dataset):
     frame_multiple, frame_offset: kept frame counts are ``frame_offset + k * frame_multiple`` (>= 1).
     frames_rule:    optional ``f(T) -> T'`` replacing the two above; ``T`` is the frame count after
                     ``max_frames``, ``0 <= T' <= T``, 0 skips the file.
+    fps:            optional target frame rate: frames are picked by their timestamps, nearest to ``k / fps``
+                    (a repeated frame where the stream is slower); None keeps every frame.
+    max_seconds:    optional maximum duration: only frames (or targets) before this time are kept.
     verify:         decode every file completely at construction (see the module docstring).
     progress:       progress bar while probing, and a summary line on stderr at the end.
     allow_outside_root: also read files whose real path is outside ``root`` (manifest paths with ``..`` or
                     absolute ones, symbolic links); by default they are skipped as ``"outside root"``.
 
     Items: ``{"video": (3, T, H, W) float32 in [-1, 1], "caption": str, "path": str, "fps": float,
-    "index": int}``. :attr:`shapes` gives every item's ``(3, T, H, W)`` without decoding (for
-    :func:`sora_fast.packing.plan_batches` after the VAE's reduction), :attr:`skipped` the files left out
-    (``(path, reason)`` pairs), :meth:`identity` what a latent cache of the folder is keyed on.
+    "index": int}`` (``fps``: the target rate when given, else the stream's average rate). :attr:`shapes`
+    gives every item's ``(3, T, H, W)`` without decoding (for :func:`sora_fast.packing.plan_batches` after
+    the VAE's reduction), :attr:`skipped` the files left out (``(path, reason)`` pairs), :meth:`identity`
+    what a latent cache of the folder is keyed on.
     """
 
     def __init__(self, root: Union[str, "os.PathLike[str]"], *, manifest: Union[str, "os.PathLike[str]", None] = None,
                  max_area: Optional[int] = None, size_multiple: int = 1, max_frames: Optional[int] = None,
                  frame_multiple: int = 1, frame_offset: int = 0, frames_rule: Optional[Callable[[int], int]] = None,
                  recursive: bool = True, verify: bool = False, progress: bool = True,
-                 allow_outside_root: bool = False):
+                 allow_outside_root: bool = False, fps: Optional[float] = None,
+                 max_seconds: Optional[float] = None):
         self.root = Path(os.fspath(root)).expanduser()
         if not self.root.is_dir():
             what = "is a file" if self.root.exists() else "does not exist"
@@ -216,6 +222,8 @@ class VideoFolder(Dataset):
         if frames_rule is not None and not callable(frames_rule):
             raise TypeError(f"frames_rule must be a callable f(T) -> T' or None, got {type(frames_rule).__name__}")
         self.frames_rule = frames_rule
+        self.fps = check_rate("fps", fps, "frames per second")
+        self.max_seconds = check_rate("max_seconds", max_seconds, "seconds")
         self.verify = bool(verify)
         if not isinstance(allow_outside_root, bool):
             raise TypeError(f"allow_outside_root must be a bool, got {allow_outside_root!r}")
@@ -300,6 +308,7 @@ class VideoFolder(Dataset):
         return out
 
     def _out_size(self, t: int, h: int, w: int) -> tuple[int, int, int]:
+        """``(T', H', W')`` of a clip of ``t`` frames (after fps / max_seconds) of ``h x w``."""
         n = t if self.max_frames is None else min(t, self.max_frames)
         if self.frames_rule is not None:
             t2 = self.frames_rule(n)
@@ -358,14 +367,18 @@ class VideoFolder(Dataset):
         try:
             if is_image:
                 t, h, w, fps = self._probe_image(path)
+                kept, orient = t, Orientation()
             else:
-                t, h, w, fps = self._probe_video(path)
+                _import_av("to read videos")
+                info = probe_video(str(path), fps=self.fps, max_seconds=self.max_seconds, verify=self.verify)
+                t, h, w, kept, orient = info.frames, info.height, info.width, info.kept, info.orientation
+                fps = self.fps if self.fps is not None else info.fps
         except UnreadableFileError:
             raise
         except Exception as e:  # any decoder failure: the file is broken, not the run
             raise UnreadableFileError(f"unreadable: {_err(e)}") from e
-        return _Entry(path, caption or "", is_image, (t, h, w), self._out_size(t, h, w), fps, has_caption,
-                      (st.st_size, st.st_mtime_ns))
+        return _Entry(path, caption or "", is_image, (t, h, w), self._out_size(kept, h, w), fps, has_caption,
+                      (st.st_size, st.st_mtime_ns), orient)
 
     def _probe_image(self, path: Path) -> tuple[int, int, int, float]:
         Image = _import_pil("to read images")
@@ -377,27 +390,6 @@ class VideoFolder(Dataset):
                 im.verify()  # structure and checksums, without decoding the pixels
         return 1, h, w, 0.0
 
-    def _probe_video(self, path: Path) -> tuple[int, int, int, float]:
-        av = _import_av("to read videos")
-        with av.open(str(path)) as c:
-            if not c.streams.video:
-                raise UnreadableFileError("unreadable: no video stream")
-            s = c.streams.video[0]
-            rate = s.average_rate or s.guessed_rate or s.base_rate
-            fps = float(rate) if rate else 0.0
-            frames = c.decode(s)
-            first = next(frames, None)
-            if first is None:
-                raise UnreadableFileError("unreadable: no decodable frame")
-            h, w = first.height, first.width
-            if self.verify:
-                return 1 + sum(1 for _ in frames), h, w, fps
-            t = s.frames
-        if t <= 0:  # no frame count in the metadata (webm, gif): count the packets, without decoding
-            with av.open(str(path)) as c:
-                t = sum(1 for p in c.demux(c.streams.video[0]) if p.size)
-        return max(t, 1), h, w, fps
-
     # ------------------------------------------------------------------------------------------
     # reading
 
@@ -407,20 +399,9 @@ class VideoFolder(Dataset):
             Image = _import_pil("to read images")
             with Image.open(e.path) as im:
                 return np.array(im.convert("RGB"))[None]
-        av = _import_av("to read videos")
+        _import_av("to read videos")
         need = e.size[0]
-        out = []
-        with av.open(str(e.path)) as c:
-            for f in c.decode(c.streams.video[0]):
-                if f.height != h or f.width != w:  # resolution change mid-stream: follow the first frame
-                    f = f.reformat(width=w, height=h)
-                out.append(f.to_ndarray(format="rgb24"))
-                if len(out) == need:
-                    break
-        if len(out) < need:
-            raise UnreadableFileError(f"truncated: decoded {len(out)} of the {need} frames needed"
-                                      f" ({t} in the metadata)")
-        return np.stack(out)
+        return decode_video(str(e.path), VideoInfo(t, h, w, e.fps, e.orientation, need), need, self.fps)
 
     def load(self, index: int) -> dict:
         """Decode item ``index`` (no fallback); raises :class:`UnreadableFileError` when the file is broken."""
@@ -474,15 +455,22 @@ class VideoFolder(Dataset):
                 return str(p)
 
         rule = self.frames_rule
-        return {
+        settings = {"max_area": self.max_area, "max_frames": self.max_frames,
+                    "size_multiple": self.size_multiple, "frame_multiple": self.frame_multiple,
+                    "frame_offset": self.frame_offset,
+                    "frames_rule": None if rule is None else getattr(rule, "__qualname__", repr(rule))}
+        # keys that did not exist before are present only when they matter, so older caches stay valid
+        settings.update({k: v for k, v in (("fps", self.fps), ("max_seconds", self.max_seconds)) if v is not None})
+        out = {
             "files": [[rel(e.path), *e.stat] for e in self.entries],
             "captions_sha256": hashlib.sha256(json.dumps(self.captions).encode("utf-8")).hexdigest(),
             "manifest_sha256": self._manifest_sha256,
-            "settings": {"max_area": self.max_area, "max_frames": self.max_frames,
-                         "size_multiple": self.size_multiple, "frame_multiple": self.frame_multiple,
-                         "frame_offset": self.frame_offset,
-                         "frames_rule": None if rule is None else getattr(rule, "__qualname__", repr(rule))},
+            "settings": settings,
         }
+        turned = [rel(e.path) for e in self.entries if not e.orientation.upright]
+        if turned:  # read upright since the display matrix is applied: caches of the sideways frames are stale
+            out["oriented"] = turned
+        return out
 
     def summary(self) -> str:
         """One line: readable files, videos/images, reductions, missing captions and skips by reason."""
@@ -490,6 +478,7 @@ class VideoFolder(Dataset):
         n_small = sum(e.size[1:] != e.native[1:] for e in self.entries)
         n_cut = sum(e.size[0] != e.native[0] for e in self.entries)
         n_nocap = sum(not e.has_caption for e in self.entries)
+        n_turn = sum(not e.orientation.upright for e in self.entries)
         kinds: dict[str, int] = {}
         for s in self.skipped:
             kinds[s.kind] = kinds.get(s.kind, 0) + 1
@@ -497,6 +486,7 @@ class VideoFolder(Dataset):
         tried = len(self.entries) + len(self.skipped) - len(self._broken)
         return (f"VideoFolder {self.root}: {len(self.entries) - len(self._broken)} of {tried} files readable"
                 f" ({len(self.entries) - n_img} videos, {n_img} images; {n_small} downscaled, {n_cut} cut in time;"
+                + (f" {n_turn} turned upright;" if n_turn else "") +
                 f" {n_nocap} without caption); skipped {len(self.skipped)}" + (f" ({skipped})" if skipped else ""))
 
     def __repr__(self) -> str:
