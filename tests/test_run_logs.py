@@ -31,13 +31,14 @@ def test_validation_samples_every_n_steps(tiny_pipeline, tmp_path, capsys, monke
     from sora_fast.pipeline import VideoPipeline
 
     pipe, path = tiny_pipeline
-    seen, generate = [], VideoPipeline.generate
+    seen, weights, generate = [], [], VideoPipeline.generate
 
     def spy(self, *args, **kwargs):
         seen.append({k: kwargs.get(k) for k in ("solver", "order", "cache", "steps")})
+        weights.append(torch.cat([p.detach().flatten().double() for p in self.dit.parameters()]))
         return generate(self, *args, **kwargs)
     monkeypatch.setattr(VideoPipeline, "generate", spy)
-    val = {"prompts": ["a red circle", "blue"], "every": 2, "size": [5, 16, 16], "steps": 3, "seed": 3,
+    val = {"prompts": ["a red circle", "blue"], "every": 2, "size": [5, 16, 16], "steps": 2, "seed": 3,
            "solver": "unipc"}
     f = _run(tmp_path, path, validation=val)
     cfg = json.loads(f.read_text())
@@ -54,14 +55,15 @@ def test_validation_samples_every_n_steps(tiny_pipeline, tmp_path, capsys, monke
     from sora_fast.data.io import write_contact_sheet
 
     trained = VideoPipeline.load(tmp_path / "run" / "pipeline")
-    clips = trained.generate(val["prompts"], (5, 16, 16), steps=3, guidance=4.0, seed=3, solver="unipc")
+    clips = trained.generate(val["prompts"], (5, 16, 16), steps=2, guidance=4.0, seed=3, solver="unipc")
     ref = write_contact_sheet(tmp_path / "ref.png", clips, val["prompts"])
     got = pixels(samples / "step_000004" / "contact_sheet.png")
     want = pixels(ref)
     assert got.shape == want.shape and (got - want).abs().max() <= 1
-    assert seen[:2] == [{"solver": "unipc", "order": None, "cache": None, "steps": 3}] * 2   # the run's sampler
-    first = pixels(samples / "step_000002" / "contact_sheet.png")
-    assert (first - want).abs().max() > 1                             # and they change as it trains
+    assert seen[:2] == [{"solver": "unipc", "order": None, "cache": None, "steps": 2}] * 2   # the run's sampler
+    # and they come from the weights of their step: the two calls saw different weights, the last the saved ones
+    assert not torch.equal(weights[0], weights[1])
+    assert torch.equal(weights[1], torch.cat([p.detach().flatten().double() for p in trained.dit.parameters()]))
 
 
 def test_tensorboard_log(tiny_pipeline, tmp_path, capsys):
