@@ -14,6 +14,10 @@ either it is reported as n/a.
 
     python bench/bench_sampling.py --pipeline sora_fast_demo/pipeline [--val 24] [--json PATH]
     python bench/bench_sampling.py --quick --out bench_sampling_demo
+    python bench/bench_sampling.py --pipeline DIR --val 48 --solvers unipc:20 --caches teacache:0.15,first-block:0.15
+
+``--solvers`` / ``--caches`` replace the lists of settings (``SOLVER:STEPS`` / ``CACHE:THRESHOLD``, comma-separated);
+Euler 50 (the reference) and the cache base always run.
 """
 from __future__ import annotations
 
@@ -135,6 +139,10 @@ def main(argv=None) -> int:
     ap.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the demo's)")
     ap.add_argument("--cache-base", default="unipc:20", metavar="SOLVER:STEPS",
                     help="solver and steps the caches run on (default: unipc:20)")
+    ap.add_argument("--solvers", default=None, metavar="SOLVER:STEPS,...",
+                    help="solver settings to run (default: Euler 10/20/30/50, UniPC and DPM++ 5/8/10/20)")
+    ap.add_argument("--caches", default=None, metavar="CACHE:THRESHOLD,...",
+                    help="cache settings on --cache-base (default: first-block and teacache at 0.1 and 0.2)")
     ap.add_argument("--json", default=None, help="write the rows here")
     cli.add_threads_flag(ap, "torch threads (default: torch's choice)")
     args = ap.parse_args(argv)
@@ -142,11 +150,38 @@ def main(argv=None) -> int:
     solver, _, steps = args.cache_base.partition(":")
     if solver not in ("euler", "unipc", "dpm++") or not steps.isdigit() or int(steps) < 2:
         raise SystemExit(f"--cache-base must be SOLVER:STEPS (euler|unipc|dpm++, steps >= 2), got {args.cache_base!r}")
+    base = (solver, int(steps))
+    solver_runs, cache_runs = SOLVER_RUNS, CACHE_RUNS
+    if args.solvers is not None:
+        solver_runs = _parse_list(args.solvers, "--solvers", lambda a, b: (a, int(b)),
+                                  lambda a, b: a in ("euler", "unipc", "dpm++") and b.isdigit() and int(b) >= 1)
+    if args.caches is not None:
+        cache_runs = _parse_list(args.caches, "--caches", lambda a, b: (a, float(b)),
+                                 lambda a, b: a in ("first-block", "teacache") and _positive(b))
+    solver_runs = list(dict.fromkeys([("euler", 50), base, *solver_runs]))
     with cli.torch_threads(args.threads):
-        return _run(args, (solver, int(steps)))
+        return _run(args, base, solver_runs, cache_runs)
 
 
-def _run(args, base) -> int:
+def _positive(text: str) -> bool:
+    try:
+        return math.isfinite(float(text)) and float(text) > 0
+    except ValueError:
+        return False
+
+
+def _parse_list(text: str, flag: str, make, valid) -> list:
+    out = []
+    for item in text.split(","):
+        a, _, b = item.strip().partition(":")
+        if not valid(a, b):
+            raise SystemExit(f"{flag} must be comma-separated NAME:VALUE settings, e.g. "
+                             f"{'unipc:10,euler:20' if flag == '--solvers' else 'teacache:0.15'}; got {item!r}")
+        out.append(make(a, b))
+    return out
+
+
+def _run(args, base, solver_runs=SOLVER_RUNS, cache_runs=CACHE_RUNS) -> int:
     from sora_fast.commands.generate import calibrate_pipeline_teacache
     from sora_fast.data import prompts as synthetic_prompts
     from sora_fast.demo import DEMO_PRESETS, run_demo
@@ -165,7 +200,7 @@ def _run(args, base) -> int:
     print(f"TeaCache polynomial ({base[0]} {base[1]} steps, 8 calibration prompts): {[round(c, 4) for c in coef]}",
           file=sys.stderr)
     rows = run(pipe, val, sizes, guidance=guidance, seed=args.seed, base=base, teacache_coef=coef,
-               log=lambda m: print(m, file=sys.stderr, flush=True))
+               log=lambda m: print(m, file=sys.stderr, flush=True), solver_runs=solver_runs, cache_runs=cache_runs)
     ssim_name = _ssim_fn()[1]
     print(f"\n{len(val)} held-out prompts, guidance {guidance:g}, seed {args.seed}, pipeline {args.pipeline}, "
           f"torch threads {torch.get_num_threads()}")

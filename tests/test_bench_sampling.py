@@ -2,6 +2,7 @@
 perfectly, cache rows scored against their uncached run, evaluations per video, and the table."""
 import math
 
+import pytest
 import torch
 
 from bench import bench_sampling as bench
@@ -32,3 +33,11 @@ def test_psnr():
     assert bench.psnr(a, a) == math.inf
     assert abs(bench.psnr(a, a + 0.1) - 20.0) < 1e-4
     assert abs(bench.psnr([a, a], [a, a + 0.1]) - 10 * math.log10(2 / 0.01)) < 1e-4   # pooled MSE, finite
+
+
+@pytest.mark.parametrize("flag, value", [("--solvers", "unipc:x"), ("--solvers", "heun:10"),
+                                         ("--caches", "teacache:-1"), ("--caches", "fast:0.1")])
+def test_setting_lists_are_checked(flag, value):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--pipeline", "unused", flag, value])
+    assert flag in str(e.value.code) and value.split(":")[0] in str(e.value.code)
