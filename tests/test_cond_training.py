@@ -286,7 +286,7 @@ def test_standalone_latents_are_each_suffix_encoded_alone():
 
 
 def test_swap_given_replaces_runs_that_start_after_the_first_frame():
-    from sora_fast.training.conditioning import standalone_latents, swap_given, suffix_offset
+    from sora_fast.training.conditioning import standalone_latents, suffix_offset, swap_given
 
     videos = [torch.randn(4, 9, 2, 2), torch.randn(4, 5, 2, 2), torch.randn(4, 9, 2, 2)]
     lat = [_causal_encode(v[None])[0] for v in videos]                 # 5, 3, 5 latent frames
