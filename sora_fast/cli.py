@@ -1,4 +1,4 @@
-"""The ``sora-fast`` command: ``demo``, ``train``, ``generate``, ``report`` (``sora-fast <command> --help``)."""
+"""The ``sora-fast`` command: ``demo``, ``train``, ``generate``, ``eval``, ``report`` (``sora-fast <command> --help``)."""
 from __future__ import annotations
 
 import argparse
@@ -161,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the sha256 check of the pipeline's weight files (sizes are still checked; a warning "
                         "names what is skipped): for huge files on trusted storage")
     g.set_defaults(func=cmd_generate)
+
+    from .commands.evaluate import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
 
     pr = sub.add_parser("profile", help="inference latency of a pipeline: stages, top ops, memory, throughput",
                         description="Warm-up run(s), then one timed run of generate (text encode, every denoising "

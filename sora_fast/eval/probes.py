@@ -16,7 +16,7 @@ area). ``side`` is the frame's side along the motion axis; speeds are px per fra
 - ``speed``: the measured speed along the axis within ``speed_tol`` (relative) of the caption's speed
   (bouncing: the median step; two objects: before they meet).
 - ``identity``: in every window of ``identity_window`` frames with any palette pixel, the caption's colours
-  win the window's palette vote and each object's shape its window's shape vote.
+  win the window's palette vote and each object's shape holds at least a third of its window's shape votes.
 - ``permanence`` (a wide bar): the object starts on one side of the detected bar, is wholly hidden in some
   frame, comes out on the other side in the last frame where the line fitted to its path before the bar
   puts it (within ``permanence_tol_frac`` of the side), with its shape.
@@ -278,8 +278,9 @@ def _identity(frames, p, objs, tol):
             if o.p.color not in top or votes[o.p.color] == 0:
                 won = max(votes, key=votes.get)
                 return False, f"frames {idx[0]}..{idx[-1]}: the palette vote is {won}, not {o.p.color}"
+            labels = [o.labels[i] for i in idx if o.labels[i] is not None]
             got = o.shape_vote(idx)
-            if got is not None and got != o.p.shape:
+            if labels and labels.count(o.p.shape) < len(labels) / 3:  # its shape in under a third of the window
                 return False, f"frames {idx[0]}..{idx[-1]}: the {o.p.color} object looks like a {got}, not {o.p.shape}"
     return True
 
