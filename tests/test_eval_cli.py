@@ -35,3 +35,17 @@ def test_eval_errors(tmp_path, capsys):
     assert "VIDEO_DIR must be a folder" in capsys.readouterr().err
     assert main(["eval", str(tmp_path)]) == 2
     assert "holds no video" in capsys.readouterr().err
+
+
+def test_world_demo_preset_and_flag(capsys):
+    from sora_fast.cli import build_parser
+    from sora_fast.data.world import sample_world
+    from sora_fast.demo import DEMO_PRESETS
+
+    args = build_parser().parse_args(["demo", "--world", "--quick"])
+    assert args.world and args.quick
+    for name in ("world", "world-quick"):
+        cfg = DEMO_PRESETS[name]
+        assert cfg.world and not DEMO_PRESETS["default"].world
+        for scene in ("occlusion", "gravity", "collision"):  # every scene fits the preset's sizes and lengths
+            sample_world(0, scene, sizes=cfg.sizes, lengths=cfg.lengths, object_size=cfg.object_size)
