@@ -1,4 +1,4 @@
-"""The ``sora-fast`` command: ``demo``, ``train``, ``generate``, ``report`` (``sora-fast <command> --help``)."""
+"""The ``sora-fast`` command: ``demo``, ``train``, ``generate``, ``eval``, ``report`` (``sora-fast CMD --help``)."""
 from __future__ import annotations
 
 import argparse
@@ -38,7 +38,7 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick, progress=not args.no_progress)
+    run_demo(args.out, quick=args.quick, world=args.world, progress=not args.no_progress)
     return 0
 
 
@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "pass the checker).")
     d.add_argument("--quick", action="store_true", help="a ~1-minute smoke run (tiny data and step counts)")
     d.add_argument("--out", default="sora_fast_demo", metavar="DIR", help="output directory (default: %(default)s)")
+    d.add_argument("--world", action="store_true",
+                   help="train on the synthetic world (gravity, occlusion, two objects, camera motion; 17-frame "
+                        "clips) instead of the plain synthetic clips: about 15 minutes on 2 cores")
     d.add_argument("--no-progress", action="store_true", help="no progress bars (summary lines only)")
     d.set_defaults(func=cmd_demo)
 
@@ -204,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--seed", type=int, default=0, metavar="N", help="prompts and noise seed (default: %(default)s)")
     cc.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the pipeline's weight files")
     cc.set_defaults(func=cmd_calibrate_cache)
+
+    from .commands.evaluate import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
 
     pr = sub.add_parser("profile", help="inference latency of a pipeline: stages, top ops, memory, throughput",
                         description="Warm-up run(s), then one timed run of generate (text encode, every denoising "

@@ -51,12 +51,21 @@ class DemoConfig:
     seed: int = 0
     eval_clips: int = 24      # held-out clips per conditioned mode (sora_fast.eval.conditioning); 0: skip
     eval_prompts: int = 48    # held-out text-to-video prompts scored with them
+    world: bool = False       # train on the synthetic world (sora_fast.data.world) instead of the plain clips
 
 
 DEMO_PRESETS = {
     "default": DemoConfig(),
     "quick": DemoConfig(clips=24, vae_steps=20, dit_steps=40, sample_steps=6, prompts=4, eval_clips=1,
                         eval_prompts=2),
+    # the synthetic world: 17-frame clips (a full occlusion and a floor bounce need them), text-to-video only;
+    # bench/bench_world_model.py scores its probes
+    "world": DemoConfig(world=True, clips=210, sizes=((32, 48), (48, 32)), lengths=(17,), object_size=0.3,
+                        dit_steps=2400, cond_mix={"t2v": 1.0}, cond_frames=1,
+                        gen_sizes=((17, 32, 48), (17, 48, 32)), eval_clips=0),
+    "world-quick": DemoConfig(world=True, clips=14, sizes=((32, 48), (48, 32)), lengths=(17,), object_size=0.3,
+                              vae_steps=20, dit_steps=40, cond_mix={"t2v": 1.0}, cond_frames=1, sample_steps=6,
+                              prompts=2, gen_sizes=((17, 32, 48), (17, 48, 32)), eval_clips=0),
 }
 
 
@@ -97,7 +106,7 @@ def _vae_check(vae, folder, videos, per_color: int = 6) -> dict:
     picked, count = [], {}
     for i, v in enumerate(videos):
         p = parse_caption(folder[i]["caption"])
-        if v.shape[1] > 1 and p.direction is not None and not p.bounce and not p.occluder \
+        if v.shape[1] > 1 and p.direction is not None and not p.bounce and not p.occluder and not p.world \
                 and count.get(p.color, 0) < per_color:
             picked.append((i, p.color))
             count[p.color] = count.get(p.color, 0) + 1
@@ -112,7 +121,8 @@ def _vae_check(vae, folder, videos, per_color: int = 6) -> dict:
             "per_color": {c: list(v) for c, v in sorted(by_color.items())}}
 
 
-def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, config: Optional[DemoConfig] = None,
+def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, world: bool = False,
+             config: Optional[DemoConfig] = None,
              progress: bool = True, stream: Optional[TextIO] = None,
              on_dit_step: Optional[Callable[[int, object, object], None]] = None) -> dict:
     """Run the demo into ``out_dir`` and return a summary dict (timings, checker results, paths).
@@ -144,7 +154,8 @@ def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, config: Op
     from .training.trainer import TrainConfig, Trainer
     from .training.vae import VAETrainConfig, fit_latent_stats, train_vae
 
-    cfg = config or DEMO_PRESETS["quick" if quick else "default"]
+    preset = ("world-quick" if world else "quick") if quick else ("world" if world else "default")
+    cfg = config or DEMO_PRESETS[preset]
     out = check_writable(out_dir)
     torch.manual_seed(cfg.seed)
     timer = _Timer()
@@ -154,9 +165,15 @@ def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, config: Op
 
     # 1. data: a real video folder of captioned synthetic clips, read back at native size
     with timer.stage("data: synthetic clips") as st:
-        make_synthetic_dataset(out / "data", cfg.clips, seed=cfg.seed, sizes=cfg.sizes, lengths=cfg.lengths,
-                               object_size=cfg.object_size, bounce_prob=cfg.bounce_prob, overwrite=True,
-                               progress=progress)
+        if cfg.world:
+            from .data.world import make_world_dataset
+
+            make_world_dataset(out / "data", cfg.clips, seed=cfg.seed, sizes=cfg.sizes, lengths=cfg.lengths,
+                               object_size=cfg.object_size, overwrite=True, progress=progress)
+        else:
+            make_synthetic_dataset(out / "data", cfg.clips, seed=cfg.seed, sizes=cfg.sizes, lengths=cfg.lengths,
+                                   object_size=cfg.object_size, bounce_prob=cfg.bounce_prob, overwrite=True,
+                                   progress=progress)
         st.detail = f"{cfg.clips} clips, sizes {list(cfg.sizes)}, frames {list(cfg.lengths)}"
     vae = CausalVAE("demo")
     tf, sf = vae.temporal_factor, vae.spatial_factor

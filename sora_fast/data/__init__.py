@@ -5,6 +5,8 @@
   files read upright and, with ``fps``, resampled by their timestamps (:mod:`~sora_fast.data.video_decode`).
 - :mod:`~sora_fast.data.synthetic` — deterministic clips of coloured shapes moving in captioned directions,
   written as a video folder by :func:`make_synthetic_dataset`.
+- :mod:`~sora_fast.data.world` — the synthetic world: wall and floor bounces under gravity, full occlusion,
+  two objects passing or colliding, camera pans and zooms over a textured background (:func:`make_world_dataset`).
 - :mod:`~sora_fast.data.checker` — :func:`check_clip` judges whether a generated clip matches its synthetic
   prompt (presence, colour, direction); :func:`checker_summary` gives ``"checker pass rate: 7/8"``.
 - :func:`cache_latents` / :class:`LatentDataset` — encode once into safetensors shards, train from latents;
@@ -13,7 +15,7 @@
 
 PyAV and Pillow (the ``video`` extra) are imported only when a file is read or written.
 """
-from . import checker, synthetic
+from . import checker, synthetic, world
 from .checker import CheckerThresholds, CheckResult, check_clip, check_clips
 from .checker import summary as checker_summary
 from .io import to_uint8, write_contact_sheet, write_video
@@ -34,6 +36,7 @@ from .video_folder import Skipped, UnreadableFileError, VideoFolder, write_skip_
 __all__ = [
     "checker",
     "synthetic",
+    "world",
     "VideoFolder",
     "Skipped",
     "UnreadableFileError",

@@ -42,7 +42,7 @@ from .io import to_uint8
 from .synthetic import COLORS, SPEEDS, parse_caption
 
 __all__ = ["CheckerThresholds", "CheckResult", "Track", "track_object", "check_clip", "check_clips", "summary",
-           "color_masks"]
+           "color_masks", "blob_boxes", "classify_shape", "SHAPE_BOUNDS"]
 
 
 @dataclass(frozen=True)
@@ -245,6 +245,46 @@ def track_object(clip: Union[torch.Tensor, np.ndarray], color: str, *,
     return Track(color=color, present=present, area=area, centers=cent,
                  votes={name: int(m.sum()) for name, m in masks.items()}, min_area=float(min_area),
                  full_area_frac=th.full_area_frac)
+
+
+#: Boundaries of :func:`classify_shape`. ``depth``: the blob's centroid height within its box from the top
+#: (0.5 for a circle or a square, 2/3 for the apex-up triangle); ``fill``: blob pixels / box pixels (a square
+#: fills its box, a circle pi/4). Anti-aliased edges and colour thresholds move small renders by up to ~0.08
+#: (tests/test_probes.py measures them on renders).
+SHAPE_BOUNDS = {"triangle_depth": 0.553, "square_fill": 0.88}
+
+
+def blob_boxes(clip: Union[torch.Tensor, np.ndarray], track: Track, *,
+               thresholds: Optional[CheckerThresholds] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The tracked object's bounding box, fill ratio and depth per frame: ``(T, 4)`` ``(x0, y0, x1, y1)`` px
+    (pixel edges), ``(T,)`` pixels / box area and ``(T,)`` the centroid's height in the box from its top edge
+    (a fraction), NaN where it is absent. The blob is the pixels of the track's colour within the tracker's
+    merge radius of its centroid (rule 2 of the module docstring)."""
+    th = thresholds or CheckerThresholds()
+    frames = _as_frames(clip)
+    t, h, w, _ = frames.shape
+    mask = color_masks(frames, th)[track.color]
+    boxes, fill, depth = np.full((t, 4), np.nan), np.full(t, np.nan), np.full(t, np.nan)
+    radius = th.merge_radius_frac * min(h, w)
+    for i in np.nonzero(track.present)[0]:
+        ys, xs = np.nonzero(mask[i])
+        near = np.hypot(xs + 0.5 - track.centers[i, 0], ys + 0.5 - track.centers[i, 1]) <= radius
+        xs, ys = xs[near], ys[near]
+        if xs.size:
+            boxes[i] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+            fill[i] = xs.size / ((boxes[i, 2] - boxes[i, 0]) * (boxes[i, 3] - boxes[i, 1]))
+            depth[i] = (ys.mean() + 0.5 - boxes[i, 1]) / (boxes[i, 3] - boxes[i, 1])
+    return boxes, fill, depth
+
+
+def classify_shape(fill: float, depth: float) -> Optional[str]:
+    """``"square" | "circle" | "triangle"`` from a blob's fill ratio and centroid depth
+    (:data:`SHAPE_BOUNDS`); None for NaN."""
+    if not (np.isfinite(fill) and np.isfinite(depth)):
+        return None
+    if depth >= SHAPE_BOUNDS["triangle_depth"]:
+        return "triangle"
+    return "square" if fill >= SHAPE_BOUNDS["square_fill"] else "circle"
 
 
 # ----------------------------------------------------------------------------------------------

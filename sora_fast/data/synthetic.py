@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -58,6 +58,7 @@ __all__ = [
     "sample_spec",
     "render_clip",
     "make_synthetic_dataset",
+    "write_clip_folder",
 ]
 
 #: Object colours, RGB uint8. Hues 0, 54, 131, 224 degrees (>= 50 apart) plus an unsaturated white.
@@ -102,6 +103,12 @@ class Prompt:
     speed:        ``"slow" | "fast"`` for moving and bouncing objects, else None.
     bounce:       the object bounces back and forth along ``axis`` (no single direction).
     occluder:     a gray bar crosses the object's path.
+
+    The synthetic world (:mod:`~sora_fast.data.world`, its captions extend this grammar) adds:
+    gravity:      ``"dropped"`` or ``"thrown"`` (``direction`` ``left``/``right`` and ``speed`` horizontal).
+    wide_occluder: the bar is wider than the object, which passes fully behind it (``occluder`` is True too).
+    other, interaction: a second object's :class:`Prompt` and ``"passing"`` or ``"colliding"``.
+    camera, camera_speed: ``left|right|up|down`` (a pan) or ``in|out`` (a zoom), and ``slow|fast``.
     """
 
     color: str
@@ -111,10 +118,21 @@ class Prompt:
     speed: Optional[str] = None
     bounce: bool = False
     occluder: bool = False
+    gravity: Optional[str] = None
+    wide_occluder: bool = False
+    other: Optional["Prompt"] = None
+    interaction: Optional[str] = None
+    camera: Optional[str] = None
+    camera_speed: Optional[str] = None
 
     @property
     def moving(self) -> bool:
         return self.axis is not None
+
+    @property
+    def world(self) -> bool:
+        """Whether the caption needs the world's grammar (gravity, a wide bar, two objects, a camera)."""
+        return bool(self.gravity or self.wide_occluder or self.other is not None or self.camera)
 
 
 def _axis_of(direction: str) -> str:
@@ -123,7 +141,11 @@ def _axis_of(direction: str) -> str:
 
 def caption_for(spec: Union["ClipSpec", Prompt]) -> str:
     """The caption of a :class:`ClipSpec` or :class:`Prompt`, in the module's grammar."""
-    p = spec.prompt if isinstance(spec, ClipSpec) else spec
+    p = spec if isinstance(spec, Prompt) else spec.prompt
+    if p.world:
+        from .world import world_caption
+
+        return world_caption(p)
     text = f"a {p.color} {p.shape}"
     if p.bounce:
         text += f" bouncing {_AXIS_WORDS[p.axis]} {_SPEED_WORDS[p.speed]}"
@@ -145,7 +167,8 @@ _CAPTION_RE = re.compile(
 
 
 def parse_caption(text: str) -> Prompt:
-    """Parse a caption of the synthetic grammar (module docstring) into a :class:`Prompt`.
+    """Parse a caption of the synthetic grammar (module docstring) or of the synthetic world's
+    (:mod:`~sora_fast.data.world`) into a :class:`Prompt`.
 
     Case, surrounding whitespace, repeated spaces and a final period are ignored. Raises ValueError
     naming the text when it does not follow the grammar.
@@ -155,11 +178,17 @@ def parse_caption(text: str) -> Prompt:
     norm = " ".join(text.strip().lower().rstrip(".").split())
     m = _CAPTION_RE.match(norm)
     if m is None:
+        from .world import parse_world_caption
+
+        world = parse_world_caption(norm)
+        if world is not None:
+            return world
         raise ValueError(
             f"caption {text!r} does not follow the synthetic grammar; expected 'a COLOR SHAPE"
             f" [moving DIRECTION SPEED | bouncing AXIS SPEED] [behind a gray bar]' with COLOR in"
             f" {list(COLORS)}, SHAPE in {list(SHAPES)}, DIRECTION in {list(DIRECTIONS)}, SPEED in"
-            f" ['slowly', 'quickly'], e.g. 'a red circle moving left slowly'"
+            f" ['slowly', 'quickly'], e.g. 'a red circle moving left slowly' (or a caption of the synthetic"
+            f" world's grammar, sora_fast.data.world)"
         )
     words_to_speed = {w: s for s, w in _SPEED_WORDS.items()}
     words_to_axis = {w: a for a, w in _AXIS_WORDS.items()}
@@ -386,6 +415,15 @@ def _coverage(shape: str, cx: float, cy: float, size: float, h: int, w: int) -> 
     return inside.reshape(h, s, w, s).mean(axis=(1, 3), dtype=np.float32)
 
 
+def _bar(axis: str, center: float, width: float, h: int, w: int) -> np.ndarray:
+    """The gray bar's opacity per pixel (its overlap with each pixel's extent), broadcastable to ``(H, W, 1)``:
+    a vertical bar for ``axis="x"`` (motion across it), a horizontal one for ``"y"``."""
+    coords = np.arange(w if axis == "x" else h, dtype=np.float32) + 0.5
+    a, b = center - width / 2, center + width / 2
+    band = np.clip(np.minimum(coords + 0.5, b) - np.maximum(coords - 0.5, a), 0.0, 1.0)  # pixel overlap
+    return band[None, :, None] if axis == "x" else band[:, None, None]
+
+
 def render_clip(spec: ClipSpec) -> np.ndarray:
     """Render a clip: ``(T, H, W, 3)`` uint8 RGB frames, anti-aliased, deterministic.
 
@@ -415,10 +453,7 @@ def render_clip(spec: ClipSpec) -> np.ndarray:
     out = np.empty((t, h, w, 3), np.float32)
     bar = None
     if spec.occluder and spec.direction is not None:
-        coords = np.arange(w if spec.axis == "x" else h, dtype=np.float32) + 0.5
-        a, b = spec.occluder_center - spec.occluder_width / 2, spec.occluder_center + spec.occluder_width / 2
-        band = np.clip(np.minimum(coords + 0.5, b) - np.maximum(coords - 0.5, a), 0.0, 1.0)  # pixel overlap
-        bar = band[None, :, None] if spec.axis == "x" else band[:, None, None]
+        bar = _bar(spec.axis, spec.occluder_center, spec.occluder_width, h, w)
     for i, (cx, cy) in enumerate(centers):
         cov = _coverage(spec.shape, cx, cy, spec.size, h, w)[..., None]
         frame = bg + cov * (fg - bg)
@@ -452,6 +487,27 @@ def make_synthetic_dataset(out_dir: Union[str, "os.PathLike[str]"], n: int, *, s
         ``out_dir`` is a FileExistsError.
     returns: one :class:`SyntheticClip` per clip, in order.
     """
+    def draw(rng: np.random.Generator) -> ClipSpec:
+        return sample_spec(rng, sizes=sizes, lengths=lengths, colors=colors, shapes=shapes,
+                           occluder_prob=occluder_prob, bounce_prob=bounce_prob, object_size=object_size)
+
+    def describe(clips: list[SyntheticClip]) -> str:
+        n_img = sum(c.spec.frames == 1 for c in clips)
+        n_occ = sum(c.spec.occluder for c in clips)
+        n_bounce = sum(c.spec.bounce for c in clips)
+        return (f"{len(clips) - n_img} videos, {n_img} images, {n_occ} with occluders, {n_bounce} bouncing")
+
+    return write_clip_folder(out_dir, n, seed=seed, draw=draw, render=render_clip, fps=fps, overwrite=overwrite,
+                             progress=progress, name="synthetic", describe=describe)
+
+
+def write_clip_folder(out_dir: Union[str, "os.PathLike[str]"], n: int, *, seed: int,
+                      draw: Callable[[np.random.Generator], object], render: Callable[[object], np.ndarray],
+                      fps: float = 8, overwrite: bool = False, progress: bool = True, name: str = "synthetic",
+                      describe: Optional[Callable[[list], str]] = None) -> list[SyntheticClip]:
+    """Write ``n`` clips ``render(draw(rng_i))`` to ``out_dir`` as :func:`make_synthetic_dataset` describes
+    (files, ``manifest.jsonl``, ``overwrite``); ``rng_i`` is the ``i``-th child of ``SeedSequence(seed)``.
+    A spec is a dataclass with ``frames`` and ``caption``. ``describe(clips)`` words the summary line."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int (number of clips), got {n!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -471,11 +527,9 @@ def make_synthetic_dataset(out_dir: Union[str, "os.PathLike[str]"], n: int, *, s
     clips: list[SyntheticClip] = []
     rows = []
     children = np.random.SeedSequence(int(seed)).spawn(n)
-    for i in _progress(range(n), total=n, desc="synthetic clips", enable=progress):
-        spec = sample_spec(np.random.default_rng(children[i]), sizes=sizes, lengths=lengths, colors=colors,
-                           shapes=shapes, occluder_prob=occluder_prob, bounce_prob=bounce_prob,
-                           object_size=object_size)
-        video = render_clip(spec)
+    for i in _progress(range(n), total=n, desc=f"{name} clips", enable=progress):
+        spec = draw(np.random.default_rng(children[i]))
+        video = render(spec)
         path = out / f"{i:05d}{'.png' if spec.frames == 1 else '.mp4'}"
         write_video(path, video, fps)
         caption = spec.caption
@@ -492,9 +546,6 @@ def make_synthetic_dataset(out_dir: Union[str, "os.PathLike[str]"], n: int, *, s
         if _CLIP_NAME.match(old.name) and old.name not in written and old.is_file():
             old.unlink()
     if progress:
-        n_img = sum(c.spec.frames == 1 for c in clips)
-        n_occ = sum(c.spec.occluder for c in clips)
-        n_bounce = sum(c.spec.bounce for c in clips)
-        print(f"synthetic: wrote {n} clips ({n - n_img} videos, {n_img} images, {n_occ} with occluders,"
-              f" {n_bounce} bouncing) to {out} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        what = f" ({describe(clips)})" if describe is not None else ""
+        print(f"{name}: wrote {n} clips{what} to {out} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return clips
