@@ -25,7 +25,9 @@ def test_rows_and_table(tiny_pipeline):
     assert len(lines) == 4 and all(0 <= r["pass_rate"] <= 1 for r in rows)
     table = bench.report(rows, "n/a").splitlines()
     assert table[0].split()[:3] == ["setting", "pass", "rate"] and len(table) == 6
-    assert "inf" in table[1] and table[1].count("n/a") == 2          # reference: no SSIM here, no uncached row
+    no_ssim = bench._ssim_fn()[0] is None
+    assert (ref["ssim_vs_euler50"] is None) == no_ssim and (no_ssim or ref["ssim_vs_euler50"] == pytest.approx(1.0))
+    assert "inf" in table[1] and table[1].count("n/a") == 1 + no_ssim   # reference: no uncached row (and SSIM)
 
 
 def test_psnr():
