@@ -246,3 +246,11 @@ FAMILIES = {
     "ltx": (_case(tiny_ltx, ltx_inputs), ["transformer_blocks.1.attn1.to_v.weight"]),
     "cogvideox": (_case(tiny_cogvideox, cogvideox_inputs), ["transformer_blocks.0.attn1.to_v.weight"]),
 }
+
+
+def saved_tiny_wan_pipeline(tmp_path_factory):
+    """A tiny random single-expert ``WanPipeline`` and the directory ``save_pretrained`` wrote it to."""
+    pipe = tiny_wan_pipeline(two_experts=False)
+    d = tmp_path_factory.mktemp("wan") / "pipe"
+    pipe.save_pretrained(d)
+    return pipe, d

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from _diffusers_utils import tiny_wan_pipeline
+from _diffusers_utils import saved_tiny_wan_pipeline
 from test_dit import rel_err
 
 from sora_fast import cli
@@ -18,10 +18,7 @@ PROMPT, NEG, SIZE, STEPS, GUIDANCE = "a red ball rolls left", "blue cube", (9, 3
 @pytest.fixture(scope="module")
 def wan_dir(tmp_path_factory):
     """A tiny random WanPipeline (Euler scheduler, shift 3) and the directory save_pretrained wrote."""
-    pipe = tiny_wan_pipeline(two_experts=False)
-    d = tmp_path_factory.mktemp("wan") / "pipe"
-    pipe.save_pretrained(d)
-    return pipe, d
+    return saved_tiny_wan_pipeline(tmp_path_factory)
 
 
 def diffusers_video(pipe, noise, **kw):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from _diffusers_utils import tiny_wan_pipeline
+from _diffusers_utils import saved_tiny_wan_pipeline
 from diffusers import WanPipeline
 from safetensors.torch import load_file, save_file
 from test_dit import rel_err
@@ -30,10 +30,7 @@ PROMPT, SIZE, STEPS, GUIDANCE = "a red ball rolls left", (5, 32, 32), 2, 4.0
 
 @pytest.fixture(scope="module")
 def wan(tmp_path_factory):
-    pipe = tiny_wan_pipeline(two_experts=False)
-    d = tmp_path_factory.mktemp("wan") / "pipe"
-    pipe.save_pretrained(d)
-    return pipe, d
+    return saved_tiny_wan_pipeline(tmp_path_factory)
 
 
 def adapted(dit, rank=2, alpha=3.0, targets=None):
