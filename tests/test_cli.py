@@ -34,7 +34,8 @@ def test_generate_writes_videos_and_contact_sheet(tiny_pipeline, tmp_path, capsy
                    "--size", "5x16x32", "--size", "1x16x16", "--steps", "2", "--out", str(out), "--seed", "3"])
     assert rc == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["00_a_red_circle.gif", "00_a_red_circle.mp4", "01_blue.gif", "01_blue.png", "contact_sheet.png"]
+    assert names == ["00_a_red_circle.gif", "00_a_red_circle.mp4", "01_blue.gif", "01_blue.png", "contact_sheet.png",
+                     "generate.json"]
     assert "ms/step" in capsys.readouterr().out
     # the CLI's clips are the pipeline's clips
     ref = pipe.generate(["a red circle", "blue"], [(5, 16, 32), (1, 16, 16)], steps=2, guidance=4.0, seed=3)

@@ -147,7 +147,8 @@ def test_cli_edit_writes_the_edited_clips(tiny_pipeline, tmp_path, capsys, monke
                    "--edit", str(src), "--strength", "0.5", "--steps", "2", "--out", str(out), "--seed", "3",
                    "--format", "gif"])
     assert rc == 0, capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["00_a_red_circle.gif", "01_blue.gif", "contact_sheet.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["00_a_red_circle.gif", "01_blue.gif", "contact_sheet.png",
+                                                         "generate.json"]
     # the CLI's clips are the API's: same file, same strength, seed + i, the video's size
     ref = pipe.generate(["a red circle", "blue"], init_videos=[src, src], strength=0.5, steps=2, guidance=4.0,
                         seed=3)

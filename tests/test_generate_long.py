@@ -164,7 +164,7 @@ def test_cli_long_writes_each_prompts_rollout(tiny_pipeline, tmp_path, capsys, m
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     assert sorted(p.name for p in out.iterdir()) == ["00_a_red_circle.gif", "00_a_red_circle.mp4", "01_blue.gif",
-                                                     "01_blue.mp4", "contact_sheet.png"]
+                                                     "01_blue.mp4", "contact_sheet.png", "generate.json"]
     assert "windows of 9 frames" in cap.out and "windows 2/2" in cap.err
     for name, prompt, seed in (("00_a_red_circle.mp4", "a red circle", 3), ("01_blue.mp4", "blue", 4)):
         ref = pipe.generate_long(prompt, 17, window=9, overlap=1, size=(16, 16), steps=2, guidance=4.0, seed=seed)

@@ -54,6 +54,12 @@ def test_cli_generate_with_solver_and_cache(tiny_pipeline, tmp_path, capsys):
                "--format", "gif"])
     out = capsys.readouterr().out
     assert rc == 0 and "3 unipc steps" in out and "DiT evaluations per video [" in out
+    import json
+    meta = json.loads((tmp_path / "o" / "generate.json").read_text())   # the output's metadata
+    assert meta["solver"] == "unipc" and meta["order"] == 2 and meta["cache"] == "first-block:0.05"
+    assert meta["prompts"] == ["a red circle"] and meta["sizes"] == [[5, 16, 16]] and meta["files"][0].endswith(".gif")
+    evals = meta["evaluations"]
+    assert len(evals) == 1 and 0 < evals[0] <= 2 * 3 and f"DiT evaluations per video {evals}" in out
 
 
 @pytest.mark.parametrize("flags, match", [

@@ -255,6 +255,11 @@ def cmd_generate(args) -> int:
             written.append(write_video(out / f"{stem}.{ext}", clip, fps=args.fps))
     write_contact_sheet(out / "contact_sheet.png", clips, args.prompt)
     t = pipe.last_timings
+    _write_metadata(out / "generate.json", {
+        "prompts": list(args.prompt), "sizes": [list(c.shape[1:]) for c in clips], "seed": args.seed,
+        "steps": args.steps, "guidance": args.guidance, "solver": args.solver, "order": args.order,
+        "cache": args.cache, "files": [p.name for p in written],
+        "evaluations": t["evaluations"], "seconds": {k: t[k] for k in ("text", "denoise", "decode") if k in t}})
     if long:
         print(f"text {t['text'] * 1e3:.0f} ms | denoise {t['denoise']:.2f} s (windows of {args.window} frames, "
               f"{args.steps} {args.solver} steps each; DiT evaluations per video {t['evaluations']}) | "
@@ -263,8 +268,18 @@ def cmd_generate(args) -> int:
         print(f"text {t['text'] * 1e3:.0f} ms | denoise {t['denoise']:.2f} s ({args.steps} {args.solver} steps, "
               f"{1e3 * t['denoise'] / args.steps:.0f} ms/step; DiT evaluations per video {t['evaluations']}) | "
               f"decode {t['decode'] * 1e3:.0f} ms")
-    print(f"wrote {len(written)} files and contact_sheet.png to {out}")
+    print(f"wrote {len(written)} files, contact_sheet.png and generate.json to {out}")
     return 0
+
+
+def _write_metadata(path, meta: dict) -> None:
+    """``meta`` as JSON at ``path``, written to a temporary file first and moved into place."""
+    import json
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 # --- calibrate-cache -------------------------------------------------------------------------------
