@@ -98,21 +98,21 @@ def _say(out: TextIO, msg: str) -> None:
     print(msg, file=out, flush=True)
 
 
-def _vae_check(vae, folder, videos, per_color: int = 6) -> dict:
+def _vae_check(vae, captions, videos, per_color: int = 6) -> dict:
     """The checker on the VAE's reconstructions of up to ``per_color`` moving training clips of each colour
     (no bounce, no occluder): a VAE that lost a colour shows here, before the DiT is blamed for it."""
     from .data import check_clips, parse_caption
 
     picked, count = [], {}
     for i, v in enumerate(videos):
-        p = parse_caption(folder[i]["caption"])
+        p = parse_caption(captions[i])
         if v.shape[1] > 1 and p.direction is not None and not p.bounce and not p.occluder and not p.world \
                 and count.get(p.color, 0) < per_color:
             picked.append((i, p.color))
             count[p.color] = count.get(p.color, 0) + 1
     with torch.no_grad():
         recon = [vae.decode(vae.encode(videos[i][None]))[0] for i, _ in picked]
-    results = check_clips(recon, [folder[i]["caption"] for i, _ in picked])
+    results = check_clips(recon, [captions[i] for i, _ in picked])
     by_color: dict = {}
     for (_, color), r in zip(picked, results):
         ok, n = by_color.get(color, (0, 0))
@@ -180,7 +180,9 @@ def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, world: boo
     with timer.stage("data: read folder") as st:
         folder = VideoFolder(out / "data", size_multiple=sf * 2, frame_multiple=tf, frame_offset=1,
                              progress=progress)
-        videos = [folder[i]["video"] for i in range(len(folder))]
+        read = [folder[i] for i in range(len(folder))]      # each file decoded once
+        videos, captions = [r["video"] for r in read], [r["caption"] for r in read]
+        del read
         st.detail = f"{len(videos)} readable, {len(folder.skipped)} skipped"
 
     # 2. VAE from scratch, then its latent statistics
@@ -188,7 +190,7 @@ def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, world: boo
         r = train_vae(vae, videos, VAETrainConfig(steps=cfg.vae_steps, focus=cfg.vae_focus, seed=cfg.seed),
                       progress=progress)
         fit_latent_stats(vae, videos)
-        vae_check = _vae_check(vae, folder, videos)
+        vae_check = _vae_check(vae, captions, videos)
         weak = [f"{c} {ok}/{n}" for c, (ok, n) in vae_check["per_color"].items() if ok < n]
         st.detail = (f"{cfg.vae_steps} steps, recon MSE {sum(r['recon'][-20:]) / len(r['recon'][-20:]):.4f}, "
                      f"checker passes {vae_check['passed']}/{vae_check['clips']} reconstructions"
@@ -204,7 +206,6 @@ def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, world: boo
                  for i in range(len(latents))]
         # every suffix of a clip encoded on its own: what given frames after the first hold in training,
         # as sampling encodes a condition placed later in a video (sora_fast.training.conditioning)
-        captions = [folder[i]["caption"] for i in range(len(folder))]
         with torch.no_grad():
             for it, v, cap in zip(items, videos, captions):
                 if cap != it["caption"] or 1 + (v.shape[1] - 1) // tf != it["latent"].shape[1]:

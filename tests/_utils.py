@@ -47,3 +47,23 @@ def run_bench_cpu(bench, name: str, out_dir, columns: set, *flags: str, timeout:
     assert rows and all(set(r) == columns for r in rows)
     return rows
 
+
+
+def assert_resume_bit_identical(setup, tmp_path):
+    """``setup(tmp_path, name, **cfg)`` builds a Trainer of 6 steps: a run split at step 3 and resumed gives the
+    uninterrupted run's losses and weights bit for bit. Returns the uninterrupted run's result."""
+    import torch
+
+    from sora_fast.training.checkpoint import latest_checkpoint
+
+    full = setup(tmp_path, "full").train()
+    first = setup(tmp_path, "split", steps=3).train()
+    resumed = setup(tmp_path, "split")
+    assert resumed.resume() == 3
+    second = resumed.train()
+    assert first["losses"] + second["losses"] == full["losses"]
+    a = setup(tmp_path, "a")
+    a.resume(latest_checkpoint(tmp_path / "full"))
+    for (n, p), (_, q) in zip(a.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(p, q), n
+    return full

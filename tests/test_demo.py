@@ -57,11 +57,12 @@ def test_vae_check_finds_a_lost_colour(tmp_path):
     from sora_fast.demo import _vae_check
     make_synthetic_dataset(tmp_path / "d", 60, seed=3, sizes=((32, 32), (32, 48)), lengths=(5, 9), progress=False)
     folder = VideoFolder(tmp_path / "d", progress=False)
-    videos = [folder[i]["video"] for i in range(len(folder))]
-    good = _vae_check(_FakeVAE(False), folder, videos, per_color=3)
+    read = [folder[i] for i in range(len(folder))]
+    videos, captions = [r["video"] for r in read], [r["caption"] for r in read]
+    good = _vae_check(_FakeVAE(False), captions, videos, per_color=3)
     assert good["clips"] > 0 and good["passed"] == good["clips"]
     assert all(n <= 3 for _, n in good["per_color"].values())
-    bad = _vae_check(_FakeVAE(True), folder, videos, per_color=3)
+    bad = _vae_check(_FakeVAE(True), captions, videos, per_color=3)
     for color, (ok, n) in bad["per_color"].items():
         assert (ok == 0) if color == "blue" else (ok == n), (color, ok, n)
     assert "blue" in bad["per_color"]

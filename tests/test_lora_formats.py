@@ -142,8 +142,7 @@ def test_adapter_gives_diffusers_the_same_video(wan, tmp_path):
 
 
 def test_diffusers_load_lora_weights(wan, tmp_path):
-    """WanPipeline.load_lora_weights(out/lora) itself (needs peft, diffusers' LoRA backend)."""
-    pytest.importorskip("peft")
+    """WanPipeline.load_lora_weights(out/lora) itself (peft, diffusers' LoRA backend, is in the test extra)."""
     pipe, d = wan
     ours = VideoPipeline.from_diffusers(d)
     adapted(ours.dit)

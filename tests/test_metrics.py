@@ -13,7 +13,6 @@ def _clip(seed=1, scene="collision"):
 
 
 def test_flow_metrics():
-    pytest.importorskip("cv2")
     v = _clip()
     static = np.repeat(v[:1], v.shape[0], 0)
     noisy = np.clip(v.astype(int) + np.random.default_rng(0).integers(-40, 41, v.shape), 0, 255).astype(np.uint8)
@@ -26,7 +25,6 @@ def test_flow_metrics():
 
 
 def test_reference_metrics():
-    pytest.importorskip("skimage.metrics")
     v = _clip()
     noisy = np.clip(v.astype(int) + np.random.default_rng(0).integers(-20, 21, v.shape), 0, 255).astype(np.uint8)
     assert M.psnr(v, v) == 100.0 and M.ssim(v, v) == pytest.approx(1.0)

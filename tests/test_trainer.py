@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from _utils import assert_resume_bit_identical
 
 from sora_fast.models.dit import VideoDiT
 from sora_fast.models.text import TinyTextEncoder
@@ -58,16 +59,7 @@ def test_every_item_once_per_epoch_and_budget_respected(tmp_path):
 
 
 def test_resume_continues_bit_identically(tmp_path):
-    full = _setup(tmp_path, "full").train()
-    first = _setup(tmp_path, "split", steps=3).train()
-    resumed = _setup(tmp_path, "split")
-    assert resumed.resume() == 3
-    second = resumed.train()
-    assert first["losses"] + second["losses"] == full["losses"]
-    a = _setup(tmp_path, "a")
-    a.resume(latest_checkpoint(tmp_path / "full"))
-    for (n, p), (_, q) in zip(a.model.named_parameters(), resumed.model.named_parameters()):
-        assert torch.equal(p, q), n
+    assert_resume_bit_identical(_setup, tmp_path)
     lines = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(1, 7))
     assert (tmp_path / "full" / "loss.png").stat().st_size > 0
