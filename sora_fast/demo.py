@@ -61,10 +61,11 @@ DEMO_PRESETS = {
     # the synthetic world: 17-frame clips (a full occlusion and a floor bounce need them), text-to-video only;
     # bench/bench_world_model.py scores its probes
     "world": DemoConfig(world=True, clips=210, sizes=((32, 48), (48, 32)), lengths=(17,), object_size=0.3,
-                        dit_steps=2400, cond_mix={"t2v": 1.0}, cond_frames=1,
+                        dit_steps=2400, cond_mix={"t2v": 0.75, "i2v": 0.25}, cond_frames=1,
                         gen_sizes=((17, 32, 48), (17, 48, 32)), eval_clips=0),
     "world-quick": DemoConfig(world=True, clips=14, sizes=((32, 48), (48, 32)), lengths=(17,), object_size=0.3,
-                              vae_steps=20, dit_steps=40, cond_mix={"t2v": 1.0}, cond_frames=1, sample_steps=6,
+                              vae_steps=20, dit_steps=40, cond_mix={"t2v": 0.75, "i2v": 0.25}, cond_frames=1,
+                              sample_steps=6,
                               prompts=2, gen_sizes=((17, 32, 48), (17, 48, 32)), eval_clips=0),
 }
 
