@@ -18,7 +18,7 @@ from typing import Callable, Optional, TextIO
 
 import torch
 
-__all__ = ["DemoConfig", "run_demo", "DEMO_PRESETS", "DEMO_COND_MIX"]
+__all__ = ["DemoConfig", "run_demo", "train_demo_dit", "DEMO_PRESETS", "DEMO_COND_MIX"]
 
 
 #: The demo's conditioning mix (probabilities per training video and step, :data:`COND_MODES`).
@@ -146,13 +146,9 @@ def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, world: boo
         write_video,
     )
     from .data import prompts as synthetic_prompts
-    from .models.dit import DiTConfig, VideoDiT
-    from .models.text import TinyTextEncoder
     from .models.vae import CausalVAE
-    from .pipeline import VideoPipeline
     from .training.checkpoint import check_writable
     from .training.conditioning import standalone_latents
-    from .training.trainer import TrainConfig, Trainer
     from .training.vae import VAETrainConfig, fit_latent_stats, train_vae
 
     preset = ("world-quick" if world else "quick") if quick else ("world" if world else "default")
@@ -216,22 +212,8 @@ def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, world: boo
                      f"/{tf} time, /{sf} space")
 
     # 4. packed DiT training on mixed sizes
-    text = TinyTextEncoder(dim=64)
-    dit = VideoDiT(DiTConfig.from_name("demo", in_channels=vae.latent_channels, out_channels=vae.latent_channels,
-                                       text_dim=text.dim))
-    train_cfg = TrainConfig(steps=cfg.dit_steps, token_budget=cfg.token_budget, lr=cfg.lr, warmup_steps=50,
-                            ema_decay=0.995, save_every=max(cfg.dit_steps // 2, 1), log_every=10, seed=cfg.seed,
-                            cond_mix=dict(cfg.cond_mix), cond_frames=cfg.cond_frames)
     with timer.stage("train dit") as st:
-        trainer = Trainer(dit, text, items, train_cfg, out / "dit_run", progress=progress,
-                          model_config={"dit": dataclasses.asdict(dit.config), "text": dataclasses.asdict(text.config)})
-        res = trainer.train(on_step=None if on_dit_step is None else lambda step, _: on_dit_step(step, trainer, vae))
-        tail = res["losses"][-50:]
-        st.detail = (f"{res['steps']} steps, loss {sum(tail) / len(tail):.3f} (last 50), "
-                     f"{trainer.plan.summary().split(' -> ')[1]}")
-    if trainer.ema is not None:
-        trainer.ema.copy_to(trainer.model)
-    pipe = VideoPipeline(dit, vae, text)
+        pipe, st.detail = train_demo_dit(vae, items, cfg, out / "dit_run", progress=progress, on_step=on_dit_step)
     pipe.save(out / "pipeline")
 
     # 5. generation: prompts at several sizes in one packed call, CFG in one pass
@@ -283,3 +265,32 @@ def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, world: boo
     _say(stream, f"outputs in {out}: samples/, contact_sheet.png, pipeline/, dit_run/loss.png")
     _say(stream, line)
     return summary
+
+
+def train_demo_dit(vae, items: list, cfg: DemoConfig, run_dir, *, progress: bool = True,
+                   on_step: Optional[Callable] = None):
+    """The demo's DiT stage: a fresh tiny text encoder and demo DiT trained on ``items`` (``{"latent", "caption"}``
+    dicts, ``"alone"`` too for the conditioning mix) with ``cfg``'s steps, budget, learning rate, mix and seed; the
+    EMA weights copied in. Returns the :class:`~sora_fast.pipeline.VideoPipeline` (not saved) and a one-line
+    summary. ``on_step(step, trainer, vae)`` is called after each step."""
+    from .models.dit import DiTConfig, VideoDiT
+    from .models.text import TinyTextEncoder
+    from .pipeline import VideoPipeline
+    from .training.trainer import TrainConfig, Trainer
+
+    torch.manual_seed(cfg.seed)
+    text = TinyTextEncoder(dim=64)
+    dit = VideoDiT(DiTConfig.from_name("demo", in_channels=vae.latent_channels, out_channels=vae.latent_channels,
+                                       text_dim=text.dim))
+    train_cfg = TrainConfig(steps=cfg.dit_steps, token_budget=cfg.token_budget, lr=cfg.lr, warmup_steps=50,
+                            ema_decay=0.995, save_every=max(cfg.dit_steps // 2, 1), log_every=10, seed=cfg.seed,
+                            cond_mix=dict(cfg.cond_mix), cond_frames=cfg.cond_frames)
+    trainer = Trainer(dit, text, items, train_cfg, run_dir, progress=progress,
+                      model_config={"dit": dataclasses.asdict(dit.config), "text": dataclasses.asdict(text.config)})
+    res = trainer.train(on_step=None if on_step is None else lambda step, _: on_step(step, trainer, vae))
+    tail = res["losses"][-50:]
+    if trainer.ema is not None:
+        trainer.ema.copy_to(trainer.model)
+    detail = (f"{res['steps']} steps, loss {sum(tail) / len(tail):.3f} (last 50), "
+              f"{trainer.plan.summary().split(' -> ')[1]}")
+    return VideoPipeline(dit, vae, text), detail
