@@ -252,7 +252,10 @@ class CaptionSchema(_Schema):
     @classmethod
     def json_schema(cls) -> dict:
         """The JSON Schema (draft 2020-12) of :meth:`to_dict`'s shape: strict (every property required, no
-        others), the choices as enums; what a chat model is asked to answer with."""
+        others), the choices as enums; what a chat model is asked to answer with, as it is (no ``$schema`` or
+        ``title`` keys, which some servers' structured-output modes refuse; the name goes in ``response_format``).
+        Rules across fields (a bounce's axis, span order, an interaction's two subjects) are checked by
+        :meth:`from_json`, not expressible here."""
         def opt(choices=None) -> dict:
             if choices is None:
                 return {"type": ["string", "null"]}
@@ -273,7 +276,7 @@ class CaptionSchema(_Schema):
         top = obj({"spans": {"type": "array", "items": span, "minItems": 1}, "background": opt(),
                    "environment": opt(), "shot_type": opt(), "lighting": opt(), "style": opt()},
                   "a video clip's structured caption; one span per frame range whose content differs")
-        return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "CaptionSchema", **top}
+        return top
 
     # ---- text ---------------------------------------------------------------------------------------------
 
