@@ -231,7 +231,10 @@ def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, world: boo
                      f"{trainer.plan.summary().split(' -> ')[1]}")
     if trainer.ema is not None:
         trainer.ema.copy_to(trainer.model)
-    pipe = VideoPipeline(dit, vae, text)
+    from .captions.expand import CaptionStats
+
+    # the training captions' statistics go with the model: generate(expand="schema") fills prompts from them
+    pipe = VideoPipeline(dit, vae, text, caption_stats=CaptionStats.from_captions(captions))
     pipe.save(out / "pipeline")
 
     # 5. generation: prompts at several sizes in one packed call, CFG in one pass
