@@ -188,8 +188,11 @@ def test_without_statistics_the_grammar_order_fills_and_the_note_says_so():
     e = SchemaExpander(None).expand("red circle and blue square")
     assert e.expanded == "a red circle moving left slowly and a blue square moving right slowly, passing each other"
     assert "no caption statistics" in e.note
-    e = SchemaExpander(CaptionStats.from_captions(["not a caption"])).expand("a yellow circle, camera zooming in")
-    assert parse_caption(e.expanded).camera == "in" and "count no caption" in e.note
+    e = SchemaExpander(CaptionStats()).expand("a yellow circle, camera zooming in")
+    assert parse_caption(e.expanded).camera == "in" and "no caption statistics" in e.note
+    # a model of captions outside the grammar (real videos): a caption of the grammar would be foreign to it
+    e = SchemaExpander(CaptionStats.from_captions(["a dog runs on a beach", "a red car"])).expand("red circle left")
+    assert not e.changed and "none of the 2 training captions is in the caption grammar" in e.note
 
 
 def test_stats_json_round_trip_and_errors(fresh_seed):
@@ -314,3 +317,101 @@ def test_make_expander_and_expansion_records():
     e = Expansion("x", "y", "schema", filled={"subjects[0].speed": "fast"})
     assert e.changed and e.to_dict() == {"original": "x", "expanded": "y", "expander": "schema",
                                          "filled": {"subjects[0].speed": "fast"}, "note": None, "error": None}
+
+
+# --- the chat expander against a real local server (tests/_chat_server.py) ------------------------------------
+def _chat_server():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import _chat_server
+
+    return _chat_server
+
+
+@pytest.fixture
+def srv():
+    with _chat_server().ChatServer() as s:
+        yield s
+
+
+def _chat(url, **kw):
+    from sora_fast.captions.expand import ChatExpander
+
+    kw.setdefault("backoff", 0.0)
+    kw.setdefault("max_retries", 1)
+    return ChatExpander(url, "test-llm", **kw)
+
+
+def test_chat_text_reply_is_the_expansion_and_the_request_shows_training_captions(srv, tiny_pipeline):
+    Reply = _chat_server().Reply
+    stats = CaptionStats.from_captions(KNOWN)
+    srv.push(Reply.text("a red circle moving left quickly"),
+             Reply.text('Here is the caption:\n"A blue square moving up slowly."\n'))
+    out = _chat(srv.base_url, stats=stats).expand_many(["red circle left", "blue square up"])
+    assert [e.expanded for e in out] == ["a red circle moving left quickly", "A blue square moving up slowly."]
+    assert all(e.error is None and e.expander == "chat" and e.schema is not None for e in out)
+    body = srv.requests[0].body
+    assert body["model"] == "test-llm" and body["temperature"] == 0 and "response_format" not in body
+    system, user = body["messages"]
+    assert user == {"role": "user", "content": "red circle left"}
+    assert all(f"- {c}\n" in system["content"] + "\n" for c in stats.examples) and len(stats.examples) >= 5
+    # the expansion is what the model sees
+    pipe, _ = tiny_pipeline
+    srv.push(Reply.text("a red circle moving left quickly"))
+    got = pipe.generate(["red circle left"], (1, 16, 16), steps=1, expand=_chat(srv.base_url), seed=4)
+    assert pipe.last_prompts[0].expanded == "a red circle moving left quickly"
+    assert torch.equal(got[0], pipe.generate(["a red circle moving left quickly"], (1, 16, 16), steps=1, seed=4)[0])
+
+
+def test_chat_structured_reply_is_validated_and_rendered(srv):
+    from sora_fast.captions.chat import ChatCaptioner
+
+    server = _chat_server()
+    doc = json.loads(json.dumps(server.GOOD))
+    doc["spans"][0]["subjects"][0].update(colour="green", speed="fast")
+    srv.push(server.Reply.caption(doc))
+    e = _chat(srv.base_url, structured=True).expand("green circle left")
+    assert (e.expanded, e.error) == ("a green circle moving left quickly", None)
+    assert e.schema == CaptionSchema.from_json(doc)
+    assert srv.requests[0].body["response_format"] == ChatCaptioner.response_format()
+
+
+@pytest.mark.parametrize("structured, reply, match", [
+    (True, "{not json", "caption JSON does not parse"),
+    (True, json.dumps({"spans": []}), "missing field"),
+    (False, "  \n ", "holds no caption"),
+    (False, "x" * 1200, "more than max_chars=1000"),
+])
+def test_chat_malformed_replies_keep_the_prompt(srv, structured, reply, match):
+    srv.push(_chat_server().Reply.text(reply))
+    e = _chat(srv.base_url, structured=structured).expand("red circle left")
+    assert e.expanded == e.original == "red circle left" and not e.changed
+    assert e.error.startswith("invalid chat reply") and match in e.error
+
+
+def test_chat_server_errors_and_a_server_that_is_down_keep_the_prompt(srv):
+    server = _chat_server()
+    srv.push(server.Reply.error(500), server.Reply.text("a red circle moving left slowly"))
+    assert _chat(srv.base_url).expand("red circle left").expanded == "a red circle moving left slowly"  # retried
+    n = len(srv.requests)
+    srv.push(*[server.Reply.error(500, "overloaded")] * 3)
+    e = _chat(srv.base_url, max_retries=2).expand("red circle left")
+    assert len(srv.requests) - n == 3 and e.expanded == "red circle left"
+    assert e.error.startswith("chat request failed") and "HTTP 500: overloaded" in e.error
+    e = _chat(server.closed_port_url(), max_retries=0).expand("red circle left")
+    assert e.expanded == "red circle left" and "cannot reach the chat server" in e.error
+
+
+def test_cli_expand_chat(srv, tiny_pipeline, tmp_path, capsys):
+    _, path = tiny_pipeline
+    srv.push(_chat_server().Reply.text("a white triangle moving down slowly"))
+    out = tmp_path / "gen"
+    assert cli.main(["generate", "--pipeline", str(path), "--prompt", "white triangle down", "--size", "1x16x16",
+                     "--steps", "1", "--out", str(out), "--format", "gif", "--expand", "chat",
+                     "--expand-base-url", srv.base_url, "--expand-model", "test-llm"]) == 0
+    assert "-> 'a white triangle moving down slowly'" in capsys.readouterr().out
+    meta = json.loads((out / "generate.json").read_text())
+    assert meta["expand"] == "chat" and meta["expanded_prompts"] == ["a white triangle moving down slowly"]
+    assert meta["expansions"][0]["expander"] == "chat" and meta["prompts"] == ["white triangle down"]

@@ -130,15 +130,15 @@ class CaptionStats:
             self._scenes[tuple(sorted(rec.items()))] += 1
             kind = (rec["subjects"], rec["interaction"], rec["environment"], rec["camera_motion"] is not None,
                     rec[_key(0, "action")])
-            kinds.setdefault(kind, []).append(text.strip())
+            kinds.setdefault(kind, Counter())[text.strip()] += 1
         # one caption of each kind first (most frequent kinds first), then more of each in turn
-        groups = sorted(kinds.values(), key=len, reverse=True)
+        groups = [list(g) for g in sorted(kinds.values(), key=lambda g: -sum(g.values()))]
         picked: list[str] = []
         for depth in range(max(map(len, groups), default=0)):
-            for g in groups:
-                if len(picked) < examples and depth < len(g) and g[depth] not in picked:
-                    picked.append(g[depth])
-        self.examples = picked or [t for t in dict.fromkeys(others)][:examples]
+            picked += [g[depth] for g in groups if depth < len(g)]
+            if len(picked) >= examples:
+                break
+        self.examples = picked[:examples] or list(dict.fromkeys(others))[:examples]
         return self
 
     @classmethod
@@ -403,7 +403,7 @@ def _tokens(prompt: str) -> list[str]:
 
 
 def _read(prompt: str) -> _Reading:
-    """The fields a short prompt states, word by word (module docstring of :class:`SchemaExpander`)."""
+    """The fields a short prompt states, word by word (see :class:`SchemaExpander`)."""
     subjects: list[dict] = [{}]
     clip: dict = {}
     cam = {"on": False, "kind": None, "way": None, "speed": None, "static": False, "given": False}
@@ -530,8 +530,9 @@ class SchemaExpander(PromptExpander):
     background ...). When no training caption agrees, the stated fields alone condition, then the subject
     count, then nothing; without any count the grammar's first allowed value is taken. Colours and shapes
     take their most frequent value over all subjects (a second subject a colour other than the first's).
-    Ties go to the grammar's order. Without statistics (``stats=None`` or empty) every fill is the
-    grammar's first allowed value, and the note says so.
+    Ties go to the grammar's order. Without statistics (``stats=None``, or none counted) every fill is the
+    grammar's first allowed value, and the note says so; statistics of training captions none of which is in
+    the grammar (a model of real videos) keep every prompt, with a note.
 
     A prompt that already parses as a caption (``parse_caption``) is returned unchanged; note that
     ``"a red circle"`` is a full caption (an image's) while ``"red circle"`` gets a motion. A prompt with no
@@ -560,6 +561,9 @@ class SchemaExpander(PromptExpander):
         if _parses(prompt):
             return Expansion(prompt, prompt, self.name, schema=CaptionSchema.from_caption(prompt),
                              note="already a caption of the grammar")
+        if not self._no_stats and self.stats.uniform and self.stats.skipped:
+            return self._keep(prompt, f"none of the {self.stats.skipped} training captions is in the caption grammar, "
+                                      "so its captions would be unlike them (a ChatExpander writes in their style)")
         r = _read(prompt)
         if not any("colour" in s or "shape" in s for s in r.subjects):
             words = f" (read no colour {list(_ORDER['colour'])} or shape {list(_ORDER['shape'])})"
@@ -623,8 +627,7 @@ class SchemaExpander(PromptExpander):
         if r.unknown:
             notes.append("words outside the caption grammar left out: " + ", ".join(dict.fromkeys(r.unknown)))
         if self.stats.uniform:
-            notes.append(("no caption statistics" if self._no_stats else "the caption statistics count no caption "
-                          "of the grammar") + ": unstated fields took the grammar's first choice")
+            notes.append("no caption statistics: unstated fields took the grammar's first choice")
         elif from_grammar:
             notes.append("no training caption agreed, the grammar's first choice taken for " + ", ".join(from_grammar))
         keys = [_key(i, k) for i in range(n) for k in ("colour", "shape") + _SUBJECT_FIELDS] + list(_SCENE_FIELDS)
@@ -777,9 +780,11 @@ class ChatExpander(PromptExpander):
 
     @staticmethod
     def response_format() -> dict:
-        """The ``response_format`` of a structured request: :meth:`CaptionSchema.json_schema`, strict."""
-        schema = {k: v for k, v in CaptionSchema.json_schema().items() if k not in ("$schema", "title")}
-        return {"type": "json_schema", "json_schema": {"name": "caption_schema", "strict": True, "schema": schema}}
+        """The ``response_format`` of a structured request: the chat captioner's (:meth:`CaptionSchema.json_schema`,
+        strict)."""
+        from .chat import ChatCaptioner
+
+        return ChatCaptioner.response_format()
 
     def expand(self, prompt: str) -> Expansion:
         _check_prompt(prompt)
