@@ -1,4 +1,5 @@
-"""The ``sora-fast`` command: ``demo``, ``train``, ``generate``, ``eval``, ``report`` (``sora-fast CMD --help``)."""
+"""The ``sora-fast`` command: ``demo``, ``train``, ``generate``, ``eval``, ``caption``, ``report``, ``bench`` ...
+(``sora-fast --help`` lists them all, ``sora-fast CMD --help`` documents each)."""
 from __future__ import annotations
 
 import argparse
@@ -219,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .commands.evaluate import add_parser as add_eval_parser
 
     add_eval_parser(sub)
+
+    from .commands.caption import add_parser as add_caption_parser
+
+    add_caption_parser(sub)
 
     pr = sub.add_parser("profile", help="inference latency of a pipeline: stages, top ops, memory, throughput",
                         description="Warm-up run(s), then one timed run of generate (text encode, every denoising "

@@ -18,11 +18,11 @@ from __future__ import annotations
 import itertools
 import math
 import struct
-from typing import Callable, Iterable, Iterator, NamedTuple, Optional, TypeVar
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, TypeVar
 
 import numpy as np
 
-__all__ = ["UnreadableFileError", "Orientation", "select_frames", "count_targets", "nearest_frames"]
+__all__ = ["UnreadableFileError", "Orientation", "select_frames", "count_targets", "nearest_frames", "decode_frames"]
 
 EPS = 1e-9  # seconds: timestamps closer than this are equal (float rounding of pts * time_base)
 
@@ -299,3 +299,38 @@ def decode_video(path: str, info: VideoInfo, need: int, fps: Optional[float] = N
         raise UnreadableFileError(f"truncated: decoded {len(out)} of the {need} frames needed"
                                   f" ({info.frames} in the metadata)")
     return np.stack(out)
+
+
+def decode_frames(path: str, indices: Sequence[int]) -> tuple[list[int], np.ndarray]:
+    """The displayed frames at ``indices`` (increasing, in presentation order) as ``(found, (K, H, W, 3)
+    uint8)``, decoded as a stream so only the picked frames are held; decoding stops after the last index.
+    Indices past the stream's end are left out of ``found`` (metadata frame counts can be too high);
+    UnreadableFileError when none is found. Orientation and a mid-stream size change as :func:`decode_video`."""
+    import av
+
+    want = sorted(set(int(i) for i in indices))
+    if not want or want[0] < 0:
+        raise ValueError(f"indices must be a non-empty list of frame indices >= 0, got {list(indices)!r:.80}")
+    found: list[int] = []
+    out: list[np.ndarray] = []
+    with av.open(path) as c:
+        decoded = c.decode(video_stream(c))
+        first = next(decoded, None)
+        if first is None:
+            raise UnreadableFileError("unreadable: no decodable frame")
+        orient = orientation_from_matrix(display_matrix(first))
+        h, w = first.height, first.width
+        k = 0
+        for i, f in enumerate(itertools.chain([first], decoded)):
+            if i != want[k]:
+                continue
+            if f.height != h or f.width != w:  # resolution change mid-stream: follow the first frame
+                f = f.reformat(width=w, height=h)
+            found.append(i)
+            out.append(orient.apply(f.to_ndarray(format="rgb24")))
+            k += 1
+            if k == len(want):
+                break
+    if not found:
+        raise UnreadableFileError(f"truncated: the stream ends before frame {want[0]}")
+    return found, np.stack(out)

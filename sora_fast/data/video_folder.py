@@ -66,8 +66,8 @@ from torch.utils.data import Dataset
 from .io import _AtomicFile, _import_av, _import_pil, _progress
 from .video_decode import Orientation, UnreadableFileError, VideoInfo, _err, check_rate, decode_video, probe_video
 
-__all__ = ["VideoFolder", "Skipped", "UnreadableFileError", "fit_size", "write_skip_report", "VIDEO_EXTENSIONS",
-           "IMAGE_EXTENSIONS"]
+__all__ = ["VideoFolder", "Skipped", "UnreadableFileError", "fit_size", "find_media", "write_skip_report",
+           "VIDEO_EXTENSIONS", "IMAGE_EXTENSIONS"]
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".gif", ".mov", ".mkv", ".avi")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -146,6 +146,19 @@ def _regular_stat(path: Path, what: str = "") -> os.stat_result:
         kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), f"mode {oct(st.st_mode)}")
         raise UnreadableFileError(f"not a regular file: {what}{kind}, not opened")
     return st
+
+
+def find_media(root: Path, recursive: bool = True) -> list[Path]:
+    """The video and image files of ``root`` as :class:`VideoFolder` finds them without a manifest: by extension
+    (:data:`VIDEO_EXTENSIONS`, :data:`IMAGE_EXTENSIONS`, any case), hidden files and folders (``.name``) left
+    out, in sorted relative-path order. Not only regular files: a FIFO, device or broken link with a media name
+    is listed (a reader names and skips it, never silently drops it)."""
+    root = Path(root)
+    exts = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
+    it = root.rglob("*") if recursive else root.iterdir()
+    files = [p for p in it if p.suffix.lower() in exts and not p.is_dir()
+             and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
 def first_readable(ds, index, n: int, name_of: Callable[[int], str], all_failed: str) -> dict:
@@ -261,13 +274,8 @@ class VideoFolder(Dataset):
     # indexing
 
     def _candidates(self, manifest, recursive: bool) -> list[tuple[Path, Optional[str]]]:
-        exts = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
         if manifest is None:
-            it = self.root.rglob("*") if recursive else self.root.iterdir()
-            # not is_file(): a FIFO, device or broken link with a video name is probed and skipped by name
-            files = [p for p in it if p.suffix.lower() in exts and not p.is_dir()
-                     and not any(part.startswith(".") for part in p.relative_to(self.root).parts)]
-            return [(p, None) for p in sorted(files, key=lambda p: p.relative_to(self.root).as_posix())]
+            return [(p, None) for p in find_media(self.root, recursive)]
         mpath = Path(os.fspath(manifest)).expanduser()
         if not mpath.is_absolute() and not mpath.exists():
             mpath = self.root / mpath
