@@ -132,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a saved pipeline (e.g. the demo's pipeline/) or a diffusers Wan pipeline directory "
                         "(model_index.json, e.g. Wan2.1-T2V-1.3B-Diffusers)")
     g.add_argument("--prompt", required=True, action="append", metavar="TEXT", help="a prompt; repeat for several")
+    g.add_argument("--expand", choices=["schema", "chat"],
+                   help="rewrite each prompt into a caption in the training captions' style first: schema (read its "
+                        "words, fill what it leaves out from the pipeline's caption statistics; no network) or chat "
+                        "(an OpenAI-compatible chat model, --expand-base-url and --expand-model); default: off")
+    g.add_argument("--expand-base-url", metavar="URL",
+                   help="with --expand chat: the server's base URL, e.g. http://localhost:8000/v1 (the API key is read "
+                        "from OPENAI_API_KEY)")
+    g.add_argument("--expand-model", metavar="NAME", help="with --expand chat: the chat model's name")
     g.add_argument("--lora", metavar="PATH",
                    help="a Wan LoRA to apply: a diffusers (pytorch_lora_weights.safetensors, or its directory), "
                         "ComfyUI or sora_fast adapter file")

@@ -273,6 +273,7 @@ def train_demo_dit(vae, items: list, cfg: DemoConfig, run_dir, *, progress: bool
     dicts, ``"alone"`` too for the conditioning mix) with ``cfg``'s steps, budget, learning rate, mix and seed; the
     EMA weights copied in. Returns the :class:`~sora_fast.pipeline.VideoPipeline` (not saved) and a one-line
     summary. ``on_step(step, trainer, vae)`` is called after each step."""
+    from .captions.expand import CaptionStats
     from .models.dit import DiTConfig, VideoDiT
     from .models.text import TinyTextEncoder
     from .pipeline import VideoPipeline
@@ -293,4 +294,6 @@ def train_demo_dit(vae, items: list, cfg: DemoConfig, run_dir, *, progress: bool
         trainer.ema.copy_to(trainer.model)
     detail = (f"{res['steps']} steps, loss {sum(tail) / len(tail):.3f} (last 50), "
               f"{trainer.plan.summary().split(' -> ')[1]}")
-    return VideoPipeline(dit, vae, text), detail
+    # the training captions' statistics go with the model: generate(expand="schema") fills prompts from them
+    stats = CaptionStats.from_captions([it["caption"] for it in items])
+    return VideoPipeline(dit, vae, text, caption_stats=stats), detail

@@ -26,6 +26,7 @@ from ._pipeline_desc import FORMAT as _FORMAT
 from ._pipeline_desc import check_description as _check_description
 from ._pipeline_desc import check_sampling_settings as _check_sampling_settings
 from ._pipeline_desc import text_encoder_from as _text_encoder
+from .captions.expand import CaptionStats, Expansion, PromptExpander, make_expander
 from .conditioning import Condition, Media, check_conditions, check_init_videos, check_media, read_media
 from .models.dit import DiTConfig, VideoDiT
 from .models.text import T5TextEncoder, TextEncoder, TinyTextEncoder
@@ -68,10 +69,13 @@ class VideoPipeline(nn.Module):
 
     ``dit.config.in_channels`` must equal the VAE's latent channels and ``dit.config.text_dim`` the text
     encoder's ``dim``. The DiT works on normalized latents (:meth:`CausalVAE.normalize_latents`).
-    After :meth:`generate`, ``last_timings`` holds seconds per stage (``text``, ``encode`` (init videos),
-    ``denoise``, per-step ``steps``, ``decode``). ``sampling`` (None, or the settings of a diffusers
-    pipeline's scheduler: ``solver``, ``shift``, ``schedule``) gives :meth:`generate` its default shift and its
-    noise levels (:func:`sora_fast.sampling.schedule_sigmas`).
+    After :meth:`generate`, ``last_timings`` holds seconds per stage (``expand`` when prompts were expanded,
+    ``text``, ``encode`` (init videos), ``denoise``, per-step ``steps``, ``decode``). ``sampling`` (None, or the
+    settings of a diffusers pipeline's scheduler: ``solver``, ``shift``, ``schedule``) gives :meth:`generate` its
+    default shift and its noise levels (:func:`sora_fast.sampling.schedule_sigmas`). ``caption_stats`` (None, or the
+    :class:`~sora_fast.captions.expand.CaptionStats` of the training captions, saved in ``pipeline.json``'s
+    ``captions``) is what ``generate(expand="schema")`` fills prompts from; ``last_prompts`` holds the last call's
+    :class:`~sora_fast.captions.expand.Expansion` per prompt (original and expanded text).
     """
 
     @classmethod
@@ -95,9 +99,13 @@ class VideoPipeline(nn.Module):
         return load_wan_pipeline(path_or_pipeline, dtype=dtype, vae_dtype=vae_dtype, device=device,
                                  max_length=max_length)
 
-    def __init__(self, dit: VideoDiT, vae: CausalVAE, text_encoder: TextEncoder, sampling: Optional[dict] = None):
+    def __init__(self, dit: VideoDiT, vae: CausalVAE, text_encoder: TextEncoder, sampling: Optional[dict] = None,
+                 caption_stats: Optional[CaptionStats] = None):
         super().__init__()
         self.sampling = _check_sampling_settings(sampling)
+        if caption_stats is not None and not isinstance(caption_stats, CaptionStats):
+            raise TypeError(f"caption_stats must be a CaptionStats or None, got {type(caption_stats).__name__}")
+        self.caption_stats = caption_stats
         if dit.config.in_channels != vae.latent_channels or dit.config.out_channels != vae.latent_channels:
             raise ValueError(f"dit in/out channels ({dit.config.in_channels}/{dit.config.out_channels}) must equal "
                              f"the VAE's latent channels ({vae.latent_channels})")
@@ -106,6 +114,7 @@ class VideoPipeline(nn.Module):
                              f"dim={text_encoder.dim}")
         self.dit, self.vae, self.text_encoder = dit, vae, text_encoder
         self.last_timings: dict = {}
+        self.last_prompts: list[Expansion] = []
 
     @property
     def device(self) -> torch.device:
@@ -122,6 +131,19 @@ class VideoPipeline(nn.Module):
 
     DEFAULT_SIZE: Size = (9, 32, 32)
 
+    def _expander(self, expand) -> Optional[PromptExpander]:
+        """``expand`` (None, ``"schema"`` or a PromptExpander) as an expander, checked before any work."""
+        if expand == "chat":
+            raise ValueError("expand='chat' needs a chat server: pass expand=ChatExpander(base_url, model) "
+                             "(sora_fast.captions.expand)")
+        return make_expander(expand, stats=self.caption_stats)
+
+    def _expand(self, prompts: Sequence[str], expander: Optional[PromptExpander]) -> list[str]:
+        """The prompts the text encoder gets; sets :attr:`last_prompts`."""
+        self.last_prompts = ([Expansion(p, p) for p in prompts] if expander is None
+                             else expander.expand_many(list(prompts)))
+        return [e.expanded for e in self.last_prompts]
+
     def _shift(self, shift):
         """``shift`` as given, or (None) the pipeline's: its scheduler's shift, else ``"auto"``."""
         return shift if shift is not None else self.sampling["shift"] if self.sampling else "auto"
@@ -135,7 +157,8 @@ class VideoPipeline(nn.Module):
                  init_videos: Optional[Sequence[Optional[Media]]] = None,
                  strength: Union[float, Sequence[float]] = 1.0,
                  conditions: Optional[Sequence[Sequence[Condition]]] = None,
-                 solver: str = "euler", order: Optional[int] = None, cache=None) -> list[torch.Tensor]:
+                 solver: str = "euler", order: Optional[int] = None, cache=None,
+                 expand: Union[str, PromptExpander, None] = None) -> list[torch.Tensor]:
         """Videos for ``prompts``, all denoised in one packed stream.
 
         Args:
@@ -153,6 +176,12 @@ class VideoPipeline(nn.Module):
                 evaluations of every prompt (its CFG copies apart).
             denoiser: what runs the DiT at each step (default the DiT itself), e.g. a CFG- or
                 sequence-parallel one from :func:`sora_fast.distributed.make_denoiser`.
+            expand: prompt expansion (:mod:`sora_fast.captions.expand`) before the text encoder: None (the
+                prompts as given), ``"schema"`` (:class:`~sora_fast.captions.expand.SchemaExpander` of
+                :attr:`caption_stats`; uniform over the grammar without them) or any ``PromptExpander``, e.g.
+                ``ChatExpander(base_url, model, stats=pipe.caption_stats)``. The expanded prompts are what the
+                model sees; :attr:`last_prompts` holds each prompt's ``Expansion``. A prompt that cannot be
+                expanded is kept (its note or error says why), so generation goes on.
             seed: one int (video i uses ``seed + i``) or one per prompt; the noise of a video depends only
                 on its seed and size, so a prompt gives the same video alone or with others.
             init_videos: editing (SDEdit): one entry per prompt, None (generate from noise) or the video to
@@ -247,6 +276,7 @@ class VideoPipeline(nn.Module):
             raise TypeError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
         shift = self._shift(shift)
         check_sampling(steps, guidance, shift, b, solver=solver, order=order, cache=cache, denoiser=denoiser)
+        expander = self._expander(expand)
         strengths = check_strength(strength, b)
         for i, (v, st) in enumerate(zip(inits, strengths)):
             if v is None and st != 1.0:
@@ -257,7 +287,11 @@ class VideoPipeline(nn.Module):
         dev, timings = self.device, {}
 
         t0 = time.perf_counter()
-        text = self.text_encoder.encode(list(prompts)).to(dev)
+        prompts = self._expand(prompts, expander)
+        if expander is not None:
+            timings["expand"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        text = self.text_encoder.encode(prompts).to(dev)
         uncond = self.text_encoder.encode([negative_prompt] * b).to(dev) if guidance != 1.0 else None
         timings["text"] = time.perf_counter() - t0
 
@@ -355,7 +389,8 @@ class VideoPipeline(nn.Module):
                       guidance: float = 5.0, negative_prompt: str = "", shift: Union[float, str, None] = None,
                       seed: int = 0, progress: Optional[Callable[[int, int], None]] = None,
                       denoiser: Optional[Callable] = None, return_latents: bool = False,
-                      solver: str = "euler", order: Optional[int] = None, cache=None):
+                      solver: str = "euler", order: Optional[int] = None, cache=None,
+                      expand: Union[str, PromptExpander, None] = None):
         """One long video of ``frames`` pixel frames, rolled out in autoregressive windows of ``window`` frames.
 
         **Design.** The rollout works in latent space. A window is a video of ``window = 1 + 4m`` pixel frames
@@ -387,8 +422,8 @@ class VideoPipeline(nn.Module):
             window: pixel frames per window, ``1 + 4m`` with ``m >= 1``.
             overlap: latent frames each window takes from the previous one, ``0 < overlap < W``.
             size: ``(height, width)`` in pixels (default: :attr:`DEFAULT_SIZE`'s).
-            steps, guidance, negative_prompt, shift, denoiser, solver, order, cache: as in :meth:`generate`, for
-                every window.
+            steps, guidance, negative_prompt, shift, denoiser, solver, order, cache, expand: as in
+                :meth:`generate`, for every window (the prompt is expanded once).
             seed: an int (see Seeds).
             progress: called with ``(windows done, windows)`` after every window.
             return_latents: also return the list of every window's normalized latents ``(C, W, h, w)``.
@@ -414,9 +449,14 @@ class VideoPipeline(nn.Module):
             raise TypeError(f"return_latents must be a bool, got {type(return_latents).__name__}")
         shape = self.latent_shape((window, h, w))
         check_generate_memory(self, [shape], [(frames, h, w)], cfg=guidance != 1.0)  # one window; the whole output
+        expander = self._expander(expand)
         self.eval()
         dev, timings = self.device, {}
 
+        t0 = time.perf_counter()
+        (prompt,) = self._expand([prompt], expander)
+        if expander is not None:
+            timings["expand"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         text = self.text_encoder.encode([prompt]).to(dev)
         uncond = self.text_encoder.encode([negative_prompt]).to(dev) if guidance != 1.0 else None
@@ -464,7 +504,8 @@ class VideoPipeline(nn.Module):
 
     # --- persistence ---------------------------------------------------------------------------
     def describe(self) -> dict:
-        """JSON description of the three models (enough to rebuild them empty)."""
+        """JSON description of the three models (enough to rebuild them empty), the sampling settings and the
+        training captions' statistics (``captions``) when the pipeline has them."""
         te = self.text_encoder
         if isinstance(te, TinyTextEncoder):
             text = {"kind": "tiny", "config": dataclasses.asdict(te.config)}
@@ -477,7 +518,14 @@ class VideoPipeline(nn.Module):
             raise TypeError(f"cannot describe a text encoder of type {type(te).__name__}")
         desc = {"format": _FORMAT, "dit": dataclasses.asdict(self.dit.config),
                 "vae": dataclasses.asdict(self.vae.config), "text": text}
-        return desc if self.sampling is None else {**desc, "sampling": self.sampling}
+        if self.sampling is not None:
+            desc["sampling"] = self.sampling
+        if self.caption_stats is not None:
+            if not isinstance(self.caption_stats, CaptionStats):
+                raise TypeError(f"caption_stats must be a CaptionStats or None, got "
+                                f"{type(self.caption_stats).__name__}")
+            desc["captions"] = self.caption_stats.to_dict()
+        return desc
 
     def save(self, directory: Union[str, os.PathLike]) -> Path:
         """Write ``pipeline.json`` + ``dit``/``vae``/``text.safetensors`` to ``directory`` atomically (a crash
@@ -516,7 +564,8 @@ class VideoPipeline(nn.Module):
         Every weight file is checked against the size and sha256 ``pipeline.json`` records (``verify=False``:
         sizes only, with a warning saying so). A directory left missing by a crash in the middle of a save's
         swap is recovered first (with a warning). A missing, truncated or corrupt file, broken JSON, an
-        unknown ``format`` or text-encoder ``kind`` raise FileNotFoundError / ValueError naming the file.
+        unknown ``format`` or text-encoder ``kind`` or malformed ``captions`` statistics raise FileNotFoundError /
+        ValueError naming the file. A pipeline saved without ``captions`` loads with ``caption_stats`` None.
         """
         from .models._convert import load_converted
 
@@ -557,7 +606,8 @@ class VideoPipeline(nn.Module):
             f = d / f"{name}.safetensors"
             load_converted(models[name], load_safetensors(f, what[name]), str(f))
         try:
-            pipe = cls(dit, vae, text, sampling=desc.get("sampling"))
+            stats = None if desc.get("captions") is None else CaptionStats.from_dict(desc["captions"])
+            pipe = cls(dit, vae, text, sampling=desc.get("sampling"), caption_stats=stats)
         except ValueError as e:
             raise ValueError(f"{str(desc_path)!r}: {e}") from e
         return pipe.to(device) if device is not None else pipe

@@ -20,6 +20,12 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
     assert sum(name.endswith(".gif") for name in summary["samples"]) == n
     for f in ("contact_sheet.png", "pipeline/pipeline.json", "dit_run/metrics.jsonl", "dit_run/loss.png"):
         assert (out / f).stat().st_size > 0, f
+    # the pipeline carries the statistics of the captions it was trained on (prompt expansion fills from them)
+    from sora_fast.captions.expand import CaptionStats
+    saved = CaptionStats.from_dict(json.loads((out / "pipeline" / "pipeline.json").read_text())["captions"])
+    captions = [p.read_text().strip() for p in sorted((out / "data").glob("*.txt"))]
+    assert saved.frequencies() == CaptionStats.from_captions(captions).frequencies()
+    assert saved.captions + saved.skipped == len(captions)
     # every conditioned mode scored, printed as a row of the summary table, with a contact sheet
     from sora_fast.eval import MODES, TARGETS
     scores = summary["conditioning"]

@@ -120,9 +120,48 @@ def _check_solver_args(args) -> None:
         raise ValueError(f"--cache: {e}") from None
 
 
+def _check_expand_args(args) -> None:
+    """``--expand`` / ``--expand-base-url`` / ``--expand-model``: the chat expander needs both, nothing else does."""
+    chat = {"--expand-base-url": args.expand_base_url, "--expand-model": args.expand_model}
+    if args.expand == "chat":
+        missing = [f for f, v in chat.items() if not v]
+        if missing:
+            raise ValueError(f"--expand chat needs {' and '.join(missing)} (an OpenAI-compatible server and its model)")
+    else:
+        given = [f for f, v in chat.items() if v]
+        if given:
+            raise ValueError(f"{' and '.join(given)} only apply to --expand chat, got --expand {args.expand}")
+
+
+def _expand_prompts(pipe, args, mesh) -> list:
+    """Each ``--prompt``'s :class:`~sora_fast.captions.expand.Expansion` (under torchrun rank 0 expands and
+    every rank takes its prompts, so a chat model's answer is the same everywhere), printed."""
+    from ..captions.expand import Expansion, make_expander
+
+    if args.expand is None:
+        return [Expansion(p, p) for p in args.prompt]
+    main = mesh is None or mesh.is_main
+    found = None
+    if main:
+        expander = make_expander(args.expand, stats=pipe.caption_stats, base_url=args.expand_base_url,
+                                 model=args.expand_model)
+        found = expander.expand_many(args.prompt)
+    if mesh is not None:
+        import torch.distributed as dist
+
+        box = [found]
+        dist.broadcast_object_list(box, src=0)
+        found = box[0]
+    if main:
+        for i, e in enumerate(found):
+            print(f"expand ({args.expand}) prompt {i + 1}: {e.describe()}")
+    return found
+
+
 def _check_generate_args(args) -> None:
     """Every argument of ``generate`` that needs no model, checked before anything loads or runs."""
     _finite("--guidance", args.guidance)
+    _check_expand_args(args)
     _check_solver_args(args)
     if args.cache is not None and (args.sequence_parallel > 1 or args.cfg_parallel):
         raise ValueError("--cache runs the DiT block by block on one process; leave out --sequence-parallel and "
@@ -185,7 +224,7 @@ def _check_long_args(args) -> None:
                              "and a size of the same frames)")
 
 
-def _generate_long(pipe, args, sizes, mesh) -> list:
+def _generate_long(pipe, args, prompts, sizes, mesh) -> list:
     """Every prompt rolled out alone by ``generate_long`` (prompt i with seed + i), a progress bar over its
     windows; returns the clips and sets ``pipe.last_timings`` to the sums over prompts."""
     from ..distributed import make_denoiser
@@ -194,7 +233,7 @@ def _generate_long(pipe, args, sizes, mesh) -> list:
     plans = [pipe.plan_long(args.frames, args.window, args.overlap, tuple(s[1:])) for s in sizes]  # before work
     denoiser = None if mesh is None else make_denoiser(pipe.dit, mesh)
     clips, total, evaluations = [], {"text": 0.0, "denoise": 0.0, "decode": 0.0}, []
-    for i, (prompt, s, plan) in enumerate(zip(args.prompt, sizes, plans)):
+    for i, (prompt, s, plan) in enumerate(zip(prompts, sizes, plans)):
         bar = ProgressBar(len(plan), desc=f"video {i + 1}/{len(sizes)} windows",
                           disable=mesh is not None and not mesh.is_main, print_every=1)
         clips.append(pipe.generate_long(prompt, args.frames, window=args.window, overlap=args.overlap,
@@ -239,10 +278,12 @@ def cmd_generate(args) -> int:
     kw = {} if edit is None else dict(init_videos=[edit] * len(args.prompt), strength=args.strength)
     if args.conditions:
         kw["conditions"] = [[c for _, c in args.conditions] for _ in args.prompt]
+    expansions = _expand_prompts(pipe, args, mesh)
+    prompts = [e.expanded for e in expansions]      # what the model sees
     if long:
-        clips = _generate_long(pipe, args, sizes, mesh)
+        clips = _generate_long(pipe, args, prompts, sizes, mesh)
     else:
-        clips = pipe.generate(args.prompt, sizes, steps=args.steps, guidance=args.guidance, shift=args.shift,
+        clips = pipe.generate(prompts, sizes, steps=args.steps, guidance=args.guidance, shift=args.shift,
                               negative_prompt=args.negative_prompt, seed=args.seed, **kw,
                               denoiser=None if mesh is None else make_denoiser(pipe.dit, mesh),
                               solver=args.solver, order=args.order, cache=args.cache)
@@ -253,10 +294,12 @@ def cmd_generate(args) -> int:
         for fmt in args.format:
             ext = "png" if fmt == "mp4" and clip.shape[1] == 1 else fmt
             written.append(write_video(out / f"{stem}.{ext}", clip, fps=args.fps))
-    write_contact_sheet(out / "contact_sheet.png", clips, args.prompt)
+    write_contact_sheet(out / "contact_sheet.png", clips, prompts)
     t = pipe.last_timings
+    expand = {} if args.expand is None else {"expand": args.expand, "expanded_prompts": prompts,
+                                             "expansions": [e.to_dict() for e in expansions]}
     _write_metadata(out / "generate.json", {
-        "prompts": list(args.prompt), "sizes": [list(c.shape[1:]) for c in clips], "seed": args.seed,
+        "prompts": list(args.prompt), **expand, "sizes": [list(c.shape[1:]) for c in clips], "seed": args.seed,
         "steps": args.steps, "guidance": args.guidance, "solver": args.solver, "order": args.order,
         "cache": args.cache, "files": [p.name for p in written],
         "evaluations": t["evaluations"], "seconds": {k: t[k] for k in ("text", "denoise", "decode") if k in t}})

@@ -173,6 +173,7 @@ def _cached_text(text, captions, train_cfg, out: Path, mesh, device):
 def cmd_train(args) -> int:
     import torch
 
+    from ..captions.expand import CaptionStats
     from ..data import LatentDataset, VideoFolder, ensure_latent_cache, module_key, write_skip_report
     from ..distributed.launch import barrier, has_checkpoint, make_trainer, save_pipeline, training_mesh
     from ..models.dit import DiTConfig, VideoDiT
@@ -215,6 +216,10 @@ def cmd_train(args) -> int:
         print(write_skip_report(folder.skipped + latents.encode_skipped + latents.skipped, out / "skipped.jsonl"),
               file=sys.stderr)
     items = [{"latent": latents[i]["latent"].float(), "caption": latents[i]["caption"]} for i in range(len(latents))]
+    # the saved pipeline carries the statistics of the captions this run trains on (prompt expansion fills from them)
+    pipe.caption_stats = CaptionStats.from_captions([it["caption"] for it in items])
+    if mesh is None or mesh.is_main:
+        print(pipe.caption_stats.summary(), file=sys.stderr)
     model_config = {"dit": dataclasses.asdict(dit.config), "text": pipe.describe()["text"]}
     val = run.validation
     if val is not None and mesh is not None:

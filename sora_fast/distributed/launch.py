@@ -113,6 +113,6 @@ def save_pipeline(pipe, directory, mesh: Optional[ParallelMesh]) -> bool:
         text = TinyTextEncoder(pipe.text_encoder.config)
         load_unsharded(text, pipe.text_encoder)
     if main:
-        VideoPipeline(dit, pipe.vae, text).save(directory)
+        VideoPipeline(dit, pipe.vae, text, sampling=pipe.sampling, caption_stats=pipe.caption_stats).save(directory)
     barrier()
     return main
