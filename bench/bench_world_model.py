@@ -95,6 +95,9 @@ def main(argv=None) -> int:
     ap.add_argument("--pipeline", default=None, help="score this saved pipeline instead of training one")
     ap.add_argument("--clips", type=int, default=None, help="held-out prompts per scene (default: 24; --quick: 2)")
     ap.add_argument("--seed", type=int, default=2300, help="held-out prompts and sampling seed (default: 2300)")
+    ap.add_argument("--dit-steps", type=int, default=None, help="DiT training steps (default: the preset's)")
+    ap.add_argument("--vae-from", default=None,
+                    help="take the VAE of this saved world pipeline (same data) instead of training one")
     ap.add_argument("--no-conditioned", action="store_true", help="skip the image-to-video pass")
     ap.add_argument("--quick", action="store_true", help="a smoke run: the world-quick demo preset, 2 prompts a scene")
     cli.add_threads_flag(ap, "torch threads (default: torch's choice)")
@@ -103,6 +106,7 @@ def main(argv=None) -> int:
     if args.clips is None:
         args.clips = 2 if args.quick else 24
     cli.check_counts(args, cli.exit_with, ("clips", "threads"))
+    cli.check_at_least("--dit-steps", args.dit_steps, 1, cli.exit_with)
     with cli.torch_threads(args.threads):
         return _run(args)
 
@@ -113,6 +117,7 @@ def _run(args) -> int:
     from sora_fast.pipeline import VideoPipeline
 
     cfg = DEMO_PRESETS["world-quick" if args.quick else "world"]
+    cfg = dataclasses.replace(cfg, dit_steps=args.dit_steps or cfg.dit_steps, vae_from=args.vae_from)
     t0 = time.perf_counter()
     if args.pipeline:
         pipe, source = VideoPipeline.load(args.pipeline), {"pipeline": str(args.pipeline)}

@@ -52,6 +52,7 @@ class DemoConfig:
     eval_clips: int = 24      # held-out clips per conditioned mode (sora_fast.eval.conditioning); 0: skip
     eval_prompts: int = 48    # held-out text-to-video prompts scored with them
     world: bool = False       # train on the synthetic world (sora_fast.data.world) instead of the plain clips
+    vae_from: Optional[str] = None  # a saved pipeline whose VAE (trained on the same data) replaces training one
 
 
 DEMO_PRESETS = {
@@ -182,15 +183,21 @@ def run_demo(out_dir: str = "sora_fast_demo", *, quick: bool = False, world: boo
         del read
         st.detail = f"{len(videos)} readable, {len(folder.skipped)} skipped"
 
-    # 2. VAE from scratch, then its latent statistics
-    with timer.stage("train vae") as st:
-        r = train_vae(vae, videos, VAETrainConfig(steps=cfg.vae_steps, focus=cfg.vae_focus, seed=cfg.seed),
-                      progress=progress)
-        fit_latent_stats(vae, videos)
+    # 2. VAE from scratch (or a saved pipeline's, trained on the same data), then its latent statistics
+    with timer.stage("train vae" if cfg.vae_from is None else "load vae") as st:
+        if cfg.vae_from is None:
+            r = train_vae(vae, videos, VAETrainConfig(steps=cfg.vae_steps, focus=cfg.vae_focus, seed=cfg.seed),
+                          progress=progress)
+            fit_latent_stats(vae, videos)
+            how = f"{cfg.vae_steps} steps, recon MSE {sum(r['recon'][-20:]) / len(r['recon'][-20:]):.4f}"
+        else:
+            from .pipeline import VideoPipeline
+
+            vae = VideoPipeline.load(cfg.vae_from).vae
+            how = f"from {cfg.vae_from}"
         vae_check = _vae_check(vae, captions, videos)
         weak = [f"{c} {ok}/{n}" for c, (ok, n) in vae_check["per_color"].items() if ok < n]
-        st.detail = (f"{cfg.vae_steps} steps, recon MSE {sum(r['recon'][-20:]) / len(r['recon'][-20:]):.4f}, "
-                     f"checker passes {vae_check['passed']}/{vae_check['clips']} reconstructions"
+        st.detail = (f"{how}, checker passes {vae_check['passed']}/{vae_check['clips']} reconstructions"
                      + (f" (weak: {', '.join(weak)})" if weak else ""))
 
     # 3. latent cache
