@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="recaption_bench", help="output folder (default: recaption_bench)")
     ap.add_argument("--dit-steps", type=int, default=None, help="DiT steps per arm (default: the demo's, 3200)")
-    ap.add_argument("--prompts", type=int, default=48, help="held-out text-to-video prompts (default: 48)")
+    ap.add_argument("--prompts", type=int, default=None, help="held-out text-to-video prompts (default: 48; --quick: 4)")
     ap.add_argument("--seed", type=int, default=1000, help="sampling seed of the held-out prompts (default: 1000)")
     ap.add_argument("--vae-from", default=None, help="take the VAE of this saved demo pipeline instead of training one")
     ap.add_argument("--expand-pipeline", default=None,
@@ -142,7 +142,7 @@ def _run(args) -> int:
 
     base = DEMO_PRESETS["quick" if args.quick else "default"]
     cfg = dataclasses.replace(base, cond_mix={"t2v": 1.0}, dit_steps=args.dit_steps or base.dit_steps)
-    prompts = 4 if args.quick else args.prompts
+    prompts = args.prompts or (4 if args.quick else 48)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
