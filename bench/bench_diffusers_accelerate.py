@@ -11,10 +11,11 @@ for correctness before it is timed (a failed check is a row without timings):
    norm + SiLU).
 
 Timing, as ``bench_system.py`` (whose model builders it uses): both paths interleaved, warm-up first, median
-of ``--reps``; ratio = before / after (> 1: the accelerated path is faster). On the CPU the ops run
-their plain-torch references (the kernels need a GPU), so the ratios there compare those references
-(attention as per-sequence fp32 matmuls and logsumexp; the causal conv through oneDNN, which PyTorch's
-own CPU heuristic, used by diffusers' Conv3d, skips at batch 1) with diffusers' own code, not the kernels.
+of ``--reps``; ratio = before / after (> 1: the accelerated path is faster). Each row names the path every
+accelerated op took (``accelerate``'s ``handle.choices``): on the CPU the torch backend, whose path for each
+op is the fastest correct one measured (attention on torch's fused SDPA with a RoPE table made once per
+latent grid, the adaLN chains with broadcast tables, the causal conv through oneDNN, which PyTorch's own
+CPU heuristic, used by diffusers' Conv3d, skips at batch 1); on a GPU the kernels.
 
     python bench/bench_diffusers_accelerate.py [--quick] [--reps 5] [--threads 1] [--json P]
 """
@@ -50,34 +51,34 @@ def settings(quick: bool) -> dict:
 
 def _accelerated_copy(model):
     """The same weights twice: the original, and a deep copy accelerated (so both are timed as they are,
-    interleaved, without undo/redo between repetitions)."""
+    interleaved, without undo/redo between repetitions). Returns the copy and the path each op takes."""
     from sora_fast.integrations.diffusers import accelerate
 
     twin = copy.deepcopy(model)
-    accelerate(twin)
-    return twin
+    return twin, accelerate(twin).choices
 
 
-def _row(case, shape, before, after, outputs, s) -> dict:
+def _row(case, shape, before, after, outputs, s, paths) -> dict:
     """Check ``outputs()`` -> (accelerated, original) pairs, then time both paths."""
     with torch.no_grad():
         err = max(rel_err(a, b) for a, b in outputs())
-        row = dict(case=case, shape=shape, max_rel_err=err, passed=err <= REL_TOL)
+        row = dict(case=case, shape=shape, max_rel_err=err, passed=err <= REL_TOL, paths=paths)
         if row["passed"]:
             ts = time_interleaved({"before": before, "after": after}, s["reps"], s["warmup"])
-            row.update(ms_before=1e3 * ts["before"], ms_after=1e3 * ts["after"], ratio=ts["before"] / ts["after"])
+            row.update(ms_before=1e3 * ts["before"], ms_after=1e3 * ts["after"], ratio=ts["before"] / ts["after"],
+                       ratio_of_min=ts["min:before"] / ts["min:after"])
     return row
 
 
 def bench_wan(s, wan, device) -> dict:
     c = s["dit"]
-    fast = _accelerated_copy(wan)
+    fast, paths = _accelerated_copy(wan)
     kw = dict(hidden_states=torch.randn(1, c["in_ch"], *s["latent"], device=device),
               timestep=torch.tensor([500.0], device=device),
               encoder_hidden_states=torch.randn(1, s["text_len"], c["text_dim"], device=device), return_dict=False)
     before, after = (lambda: wan(**kw)[0]), (lambda: fast(**kw)[0])
     return _row("wan forward", f"latent {tuple(kw['hidden_states'].shape)}", before, after,
-                lambda: [(after(), before())], s)
+                lambda: [(after(), before())], s, paths)
 
 
 def bench_packed(s, wan, device) -> dict:
@@ -90,17 +91,24 @@ def bench_packed(s, wan, device) -> dict:
     alone = lambda: [wan(hidden_states=x[None], timestep=t[i:i + 1], encoder_hidden_states=texts[i][None],  # noqa: E731
                          return_dict=False)[0][0] for i, x in enumerate(lats)]
     packed = lambda: wan_packed_forward(wan, lats, t, texts)  # noqa: E731
+    paths = {f"VideoDiT.{f}": f"torch on {device}: {_torch_path(f)}" for f in ("attention", "adaln")}
     return _row("packed mixed sizes", f"latents {s['mixed']}", alone, packed,
-                lambda: list(zip(packed(), alone())), s)
+                lambda: list(zip(packed(), alone())), s, paths)
 
 
 def bench_vae(s, device) -> dict:
     v = s["vae"]
     dv = make_vaes(v["base_dim"])[0].to(device)
-    fast = _accelerated_copy(dv)
+    fast, paths = _accelerated_copy(dv)
     z = torch.randn(1, 4, *v["latent"], device=device)
     before, after = (lambda: dv.decode(z).sample), (lambda: fast.decode(z).sample)
-    return _row("wan vae decode", f"latent {tuple(z.shape)}", before, after, lambda: [(after(), before())], s)
+    return _row("wan vae decode", f"latent {tuple(z.shape)}", before, after, lambda: [(after(), before())], s, paths)
+
+
+def _torch_path(family: str) -> str:
+    from sora_fast.integrations.diffusers._accelerate import TORCH_PATHS
+
+    return TORCH_PATHS[family]
 
 
 def main(argv=None) -> int:
@@ -130,6 +138,8 @@ def run(args, s) -> int:
                   if "ratio" in r else "not timed")
         print(f"  {r['case']:<20} {r['shape']:<48} max rel err {r['max_rel_err']:.1e} "
               f"{'ok' if r['passed'] else 'FAILED'}; {timing}")
+        for op, path in r["paths"].items():
+            print(f"      {op}: {path}")
     if args.json:
         write_json(args.json, rows, indent=2, newline=False)
     return 0 if all(r["passed"] for r in rows) else 1

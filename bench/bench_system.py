@@ -1,6 +1,6 @@
 """System benchmarks measurable on a CPU, each reported as a ratio of two paths timed in one run.
 
-Four measurements, fp32, every one checked for correctness before it is timed (a row whose check fails
+Six measurements, fp32, every one checked for correctness before it is timed (a row whose check fails
 is reported as failed and its timings are not written):
 
 1. ``packed``: VideoDiT forward+backward on a mixed-resolution batch (an image and two videos of
@@ -12,10 +12,18 @@ is reported as failed and its timings are not written):
 2. ``diffusers``: VideoDiT against diffusers' ``WanTransformer3DModel`` with the same converted random
    weights, forward latency (no grad) for one video and a batch of same-size videos, and the max
    relative difference of the outputs.
-3. ``cfg``: ``sample_euler`` with packed classifier-free guidance (conditional and unconditional
+3. ``mixed``: the same two models on videos of different sizes: VideoDiT one packed forward, diffusers
+   one forward per size (same-size videos batched, as a user must); every output checked. Two batches: the
+   ``packed`` section's three videos (large, compute-bound), eight small clips in six sizes, and fifteen
+   clips of the demo's training-batch shapes in nine sizes.
+4. ``train``: one training step (forward, per-video MSE loss averaged over the videos, backward, fused
+   AdamW) of each model from the same weights, on a batch of same-size videos and on the three mixed-size
+   batches (diffusers: one forward and backward per size, gradients accumulated, one AdamW step). Checked first:
+   the outputs, the loss and every parameter gradient (diffusers' mapped to VideoDiT's layout).
+5. ``cfg``: ``sample_euler`` with packed classifier-free guidance (conditional and unconditional
    copies in one forward of 2B videos) against the same sampler whose denoiser runs two forwards of B
    videos; the final latents must match. Reports ms per sampling step and the ratio.
-4. ``vae``: ``CausalVAE.decode`` against diffusers' ``AutoencoderKLWan.decode`` (same tiny random
+6. ``vae``: ``CausalVAE.decode`` against diffusers' ``AutoencoderKLWan.decode`` (same tiny random
    weights) for several output frame counts: peak live tensor storage during the call (counted
    deterministically by a dispatch-mode storage tracker), the working memory (peak minus the output),
    decode time, and the max relative difference.
@@ -25,7 +33,7 @@ warm-up runs first, and the median of ``--reps`` repetitions is reported (``rati
 ratio from each path's fastest repetition). Ratios are peer / sora_fast time (> 1: sora_fast's path is
 faster; for ``packed`` the padded baseline is the peer) and peer / sora_fast peak memory.
 
-    python bench/bench_system.py [--quick] [--threads 1] [--only packed,diffusers,cfg,vae] [--json P] [--csv P]
+    python bench/bench_system.py [--quick] [--threads 1] [--only packed,diffusers,mixed,train,cfg,vae] [--json P]
 """
 from __future__ import annotations
 
@@ -46,7 +54,7 @@ from sora_fast.bench import args as cli
 from sora_fast.bench.report import versions, write_csv, write_json
 from sora_fast.bench.timing import time_interleaved
 
-SECTIONS = ("packed", "diffusers", "cfg", "vae")
+SECTIONS = ("packed", "diffusers", "mixed", "train", "cfg", "vae")
 TF, SF = 4, 8  # Wan VAE: 4x time, 8x space
 PATCH = (1, 2, 2)
 REL_TOL = 1e-4  # fp32 max|a - b| / max|b| for model outputs and gradients (fp32 rounding is ~1e-6)
@@ -59,10 +67,20 @@ def settings(quick: bool) -> dict:
         return dict(dit=dict(heads=2, head_dim=64, layers=1, ffn=256, text_dim=32, in_ch=4),
                     videos=[(1, 64, 64), (5, 48, 80), (9, 48, 48)], text_len=8,
                     same_size=(5, 48, 48), batch=2, cfg_steps=1,
+                    mixes=[[(1, 64, 64), (5, 48, 80), (5, 48, 80)], [(1, 32, 32), (5, 32, 48), (1, 32, 32)]],
                     vae=dict(base_dim=8, hw=4, frames=(5, 9)), reps=1, warmup=0)
     return dict(dit=dict(heads=4, head_dim=64, layers=2, ffn=1024, text_dim=64, in_ch=16),
                 videos=[(1, 256, 256), (17, 192, 320), (33, 192, 192)], text_len=16,
                 same_size=(9, 192, 192), batch=4, cfg_steps=1,
+                # the packed section's three videos (2,752 tokens, compute-bound); eight small clips in six sizes
+                # (1,304 tokens); and a batch shaped as the demo's training batches: fifteen clips of 1 to 5 latent
+                # frames of 8x8, 8x12 or 12x8 in nine sizes (16 to 120 tokens each), where the fixed work of one
+                # diffusers call per size weighs most
+                mixes=[[(1, 256, 256), (17, 192, 320), (33, 192, 192)],
+                       [(1, 128, 128), (5, 128, 192), (9, 96, 96), (9, 128, 128), (5, 192, 128), (17, 96, 160),
+                        (9, 128, 128), (1, 128, 128)],
+                       [(t, h, w) for t in (1, 9, 17) for h, w in ((64, 64), (64, 96), (96, 64))]
+                       + [(17, 64, 96), (9, 96, 64), (17, 96, 64), (9, 64, 64), (17, 64, 64), (1, 64, 96)]],
                 vae=dict(base_dim=8, hw=8, frames=(9, 17, 33)), reps=7, warmup=1)
 
 
@@ -262,7 +280,153 @@ def bench_diffusers(s: dict, wan, dit, gen) -> list[dict]:
     return rows
 
 
-# --- 3. packed CFG vs two forwards -------------------------------------------------------------------------
+# --- 3. mixed sizes: one packed forward vs one diffusers forward per size ---------------------------------
+def _size_groups(latents) -> list[list[int]]:
+    """Indices of the latents of each distinct shape, in order of first appearance (diffusers batches only
+    latents of one shape)."""
+    groups: dict = {}
+    for i, x in enumerate(latents):
+        groups.setdefault(tuple(x.shape), []).append(i)
+    return list(groups.values())
+
+
+def _diffusers_by_size(wan, lat, t, txt) -> list[torch.Tensor]:
+    """diffusers on latents of different sizes: one forward per shape, outputs in the latents' order."""
+    out = [None] * len(lat)
+    for g in _size_groups(lat):
+        o = wan(torch.stack([lat[i] for i in g]), t[g], torch.stack([txt[i] for i in g]), return_dict=False)[0]
+        for j, i in enumerate(g):
+            out[i] = o[j]
+    return out
+
+
+def _mixed_inputs(s: dict, mix: list, c, gen):
+    lat = [torch.randn(c.in_channels, *latent_shape(v), generator=gen) for v in mix]
+    txt = [torch.randn(s["text_len"], c.text_dim, generator=gen) for _ in lat]
+    return lat, txt, torch.rand(len(lat), generator=gen) * 1000
+
+
+def _mixed_shapes(s: dict, mix: list, c) -> str:
+    return f"pixels {mix} -> latents {[latent_shape(v) for v in mix]} x {c.in_channels} ch, text {s['text_len']}"
+
+
+def bench_mixed(s: dict, wan, dit, gen) -> list[dict]:
+    return [_mixed_row(s, mix, wan, dit, gen) for mix in s["mixes"]]
+
+
+def _mixed_row(s: dict, mix: list, wan, dit, gen) -> dict:
+    c = dit.config
+    lat, txt, t = _mixed_inputs(s, mix, c, gen)
+
+    def ours():
+        return dit.forward_videos(lat, t, txt)
+
+    def theirs():
+        return _diffusers_by_size(wan, lat, t, txt)
+
+    with torch.no_grad():
+        err = max(rel_err(a, b) for a, b in zip(ours(), theirs()))
+        row = dict(section="mixed", case=f"forward, {len(lat)} videos, {len(_size_groups(lat))} sizes",
+                   model=dit_desc(dit), shapes=_mixed_shapes(s, mix, c),
+                   tokens_real=sum(math.prod(x.shape[1:]) for x in lat) // math.prod(PATCH),
+                   diffusers_forwards=len(_size_groups(lat)), max_rel_err_out=err, passed=err <= REL_TOL)
+        if row["passed"]:
+            ts = time_interleaved({"ours": ours, "diffusers": theirs}, s["reps"], s["warmup"])
+            row.update(ms_ours=1e3 * ts["ours"], ms_diffusers=1e3 * ts["diffusers"],
+                       ratio=ts["diffusers"] / ts["ours"], ratio_of_min=ts["min:diffusers"] / ts["min:ours"])
+    return row
+
+
+# --- 4. a training step vs diffusers' transformer trained the same way --------------------------------------
+def _grads_as_videodit(wan, config) -> dict:
+    """diffusers' parameter gradients in VideoDiT's names and layouts (the weight conversion is a renaming and
+    re-arrangement, so it maps gradients the same way)."""
+    from sora_fast.models.convert import convert_wan_transformer_state_dict
+
+    return convert_wan_transformer_state_dict({n: p.grad for n, p in wan.named_parameters()
+                                               if p.grad is not None}, config)
+
+
+def _train_row(s: dict, case: str, shapes: str, wan, dit, lat, t, txt) -> dict:
+    """Check one step's outputs, loss and gradients of both models (same weights), then time whole steps
+    (zero_grad, forward, loss, backward, fused AdamW), interleaved."""
+    gen = torch.Generator().manual_seed(1)
+    target = [torch.randn(x.shape, generator=gen) for x in lat]
+    b = len(lat)
+    opt_ours = torch.optim.AdamW(dit.parameters(), lr=1e-4, fused=True)
+    opt_theirs = torch.optim.AdamW(wan.parameters(), lr=1e-4, fused=True)
+    dit.train(), wan.train()
+
+    def backward_ours():
+        out = dit.forward_videos(lat, t, txt)
+        loss = sum(F.mse_loss(o, y) for o, y in zip(out, target)) / b        # mean over videos of their MSE
+        loss.backward()
+        return out, loss.detach()
+
+    def backward_theirs():                       # one forward + backward per size, gradients accumulated
+        out, total = [None] * b, 0.0
+        for g in _size_groups(lat):
+            o = wan(torch.stack([lat[i] for i in g]), t[g], torch.stack([txt[i] for i in g]), return_dict=False)[0]
+            loss = sum(F.mse_loss(o[j], target[i]) for j, i in enumerate(g)) / b
+            loss.backward()
+            total = total + loss.detach()
+            for j, i in enumerate(g):
+                out[i] = o[j].detach()
+        return out, total
+
+    def step(model, opt, backward):
+        def run():
+            opt.zero_grad(set_to_none=True)
+            backward()
+            opt.step()
+        return run
+
+    with torch.enable_grad():
+        dit.zero_grad(set_to_none=True), wan.zero_grad(set_to_none=True)
+        out_o, loss_o = backward_ours()
+        out_d, loss_d = backward_theirs()
+        ours = {n: p.grad for n, p in dit.named_parameters()}
+        theirs = _grads_as_videodit(wan, dit.config)
+        err_out = max(rel_err(a.detach(), b_) for a, b_ in zip(out_o, out_d))
+        err_grad = max(rel_err(ours[n], theirs[n]) for n in ours)
+        err_loss = rel_err(loss_o, loss_d)
+        passed = max(err_out, err_loss, err_grad) <= REL_TOL and set(ours) == set(theirs)
+        row = dict(section="train", case=case, model=dit_desc(dit), shapes=shapes,
+                   tokens_real=sum(math.prod(x.shape[1:]) for x in lat) // math.prod(PATCH),
+                   diffusers_forwards=len(_size_groups(lat)), max_rel_err_out=err_out, max_rel_err_loss=err_loss,
+                   max_rel_err_grad=err_grad, passed=passed)
+        if passed:
+            ts = time_interleaved({"ours": step(dit, opt_ours, backward_ours),
+                                   "diffusers": step(wan, opt_theirs, backward_theirs)}, s["reps"], s["warmup"])
+            row.update(ms_ours=1e3 * ts["ours"], ms_diffusers=1e3 * ts["diffusers"],
+                       ratio=ts["diffusers"] / ts["ours"], ratio_of_min=ts["min:diffusers"] / ts["min:ours"])
+    dit.eval(), wan.eval()
+    return row
+
+
+def bench_train(s: dict, wan, dit, gen) -> list[dict]:
+    """Training copies of both models (the other sections keep their weights)."""
+    import copy
+
+    from sora_fast.models.dit import VideoDiT
+
+    wan = copy.deepcopy(wan)
+    dit = VideoDiT.from_diffusers(wan)
+    c = dit.config
+    n = s["batch"]
+    lat = [torch.randn(c.in_channels, *latent_shape(s["same_size"]), generator=gen) for _ in range(n)]
+    txt = [torch.randn(s["text_len"], c.text_dim, generator=gen) for _ in range(n)]
+    rows = [_train_row(s, f"train step, {n} videos", f"{n} x pixels {s['same_size']} -> latent "
+                       f"{latent_shape(s['same_size'])} x {c.in_channels} ch, text {s['text_len']}", wan, dit, lat,
+                       torch.rand(n, generator=gen) * 1000, txt)]
+    for mix in s["mixes"]:
+        lat, txt, t = _mixed_inputs(s, mix, c, gen)
+        rows.append(_train_row(s, f"train step, {len(lat)} videos, {len(_size_groups(lat))} sizes",
+                               _mixed_shapes(s, mix, c), wan, dit, lat, t, txt))
+    return rows
+
+
+# --- 5. packed CFG vs two forwards -------------------------------------------------------------------------
 def bench_cfg(s: dict, dit, gen) -> list[dict]:
     from sora_fast.packing import pack_sequences, pack_videos
     from sora_fast.sampling import concat_text, sample_euler
@@ -299,7 +463,7 @@ def bench_cfg(s: dict, dit, gen) -> list[dict]:
     return [row]
 
 
-# --- 4. chunked VAE decode -----------------------------------------------------------------------------
+# --- 6. chunked VAE decode -----------------------------------------------------------------------------
 def make_vaes(base_dim: int, seed: int = 0):
     """A random diffusers AutoencoderKLWan with Wan2.1's layout (4x time, 8x space) and CausalVAE of it."""
     from diffusers import AutoencoderKLWan
@@ -373,6 +537,10 @@ TABLE = {  # section -> columns shown on stdout (all fields go to JSON/CSV)
                "tok_s_padded", "ratio", "ratio_of_min", "max_rel_err_out", "max_rel_err_grad", "passed"],
     "diffusers": ["case", "tokens_real", "ms_ours", "ms_diffusers", "ratio", "ratio_of_min", "max_rel_err_out",
                   "passed"],
+    "mixed": ["case", "tokens_real", "diffusers_forwards", "ms_ours", "ms_diffusers", "ratio", "ratio_of_min",
+              "max_rel_err_out", "passed"],
+    "train": ["case", "tokens_real", "diffusers_forwards", "ms_ours", "ms_diffusers", "ratio", "ratio_of_min",
+              "max_rel_err_out", "max_rel_err_grad", "passed"],
     "cfg": ["case", "tokens_real", "ms_step_packed", "ms_step_two_forwards", "ratio", "ratio_of_min",
             "max_rel_err_out", "passed"],
     "vae": ["case", "peak_mib_ours", "peak_mib_diffusers", "mem_ratio", "work_mib_ours", "work_mib_diffusers",
@@ -381,6 +549,8 @@ TABLE = {  # section -> columns shown on stdout (all fields go to JSON/CSV)
 RATIO_MEANING = {  # ratio_of_min: the same ratio from each provider's fastest repetition
     "packed": "ratio = padded time / packed time (useful tokens/s gain of packing)",
                  "diffusers": "ratio = diffusers time / VideoDiT time",
+                 "mixed": "ratio = diffusers time (one forward per size) / VideoDiT time (one packed forward)",
+                 "train": "ratio = diffusers step time / VideoDiT step time (forward, backward, fused AdamW)",
                  "cfg": "ratio = two-forward time / packed-CFG time per step",
                  "vae": "mem_ratio = diffusers peak / ours; ratio = diffusers time / ours"}
 
@@ -440,7 +610,7 @@ def run(args, argv, only, s) -> int:
           f"{info['cpu_threads']} CPU threads, {info['timing']}, load average {info['loadavg_start']:.2f}")
     result = {"meta": info}
     wan = dit = None
-    if any(x in only for x in ("packed", "diffusers", "cfg")):
+    if any(x in only for x in ("packed", "diffusers", "mixed", "train", "cfg")):
         wan, dit = make_dits(s["dit"], args.seed)
     for section in SECTIONS:
         if section not in only:
@@ -450,6 +620,10 @@ def run(args, argv, only, s) -> int:
             rows = bench_packed(s, dit, gen)
         elif section == "diffusers":
             rows = bench_diffusers(s, wan, dit, gen)
+        elif section == "mixed":
+            rows = bench_mixed(s, wan, dit, gen)
+        elif section == "train":
+            rows = bench_train(s, wan, dit, gen)
         elif section == "cfg":
             rows = bench_cfg(s, dit, gen)
         else:

@@ -18,6 +18,8 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from .reference._plan import PackPlan
+
 __all__ = [
     "PackedVideos",
     "PackedSequences",
@@ -26,6 +28,7 @@ __all__ = [
     "pack_sequences",
     "plan_batches",
     "frame_ids",
+    "PackPlan",
 ]
 
 _INT32_MAX = 2**31 - 1
@@ -175,6 +178,9 @@ class PackedVideos(_Packed):
                  that makes a new pack carries it, so reading frame counts (:attr:`num_frames`,
                  :attr:`frames_per_video`) needs no device sync; when None they read ``grid``.
     All tensor metadata lives on the tokens' device.
+
+    :attr:`plan` holds the work that depends only on the metadata (frame rows, RoPE tables, attention
+    layouts), done once and reused by every layer and, through :meth:`with_tokens`, every sampling step.
     """
 
     tokens: torch.Tensor
@@ -196,6 +202,25 @@ class PackedVideos(_Packed):
                 raise ValueError(f"frames must hold one count per video ({self.grid.shape[0]}, the rows of grid), "
                                  f"got {len(frames)}")
             self.frames = tuple(int(f) for f in frames)
+
+    @property
+    def plan(self) -> PackPlan:
+        """The pack's :class:`~sora_fast.reference._plan.PackPlan`: per-pack work (offsets on the host, frame
+        rows, RoPE tables, the attention layout) done on first use and reused. Made anew when a metadata
+        field is replaced or modified in place; shared by the packs :meth:`with_tokens` makes."""
+        plan = self.__dict__.get("_plan")
+        if plan is None or not plan.describes(self.cu_seqlens, self.grid, self.coords, self.seq_ids, self.frames):
+            plan = PackPlan(self.cu_seqlens, self.grid, self.coords, self.seq_ids, self.frames)
+            if not torch.compiler.is_compiling():
+                self.__dict__["_plan"] = plan
+        return plan
+
+    def with_tokens(self, tokens: torch.Tensor) -> "PackedVideos":
+        """A copy sharing all metadata, and the :attr:`plan`, with ``tokens`` ``(N, D')`` in place of the features."""
+        out = super().with_tokens(tokens)
+        if "_plan" in self.__dict__:
+            out.__dict__["_plan"] = self.__dict__["_plan"]
+        return out
 
     @property
     def frames_per_video(self) -> list[int]:
@@ -251,10 +276,12 @@ def frame_ids(x: PackedVideos) -> torch.Tensor:
     """Per-frame row of every token, without a host sync: ``(N,)`` int32, the frame offset of its video
     (latent frames of the videos before it) plus its ``t`` coordinate, so values lie in ``[0, F)`` with
     ``F = int(x.grid[:, 0].sum())``: rows are video by video, frames in time order. Works on token shards
-    too (``grid`` and ``coords`` are global)."""
-    frames = x.grid[:, 0].long()                                       # (B,)
-    offsets = torch.cumsum(frames, 0) - frames                         # (B,) first row of each video
-    return (offsets[x.seq_ids.long()] + x.coords[:, 0].long()).to(torch.int32)
+    too (``grid`` and ``coords`` are global). Computed once per pack (:attr:`PackedVideos.plan`)."""
+    def build():
+        frames = x.grid[:, 0].long()                                   # (B,)
+        offsets = torch.cumsum(frames, 0) - frames                     # (B,) first row of each video
+        return (offsets[x.seq_ids.long()] + x.coords[:, 0].long()).to(torch.int32)
+    return build() if torch.compiler.is_compiling() else x.plan.memo("frame_ids", build)
 
 
 def segment_mean(x: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -454,14 +454,19 @@ def test_fp32_grads_match_sdpa_loop(case):
         assert torch.isfinite(g).all()
 
 
+@pytest.mark.parametrize("layout", ["runs", "padded"])
 @pytest.mark.parametrize("case", ["self", "window", "rope", "cross", "window+rope"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_eager_padded_path_matches_sdpa_loop(case, dtype):
-    """Without ``return_lse`` the eager torch path pads every sequence into one masked SDPA batch; its values
-    and gradients must equal the per-sequence loop, including empty queries, empty keys and 1-token videos."""
+def test_eager_path_matches_sdpa_loop(case, dtype, layout, monkeypatch):
+    """Without ``return_lse`` the eager torch path runs torch's SDPA one call per run of equal-length
+    sequences, or pads every sequence into one masked batch (each forced here through the rule's constant),
+    or, with a window, frame block by frame block; its values and gradients must equal the per-sequence
+    loop, including empty queries, empty keys and 1-token videos."""
+    from sora_fast.reference import attention as R
+    monkeypatch.setattr(R, "_CALL_WORK", -1 if layout == "runs" else 2 ** 62)
     kw, masks, lens_k, rope = {}, None, None, None
     if "window" in case or "rope" in case:
-        grids = shuffled([(3, 5, 7), (1, 4, 3), (0, 2, 2), (1, 1, 1), (2, 1, 6)])
+        grids = shuffled([(3, 5, 7), (1, 4, 3), (0, 2, 2), (1, 1, 1), (2, 1, 6), (6, 2, 2)])
         lens = [t * h * w for t, h, w in grids]
         if "window" in case:
             kw.update(window=(1, 2, 0), grid=torch.tensor(grids, dtype=torch.int32))
@@ -470,13 +475,12 @@ def test_eager_padded_path_matches_sdpa_loop(case, dtype):
             rope = random_coords(grids)
             kw.update(rope_coords=rope)
     else:
-        lens = shuffled([1, 17, 0, 113, 4])
+        lens = shuffled([1, 17, 0, 113, 4, 4])
     if case == "cross":
-        lens_k = shuffled([0, 5, 77, 3, 1])
+        lens_k = shuffled([0, 5, 77, 3, 1, 1])
         kw = dict(cu_seqlens_k=cu(lens_k))
     nq, nk = sum(lens), sum(lens_k or lens)
-    from sora_fast.ops import attention as A
-    assert A._padding_pays(cu(lens), kw.get("cu_seqlens_k"), 2), "this pack must take the padded path"
+    assert R._padding_pays(cu(lens), kw.get("cu_seqlens_k"), 2) == (layout == "padded")
     q, k, v = rand_qkv(nq, nk, 2, 24, 16 if case == "cross" else 24, dtype=dtype, requires_grad=True)
     out = spacetime_attention(q, k, v, cu(lens), **kw, backend="torch")
     dout = torch.randn_like(out)
@@ -494,20 +498,24 @@ def test_eager_padded_path_matches_sdpa_loop(case, dtype):
 
 
 def test_padded_path_only_where_padding_pays(monkeypatch):
-    """The eager path pads packs of similar lengths and packs of many tiny sequences (the loop's per-call
-    overhead dominates); a pack of one long and many short sequences, where padding would multiply the
-    work and the memory, goes through the per-sequence loop."""
+    """The eager path makes one SDPA call per run of equal-length sequences (one call for equal lengths,
+    however large) and pads only packs of many small sequences of different lengths, where the calls cost
+    more than the padded work; a pack of one long and many short sequences, where padding would multiply
+    the work and the memory, is never padded."""
     from sora_fast.ops import attention as A
-    assert A._padding_pays(cu([1, 17, 0, 113]), None, 2)                     # small: the overhead dominates
-    assert A._padding_pays(cu([120] * 9), None, 4)                          # even lengths: no waste
-    assert A._padding_pays(cu([2000, 1900, 2000, 1800]), None, 8)           # even and large
+    assert not A._padding_pays(cu([120] * 9), None, 4)                      # one run: one call, nothing padded
+    assert not A._padding_pays(cu([2000, 1900, 2000, 1800]), None, 8)       # few large calls: no padding
+    assert not A._padding_pays(cu([1, 17, 0, 113]), None, 2)                # 3 calls beat 3x the work
+    assert A._padding_pays(cu([1, 2] * 200), None, 2)                       # 400 tiny calls: pad
+    assert A._padding_pays(cu([16, 24] * 8), None, 4, 32)                   # 16 calls, 30% padding: pad
     assert not A._padding_pays(cu([120] + [16] * 64), None, 4)              # 30x the work padded
     assert not A._padding_pays(cu([4000] + [1] * 200), None, 2)             # skewed: the loop
     assert not A._padding_pays(cu([1000] + [16] * 40), cu([1000] + [16] * 40), 4)
-    assert not A._padding_pays(cu([9000] * 4), None, 8)                     # past the memory cap
+    assert not A._padding_pays(cu([90, 91] * 3000), None, 8)                # past the memory cap
     # the choice is made per call, and the loop gives the reference's values
+    from sora_fast.reference import attention as R
     calls = []
-    monkeypatch.setattr(A, "_attention_padded", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(R, "_sdpa_padded", lambda *a, **k: calls.append(1))
     lens = [300, 1, 2, 1, 1]
     q, k, v = rand_qkv(sum(lens), sum(lens), 2, 16, dtype=torch.float64)
     out = spacetime_attention(q, k, v, cu(lens), backend="torch")

@@ -1,5 +1,5 @@
 """The system benchmark (``bench/bench_system.py --quick``) runs in-process, every row passes its
-correctness check, and the JSON/CSV hold the four sections with positive finite ratios."""
+correctness check, and the JSON/CSV hold the six sections with positive finite ratios."""
 import csv
 import json
 import math
@@ -8,7 +8,7 @@ import torch
 
 from bench import bench_system as bench
 
-SECTIONS = ("packed", "diffusers", "cfg", "vae")
+SECTIONS = ("packed", "diffusers", "mixed", "train", "cfg", "vae")
 
 
 def test_bench_system_quick(tmp_path, capsys):
@@ -33,6 +33,10 @@ def test_bench_system_quick(tmp_path, capsys):
                 assert math.isfinite(r[key]) and r[key] > 0, (key, r)
     assert result["packed"][0]["tokens_padded"] > result["packed"][0]["tokens_real"]
     assert len(result["diffusers"]) == 2 and len(result["vae"]) >= 2
+    mixed, train = result["mixed"], result["train"]
+    assert [r["diffusers_forwards"] for r in mixed] == [2, 2]     # one diffusers forward per size
+    assert [r["diffusers_forwards"] for r in train] == [1, 2, 2]  # same-size batch, then the mixed ones
+    assert all(r["max_rel_err_grad"] <= bench.REL_TOL and r["max_rel_err_loss"] <= bench.REL_TOL for r in train)
     with cs.open() as f:
         assert len(list(csv.DictReader(f))) == len(rows)
 

@@ -317,8 +317,9 @@ def test_bf16_autocast_per_frame_equals_per_video_bitwise():
 
 
 def test_tables_have_one_row_per_frame_never_per_token(monkeypatch):
-    """Every adaLN call of the model gets (F, D) tables and the int32 frame ids: table memory is
-    O(frames x D) whatever the token count."""
+    """Every adaLN call of the model gets (F, D) tables (or None for a term it does not have: the ungated
+    add, the plain norm before cross-attention) and the int32 frame ids: table memory is O(frames x D)
+    whatever the token count."""
     import sora_fast.models.dit as dit_module
 
     seen = []
@@ -329,7 +330,7 @@ def test_tables_have_one_row_per_frame_never_per_token(monkeypatch):
         return real_mod(x, shift, scale, ids, **kw)
 
     def gated(x, branch, gate, shift, scale, ids, **kw):
-        seen.append((gate.shape, shift.shape, scale.shape, ids))
+        seen.append((*(t.shape for t in (gate, shift, scale) if t is not None), ids))
         return real_gated(x, branch, gate, shift, scale, ids, **kw)
 
     monkeypatch.setattr(dit_module.ops, "adaln_modulate", modulate)

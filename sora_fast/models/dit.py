@@ -156,6 +156,24 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+# On the CPU the FFN's (rows, ffn_dim) hidden activations of a large pack leave the L2 cache between the first
+# matmul, the GELU and the second matmul; row chunks whose hidden activations fit in 2 MiB stay in it (measured
+# on the CPU: the FFN forward 12-17% faster at 1,728-2,752 tokens, dim 256, ffn 1024; 7% with its backward).
+_FFN_CHUNK_BYTES = 2 << 20
+
+
+def feed_forward(ffn: nn.Module, y: torch.Tensor, hidden: Optional[int]) -> torch.Tensor:
+    """``ffn(y)`` for a row-wise FFN on ``(N, D)`` rows with ``hidden`` features inside: on the CPU in row chunks
+    of at least 256 rows whose hidden activations fit in ``_FFN_CHUNK_BYTES`` (one call when the rows fit in
+    one chunk, off a CPU, under torch.compile, or for an unknown ``hidden``)."""
+    if hidden is None or y.device.type != "cpu" or torch.compiler.is_compiling():
+        return ffn(y)
+    rows = max(256, _FFN_CHUNK_BYTES // (hidden * y.element_size()))
+    if y.shape[0] <= rows:
+        return ffn(y)
+    return torch.cat([ffn(part) for part in y.split(rows)])
+
+
 def _mlp(d_in: int, d_hidden: int, d_out: int, act: nn.Module) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_hidden), act, nn.Linear(d_hidden, d_out))
 
@@ -182,6 +200,7 @@ class Attention(nn.Module):
                 text: Optional[PackedSequences] = None, *, window=None, rope_theta: float = 10000.0,
                 backend: Optional[str] = None) -> torch.Tensor:
         """y ``(N, D)`` modulated tokens of ``x``; context ``(L, D)`` projected tokens of ``text``."""
+        plan = None if torch.compiler.is_compiling() else x.plan              # per-pack work, done once
         kv = y if context is None else context                               # (N or L, D)
         v = self.to_v(kv).unflatten(1, (self.num_heads, -1))                  # (N or L, H, d)
         q = self._rms(self.norm_q, self.to_q(y), v.dtype)                     # (N, H, d)
@@ -189,10 +208,10 @@ class Attention(nn.Module):
         if context is None:
             o = ops.spacetime_attention(q, k, v, x.cu_seqlens, max_seqlen_q=x.max_seqlen, window=window,
                                         grid=x.grid, rope_coords=x.coords, rope_theta=rope_theta,
-                                        backend=backend)                     # (N, H, d)
+                                        backend=backend, plan=plan)          # (N, H, d)
         else:
             o = ops.spacetime_attention(q, k, v, x.cu_seqlens, text.cu_seqlens, max_seqlen_q=x.max_seqlen,
-                                        max_seqlen_k=text.max_seqlen, backend=backend)  # (N, H, d)
+                                        max_seqlen_k=text.max_seqlen, backend=backend, plan=plan)  # (N, H, d)
         return self.to_out(o.flatten(1))                                      # (N, D)
 
 
@@ -221,17 +240,16 @@ class DiTBlock(nn.Module):
         every token -> ``(h_new, y_next)``, each ``(N, D)``."""
         cfg, ada = self.cfg, backends["adaln"]
         _, _, gate1, shift2, scale2, gate2 = mod.unbind(0)                      # each (F, D) fp32
-        zero, one = torch.zeros_like(gate1), torch.ones_like(gate1)            # (F, D): plain norm, ungated add
         a = self.attn1(y, x, window=cfg.window, rope_theta=cfg.rope_theta, backend=backends["attention"])  # (N, D)
         n2w, n2b = (self.norm2.weight, self.norm2.bias) if self.norm2 is not None else (None, None)
-        h, y = ops.gated_residual_adaln(h, a, gate1, zero, zero, ids, weight=n2w, bias=n2b, eps=cfg.eps,
+        h, y = ops.gated_residual_adaln(h, a, gate1, None, None, ids, weight=n2w, bias=n2b, eps=cfg.eps,
                                         backend=ada)                           # (N, D) h + g1*a, LN_affine(h)
         if self.norm2 is None:
             y = h                                                              # (N, D) no cross-attn norm
         c = self.attn2(y, x, context, text, backend=backends["attention"])    # (N, D)
-        h, y = ops.gated_residual_adaln(h, c, one, shift2, scale2, ids, eps=cfg.eps,
+        h, y = ops.gated_residual_adaln(h, c, None, shift2, scale2, ids, eps=cfg.eps,
                                         backend=ada)                           # (N, D) h + c, LN(h)*(1+s2)+sh2
-        f = self.ffn(y)                                                        # (N, D)
+        f = feed_forward(self.ffn, y, cfg.ffn_dim)                             # (N, D)
         return ops.gated_residual_adaln(h, f, gate2, next_shift, next_scale, ids, eps=cfg.eps,
                                         backend=ada)                           # (N, D) h + g2*f, next y
 

@@ -15,6 +15,7 @@ from ..reference.adaln import (
     _modulate_backward_ref,
     adaln_modulate_ref,
     gated_residual_adaln_ref,
+    token_blocks,
 )
 from . import _dispatch
 from ._common import check_float, check_index_values, check_positive, check_tensor, empty_grad
@@ -86,6 +87,34 @@ def _op_kernel(op, backend, x, tables: dict, seq_ids, norm, weight, bias, eps, g
     if not getattr(kernel, "checks_index_values", False):
         _check_values(seq_ids, next(iter(tables.values())))
     return kernel
+
+
+def _present(tables: dict) -> dict:
+    return {k: t for k, t in tables.items() if t is not None}
+
+
+def _eager_blocks(seq_ids, tables: dict) -> int:
+    """The eager paths' one value check: the tokens' block layout (:func:`token_blocks`; 0 when there is
+    none), which implies the row ids are in range; without one, the range check of :func:`_check_values`."""
+    present = _present(tables)
+    if not present:
+        return 0
+    table = next(iter(present.values()))
+    block = token_blocks(seq_ids, table.shape[0]) or 0
+    if not block:
+        _check_values(seq_ids, table)
+    return block
+
+
+def _filled(x, seq_ids, tables: dict, fills: dict) -> tuple:
+    """Absent (None) tables as explicit ones for the ops and kernels: ``fills[name]`` (0 or 1) in a table of
+    the present tables' rows, or per token ``(N, D)`` (and seq_ids None) when all are absent."""
+    present = _present(tables)
+    like = next(iter(present.values()), None)
+    if like is None:
+        like, seq_ids = x.new_empty(x.shape, dtype=torch.float32), None
+    out = tuple(t if t is not None else torch.full_like(like, fills[k]) for k, t in tables.items())
+    return (*out, seq_ids)
 
 
 def _none_if_absent(g, present):
@@ -230,7 +259,9 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, se
             per latent frame as the DiT's per-frame timesteps, or any other grouping of tokens), or
             ``(N, D)`` per-token tables (``seq_ids=None``); any float dtype.
         seq_ids: ``(N,)`` int32 row id of each token, values in ``[0, R)`` (any order; rows no token
-            reads get zero gradients), or None. Tables stay O(R x D): no per-token copy is made.
+            reads get zero gradients), or None. Tables stay O(R x D): no per-token copy is made (the torch
+            backend broadcasts them where each row is read by one contiguous block of tokens, in row order,
+            and gathers them otherwise).
         norm: ``"layer"`` (LayerNorm) or ``"rms"`` (RMSNorm), over the last dim, with ``eps``.
         weight, bias: optional ``(D,)`` affine of the norm.
 
@@ -242,33 +273,38 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, se
     unit stride in place (any row stride, e.g. a column slice of a wider buffer) and copies any other
     layout (e.g. a transposed tensor) to contiguous first: one extra read and write of that operand.
     """
-    _check_static(x, {"shift": shift, "scale": scale}, seq_ids, norm, weight, bias, eps)
+    tables = {"shift": shift, "scale": scale}
+    _check_static(x, tables, seq_ids, norm, weight, bias, eps)
     backend = _dispatch.resolve_backend("adaln_modulate", backend, x.device)
     if _dispatch.eager_reference(backend):
-        _check_values(seq_ids, shift)
-        return _adaln_eager(x, shift, scale, seq_ids, norm=norm, weight=weight, bias=bias, eps=float(eps))
+        return _adaln_eager(x, shift, scale, seq_ids, norm=norm, weight=weight, bias=bias, eps=float(eps),
+                            block=_eager_blocks(seq_ids, tables))
     return _modulate_op(x, shift, scale, seq_ids, norm, weight, bias, float(eps), backend)
 
 
-def gated_residual_adaln(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
-                         scale: torch.Tensor, seq_ids: Optional[torch.Tensor], *, norm: str = "layer",
+def gated_residual_adaln(x: torch.Tensor, branch: torch.Tensor, gate: Optional[torch.Tensor],
+                         shift: Optional[torch.Tensor], scale: Optional[torch.Tensor],
+                         seq_ids: Optional[torch.Tensor], *, norm: str = "layer",
                          weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                          eps: float = 1e-6, backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gated residual add, then adaLN of the result, in one pass.
 
     ``x_new = x + gate[seq_ids] * branch`` (fp32 math, rounded to x's dtype) and
     ``y = adaln_modulate(x_new, shift, scale, seq_ids, ...)``. x, branch ``(N, D)``; gate, shift,
-    scale ``(R, D)`` with seq_ids (``(N,)`` int32 row ids in ``[0, R)``) or ``(N, D)`` without.
+    scale ``(R, D)`` with seq_ids (``(N,)`` int32 row ids in ``[0, R)``) or ``(N, D)`` without. Any of them
+    may be None: gate None is an ungated add (``x + branch``), shift None no shift, scale None no scale (both
+    None: ``y`` is the plain norm, affine with weight / bias); the torch backend then skips that work.
     Returns ``(x_new, y)`` in x's dtype. Differentiable in x, branch, gate, shift, scale, weight, bias.
     Empty inputs and layouts as in :func:`adaln_modulate`.
     """
-    _check_static(x, {"gate": gate, "shift": shift, "scale": scale}, seq_ids, norm, weight, bias, eps,
-              extra={"branch": branch})
+    tables = {"gate": gate, "shift": shift, "scale": scale}
+    _check_static(x, _present(tables), seq_ids, norm, weight, bias, eps, extra={"branch": branch})
     backend = _dispatch.resolve_backend("gated_residual_adaln", backend, x.device)
     if _dispatch.eager_reference(backend):
-        _check_values(seq_ids, shift)
+        block = _eager_blocks(seq_ids, tables)
         return _gated_eager(x, branch, gate, shift, scale, seq_ids, norm=norm, weight=weight, bias=bias,
-                            eps=float(eps))
+                            eps=float(eps), block=block)
+    gate, shift, scale, seq_ids = _filled(x, seq_ids, tables, {"gate": 1, "shift": 0, "scale": 0})
     return _gated_op(x, branch, gate, shift, scale, seq_ids, norm, weight, bias, float(eps), backend)
 
 

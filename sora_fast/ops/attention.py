@@ -15,11 +15,12 @@ import torch
 
 from ..reference._host import PackOnHost, read_pack  # noqa: F401  (re-exported)
 from ..reference.attention import (  # noqa: F401
-    _attention_padded,
+    PackPlan,
     _backward_ref,
     _forward_ref,
     _padding_pays,
     attention_backward_streamed,
+    attention_eager,
     grid_coords,
     softmax_delta,
     spacetime_attention_ref,
@@ -119,12 +120,24 @@ def _check_static(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window, grid, rope
 
 
 def _check_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, grid, self_attention=False,
-                  rope_coords=None) -> PackOnHost:
+                  rope_coords=None, plan: Optional[PackPlan] = None) -> PackOnHost:
     """The one value check (cu_seqlens, grid and the bounds, read from the device once), run on real
     tensors inside the op (also under torch.compile) or by the eager path; returns the values read (for
     the kernels' launch tables). ``self_attention``: keys must share the queries' sequences (windows and
-    RoPE). ``rope_coords``: their range is read in the same transfer (the triton kernel checks it)."""
+    RoPE). ``rope_coords``: their range is read in the same transfer (the triton kernel checks it).
+    ``plan``: the queries' :class:`PackPlan`; the values come from it and each set of arguments is checked
+    once per pack (the eager path, which needs no coordinate range)."""
+    if plan is not None:
+        host_k = plan.keys_host(cu_seqlens_k)
+        key = ("checked", q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k, tuple(host_k), self_attention,
+               grid is not None)
+        host = PackOnHost(plan.host_cu, host_k, None if grid is None else plan.host_grid)
+        return plan.memo(key, lambda: _check_host(host, q, k, max_seqlen_q, max_seqlen_k, self_attention))
     host = read_pack(cu_seqlens_q, cu_seqlens_k, grid, rope_coords)
+    return _check_host(host, q, k, max_seqlen_q, max_seqlen_k, self_attention)
+
+
+def _check_host(host: PackOnHost, q, k, max_seqlen_q, max_seqlen_k, self_attention) -> PackOnHost:
     bq = check_cu_seqlens_values("cu_seqlens_q", host.cu_q, q.shape[0])
     bk = check_cu_seqlens_values("cu_seqlens_k", host.cu_k, k.shape[0])
     if self_attention and bk != bq:
@@ -134,13 +147,24 @@ def _check_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
         longest = max(b[i + 1] - b[i] for i in range(len(b) - 1))
         if m is not None and m < longest:
             raise ValueError(f"{name} must be >= the longest sequence ({longest}), got {m}")
-    if grid is not None:
+    if host.grid is not None:
         g = host.grid
         for i, (t, h, w) in enumerate(g):
             if min(t, h, w) < 0 or t * h * w != bq[i + 1] - bq[i]:
                 raise ValueError(f"grid[{i}]={g[i]} must be >= 0 and multiply to sequence {i}'s length "
                                  f"{bq[i + 1] - bq[i]}")
     return host
+
+
+def _check_plan(plan, cu_seqlens_q, grid, rope_coords) -> None:
+    """A plan given to :func:`spacetime_attention` must have been made from these tensors, unmodified."""
+    if not isinstance(plan, PackPlan):
+        raise TypeError(f"plan must be None or a PackPlan (PackedVideos.plan), got {type(plan).__name__}")
+    for name, t, mine in (("cu_seqlens_q", cu_seqlens_q, plan.cu_seqlens), ("grid", grid, plan.grid),
+                          ("rope_coords", rope_coords, plan.coords)):
+        if t is not None and not plan.made_from(mine, t):
+            raise ValueError(f"plan was not made from this {name} (or it changed since): pass the plan of the "
+                             f"pack whose {name} this is (PackedVideos.plan), or plan=None")
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:
@@ -238,7 +262,7 @@ def spacetime_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
                         max_seqlen_k: Optional[int] = None, *, scale: Optional[float] = None,
                         window: Optional[Sequence[int]] = None, grid: Optional[torch.Tensor] = None,
                         rope_coords: Optional[torch.Tensor] = None, rope_theta: float = 10000.0,
-                        return_lse: bool = False, backend: Optional[str] = None):
+                        return_lse: bool = False, backend: Optional[str] = None, plan: Optional[PackPlan] = None):
     """Attention over packed sequences, each attending only to itself.
 
     Args:
@@ -259,20 +283,32 @@ def spacetime_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
             backend computes the angles in fp32 and takes ``|rope_coords| <= 2**10`` (ValueError beyond;
             see ``sora_fast.triton.attention.ROPE_MAX_COORD``).
         return_lse: also return the LSE ``(H, Nq)`` fp32, natural log (-inf for rows with no keys).
+        plan: the query pack's :class:`~sora_fast.reference.attention.PackPlan` (``PackedVideos.plan``),
+            made from ``cu_seqlens_q`` (and ``grid`` / ``rope_coords`` when given): the torch backend then
+            reads the offsets, checks the values, builds the RoPE tables and chooses its SDPA layout once
+            per pack instead of once per call. None: all of it per call.
+
+    The torch backend without ``return_lse`` runs :func:`~sora_fast.reference.attention.attention_eager`:
+    torch's fused SDPA (fp32 math, as the reference) on views of the pack, one call per run of equal-length
+    sequences (padded into one batch only where many small runs cost more than the padding), windows
+    frame block by frame block (key frames outside every query's window are never computed).
 
     Returns ``out`` ``(Nq, H, Dv)`` in q's dtype, or ``(out, lse)``. Differentiable in q, k, v.
     """
     _check_call(cu_seqlens_k, max_seqlen_q, max_seqlen_k, window, rope_coords, return_lse)
     window = _check_static(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window, grid, rope_coords, rope_theta)
     backend = _dispatch.resolve_backend(OP, backend, q.device)
+    if plan is not None:
+        _check_plan(plan, cu_seqlens_q, grid, rope_coords)
     if _dispatch.eager_reference(backend):
+        plan = plan if plan is not None else PackPlan(cu_seqlens_q, grid, rope_coords)
         _check_values(q, k, cu_seqlens_q, cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k, max_seqlen_q,
-                      max_seqlen_q if cu_seqlens_k is None else max_seqlen_k, grid)
-        padded = not return_lse and _padding_pays(cu_seqlens_q, cu_seqlens_k, q.shape[1])
-        eager = _attention_padded if padded else spacetime_attention_ref
-        kw = {"return_lse": True} if return_lse else {}
-        return eager(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale, window=window, grid=grid,
-                     rope_coords=rope_coords, rope_theta=float(rope_theta), **kw)
+                      max_seqlen_q if cu_seqlens_k is None else max_seqlen_k, grid,
+                      self_attention=window is not None or rope_coords is not None, plan=plan)
+        kw = dict(scale=scale, window=window, grid=grid, rope_coords=rope_coords, rope_theta=float(rope_theta))
+        if return_lse:
+            return spacetime_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, return_lse=True, **kw)
+        return attention_eager(q, k, v, cu_seqlens_q, cu_seqlens_k, plan=plan, **kw)
     out, lse = _attention_op(q, k, v, cu_seqlens_q, cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k,
                              max_seqlen_q, max_seqlen_q if cu_seqlens_k is None else max_seqlen_k,
                              float(q.shape[-1] ** -0.5 if scale is None else scale),

@@ -14,6 +14,7 @@ affine ``* weight + bias``.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -59,33 +60,95 @@ def gated_residual_adaln_ref(x, branch, gate, shift, scale, seq_ids, *, norm="la
     return x_new, adaln_modulate_ref(x_new, shift, scale, seq_ids, norm=norm, weight=weight, bias=bias, eps=eps)
 
 
-def _rows_fast(table: torch.Tensor, seq_ids: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    table = table.to(dtype)
-    return table if seq_ids is None else table.index_select(0, seq_ids.long())
+_LAST_BLOCKS: list = [None]     # one (weakref to the ids, their version, rows, answer), replaced whole
 
 
-def _adaln_eager(x, shift, scale, seq_ids, *, norm="layer", weight=None, bias=None, eps=1e-6):
-    """The eager path of :func:`adaln_modulate`: the reference's math with torch's fused norm kernels
-    (``F.layer_norm`` / ``F.rms_norm``) and one ``addcmul`` for the modulation, a few ops instead of a
-    dozen per call."""
-    md = math_dtype(x.dtype)
-    d = (x.shape[-1],)
+def token_blocks(seq_ids: Optional[torch.Tensor], rows: int) -> Optional[int]:
+    """``b`` when ``seq_ids`` is ``arange(rows).repeat_interleave(b)`` (each table row read by one contiguous
+    block of b tokens, in row order: the per-frame rows of a pack of same-size videos, the per-video rows of
+    a batch), else None. One comparison over the ids (an eager path then broadcasts the tables over
+    ``(rows, b, D)`` views instead of gathering ``(N, D)`` copies of them); the answer for the last ids
+    tensor is remembered while that tensor lives unmodified (a model's layers pass the same one)."""
+    if seq_ids is None or rows < 1 or seq_ids.numel() % rows:
+        return None
+    last = _LAST_BLOCKS[0]
+    tracked = not seq_ids.is_inference()
+    if tracked and last is not None and last[0]() is seq_ids and last[1:3] == (seq_ids._version, rows):
+        return last[3]
+    b = seq_ids.numel() // rows
+    ids = seq_ids.view(rows, b)
+    want = torch.arange(rows, dtype=ids.dtype, device=ids.device)[:, None]
+    answer = b if bool((ids == want).all()) else None
+    if tracked:
+        _LAST_BLOCKS[0] = (weakref.ref(seq_ids), seq_ids._version, rows, answer)
+    return answer
+
+
+def _table(t: Optional[torch.Tensor], seq_ids, block: Optional[int], dtype, one: bool = False):
+    """An ``(R, D)`` (or per-token ``(N, D)``) table as the tokens read it, in ``dtype``: an ``(R, 1, D)`` view
+    broadcast over blocks, else gathered rows ``(N, D)``. ``one``: ``1 + t``, added on the table's R rows."""
+    if t is None:
+        return None
+    t = t.to(dtype)
+    t = 1 + t if one else t
+    if seq_ids is None:
+        return t
+    return t[:, None] if block else t.index_select(0, seq_ids.long())
+
+
+def _normalize_fast(x, norm, weight, bias, eps):
+    d, md = (x.shape[-1],), x.dtype
     w = None if weight is None else weight.to(md)
     if norm == "layer":
-        xn = F.layer_norm(x.to(md), d, w, None if bias is None else bias.to(md), eps)
+        return F.layer_norm(x, d, w, None if bias is None else bias.to(md), eps)
+    xn = F.rms_norm(x, d, w, eps)
+    return xn if bias is None else xn + bias.to(md)
+
+
+def _modulated(xn, shift, scale, seq_ids, block):
+    """``xn * (1 + scale) + shift`` in xn's dtype (``(N, D)`` out), either table may be None (no term)."""
+    md = xn.dtype
+    s, sc = _table(shift, seq_ids, block, md), _table(scale, seq_ids, block, md, one=True)
+    v = xn.view(-1, block, xn.shape[-1]) if block and (s is not None or sc is not None) else xn
+    if sc is None:
+        y = v if s is None else v + s
     else:
-        xn = F.rms_norm(x.to(md), d, w, eps)
-        if bias is not None:
-            xn = xn + bias.to(md)
-    return torch.addcmul(_rows_fast(shift, seq_ids, md), xn, 1 + _rows_fast(scale, seq_ids, md)).to(x.dtype)
+        y = v * sc if s is None else torch.addcmul(s, v, sc)
+    return y.reshape(xn.shape)
 
 
-def _gated_eager(x, branch, gate, shift, scale, seq_ids, *, norm="layer", weight=None, bias=None, eps=1e-6):
-    """The eager path of :func:`gated_residual_adaln` (see :func:`_adaln_eager`)."""
+def _rows_of(*tables) -> int:
+    return next((t.shape[0] for t in tables if t is not None), 0)
+
+
+def _adaln_eager(x, shift, scale, seq_ids, *, norm="layer", weight=None, bias=None, eps=1e-6, block=None):
+    """The eager path of :func:`adaln_modulate`: the reference's math with torch's fused norm kernels
+    (``F.layer_norm`` / ``F.rms_norm``) and one ``addcmul`` for the modulation (``1 + scale`` on the table's
+    rows), the tables broadcast over blocks of tokens where :func:`token_blocks` finds them. ``shift`` /
+    ``scale`` None: that term is absent (the plain norm when both are). ``block``: token_blocks' answer, if
+    known (0: not blocks)."""
+    block = block if block is not None else token_blocks(seq_ids, _rows_of(shift, scale))
+    xn = _normalize_fast(x.to(math_dtype(x.dtype)), norm, weight, bias, eps)
+    return _modulated(xn, shift, scale, seq_ids, block).to(x.dtype)
+
+
+def _gated_eager(x, branch, gate, shift, scale, seq_ids, *, norm="layer", weight=None, bias=None, eps=1e-6,
+                 block=None):
+    """The eager path of :func:`gated_residual_adaln` (see :func:`_adaln_eager`); ``gate`` None: an ungated add.
+    The low-precision residual is not copied to fp32 for the gated add: torch promotes the product and sum."""
     md = math_dtype(x.dtype)
-    # a separate multiply and add, as the contract says (an fma would round once, not twice)
-    x_new = (x.to(md) + _rows_fast(gate, seq_ids, md) * branch.to(md)).to(x.dtype)
-    return x_new, _adaln_eager(x_new, shift, scale, seq_ids, norm=norm, weight=weight, bias=bias, eps=eps)
+    block = block if block is not None else token_blocks(seq_ids, _rows_of(gate, shift, scale))
+    g = _table(gate, seq_ids, block, md)
+    if g is None:
+        x_new = x.to(md) + branch
+    else:
+        # a separate multiply and add, as the contract says (an fma would round once, not twice); the
+        # product is a fresh tensor, so the add is done in place on it (x + g*b == g*b + x exactly)
+        v = branch.view(-1, block, branch.shape[-1]) if block else branch
+        x_new = (v * g).add_(x.view(v.shape)).reshape(x.shape)
+    x_new = x_new.to(x.dtype)
+    return x_new, _adaln_eager(x_new, shift, scale, seq_ids, norm=norm, weight=weight, bias=bias, eps=eps,
+                               block=block or 0)
 
 
 def _modulate_backward_ref(dy, x, shift, scale, seq_ids, **kw):

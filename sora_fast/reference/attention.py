@@ -3,23 +3,26 @@ sequence ``i`` is rows ``cu_seqlens[i]:cu_seqlens[i+1]``; no token attends acros
 local window over each video's (t, h, w) patch grid (:func:`window_mask`), optional 3D RoPE on q and k,
 LSE output. A query sequence whose key sequence is empty gets zeros and LSE = -inf.
 
-Beside the reference: the eager path (:func:`_attention_padded`, one fused SDPA call over the padded
-pack, picked by :func:`_padding_pays`), the reference backward (a VJP through the reference) and the
-streamed backward (FlashAttention-2's recomputation in torch math, bounded memory) that the triton
-launcher runs where no fp32 kernel tile ships.
+Beside the reference: the eager path (:func:`attention_eager`: torch's fused SDPA on views of the pack,
+one call per run of equal-length sequences, a padded batch where many small runs make the calls cost more
+than the padding (:func:`_padding_pays`), windows computed frame block by frame block), the reference
+backward (a VJP through the reference) and the streamed backward (FlashAttention-2's recomputation in
+torch math, bounded memory) that the triton launcher runs where no fp32 kernel tile ships.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ._common import math_dtype, reference_vjp
 from ._host import PackOnHost, read_pack
-from .rope import _rope_backward_ref, apply_rope3d_ref
+from ._plan import PackPlan
+from .rope import _rope_backward_ref, apply_rope3d_ref, rope3d_rotate, rope3d_tables
 
-__all__ = ["grid_coords", "window_mask", "spacetime_attention_ref", "attention_backward_streamed", "softmax_delta",
-           "PackOnHost", "read_pack"]
+__all__ = ["grid_coords", "window_mask", "spacetime_attention_ref", "attention_eager", "attention_backward_streamed",
+           "softmax_delta", "PackOnHost", "PackPlan", "read_pack"]
 
 
 def grid_coords(grid_thw: Sequence[int], device=None) -> torch.Tensor:
@@ -84,68 +87,184 @@ def spacetime_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, scale=N
     return out
 
 
-def _attention_padded(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, scale=None, window=None, grid=None,
-                      rope_coords=None, rope_theta=10000.0):
-    """The eager CPU/GPU path when no LSE is asked for: the same math as :func:`spacetime_attention_ref`, but
-    every sequence padded into one ``(B, H, L, D)`` batch and a single fused
-    ``F.scaled_dot_product_attention`` call, with a mask that keeps each query inside its own sequence (and
-    window). One call instead of a Python loop of small matmuls per sequence: several times fewer ops for
-    a packed training batch of short videos.
-
-    Padding never changes a real row: padded keys are masked out; a query whose key sequence is empty sees
-    only the all-zero padding (values zero, so its output is zero, as in the reference); a padded query row
-    sees every key, so its softmax stays finite, and it is dropped from the output (zero gradient).
-    """
-    md, qf, kf, vf = _math_inputs(q, k, v, rope_coords, rope_theta)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
-    dev, heads, dv = q.device, q.shape[1], v.shape[2]
-    cq, ck = cu_seqlens_q.long(), cu_k.long()
-    lq, lk = cq.diff(), ck.diff()
-    nseq, max_q, max_k = lq.numel(), int(lq.max()), int(lk.max())
-    if q.shape[0] == 0:
-        return qf.new_zeros(0, heads, dv).to(q.dtype)
-    if max_k == 0:
-        return qf.new_zeros(q.shape[0], heads, dv).to(q.dtype)
-    seq_q = torch.repeat_interleave(torch.arange(nseq, device=dev), lq)          # (Nq,)
-    pos_q = torch.arange(q.shape[0], device=dev) - cq[seq_q]
-    seq_k = torch.repeat_interleave(torch.arange(nseq, device=dev), lk)          # (Nk,)
-    pos_k = torch.arange(k.shape[0], device=dev) - ck[seq_k]
-
-    def pad(x, seq, pos, length):
-        out = x.new_zeros(nseq, length, *x.shape[1:])
-        return out.index_put((seq, pos), x).transpose(1, 2)                      # (B, H, L, D)
-
-    qp, kp, vp = pad(qf, seq_q, pos_q, max_q), pad(kf, seq_k, pos_k, max_k), pad(vf, seq_k, pos_k, max_k)
-    key_ok = torch.arange(max_k, device=dev)[None, :] < lk[:, None]              # (B, Lk)
-    key_ok = key_ok | (lk == 0)[:, None]                                         # empty key sequence: zeros
-    allowed = key_ok[:, None, :].expand(nseq, max_q, max_k)
-    if window is not None:
-        coords = qf.new_zeros(nseq, max_q, 3, dtype=torch.long)
-        coords[seq_q, pos_q] = torch.cat([grid_coords(g, dev) for g in grid.tolist()])
-        dist = (coords[:, :, None, :] - coords[:, None, :, :]).abs()
-        allowed = allowed & (dist <= torch.tensor(window, device=dev)).all(dim=-1)
-    query_pad = torch.arange(max_q, device=dev)[None, :] >= lq[:, None]          # (B, Lq)
-    allowed = allowed | query_pad[:, :, None]
-    o = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, attn_mask=allowed[:, None], scale=scale)
-    return o.transpose(1, 2)[seq_q, pos_q].to(q.dtype)                          # (Nq, H, Dv)
-
-
-# Pad when the padded batch's extra score elements cost less than the per-sequence loop's overhead:
-# padded <= 2 * real + 20k per sequence (score elements over all heads), never past a memory cap (the
-# loop's peak is one sequence's scores, the padded call's all of them). Measurements: docs/triton_kernels.md.
-_PAD_REAL_FACTOR = 2
-_PAD_ELEMS_PER_SEQ = 20_000
+# --- the eager path ----------------------------------------------------------------------------
+# On the CPU, torch's fused SDPA (flash attention for CPU: no score matrix in memory, fp32 accumulation)
+# on strided views of the pack beats any padding or nested layout: one call per run of consecutive
+# sequences of equal (query, key) lengths, which is one call for a pack of same-size videos. Padding pays
+# only for many small runs: a call costs about as much as 2**18 multiply-adds (H * D per query-key pair;
+# measured on the CPU with torch 2.13, one thread), so the pack is padded into one masked batch when the
+# padding adds less work than the calls it saves, never past a memory cap (padded scores over all heads).
+_CALL_WORK = 2 ** 18
 _PAD_MAX_ELEMS = 1 << 28
 
 
-def _padding_pays(cu_seqlens_q, cu_seqlens_k, heads: int) -> bool:
-    """Whether :func:`_attention_padded` is the faster eager path for this pack (see the constants)."""
+def _runs(lq: Sequence[int], lk: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Consecutive sequences of equal (query, key) lengths merged: ``[(count, Lq, Lk), ...]`` in pack order."""
+    runs: list = []
+    for a, b in zip(lq, lk):
+        if runs and runs[-1][1:] == (a, b):
+            runs[-1] = (runs[-1][0] + 1, a, b)
+        else:
+            runs.append((1, a, b))
+    return runs
+
+
+def _pad_choice(lq: Sequence[int], lk: Sequence[int], heads: int, head_dim: int) -> bool:
+    """The rule above on the host lengths: whether one padded batch beats one SDPA call per run."""
+    calls = sum(1 for _, a, b in _runs(lq, lk) if a and b)
+    if calls <= 1:
+        return False
+    padded = len(lq) * max(lq) * max(lk)
+    extra = heads * head_dim * (padded - sum(a * b for a, b in zip(lq, lk)))
+    return padded * heads <= _PAD_MAX_ELEMS and extra <= _CALL_WORK * (calls - 1)
+
+
+def _padding_pays(cu_seqlens_q, cu_seqlens_k, heads: int, head_dim: int = 64) -> bool:
+    """Whether :func:`attention_eager` pads this pack into one masked batch (see ``_CALL_WORK``)."""
     lq = cu_seqlens_q.diff().tolist()
     lk = (cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k).diff().tolist()
-    padded = len(lq) * max(lq, default=0) * max(lk, default=0) * heads
-    real = sum(a * b for a, b in zip(lq, lk)) * heads
-    return padded <= _PAD_MAX_ELEMS and padded <= _PAD_REAL_FACTOR * real + _PAD_ELEMS_PER_SEQ * len(lq)
+    return _pad_choice(lq, lk, heads, head_dim)
+
+
+def _heads_first(x: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """``(batch * length, H, D)`` rows -> a ``(batch, H, length, D)`` view."""
+    return x.view(batch, length, *x.shape[1:]).transpose(1, 2)
+
+
+def _sdpa_runs(q, k, v, runs, scale) -> list[torch.Tensor]:
+    """One SDPA call per run, on views of the pack (no copy in, one reshape out per run)."""
+    heads, dv = q.shape[1], v.shape[2]
+    if len(runs) == 1:
+        qs, ks, vs = (q,), (k,), (v,)
+    else:
+        qs = q.split([c * a for c, a, _ in runs])
+        ks, vs = k.split([c * b for c, _, b in runs]), v.split([c * b for c, _, b in runs])
+    outs = []
+    for (c, a, b), qi, ki, vi in zip(runs, qs, ks, vs):
+        if a == 0:
+            continue
+        if b == 0:                                   # no keys: zeros (the reference's convention)
+            outs.append(q.new_zeros(c * a, heads, dv))
+            continue
+        o = F.scaled_dot_product_attention(_heads_first(qi, c, a), _heads_first(ki, c, b), _heads_first(vi, c, b),
+                                           scale=scale)                   # (c, H, Lq, Dv)
+        outs.append(o.transpose(1, 2).reshape(c * a, heads, dv))
+    return outs
+
+
+def _sdpa_padded(q, k, v, lq, lk, scale, plan: PackPlan) -> torch.Tensor:
+    """Every sequence padded to the longest, one SDPA call with an additive key-padding mask ``(B, 1, 1, Lk)``
+    (cached on the plan). Padded keys are masked out; a query whose key sequence is empty sees only the
+    zero padding (output zero, as the reference); padded query rows are dropped (zero gradient)."""
+    b, mq, mk = len(lq), max(lq), max(lk)
+
+    def build():
+        dev = q.device
+        def rows(lens, width):
+            return torch.cat([torch.arange(n, device=dev) + i * width for i, n in enumerate(lens)])
+        keep = torch.arange(mk, device=dev)[None, :] < torch.tensor(lk, device=dev)[:, None]
+        keep |= torch.tensor([n == 0 for n in lk], device=dev)[:, None]
+        mask = torch.zeros(b, 1, 1, mk, dtype=q.dtype, device=dev).masked_fill_(~keep[:, None, None], float("-inf"))
+        return rows(lq, mq), rows(lk, mk), mask
+
+    rows_q, rows_k, mask = plan.memo(("padded", tuple(lq), tuple(lk), q.dtype), build)
+
+    def pad(x, idx, length):
+        return _heads_first(x.new_zeros(b * length, *x.shape[1:]).index_copy_(0, idx, x), b, length)
+
+    o = F.scaled_dot_product_attention(pad(q, rows_q, mq), pad(k, rows_k, mk), pad(v, rows_k, mk), attn_mask=mask,
+                                       scale=scale)                       # (B, H, Lq, Dv)
+    return o.transpose(1, 2).reshape(b * mq, q.shape[1], v.shape[2]).index_select(0, rows_q)
+
+
+def _spatial_mask(grid_thw, wh: int, ww: int, device) -> Optional[torch.Tensor]:
+    """``(P, P)`` bool of one frame's P = H'W' tokens (|dh| <= wh, |dw| <= ww), None when it keeps all."""
+    _, h, w = grid_thw
+    if wh >= h - 1 and ww >= w - 1:
+        return None
+    return window_mask((1, h, w), (0, wh, ww), device)
+
+
+def _sdpa_windowed(q, k, v, window, scale, plan: PackPlan) -> torch.Tensor:
+    """Windowed self-attention that never computes a frame outside a query's window: per video, the
+    frames whose window lies inside the video are one SDPA batch over overlapping views of their 2wt+1 key
+    frames (``unfold``: no copy), the first and last wt frames one call each over their shorter key range;
+    the spatial window (if it does not cover the frame) is one ``(P, P)`` mask tiled over the key frames."""
+    wt, wh, ww = window
+    heads, dv = q.shape[1], v.shape[2]
+    cu, grid = plan.host_cu, plan.host_grid
+    outs = []
+    for i, (t, h, w) in enumerate(grid):
+        p = h * w
+        if t * p == 0:
+            continue
+        qv, kv, vv = (x[cu[i]:cu[i + 1]] for x in (q, k, v))               # (T'P, H, D) views
+        sp = plan.memo(("window", h, w, wh, ww), lambda: _spatial_mask((t, h, w), wh, ww, q.device))
+
+        def attend(qf, kf, vf):
+            """qf ``(n, Lq, H, D)``, kf / vf ``(n, Lk, H, D)`` (whole frames) -> ``(n*Lq, H, Dv)``."""
+            m = None if sp is None else sp.repeat(qf.shape[1] // p, kf.shape[1] // p)   # (Lq, Lk) tiled
+            o = F.scaled_dot_product_attention(qf.transpose(1, 2), kf.transpose(1, 2), vf.transpose(1, 2),
+                                               attn_mask=m, scale=scale)
+            return o.transpose(1, 2).reshape(-1, heads, dv)
+
+        def frames(x, f0, f1):                       # frames f0 .. f1-1 as one (1, (f1-f0)*P, H, D) view
+            return x[f0 * p:f1 * p][None]
+
+        if wt >= t - 1:                              # every frame sees every frame: one call
+            outs.append(attend(frames(qv, 0, t), frames(kv, 0, t), frames(vv, 0, t)))
+            continue
+        span, inner = 2 * wt + 1, max(0, t - 2 * wt)   # frames wt .. t-wt-1 see 2wt+1 whole frames
+
+        def windows(x):                              # (T'P, H, D) -> (inner, span*P, H, D), overlapping views
+            win = x.reshape(t, -1).unfold(0, span, 1)                   # (inner, P*H*D, span)
+            return win.transpose(1, 2).reshape(inner, span * p, *x.shape[1:])
+
+        def edge(f):                                 # a frame near an end: keys max(0, f-wt) .. min(t, f+wt+1)
+            lo, hi = max(0, f - wt), min(t, f + wt + 1)
+            return attend(frames(qv, f, f + 1), frames(kv, lo, hi), frames(vv, lo, hi))
+
+        outs += [edge(f) for f in range(min(wt, t))]
+        if inner:
+            outs.append(attend(qv[wt * p:(t - wt) * p].view(inner, p, heads, -1), windows(kv), windows(vv)))
+        outs += [edge(f) for f in range(max(wt, t - wt), t)]
+    return torch.cat(outs) if outs else q.new_zeros(0, heads, dv)
+
+
+def _sdpa_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype SDPA runs in: fp32 and fp64 inputs as they are (no copy); fp16 / bf16 inputs in fp32, the
+    reference's math dtype. The CPU kernel's low-precision backward accumulates the key and value gradients
+    in the low precision (measured: over twice the error of PyTorch's own low-precision math), and the same
+    inputs must give the same output with and without autograd, so both run in fp32."""
+    return math_dtype(q.dtype)
+
+
+def attention_eager(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, scale=None, window=None, grid=None,
+                    rope_coords=None, rope_theta=10000.0, plan: Optional[PackPlan] = None) -> torch.Tensor:
+    """The eager path (no LSE): the reference's values, on torch's fused SDPA (see :func:`_sdpa_dtype`). RoPE
+    rotates q and k in fp32 (fp64 for fp64 inputs) from a table made once per pack. ``plan``: the pack's
+    :class:`PackPlan` (made from ``cu_seqlens_q``, ``grid`` and ``rope_coords``), or None for a plan of this
+    call only. Returns ``out`` ``(Nq, H, Dv)`` in q's dtype."""
+    plan = plan if plan is not None else PackPlan(cu_seqlens_q, grid, rope_coords)
+    heads, dv, out_dtype = q.shape[1], v.shape[2], q.dtype
+    if q.shape[0] == 0:
+        return q.new_zeros(0, heads, dv)
+    dtype = _sdpa_dtype(q)
+    if rope_coords is not None:
+        md, dim = math_dtype(q.dtype), q.shape[-1]
+        rot = plan.memo(("rope", dim, float(rope_theta), md), lambda: rope3d_tables(rope_coords, dim, rope_theta, md))
+        q, k = rope3d_rotate(q.to(md), rot).to(dtype), rope3d_rotate(k.to(md), rot).to(dtype)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if window is not None:
+        return _sdpa_windowed(q, k, v, tuple(window), scale, plan).to(out_dtype)
+    cu_q, cu_k = plan.host_cu, plan.keys_host(cu_seqlens_k)
+    lq = [b - a for a, b in zip(cu_q, cu_q[1:])]
+    lk = [b - a for a, b in zip(cu_k, cu_k[1:])]
+    if _pad_choice(lq, lk, heads, q.shape[-1]):
+        return _sdpa_padded(q, k, v, lq, lk, scale, plan).to(out_dtype)
+    outs = _sdpa_runs(q, k, v, _runs(lq, lk), scale)
+    return (outs[0] if len(outs) == 1 else torch.cat(outs)).to(out_dtype)
 
 
 def _forward_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, host=None, **kw):

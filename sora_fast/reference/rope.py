@@ -12,7 +12,7 @@ import torch
 
 from ._common import math_dtype, reference_vjp
 
-__all__ = ["rope3d_split", "rope3d_angles", "apply_rope3d_ref"]
+__all__ = ["rope3d_split", "rope3d_angles", "apply_rope3d_ref", "rope3d_tables", "rope3d_rotate"]
 
 
 def rope3d_split(head_dim: int) -> tuple[int, int, int]:
@@ -41,6 +41,23 @@ def apply_rope3d_ref(x: torch.Tensor, coords: torch.Tensor, *, theta: float = 10
     x1, x2 = pairs[..., 0], pairs[..., 1]
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.flatten(-2).to(x.dtype)
+
+
+def rope3d_tables(coords: torch.Tensor, head_dim: int, theta: float = 10000.0, dtype: torch.dtype = torch.float32
+                  ) -> torch.Tensor:
+    """The rotation of every token as a complex table ``(N, 1, head_dim // 2)`` for :func:`rope3d_rotate`,
+    ``cos + i sin`` of the reference's angles (float64, each part rounded once to ``dtype``, the real dtype
+    of the math). A pack computes it once (``PackedVideos.plan``)."""
+    angles = rope3d_angles(coords, rope3d_split(head_dim), theta)              # (N, D/2) float64
+    return torch.complex(angles.cos().to(dtype), angles.sin().to(dtype))[:, None]
+
+
+def rope3d_rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """3D RoPE of ``x`` ``(N, H, D)`` from :func:`rope3d_tables`: each pair ``(x1, x2)`` as ``x1 + i x2`` times
+    the table, which is the reference's ``(x1 cos - x2 sin, x1 sin + x2 cos)`` in one vectorized pass.
+    Math in the table's real dtype, ``x``'s dtype out."""
+    xf = x.to(rot.real.dtype).contiguous()
+    return torch.view_as_real(torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * rot).flatten(-2).to(x.dtype)
 
 
 def _rope_backward_ref(grad, x, coords, *, theta, split):

@@ -6,7 +6,7 @@ from typing import Mapping, Optional, Union
 
 from torch import nn
 
-from ...ops._dispatch import resolve_family_backends
+from ...ops._dispatch import resolve_backend, resolve_family_backends
 from .cogvideox import _plan_cogvideox
 from .dispatch import _plan_dispatch
 from .patching import HANDLE_ATTR, AccelerationHandle, _Patcher
@@ -24,6 +24,47 @@ SUPPORTED_MODELS = {
     "CogVideoXTransformer3DModel": "attention processors",
 }
 Backend = Union[None, str, Mapping[str, Optional[str]]]
+
+
+# Which op families each model's patches route, given accelerate()'s flags, and the op each family dispatches.
+_FAMILIES = {
+    "WanTransformer3DModel": (("attention", "attention"), ("norms", "adaln")),
+    "AutoencoderKLWan": (("vae", "causal_conv3d"), ("vae+norms", "channel_rms_norm_silu")),
+    "HunyuanVideoTransformer3DModel": (("attention", "attention"),),
+    "LTXVideoTransformer3DModel": (("attention", "attention"),),
+    "CogVideoXTransformer3DModel": (("attention", "attention"),),
+}
+_OPS = {"attention": "spacetime_attention", "adaln": "gated_residual_adaln", "causal_conv3d": "causal_conv3d",
+        "channel_rms_norm_silu": "channel_rms_norm_silu"}
+# What the torch backend runs for each family: on a CPU the fastest correct path measured for that op, at least
+# as fast as diffusers' own code at the benchmark's sizes (bench/bench_diffusers_accelerate.py, numbers in
+# docs/benchmarks.md; at a few dozen tokens per call the patched blocks' Python work still costs more).
+TORCH_PATHS = {
+    "attention": "torch's fused SDPA (fp32 math) on views of the batch, one call per run of equal-length "
+                 "sequences (one padded call only for many small runs), local windows by frame blocks; RoPE from a "
+                 "table made once per latent grid and reused by every layer and step",
+    "adaln": "torch's fused LayerNorm/RMSNorm; modulation tables broadcast over each element's tokens (no per-token "
+             "copy), gated adds in place, no zero/one tables; the block's FFN in L2-sized row chunks",
+    "causal_conv3d": "oneDNN conv3d (torch's own CPU heuristic skips it at batch 1)",
+    "channel_rms_norm_silu": "channel RMS norm and SiLU in plain torch",
+}
+
+
+def _choices(name: str, model: nn.Module, cls_name: str, flags: dict, backends: dict) -> dict[str, str]:
+    """``{"<name>.<family>": "<backend>: <path>"}`` for the families this model's patches route, resolved for the
+    model's current device (each call resolves again, so a model moved later follows its new device)."""
+    import torch
+
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    out = {}
+    for flag, family in _FAMILIES[cls_name]:
+        if not all(flags[f] for f in flag.split("+")):
+            continue
+        backend = resolve_backend(_OPS[family], backends[family], device)
+        path = TORCH_PATHS[family] if backend == "torch" else f"the {backend} kernel"
+        out[f"{name}.{family}"] = f"{backend} on {device.type}: {path}"
+    return out
 
 
 def _supported_listing() -> str:
@@ -95,7 +136,9 @@ def accelerate(pipe_or_model, *, attention: bool = True, norms: bool = True, vae
             ``"channel_rms_norm_silu"`` to a name. A backend without a kernel for an op raises
             :class:`sora_fast.ops.BackendUnavailableError` when the op runs.
 
-    Returns an :class:`AccelerationHandle`: ``handle.undo()``, or ``with accelerate(pipe): ...``.
+    Returns an :class:`AccelerationHandle`: ``handle.undo()``, or ``with accelerate(pipe): ...``;
+    ``handle.choices`` says, per model and op family, which backend and path runs on the model's device
+    (on a CPU the torch backend: for every op the fastest correct path measured, see ``TORCH_PATHS``).
     Raises TypeError for an unsupported object (listing what is supported), ValueError for a model
     already accelerated or with processors/blocks it does not know, :class:`DiffusersHooksError` when
     the installed diffusers lacks what a patch needs; in every case nothing has been changed.
@@ -117,8 +160,10 @@ def accelerate(pipe_or_model, *, attention: bool = True, norms: bool = True, vae
         raise ValueError(f"nothing to accelerate with attention={attention}, norms={norms}, vae={vae} in "
                          + ", ".join(f"{n} ({type(m).__name__})" for n, m, _ in targets))
     plans = [(model, steps) for model, steps in plans if steps]
+    choices = {k: v for name, model, cls_name in targets for k, v in _choices(name, model, cls_name, flags,
+                                                                              backends).items()}
     patchers = [_Patcher() for _ in plans]      # one per model: its handle undoes it alone (and its copies')
-    handle = AccelerationHandle(patchers, [desc for _, steps in plans for desc, _ in steps], skipped)
+    handle = AccelerationHandle(patchers, [desc for _, steps in plans for desc, _ in steps], skipped, choices)
     try:
         for patcher, (model, steps) in zip(patchers, plans):
             patcher.set(model, HANDLE_ATTR, AccelerationHandle([patcher], [desc for desc, _ in steps], []))

@@ -7,14 +7,38 @@ from typing import Optional
 import torch
 
 from ... import ops
+from ...reference._plan import PackPlan
 
 __all__ = ["packed_attention", "MASKED_BIAS"]
 
 MASKED_BIAS = -1e3  # an additive mask value at or below this drops the key (exp underflows to 0 in fp32)
 
+_OFFSETS: dict = {}     # (batch, length, device) -> int32 offsets: made once, never modified
+_OFFSETS_KEPT = 64
+
 
 def _offsets(batch: int, length: int, device) -> torch.Tensor:
-    return torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device)
+    """``(batch + 1,)`` int32 offsets of ``batch`` sequences of ``length`` rows (cached outside torch.compile)."""
+    if torch.compiler.is_compiling():
+        return torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device)
+    key = (batch, length, str(device))
+    if key not in _OFFSETS:
+        if len(_OFFSETS) >= _OFFSETS_KEPT:
+            _OFFSETS.clear()
+        with torch.inference_mode(False):
+            _OFFSETS[key] = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device)
+    return _OFFSETS[key]
+
+
+def _dense_plan(batch: int, sq: int, sk: int, device) -> tuple[torch.Tensor, torch.Tensor, Optional[PackPlan]]:
+    """Offsets of B query and B key sequences of equal lengths and the plan of that layout, from the host
+    sizes (no device read); no plan under torch.compile."""
+    cu_q, cu_k = _offsets(batch, sq, device), _offsets(batch, sk, device)
+    if torch.compiler.is_compiling():
+        return cu_q, cu_k, None
+    plan = PackPlan(cu_q, host_cu=range(0, (batch + 1) * sq, sq))
+    plan.keys_host(cu_k, host=range(0, (batch + 1) * sk, sk))
+    return cu_q, cu_k, plan
 
 
 def _key_padding(mask: Optional[torch.Tensor], shape: tuple) -> Optional[torch.Tensor]:
@@ -87,11 +111,14 @@ def _pack_kept(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                      *, scale: Optional[float] = None, rope_coords: Optional[torch.Tensor] = None,
-                     backend: Optional[str] = None) -> torch.Tensor:
+                     backend: Optional[str] = None, plan: Optional[PackPlan] = None) -> torch.Tensor:
     """Attention of diffusers' layout q ``(B, Sq, H, D)``, k/v ``(B, Sk, H, D)`` through
     :func:`sora_fast.ops.spacetime_attention`: the batch becomes B packed sequences, a key-padding
     mask drops the hidden keys from the packed keys (no padding is computed). ``rope_coords``
-    ``(B*Sq, 3)`` int32 fuses 3D RoPE on q and k (self-attention). Returns ``(B, Sq, H, Dv)``."""
+    ``(B*Sq, 3)`` int32 fuses 3D RoPE on q and k (self-attention). ``plan``: the
+    :class:`~sora_fast.reference._plan.PackPlan` of the B query sequences (its offsets, and ``rope_coords``
+    when given, are the ones attended with), kept by the caller across layers and calls; without one, an
+    unmasked call makes a plan of its own from the shapes. Returns ``(B, Sq, H, Dv)``."""
     b, sq, heads, _ = q.shape
     sk = k.shape[1]
     if k.shape[0] != b or v.shape[:2] != k.shape[:2] or k.shape[2] != heads or v.shape[2] != heads:
@@ -100,18 +127,25 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
     keep = _key_padding(attn_mask, (b, heads, sq, sk))
     if rope_coords is not None and (keep is not None or sk != sq):
         raise ValueError("rope_coords needs unmasked self-attention (keys = queries)")
-    qp, cu_q = q.reshape(b * sq, heads, -1), _offsets(b, sq, q.device)
+    qp = q.reshape(b * sq, heads, -1)
     if keep is None:
-        kp, vp, cu_k = k.reshape(b * sk, heads, -1), v.reshape(b * sk, heads, -1), _offsets(b, sk, q.device)
+        kp, vp = k.reshape(b * sk, heads, -1), v.reshape(b * sk, heads, -1)
+        cu_q, cu_k, own = _dense_plan(b, sq, sk, q.device)
+        if plan is None:
+            plan = own
+        else:
+            cu_q = plan.cu_seqlens
+            plan.keys_host(cu_k, host=range(0, (b + 1) * sk, sk))
         max_k = sk
     else:      # kept keys packed per element, the dropped ones after them in a sequence no query sees
+        cu_q, plan = _offsets(b, sq, q.device), None
         order, cu_k = _pack_kept(keep)
         kp, vp = k.reshape(b * sk, heads, -1)[order], v.reshape(b * sk, heads, -1)[order]
         cu_q = torch.cat([cu_q, cu_q[-1:]])                               # (B+2,): an empty last query sequence
         max_k = None
     if rope_coords is not None:
         out = ops.spacetime_attention(qp, kp, vp, cu_q, None, sq, scale=scale, rope_coords=rope_coords,
-                                      backend=backend)
+                                      backend=backend, plan=plan)
     else:
-        out = ops.spacetime_attention(qp, kp, vp, cu_q, cu_k, sq, max_k, scale=scale, backend=backend)
+        out = ops.spacetime_attention(qp, kp, vp, cu_q, cu_k, sq, max_k, scale=scale, backend=backend, plan=plan)
     return out.view(b, sq, heads, -1)                                     # (B, Sq, H, Dv)

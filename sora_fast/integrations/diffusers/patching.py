@@ -3,6 +3,8 @@ that :func:`~sora_fast.integrations.diffusers.accelerate` returns, and the check
 (what the installed diffusers provides, forwards already replaced by hooks)."""
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import nn
 
 __all__ = ["AccelerationHandle", "DiffusersHooksError", "HANDLE_ATTR"]
@@ -82,10 +84,15 @@ class AccelerationHandle:
     ``with accelerate(pipe): ...`` undoes on exit.
 
     Each accelerated model also holds a handle of its own patches (attribute ``HANDLE_ATTR``); a deep
-    copy or an unpickled copy of the model holds its own copy of that handle, which acts on the copy."""
+    copy or an unpickled copy of the model holds its own copy of that handle, which acts on the copy.
 
-    def __init__(self, patchers: list[_Patcher], patched: list[str], skipped: list[str]):
+    ``patched``: what was patched; ``skipped``: the pipeline components left alone; ``choices``: per model and
+    op family (``"transformer.attention"``), the backend and the path it runs on the model's device."""
+
+    def __init__(self, patchers: list[_Patcher], patched: list[str], skipped: list[str],
+                 choices: Optional[dict] = None):
         self._patchers, self.patched, self.skipped = patchers, patched, skipped
+        self.choices = dict(choices or {})
 
     @property
     def active(self) -> bool:

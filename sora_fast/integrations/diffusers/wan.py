@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from ... import ops
-from .attention import packed_attention
+from ...models.dit import feed_forward
+from ...reference._plan import PackPlan
+from .attention import _offsets, packed_attention
 from .patching import _diffusers_attr, _own_forward_free
 
 __all__ = ["WanAttnProcessor"]
@@ -18,19 +20,44 @@ __all__ = ["WanAttnProcessor"]
 
 class _GridRope(tuple):
     """Wan's ``(freqs_cos, freqs_sin)`` plus the latent patch grid they were built for, so that the
-    attention can apply the same rotation from integer coordinates inside its kernel."""
+    attention can apply the same rotation from integer coordinates inside its kernel. ``plans``: where
+    the :class:`~sora_fast.reference._plan.PackPlan` of each (grid, batch, device) is kept across forwards
+    (None under torch.compile: no cached tensor enters a graph)."""
 
-    def __new__(cls, cos: torch.Tensor, sin: torch.Tensor, grid: tuple):
+    def __new__(cls, cos: torch.Tensor, sin: torch.Tensor, grid: tuple, plans: Optional[dict] = None):
         self = super().__new__(cls, (cos, sin))
-        self.grid, self._coords = grid, {}
+        self.grid, self._coords, self._plans = grid, {}, plans
         return self
 
     def coords(self, batch: int, device) -> torch.Tensor:
-        """``(batch * T'H'W', 3)`` int32 (t, h, w) of every token, cached."""
+        """``(batch * T'H'W', 3)`` int32 (t, h, w) of every token, cached (the plan's, when there is one)."""
+        plan = self.plan(batch, device)
+        if plan is not None:
+            return plan.coords
         key = (batch, str(device))
         if key not in self._coords:
             self._coords[key] = ops.grid_coords(self.grid, device).to(torch.int32).repeat(batch, 1)
         return self._coords[key]
+
+    def plan(self, batch: int, device) -> Optional[PackPlan]:
+        """The plan of ``batch`` videos of this grid: offsets, grid and coordinates made once, the RoPE
+        table and the attention layout on first use, shared by every layer and every later forward."""
+        if self._plans is None:
+            return None
+        key = (self.grid, batch, str(device))
+        if key not in self._plans:
+            if len(self._plans) >= _PLANS_KEPT:
+                self._plans.clear()
+            s = math.prod(self.grid)
+            with torch.no_grad(), torch.inference_mode(False):
+                coords = ops.grid_coords(self.grid, device).to(torch.int32).repeat(batch, 1)
+                grid = torch.tensor([self.grid] * batch, dtype=torch.int32, device=device)
+            self._plans[key] = PackPlan(_offsets(batch, s, device), grid, coords,
+                                        host_cu=range(0, (batch + 1) * s, s), host_grid=[self.grid] * batch)
+        return self._plans[key]
+
+
+_PLANS_KEPT = 8     # (grid, batch, device) plans a patched rope keeps: the shapes of one pipeline's calls
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -65,14 +92,15 @@ class WanAttnProcessor:
         q, k, v = self._qkv(attn, hidden_states, encoder_hidden_states)   # (B, S|L, H*d)
         q, k = attn.norm_q(q), attn.norm_k(k)
         q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))   # (B, S|L, H, d)
-        coords = None
+        coords = plan = None
         if rotary_emb is not None:
             b, s = q.shape[:2]
             if isinstance(rotary_emb, _GridRope) and math.prod(rotary_emb.grid) == s:
+                plan = rotary_emb.plan(b, q.device)                         # None under torch.compile
                 coords = rotary_emb.coords(b, q.device)                     # (B*S, 3) int32
             else:
                 q, k = _rotate(q, *rotary_emb), _rotate(k, *rotary_emb)
-        out = packed_attention(q, k, v, rope_coords=coords, backend=self.backend).flatten(2, 3).type_as(q)
+        out = packed_attention(q, k, v, rope_coords=coords, backend=self.backend, plan=plan).flatten(2, 3).type_as(q)
         if img is not None:
             k_img, v_img = self._added_kv(attn, img)
             k_img = attn.norm_added_k(k_img).unflatten(2, (attn.heads, -1))
@@ -117,6 +145,29 @@ def _wan_tables(block, temb: torch.Tensor, n: int, count: int = 6):
     return tuple(t.contiguous() for t in mod.unbind(1)[:count]), per_token
 
 
+_IDS: dict = {}     # (batch, length, device) -> int32 element of every token: made once, never modified
+
+
+def _batch_ids(batch: int, length: int, device) -> torch.Tensor:
+    """``(batch * length,)`` int32: the batch element of every token (cached outside torch.compile)."""
+    if torch.compiler.is_compiling():
+        return torch.arange(batch, dtype=torch.int32, device=device).repeat_interleave(length)
+    key = (batch, length, str(device))
+    if key not in _IDS:
+        if len(_IDS) >= _PLANS_KEPT:
+            _IDS.clear()
+        with torch.inference_mode(False):
+            _IDS[key] = torch.arange(batch, dtype=torch.int32, device=device).repeat_interleave(length)
+    return _IDS[key]
+
+
+def _ffn_hidden(ffn: nn.Module) -> Optional[int]:
+    """The hidden width of diffusers' ``FeedForward`` (its first projection's outputs), None if not found."""
+    net = getattr(ffn, "net", None)
+    proj = getattr(net[0], "proj", None) if isinstance(net, nn.ModuleList) and len(net) else None
+    return proj.out_features if isinstance(proj, nn.Linear) else None
+
+
 class _WanBlockForward:
     """``WanTransformerBlock.forward`` with its norm/modulate/gate/residual chain on sora_fast ops.
 
@@ -133,23 +184,22 @@ class _WanBlockForward:
         n = b * s
         x = hidden_states.reshape(n, d)                                                  # (N, D)
         (shift1, scale1, gate1, shift2, scale2, gate2), per_token = _wan_tables(block, temb, n)
-        ids = None if per_token else torch.arange(b, dtype=torch.int32, device=x.device).repeat_interleave(s)
-        zero, one = torch.zeros_like(gate1), torch.ones_like(gate1)
+        ids = None if per_token else _batch_ids(b, s, x.device)                       # (N,) int32 element
         y = chain.take(block, hidden_states, temb)
         if y is None:
             y = ops.adaln_modulate(x, shift1, scale1, ids, eps=block.norm1.eps, backend=backend)  # (N, D)
         a = block.attn1(y.view(b, s, d), None, None, rotary_emb).reshape(n, d)        # (N, D)
         norm2 = block.norm2 if isinstance(block.norm2, nn.LayerNorm) else None
-        h, y = ops.gated_residual_adaln(x, a, gate1, zero, zero, ids, weight=getattr(norm2, "weight", None),
+        h, y = ops.gated_residual_adaln(x, a, gate1, None, None, ids, weight=getattr(norm2, "weight", None),
                                         bias=getattr(norm2, "bias", None),
                                         eps=norm2.eps if norm2 is not None else block.norm1.eps,
                                         backend=backend)                                # h + g1*a, LN_affine(h)
         if norm2 is None:
             y = h                                                                       # no cross-attn norm
         c = block.attn2(y.view(b, s, d), encoder_hidden_states, None, None).reshape(n, d)  # (N, D)
-        h, y = ops.gated_residual_adaln(h, c, one, shift2, scale2, ids, eps=block.norm3.eps,
+        h, y = ops.gated_residual_adaln(h, c, None, shift2, scale2, ids, eps=block.norm3.eps,
                                         backend=backend)                                # h + c, LN(h)*(1+s2)+sh2
-        f = block.ffn(y.view(b, s, d)).reshape(n, d)                                    # (N, D)
+        f = feed_forward(block.ffn, y, _ffn_hidden(block.ffn))                         # (N, D)
         if next_block is not None and not torch.is_grad_enabled():
             (nshift, nscale), _ = _wan_tables(next_block, temb, n, count=2)
             h, y_next = ops.gated_residual_adaln(h, f, gate2, nshift, nscale, ids, eps=next_block.norm1.eps,
@@ -168,7 +218,13 @@ class _WanRopeForward:
     an object over the module, as :class:`_WanBlockForward`."""
 
     def __init__(self, rope, chain: _WanChain):
-        self.rope, self.chain = rope, chain
+        self.rope, self.chain, self.plans = rope, chain, {}
+
+    def __getstate__(self) -> dict:
+        return {"rope": self.rope, "chain": self.chain}     # plans are a cache: a copy makes its own
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, plans={})
 
     def __call__(self, hidden_states: torch.Tensor):
         self.chain.clear()                             # a new transformer forward starts here
@@ -176,7 +232,8 @@ class _WanRopeForward:
         cos, sin = type(rope).forward(rope, hidden_states)
         _, _, t, h, w = hidden_states.shape
         pt, ph, pw = rope.patch_size
-        return _GridRope(cos, sin, (t // pt, h // ph, w // pw))
+        plans = None if torch.compiler.is_compiling() else self.plans
+        return _GridRope(cos, sin, (t // pt, h // ph, w // pw), plans)
 
 
 def _plan_wan(name: str, model: nn.Module, flags: dict, backends: dict) -> list:

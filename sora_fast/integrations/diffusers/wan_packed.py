@@ -2,6 +2,7 @@
 :class:`~sora_fast.models.VideoDiT` that shares its weights."""
 from __future__ import annotations
 
+import weakref
 from typing import Sequence
 
 import torch
@@ -14,10 +15,26 @@ from ._accelerate import _supported_class
 __all__ = ["wan_packed_forward"]
 
 
+_SHARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # transformer -> (signature, VideoDiT)
+
+
 def _shared_video_dit(transformer: nn.Module, backend) -> nn.Module:
     """A :class:`~sora_fast.models.VideoDiT` holding the transformer's own weight tensors (converted
     views: only the re-ordered output projection is a copy), built on the meta device, so nothing big
-    is allocated and later in-place weight changes are seen."""
+    is allocated. Built once per transformer and kept while its parameters are the same tensors, unmodified
+    (their version counters), so a sampling loop converts nothing per step and in-place weight changes
+    are still seen (they rebuild it)."""
+    signature = (repr(backend), tuple((id(p), p._version if not p.is_inference() else None)
+                                      for p in transformer.parameters()))
+    kept = _SHARED.get(transformer)
+    if kept is not None and kept[0] == signature:
+        return kept[1]
+    dit = _build_video_dit(transformer, backend)
+    _SHARED[transformer] = (signature, dit)
+    return dit
+
+
+def _build_video_dit(transformer: nn.Module, backend) -> nn.Module:
     config = dit_config_from_diffusers(transformer.config)
     sd = convert_wan_transformer_state_dict(transformer.state_dict(), config)
     with torch.device("meta"):
