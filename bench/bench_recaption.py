@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="recaption_bench", help="output folder (default: recaption_bench)")
     ap.add_argument("--dit-steps", type=int, default=None, help="DiT steps per arm (default: the demo's, 3200)")
-    ap.add_argument("--prompts", type=int, default=None, help="held-out text-to-video prompts (default: 48; --quick: 4)")
+    ap.add_argument("--prompts", type=int, default=None, help="held-out prompts (default: 48; --quick: 4)")
     ap.add_argument("--seed", type=int, default=1000, help="sampling seed of the held-out prompts (default: 1000)")
     ap.add_argument("--vae-from", default=None, help="take the VAE of this saved demo pipeline instead of training one")
     ap.add_argument("--expand-pipeline", default=None,
@@ -175,6 +175,8 @@ def _run(args) -> int:
     code = cli_main(["caption", str(out / "recaptioned"), "--captioner", "pixel", "--overwrite",
                      "--every-n", str(args.every_n), "--no-progress"])
     timings["recaption"] = time.perf_counter() - t0
+    if code not in (0, 1):      # 1: some files failed and keep their degraded caption; 2: the command refused
+        raise SystemExit(f"sora-fast caption refused the folder (exit status {code}); see its message above")
     _, recaptioned, rstems = _read(out / "recaptioned", vae)
     if rstems != stems:
         raise RuntimeError("the re-captioned folder reads its clips in another order than the data folder")
