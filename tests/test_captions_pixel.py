@@ -17,6 +17,7 @@ from sora_fast.captions.pixel import (
 )
 from sora_fast.data import synthetic as S
 from sora_fast.data import world as W
+from sora_fast.data.checker import blob_boxes, blob_diagonals, classify_shape, color_masks, track_object
 from sora_fast.data.io import write_video
 
 
@@ -83,6 +84,23 @@ def test_an_image_is_a_still_subject(fresh_seed):
     got = PixelCaptioner().caption_frames(S.render_clip(spec))
     assert got == _truth(spec)
     assert got.spans[0].subjects[0].action == "still" and got.render() == spec.caption
+
+
+def test_blob_diagonals_tell_squares_from_circles_in_every_frame(fresh_seed):
+    """On renders the diagonal ratio alone classifies every frame of every shape, colour and size (the fill
+    misses about one small circle or square in a hundred images)."""
+    rng = np.random.default_rng(fresh_seed)
+    th = PixelThresholds().tracker
+    for _ in range(40):
+        spec = S.sample_spec(rng, occluder_prob=0.0, lengths=(1, 5), object_size=float(rng.uniform(0.25, 0.4)))
+        video = S.render_clip(spec)
+        masks = color_masks(video, th)
+        tr = track_object(video, spec.color, thresholds=th, masks=masks)
+        _, fill, depth = blob_boxes(video, tr, thresholds=th, masks=masks)
+        diagonal = blob_diagonals(video, tr, thresholds=th, masks=masks)
+        assert tr.present.all()
+        labels = {classify_shape(f, d, g) for f, d, g in zip(fill, depth, diagonal)}
+        assert labels == {spec.shape}, (spec, diagonal)
 
 
 # ---- what the grammar cannot say: one span per frame range ----------------------------------------------

@@ -139,7 +139,8 @@ class _Object:
             self.edges[:, k + 2] = self.centers[:, k] + self.size / 2
         else:
             self.split = np.zeros(n, bool)
-        self.touching = np.zeros(n, bool)  # set by the pair analysis: blob next to the other object's
+        self.touching = np.zeros(n, bool)  # the blob shares pixels with another one's (set by the caller)
+        self.beside = np.zeros(n, bool)    # within a pixel of another one's (set by the caller)
 
     def in_bar_band(self) -> bool:
         """Seen only within 2 px of the bar (every frame it is present in)."""
@@ -158,9 +159,12 @@ class _Object:
         return ok
 
     def shape(self) -> Optional[str]:
-        """The majority shape of the whole frames; an object always under the narrow bar: of the frames the bar
-        splits (their fill without the bar's gap), else of those it shows most of itself in."""
+        """The majority shape of the whole frames (those apart from another object, when there are any); an object
+        always under the narrow bar: of the frames the bar splits (their fill without the bar's gap), else of those
+        it shows most of itself in."""
         use = self.whole()
+        if (use & ~self.beside).any():
+            use &= ~self.beside
         if not use.any():
             use = self.split & self.in_frame & ~self.touching
         if not use.any():
@@ -226,9 +230,14 @@ class _Motion:
         return (tc[:, None] * (xy - xy.mean(0))).sum(0) / (tc * tc).sum()
 
     def still(self, use: np.ndarray) -> bool:
+        """Its range is within ``still`` of the slow speed times the time (or ``still_px``) and so is its median
+        speed over about 4 frames (a bounce near a wall turns back within a small range; over one frame a blob
+        moves in whole pixels)."""
         xy, t = self.xy[use], self.tt[use]
         reach = np.maximum(self.th.still_px, self.th.still * self.slow * (t[-1] - t[0]))
-        return bool((np.ptp(xy, axis=0) <= reach).all())
+        lag = min(use.size - 1, max(1, round(4 / float(np.median(np.diff(t))))))
+        speed = np.median(np.abs(xy[lag:] - xy[:-lag]) / (t[lag:] - t[:-lag])[:, None], axis=0)
+        return bool((np.ptp(xy, axis=0) <= reach).all() and (speed < self.th.still * self.slow).all())
 
     def classify(self, use: np.ndarray, *, splits: bool = True) -> list[_Phase]:
         """Phases over the looked-at frames ``use`` (sorted, >= 1)."""
@@ -476,11 +485,13 @@ class PixelCaptioner(Captioner):
 
         for o in objs:  # centroids in the first frame's coordinates (the camera taken back)
             o.xy = o.centers if world is None else world(o.centers)
-        for i, a in enumerate(objs):  # blobs next to another one's: their edges blend, not whole
+        for i, a in enumerate(objs):  # blobs sharing pixels with another one (a contact): their edges blend
             for b in objs[i + 1:]:
-                near = _separation(a.boxes, b.boxes) <= 0.5  # adjacent pixels
-                a.touching |= near
-                b.touching |= near
+                gap = _separation(a.boxes, b.boxes)
+                a.touching |= gap < 0
+                b.touching |= gap < 0
+                a.beside |= gap <= 1  # compressed video mixes the colours of neighbouring pixels
+                b.beside |= gap <= 1
         interaction, phases = None, None
         if len(objs) == 2 and n >= 3:
             interaction, phases = self._pair(objs, idx, (h, w))
@@ -546,16 +557,31 @@ class PixelCaptioner(Captioner):
     # ---- objects ----------------------------------------------------------------------------------------
 
     def _phases(self, o: _Object, idx: np.ndarray, hw: tuple, t_all: int) -> list[_Phase]:
-        """One object's phases: entering, its motion in the frame (one or more), leaving. It leaves over the frames
-        after the last one it is wholly inside the frame in, when the border cuts it in one of them or it is out of
-        sight in one with the border near before (out of sight away from the border, behind the bar, it has not
-        left); it enters likewise."""
+        """One object's phases: entering, its motion in the frame (one or more), leaving. It leaves after the last
+        frame it is wholly in the frame in, when the border cuts it in a later one or it is out of sight with the
+        border near before (out of sight away from the border, behind the bar, it has not left); the leaving
+        starts where it first touches the side it leaves through. It enters likewise."""
         if t_all == 1:
             return [_Phase(0, "still")]
-        clear = np.nonzero(o.tr.present & ~o.at_border)[0]
-        if clear.size == 0:
+        inside = np.nonzero(o.in_frame)[0]
+        if inside.size == 0:
             return [_Phase(0, None)]
-        first, last = int(clear[0]), int(clear[-1])
+        h, w = hw
+        b = o.boxes
+        sides = np.stack([b[:, 0] <= 0, b[:, 1] <= 0, b[:, 2] >= w, b[:, 3] >= h], 1) & o.tr.present[:, None]
+        first, last = int(inside[0]), int(inside[-1])
+        gone = ~o.tr.present
+        enters = first > 0 and (o.cut[:first].any() or gone[:first].any() and self._near_border(o, first, hw))
+        leaves = last < idx.size - 1 and (o.cut[last + 1:].any() or gone[last + 1:].any()
+                                          and self._near_border(o, last, hw))
+        if leaves:  # back over the frames touching the side it leaves through
+            side = sides[last + 1:].any(0) | sides[last]
+            while last > first and (sides[last] & side).any():
+                last -= 1
+        if enters:
+            side = sides[:first].any(0) | sides[first]
+            while first < last and (sides[first] & side).any():
+                first += 1
         use = o.usable()
         use = use[(use >= first) & (use <= last)]
         motion = _Motion(idx, o.xy, hw, o.size, self.thresholds, o.edges if o.xy is o.centers else None)
@@ -566,11 +592,10 @@ class PixelCaptioner(Captioner):
         def moving(p: _Phase) -> tuple:
             return (p.direction, p.speed) if p.action == "moving" else (None, None)
 
-        gone = ~o.tr.present
-        if first > 0 and (o.cut[:first].any() or gone[:first].any() and self._near_border(o, first, hw)):
+        if enters:
             out = [_Phase(0, "entering the frame", *moving(body[0]))] + body
             body[0].start = first
-        if last < idx.size - 1 and (o.cut[last + 1:].any() or gone[last + 1:].any() and self._near_border(o, last, hw)):
+        if leaves:
             out = out + [_Phase(last + 1, "leaving the frame", *moving(out[-1]))]
         return out
 
