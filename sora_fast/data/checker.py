@@ -42,7 +42,7 @@ from .io import to_uint8
 from .synthetic import COLORS, SPEEDS, parse_caption
 
 __all__ = ["CheckerThresholds", "CheckResult", "Track", "track_object", "check_clip", "check_clips", "summary",
-           "color_masks", "blob_boxes", "classify_shape", "SHAPE_BOUNDS"]
+           "color_masks", "blob_boxes", "blob_diagonals", "classify_shape", "SHAPE_BOUNDS"]
 
 
 @dataclass(frozen=True)
@@ -228,15 +228,16 @@ class Track:
 
 
 def track_object(clip: Union[torch.Tensor, np.ndarray], color: str, *,
-                 thresholds: Optional[CheckerThresholds] = None) -> Track:
+                 thresholds: Optional[CheckerThresholds] = None, masks: Optional[dict] = None) -> Track:
     """Track the ``color`` object of a clip (``(T, H, W, 3)`` uint8 or ``(3, T, H, W)`` float in [-1, 1]):
-    per frame its presence, area and centroid, with the palette votes of the whole clip."""
+    per frame its presence, area and centroid, with the palette votes of the whole clip. ``masks``: the
+    clip's :func:`color_masks` when the caller has them (tracking several colours computes them once)."""
     if color not in COLORS:
         raise ValueError(f"color must be one of {list(COLORS)}, got {color!r}")
     th = thresholds or CheckerThresholds()
     frames = _as_frames(clip)
     t, h, w, _ = frames.shape
-    masks = color_masks(frames, th)
+    masks = color_masks(frames, th) if masks is None else masks
     mask = masks[color]
     min_area = max(th.min_area_px, th.min_area_frac * min(h, w) ** 2)
     area, cent = _objects(mask, th.merge_radius_frac * min(h, w), max(2.0, min_area / 4))
@@ -250,40 +251,67 @@ def track_object(clip: Union[torch.Tensor, np.ndarray], color: str, *,
 #: Boundaries of :func:`classify_shape`. ``depth``: the blob's centroid height within its box from the top
 #: (0.5 for a circle or a square, 2/3 for the apex-up triangle); ``fill``: blob pixels / box pixels (a square
 #: fills its box, a circle pi/4). Anti-aliased edges and colour thresholds move small renders by up to ~0.08
-#: (tests/test_probes.py measures them on renders).
-SHAPE_BOUNDS = {"triangle_depth": 0.553, "square_fill": 0.88}
+#: (tests/test_probes.py measures them on renders). ``diagonal`` (:func:`blob_diagonals`): sqrt(2) for a square,
+#: 0.94-1.16 for a circle on renders; a pixel of colour bled around the blob (video compression, a texture)
+#: moves it less than it moves the fill.
+SHAPE_BOUNDS = {"triangle_depth": 0.553, "square_fill": 0.88, "square_diagonal": 1.21}
 
 
-def blob_boxes(clip: Union[torch.Tensor, np.ndarray], track: Track, *,
-               thresholds: Optional[CheckerThresholds] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The tracked object's bounding box, fill ratio and depth per frame: ``(T, 4)`` ``(x0, y0, x1, y1)`` px
-    (pixel edges), ``(T,)`` pixels / box area and ``(T,)`` the centroid's height in the box from its top edge
-    (a fraction), NaN where it is absent. The blob is the pixels of the track's colour within the tracker's
-    merge radius of its centroid (rule 2 of the module docstring)."""
-    th = thresholds or CheckerThresholds()
+def _blob_pixels(clip, track: Track, th: CheckerThresholds, masks: Optional[dict]):
+    """``(frame, xs, ys)`` of the tracked blob's pixels in every frame it is present in: the pixels of the
+    track's colour within the tracker's merge radius of its centroid (rule 2 of the module docstring)."""
     frames = _as_frames(clip)
     t, h, w, _ = frames.shape
-    mask = color_masks(frames, th)[track.color]
-    boxes, fill, depth = np.full((t, 4), np.nan), np.full(t, np.nan), np.full(t, np.nan)
+    mask = (color_masks(frames, th) if masks is None else masks)[track.color]
     radius = th.merge_radius_frac * min(h, w)
     for i in np.nonzero(track.present)[0]:
         ys, xs = np.nonzero(mask[i])
         near = np.hypot(xs + 0.5 - track.centers[i, 0], ys + 0.5 - track.centers[i, 1]) <= radius
-        xs, ys = xs[near], ys[near]
-        if xs.size:
-            boxes[i] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
-            fill[i] = xs.size / ((boxes[i, 2] - boxes[i, 0]) * (boxes[i, 3] - boxes[i, 1]))
-            depth[i] = (ys.mean() + 0.5 - boxes[i, 1]) / (boxes[i, 3] - boxes[i, 1])
+        if near.any():
+            yield i, xs[near], ys[near]
+
+
+def blob_boxes(clip: Union[torch.Tensor, np.ndarray], track: Track, *, thresholds: Optional[CheckerThresholds] = None,
+               masks: Optional[dict] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The tracked object's bounding box, fill ratio and depth per frame: ``(T, 4)`` ``(x0, y0, x1, y1)`` px
+    (pixel edges), ``(T,)`` pixels / box area and ``(T,)`` the centroid's height in the box from its top edge
+    (a fraction), NaN where it is absent. The blob is the pixels of the track's colour within the tracker's
+    merge radius of its centroid (rule 2 of the module docstring). ``masks``: as in :func:`track_object`."""
+    th = thresholds or CheckerThresholds()
+    t = track.frames
+    boxes, fill, depth = np.full((t, 4), np.nan), np.full(t, np.nan), np.full(t, np.nan)
+    for i, xs, ys in _blob_pixels(clip, track, th, masks):
+        boxes[i] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        fill[i] = xs.size / ((boxes[i, 2] - boxes[i, 0]) * (boxes[i, 3] - boxes[i, 1]))
+        depth[i] = (ys.mean() + 0.5 - boxes[i, 1]) / (boxes[i, 3] - boxes[i, 1])
     return boxes, fill, depth
 
 
-def classify_shape(fill: float, depth: float) -> Optional[str]:
-    """``"square" | "circle" | "triangle"`` from a blob's fill ratio and centroid depth
-    (:data:`SHAPE_BOUNDS`); None for NaN."""
+def blob_diagonals(clip: Union[torch.Tensor, np.ndarray], track: Track, *,
+                   thresholds: Optional[CheckerThresholds] = None, masks: Optional[dict] = None) -> np.ndarray:
+    """``(T,)`` the tracked blob's mean extent along the two diagonals over its mean extent along x and y (its
+    pixels' squares projected), NaN where it is absent: a square's corners make it sqrt(2), a circle's about 1
+    (:data:`SHAPE_BOUNDS`). The blob is :func:`blob_boxes`'."""
+    th = thresholds or CheckerThresholds()
+    out = np.full(track.frames, np.nan)
+    r2 = np.sqrt(2.0)
+    for i, xs, ys in _blob_pixels(clip, track, th, masks):
+        along = (np.ptp(xs) + np.ptp(ys)) / 2 + 1.0
+        u, v = (xs + ys) / r2, (xs - ys) / r2
+        out[i] = ((np.ptp(u) + np.ptp(v)) / 2 + r2) / along
+    return out
+
+
+def classify_shape(fill: float, depth: float, diagonal: Optional[float] = None) -> Optional[str]:
+    """``"square" | "circle" | "triangle"`` from a blob's fill ratio and centroid depth (:data:`SHAPE_BOUNDS`),
+    square or circle by its ``diagonal`` ratio (:func:`blob_diagonals`) instead of its fill when given; None for
+    NaN."""
     if not (np.isfinite(fill) and np.isfinite(depth)):
         return None
     if depth >= SHAPE_BOUNDS["triangle_depth"]:
         return "triangle"
+    if diagonal is not None and np.isfinite(diagonal):
+        return "square" if diagonal >= SHAPE_BOUNDS["square_diagonal"] else "circle"
     return "square" if fill >= SHAPE_BOUNDS["square_fill"] else "circle"
 
 

@@ -50,7 +50,7 @@ from ..data.synthetic import DIRECTIONS, OCCLUDER, SPEEDS, parse_caption
 from ..data.world import FLOOR_RESTITUTION, GRAVITY, WALL_RESTITUTION, ZOOM_RATES
 
 __all__ = ["PROBES", "ProbeTolerances", "ProbeReport", "probe_clip", "pass_rates", "phase_correlate",
-           "camera_motion"]
+           "camera_motion", "bar_interval"]
 
 PROBES = ("present", "colour", "shape", "direction", "speed", "identity", "permanence", "bounce", "gravity",
           "collision", "camera")
@@ -106,7 +106,7 @@ class _Obj:
         self.labels = self.whole
         if prompt.occluder:  # a blob the bar cuts is no shape: leave out frames where it touches the bar
             k = _axis_k(prompt)
-            bar = _bar_interval(frames, k)
+            bar = bar_interval(frames, k)
             self.labels = [None if bar is None or (self.boxes[i, k] < bar[1] + 2 and self.boxes[i, k + 2] > bar[0] - 2)
                            else lab for i, lab in enumerate(self.whole)]
 
@@ -285,7 +285,9 @@ def _identity(frames, p, objs, tol):
     return True
 
 
-def _bar_interval(frames, axis_k) -> Optional[tuple[float, float]]:
+def bar_interval(frames, axis_k) -> Optional[tuple[float, float]]:
+    """The gray bar (:data:`~sora_fast.data.synthetic.OCCLUDER`) across ``(T, H, W, 3)`` uint8 frames: its pixel
+    interval ``(start, end)`` along x (``axis_k=0``, a vertical bar) or y (``1``), None when there is none."""
     gray = (np.abs(frames.astype(np.int16) - np.asarray(OCCLUDER, np.int16)) <= 25).all(-1)  # (T, H, W)
     frac = gray.mean(axis=(0, 1)) if axis_k == 0 else gray.mean(axis=(0, 2))
     idx = np.nonzero(frac >= 0.6)[0]
@@ -297,7 +299,7 @@ def _permanence(frames, p, objs, tol):
         return None
     o, k, t = objs[0], _axis_k(p), frames.shape[0]
     side = frames.shape[2] if k == 0 else frames.shape[1]
-    bar = _bar_interval(frames, k)
+    bar = bar_interval(frames, k)
     if bar is None:
         return False, "no gray bar across the path"
     pres = o.tr.present
@@ -506,12 +508,13 @@ def _warp_error(a, b, scale, shift, border: int = 2) -> float:
     return float(np.abs(out - b)[valid].mean()) if valid.any() else float("inf")
 
 
-def camera_motion(frames: np.ndarray, zoom: bool) -> tuple[list, list]:
+def camera_motion(frames: np.ndarray, zoom: bool, max_zoom: float = 0.06, steps: int = 61) -> tuple[list, list]:
     """Per consecutive pair of ``(T, H, W, 3)`` uint8 frames: the global motion (``(dx, dy)`` px by phase
-    correlation, or the best scale in ``[0.94, 1.06]`` when ``zoom``) and the warped-frame error (gray levels)."""
+    correlation, or when ``zoom`` the best of ``steps`` scales in ``exp([-max_zoom, max_zoom])``, refined by a
+    parabola) and the warped-frame error (gray levels)."""
     gray = frames.astype(np.float64).mean(-1)
     motion, errors = [], []
-    grid = np.exp(np.linspace(-0.06, 0.06, 61))
+    grid = np.exp(np.linspace(-max_zoom, max_zoom, steps))
     for a, b in zip(gray[:-1], gray[1:]):
         if zoom:
             errs = np.array([_warp_error(a, b, s, (0.0, 0.0), border=4) for s in grid])
