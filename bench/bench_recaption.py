@@ -130,7 +130,7 @@ def _read(folder_dir: Path, vae) -> tuple[list, list, list]:
 
 
 def _run(args) -> int:
-    from sora_fast.captions.expand import CaptionStats, SchemaExpander
+    from sora_fast.captions import CaptionStats, SchemaExpander
     from sora_fast.cli import main as cli_main
     from sora_fast.data import check_clips, make_synthetic_dataset
     from sora_fast.data import prompts as synthetic_prompts
