@@ -145,7 +145,7 @@ def _set(path, value):
 
 _DROP = object()
 BAD = [  # (mutation, words the ValueError must hold)
-    (_set(["spans", 0, "subjects", 1, "speed"], "warp"), [r"spans\[0\]\.subjects\[1\]", "speed", "warp"]),
+    (_set(["spans", 0, "subjects", 1, "speed"], "warp"), [r"spans\[0\]\.subjects\[1\]\.speed must be one of", "warp"]),
     (_set(["spans", 0, "subjects", 1, "speed"], _DROP), [r"spans\[0\]\.subjects\[1\]", "missing", "speed"]),
     (_set(["spans", 0, "subjects", 0, "mood"], "calm"), [r"spans\[0\]\.subjects\[0\]", "unknown", "mood"]),
     (_set(["spans", 0, "subjects", 0, "type"], 3), [r"spans\[0\]\.subjects\[0\]", "type"]),

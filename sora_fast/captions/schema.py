@@ -86,7 +86,9 @@ class _Schema:
             return cls(**kw)
         except (TypeError, ValueError) as e:
             msg = str(e)
-            raise ValueError(msg if not path else f"{path}: {msg}") from None
+            if path:   # "speed must be ..." -> "spans[0].subjects[1].speed must be ..."
+                msg = f"{path}.{msg}" if msg.split(" ", 1)[0] in names else f"{path}: {msg}"
+            raise ValueError(msg) from None
 
 
 def _join(path: str, name: str) -> str:
@@ -230,7 +232,8 @@ class CaptionSchema(_Schema):
     # ---- JSON ---------------------------------------------------------------------------------------------
 
     def to_json(self, **kw) -> str:
-        """The schema as JSON text (every field, null where unknown); ``kw`` go to :func:`json.dumps`."""
+        """The schema as JSON text (every field, null where unknown) with a ``version`` key; ``kw`` go to
+        :func:`json.dumps`. :meth:`json_schema` describes :meth:`to_dict` (what a model answers), without it."""
         return json.dumps({"version": SCHEMA_VERSION, **self.to_dict()}, **kw)
 
     @classmethod
@@ -319,8 +322,8 @@ class CaptionSchema(_Schema):
         """A later span: each subject's new action (``"the red circle moving right quickly"``), its camera."""
         parts = []
         for s in span.subjects:
-            m = s.motion() or "still"
-            parts.append(f"the {s.bare_noun()} {m}")
+            m = s.motion() or ("still" if s.action == "still" else "")   # an unknown action says nothing
+            parts.append(f"the {s.bare_noun()}" + (f" {m}" if m else ""))
         text = " and ".join(parts)
         if span.interaction:
             text += f", {span.interaction}"
