@@ -93,3 +93,14 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="does not fit"):
         W.sample_world(0, "occlusion", sizes=[(16, 16)], lengths=[9])
     assert dataclasses.replace(spec).caption == spec.caption
+
+
+def test_held_out_streams_redraw_a_size_that_cannot_hold_the_scene():
+    # these streams once drew a frame a two-object scene could not fit in and raised; the size is drawn again
+    for seed in (7, 21):
+        specs = W.held_out_world(150, "collision", seed=seed)
+        assert len(specs) == 150 and all(s.scene == "collision" for s in specs)
+        assert all(S.parse_caption(s.caption) == s.prompt for s in specs)
+        assert W.held_out_world(150, "collision", seed=seed) == specs          # still a function of the seed
+    with pytest.raises(ValueError, match="does not fit"):                     # a size that never fits still says so
+        W.held_out_world(1, "occlusion", seed=0, sizes=[(16, 16)], lengths=[9])

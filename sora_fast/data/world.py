@@ -547,7 +547,21 @@ def held_out_world(n: int, scene: str, *, seed: int, sizes: Sequence[tuple[int, 
     if scene not in SCENES:
         raise ValueError(f"scene must be one of {list(SCENES)}, got {scene!r}")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 23, SCENES.index(scene)]))
-    return [sample_world(rng, scene, sizes=sizes, lengths=lengths, object_size=object_size) for _ in range(n)]
+    return [_redraw(lambda: sample_world(rng, scene, sizes=sizes, lengths=lengths, object_size=object_size))
+            for _ in range(n)]
+
+
+def _redraw(draw, attempts: int = 20) -> WorldSpec:
+    """``draw()`` again (its generator has moved on: another size, length and start) when the drawn size and length
+    cannot hold the scene (a two-object scene in a small frame runs out of tries now and then); the last error
+    after ``attempts`` draws, when the sizes and lengths cannot hold it at all."""
+    for i in range(attempts):
+        try:
+            return draw()
+        except ValueError:
+            if i == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def make_world_dataset(out_dir, n: int, *, seed: int = 0, scenes: Sequence[str] = SCENES,
@@ -562,7 +576,8 @@ def make_world_dataset(out_dir, n: int, *, seed: int = 0, scenes: Sequence[str] 
     scenes = tuple(scenes)
 
     def draw(rng):
-        return sample_world(rng, _pick(rng, scenes), sizes=sizes, lengths=lengths, object_size=object_size)
+        scene = _pick(rng, scenes)
+        return _redraw(lambda: sample_world(rng, scene, sizes=sizes, lengths=lengths, object_size=object_size))
 
     def describe(clips) -> str:
         counts = {s: sum(c.spec.scene == s for c in clips) for s in scenes}
