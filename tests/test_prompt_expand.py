@@ -243,8 +243,11 @@ def test_the_expanded_prompt_is_what_the_model_sees(tiny_pipeline):
     assert [e.expanded for e in pipe.last_prompts] == [e.original for e in pipe.last_prompts]
     raw = pipe.generate(prompts, **kw)                      # the text matters: unexpanded differs
     # the other prompt's video only sees rounding: its batch-mate's text length may change how the torch
-    # attention path groups the cross-attention calls (fp32, a few ulps of values of order 1)
-    assert (raw[0] - got[0]).abs().max() > 1e-2 and torch.allclose(raw[1], got[1], rtol=0, atol=1e-5)
+    # attention path groups the cross-attention calls (fp32, a few ulps of values of order 1); the text's own
+    # effect on the random tiny model is orders of magnitude above that
+    rounding = 1e-5
+    assert (raw[0] - got[0]).abs().max() > 100 * rounding
+    assert torch.allclose(raw[1], got[1], rtol=0, atol=rounding)
     # generate_long expands its prompt the same way
     long_kw = dict(window=5, overlap=1, size=(16, 16), steps=2, guidance=3.0, seed=2)
     a = pipe.generate_long("circle fast", 9, expand=SchemaExpander(pipe.caption_stats), **long_kw)
