@@ -8,13 +8,8 @@ import pytest
 import torch
 
 from sora_fast.captions import CaptionOutcome, CaptionSchema, Span, Subject
-from sora_fast.captions.pixel import (
-    ACCURACY_FIELDS,
-    PixelCaptioner,
-    PixelThresholds,
-    caption_accuracy,
-    held_out_clips,
-)
+from sora_fast.captions.accuracy import ACCURACY_FIELDS, caption_accuracy, held_out_clips
+from sora_fast.captions.pixel import PixelCaptioner, PixelThresholds
 from sora_fast.data import synthetic as S
 from sora_fast.data import world as W
 from sora_fast.data.checker import blob_boxes, blob_diagonals, classify_shape, color_masks, track_object

@@ -25,17 +25,17 @@ generator captions them. Content the grammar cannot summarise gets one span per 
 leaves (``"leaving the frame"``) or enters (``"entering the frame"``) through the border, stops or starts
 (``still`` for >= ``still_frames`` frames), or turns back away from any wall.
 
-:func:`caption_accuracy` measures the captioner on held-out clips against their generators' captions.
+:func:`~sora_fast.captions.accuracy.caption_accuracy` measures it on held-out clips against their generators'
+captions.
 """
 from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -43,16 +43,14 @@ import torch
 from ..data.checker import CheckerThresholds, blob_boxes, blob_diagonals, classify_shape, color_masks, track_object
 from ..data.io import to_uint8
 from ..data.synthetic import COLORS, SPEEDS
-from ..data.world import GRAVITY, ZOOM_RATES
+from ..data.world import ZOOM_RATES
 from ..eval.probes import bar_interval, camera_motion
+from ._motion import _WAYS, _boundary, _Motion, _Phase, _speed_word
 from .base import Captioner, CaptionOutcome
 from .schema import CaptionSchema, Span, Subject
 
-__all__ = ["PixelThresholds", "PixelCaptioner", "CaptionAccuracy", "caption_accuracy", "held_out_clips",
-           "ACCURACY_FIELDS", "ACCURACY_FAMILIES"]
+__all__ = ["PixelThresholds", "PixelCaptioner"]
 
-_AXES = ("left and right", "up and down")
-_WAYS = {(0, -1): "left", (0, 1): "right", (1, -1): "up", (1, 1): "down"}
 _PANS = {"left": "panning right", "right": "panning left", "up": "panning down", "down": "panning up"}
 _CAMERA_PAIRS = 4
 
@@ -85,14 +83,6 @@ class PixelThresholds:
     def __post_init__(self):
         if not isinstance(self.tracker, CheckerThresholds):
             raise TypeError(f"tracker must be a CheckerThresholds, got {type(self.tracker).__name__}")
-
-
-def _boundary(speeds: dict) -> float:
-    return math.sqrt(speeds["slow"] * speeds["fast"])
-
-
-def _speed_word(rel: float, boundary: float) -> str:
-    return "fast" if rel >= boundary else "slow"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,193 +188,6 @@ def _separation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------
 # motion
-
-
-@dataclass
-class _Phase:
-    """What one object does from looked-at frame ``start`` on."""
-
-    start: int
-    action: Optional[str]
-    direction: Optional[str] = None
-    speed: Optional[str] = None
-
-
-class _Motion:
-    """Classifies an object's path (looked-at frames ``idx`` at times ``tt``, world coordinates ``xy``)."""
-
-    def __init__(self, tt: np.ndarray, xy: np.ndarray, shape_hw: tuple, size: float, th: PixelThresholds,
-                 edges: Optional[np.ndarray] = None):
-        self.tt, self.xy, self.th = tt.astype(np.float64), xy, th
-        self.h, self.w = shape_hw
-        self.size = size
-        self.edges = edges  # (T, 4) the blob's box in the frame (None when the camera moves)
-        self.slow = np.array([SPEEDS["slow"] * self.w, SPEEDS["slow"] * self.h])  # px per frame along x, y
-
-    def speed(self, v: float, k: int) -> str:
-        return _speed_word(abs(v) / (self.w, self.h)[k], _boundary(SPEEDS))
-
-    def fit(self, use: np.ndarray) -> np.ndarray:
-        t, xy = self.tt[use], self.xy[use]
-        tc = t - t.mean()
-        return (tc[:, None] * (xy - xy.mean(0))).sum(0) / (tc * tc).sum()
-
-    def still(self, use: np.ndarray) -> bool:
-        """Its range is within ``still`` of the slow speed times the time (or ``still_px``) and so is its median
-        speed over about 4 frames (a bounce near a wall turns back within a small range; over one frame a blob
-        moves in whole pixels)."""
-        xy, t = self.xy[use], self.tt[use]
-        reach = np.maximum(self.th.still_px, self.th.still * self.slow * (t[-1] - t[0]))
-        lag = min(use.size - 1, max(1, round(4 / float(np.median(np.diff(t))))))
-        speed = np.median(np.abs(xy[lag:] - xy[:-lag]) / (t[lag:] - t[:-lag])[:, None], axis=0)
-        return bool((np.ptp(xy, axis=0) <= reach).all() and (speed < self.th.still * self.slow).all())
-
-    def classify(self, use: np.ndarray, *, splits: bool = True) -> list[_Phase]:
-        """Phases over the looked-at frames ``use`` (sorted, >= 1)."""
-        start = int(use[0])
-        if use.size < 2:
-            return [_Phase(start, None)]
-        if self.still(use):
-            return [_Phase(start, "still")]
-        fall = self._fall(use)
-        if fall is not None:
-            return [fall]
-        if splits:
-            split = self._stop(use)
-            if split is not None:
-                return self.classify(use[:split], splits=False) + self.classify(use[split:], splits=False)
-        v = self.fit(use)
-        k = int(np.argmax(np.ptp(self.xy[use], axis=0)))
-        turns, walls = self._turns(use, k)
-        if turns and all(walls):
-            return [_Phase(start, "bouncing", _AXES[k], self.speed(self._bounce_speed(use, turns, k), k))]
-        if turns and splits:  # turns back in mid-frame: one phase per way
-            cut = np.searchsorted(use, turns[0]) + 1
-            return self.classify(use[:cut], splits=False) + self.classify(use[cut:], splits=True)
-        return [_Phase(start, "moving", _WAYS[k, int(np.sign(v[k]) or 1)], self.speed(v[k], k))]
-
-    @staticmethod
-    def _stretches(use: np.ndarray, turns: list) -> list:
-        """``use`` cut at the turning frames, which are left out (the wall or floor is hit next to them)."""
-        pos = np.searchsorted(use, turns)
-        bounds = [-1, *pos.tolist(), use.size]
-        return [use[a + 1:b] for a, b in zip(bounds[:-1], bounds[1:])]
-
-    def _bounce_speed(self, use: np.ndarray, turns: list, k: int) -> float:
-        """px per frame along ``k``: the slopes of the stretches between turns, weighted by their frames; the
-        longest step when no stretch has two frames."""
-        num = den = 0.0
-        for seg in self._stretches(use, turns):
-            if seg.size >= 2:
-                num += abs(float(self.fit(seg)[k])) * seg.size
-                den += seg.size
-        if den:
-            return num / den
-        return float(np.max(np.abs(np.diff(self.xy[use, k]) / np.diff(self.tt[use]))))
-
-    def _fall(self, use: np.ndarray) -> Optional[_Phase]:
-        """A fall: >= 6 frames over >= ``fall`` of the frame height whose height, cut where it bounces up off the
-        floor, is parabolas of one curvature -- the world's gravity within ``gravity`` -- leaving under half the
-        residual variance of straight stretches cut at every turn, where those leave two degrees of freedom (a wall
-        bounce up and down is straight stretches; a thrown object's apex is smooth)."""
-        y = self.xy[use, 1]
-        if use.size < 6 or np.ptp(y) < self.th.fall * self.h:
-            return None
-        turns, _ = self._turns(use, 1)
-        pos = np.searchsorted(use, turns)
-        floor = [p for p in pos if y[p] > y[p - 1]]
-        # a floor bounce between two looked-at frames may show no turn: one more cut where the object is near the
-        # floor, if that leaves two degrees of freedom (with one, a cut anywhere fits any path)
-        near = [] if self.edges is None else [
-            p for p in range(2, use.size - 1) if p not in floor
-            and self.h - np.nanmax(self.edges[use[p - 1:p + 1], 3]) <= 2.0 + abs(y[p] - y[p - 1])]
-        fits = [self._piecewise(use, floor, quadratic=True)]
-        fits += [f for f in (self._piecewise(use, sorted({*floor, p}), quadratic=True) for p in near)
-                 if f is not None and f[2] >= 2]
-        fits = [f for f in fits if f is not None]
-        if not fits:
-            return None
-        rss, curvature, dof = min(fits, key=lambda f: f[0] / f[2])
-        g = GRAVITY * self.h
-        lo, hi = self.th.gravity
-        straight = self._piecewise(use, list(pos), quadratic=False)  # with one degree of freedom it fits anything
-        if not lo * g <= curvature <= hi * g or (straight is not None and straight[2] >= 2
-                                                 and straight[0] / straight[2] < 2 * rss / dof):
-            return None
-        vx = float(self.fit(use)[0])
-        if abs(vx) < self.th.still * self.slow[0]:
-            return _Phase(int(use[0]), "dropped")
-        return _Phase(int(use[0]), "thrown", _WAYS[0, int(np.sign(vx))], self.speed(vx, 0))
-
-    def _piecewise(self, use: np.ndarray, cuts: list, *, quadratic: bool) -> Optional[tuple]:
-        """The least-squares fit of the height over ``use`` cut at positions ``cuts`` into stretches, each its own
-        line, plus (``quadratic``) one curvature for all: ``(residual sum of squares, 2 x the t^2 coefficient,
-        degrees of freedom)``, the best over which side each cut's frame joins (the contact is between it and a
-        neighbour); None without a degree of freedom left."""
-        t, y = self.tt[use], self.xy[use, 1]
-        best = None
-        for sides in np.ndindex(*([2] * len(cuts))):
-            bounds = [0, *[c + s for c, s in zip(cuts, sides)], use.size]
-            cols = [t * t] if quadratic else []
-            for a, b in zip(bounds[:-1], bounds[1:]):
-                on = np.zeros(use.size)
-                on[a:b] = 1.0
-                cols += [on, on * t]
-            x = np.stack(cols, 1)
-            x = x[:, np.abs(x).sum(0) > 0]
-            if use.size - x.shape[1] < 1 or np.linalg.matrix_rank(x) < x.shape[1]:
-                continue
-            coef, *_ = np.linalg.lstsq(x, y, rcond=None)
-            rss = float(((x @ coef - y) ** 2).sum())
-            if best is None or rss < best[0]:
-                best = (rss, 2 * float(coef[0]) if quadratic else 0.0, use.size - x.shape[1])
-        return best
-
-    def _stop(self, use: np.ndarray) -> Optional[int]:
-        """Where a still run of >= still_frames frames at the end (a stop) or the start (a start) begins or ends,
-        as a position in ``use``; None without one."""
-        n, t = use.size, self.tt[use]
-        for j in range(n - 2):  # the longest still suffix
-            tail = use[j:]
-            if t[-1] - t[j] + 1 >= self.th.still_frames and tail.size >= 2 and j >= 2 and self.still_run(tail):
-                return j if not self.still(use[:j]) else None
-        for j in range(n, 2, -1):  # the longest still prefix
-            head = use[:j]
-            if t[j - 1] - t[0] + 1 >= self.th.still_frames and n - j >= 2 and self.still_run(head):
-                return j if not self.still(use[j:]) else None
-        return None
-
-    def still_run(self, use: np.ndarray) -> bool:
-        return bool((np.ptp(self.xy[use], axis=0) <= self.th.still_px).all())
-
-    def _turns(self, use: np.ndarray, k: int) -> tuple[list, list]:
-        """The looked-at frames where the path along ``k`` turns back, and whether each is at a wall: the blob's
-        edge within the world's 1 px margin plus half the steps around the turn (and 1 px) of the border, or
-        (no box edge to trust) its centre within that plus ``wall_slack`` of its size of where it touches."""
-        u, t = self.xy[use, k], self.tt[use]
-        du = np.diff(u) / np.diff(t)
-        sig = np.nonzero(np.abs(du) >= self.th.step * self.slow[k])[0]
-        side = (self.w, self.h)[k]
-        lo, hi = 1.0 + self.size / 2, side - 1.0 - self.size / 2
-        turns, walls = [], []
-        for a, b in zip(sig[:-1], sig[1:]):
-            if du[a] * du[b] >= 0:
-                continue
-            seg = np.arange(a + 1, b + 1)  # the extremum lies between the two steps
-            j = int(seg[np.argmax(u[seg] * np.sign(du[a]))])
-            reach = abs(du[a]) * (t[b + 1] - t[a]) / 2 + 1.0
-            edge = np.nan if self.edges is None else self.edges[use[j], k + 2 if du[a] > 0 else k]
-            if np.isfinite(edge):
-                at_wall = (side - edge if du[a] > 0 else edge) <= 1.0 + reach
-            else:
-                at_wall = abs(u[j] - (hi if du[a] > 0 else lo)) <= reach + self.th.wall_slack * self.size
-            turns.append(int(use[j]))
-            walls.append(bool(at_wall))
-        return turns, walls
-
-
-# ----------------------------------------------------------------------------------------------
-# the captioner
 
 
 def _check_frames(frames) -> np.ndarray:
@@ -653,184 +456,3 @@ class PixelCaptioner(Captioner):
             else:
                 spans.append(span)
         return CaptionSchema(tuple(spans), background=background, environment=environment)
-
-
-# ----------------------------------------------------------------------------------------------
-# accuracy on held-out clips
-
-#: What :func:`caption_accuracy` scores: the subjects' fields, the span's and the clip's, and ``spans`` (the
-#: number of spans) and ``exact`` (the whole schema).
-ACCURACY_FIELDS = ("colour", "shape", "action", "direction", "speed", "interaction", "camera_motion",
-                   "camera_speed", "environment", "background", "spans", "exact")
-#: The held-out clip families: the demo's synthetic clips (its default preset's sizes, lengths, object size
-#: and bounces), the library's default synthetic clips, and the synthetic world's scenes in turn (the demo's
-#: world preset: its default sizes, 17 frames).
-ACCURACY_FAMILIES = ("demo", "synthetic", "world")
-_SUBJECT_FIELDS = ("colour", "shape", "action", "direction", "speed")
-
-
-def _normal(schema: CaptionSchema) -> CaptionSchema:
-    """Subjects in colour order: the grammar's order of two objects is arbitrary (the generator shuffles it)."""
-    def key(s: Subject) -> tuple:
-        return (s.colour or "", s.shape or "")
-
-    return schema.with_spans(Span(p.start, p.end, tuple(sorted(p.subjects, key=key)), p.interaction,
-                                  p.camera_motion, p.camera_speed) for p in schema.spans)
-
-
-def _fields(schema: CaptionSchema) -> dict:
-    s = _normal(schema)
-    out = {f: tuple(tuple(getattr(x, f) for x in p.subjects) for p in s.spans) for f in _SUBJECT_FIELDS}
-    out.update({f: tuple(getattr(p, f) for p in s.spans) for f in ("interaction", "camera_motion", "camera_speed")})
-    out.update(environment=s.environment, background=s.background, spans=len(s.spans), exact=s)
-    return out
-
-
-@dataclass
-class CaptionAccuracy:
-    """:func:`caption_accuracy`'s result: per field (:data:`ACCURACY_FIELDS`) the fraction of clips captioned
-    exactly against the generator's caption, per family too, and ``rates_seen`` against what the looked-at
-    frames show: they differ on the ``unseen`` synthetic clips captioned "bouncing" whose object reaches no wall
-    within them (``sample_spec`` does not promise a bounce inside the clip), whose truth is then "moving" the way
-    it goes. ``misses``: ``(family, true caption, captioned, wrong fields, unseen)`` of every clip not captioned
-    exactly; ``seconds``: the captioner's time (rendering and writing files not counted)."""
-
-    n: int
-    every_n: int
-    files: bool
-    rates: dict
-    by_family: dict
-    rates_seen: dict
-    unseen: int = 0
-    misses: list = field(default_factory=list)
-    seconds: float = 0.0
-
-    def __str__(self) -> str:
-        head = f"{'field':<14}" + "".join(f"{f:>11}" for f in ["all", *self.by_family, "all seen"])
-        rows = [head] + [f"{k:<14}{self.rates[k]:>11.1%}" + "".join(f"{r[k]:>11.1%}" for r in self.by_family.values())
-                         + f"{self.rates_seen[k]:>11.1%}" for k in ACCURACY_FIELDS]
-        rows.append(f"{self.n} clips ({self.unseen} with a bounce outside the clip), every_n={self.every_n}, "
-                    f"{'mp4/png files' if self.files else 'frames'}; {self.seconds:.1f}s captioning "
-                    f"({1e3 * self.seconds / max(1, self.n):.0f} ms/clip)")
-        return "\n".join(rows)
-
-
-def _seen_prompt(spec, every_n: int):
-    """The prompt of what a synthetic clip's looked-at frames show: a "bouncing" clip whose path never turns
-    back in them is "moving" the way it goes; None when that is its caption already."""
-    from dataclasses import replace
-
-    from ..data.synthetic import ClipSpec
-
-    if not isinstance(spec, ClipSpec) or not spec.bounce or spec.frames < 2:
-        return None
-    k = 0 if spec.axis == "x" else 1
-    steps = np.diff(spec.centers()[::every_n, k])
-    if steps.size == 0 or (steps > 0).any() and (steps < 0).any():
-        return None
-    way = {(0, -1): "left", (0, 1): "right", (1, -1): "up", (1, 1): "down"}[k, int(np.sign(steps.sum()))]
-    return replace(spec.prompt, bounce=False, direction=way)
-
-
-def _held_out_world(n: int, scene: str, seed: int, **kw) -> list:
-    """:func:`~sora_fast.data.world.held_out_world`'s specs, from its stream, but a draw its sampler cannot fit in
-    its tries (it raises then; about one two-object scene in a few hundred) skipped: the same specs up to there."""
-    from ..data import world as W
-
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 23, W.SCENES.index(scene)]))
-    out, misses = [], 0
-    while len(out) < n:
-        try:
-            out.append(W.sample_world(rng, scene, **kw))
-        except ValueError:
-            misses += 1
-            if misses > 10:
-                raise
-    return out
-
-
-def held_out_clips(n: int, *, seed: int = 0, families: Sequence[str] = ACCURACY_FAMILIES) -> list:
-    """``n`` held-out ``(family, spec, frames)`` in turn from ``families``: synthetic clips from
-    ``numpy.random.SeedSequence([seed, 24, family's index])`` and world scenes from
-    :func:`~sora_fast.data.world.held_out_world`'s streams -- streams of their own, never the ones the demo's
-    training data is drawn from."""
-    from ..data import synthetic as S
-    from ..data import world as W
-    from ..demo import DEMO_PRESETS
-
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
-    bad = [f for f in families if f not in ACCURACY_FAMILIES]
-    if isinstance(families, str) or not families or bad:
-        raise ValueError(f"families must be a non-empty list from {list(ACCURACY_FAMILIES)}, got {families!r}")
-    counts = {f: sum(1 for i in range(n) if families[i % len(families)] == f) for f in families}
-    demo, world = DEMO_PRESETS["default"], DEMO_PRESETS["world"]
-    specs = {}
-    for f, c in counts.items():
-        if f == "world":
-            per = [c // len(W.SCENES) + (j < c % len(W.SCENES)) for j in range(len(W.SCENES))]
-            got = [_held_out_world(m, s, seed, sizes=world.sizes, lengths=world.lengths, object_size=world.object_size)
-                   for s, m in zip(W.SCENES, per)]
-            specs[f] = [got[j % len(W.SCENES)][j // len(W.SCENES)] for j in range(c)]
-            continue
-        rng = np.random.default_rng(np.random.SeedSequence([seed, 24, ACCURACY_FAMILIES.index(f)]))
-        kw = dict(sizes=demo.sizes, lengths=demo.lengths, object_size=demo.object_size,
-                  bounce_prob=demo.bounce_prob) if f == "demo" else {}
-        specs[f] = [S.sample_spec(rng, **kw) for _ in range(c)]
-    taken = {f: 0 for f in families}
-    out = []
-    for i in range(n):
-        f = families[i % len(families)]
-        out.append((f, specs[f][taken[f]]))
-        taken[f] += 1
-    return out
-
-
-def caption_accuracy(n: int = 300, *, seed: int = 0, every_n: int = 1, files: bool = False,
-                     families: Sequence[str] = ACCURACY_FAMILIES, captioner: Optional[PixelCaptioner] = None,
-                     progress: bool = False) -> CaptionAccuracy:
-    """Caption ``n`` held-out clips (:func:`held_out_clips`) and score each field against the truth
-    (:meth:`CaptionSchema.from_prompt` of the clip's prompt; two subjects compared in colour order).
-
-    files: write each clip to an mp4 (a png for an image) and caption the file read back, as real captioning
-        reads lossy files; else caption the rendered frames. captioner: default ``PixelCaptioner(every_n)``.
-    """
-    from ..data.io import _progress, write_video
-    from ..data.synthetic import render_clip
-    from ..data.world import WorldSpec, render_world
-
-    cap = captioner or PixelCaptioner(every_n)
-    clips = held_out_clips(n, seed=seed, families=families)
-    hits = {f: {k: 0 for k in ACCURACY_FIELDS} for f in families}
-    seen = {k: 0 for k in ACCURACY_FIELDS}
-    count = {f: 0 for f in families}
-    misses, seconds, unseen = [], 0.0, 0
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, (fam, spec) in enumerate(_progress(clips, total=n, desc="captioning", enable=progress)):
-            video = render_world(spec) if isinstance(spec, WorldSpec) else render_clip(spec)
-            t0 = time.perf_counter()
-            if files:
-                path = write_video(Path(tmp) / f"{i:05d}{'.png' if video.shape[0] == 1 else '.mp4'}", video)
-                t0 = time.perf_counter()
-                got = cap.caption_file(path).schema
-            else:
-                got = cap.caption_frames(video)
-            seconds += time.perf_counter() - t0
-            truth = CaptionSchema.from_prompt(spec.prompt, spec.frames)
-            b = _fields(got)
-            a = _fields(truth)
-            wrong = [k for k in ACCURACY_FIELDS if a[k] != b[k]]
-            shown = _seen_prompt(spec, cap.every_n)
-            unseen += shown is not None
-            a_seen = a if shown is None else _fields(CaptionSchema.from_prompt(shown, spec.frames))
-            count[fam] += 1
-            for k in ACCURACY_FIELDS:
-                hits[fam][k] += k not in wrong
-                seen[k] += a_seen[k] == b[k]
-            if wrong:
-                misses.append((fam, truth.render(), got.render(), wrong, shown is not None))
-    by_family = {f: {k: hits[f][k] / count[f] for k in ACCURACY_FIELDS} for f in families if count[f]}
-    rates = {k: sum(hits[f][k] for f in families) / n for k in ACCURACY_FIELDS}
-    return CaptionAccuracy(n=n, every_n=cap.every_n, files=files, rates=rates, by_family=by_family,
-                           rates_seen={k: v / n for k, v in seen.items()}, unseen=unseen, misses=misses,
-                           seconds=seconds)
