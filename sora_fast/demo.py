@@ -280,7 +280,7 @@ def train_demo_dit(vae, items: list, cfg: DemoConfig, run_dir, *, progress: bool
     dicts, ``"alone"`` too for the conditioning mix) with ``cfg``'s steps, budget, learning rate, mix and seed; the
     EMA weights copied in. Returns the :class:`~sora_fast.pipeline.VideoPipeline` (not saved) and a one-line
     summary. ``on_step(step, trainer, vae)`` is called after each step."""
-    from .captions.expand import CaptionStats
+    from .captions.stats import CaptionStats
     from .models.dit import DiTConfig, VideoDiT
     from .models.text import TinyTextEncoder
     from .pipeline import VideoPipeline

@@ -26,7 +26,8 @@ from ._pipeline_desc import FORMAT as _FORMAT
 from ._pipeline_desc import check_description as _check_description
 from ._pipeline_desc import check_sampling_settings as _check_sampling_settings
 from ._pipeline_desc import text_encoder_from as _text_encoder
-from .captions.expand import CaptionStats, Expansion, PromptExpander, make_expander
+from .captions.expand import Expansion, PromptExpander, make_expander
+from .captions.stats import CaptionStats
 from .conditioning import Condition, Media, check_conditions, check_init_videos, check_media, read_media
 from .models.dit import DiTConfig, VideoDiT
 from .models.text import T5TextEncoder, TextEncoder, TinyTextEncoder

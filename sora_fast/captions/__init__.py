@@ -8,15 +8,16 @@
   held-out clips.
 - :mod:`~sora_fast.captions.chat`: :class:`ChatClient` and :class:`ChatCaptioner` (any OpenAI-compatible
   chat-completions server with vision; the ``openai`` package of the ``chat`` extra, imported when used).
-- :mod:`~sora_fast.captions.expand`: :class:`SchemaExpander`, :class:`ChatExpander` and :class:`CaptionStats`
-  (short prompts into training-style captions).
+- :mod:`~sora_fast.captions.expand`: :class:`SchemaExpander` and :class:`ChatExpander` (short prompts into
+  training-style captions), filled from :mod:`~sora_fast.captions.stats`' :class:`CaptionStats`.
 """
 from .accuracy import caption_accuracy
 from .base import Captioner, CaptionOutcome
 from .chat import ChatCaptioner, ChatClient, ChatError
-from .expand import CaptionStats, ChatExpander, Expansion, PromptExpander, SchemaExpander, make_expander
+from .expand import ChatExpander, Expansion, PromptExpander, SchemaExpander, make_expander
 from .pixel import PixelCaptioner
 from .schema import ACTIONS, CAMERA_MOTIONS, DIRECTIONS, INTERACTIONS, SPEEDS, CaptionSchema, Span, Subject
+from .stats import CaptionStats
 
 __all__ = ["CaptionOutcome", "Captioner", "CaptionSchema", "Span", "Subject",
            "ACTIONS", "CAMERA_MOTIONS", "DIRECTIONS", "INTERACTIONS", "SPEEDS",

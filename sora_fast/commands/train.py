@@ -173,7 +173,7 @@ def _cached_text(text, captions, train_cfg, out: Path, mesh, device):
 def cmd_train(args) -> int:
     import torch
 
-    from ..captions.expand import CaptionStats
+    from ..captions.stats import CaptionStats
     from ..data import LatentDataset, VideoFolder, ensure_latent_cache, module_key, write_skip_report
     from ..distributed.launch import barrier, has_checkpoint, make_trainer, save_pipeline, training_mesh
     from ..models.dit import DiTConfig, VideoDiT
