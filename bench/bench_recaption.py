@@ -155,14 +155,11 @@ def _run(args) -> int:
     t0 = time.perf_counter()
     make_synthetic_dataset(out / "data", cfg.clips, seed=cfg.seed, sizes=cfg.sizes, lengths=cfg.lengths,
                            object_size=cfg.object_size, bounce_prob=cfg.bounce_prob, overwrite=True, progress=False)
-    if args.vae_from:
-        vae = VideoPipeline.load(args.vae_from).vae
-    else:
-        vae = CausalVAE("demo")
-        videos, _, _ = _read(out / "data", vae)
+    vae = VideoPipeline.load(args.vae_from).vae if args.vae_from else CausalVAE("demo")
+    videos, truth, stems = _read(out / "data", vae)     # each clip decoded once, for the VAE and the latents
+    if not args.vae_from:
         train_vae(vae, videos, VAETrainConfig(steps=cfg.vae_steps, focus=cfg.vae_focus, seed=cfg.seed), progress=False)
         fit_latent_stats(vae, videos)
-    videos, truth, stems = _read(out / "data", vae)
     with torch.no_grad():
         latents = [vae.normalize_latents(vae.encode(v[None]))[0] for v in videos]
     timings["data and vae"] = time.perf_counter() - t0
