@@ -1,20 +1,28 @@
-"""Host-side block bookkeeping for the packed attention kernels.
+"""Block bookkeeping for the packed attention kernels: the launch table and the window's block lists.
 
 The launch grid is the real list of (sequence, block) pairs of a pack, not ``cdiv(max_seqlen) x B``,
 so one long video packed with many short clips wastes no programs.
 
-Window sparsity: tokens are in t-major raster order (t slowest, then h, then w). A block of
-consecutive rows has a coordinate bounding box: its t range, its h range when it stays inside one
-frame (else all rows), its w range when it stays inside one image row (else all columns). A key block
-whose box is farther than the window from the query block's box on some axis holds no key any query
-of the block may see: the kernels skip it without loading it. :func:`window_block_density` runs the
-same test on the host to report the fraction of blocks visited.
+Window sparsity, in the style of FlexAttention's ``kv_indices``: each program's block of rows (query
+rows in the forward and the dQ kernel, key rows in the dK/dV kernel) gets the list of the other side's
+blocks it must visit, built once per pack, window and tile shape on the device from the tokens'
+``(t, h, w)`` coordinates (any token order: t-major or tile-major). A block's coordinate box is the
+min and max of its tokens' coordinates on each axis. Two blocks interact when their boxes are within the
+window on every axis (some pair may then be inside it; the kernel masks the pairs that are not); the
+other block is **full** when even its farthest pair is inside the window on every axis and it lies wholly
+inside its sequence: every pair of the tile is attended, so the kernel runs it without a mask. The box
+test is exact for fullness (the extremes are attained by real tokens) and conservative for interaction.
+The lists put the full blocks first, then the partial ones; a block that does not interact is never
+listed, so the kernels neither load nor test it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+__all__ = ["block_table", "BlockLists", "window_block_lists", "window_block_stats", "t_major_coords"]
 
 
 def block_table(seqlens: Sequence[int], block: int, device) -> torch.Tensor:
@@ -25,38 +33,113 @@ def block_table(seqlens: Sequence[int], block: int, device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int32, device=device)
 
 
-def _box(first: int, last: int, grid: Sequence[int]) -> tuple[tuple[int, int], ...]:
-    """Bounding box ((t0, t1), (h0, h1), (w0, w1)) of rows first..last of a t-major (T, H, W) grid."""
-    _, gh, gw = grid
-    hw = gh * gw
-    t0, t1 = first // hw, last // hw
-    h0, h1 = (first // gw) % gh, (last // gw) % gh
-    w0, w1 = first % gw, last % gw
-    same_frame, same_row = t0 == t1, first // gw == last // gw
-    return (t0, t1), (h0, h1) if same_frame else (0, gh - 1), (w0, w1) if same_row else (0, gw - 1)
+@dataclass(frozen=True)
+class BlockLists:
+    """Per row block ``p`` of a pack (``block_table(seqlens, row_block)`` order), the column blocks to visit.
 
-
-def blocks_interact(q_first: int, q_last: int, k_first: int, k_last: int, grid: Sequence[int],
-                    window: Sequence[int]) -> bool:
-    """Whether some query in rows q_first..q_last may see some key in rows k_first..k_last."""
-    for (a0, a1), (b0, b1), w in zip(_box(q_first, q_last, grid), _box(k_first, k_last, grid), window):
-        if b0 - a1 > w or a0 - b1 > w:
-            return False
-    return True
-
-
-def window_block_density(grids: Sequence[Sequence[int]], window: Sequence[int], block_m: int,
-                         block_n: int) -> tuple[int, int]:
-    """(visited, total) query-block x key-block pairs over a pack of videos with these grids.
-
-    ``visited / total`` scales the dense attention FLOPs of a windowed run; ``1 - visited / total``
-    is the fraction of key blocks the kernel skips without loading.
+    indices:   ``(P, W)`` int32, column block numbers inside the row block's sequence (block ``j`` is rows
+               ``j * col_block ..`` of it): ``indices[p, :num_full[p]]`` are full blocks (no mask needed),
+               ``indices[p, num_full[p]:num_visit[p]]`` partial ones (masked per element); the rest is
+               padding. ``W >= 1``.
+    num_full:  ``(P,)`` int32.
+    num_visit: ``(P,)`` int32, full + partial.
+    total:     the number of (row block, column block) pairs of the pack's sequences (the dense count).
     """
-    visited = total = 0
-    for grid in grids:
-        n = int(grid[0]) * int(grid[1]) * int(grid[2])
-        for qs in range(0, n, block_m):
-            for ks in range(0, n, block_n):
-                total += 1
-                visited += blocks_interact(qs, min(qs + block_m, n) - 1, ks, min(ks + block_n, n) - 1, grid, window)
-    return visited, total
+
+    indices: torch.Tensor
+    num_full: torch.Tensor
+    num_visit: torch.Tensor
+    total: int
+
+    @property
+    def visited(self) -> int:
+        return int(self.num_visit.sum())
+
+    @property
+    def full(self) -> int:
+        return int(self.num_full.sum())
+
+
+def t_major_coords(seqlens: Sequence[int], grid: Sequence[Sequence[int]], device) -> torch.Tensor:
+    """``(N, 3)`` int32 (t, h, w) of every token of a pack in t-major raster order, from host values."""
+    parts = []
+    for n, (t, h, w) in zip(seqlens, grid):
+        r = torch.arange(n, device=device)
+        parts.append(torch.stack([r // (h * w), (r // w) % h, r % w], 1))
+    if not parts:
+        return torch.empty(0, 3, dtype=torch.int32, device=device)
+    return torch.cat(parts).to(torch.int32)
+
+
+def _boxes(coords: torch.Tensor, seqlens: Sequence[int], block: int):
+    """Per block of ``block`` consecutive rows of each sequence: (lo (P, 3), hi (P, 3), complete (P,), the
+    sequence of each block (P,), its block number inside the sequence (P,)), int64 on coords' device."""
+    dev = coords.device
+    counts = torch.tensor([-(-n // block) for n in seqlens], dtype=torch.int64, device=dev)
+    lens = torch.tensor(list(seqlens), dtype=torch.int64, device=dev)
+    seq = torch.repeat_interleave(torch.arange(len(seqlens), device=dev), counts)      # (P,)
+    first_block = torch.cumsum(counts, 0) - counts
+    local = torch.arange(seq.numel(), device=dev) - first_block[seq]                  # block number in its sequence
+    n = coords.shape[0]
+    tok_seq = torch.repeat_interleave(torch.arange(len(seqlens), device=dev), lens, output_size=n)
+    starts = torch.cumsum(lens, 0) - lens
+    tok_block = first_block[tok_seq] + (torch.arange(n, device=dev) - starts[tok_seq]) // block
+    c = coords.to(torch.int64)
+    idx = tok_block[:, None].expand(-1, 3)
+    big = torch.iinfo(torch.int64).max
+    lo = torch.full((seq.numel(), 3), big, dtype=torch.int64, device=dev).scatter_reduce(0, idx, c, "amin")
+    hi = torch.full((seq.numel(), 3), -big, dtype=torch.int64, device=dev).scatter_reduce(0, idx, c, "amax")
+    complete = (local + 1) * block <= lens[seq]
+    return lo, hi, complete, seq, local
+
+
+def window_block_lists(seqlens: Sequence[int], coords: torch.Tensor, window: Sequence[int], row_block: int,
+                       col_block: int) -> BlockLists:
+    """The block lists of a self-attention pack (module docstring), on ``coords``' device, without a host
+    loop over sequences or blocks.
+
+    seqlens:   the sequences' lengths (host ints; rows and columns share them: self-attention).
+    coords:    ``(N, 3)`` int (t, h, w) of every token inside its own video, in packing order.
+    window:    ``(wt, wh, ww)`` half-sizes >= 0.
+    row_block, col_block: the kernel's tile heights on the two sides.
+    """
+    dev = coords.device
+    rlo, rhi, _, rseq, _ = _boxes(coords, seqlens, row_block)
+    clo, chi, ccomplete, _, _ = _boxes(coords, seqlens, col_block)
+    ncols = torch.tensor([-(-n // col_block) for n in seqlens], dtype=torch.int64, device=dev)
+    col_first = torch.cumsum(ncols, 0) - ncols
+    rows = rseq.numel()
+    width = int(ncols.max()) if len(seqlens) else 0
+    if rows == 0 or width == 0:
+        z = torch.zeros(rows, dtype=torch.int32, device=dev)
+        return BlockLists(torch.zeros(rows, 1, dtype=torch.int32, device=dev), z, z.clone(), 0)
+    # every (row block, column block of its sequence) pair, as a (P, width) matrix; columns past a
+    # sequence's own count are padding
+    j = torch.arange(width, device=dev)
+    exists = j[None, :] < ncols[rseq][:, None]                                       # (P, width)
+    col = (col_first[rseq][:, None] + j[None, :]).clamp_max(clo.shape[0] - 1)       # global column block
+    w = torch.tensor([int(x) for x in window], dtype=torch.int64, device=dev)
+    a_lo, a_hi = rlo[:, None, :], rhi[:, None, :]
+    b_lo, b_hi = clo[col], chi[col]                                                  # (P, width, 3)
+    near = ((b_lo - a_hi <= w) & (a_lo - b_hi <= w)).all(-1) & exists
+    full = ((b_hi - a_lo <= w) & (a_hi - b_lo <= w)).all(-1) & near & ccomplete[col]
+    key = torch.where(full, 0, torch.where(near, 1, 2)).to(torch.int8)
+    order = torch.sort(key, dim=1, stable=True).indices                             # full, partial, skipped
+    num_full = full.sum(1)
+    num_visit = near.sum(1)
+    keep = max(1, int(num_visit.max()))
+    return BlockLists(order[:, :keep].to(torch.int32).contiguous(), num_full.to(torch.int32),
+                      num_visit.to(torch.int32), int(ncols[rseq].sum()))
+
+
+def window_block_stats(grids: Sequence[Sequence[int]], window: Sequence[int], block_m: int, block_n: int,
+                       coords: torch.Tensor | None = None) -> dict:
+    """What a windowed launch over videos of these grids visits: ``{"visited", "full", "total"}`` block pairs
+    at tiles ``block_m x block_n`` (query rows x key rows). ``coords``: the tokens' (t, h, w) in packing order
+    (e.g. ``pack_videos(..., order="tile").coords``); None = t-major. ``visited / total`` scales the dense
+    attention FLOPs; ``full / visited`` is the share of visited blocks run without a mask."""
+    seqlens = [int(t) * int(h) * int(w) for t, h, w in grids]
+    if coords is None:
+        coords = t_major_coords(seqlens, grids, "cpu")
+    lists = window_block_lists(seqlens, coords, window, block_m, block_n)
+    return {"visited": lists.visited, "full": lists.full, "total": lists.total}
