@@ -324,12 +324,12 @@ def test_gpu_tile_configs(monkeypatch, dtype, window, rope):
 @pytest.mark.parametrize("window,rope", [(None, False), ((1, 2, 1), False), (None, True), ((0, 1, 3), True)],
                          ids=["dense", "window", "rope", "window+rope"])
 def test_gpu_tile_configs_fp32_head_dim_128(monkeypatch, window, rope):
-    # fp32 d128 on a GPU: the forward on its own 128x16 tile (windows masked, no far-block skip), the
-    # backward through the reference
+    # fp32 d128 on a GPU: the forward on its own 128x16 tile (128x8 with a window), the backward through the
+    # reference
     monkeypatch.setattr(tri, "_interpreting", lambda: False)
     monkeypatch.setattr(tri, "_FP32_REFERENCE_WARNED", set())
     cfg = tri._gpu_config("fwd", window is not None, rope, torch.float32, 128)
-    assert (cfg.block_m, cfg.block_n, cfg.skip_far) == (128, 16, window is None)
+    assert (cfg.block_m, cfg.block_n) == (128, 8 if window else 16)
     assert not tri._fp32_reference(("fwd",), torch.empty(4, 1, 128), window, torch.empty(4, 3) if rope else None)
     with pytest.warns(RuntimeWarning, match="head dim 128.* have no spill-free sm_90 tile for the dkdv/dq kernel"):
         _check([17, 40, 0, 131], heads=1, head_dim=128, window=window, rope=rope)
@@ -353,8 +353,7 @@ def test_fp32_reference_where_no_tile_ships(monkeypatch):
     shipped = {c.name for c in tri.shipped_configs()}
     for (kernel, window, rope, block_d), cfg in tri._GPU_CONFIGS_FP32.items():
         variant = "+".join(n for n, on in (("window", window), ("rope", rope)) if on) or "dense"
-        no_skip = " no-skip" if window and not cfg.skip_far else ""
-        assert f"attention_{kernel} d{block_d} fp32 tf32x3 {variant} m{cfg.block_m} n{cfg.block_n}{no_skip}" in shipped
+        assert f"attention_{kernel} d{block_d} fp32 tf32x3 {variant} m{cfg.block_m} n{cfg.block_n}" in shipped
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -571,19 +570,99 @@ def test_block_table_has_one_program_per_real_block():
         assert 0 <= start < lens[seq] and start % 64 == 0
 
 
-@pytest.mark.parametrize("grid,window", [((3, 5, 7), (0, 1, 1)), ((4, 9, 13), (1, 2, 2)), ((1, 30, 52), (0, 3, 3)),
-                                         ((5, 1, 1), (1, 0, 0))])
-def test_window_block_skipping_is_sound_and_skips(grid, window):
-    """A skipped block pair never holds a (query, key) pair inside the window; big grids skip blocks."""
-    n = grid[0] * grid[1] * grid[2]
-    allowed = O.window_mask(grid, window)
-    bm, bn = 16, 32
-    for qs in range(0, n, bm):
-        for ks in range(0, n, bn):
-            qe, ke = min(qs + bm, n), min(ks + bn, n)
-            if not _blocks.blocks_interact(qs, qe - 1, ks, ke - 1, grid, window):
-                assert not allowed[qs:qe, ks:ke].any(), (qs, ks)
-    visited, total = _blocks.window_block_density([grid], window, bm, bn)
-    if n >= 300:
-        assert visited < total
+def _tile_order(grid, tile):
+    """(t, h, w) of a grid's tokens in tile-major order, by a plain loop (tiles t-major, t-major inside)."""
+    (t, h, w), (a, b, c) = grid, tile
+    out = []
+    for t0 in range(0, t, a):
+        for h0 in range(0, h, b):
+            for w0 in range(0, w, c):
+                out += [(i, j, k) for i in range(t0, min(t0 + a, t)) for j in range(h0, min(h0 + b, h))
+                        for k in range(w0, min(w0 + c, w))]
+    return torch.tensor(out, dtype=torch.int32).reshape(-1, 3)
 
+
+@pytest.mark.parametrize("grids,window,blocks", [
+    ([(3, 5, 7), (1, 1, 1), (4, 9, 13)], (0, 1, 1), (16, 32)),
+    ([(5, 1, 1), (0, 1, 1), (2, 6, 6)], (1, 0, 0), (8, 8)),
+    ([(1, 30, 52)], (0, 3, 3), (64, 32)),
+    ([(4, 9, 13), (3, 16, 16)], (1, 5, 5), (8, 8)),
+    ([(3, 7, 9)], (9, 9, 9), (8, 16))])
+@pytest.mark.parametrize("order", ["t-major", "tile", "random"])
+def test_window_block_lists_are_exact(grids, window, blocks, order):
+    """Every (row block, column block) pair against the token mask: a pair holding an allowed (query, key)
+    pair is listed, a listed full block has every pair allowed and lies inside its sequence, and a pair
+    listed full is exactly one whose every pair is allowed (the box test is exact for fullness)."""
+    bm, bn = blocks
+    seqlens = [t * h * w for t, h, w in grids]
+    parts = []
+    for g, n in zip(grids, seqlens):
+        c = _blocks.t_major_coords([n], [g], "cpu")
+        parts.append(_tile_order(g, (2, 4, 4)) if order == "tile" and n else
+                     c[torch.randperm(n)] if order == "random" else c)
+    coords = torch.cat(parts)
+    lists = _blocks.window_block_lists(seqlens, coords, window, bm, bn)
+    assert lists.indices.dtype == lists.num_full.dtype == lists.num_visit.dtype == torch.int32
+    p, start, stats = 0, 0, dict(full=0, partial=0, skipped=0)
+    for n in seqlens:
+        c = coords[start:start + n].long()
+        start += n
+        allowed = ((c[:, None] - c[None]).abs() <= torch.tensor(window)).all(-1)
+        for r0 in range(0, n, bm):
+            row = lists.indices[p].tolist()
+            full, visit = set(row[:lists.num_full[p]]), row[:lists.num_visit[p]]
+            assert len(set(visit)) == len(visit)
+            for j, c0 in enumerate(range(0, n, bn)):
+                pairs = allowed[r0:r0 + bm, c0:c0 + bn]
+                assert (j in full) == bool(pairs.all() and c0 + bn <= n), (p, j)
+                if pairs.any():
+                    assert j in visit, (p, j)
+                stats["full" if j in full else "partial" if j in visit else "skipped"] += 1
+            p += 1
+    assert p == lists.num_full.shape[0] == _blocks.block_table(seqlens, bm, "cpu").shape[0]
+    assert lists.total == sum(stats.values())
+    assert (lists.visited, lists.full) == (stats["full"] + stats["partial"], stats["full"])
+    if window == (9, 9, 9):
+        assert stats["skipped"] == 0 and stats["full"] > 0
+    if max(seqlens) >= 300 and order != "random":
+        assert stats["skipped"] > 0
+
+
+
+
+
+@pytest.mark.parametrize("window,rope", [((1, 2, 2), False), ((0, 3, 1), True), ((9, 9, 9), False)],
+                         ids=["window", "window+rope", "all-full"])
+@pytest.mark.parametrize("order", ["tile", "random"])
+def test_window_kernels_follow_any_token_order(window, rope, order):
+    """The kernels take the window from the tokens' coordinates: a pack in tile-major (or any) order gives
+    the t-major pack's outputs and gradients, row for row (fp32 tolerances: only the summation order
+    differs), on grids not divisible by the tile, a 1-token and an empty sequence."""
+    grids = [(3, 5, 7), (1, 1, 1), (0, 1, 1), (2, 9, 6)]
+    lens = [t * h * w for t, h, w in grids]
+    cu, grid = _cu(lens), torch.tensor(grids, dtype=torch.int32)
+    perm, coords, start = [], [], 0
+    for g, n in zip(grids, lens):
+        c = _blocks.t_major_coords([n], [g], "cpu").long()
+        o = _tile_order(g, (2, 4, 4)).long() if order == "tile" and n else c[torch.randperm(n)]
+        flat = (o[:, 0] * g[1] + o[:, 1]) * g[2] + o[:, 2] if n else o[:, 0]
+        perm.append(flat + start)
+        coords.append(o)
+        start += n
+    perm, coords = torch.cat(perm), torch.cat(coords).to(torch.int32)
+    tmajor = torch.cat([_blocks.t_major_coords([n], [g], "cpu") for g, n in zip(grids, lens)])
+    q, k, v, dout = (torch.randn(sum(lens), 2, 32) for _ in range(4))
+    kw = dict(scale=32 ** -0.5, window=window, grid=grid, rope_theta=1e4)
+
+    def run(q, k, v, dout, rope_coords, coords):
+        out, lse = tri.attention_forward(q, k, v, cu, cu, max(lens), max(lens), rope_coords=rope_coords,
+                                         coords=coords, **kw)
+        return (out, lse, *tri.attention_backward(dout, None, q, k, v, out, lse, cu, cu, max(lens), max(lens),
+                                                  rope_coords=rope_coords, coords=coords, **kw))
+
+    want = run(q, k, v, dout, tmajor if rope else None, None)
+    got = run(q[perm], k[perm], v[perm], dout[perm], coords if rope else None, coords)
+    for name, g, w in zip(["out", "lse", "dq", "dk", "dv"], got, want):
+        w = w[:, perm] if name == "lse" else w[perm]
+        tol = 2e-5 if name in ("out", "lse") else 5e-5
+        torch.testing.assert_close(g, w, atol=tol, rtol=tol, msg=name)

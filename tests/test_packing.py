@@ -422,10 +422,12 @@ def test_plan_batches_properties(data, budget):
     if counts:
         assert plan.fill_ratio == pytest.approx(total / (len(plan) * budget))
         assert len(plan) >= math.ceil(total / budget)
-    # No two batches fit together (so none could be merged), hence never worse than next fit.
+    # No two batches fit together (so none could be merged); then any two batches hold more than one budget,
+    # so k batches hold more than (k - 1) budgets / 2: k < 2 * total / budget + 1. (Next fit in index order
+    # can beat first-fit decreasing: [12, 18, 31, 13, 29, 29] in 71 is 2 batches for next fit, 3 for FFD.)
     t = plan.tokens_per_batch
     assert all(t[i] + t[j] > budget for i in range(len(t)) for j in range(i + 1, len(t)))
-    assert len(plan) <= next_fit_count(counts, budget)
+    assert len(plan) < 2 * total / budget + 1
     # Exactly first-fit decreasing, deterministic.
     assert plan.batches == ffd_reference(counts, budget)
     assert plan_batches(list(counts), budget).batches == plan.batches

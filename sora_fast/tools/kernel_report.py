@@ -17,7 +17,9 @@ Dynamic shared memory is ``compiled.metadata.shared`` (what the launcher request
 
 Gates (a config failing one is not shipped): ``compiles``; ``no_spills`` (STACK == 0 and no STL);
 ``smem_fits`` (dynamic + static shared <= 227 KiB, the per-block opt-in maximum of sm_90);
-``hgmma`` (at least one HGMMA when the config is marked ``tensor_core``). Exit status 1 when any gate of
+``hgmma`` (at least one HGMMA when the config is marked ``tensor_core``); ``async_copy`` (asynchronous
+global-to-shared copies, cp.async (LDGSTS) or TMA (UTMALDG), when the config is marked ``async_copy``: its
+main loop's loads are software-pipelined, not issued and waited for one tile at a time). Exit status 1 when any gate of
 any row fails, including the CUDA C++ kernels' rows merged from :mod:`sora_fast.tools.cuda_report`
 (compiled with nvcc for sm_90a; their gates: ``no_spills`` (no spill bytes, no stack frame) and, for the
 vectorized main-path kernels, ``ldg128`` (16-byte global loads in SASS)). Without nvcc those rows are
@@ -165,7 +167,8 @@ def compile_config(cfg, arch: int = TARGET_ARCH) -> dict[str, Any]:
         "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
         "constexprs": {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
                        for k, v in cfg.constexprs.items()},
-        "divisible_by_16": list(cfg.divisible_by_16), "tensor_core": cfg.tensor_core, "target": f"sm_{arch}",
+        "divisible_by_16": list(cfg.divisible_by_16), "tensor_core": cfg.tensor_core,
+        "async_copy": cfg.async_copy, "target": f"sm_{arch}",
     }
     t0 = time.perf_counter()
     try:
@@ -199,6 +202,8 @@ def compile_config(cfg, arch: int = TARGET_ARCH) -> dict[str, Any]:
              "smem_fits": total_smem <= SMEM_PER_BLOCK_MAX}
     if cfg.tensor_core:
         gates["hgmma"] = sass["HGMMA"] > 0
+    if cfg.async_copy:
+        gates["async_copy"] = sass["LDGSTS"] + sass["UTMALDG"] > 0
     row["gates"] = gates
     return row
 

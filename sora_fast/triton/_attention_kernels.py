@@ -6,10 +6,11 @@ Online softmax in base 2 with fp32 statistics; LSE out. Backward in the FlashAtt
 blocks) and one for dQ (a program per query block, looping over key blocks) — every gradient row is
 written by exactly one program, so the result is deterministic without atomics.
 
-Windows (``window=(wt, wh, ww)`` on the t-major grid): the key loop starts and ends at the frames the
-window can reach, and a key block whose coordinate box is farther than the window from the query
-block's box is skipped before any load (``SKIP_FAR``; see ``_blocks``); partial blocks are masked per
-element.
+Windows (``window=(wt, wh, ww)`` on the tokens' ``(t, h, w)`` coordinates, any token order): each program
+walks its block list (``_blocks.window_block_lists``, built once per pack on the device): first the full
+blocks, every pair inside the window, with no mask at all; then the partial blocks, masked per element
+from the coordinates. A block outside the window is not in the list, so it is never loaded, and neither
+loop carries a branch: the compiler pipelines their loads (cp.async on sm_90, gated by the offline report).
 
 Fused RoPE: q and k tiles are loaded whole (16-byte loads), split into their rotary pairs, rotated in
 registers and re-joined, so the dots are the plain ones; dQ and dK are rotated back the same way before
@@ -90,60 +91,34 @@ def _load_qk(base, tokens, row_mask, stride_n, cols, col_mask, COORDS, AXIS, FRE
 
 
 @triton.jit
-def _block_box(first, last, gh, gw):
-    """Coordinate bounding box of rows first..last of a t-major (T, gh, gw) grid."""
-    hw = gh * gw
-    t0 = first // hw
-    t1 = last // hw
-    same_frame = t0 == t1
-    same_row = (first // gw) == (last // gw)
-    h0 = tl.where(same_frame, (first // gw) % gh, 0)
-    h1 = tl.where(same_frame, (last // gw) % gh, gh - 1)
-    w0 = tl.where(same_row, first % gw, 0)
-    w1 = tl.where(same_row, last % gw, gw - 1)
-    return t0, t1, h0, h1, w0, w1
+def _load_coords(WCOORDS, rows, row_mask):
+    """(t, h, w) of these rows of a sequence (WCOORDS points at the sequence's first token)."""
+    t = tl.load(WCOORDS + rows * 3, mask=row_mask, other=0)
+    h = tl.load(WCOORDS + rows * 3 + 1, mask=row_mask, other=0)
+    w = tl.load(WCOORDS + rows * 3 + 2, mask=row_mask, other=0)
+    return t, h, w
 
 
 @triton.jit
-def _boxes_far(a_first, a_last, b_first, b_last, gh, gw, win_t, win_h, win_w):
-    at0, at1, ah0, ah1, aw0, aw1 = _block_box(a_first, a_last, gh, gw)
-    bt0, bt1, bh0, bh1, bw0, bw1 = _block_box(b_first, b_last, gh, gw)
-    far_t = (bt0 - at1 > win_t) | (at0 - bt1 > win_t)
-    far_h = (bh0 - ah1 > win_h) | (ah0 - bh1 > win_h)
-    far_w = (bw0 - aw1 > win_w) | (aw0 - bw1 > win_w)
-    return far_t | far_h | far_w
+def _window_mask(at, ah, aw, bt, bh, bw, win_t, win_h, win_w):
+    """(rows_a, rows_b) bool: the pair is inside the window on every axis."""
+    return ((tl.abs(at[:, None] - bt[None, :]) <= win_t) & (tl.abs(ah[:, None] - bh[None, :]) <= win_h)
+            & (tl.abs(aw[:, None] - bw[None, :]) <= win_w))
 
 
 @triton.jit
-def _window_mask(rows_a, rows_b, gh, gw, win_t, win_h, win_w):
-    hw = gh * gw
-    dt = tl.abs(rows_a[:, None] // hw - rows_b[None, :] // hw)
-    dh = tl.abs((rows_a[:, None] // gw) % gh - (rows_b[None, :] // gw) % gh)
-    dw = tl.abs(rows_a[:, None] % gw - rows_b[None, :] % gw)
-    return (dt <= win_t) & (dh <= win_h) & (dw <= win_w)
+def _list_bounds(NFULL, NVISIT, LISTS, list_stride, pid):
+    """This program's block list: (pointer to its row of block numbers, full count, full + partial count)."""
+    n_full = tl.load(NFULL + pid)
+    n_visit = tl.load(NVISIT + pid)
+    return LISTS + pid.to(tl.int64) * list_stride, n_full, n_visit
 
 
 @triton.jit
-def _loop_range(first, last, length, gh, gw, win_t, BLOCK: tl.constexpr, WINDOW: tl.constexpr):
-    """Rows of the other side a block can interact with, block-aligned: [lo, hi)."""
-    lo = 0
-    hi = length
-    if WINDOW:
-        hw = gh * gw
-        lo = tl.maximum(first // hw - win_t, 0) * hw
-        lo = (lo // BLOCK) * BLOCK
-        # frames past the last one reachable, clamped to the sequence's frame count before multiplying
-        # (t_last + win_t + 1) * hw would overflow for a huge window
-        t_last = last // hw
-        hi = (t_last + 1 + tl.minimum(win_t, length // hw - 1 - t_last)) * hw
-    return lo, hi
-
-
-@triton.jit
-def _program_block(TABLE, CU_Q, CU_K, GRID, WINDOW: tl.constexpr, OFF64: tl.constexpr):
-    """This program's head, (sequence, first row of its block), the sequence's query and key ranges, and
-    the sequence's grid rows/columns (used by windows; 1 without). With OFF64 the head and the sequence
-    starts are 64-bit (offsets into the LSE and RoPE tables); row indices stay 32-bit."""
+def _program_block(TABLE, CU_Q, CU_K, OFF64: tl.constexpr):
+    """This program's head, (sequence, first row of its block) and the sequence's query and key ranges. With
+    OFF64 the head and the sequence starts are 64-bit (offsets into the LSE and RoPE tables); row indices
+    stay 32-bit."""
     pid = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.load(TABLE + 2 * pid)
@@ -152,28 +127,53 @@ def _program_block(TABLE, CU_Q, CU_K, GRID, WINDOW: tl.constexpr, OFF64: tl.cons
     q_len = tl.load(CU_Q + seq + 1) - q_start
     k_start = tl.load(CU_K + seq)
     k_len = tl.load(CU_K + seq + 1) - k_start
-    gh = 1
-    gw = 1
-    if WINDOW:
-        gh = tl.load(GRID + 3 * seq + 1)
-        gw = tl.load(GRID + 3 * seq + 2)
     if OFF64:
         head = head.to(tl.int64)
         q_start = q_start.to(tl.int64)
         k_start = k_start.to(tl.int64)
-    return head, start, q_start, q_len, k_start, k_len, gh, gw
+    return pid, head, start, q_start, q_len, k_start, k_len
 
 
 # --- forward -------------------------------------------------------------------------------------
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TABLE, GRID, COORDS, AXIS, FREQ,  # noqa: E741 (O: the output, as in the papers)
+def _fwd_step(q, m_i, l_i, acc, n0, k_len, k_base, v_base, stride_kn, stride_vn, offs_d, d_mask, k_coords, AXIS,
+              FREQ, pairs, pair_mask, qk_scale, WQ, offs_m, m_mask, WK, win_t, win_h, win_w,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr, UPCAST: tl.constexpr,
+              PRECISION: tl.constexpr, MASK: tl.constexpr, WINDOW_MASK: tl.constexpr):
+    """One key block of the online softmax. MASK: keys past the sequence's end (and, with WINDOW_MASK, pairs
+    outside the window) get -inf; without MASK the whole tile is attended (a full block). The query
+    coordinates are loaded here, per masked block, rather than kept live through the loops (registers)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < k_len
+    k = _load_qk(k_base, offs_n, n_mask, stride_kn, offs_d, d_mask, k_coords, AXIS, FREQ, pairs, pair_mask,
+                 BLOCK_N, BLOCK_D, ROPE, UPCAST)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASK:
+        valid = n_mask[None, :]
+        if WINDOW_MASK:
+            qt, qh, qw = _load_coords(WQ, offs_m, m_mask)
+            kt, kh, kw = _load_coords(WK, offs_n, n_mask)
+            valid = valid & _window_mask(qt, qh, qw, kt, kh, kw, win_t, win_h, win_w)
+        s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_tile(v_base, offs_n, n_mask, stride_vn, offs_d, d_mask, UPCAST)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TABLE, COORDS, AXIS, FREQ,  # noqa: E741 (O: the output, as in the papers)
+                     WCOORDS, LISTS, NFULL, NVISIT, list_stride,
                      stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
                      n_q, qk_scale, win_t, win_h, win_w,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, ROPE: tl.constexpr,
-                     UPCAST: tl.constexpr, PRECISION: tl.constexpr, OFF64: tl.constexpr,
-                     SKIP_FAR: tl.constexpr):
-    head, m0, q_start, q_len, k_start, k_len, gh, gw = _program_block(TABLE, CU_Q, CU_K, GRID, WINDOW, OFF64)
+                     UPCAST: tl.constexpr, PRECISION: tl.constexpr, OFF64: tl.constexpr):
+    pid, head, m0, q_start, q_len, k_start, k_len = _program_block(TABLE, CU_Q, CU_K, OFF64)
     stride_qn, stride_qh = wide(stride_qn, stride_qh, OFF64)
     stride_kn, stride_kh = wide(stride_kn, stride_kh, OFF64)
     stride_vn, stride_vh = wide(stride_vn, stride_vh, OFF64)
@@ -195,35 +195,30 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TABLE, GRID, COORDS, AXIS, FRE
     q = _load_qk(q_base, offs_m, m_mask, stride_qn, offs_d, d_mask, q_coords, AXIS, FREQ, pairs, pair_mask, BLOCK_M,
                  BLOCK_D, ROPE, UPCAST)
 
-    m_last = tl.minimum(m0 + BLOCK_M, q_len) - 1
-    lo, hi = _loop_range(m0, m_last, k_len, gh, gw, win_t, BLOCK_N, WINDOW)
-
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        n_last = tl.minimum(n0 + BLOCK_N, k_len) - 1
-        skip = False
-        if WINDOW and SKIP_FAR:
-            skip = _boxes_far(m0, m_last, n0, n_last, gh, gw, win_t, win_h, win_w)
-        if not skip:
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < k_len
-            k = _load_qk(k_base, offs_n, n_mask, stride_kn, offs_d, d_mask, k_coords, AXIS, FREQ, pairs, pair_mask,
-                         BLOCK_N, BLOCK_D, ROPE, UPCAST)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            valid = n_mask[None, :] & m_mask[:, None]
-            if WINDOW:
-                valid = valid & _window_mask(offs_m, offs_n, gh, gw, win_t, win_h, win_w)
-            s = tl.where(valid, s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = _load_tile(v_base, offs_n, n_mask, stride_vn, offs_d, d_mask, UPCAST)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+    if WINDOW:
+        # the program's block list: full key blocks without a mask, then the partial ones masked
+        row, n_full, n_visit = _list_bounds(NFULL, NVISIT, LISTS, list_stride, pid)
+        wq = WCOORDS + q_start * 3
+        wk = WCOORDS + k_start * 3
+        for j in range(0, n_full):
+            n0 = tl.load(row + j) * BLOCK_N
+            m_i, l_i, acc = _fwd_step(q, m_i, l_i, acc, n0, k_len, k_base, v_base, stride_kn, stride_vn, offs_d,
+                                      d_mask, k_coords, AXIS, FREQ, pairs, pair_mask, qk_scale, wq, offs_m, m_mask, wk,
+                                      win_t, win_h, win_w, BLOCK_N, BLOCK_D, ROPE, UPCAST, PRECISION, False, False)
+        for j in range(n_full, n_visit):
+            n0 = tl.load(row + j) * BLOCK_N
+            m_i, l_i, acc = _fwd_step(q, m_i, l_i, acc, n0, k_len, k_base, v_base, stride_kn, stride_vn, offs_d,
+                                      d_mask, k_coords, AXIS, FREQ, pairs, pair_mask, qk_scale, wq, offs_m, m_mask, wk,
+                                      win_t, win_h, win_w, BLOCK_N, BLOCK_D, ROPE, UPCAST, PRECISION, True, True)
+    else:
+        for n0 in range(0, k_len, BLOCK_N):
+            m_i, l_i, acc = _fwd_step(q, m_i, l_i, acc, n0, k_len, k_base, v_base, stride_kn, stride_vn, offs_d,
+                                      d_mask, k_coords, AXIS, FREQ, pairs, pair_mask, qk_scale, WCOORDS, offs_m,
+                                      m_mask, WCOORDS, win_t, win_h, win_w, BLOCK_N, BLOCK_D, ROPE, UPCAST, PRECISION,
+                                      True, False)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -249,15 +244,45 @@ def _unrotate_store(base, tokens, row_mask, stride_n, cols, col_mask, g, COORDS,
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, TABLE, GRID, COORDS, AXIS, FREQ,
+def _dkdv_step(k, v, dk, dv, m0, q_len, q_base, do_base, lse_base, delta_base, stride_qn, stride_don, offs_d, d_mask,
+               q_coords, AXIS, FREQ, pairs, pair_mask, qk_scale, WQ, kt, kh, kw, win_t, win_h, win_w,
+               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr, UPCAST: tl.constexpr,
+               PRECISION: tl.constexpr, MASK: tl.constexpr, WINDOW_MASK: tl.constexpr):
+    """One query block's contribution to a key block's dK and dV (as :func:`_fwd_step`'s MASK)."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < q_len
+    q = _load_qk(q_base, offs_m, m_mask, stride_qn, offs_d, d_mask, q_coords, AXIS, FREQ, pairs, pair_mask,
+                 BLOCK_M, BLOCK_D, ROPE, UPCAST)
+    # transposed scores (keys x queries), so every computed tile is used as the left operand
+    # as it is: no register transposes feeding the tensor cores (as in Triton's FA2 tutorial)
+    st = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+    lse2 = tl.load(lse_base + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+    pt = tl.exp2(st * qk_scale - lse2[None, :])
+    if MASK:
+        valid = m_mask[None, :]
+        if WINDOW_MASK:
+            qt, qh, qw = _load_coords(WQ, offs_m, m_mask)
+            valid = valid & _window_mask(kt, kh, kw, qt, qh, qw, win_t, win_h, win_w)
+        pt = tl.where(valid, pt, 0.0)
+    do = _load_tile(do_base, offs_m, m_mask, stride_don, offs_d, d_mask, UPCAST)
+    dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+    delta = tl.load(delta_base + offs_m, mask=m_mask, other=0.0)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    dst = pt * (dpt - delta[None, :])
+    dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, TABLE, COORDS, AXIS, FREQ,
+                          WCOORDS, LISTS, NFULL, NVISIT, list_stride,
                           stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
                           stride_don, stride_doh, stride_dkn, stride_dkh, stride_dvn, stride_dvh,
                           n_q, sm_scale, qk_scale, win_t, win_h, win_w,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, ROPE: tl.constexpr,
-                          UPCAST: tl.constexpr, PRECISION: tl.constexpr, OFF64: tl.constexpr,
-                          SKIP_FAR: tl.constexpr):
-    head, n0, q_start, q_len, k_start, k_len, gh, gw = _program_block(TABLE, CU_Q, CU_K, GRID, WINDOW, OFF64)
+                          UPCAST: tl.constexpr, PRECISION: tl.constexpr, OFF64: tl.constexpr):
+    pid, head, n0, q_start, q_len, k_start, k_len = _program_block(TABLE, CU_Q, CU_K, OFF64)
     stride_qn, stride_qh = wide(stride_qn, stride_qh, OFF64)
     stride_kn, stride_kh = wide(stride_kn, stride_kh, OFF64)
     stride_vn, stride_vh = wide(stride_vn, stride_vh, OFF64)
@@ -286,32 +311,26 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, TABLE, GR
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
-    n_last = tl.minimum(n0 + BLOCK_N, k_len) - 1
-    lo, hi = _loop_range(n0, n_last, q_len, gh, gw, win_t, BLOCK_M, WINDOW)
-    for m0 in range(lo, hi, BLOCK_M):
-        m_last = tl.minimum(m0 + BLOCK_M, q_len) - 1
-        skip = False
-        if WINDOW and SKIP_FAR:
-            skip = _boxes_far(m0, m_last, n0, n_last, gh, gw, win_t, win_h, win_w)
-        if not skip:
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_mask = offs_m < q_len
-            q = _load_qk(q_base, offs_m, m_mask, stride_qn, offs_d, d_mask, q_coords, AXIS, FREQ, pairs, pair_mask,
-                         BLOCK_M, BLOCK_D, ROPE, UPCAST)
-            # transposed scores (keys x queries), so every computed tile is used as the left operand
-            # as it is: no register transposes feeding the tensor cores (as in Triton's FA2 tutorial)
-            st = tl.dot(k, tl.trans(q), input_precision=PRECISION)
-            lse2 = tl.load(lse_base + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
-            valid = n_mask[:, None] & m_mask[None, :]
-            if WINDOW:
-                valid = valid & _window_mask(offs_n, offs_m, gh, gw, win_t, win_h, win_w)
-            pt = tl.where(valid, tl.exp2(st * qk_scale - lse2[None, :]), 0.0)
-            do = _load_tile(do_base, offs_m, m_mask, stride_don, offs_d, d_mask, UPCAST)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-            delta = tl.load(delta_base + offs_m, mask=m_mask, other=0.0)
-            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+    if WINDOW:
+        row, n_full, n_visit = _list_bounds(NFULL, NVISIT, LISTS, list_stride, pid)
+        wq = WCOORDS + q_start * 3
+        kt, kh, kw = _load_coords(WCOORDS + k_start * 3, offs_n, n_mask)
+        for j in range(0, n_full):
+            m0 = tl.load(row + j) * BLOCK_M
+            dk, dv = _dkdv_step(k, v, dk, dv, m0, q_len, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
+                                offs_d, d_mask, q_coords, AXIS, FREQ, pairs, pair_mask, qk_scale, wq, kt, kh, kw,
+                                win_t, win_h, win_w, BLOCK_M, BLOCK_D, ROPE, UPCAST, PRECISION, False, False)
+        for j in range(n_full, n_visit):
+            m0 = tl.load(row + j) * BLOCK_M
+            dk, dv = _dkdv_step(k, v, dk, dv, m0, q_len, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
+                                offs_d, d_mask, q_coords, AXIS, FREQ, pairs, pair_mask, qk_scale, wq, kt, kh, kw,
+                                win_t, win_h, win_w, BLOCK_M, BLOCK_D, ROPE, UPCAST, PRECISION, True, True)
+    else:
+        for m0 in range(0, q_len, BLOCK_M):
+            dk, dv = _dkdv_step(k, v, dk, dv, m0, q_len, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
+                                offs_d, d_mask, q_coords, AXIS, FREQ, pairs, pair_mask, qk_scale, WCOORDS, offs_n,
+                                offs_n, offs_n, win_t, win_h, win_w, BLOCK_M, BLOCK_D, ROPE, UPCAST, PRECISION, True,
+                                False)
 
     dv_ptr = DV + k_start64 * stride_dvn + head * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
     tl.store(dv_ptr, to_store(dv, DV.dtype.element_ty, UPCAST), mask=n_mask[:, None] & d_mask[None, :])
@@ -325,15 +344,40 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, TABLE, GR
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, TABLE, GRID, COORDS, AXIS, FREQ,
+def _dq_step(q, do, lse2, delta, dq, n0, k_len, k_base, v_base, stride_kn, stride_vn, offs_d, d_mask, k_coords, AXIS,
+             FREQ, pairs, pair_mask, qk_scale, WK, qt, qh, qw, win_t, win_h, win_w,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr, UPCAST: tl.constexpr,
+             PRECISION: tl.constexpr, MASK: tl.constexpr, WINDOW_MASK: tl.constexpr):
+    """One key block's contribution to a query block's dQ (as :func:`_fwd_step`'s MASK)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < k_len
+    k = _load_qk(k_base, offs_n, n_mask, stride_kn, offs_d, d_mask, k_coords, AXIS, FREQ, pairs, pair_mask,
+                 BLOCK_N, BLOCK_D, ROPE, UPCAST)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    p = tl.exp2(s * qk_scale - lse2[:, None])
+    if MASK:
+        valid = n_mask[None, :]
+        if WINDOW_MASK:
+            kt, kh, kw = _load_coords(WK, offs_n, n_mask)
+            valid = valid & _window_mask(qt, qh, qw, kt, kh, kw, win_t, win_h, win_w)
+        p = tl.where(valid, p, 0.0)
+    v = _load_tile(v_base, offs_n, n_mask, stride_vn, offs_d, d_mask, UPCAST)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, TABLE, COORDS, AXIS, FREQ,
+                        WCOORDS, LISTS, NFULL, NVISIT, list_stride,
                         stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
                         stride_don, stride_doh, stride_dqn, stride_dqh,
                         n_q, sm_scale, qk_scale, win_t, win_h, win_w,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, ROPE: tl.constexpr,
-                        UPCAST: tl.constexpr, PRECISION: tl.constexpr, OFF64: tl.constexpr,
-                        SKIP_FAR: tl.constexpr):
-    head, m0, q_start, q_len, k_start, k_len, gh, gw = _program_block(TABLE, CU_Q, CU_K, GRID, WINDOW, OFF64)
+                        UPCAST: tl.constexpr, PRECISION: tl.constexpr, OFF64: tl.constexpr):
+    pid, head, m0, q_start, q_len, k_start, k_len = _program_block(TABLE, CU_Q, CU_K, OFF64)
     stride_qn, stride_qh = wide(stride_qn, stride_qh, OFF64)
     stride_kn, stride_kh = wide(stride_kn, stride_kh, OFF64)
     stride_vn, stride_vh = wide(stride_vn, stride_vh, OFF64)
@@ -360,27 +404,25 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, TABLE, GRID, CO
     lse2 = tl.load(LSE + head * n_q + q_start + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + head * n_q + q_start + offs_m, mask=m_mask, other=0.0)
 
-    m_last = tl.minimum(m0 + BLOCK_M, q_len) - 1
-    lo, hi = _loop_range(m0, m_last, k_len, gh, gw, win_t, BLOCK_N, WINDOW)
-    for n0 in range(lo, hi, BLOCK_N):
-        n_last = tl.minimum(n0 + BLOCK_N, k_len) - 1
-        skip = False
-        if WINDOW and SKIP_FAR:
-            skip = _boxes_far(m0, m_last, n0, n_last, gh, gw, win_t, win_h, win_w)
-        if not skip:
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < k_len
-            k = _load_qk(k_base, offs_n, n_mask, stride_kn, offs_d, d_mask, k_coords, AXIS, FREQ, pairs, pair_mask,
-                         BLOCK_N, BLOCK_D, ROPE, UPCAST)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            valid = n_mask[None, :] & m_mask[:, None]
-            if WINDOW:
-                valid = valid & _window_mask(offs_m, offs_n, gh, gw, win_t, win_h, win_w)
-            p = tl.where(valid, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-            v = _load_tile(v_base, offs_n, n_mask, stride_vn, offs_d, d_mask, UPCAST)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    if WINDOW:
+        row, n_full, n_visit = _list_bounds(NFULL, NVISIT, LISTS, list_stride, pid)
+        wk = WCOORDS + k_start * 3
+        qt, qh, qw = _load_coords(WCOORDS + q_start * 3, offs_m, m_mask)
+        for j in range(0, n_full):
+            n0 = tl.load(row + j) * BLOCK_N
+            dq = _dq_step(q, do, lse2, delta, dq, n0, k_len, k_base, v_base, stride_kn, stride_vn, offs_d, d_mask,
+                          k_coords, AXIS, FREQ, pairs, pair_mask, qk_scale, wk, qt, qh, qw, win_t, win_h, win_w,
+                          BLOCK_N, BLOCK_D, ROPE, UPCAST, PRECISION, False, False)
+        for j in range(n_full, n_visit):
+            n0 = tl.load(row + j) * BLOCK_N
+            dq = _dq_step(q, do, lse2, delta, dq, n0, k_len, k_base, v_base, stride_kn, stride_vn, offs_d, d_mask,
+                          k_coords, AXIS, FREQ, pairs, pair_mask, qk_scale, wk, qt, qh, qw, win_t, win_h, win_w,
+                          BLOCK_N, BLOCK_D, ROPE, UPCAST, PRECISION, True, True)
+    else:
+        for n0 in range(0, k_len, BLOCK_N):
+            dq = _dq_step(q, do, lse2, delta, dq, n0, k_len, k_base, v_base, stride_kn, stride_vn, offs_d, d_mask,
+                          k_coords, AXIS, FREQ, pairs, pair_mask, qk_scale, WCOORDS, offs_m, offs_m, offs_m, win_t,
+                          win_h, win_w, BLOCK_N, BLOCK_D, ROPE, UPCAST, PRECISION, True, False)
 
     dq_base = DQ + q_start64 * stride_dqn + head * stride_dqh
     if ROPE:

@@ -20,3 +20,4 @@ class KernelConfig:
     num_stages: int
     divisible_by_16: tuple[str, ...] = field(default=())   # pointer / int arguments hinted 16-divisible
     tensor_core: bool = True            # gate: HGMMA must appear in the SASS
+    async_copy: bool = False            # gate: cp.async (LDGSTS) or TMA (UTMALDG) must appear in the SASS

@@ -41,7 +41,7 @@ import triton
 from ..reference import attention as _reference
 from ..reference.rope import rope3d_split
 from ._attention_kernels import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_fwd_kernel
-from ._blocks import block_table
+from ._blocks import BlockLists, block_table, t_major_coords, window_block_lists
 from ._common import dot_precision, extent
 from ._common import interpreting as _interpreting
 from ._spec import KernelConfig
@@ -58,10 +58,6 @@ class _Config:
     block_n: int
     num_warps: int
     num_stages: int
-    # windows: skip key blocks whose box is farther than the window from the query block's (never
-    # loaded). Off, every block of the frame range is visited and masked (same result, more work): only
-    # where the skip test's registers make the tile spill.
-    skip_far: bool = True
 
 
 # GPU configs per (kernel, window, fused RoPE), gated by the offline sm_90 report
@@ -88,7 +84,8 @@ _GPU_CONFIGS = {
 _GPU_CONFIGS_FP32 = {
     **{("fwd", window, rope, block_d): _Config(64, 32, num_warps=4, num_stages=2)
        for window in (False, True) for rope in (False, True) for block_d in (32, 64)},
-    **{("fwd", window, rope, 128): _Config(128, 16, num_warps=8, num_stages=2, skip_far=not window)
+    # d128: the windowed loops' list bookkeeping costs the 128x16 tile 40 B of spills at 64-bit offsets
+    **{("fwd", window, rope, 128): _Config(128, 8 if window else 16, num_warps=8, num_stages=2)
        for window in (False, True) for rope in (False, True)},
     ("dkdv", False, False, 32): _Config(32, 64, num_warps=4, num_stages=2),
     ("dkdv", False, False, 64): _Config(32, 64, num_warps=4, num_stages=2),
@@ -213,16 +210,59 @@ def _check_rope_range(rope_coords, host) -> None:
                          f"sora_fast.ops.apply_rope3d first (fp64 angles), or use another backend")
 
 
-def _common_args(q, cu_seqlens_q, grid, rope_coords, rope_theta):
-    """Tensors the kernels read beside q/k/v (unused ones are any valid pointer), contiguous: the kernels
-    index them as dense arrays."""
+def _common_args(q, cu_seqlens_q, rope_coords, rope_theta):
+    """Tensors the kernels read beside q/k/v for RoPE (unused ones are any valid pointer), contiguous: the
+    kernels index them as dense arrays."""
     if rope_coords is not None:
         axis, freq = _rope_tables(q.shape[-1], rope_theta, q.device)
-        coords = rope_coords.contiguous()
-    else:
-        axis = freq = coords = cu_seqlens_q
-    grid_t = grid.contiguous() if grid is not None else cu_seqlens_q
-    return grid_t, coords, axis, freq
+        return rope_coords.contiguous(), axis, freq
+    return cu_seqlens_q, cu_seqlens_q, cu_seqlens_q
+
+
+# Block lists are cached per pack: keyed weakly on the coordinate tensor they were built from (the window's
+# coords, or the grid for the t-major default), with its in-place version, so a pack reuses them across
+# layers, heads, steps and the backward, and they go when the pack goes.
+_LISTS: "torch.utils.weak.WeakIdKeyDictionary" = torch.utils.weak.WeakIdKeyDictionary()
+_LISTS_KEPT = 16      # (window, tiles, offsets) entries per pack
+
+
+def _version(t: torch.Tensor):
+    return None if t.is_inference() else t._version
+
+
+def _window_coords(coords, grid, host, device) -> torch.Tensor:
+    """The window's (t, h, w) per token, int32 contiguous: ``coords``, or the t-major raster of the grid."""
+    if coords is not None:
+        return coords.contiguous()
+    entry = _LISTS.setdefault(grid, {})
+    key = ("t-major", tuple(host.cu_q), _version(grid))
+    if key not in entry:
+        entry[key] = t_major_coords(_seqlens(host.cu_q), host.grid, device)
+    return entry[key]
+
+
+def block_lists(window, coords, grid, host, row_block: int, col_block: int, device) -> BlockLists:
+    """The pack's window block lists for one kernel's tiles (``_blocks.window_block_lists``), cached with the
+    pack (see ``_LISTS``). ``coords``: the window's coordinates, None for the t-major raster of ``grid``."""
+    owner = coords if coords is not None else grid
+    entry = _LISTS.setdefault(owner, {})
+    key = (tuple(window), row_block, col_block, tuple(host.cu_q), _version(owner))
+    if key not in entry:
+        if len(entry) >= _LISTS_KEPT:
+            entry.clear()
+        wc = _window_coords(coords, grid, host, device)
+        with torch.no_grad():
+            entry[key] = window_block_lists(_seqlens(host.cu_q), wc, window, row_block, col_block)
+    return entry[key]
+
+
+def _window_launch_args(window, coords, grid, host, row_block, col_block, device, dummy) -> tuple:
+    """(WCOORDS, LISTS, NFULL, NVISIT, list_stride) of a launch; dummies without a window."""
+    if window is None:
+        return dummy, dummy, dummy, dummy, 0
+    lists = block_lists(window, coords, grid, host, row_block, col_block, device)
+    return (_window_coords(coords, grid, host, device), lists.indices, lists.num_full, lists.num_visit,
+            lists.indices.stride(0))
 
 
 def _constexprs(q, window, rope_coords, cfg: _Config, off64: bool) -> dict:
@@ -230,8 +270,8 @@ def _constexprs(q, window, rope_coords, cfg: _Config, off64: bool) -> dict:
     return dict(HEAD_DIM=q.shape[-1], BLOCK_D=block_d, BLOCK_DH=block_dh, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                 WINDOW=window is not None, ROPE=rope_coords is not None,
                 UPCAST=_interpreting() and q.dtype == torch.bfloat16, PRECISION=dot_precision(q.dtype), OFF64=off64,
-                SKIP_FAR=cfg.skip_far,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
 
 
 def _window_args(window, grid: Optional[list]) -> tuple[int, int, int]:
@@ -255,18 +295,20 @@ def _seqlens(cu: list) -> list:
 
 # --- launchers (the triton backend of sora_fast.ops.spacetime_attention) -----------------------
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale, window, grid,
-                      rope_coords, rope_theta, host=None):
+                      rope_coords, rope_theta, host=None, coords=None):
     """Returns ``(out (Nq, H, D) in q's dtype, lse (H, Nq) fp32)``. ``host``: the values of cu_seqlens
-    and grid (and the range of rope_coords) already on the host (read here when None). Raises
-    ValueError for ``|rope_coords| > ROPE_MAX_COORD`` (2**10), past which the fused RoPE's fp32 angles
-    lose the reference's accuracy (module docstring)."""
+    and grid (and the range of rope_coords) already on the host (read here when None). ``coords``: the
+    window's (t, h, w) per token (None: the t-major raster of ``grid``). Raises ValueError for
+    ``|rope_coords| > ROPE_MAX_COORD`` (2**10), past which the fused RoPE's fp32 angles lose the
+    reference's accuracy (module docstring)."""
     _check_supported(q, v)
     _check_rows(q, k, rope_coords)
     host = _host(host, cu_seqlens_q, cu_seqlens_k, grid, rope_coords)
     _check_rope_range(rope_coords, host)
     if _fp32_reference(("fwd",), q, window, rope_coords):
         return _reference._forward_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale,
-                            window=window, grid=grid, rope_coords=rope_coords, rope_theta=rope_theta)
+                                       window=window, grid=grid, rope_coords=rope_coords, rope_theta=rope_theta,
+                                       **({} if coords is None else {"coords": coords}))
     q, k, v = (_contig_last(t) for t in (q, k, v))
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     n_q, heads, head_dim = q.shape
@@ -276,19 +318,20 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     table = block_table(_seqlens(host.cu_q), cfg.block_m, q.device)
     if table.shape[0] == 0 or heads == 0:
         return out, lse
-    grid_t, coords, axis, freq = _common_args(q, cu_seqlens_q, grid, rope_coords, rope_theta)
+    rope = _common_args(q, cu_seqlens_q, rope_coords, rope_theta)
+    win = _window_launch_args(window, coords, grid, host, cfg.block_m, cfg.block_n, q.device, cu_seqlens_q)
     off64 = _needs_off64((q, k, v, out), n_q, heads)
     _attn_fwd_kernel[(table.shape[0], heads)](
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, table, grid_t, coords, axis, freq,
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, table, *rope, *win,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         n_q, scale * LOG2E, *_window_args(window, host.grid), **_constexprs(q, window, rope_coords, cfg, off64))
     return out, lse
 
 
 def attention_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
-                       scale, window, grid, rope_coords, rope_theta, host=None):
+                       scale, window, grid, rope_coords, rope_theta, host=None, coords=None):
     """Returns ``(dq, dk, dv)`` like q, k, v. ``dlse`` (gradient of the LSE output) may be None.
-    ``host`` and the RoPE range as for :func:`attention_forward`."""
+    ``host``, ``coords`` and the RoPE range as for :func:`attention_forward`."""
     _check_supported(q, v)
     _check_rows(q, k, rope_coords)
     host = _host(host, cu_seqlens_q, cu_seqlens_k, grid, rope_coords)
@@ -296,7 +339,8 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
     if _fp32_reference(("dkdv", "dq"), q, window, rope_coords):
         return _reference.attention_backward_streamed(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                                       scale=scale, window=window, grid=grid,
-                                                      rope_coords=rope_coords, rope_theta=rope_theta, host=host)
+                                                      rope_coords=rope_coords, rope_theta=rope_theta, host=host,
+                                                      **({} if coords is None else {"coords": coords}))
     q, k, v, dout = (_contig_last(t) for t in (q, k, v, dout))
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     n_q, heads, head_dim = q.shape
@@ -305,7 +349,7 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
     dq, dk, dv = (_empty(t.shape, t.dtype, t.device) for t in (q, k, v))
     if heads == 0:
         return dq, dk, dv
-    grid_t, coords, axis, freq = _common_args(q, cu_seqlens_q, grid, rope_coords, rope_theta)
+    rope = _common_args(q, cu_seqlens_q, rope_coords, rope_theta)
     off64 = _needs_off64((q, k, v, dout, dq, dk, dv), n_q, heads)
     common = (lse, delta, cu_seqlens_q, cu_seqlens_k)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -315,15 +359,18 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
     cfg = _config("dkdv", window, rope_coords, q.dtype, head_dim)
     table = block_table(_seqlens(host.cu_k), cfg.block_n, q.device)
     if table.shape[0]:
+        # key blocks are the rows here: each lists the query blocks it must visit
+        win = _window_launch_args(window, coords, grid, host, cfg.block_n, cfg.block_m, q.device, cu_seqlens_q)
         _attn_bwd_dkdv_kernel[(table.shape[0], heads)](
-            q, k, v, dout, dk, dv, *common, table, grid_t, coords, axis, freq, *strides,
+            q, k, v, dout, dk, dv, *common, table, *rope, *win, *strides,
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *scalars,
             **_constexprs(q, window, rope_coords, cfg, off64))
     cfg = _config("dq", window, rope_coords, q.dtype, head_dim)
     table = block_table(_seqlens(host.cu_q), cfg.block_m, q.device)
     if table.shape[0]:
+        win = _window_launch_args(window, coords, grid, host, cfg.block_m, cfg.block_n, q.device, cu_seqlens_q)
         _attn_bwd_dq_kernel[(table.shape[0], heads)](
-            q, k, v, dout, dq, *common, table, grid_t, coords, axis, freq, *strides,
+            q, k, v, dout, dq, *common, table, *rope, *win, *strides,
             dq.stride(0), dq.stride(1), *scalars, **_constexprs(q, window, rope_coords, cfg, off64))
     return dq, dk, dv
 
@@ -331,10 +378,12 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
 # --- what the offline kernel report compiles ----------------------------------------------------
 _KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
 _PTR_ARGS = {
-    "fwd": ("Q", "K", "V", "O", "LSE", "CU_Q", "CU_K", "TABLE", "GRID", "COORDS", "AXIS", "FREQ"),
-    "dkdv": ("Q", "K", "V", "DO", "DK", "DV", "LSE", "DELTA", "CU_Q", "CU_K", "TABLE", "GRID", "COORDS", "AXIS",
-             "FREQ"),
-    "dq": ("Q", "K", "V", "DO", "DQ", "LSE", "DELTA", "CU_Q", "CU_K", "TABLE", "GRID", "COORDS", "AXIS", "FREQ"),
+    "fwd": ("Q", "K", "V", "O", "LSE", "CU_Q", "CU_K", "TABLE", "COORDS", "AXIS", "FREQ", "WCOORDS", "LISTS",
+            "NFULL", "NVISIT"),
+    "dkdv": ("Q", "K", "V", "DO", "DK", "DV", "LSE", "DELTA", "CU_Q", "CU_K", "TABLE", "COORDS", "AXIS", "FREQ",
+             "WCOORDS", "LISTS", "NFULL", "NVISIT"),
+    "dq": ("Q", "K", "V", "DO", "DQ", "LSE", "DELTA", "CU_Q", "CU_K", "TABLE", "COORDS", "AXIS", "FREQ", "WCOORDS",
+           "LISTS", "NFULL", "NVISIT"),
 }
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -354,7 +403,7 @@ def _report_config(kernel: str, head_dim: int, dtype: str, window: bool, rope: b
     for name in fn.arg_names:
         if name in _PTR_ARGS[kernel]:
             sig[name] = f"*{dtype}" if name in float_ptrs else ("*fp32" if name in fp32_ptrs else "*i32")
-        elif name.startswith("stride") or name in ("n_q", "win_t", "win_h", "win_w"):
+        elif name.startswith("stride") or name in ("n_q", "win_t", "win_h", "win_w", "list_stride"):
             sig[name] = "i32"
         elif name in ("qk_scale", "sm_scale"):
             sig[name] = "fp32"
@@ -362,15 +411,15 @@ def _report_config(kernel: str, head_dim: int, dtype: str, window: bool, rope: b
             sig[name] = "constexpr"
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_DH=block_dh, BLOCK_M=cfg.block_m,
                       BLOCK_N=cfg.block_n, WINDOW=window, ROPE=rope, UPCAST=False, PRECISION=precision,
-                      OFF64=off64, SKIP_FAR=cfg.skip_far)
+                      OFF64=off64)
     aligned = tuple(n for n in sig if sig[n].startswith("*") or n.startswith("stride"))
     variant = "+".join(n for n, on in (("window", window), ("rope", rope)) if on) or "dense"
     tag = f" {precision}" if dtype == "fp32" else ""
     return KernelConfig(
         name=f"attention_{kernel} d{head_dim} {dtype}{tag} {variant}{' off64' if off64 else ''} "
-             f"m{cfg.block_m} n{cfg.block_n}{'' if cfg.skip_far or not window else ' no-skip'}",
+             f"m{cfg.block_m} n{cfg.block_n}",
         fn=fn, signature=sig, constexprs=constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        divisible_by_16=aligned, tensor_core=precision != "ieee")
+        divisible_by_16=aligned, tensor_core=precision != "ieee", async_copy=window)
 
 
 def shipped_configs() -> list[KernelConfig]:
