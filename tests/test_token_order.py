@@ -435,3 +435,26 @@ def test_trainer_packs_in_the_model_order(tmp_path):
     assert tr.train_step(0)["loss"] == pytest.approx(ref, rel=1e-5)
     summary = tr.train()
     assert summary["steps"] == 2
+
+
+def test_kernels_get_coords_only_off_the_raster(monkeypatch):
+    """The registered op hands ``coords=`` to a backend kernel only when they are not the t-major raster of
+    the grid (which is what a kernel does without them)."""
+    from sora_fast.ops import _dispatch
+
+    seen = []
+    real = _dispatch.get_kernel
+
+    def recording(op, backend, device):
+        kernel = real(op, backend, device)
+        return lambda *a, **kw: seen.append("coords" in kw) or kernel(*a, **kw)
+
+    monkeypatch.setattr(_dispatch, "get_kernel", recording)
+    for order, moved in (("t-major", False), ("tile", True)):
+        x = pack_videos(latents(), order=order, tile=(2, 2, 2))
+        q, k, v = rand_qkv(x.num_tokens, x.num_tokens, 2, 8, requires_grad=True)
+        out, _ = A._attention_op(q, k, v, x.cu_seqlens, x.cu_seqlens, None, None, 0.5, [1, 1, 1], x.grid, None, 1e4,
+                                 "torch", x.coords)
+        out.sum().backward()
+        assert seen == [moved, moved], order
+        seen.clear()

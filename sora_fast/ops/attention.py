@@ -220,13 +220,13 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_
                          coords=coords)
     kernel = _dispatch.get_kernel(OP, backend, q.device)
     return kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale, window=window,
-                  grid=grid, rope_coords=rope_coords, rope_theta=rope_theta, host=host, **_coords_kw(coords))
+                  grid=grid, rope_coords=rope_coords, rope_theta=rope_theta, host=host, **_coords_kw(coords, host))
 
 
-def _coords_kw(coords: Optional[torch.Tensor]) -> dict:
-    """The window coordinates as the kernels' keyword, only when there are some (a kernel that predates
-    them still runs the t-major raster)."""
-    return {} if coords is None else {"coords": coords}
+def _coords_kw(coords: Optional[torch.Tensor], host: PackOnHost) -> dict:
+    """The window coordinates as the kernels' keyword, only when they are not the t-major raster of the
+    grid (read with the pack: ``host.coords_moved``), which is what a kernel does without them."""
+    return {} if coords is None or not host.coords_moved else {"coords": coords}
 
 
 @_attention_op.register_fake
@@ -253,7 +253,7 @@ def _attention_bwd_op(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch
     kernel = _dispatch.get_kernel(OP + "_backward", backend, q.device)
     return kernel(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                   scale=scale, window=window, grid=grid, rope_coords=rope_coords, rope_theta=rope_theta, host=host,
-                  **_coords_kw(coords))
+                  **_coords_kw(coords, host))
 
 
 @_attention_bwd_op.register_fake

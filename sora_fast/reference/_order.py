@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 __all__ = ["ORDERS", "DEFAULT_TILE", "check_tile", "check_order", "order_rows", "order_coords", "pack_t_major_rows",
-           "coords_outside", "t_major_permutation", "t_major_order"]
+           "coords_outside", "coords_moved", "t_major_permutation", "t_major_order"]
 
 ORDERS = ("t-major", "tile")
 DEFAULT_TILE = (4, 8, 8)
@@ -94,6 +94,13 @@ def coords_outside(cu_seqlens: torch.Tensor, grid: torch.Tensor, coords: torch.T
     seq = _sequence_of_rows(cu_seqlens, coords.shape[0], coords.device)
     c = coords.long()
     return ((c < 0) | (c >= grid.long()[seq])).any(dim=1).sum()
+
+
+def coords_moved(cu_seqlens: torch.Tensor, grid: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """0-d int64 on the device: how many tokens are not at their row of the t-major raster (0: the coords
+    are the raster of ``grid``; no sync)."""
+    rows = pack_t_major_rows(cu_seqlens, grid, coords)
+    return (rows != torch.arange(coords.shape[0], device=coords.device)).sum()
 
 
 def t_major_permutation(cu_seqlens: torch.Tensor, grid: torch.Tensor, coords: torch.Tensor
