@@ -365,7 +365,10 @@ def pack_videos(
 
     # (t, h, w) of every token from its t-major offset inside its sequence, all on device.
     g = grid.long()[seq_ids.long()]  # (N, 3)
-    local = torch.cat(rows) if rows else torch.arange(n, device=device) - cu_seqlens.long()[seq_ids.long()]  # (N,)
+    if rows:
+        local = torch.cat(rows)  # (N,)
+    else:
+        local = torch.arange(n, device=device) - cu_seqlens.long()[seq_ids.long()]  # (N,)
     hw = g[:, 1] * g[:, 2]
     coords = torch.stack([local // hw, (local % hw) // g[:, 2], local % g[:, 2]], dim=1).to(torch.int32)
 

@@ -322,9 +322,10 @@ def spacetime_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
             see ``sora_fast.triton.attention.ROPE_MAX_COORD``).
         return_lse: also return the LSE ``(H, Nq)`` fp32, natural log (-inf for rows with no keys).
         plan: the query pack's :class:`~sora_fast.reference.attention.PackPlan` (``PackedVideos.plan``),
-            made from ``cu_seqlens_q`` (and ``grid`` / ``rope_coords`` / ``coords`` when given): the torch backend then
-            reads the offsets, checks the values, builds the RoPE tables and chooses its SDPA layout once
-            per pack instead of once per call. None: all of it per call.
+            made from ``cu_seqlens_q`` (and ``grid`` / ``rope_coords`` / ``coords`` when given): the torch
+            backend then reads the offsets, checks the values, builds the RoPE tables and the token order's
+            index and chooses its SDPA layout once per pack instead of once per call. None: all of it per
+            call.
 
     The torch backend without ``return_lse`` runs :func:`~sora_fast.reference.attention.attention_eager`:
     torch's fused SDPA (fp32 math, as the reference) on views of the pack, one call per run of equal-length

@@ -1,7 +1,8 @@
 """The meaning of packed varlen spacetime attention, in plain torch: q ``(Nq, H, D)``, k/v ``(Nk, H, D)``;
 sequence ``i`` is rows ``cu_seqlens[i]:cu_seqlens[i+1]``; no token attends across sequences. Optional 3D
-local window over each video's (t, h, w) patch grid (:func:`window_mask`), optional 3D RoPE on q and k,
-LSE output. A query sequence whose key sequence is empty gets zeros and LSE = -inf.
+local window over each video's (t, h, w) patch grid (:func:`window_mask`; positions from ``coords`` in any
+token order, or the t-major raster of ``grid``), optional 3D RoPE on q and k, LSE output. A query
+sequence whose key sequence is empty gets zeros and LSE = -inf.
 
 Beside the reference: the eager path (:func:`attention_eager`: torch's fused SDPA on views of the pack,
 one call per run of equal-length sequences, a padded batch where many small runs make the calls cost more
