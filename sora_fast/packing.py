@@ -1,9 +1,10 @@
 """Packed spacetime patches: videos of any size as one token stream, without padding.
 
 A latent video ``(C, T, H, W)`` is cut into ``pt x ph x pw`` patches, giving ``T'·H'·W'`` tokens
-(``T' = T/pt`` …) in t-major raster order. The tokens of B videos are concatenated back to back, and
-``cu_seqlens`` / ``seq_ids`` / ``coords`` / ``grid`` say where each sequence and token lives
-(docs/design.md, "packed spacetime patches"). Text sequences are packed the same way by
+(``T' = T/pt`` …) in t-major raster order, or tile by tile (``order="tile"``: 3D tiles of patches one after
+the other, each in t-major raster; :mod:`sora_fast.reference._order`). The tokens of B videos are
+concatenated back to back, and ``cu_seqlens`` / ``seq_ids`` / ``coords`` / ``grid`` say where each sequence
+and token lives (docs/design.md, "packed spacetime patches"). Text sequences are packed the same way by
 :func:`pack_sequences`, and :func:`plan_batches` groups samples of mixed sizes into batches under a
 token budget, so that a training step sees native resolutions and never a padded rectangle.
 
@@ -18,6 +19,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from .reference._order import DEFAULT_TILE, check_order, order_rows, t_major_order
 from .reference._plan import PackPlan
 
 __all__ = [
@@ -168,8 +170,8 @@ class PackedVideos(_Packed):
                  ``tokens @ conv.weight.reshape(D, -1).T + conv.bias`` is the patch embedding.
     cu_seqlens:  ``(B+1,)`` int32; sequence i is rows ``cu_seqlens[i]:cu_seqlens[i+1]``.
     grid:        ``(B, 3)`` int32; ``(T', H', W')`` patches per axis of each video.
-    coords:      ``(N, 3)`` int32; ``(t, h, w)`` patch index of each token inside its own video.
-                 Tokens of a video are in t-major raster order (t slowest, then h, then w).
+    coords:      ``(N, 3)`` int32; ``(t, h, w)`` patch index of each token inside its own video, in
+                 every order. The tokens of a video are in ``order``.
     seq_ids:     ``(N,)`` int32; which video each token belongs to.
     max_seqlen:  python int; the longest sequence.
     patch:       ``(pt, ph, pw)``.
@@ -177,7 +179,10 @@ class PackedVideos(_Packed):
                  None when unknown. :func:`pack_videos` sets it from the latents' shapes and every method
                  that makes a new pack carries it, so reading frame counts (:attr:`num_frames`,
                  :attr:`frames_per_video`) needs no device sync; when None they read ``grid``.
-    All tensor metadata lives on the tokens' device.
+    order:       ``"t-major"`` (t slowest, then h, then w) or ``"tile"`` (see :func:`pack_videos`).
+    tile:        ``(tt, th, tw)`` of a ``"tile"`` pack, in patches; None for ``"t-major"``.
+    All tensor metadata lives on the tokens' device. A video's tokens are contiguous in every order, and
+    :func:`frame_ids`, the model and the samplers read positions from ``coords``, never from the order.
 
     :attr:`plan` holds the work that depends only on the metadata (frame rows, RoPE tables, attention
     layouts), done once and reused by every layer and, through :meth:`with_tokens`, every sampling step.
@@ -191,8 +196,13 @@ class PackedVideos(_Packed):
     max_seqlen: int
     patch: tuple[int, int, int]
     frames: Optional[tuple[int, ...]] = None
+    order: str = "t-major"
+    tile: Optional[tuple[int, int, int]] = None
 
     def __post_init__(self):
+        if self.order == "tile" and self.tile is None:
+            raise ValueError("tile must be the (tt, th, tw) of a pack with order='tile', got None")
+        self.order, self.tile = check_order(self.order, self.tile)
         if self.frames is not None:
             frames = tuple(self.frames) if isinstance(self.frames, (tuple, list)) else None
             if frames is None or not all(_is_int(f) and f >= 1 for f in frames):
@@ -240,10 +250,12 @@ class PackedVideos(_Packed):
         return [tuple(g * p for g, p in zip(row, self.patch)) for row in self.grid.tolist()]
 
     def unpack(self, tokens_out: torch.Tensor, channels: int | None = None) -> list[torch.Tensor]:
-        """``(N, C'*pt*ph*pw)`` tokens (same feature order as ``tokens``) -> list of ``(C', T, H, W)``.
+        """``(N, C'*pt*ph*pw)`` tokens (same feature order and token order as ``tokens``) -> list of
+        ``(C', T, H, W)``.
 
         ``channels`` defaults to ``tokens_out.shape[1] // (pt*ph*pw)``. The outputs keep
-        ``tokens_out``'s dtype and device, and are differentiable.
+        ``tokens_out``'s dtype and device, and are differentiable. A pack in another order than t-major is
+        gathered into it first (the index is made once per pack, from ``coords``).
         """
         pt, ph, pw = self.patch
         p = pt * ph * pw
@@ -264,6 +276,9 @@ class PackedVideos(_Packed):
                 raise ValueError(
                     f"tokens_out has {d} features, expected channels*pt*ph*pw = {channels}*{p} = {channels * p}"
                 )
+        if self.order != "t-major":
+            perm = t_major_order(self.plan, self.cu_seqlens, self.grid, self.coords)
+            tokens_out = tokens_out if perm is None else tokens_out[perm[1]]   # (N, D) in t-major order
         videos = []
         for x, (gt, gh, gw) in zip(tokens_out.split(self.seqlens), self.grid.tolist()):
             x = x.reshape(gt, gh, gw, channels, pt, ph, pw)
@@ -297,20 +312,29 @@ def segment_mean(x: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int) -> tuple
 
 
 def pack_videos(
-    latents: Sequence[torch.Tensor], patch: tuple[int, int, int] = (1, 2, 2)
+    latents: Sequence[torch.Tensor], patch: tuple[int, int, int] = (1, 2, 2), *, order: str = "t-major",
+    tile: tuple[int, int, int] = DEFAULT_TILE,
 ) -> PackedVideos:
     """Cut each ``(C, T, H, W)`` latent into ``patch`` patches and pack all tokens without padding.
 
     latents: list or tuple of B tensors ``(C, T, H, W)``, one C, dtype and device, any T/H/W divisible
              by the patch (T=1 is an image). Non-contiguous inputs are fine.
     patch:   ``(pt, ph, pw)`` positive ints.
-    Returns a :class:`PackedVideos`; see it for the layout. Differentiable w.r.t. the latents.
+    order:   the tokens' order inside each video: ``"t-major"`` (raster: t slowest, then h, then w) or
+             ``"tile"``: the ``(T', H', W')`` grid cut into ``tile`` tiles, visited in t-major order over the
+             tile grid, each tile's tokens in t-major raster; tiles at the far edges are clipped (a grid the
+             tile does not divide gets no padding tokens). Neighbours in space and time then sit close in
+             the stream, so a windowed attention's key blocks stay dense.
+    tile:    ``(tt, th, tw)`` positive ints, in latent patches; used by ``order="tile"`` only.
+    Returns a :class:`PackedVideos`; see it for the layout (``coords`` holds every token's true
+    ``(t, h, w)`` in both orders). Differentiable w.r.t. the latents.
     Raises TypeError for wrong types and ValueError, naming the video, axis and sizes, for bad shapes.
     """
     patch = _check_patch(patch)
+    order, tile = check_order(order, tile)
     _check_list("latents", latents, "(C, T, H, W)")
     first = latents[0]
-    grids, pieces = [], []
+    grids, pieces, rows = [], [], []
     for i, x in enumerate(latents):
         name = f"latents[{i}]"
         if not isinstance(x, torch.Tensor):
@@ -327,7 +351,11 @@ def pack_videos(
         gt, gh, gw = _patch_grid(name, x.shape[1:], patch)
         pt, ph, pw = patch
         x = x.reshape(c, gt, pt, gh, ph, gw, pw).permute(1, 3, 5, 0, 2, 4, 6)  # (T', H', W', C, pt, ph, pw)
-        pieces.append(x.reshape(gt * gh * gw, c * pt * ph * pw))
+        x = x.reshape(gt * gh * gw, c * pt * ph * pw)                          # (L, C·p) t-major
+        if tile is not None:
+            rows.append(order_rows((gt, gh, gw), order, tile, x.device))       # (L,) t-major row of each token
+            x = x[rows[-1]]
+        pieces.append(x)
         grids.append((gt, gh, gw))
 
     device = first.device
@@ -335,9 +363,12 @@ def pack_videos(
     cu_seqlens, seq_ids, n = _cu_seqlens(seqlens, device)
     grid = torch.tensor(grids, dtype=torch.int32, device=device)
 
-    # (t, h, w) of every token from its offset inside its sequence, all on device.
+    # (t, h, w) of every token from its t-major offset inside its sequence, all on device.
     g = grid.long()[seq_ids.long()]  # (N, 3)
-    local = torch.arange(n, device=device) - cu_seqlens.long()[seq_ids.long()]  # (N,)
+    if rows:
+        local = torch.cat(rows)  # (N,)
+    else:
+        local = torch.arange(n, device=device) - cu_seqlens.long()[seq_ids.long()]  # (N,)
     hw = g[:, 1] * g[:, 2]
     coords = torch.stack([local // hw, (local % hw) // g[:, 2], local % g[:, 2]], dim=1).to(torch.int32)
 
@@ -350,6 +381,8 @@ def pack_videos(
         max_seqlen=max(seqlens),
         patch=patch,
         frames=tuple(g[0] for g in grids),
+        order=order,
+        tile=tile,
     )
 
 

@@ -328,6 +328,7 @@ class VideoPipeline(nn.Module):
 
         t0, stats = time.perf_counter(), {}
         latents = sample(denoiser or self.dit, noise, text, patch=self.dit.config.patch, steps=steps,
+                         token_order=self.dit.config.token_order, token_tile=self.dit.config.token_tile,
                          guidance=guidance, uncond_text=uncond, shift=shift, progress=on_step,
                          init=x0 if any(z is not None for z in x0) else None, strength=strengths,
                          given=given if any(conds) else None, given_levels=levels if any(conds) else None,
@@ -481,6 +482,7 @@ class VideoPipeline(nn.Module):
                 given, levels = [g], [lv]
             stats = {}
             (z,) = sample(denoiser or self.dit, [noise], text, patch=self.dit.config.patch, steps=steps,
+                          token_order=self.dit.config.token_order, token_tile=self.dit.config.token_tile,
                           guidance=guidance, uncond_text=uncond, shift=shift, given=given, given_levels=levels,
                           solver=solver, order=order, cache=cache, stats=stats,
                           schedule=self.sampling and self.sampling["schedule"])

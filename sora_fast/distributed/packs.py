@@ -56,7 +56,8 @@ def select_videos(x: PackedVideos, lo: int, hi: int) -> PackedVideos:
     lens = cu[lo + 1:hi + 1] - cu[lo:hi]
     return PackedVideos(tokens=x.tokens[a:b], cu_seqlens=cu[lo:hi + 1] - cu[lo], grid=x.grid[lo:hi],
                         coords=x.coords[a:b], seq_ids=x.seq_ids[a:b] - lo, max_seqlen=int(lens.max()),
-                        patch=x.patch, frames=None if x.frames is None else x.frames[lo:hi])
+                        patch=x.patch, frames=None if x.frames is None else x.frames[lo:hi], order=x.order,
+                        tile=x.tile)
 
 
 def select_sequences(s: PackedSequences, lo: int, hi: int) -> PackedSequences:

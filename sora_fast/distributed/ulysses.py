@@ -123,7 +123,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: Shar
     full = x.full
     o = ops.spacetime_attention(*qkv.unbind(2), full.cu_seqlens, max_seqlen_q=full.max_seqlen, window=window,
                                 grid=full.grid, rope_coords=full.coords, rope_theta=rope_theta,
-                                backend=backend)                                # (N, H/P, d)
+                                coords=full.coords, backend=backend)            # (N, H/P, d)
     o = _AllToAll.apply(o, splits, [n_r] * p, group)                            # (P·N_r, H/P, d)
     return o.unflatten(0, (p, n_r)).transpose(0, 1).flatten(1, 2)               # (N_r, H, d)
 

@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import ops
 from ..ops._dispatch import resolve_family_backends
 from ..packing import PackedSequences, PackedVideos, frame_ids, pack_sequences, pack_videos, segment_mean
+from ..reference._order import DEFAULT_TILE, check_order, check_tile
 from ._convert import load_converted
 
 # convert_wan_transformer_state_dict: from models.convert, on first use (module __getattr__ below)
@@ -58,6 +59,11 @@ class DiTConfig:
     pooled_text: also condition adaLN on the text: the mean of each prompt's embedded tokens, through a
     zero-initialized linear, is added to the timestep embedding (as HunyuanVideo and SD3 add a pooled text
     vector). Not part of Wan2.1 (diffusers' configs never set it); off by default.
+    token_order / token_tile: the order of the tokens in the packs made for this model (its own
+    :meth:`VideoDiT.forward_videos`, the sampler, the trainer): ``"t-major"`` or ``"tile"`` with
+    ``token_tile = (tt, th, tw)`` latent patches per tile (:func:`sora_fast.packing.pack_videos`). The model
+    computes the same function in every order (it follows each pack's ``coords``); the order only changes
+    which tokens sit together in memory. :meth:`VideoDiT.pack` packs latents the way the config says.
     """
 
     dim: int
@@ -75,6 +81,8 @@ class DiTConfig:
     rope_theta: float = 10000.0
     window: Optional[tuple[int, int, int]] = None
     pooled_text: bool = False
+    token_order: str = "t-major"
+    token_tile: tuple[int, int, int] = DEFAULT_TILE
 
     def __post_init__(self):
         for name in ("dim", "ffn_dim", "num_heads", "num_layers", "in_channels", "out_channels", "text_dim",
@@ -110,6 +118,8 @@ class DiTConfig:
             if w is None or len(w) != 3 or not all(_is_int(v) and v >= 0 for v in w):
                 raise ValueError(f"DiTConfig.window must be None or 3 ints >= 0 (wt, wh, ww), got {self.window!r}")
             self.window = w
+        check_order(self.token_order, None, name="DiTConfig.token_order")
+        self.token_tile = check_tile(self.token_tile, "DiTConfig.token_tile")
 
     @property
     def head_dim(self) -> int:
@@ -208,7 +218,7 @@ class Attention(nn.Module):
         if context is None:
             o = ops.spacetime_attention(q, k, v, x.cu_seqlens, max_seqlen_q=x.max_seqlen, window=window,
                                         grid=x.grid, rope_coords=x.coords, rope_theta=rope_theta,
-                                        backend=backend, plan=plan)          # (N, H, d)
+                                        coords=x.coords, backend=backend, plan=plan)  # (N, H, d)
         else:
             o = ops.spacetime_attention(q, k, v, x.cu_seqlens, text.cu_seqlens, max_seqlen_q=x.max_seqlen,
                                         max_seqlen_k=text.max_seqlen, backend=backend, plan=plan)  # (N, H, d)
@@ -474,7 +484,7 @@ class VideoDiT(nn.Module):
         timesteps: one number for all; ``(B,)`` one per video (tensor or list of numbers); ``(F,)`` one per
         latent frame as in :meth:`forward`; or per frame as a list or tuple of B 1-D tensors, the i-th
         with one value per latent frame of video i (``T_i / pt`` values), concatenated in order."""
-        x = pack_videos(latents, self.config.patch)
+        x = self.pack(latents)
         if isinstance(timesteps, (list, tuple)) and any(isinstance(t, torch.Tensor) for t in timesteps):
             timesteps = self._cat_frame_timesteps(x, timesteps)
         elif not isinstance(timesteps, torch.Tensor):
@@ -482,6 +492,12 @@ class VideoDiT(nn.Module):
             timesteps = timesteps.expand(x.num_sequences) if timesteps.dim() == 0 else timesteps
         out = self(x, timesteps, pack_sequences(text_embeddings))                   # (N, C_out*P)
         return x.unpack(out, channels=self.config.out_channels)
+
+    def pack(self, latents: Sequence[torch.Tensor]) -> PackedVideos:
+        """B latents ``(C, T, H, W)`` packed for this model: its patch and token order (``config.token_order``,
+        ``config.token_tile``)."""
+        c = self.config
+        return pack_videos(latents, c.patch, order=c.token_order, tile=c.token_tile)
 
     @staticmethod
     def _cat_frame_timesteps(x: PackedVideos, timesteps: Sequence) -> torch.Tensor:

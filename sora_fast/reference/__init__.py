@@ -3,8 +3,10 @@
 
 One module per family (``attention``, ``rope``, ``conv3d``, ``adaln``, ``vae_norm``) holds its ``*_ref``
 function, the shape and layout rules the launchers share (window mask, grid coordinates, RoPE split,
-conv output shape and weight packing), and its reference backward. Nothing here imports ops, models,
-training or integrations: the meaning of an op does not depend on how it is wrapped.
+conv output shape and weight packing), and its reference backward. ``_order`` holds the token orders of
+a video's patch grid (t-major raster, tile by tile) as index math, shared by packing, the references and
+the launchers. Nothing here imports ops, models, training or integrations: the meaning of an op does not
+depend on how it is wrapped.
 """
 from .adaln import adaln_modulate_ref, gated_residual_adaln_ref
 from .attention import grid_coords, spacetime_attention_ref, window_mask

@@ -1,7 +1,8 @@
 """The meaning of packed varlen spacetime attention, in plain torch: q ``(Nq, H, D)``, k/v ``(Nk, H, D)``;
 sequence ``i`` is rows ``cu_seqlens[i]:cu_seqlens[i+1]``; no token attends across sequences. Optional 3D
-local window over each video's (t, h, w) patch grid (:func:`window_mask`), optional 3D RoPE on q and k,
-LSE output. A query sequence whose key sequence is empty gets zeros and LSE = -inf.
+local window over each video's (t, h, w) patch grid (:func:`window_mask`; positions from ``coords`` in any
+token order, or the t-major raster of ``grid``), optional 3D RoPE on q and k, LSE output. A query
+sequence whose key sequence is empty gets zeros and LSE = -inf.
 
 Beside the reference: the eager path (:func:`attention_eager`: torch's fused SDPA on views of the pack,
 one call per run of equal-length sequences, a padded batch where many small runs make the calls cost more
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from ._common import math_dtype, reference_vjp
 from ._host import PackOnHost, read_pack
+from ._order import check_order, order_coords, t_major_order
 from ._plan import PackPlan
 from .rope import _rope_backward_ref, apply_rope3d_ref, rope3d_rotate, rope3d_tables
 
@@ -25,18 +27,20 @@ __all__ = ["grid_coords", "window_mask", "spacetime_attention_ref", "attention_e
            "softmax_delta", "PackOnHost", "PackPlan", "read_pack"]
 
 
-def grid_coords(grid_thw: Sequence[int], device=None) -> torch.Tensor:
-    """(t, h, w) of every token of one video in packing order (t-major raster): ``(T*H*W, 3)`` int64."""
-    t, h, w = (int(g) for g in grid_thw)
-    axes = [torch.arange(n, device=device) for n in (t, h, w)]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+def grid_coords(grid_thw: Sequence[int], device=None, *, order: str = "t-major",
+                tile: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """(t, h, w) of every token of one video in a packing order (:mod:`._order`: ``"t-major"`` raster, or
+    ``"tile"`` with ``tile = (tt, th, tw)``, None: the default tile): ``(T*H*W, 3)`` int64."""
+    order, tile = check_order(order, tile)
+    return order_coords(grid_thw, order, tile, device)
 
 
-def window_mask(grid_thw: Sequence[int], window: Sequence[int], device=None, rows: Optional[slice] = None
-                ) -> torch.Tensor:
+def window_mask(grid_thw: Sequence[int], window: Sequence[int], device=None, rows: Optional[slice] = None, *,
+                coords: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``(L, L)`` bool: query token i may attend key token j (|dt| <= wt, |dh| <= wh, |dw| <= ww).
-    ``rows``: only those query rows (a slice of the L tokens)."""
-    c = grid_coords(grid_thw, device)
+    ``rows``: only those query rows (a slice of the L tokens). ``coords``: ``(L, 3)`` (t, h, w) of the
+    video's tokens in their order (None: the t-major raster of ``grid_thw``)."""
+    c = grid_coords(grid_thw, device) if coords is None else coords.to(device=device, dtype=torch.int64)
     dist = (c[:, None, :] if rows is None else c[rows, None, :]) - c[None, :, :]
     dist = dist.abs()
     return (dist <= torch.tensor(window, device=device)).all(dim=-1)
@@ -53,9 +57,10 @@ def _math_inputs(q, k, v, rope_coords, rope_theta):
 
 
 def spacetime_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, scale=None, window=None, grid=None,
-                            rope_coords=None, rope_theta=10000.0, return_lse=False):
+                            rope_coords=None, rope_theta=10000.0, return_lse=False, coords=None):
     """Per-sequence softmax attention in fp32 (fp64 for fp64 inputs). Returns out in q's dtype and,
-    with ``return_lse``, the natural-log LSE ``(H, Nq)`` in fp32 (fp64 for fp64 inputs)."""
+    with ``return_lse``, the natural-log LSE ``(H, Nq)`` in fp32 (fp64 for fp64 inputs). ``coords``:
+    ``(Nq, 3)`` (t, h, w) of every token, the window's positions (None: the t-major raster of ``grid``)."""
     md, qf, kf, vf = _math_inputs(q, k, v, rope_coords, rope_theta)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
@@ -76,7 +81,8 @@ def spacetime_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, scale=N
         vi = vf[bk[i]:bk[i + 1]].transpose(0, 1)                     # (H, Lk, Dv)
         s = (qi @ ki.transpose(1, 2)) * scale                         # (H, Lq, Lk)
         if window is not None:
-            s = s.masked_fill(~window_mask(grid[i].tolist(), window, q.device), float("-inf"))
+            c = None if coords is None else coords[bq[i]:bq[i + 1]]
+            s = s.masked_fill(~window_mask(grid[i].tolist(), window, q.device, coords=c), float("-inf"))
         lse = torch.logsumexp(s, dim=-1)                              # (H, Lq)
         p = torch.exp(s - lse[..., None])
         outs.append((p @ vi).transpose(0, 1))                         # (Lq, H, Dv)
@@ -240,12 +246,16 @@ def _sdpa_dtype(q: torch.Tensor) -> torch.dtype:
 
 
 def attention_eager(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, scale=None, window=None, grid=None,
-                    rope_coords=None, rope_theta=10000.0, plan: Optional[PackPlan] = None) -> torch.Tensor:
+                    rope_coords=None, rope_theta=10000.0, coords=None, plan: Optional[PackPlan] = None
+                    ) -> torch.Tensor:
     """The eager path (no LSE): the reference's values, on torch's fused SDPA (see :func:`_sdpa_dtype`). RoPE
-    rotates q and k in fp32 (fp64 for fp64 inputs) from a table made once per pack. ``plan``: the pack's
-    :class:`PackPlan` (made from ``cu_seqlens_q``, ``grid`` and ``rope_coords``), or None for a plan of this
-    call only. Returns ``out`` ``(Nq, H, Dv)`` in q's dtype."""
-    plan = plan if plan is not None else PackPlan(cu_seqlens_q, grid, rope_coords)
+    rotates q and k in fp32 (fp64 for fp64 inputs) from a table made once per pack. ``coords``: the window's
+    (t, h, w) of every token, each sequence's a permutation of its grid (checked once per pack,
+    :func:`._order.t_major_order`): tokens in another order than the t-major raster are gathered into it
+    for the windowed SDPA and back. ``plan``: the
+    pack's :class:`PackPlan` (made from ``cu_seqlens_q``, ``grid`` and ``coords`` or ``rope_coords``), or
+    None for a plan of this call only. Returns ``out`` ``(Nq, H, Dv)`` in q's dtype."""
+    plan = plan if plan is not None else PackPlan(cu_seqlens_q, grid, rope_coords if coords is None else coords)
     heads, dv, out_dtype = q.shape[1], v.shape[2], q.dtype
     if q.shape[0] == 0:
         return q.new_zeros(0, heads, dv)
@@ -257,7 +267,12 @@ def attention_eager(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, scale=None, win
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if window is not None:
-        return _sdpa_windowed(q, k, v, tuple(window), scale, plan).to(out_dtype)
+        perm = None if coords is None else t_major_order(plan, cu_seqlens_q, grid, coords)
+        if perm is None:
+            return _sdpa_windowed(q, k, v, tuple(window), scale, plan).to(out_dtype)
+        rows, inverse = perm                          # t-major = x[inverse], x = t-major[rows]
+        q, k, v = q[inverse], k[inverse], v[inverse]
+        return _sdpa_windowed(q, k, v, tuple(window), scale, plan)[rows].to(out_dtype)
     cu_q, cu_k = plan.host_cu, plan.keys_host(cu_seqlens_k)
     lq = [b - a for a, b in zip(cu_q, cu_q[1:])]
     lk = [b - a for a, b in zip(cu_k, cu_k[1:])]
@@ -280,13 +295,14 @@ def _backward_ref(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max
 
 def attention_backward_streamed(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *, scale, window=None,
                                 grid=None, rope_coords=None, rope_theta=10000.0, host: Optional[PackOnHost] = None,
-                                block_elems: int = 2 ** 26):
+                                block_elems: int = 2 ** 26, coords=None):
     """The attention backward in torch math (fp32; fp64 for fp64 inputs), FlashAttention-2's way: one
     sequence and one block of query rows at a time, recomputing ``P = exp(S - lse)`` from the forward's
     LSE, so memory is ``O(block_elems)`` (about 4 score-sized blocks of ``block_elems`` elements), not
     O(H * Lq * Lk) as in a vector-Jacobian product through the reference. Same arguments and results as
     the op's backward (``dlse`` may be None); the triton backend runs it where no spill-free fp32 kernel
-    tile ships. Returns ``(dq, dk, dv)`` in the inputs' dtypes."""
+    tile ships. ``coords``: the window's (t, h, w) of every token (None: the t-major raster of ``grid``).
+    Returns ``(dq, dk, dv)`` in the inputs' dtypes."""
     md, qf, kf, vf = _math_inputs(q, k, v, rope_coords, rope_theta)
     dof = dout.to(md)
     delta = softmax_delta(dof, out, dlse, md)
@@ -306,7 +322,8 @@ def attention_backward_streamed(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_
             qc, doc = qf[r0:r1].transpose(0, 1), dof[r0:r1].transpose(0, 1)
             s = (qc @ ki.transpose(1, 2)) * scale                       # (H, rows, Lk)
             if window is not None:
-                near = window_mask(host.grid[i], window, q.device, rows=slice(r0 - q0, r1 - q0))
+                near = window_mask(host.grid[i], window, q.device, rows=slice(r0 - q0, r1 - q0),
+                                   coords=None if coords is None else coords[q0:q1])
                 s = s.masked_fill(~near, float("-inf"))
             p = torch.exp(s - lse[:, r0:r1, None])
             del s

@@ -136,7 +136,7 @@ def _select(x: PackedVideos, text: PackedSequences, keep: list[int]):
     seq = torch.repeat_interleave(torch.arange(len(keep), dtype=torch.int32, device=dev),
                                   torch.tensor(lens, device=dev), output_size=int(sum(lens)))
     xs = PackedVideos(tokens=x.tokens[rows], cu_seqlens=sub_cu, grid=x.grid[keep], coords=x.coords[rows],
-                      seq_ids=seq, max_seqlen=max(lens), patch=x.patch)
+                      seq_ids=seq, max_seqlen=max(lens), patch=x.patch, order=x.order, tile=x.tile)
     ts = pack_sequences([text.tokens[tcu[k]:tcu[k + 1]] for k in keep])
     return xs, ts, rows, frows, trows
 

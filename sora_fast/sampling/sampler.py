@@ -8,6 +8,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from ..packing import PackedSequences, frame_ids, pack_sequences, pack_videos
+from ..reference._order import check_order
 from ..training.flow import resolution_shift
 from .schedule import (
     DenoiseFn,
@@ -95,7 +96,8 @@ def sample(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequen
            strength: Union[float, Sequence[float]] = 1.0,
            given: Optional[Sequence[Optional[torch.Tensor]]] = None,
            given_levels: Optional[Sequence[Optional[torch.Tensor]]] = None,
-           stats: Optional[dict] = None, schedule: Optional[dict] = None) -> list[torch.Tensor]:
+           stats: Optional[dict] = None, schedule: Optional[dict] = None, token_order: Optional[str] = None,
+           token_tile: Optional[Sequence[int]] = None) -> list[torch.Tensor]:
     """Denoise a list of noise latents, all videos in one pack, with a flow-matching solver.
 
     Args:
@@ -136,6 +138,10 @@ def sample(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequen
             diffusers scheduler's, recorded by :meth:`sora_fast.pipeline.VideoPipeline.from_diffusers`.
         stats: a dict to fill: ``evaluations`` (per video, full DiT evaluations of its copies, CFG halves
             counted apart) and ``forwards`` (DiT calls).
+        token_order, token_tile: the order of the tokens in the packs ``denoise`` gets
+            (:func:`sora_fast.packing.pack_videos`'s ``order`` and ``tile``); None: ``denoise.config``'s
+            ``token_order`` / ``token_tile`` when it has them (a :class:`~sora_fast.models.VideoDiT`), else
+            ``"t-major"``. The returned latents do not depend on it beyond rounding.
 
     Returns the B denoised latents ``(C, T, H, W)`` in the noise's dtype. Non-finite arguments are refused
     up front; latents that end with NaN / Inf values (a diverged or corrupt model) raise a ValueError with
@@ -152,7 +158,12 @@ def sample(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequen
         raise ValueError(f"guidance must be a finite number, got {guidance!r}")
     if stats is not None and not isinstance(stats, dict):
         raise TypeError(f"stats must be a dict (filled with the evaluation counts) or None, got {type(stats).__name__}")
-    x = pack_videos(list(noise), patch=tuple(patch))
+    layout = _token_layout(denoise, token_order, token_tile, patch)
+
+    def pack(latents):
+        return pack_videos(latents, **layout)
+
+    x = pack(list(noise))
     b = x.num_sequences
     if text.num_sequences != b:
         raise ValueError(f"text has {text.num_sequences} sequences, expected one per video ({b})")
@@ -201,7 +212,7 @@ def sample(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequen
             else:
                 st[:, j] = ((1 - sc) * z[:, j].to(md) + sc * e[:, j].to(md)).to(e.dtype)
         start[k] = st
-    x = pack_videos(start, patch=tuple(patch))
+    x = pack(start)
     conditioned = any(lv is not None for lv in g_lev)
     pt = int(patch[0])
     # per patch frame (the DiT's frame): fixed level (NaN = denoised), for all videos in pack order
@@ -222,13 +233,13 @@ def sample(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequen
         """The pack (both CFG halves), text and token rows of the videos in ``active`` (rows None: all)."""
         if active not in subs:
             if len(active) == b:
-                both = pack_videos(start * 2, patch=tuple(patch)) if cfg else x
+                both = pack(start * 2) if cfg else x
                 subs[active] = (both, concat_text(text, uncond_text) if cfg else text, None)
             else:
                 rows = torch.cat([torch.arange(cu[k], cu[k + 1]) for k in active]).to(tokens.device)
                 vids = [start[k] for k in active]
                 txt = [texts[k] for k in active] + ([utexts[k] for k in active] if cfg else [])
-                subs[active] = (pack_videos(vids * (2 if cfg else 1), patch=tuple(patch)), pack_sequences(txt), rows)
+                subs[active] = (pack(vids * (2 if cfg else 1)), pack_sequences(txt), rows)
         return subs[active]
 
     def timesteps(sig: torch.Tensor, active) -> torch.Tensor:
@@ -283,6 +294,16 @@ def sample(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequen
             out[k][:, keep] = z[:, keep].to(out[k].dtype)
     check_finite(out, f"the latents after {total} denoising steps")
     return out
+
+
+def _token_layout(denoise, token_order, token_tile, patch) -> dict:
+    """``pack_videos`` keywords: the patch, and the token order given or ``denoise.config``'s (else t-major)."""
+    config = getattr(denoise, "config", None)
+    if token_order is None:
+        token_order = getattr(config, "token_order", "t-major")
+        token_tile = getattr(config, "token_tile", None) if token_tile is None else token_tile
+    order, tile = check_order(token_order, token_tile, name="token_order", tile_name="token_tile")
+    return {"patch": tuple(patch), "order": order, "tile": tile}
 
 
 def sample_euler(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequences, **kwargs

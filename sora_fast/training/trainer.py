@@ -285,6 +285,7 @@ class Trainer:
         if not self.items:
             raise ValueError("items is empty: nothing to train on")
         self.patch = tuple(dit.config.patch)
+        self.token_layout = {"order": dit.config.token_order, "tile": dit.config.token_tile}  # pack_videos keywords
         c_in = dit.config.in_channels
         for i, it in enumerate(self.items):
             if it.latent.dim() != 4 or it.latent.shape[0] != c_in:
@@ -356,7 +357,7 @@ class Trainer:
         latents = [self.items[i].latent.to(self.device, torch.float32) for i in idx]
         drop = torch.rand(len(idx), generator=g) < cfg.caption_dropout
         captions = ["" if d else self.items[i].caption for i, d in zip(idx, drop.tolist())]
-        x0 = pack_videos(latents, patch=self.patch)                               # (N, C·p) tokens
+        x0 = pack_videos(latents, patch=self.patch, **self.token_layout)          # (N, C·p) tokens
         noise = torch.randn(x0.tokens.shape, generator=g).to(self.device)          # (N, C·p)
         shift = (resolution_shift(x0.cu_seqlens.diff()) if cfg.timestep_shift == "auto"
                  else float(cfg.timestep_shift))
@@ -365,7 +366,7 @@ class Trainer:
                                                  cfg.cond_frames, cfg.cond_noise, generator=g)
         swapped = swap_given(latents, [self.items[i].alone for i in idx], given)
         if any(a is not b for a, b in zip(swapped, latents)):   # given frames after the first: as sampling gives them
-            x0 = pack_videos(swapped, patch=self.patch)
+            x0 = pack_videos(swapped, patch=self.patch, **self.token_layout)
         return {"indices": idx, "captions": captions, "x0": x0, "noise": noise, "t": t.to(self.device),
                 "modes": modes, "levels": levels.to(self.device), "given": given.to(self.device)}
 
