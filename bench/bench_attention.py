@@ -7,7 +7,12 @@ block mask, flash-attn varlen / FA3 where importable), forward and backward are 
 (989 TFLOP/s for H100 SXM and H200 by datasheet). FLOPs: forward 4·Sq·Sk·H·D per sequence, summed over the
 pack; backward 2.5x forward; windowed cases are scaled by the fraction of (query block, key block) pairs
 the kernel visits (forward: the forward kernel's tiles; backward: the dK/dV kernel's), so every provider is
-credited with the same useful work.
+credited with the same useful work. Windowed cases run in t-major and in tile-major packs (``order="tile"``).
+
+Sliding-tile windows (GPU or not): at Wan 480p and 720p, for our default window and STA's, in t-major and
+tile-major packs, the fraction of key blocks the kernels visit, the share of them that are full (no mask),
+the FLOPs executed against the dense kernel and the share of executed pairs inside the window; on a GPU,
+the projection of each from the measured dense kernel.
 
 Without a GPU (or with ``--cpu``) it says so and runs the CPU-side parts: reference timings on a small
 pack (sora_fast's torch reference against an SDPA per-sequence loop, interleaved in one process), the
@@ -54,6 +59,7 @@ class Case:
     heads: int
     head_dim: int = 128
     window: Optional[tuple[int, int, int]] = None
+    order: str = "t-major"                       # token order of the pack: "t-major" or "tile" (TILE)
 
     @property
     def seqlens(self) -> list[int]:
@@ -63,19 +69,33 @@ class Case:
     def shape(self) -> str:
         grids = "+".join(f"{t}x{h}x{w}" for t, h, w in self.grids)
         win = f" window={self.window}" if self.window else ""
-        return f"{self.name} [{grids}] N={sum(self.seqlens)} H={self.heads} D={self.head_dim}{win}"
+        order = f" order=tile{TILE}" if self.order == "tile" else ""
+        return f"{self.name} [{grids}] N={sum(self.seqlens)} H={self.heads} D={self.head_dim}{win}{order}"
+
+    def coords(self, device) -> torch.Tensor:
+        """(N, 3) int32 (t, h, w) of the pack's tokens in its order."""
+        from sora_fast.triton._blocks import pack_coords
+
+        return pack_coords(self.grids, device, self.order, TILE if self.order == "tile" else None)
 
 
 WAN480 = (21, 30, 52)     # Wan2.1 480p, 81 frames: 32,760 tokens
 WAN720 = (21, 45, 80)     # Wan2.1 720p, 81 frames: 75,600 tokens
 # Four videos of different sizes and lengths, 64,032 tokens in one pack.
 PACKED4 = (WAN480, (11, 30, 52), (21, 20, 24), (6, 24, 28))
+TILE = (4, 8, 8)          # pack_videos(..., order="tile")'s default tile, in latent patches
+# FastVideo's Sliding Tile Attention: tiles of (6, 8, 8) tokens, a (3, 3, 3)-tile window (the query's tile and
+# one tile on each side). Our windows are centred on each token; the one of the same reach is +-(6, 8, 8).
+STA_TILE, STA_WINDOW = (6, 8, 8), (6, 8, 8)
 
 
 def gpu_cases(window: tuple[int, int, int], quick: bool) -> list[Case]:
     cases = [Case("wan480", (WAN480,), 12), Case("wan720", (WAN720,), 40), Case("packed4", PACKED4, 24),
-             Case("wan480-window", (WAN480,), 12, window=window), Case("wan720-window", (WAN720,), 40, window=window)]
-    return [c for c in cases if c.name in ("wan480", "packed4", "wan480-window")] if quick else cases
+             Case("wan480-window", (WAN480,), 12, window=window), Case("wan720-window", (WAN720,), 40, window=window),
+             Case("wan480-window-tile", (WAN480,), 12, window=window, order="tile"),
+             Case("wan720-window-tile", (WAN720,), 40, window=window, order="tile")]
+    return [c for c in cases if c.name in ("wan480", "packed4", "wan480-window", "wan480-window-tile")] if quick \
+        else cases
 
 
 # --- environment ----------------------------------------------------------------------------------
@@ -105,10 +125,26 @@ def dense_fwd_flops(seqlens: Sequence[int], heads: int, head_dim: int) -> float:
     return float(sum(4 * n * n * heads * head_dim for n in seqlens))
 
 
-def window_density(grids, window, block_m: int, block_n: int) -> tuple[int, int]:
-    from sora_fast.triton._blocks import window_block_density
+def window_stats(grids, window, block_m: int, block_n: int, order: str = "t-major", tile=None) -> dict:
+    """``{"visited", "full", "total"}`` block pairs of the kernels' block lists (``_blocks.window_block_stats``)."""
+    from sora_fast.triton._blocks import window_block_stats
 
-    return window_block_density(grids, window, block_m, block_n)
+    return window_block_stats(grids, window, block_m, block_n, order, tile)
+
+
+def window_density(grids, window, block_m: int, block_n: int, order: str = "t-major", tile=None) -> tuple[int, int]:
+    """(visited, total) block pairs: ``visited / total`` scales the dense FLOPs of a windowed launch."""
+    st = window_stats(grids, window, block_m, block_n, order, tile)
+    return st["visited"], st["total"]
+
+
+def window_pairs(grid, window) -> int:
+    """(query, key) pairs inside a token-centred window on one video: a product over the axes of the summed
+    per-coordinate counts (a window clipped at the video's edges)."""
+    count = 1
+    for n, w in zip(grid, window):
+        count *= sum(min(n - 1, i + w) - max(0, i - w) + 1 for i in range(n))
+    return count
 
 
 class Rows(_Rows):
@@ -157,6 +193,54 @@ def analysis_rows(rows: Rows, window, block_m: int, block_n: int, block_src: str
           f"({padded / packed:.2f}x)")
 
 
+def sliding_tile_rows(rows: Rows, windows, block_m: int, block_n: int, bwd_blocks: tuple[int, int],
+                      heads: int = 12, head_dim: int = 128) -> list[dict]:
+    """t-major vs tile-major packs at Wan 480p and 720p, for each window: the fraction of key blocks the
+    kernels visit (forward tiles and the dK/dV kernel's), the share of visited blocks that are full (run
+    without a mask), the FLOPs executed against the dense kernel and the share of executed (query, key)
+    pairs that are inside the window. ``windows``: ``[(label, window, tile for the tile-major pack)]``.
+    Returns the table as dicts (also written as rows)."""
+    table = []
+    for shape, grid in (("wan480", WAN480), ("wan720", WAN720)):
+        for label, window, tile in windows:
+            pairs = window_pairs(grid, window)
+            for order in ("t-major", "tile"):
+                t = tile if order == "tile" else None
+                fwd = window_stats((grid,), window, block_m, block_n, order, t)
+                bwd = window_stats((grid,), window, *bwd_blocks, order, t)
+                executed = fwd["visited"] * block_m * block_n
+                entry = dict(shape=shape, window=label, order=order if t is None else f"tile{t}",
+                             visited=fwd["visited"] / fwd["total"], full=fwd["full"] / max(fwd["visited"], 1),
+                             visited_bwd=bwd["visited"] / bwd["total"], full_bwd=bwd["full"] / max(bwd["visited"], 1),
+                             flops_vs_dense=fwd["visited"] / fwd["total"], useful=pairs / executed)
+                table.append(entry)
+                case = Case(shape, (grid,), heads, head_dim, window=window, order=order)
+                note = (f"{label}; {order}{'' if t is None else f' tile {t}'}; forward tiles {block_m}x{block_n}, "
+                        f"dK/dV {bwd_blocks[0]}x{bwd_blocks[1]}")
+                for metric in ("visited", "full", "visited_bwd", "full_bwd", "flops_vs_dense", "useful"):
+                    rows.add("sora_fast", f"{case.shape} {entry['order']}", f"sliding_tile_{metric}", entry[metric],
+                             kernel=KERNEL + "_window", note=note, dtype="-")
+                print(f"  {shape} {label:<34} {entry['order']:<14} visits {entry['visited']:6.1%} of key blocks "
+                      f"({entry['full']:5.1%} full; backward {entry['visited_bwd']:6.1%}, {entry['full_bwd']:5.1%} "
+                      f"full), executes {entry['flops_vs_dense']:6.1%} of dense FLOPs, {entry['useful']:5.1%} useful")
+    return table
+
+
+def project_windowed_ms(dense_ms: dict, table: list[dict]) -> list[dict]:
+    """The GPU projection of each windowed configuration from the measured dense kernel: dense ms times
+    the fraction of blocks visited (forward tiles for ``fwd``, the dK/dV kernel's for ``bwd``). A block
+    costs what a dense block costs (the same tile loop), so this is the time at equal per-block speed;
+    partial blocks' masks make it a lower bound. ``dense_ms``: ``{(shape, mode): ms}``."""
+    out = []
+    for e in table:
+        for mode, frac in (("fwd", e["visited"]), ("bwd", e["visited_bwd"])):
+            ms = dense_ms.get((e["shape"], mode))
+            if ms is not None:
+                out.append(dict(shape=e["shape"], window=e["window"], order=e["order"], mode=mode,
+                                dense_ms=ms, projected_ms=ms * frac, speedup=1 / frac))
+    return out
+
+
 # --- inputs --------------------------------------------------------------------------------------
 def make_inputs(case: Case, dtype, device, requires_grad=False):
     """Packed (N, H, D) q, k, v with N(0, 1) entries (never zeros), cu_seqlens, grid, and per-sequence
@@ -181,8 +265,9 @@ def per_sequence(t: torch.Tensor, seqlens: Sequence[int], requires_grad: bool) -
 def provider_sora_fast(case: Case, q, k, v, cu, grid):
     from sora_fast import ops
 
+    coords = case.coords(q.device) if case.window else None
     return lambda: ops.spacetime_attention(q, k, v, cu, max_seqlen_q=max(case.seqlens), window=case.window,
-                                           grid=grid, backend="triton"), [q, k, v]
+                                           grid=grid, coords=coords, backend="triton"), [q, k, v]
 
 
 def provider_sdpa(case: Case, q, k, v, cu, grid):
@@ -214,9 +299,7 @@ def provider_flex(case: Case, q, k, v, cu, grid):
     seq_ids = torch.repeat_interleave(torch.arange(len(case.seqlens), device=dev),
                                       torch.tensor(case.seqlens, device=dev))
     if case.window:
-        from sora_fast.ops import grid_coords
-
-        coords = torch.cat([grid_coords(g, dev) for g in case.grids])       # (N, 3) t-major raster
+        coords = case.coords(dev)                                        # (N, 3) in the pack's order
         wt, wh, ww = case.window
 
         def mask_mod(b, h, qi, ki):
@@ -265,8 +348,10 @@ def _outputs(res) -> list[torch.Tensor]:
     return res if isinstance(res, list) else [res]
 
 
-def run_gpu(args, rows: Rows, block_m: int, block_n: int, bwd_blocks: tuple[int, int]) -> None:
+def run_gpu(args, rows: Rows, block_m: int, block_n: int, bwd_blocks: tuple[int, int],
+            sliding_table: Optional[list] = None) -> None:
     dtype = cli.GPU_DTYPES[args.dtype]
+    dense_ms = {}
     floor = floor_tflops(rows.gpu, args.floor_tflops)
     if floor is None:
         print(f"  no datasheet floor known for {rows.gpu!r}: pass --floor-tflops to get % of floor")
@@ -276,10 +361,11 @@ def run_gpu(args, rows: Rows, block_m: int, block_n: int, bwd_blocks: tuple[int,
         flops_fwd, flops_bwd, notes = flops_dense, 2.5 * flops_dense, {"fwd": "", "bwd": ""}
         if case.window:
             # each direction credited with the density its own tiles visit (the dK/dV kernel's for backward)
-            visited, total = window_density(case.grids, case.window, block_m, block_n)
+            tile = TILE if case.order == "tile" else None
+            visited, total = window_density(case.grids, case.window, block_m, block_n, case.order, tile)
             flops_fwd *= visited / total
             notes["fwd"] = f"FLOPs scaled by block density {visited}/{total}"
-            visited, total = window_density(case.grids, case.window, *bwd_blocks)
+            visited, total = window_density(case.grids, case.window, *bwd_blocks, case.order, tile)
             flops_bwd *= visited / total
             notes["bwd"] = f"FLOPs scaled by the dK/dV kernel's block density {visited}/{total}"
         print(f"{case.shape}: {flops_fwd / 1e12:.2f} TFLOP forward")
@@ -323,6 +409,8 @@ def run_gpu(args, rows: Rows, block_m: int, block_n: int, bwd_blocks: tuple[int,
                 finally:
                     fn = bench = outs = leaves = None   # free the case's activations before the next provider
                 tflops = throughput(flops, ms, "TFLOP/s")
+                if name == "sora_fast" and not case.window:
+                    dense_ms[(case.name, mode)] = ms
                 rows.add(name, case.shape, "ms", ms, kernel=kernel, note=note)
                 rows.add(name, case.shape, "tflops", tflops, kernel=kernel, note=note)
                 pct = pct_of_floor(tflops, floor)
@@ -330,6 +418,12 @@ def run_gpu(args, rows: Rows, block_m: int, block_n: int, bwd_blocks: tuple[int,
                          note=f"floor {floor} TFLOP/s" if floor else "no floor known")
                 pct_s = "" if pct is None else f"  {pct:5.1f}% of floor"
                 print(f"  {mode} {name:<11} {ms:9.3f} ms  {tflops:7.1f} TFLOP/s{pct_s}")
+    for p in project_windowed_ms(dense_ms, sliding_table or []):
+        rows.add("sora_fast", f"{p['shape']} {p['window']} {p['order']}", "projected_ms", p["projected_ms"],
+                 kernel=f"{KERNEL}_{p['mode']}", note=f"measured dense {p['dense_ms']:.3f} ms x visited blocks "
+                 f"(1/{p['speedup']:.1f}); a lower bound: partial blocks also pay their masks")
+        print(f"  projected {p['mode']} {p['shape']} {p['window']} {p['order']}: {p['projected_ms']:.3f} ms "
+              f"({p['speedup']:.1f}x under dense)")
 
 
 # --- CPU-side parts ------------------------------------------------------------------------------
@@ -417,8 +511,12 @@ def main(argv=None) -> int:
               "density, packed vs padded FLOPs)")
     print(f"window block density (BLOCK_M={block_m}, BLOCK_N={block_n} from {block_src}):")
     analysis_rows(rows, args.window, block_m, block_n, block_src, bwd_blocks=bwd_blocks)
+    print(f"sliding-tile windows: t-major vs tile-major packs (tile {TILE}; STA's window on its own tile {STA_TILE}):")
+    table = sliding_tile_rows(rows, [(f"ours {args.window}", args.window, TILE),
+                                     (f"STA (3,3,3) tiles ~ {STA_WINDOW}", STA_WINDOW, STA_TILE)],
+                              block_m, block_n, bwd_blocks)
     if on_gpu:
-        run_gpu(args, rows, block_m, block_n, bwd_blocks)
+        run_gpu(args, rows, block_m, block_n, bwd_blocks, table)
     else:
         print("CPU reference timings:")
         run_cpu_reference(args, rows)

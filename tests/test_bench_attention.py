@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from _utils import run_bench_cpu
 
+from bench import bench_attention as bench
 from sora_fast.triton import attention as tri
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_attention.py"
@@ -65,3 +66,46 @@ def test_bench_attention_help_documents_every_flag():
     for flag in ("--quick", "--out", "--cpu", "--providers", "--modes", "--dtype", "--window", "--warmup-ms",
                  "--rep-ms", "--floor-tflops"):
         assert flag in out
+
+
+@pytest.mark.parametrize("grid,window", [((3, 5, 7), (1, 2, 0)), ((1, 4, 9), (0, 9, 2)), ((2, 1, 1), (5, 5, 5))])
+def test_window_pairs_counts_the_mask(grid, window):
+    from sora_fast.ops import window_mask
+
+    assert bench.window_pairs(grid, window) == int(window_mask(grid, window).sum())
+
+
+def test_sliding_tile_rows_against_the_token_mask(monkeypatch):
+    """The sliding-tile table on a small grid: visited / full fractions equal a brute-force count of the
+    block pairs from the token mask, in both orders; tile order visits fewer blocks; the projection is the
+    dense time times the visited fraction."""
+    import torch
+
+    from sora_fast.ops import grid_coords
+
+    mod = bench
+    grid, window, tile, bm, bn = (4, 12, 20), (1, 3, 3), (2, 4, 4), 32, 16
+    monkeypatch.setattr(mod, "WAN480", grid)
+    monkeypatch.setattr(mod, "WAN720", grid)
+    rows = mod.Rows("cpu", "fp32")
+    table = mod.sliding_tile_rows(rows, [("w", window, tile)], bm, bn, (16, 32), heads=1, head_dim=8)
+    n = grid[0] * grid[1] * grid[2]
+    for e in table[:2]:
+        c = grid_coords(grid, order="tile", tile=tile) if e["order"].startswith("tile") else grid_coords(grid)
+        allowed = ((c[:, None] - c[None]).abs() <= torch.tensor(window)).all(-1)
+        visited = full = total = 0
+        for r in range(0, n, bm):
+            for k in range(0, n, bn):
+                blk = allowed[r:r + bm, k:k + bn]
+                total += 1
+                visited += bool(blk.any())
+                full += bool(blk.all()) and k + bn <= n
+        # the box test may list a block with no allowed pair (never the reverse): at least the mask's count
+        assert e["visited"] >= visited / total and e["full"] == pytest.approx(full / max(1, e["visited"] * total))
+        assert e["useful"] == pytest.approx(int(allowed.sum()) / (e["visited"] * total * bm * bn))
+    t_major, tiled = table[0], table[1]
+    assert tiled["visited"] < t_major["visited"] and tiled["full"] > t_major["full"] == 0
+    proj = mod.project_windowed_ms({("wan480", "fwd"): 10.0, ("wan480", "bwd"): 30.0}, table)
+    assert {(p["order"], p["mode"]): p["projected_ms"] for p in proj if p["shape"] == "wan480"} == {
+        (e["order"], m): ms * e["visited" if m == "fwd" else "visited_bwd"]
+        for e in table if e["shape"] == "wan480" for m, ms in (("fwd", 10.0), ("bwd", 30.0))}

@@ -22,7 +22,9 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["block_table", "BlockLists", "window_block_lists", "window_block_stats", "t_major_coords"]
+from ..reference._order import order_coords
+
+__all__ = ["block_table", "BlockLists", "window_block_lists", "window_block_stats", "pack_coords", "t_major_coords"]
 
 
 def block_table(seqlens: Sequence[int], block: int, device) -> torch.Tensor:
@@ -60,15 +62,18 @@ class BlockLists:
         return int(self.num_full.sum())
 
 
+def pack_coords(grids: Sequence[Sequence[int]], device=None, order: str = "t-major",
+                tile: Sequence[int] | None = None) -> torch.Tensor:
+    """``(N, 3)`` int32 (t, h, w) of every token of a pack of videos with these grids, in ``order``
+    (``"t-major"`` or ``"tile"``, as ``pack_videos`` lays them out)."""
+    if not grids:
+        return torch.empty(0, 3, dtype=torch.int32, device=device)
+    return torch.cat([order_coords(g, order, tile, device) for g in grids]).to(torch.int32)
+
+
 def t_major_coords(seqlens: Sequence[int], grid: Sequence[Sequence[int]], device) -> torch.Tensor:
     """``(N, 3)`` int32 (t, h, w) of every token of a pack in t-major raster order, from host values."""
-    parts = []
-    for n, (t, h, w) in zip(seqlens, grid):
-        r = torch.arange(n, device=device)
-        parts.append(torch.stack([r // (h * w), (r // w) % h, r % w], 1))
-    if not parts:
-        return torch.empty(0, 3, dtype=torch.int32, device=device)
-    return torch.cat(parts).to(torch.int32)
+    return pack_coords(grid, device)
 
 
 def _boxes(coords: torch.Tensor, seqlens: Sequence[int], block: int):
@@ -133,13 +138,11 @@ def window_block_lists(seqlens: Sequence[int], coords: torch.Tensor, window: Seq
 
 
 def window_block_stats(grids: Sequence[Sequence[int]], window: Sequence[int], block_m: int, block_n: int,
-                       coords: torch.Tensor | None = None) -> dict:
-    """What a windowed launch over videos of these grids visits: ``{"visited", "full", "total"}`` block pairs
-    at tiles ``block_m x block_n`` (query rows x key rows). ``coords``: the tokens' (t, h, w) in packing order
-    (e.g. ``pack_videos(..., order="tile").coords``); None = t-major. ``visited / total`` scales the dense
-    attention FLOPs; ``full / visited`` is the share of visited blocks run without a mask."""
+                       order: str = "t-major", tile: Sequence[int] | None = None) -> dict:
+    """What a windowed launch over videos of these grids, packed in ``order`` (``tile`` for ``"tile"``),
+    visits at tiles ``block_m x block_n`` (query rows x key rows): ``{"visited", "full", "total"}`` block
+    pairs. ``visited / total`` scales the dense attention FLOPs; ``full / visited`` is the share of visited
+    blocks run without a mask."""
     seqlens = [int(t) * int(h) * int(w) for t, h, w in grids]
-    if coords is None:
-        coords = t_major_coords(seqlens, grids, "cpu")
-    lists = window_block_lists(seqlens, coords, window, block_m, block_n)
+    lists = window_block_lists(seqlens, pack_coords(grids, "cpu", order, tile), window, block_m, block_n)
     return {"visited": lists.visited, "full": lists.full, "total": lists.total}
