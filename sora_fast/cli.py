@@ -15,6 +15,7 @@ from .commands.generate import (  # noqa: F401
     _finite,
     _keyframe,
     _size,
+    attention_window_arg,
     cmd_calibrate_cache,
     cmd_generate,
     output_stems,
@@ -183,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlap", type=int, metavar="K",
                    help="with --frames: latent frames each window takes from the previous one (1 <= K < the "
                         "window's latent frames, 1 + (W - 1)/4)")
+    g.add_argument("--attention-window", type=attention_window_arg, default=None, metavar="WT,WH,WW",
+                   help="training-free local self-attention: each token attends only to tokens within WT latent "
+                        "frames, WH and WW patches (half-sizes; cross-attention stays dense); default: the "
+                        "model's own (dense)")
     g.add_argument("--format", nargs="+", default=["mp4", "gif"], choices=["mp4", "gif"],
                    help="files to write per clip (default: mp4 gif; 1-frame clips as png instead of mp4)")
     g.add_argument("--fps", type=float, default=8.0, metavar="F", help="frames per second (default: %(default)s)")

@@ -9,6 +9,7 @@ repaired by the next ``load`` or ``save`` (see :func:`sora_fast._files.recover_d
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -32,9 +33,10 @@ from .conditioning import Condition, Media, check_conditions, check_init_videos,
 from .models.dit import DiTConfig, VideoDiT
 from .models.text import T5TextEncoder, TextEncoder, TinyTextEncoder
 from .models.vae import CausalVAE, VAEConfig
+from .ops._common import check_window
 from .sampling import sample
 
-__all__ = ["Condition", "VideoPipeline", "check_video_size", "read_media"]
+__all__ = ["Condition", "VideoPipeline", "check_video_size", "local_attention", "read_media"]
 
 Size = tuple[int, int, int]  # (frames, height, width) in pixels
 
@@ -63,6 +65,26 @@ def check_video_size(size, temporal_factor: int, spatial_factor: int, patch: Seq
             raise ValueError(f"{name}: {axis}={v} must be a multiple of {m} (VAE space factor {spatial_factor} x "
                              f"patch {p}); nearest valid: {max(m, v // m * m)} or {v // m * m + m}")
     return (t, h, w)
+
+
+@contextlib.contextmanager
+def local_attention(dit: VideoDiT, window):
+    """Inside the block, every self-attention of ``dit`` uses the local window ``window`` ``(wt, wh, ww)`` (3 ints
+    >= 0, half-sizes in latent patches; None: the DiT's own, ``dit.config.window``); its blocks' configs are put
+    back on exit, also on an error. No weight changes: a training-free window on a model trained dense."""
+    window = check_window("window", window)
+    if window is None:
+        yield dit
+        return
+    blocks = list(dit.blocks)
+    saved = [b.cfg for b in blocks]
+    try:
+        for b in blocks:
+            b.cfg = dataclasses.replace(b.cfg, window=window)
+        yield dit
+    finally:
+        for b, cfg in zip(blocks, saved):
+            b.cfg = cfg
 
 
 class VideoPipeline(nn.Module):
@@ -159,7 +181,8 @@ class VideoPipeline(nn.Module):
                  strength: Union[float, Sequence[float]] = 1.0,
                  conditions: Optional[Sequence[Sequence[Condition]]] = None,
                  solver: str = "euler", order: Optional[int] = None, cache=None,
-                 expand: Union[str, PromptExpander, None] = None) -> list[torch.Tensor]:
+                 expand: Union[str, PromptExpander, None] = None,
+                 attention_window: Optional[Sequence[int]] = None) -> list[torch.Tensor]:
         """Videos for ``prompts``, all denoised in one packed stream.
 
         Args:
@@ -183,6 +206,11 @@ class VideoPipeline(nn.Module):
                 ``ChatExpander(base_url, model, stats=pipe.caption_stats)``. The expanded prompts are what the
                 model sees; :attr:`last_prompts` holds each prompt's ``Expansion``. A prompt that cannot be
                 expanded is kept (its note or error says why), so generation goes on.
+            attention_window: None (the DiT's own self-attention: dense unless its ``config.window`` is set) or
+                ``(wt, wh, ww)``, 3 ints >= 0: a training-free local window for this call only -- a token attends
+                to the tokens of its own video with ``|dt| <= wt``, ``|dh| <= wh``, ``|dw| <= ww`` in latent
+                patches (cross-attention stays dense). Half-sizes covering the grid give the dense result.
+                Not to be confused with :meth:`generate_long`'s ``window`` (pixel frames per rollout window).
             seed: one int (video i uses ``seed + i``) or one per prompt; the noise of a video depends only
                 on its seed and size, so a prompt gives the same video alone or with others.
             init_videos: editing (SDEdit): one entry per prompt, None (generate from noise) or the video to
@@ -277,6 +305,7 @@ class VideoPipeline(nn.Module):
             raise TypeError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
         shift = self._shift(shift)
         check_sampling(steps, guidance, shift, b, solver=solver, order=order, cache=cache, denoiser=denoiser)
+        attention_window = check_window("attention_window", attention_window)
         expander = self._expander(expand)
         strengths = check_strength(strength, b)
         for i, (v, st) in enumerate(zip(inits, strengths)):
@@ -327,13 +356,14 @@ class VideoPipeline(nn.Module):
                 progress(i, n)
 
         t0, stats = time.perf_counter(), {}
-        latents = sample(denoiser or self.dit, noise, text, patch=self.dit.config.patch, steps=steps,
-                         token_order=self.dit.config.token_order, token_tile=self.dit.config.token_tile,
-                         guidance=guidance, uncond_text=uncond, shift=shift, progress=on_step,
-                         init=x0 if any(z is not None for z in x0) else None, strength=strengths,
-                         given=given if any(conds) else None, given_levels=levels if any(conds) else None,
-                         solver=solver, order=order, cache=cache, stats=stats,
-                         schedule=self.sampling and self.sampling["schedule"])
+        with local_attention(self.dit, attention_window):
+            latents = sample(denoiser or self.dit, noise, text, patch=self.dit.config.patch, steps=steps,
+                             token_order=self.dit.config.token_order, token_tile=self.dit.config.token_tile,
+                             guidance=guidance, uncond_text=uncond, shift=shift, progress=on_step,
+                             init=x0 if any(z is not None for z in x0) else None, strength=strengths,
+                             given=given if any(conds) else None, given_levels=levels if any(conds) else None,
+                             solver=solver, order=order, cache=cache, stats=stats,
+                             schedule=self.sampling and self.sampling["schedule"])
         timings["denoise"], timings["steps"] = time.perf_counter() - t0, step_times
         timings["evaluations"] = stats["evaluations"]
 
@@ -392,7 +422,8 @@ class VideoPipeline(nn.Module):
                       seed: int = 0, progress: Optional[Callable[[int, int], None]] = None,
                       denoiser: Optional[Callable] = None, return_latents: bool = False,
                       solver: str = "euler", order: Optional[int] = None, cache=None,
-                      expand: Union[str, PromptExpander, None] = None):
+                      expand: Union[str, PromptExpander, None] = None,
+                      attention_window: Optional[Sequence[int]] = None):
         """One long video of ``frames`` pixel frames, rolled out in autoregressive windows of ``window`` frames.
 
         **Design.** The rollout works in latent space. A window is a video of ``window = 1 + 4m`` pixel frames
@@ -424,8 +455,8 @@ class VideoPipeline(nn.Module):
             window: pixel frames per window, ``1 + 4m`` with ``m >= 1``.
             overlap: latent frames each window takes from the previous one, ``0 < overlap < W``.
             size: ``(height, width)`` in pixels (default: :attr:`DEFAULT_SIZE`'s).
-            steps, guidance, negative_prompt, shift, denoiser, solver, order, cache, expand: as in
-                :meth:`generate`, for every window (the prompt is expanded once).
+            steps, guidance, negative_prompt, shift, denoiser, solver, order, cache, expand, attention_window: as
+                in :meth:`generate`, for every window (the prompt is expanded once).
             seed: an int (see Seeds).
             progress: called with ``(windows done, windows)`` after every window.
             return_latents: also return the list of every window's normalized latents ``(C, W, h, w)``.
@@ -449,6 +480,7 @@ class VideoPipeline(nn.Module):
             raise ValueError(f"seed must be an int, got {seed!r}")
         if not isinstance(return_latents, bool):
             raise TypeError(f"return_latents must be a bool, got {type(return_latents).__name__}")
+        attention_window = check_window("attention_window", attention_window)
         shape = self.latent_shape((window, h, w))
         check_generate_memory(self, [shape], [(frames, h, w)], cfg=guidance != 1.0)  # one window; the whole output
         expander = self._expander(expand)
@@ -481,11 +513,12 @@ class VideoPipeline(nn.Module):
                 lv[:have] = 0.0
                 given, levels = [g], [lv]
             stats = {}
-            (z,) = sample(denoiser or self.dit, [noise], text, patch=self.dit.config.patch, steps=steps,
-                          token_order=self.dit.config.token_order, token_tile=self.dit.config.token_tile,
-                          guidance=guidance, uncond_text=uncond, shift=shift, given=given, given_levels=levels,
-                          solver=solver, order=order, cache=cache, stats=stats,
-                          schedule=self.sampling and self.sampling["schedule"])
+            with local_attention(self.dit, attention_window):
+                (z,) = sample(denoiser or self.dit, [noise], text, patch=self.dit.config.patch, steps=steps,
+                              token_order=self.dit.config.token_order, token_tile=self.dit.config.token_tile,
+                              guidance=guidance, uncond_text=uncond, shift=shift, given=given, given_levels=levels,
+                              solver=solver, order=order, cache=cache, stats=stats,
+                              schedule=self.sampling and self.sampling["schedule"])
             evaluations += stats["evaluations"][0]
             chunks.append(z[:, have:])
             prev, prev_start, end = z, s, s + wl

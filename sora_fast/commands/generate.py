@@ -15,6 +15,18 @@ def _size(text: str) -> tuple[int, int, int]:
     return t, h, w
 
 
+def attention_window_arg(text: str) -> tuple[int, int, int]:
+    """``WT,WH,WW`` -> 3 ints >= 0 (half-sizes in latent patches of a local self-attention window)."""
+    try:
+        window = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        window = ()
+    if len(window) != 3 or min(window) < 0:
+        raise argparse.ArgumentTypeError(f"an attention window is WT,WH,WW: 3 ints >= 0 (half-sizes in latent "
+                                         f"patches), e.g. 1,4,4; got {text!r}")
+    return window
+
+
 MAX_NAME_BYTES = 100  # file names built from prompts, in UTF-8 bytes (file systems allow 255)
 
 
@@ -240,7 +252,8 @@ def _generate_long(pipe, args, prompts, sizes, mesh) -> list:
                                         size=tuple(s[1:]), steps=args.steps, guidance=args.guidance,
                                         shift=args.shift, negative_prompt=args.negative_prompt, seed=args.seed + i,
                                         progress=lambda k, n: bar.update(), denoiser=denoiser,
-                                        solver=args.solver, order=args.order, cache=args.cache))
+                                        solver=args.solver, order=args.order, cache=args.cache,
+                                        attention_window=args.attention_window))
         bar.close()
         for k in total:
             total[k] += pipe.last_timings[k]
@@ -286,7 +299,8 @@ def cmd_generate(args) -> int:
         clips = pipe.generate(prompts, sizes, steps=args.steps, guidance=args.guidance, shift=args.shift,
                               negative_prompt=args.negative_prompt, seed=args.seed, **kw,
                               denoiser=None if mesh is None else make_denoiser(pipe.dit, mesh),
-                              solver=args.solver, order=args.order, cache=args.cache)
+                              solver=args.solver, order=args.order, cache=args.cache,
+                              attention_window=args.attention_window)
     if mesh is not None and not mesh.is_main:
         return 0  # every rank holds the same clips; rank 0 writes them
     written = []
@@ -301,7 +315,7 @@ def cmd_generate(args) -> int:
     _write_metadata(out / "generate.json", {
         "prompts": list(args.prompt), **expand, "sizes": [list(c.shape[1:]) for c in clips], "seed": args.seed,
         "steps": args.steps, "guidance": args.guidance, "solver": args.solver, "order": args.order,
-        "cache": args.cache, "files": [p.name for p in written],
+        "cache": args.cache, "attention_window": args.attention_window, "files": [p.name for p in written],
         "evaluations": t["evaluations"], "seconds": {k: t[k] for k in ("text", "denoise", "decode") if k in t}})
     if long:
         print(f"text {t['text'] * 1e3:.0f} ms | denoise {t['denoise']:.2f} s (windows of {args.window} frames, "

@@ -72,6 +72,28 @@ def check_int_tuple(name: str, value, n: int, *, minimum: int = 0) -> tuple[int,
     return out
 
 
+def check_window(name: str, value) -> Optional[tuple[int, int, int]]:
+    """None, or a local attention window ``(wt, wh, ww)``: exactly 3 ints >= 0, half-sizes in latent patches
+    (a tuple or list; numpy ints too). TypeError for a non-sequence or a non-int entry, ValueError for the
+    wrong count or a negative value; each names ``name``, what is expected and what was received."""
+    import numbers
+
+    if value is None:
+        return None
+    expected = f"{name} must be None or (wt, wh, ww): 3 ints >= 0, half-sizes in latent patches"
+    if not isinstance(value, (tuple, list)):
+        raise TypeError(f"{expected}, got {type(value).__name__} {value!r}")
+    if len(value) != 3:
+        raise ValueError(f"{expected}, got {len(value)} values {tuple(value)!r}")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{expected}, got {tuple(value)!r} (a {type(v).__name__})")
+    out = tuple(int(v) for v in value)
+    if min(out) < 0:
+        raise ValueError(f"{expected}, got {out!r}")
+    return out
+
+
 def check_index_values(name: str, ids: torch.Tensor, bound: int, what: str) -> None:
     """Values of an index vector lie in [0, bound): kernels index tables with them, unchecked."""
     if ids.numel() == 0:

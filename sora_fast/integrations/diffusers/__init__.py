@@ -9,7 +9,8 @@ What changes, per diffusers model (everything else keeps running diffusers' own 
   norm -> modulate -> gate -> residual chain through ``adaln_modulate`` / ``gated_residual_adaln``, and
   in inference the last gated add of a block is fused with the next block's first norm. (Wan takes a
   processor, not the dispatcher backend below: a dispatcher backend receives q and k already rotated,
-  so RoPE could not be fused.)
+  so RoPE could not be fused.) ``accelerate(pipe, window=(wt, wh, ww))`` makes its self-attention a
+  training-free local 3D window on the latent patch grid (cross-attention stays dense).
 - ``AutoencoderKLWan``: ``WanCausalConv3d`` runs :func:`~sora_fast.ops.causal_conv3d` (the time-stride-2
   downsampling conv, which has no causal padding, stays diffusers'), ``WanRMS_norm`` runs
   :func:`~sora_fast.ops.channel_rms_norm_silu` with the SiLU that follows it fused in.
@@ -34,6 +35,7 @@ LTX-Video), ``wan``, ``wan_vae``, ``cogvideox`` (one per model family), ``wan_pa
 from ._accelerate import (
            OP_FAMILIES,
            SUPPORTED_MODELS,
+           WINDOW_MODELS,
            Backend,  # noqa: F401 (importable here as before the split)
            accelerate,
 )
@@ -45,5 +47,5 @@ from .wan import WanAttnProcessor
 from .wan_packed import wan_packed_forward
 
 __all__ = ["accelerate", "AccelerationHandle", "DiffusersHooksError", "SUPPORTED_MODELS", "OP_FAMILIES",
-           "WanAttnProcessor", "CogVideoXAttnProcessor", "wan_packed_forward", "dispatch_backend_name",
+           "WINDOW_MODELS", "WanAttnProcessor", "CogVideoXAttnProcessor", "wan_packed_forward", "dispatch_backend_name",
            "register_attention_backends", "packed_attention"]

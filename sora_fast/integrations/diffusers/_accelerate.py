@@ -6,6 +6,7 @@ from typing import Mapping, Optional, Union
 
 from torch import nn
 
+from ...ops._common import check_window
 from ...ops._dispatch import resolve_backend, resolve_family_backends
 from .cogvideox import _plan_cogvideox
 from .dispatch import _plan_dispatch
@@ -13,7 +14,7 @@ from .patching import HANDLE_ATTR, AccelerationHandle, _Patcher
 from .wan import _plan_wan
 from .wan_vae import _plan_wan_vae
 
-__all__ = ["accelerate", "SUPPORTED_MODELS", "OP_FAMILIES"]
+__all__ = ["accelerate", "SUPPORTED_MODELS", "OP_FAMILIES", "WINDOW_MODELS"]
 
 OP_FAMILIES = ("attention", "adaln", "causal_conv3d", "channel_rms_norm_silu")
 SUPPORTED_MODELS = {
@@ -24,6 +25,12 @@ SUPPORTED_MODELS = {
     "CogVideoXTransformer3DModel": "attention processors",
 }
 Backend = Union[None, str, Mapping[str, Optional[str]]]
+# Models whose self-attention takes accelerate(window=...): the processor knows each token's latent (t, h, w)
+# (Wan's RoPE grid). HunyuanVideo and LTX-Video reach sora_fast through diffusers' dispatcher, which hands over
+# q and k without their grid; CogVideoX joins text and video tokens in one sequence. AutoencoderKLWan has no
+# attention that sora_fast routes: a window leaves it as it is.
+WINDOW_MODELS = ("WanTransformer3DModel",)
+_NO_ROUTED_ATTENTION = ("AutoencoderKLWan",)
 
 
 # Which op families each model's patches route, given accelerate()'s flags, and the op each family dispatches.
@@ -63,6 +70,9 @@ def _choices(name: str, model: nn.Module, cls_name: str, flags: dict, backends: 
             continue
         backend = resolve_backend(_OPS[family], backends[family], device)
         path = TORCH_PATHS[family] if backend == "torch" else f"the {backend} kernel"
+        if family == "attention" and flags.get("window") is not None and cls_name in WINDOW_MODELS:
+            path += (f"; self-attention window {flags['window']} (|dt|, |dh|, |dw| in latent patches), "
+                     "cross-attention dense")
         out[f"{name}.{family}"] = f"{backend} on {device.type}: {path}"
     return out
 
@@ -119,8 +129,24 @@ def _targets(pipe_or_model) -> tuple[list[tuple[str, nn.Module, str]], list[str]
     return targets, skipped
 
 
+def _check_window_targets(window, attention: bool, targets: list) -> None:
+    """A window needs attention=True and Wan transformers only (besides models with no routed attention)."""
+    if window is None:
+        return
+    if not attention:
+        raise ValueError(f"window={window} needs attention=True: it windows the self-attention sora_fast runs")
+    labels = [n if n == type(m).__name__ else f"{n} ({type(m).__name__})" for n, m, c in targets
+              if c not in WINDOW_MODELS + _NO_ROUTED_ATTENTION]
+    if labels:
+        raise ValueError(f"window is supported for {', '.join(WINDOW_MODELS)} (Wan 2.1 / 2.2 self-attention) only, "
+                         f"not for {', '.join(labels)}; accelerate it with window=None")
+    if not any(c in WINDOW_MODELS for _, _, c in targets):
+        raise ValueError(f"window={window} needs a {' or '.join(WINDOW_MODELS)} to window; got "
+                         + ", ".join(f"{n} ({type(m).__name__})" for n, m, _ in targets))
+
+
 def accelerate(pipe_or_model, *, attention: bool = True, norms: bool = True, vae: bool = True,
-               backend: Backend = None) -> AccelerationHandle:
+               backend: Backend = None, window=None) -> AccelerationHandle:
     """Make a diffusers pipeline (or one of its models) run on sora_fast kernels; same outputs.
 
     Args:
@@ -135,20 +161,32 @@ def accelerate(pipe_or_model, *, attention: bool = True, norms: bool = True, vae
             every op, or a mapping from ``"attention"``, ``"adaln"``, ``"causal_conv3d"``,
             ``"channel_rms_norm_silu"`` to a name. A backend without a kernel for an op raises
             :class:`sora_fast.ops.BackendUnavailableError` when the op runs.
+        window: None (dense attention, the default) or ``(wt, wh, ww)``, 3 ints >= 0: training-free local
+            self-attention for ``WanTransformer3DModel`` (``WINDOW_MODELS``): a token attends only to the
+            tokens of its own video with ``|dt| <= wt``, ``|dh| <= wh``, ``|dw| <= ww`` on Wan's latent patch
+            grid (latent frames x latent height / 2 x latent width / 2 for patch (1, 2, 2)), with Wan's RoPE
+            as before. Cross-attention (text, I2V image) stays dense. The output then differs from diffusers'
+            dense one (by design); half-sizes covering the whole grid give the dense result. A window on
+            other models raises ValueError saying which (the Wan VAE, which has no routed attention, is
+            left as ``vae`` / ``norms`` say).
 
     Returns an :class:`AccelerationHandle`: ``handle.undo()``, or ``with accelerate(pipe): ...``;
     ``handle.choices`` says, per model and op family, which backend and path runs on the model's device
-    (on a CPU the torch backend: for every op the fastest correct path measured, see ``TORCH_PATHS``).
-    Raises TypeError for an unsupported object (listing what is supported), ValueError for a model
-    already accelerated or with processors/blocks it does not know, :class:`DiffusersHooksError` when
+    (on a CPU the torch backend: for every op the fastest correct path measured, see ``TORCH_PATHS``),
+    and, with a window, that window on each Wan transformer's ``"<name>.attention"`` entry.
+    Raises TypeError for an unsupported object (listing what is supported) or a window that is not 3 ints,
+    ValueError for a model already accelerated or with processors/blocks it does not know, a negative or
+    wrong-length window or a window on a model without window support, :class:`DiffusersHooksError` when
     the installed diffusers lacks what a patch needs; in every case nothing has been changed.
     """
     flags = {"attention": attention, "norms": norms, "vae": vae}
     for k, v in flags.items():
         if not isinstance(v, bool):
             raise TypeError(f"{k} must be a bool, got {type(v).__name__}")
+    flags["window"] = window = check_window("window", window)
     backends = resolve_family_backends(backend, OP_FAMILIES)
     targets, skipped = _targets(pipe_or_model)
+    _check_window_targets(window, attention, targets)
     for name, model, _ in targets:
         prior = getattr(model, HANDLE_ATTR, None)
         if prior is not None and prior.active:

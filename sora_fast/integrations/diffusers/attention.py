@@ -111,11 +111,14 @@ def _pack_kept(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                      *, scale: Optional[float] = None, rope_coords: Optional[torch.Tensor] = None,
+                     window: Optional[tuple] = None, grid: Optional[torch.Tensor] = None,
                      backend: Optional[str] = None, plan: Optional[PackPlan] = None) -> torch.Tensor:
     """Attention of diffusers' layout q ``(B, Sq, H, D)``, k/v ``(B, Sk, H, D)`` through
     :func:`sora_fast.ops.spacetime_attention`: the batch becomes B packed sequences, a key-padding
     mask drops the hidden keys from the packed keys (no padding is computed). ``rope_coords``
-    ``(B*Sq, 3)`` int32 fuses 3D RoPE on q and k (self-attention). ``plan``: the
+    ``(B*Sq, 3)`` int32 fuses 3D RoPE on q and k (self-attention). ``window`` ``(wt, wh, ww)`` with
+    ``grid`` ``(B, 3)`` int32: a local 3D window over each element's t-major (T', H', W') token raster
+    (self-attention, no mask). ``plan``: the
     :class:`~sora_fast.reference._plan.PackPlan` of the B query sequences (its offsets, and ``rope_coords``
     when given, are the ones attended with), kept by the caller across layers and calls; without one, an
     unmasked call makes a plan of its own from the shapes. Returns ``(B, Sq, H, Dv)``."""
@@ -125,8 +128,8 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
         raise ValueError(f"key/value must be (B, Sk, H, D) with query's B={b} and H={heads}, got key "
                          f"{tuple(k.shape)}, value {tuple(v.shape)}")
     keep = _key_padding(attn_mask, (b, heads, sq, sk))
-    if rope_coords is not None and (keep is not None or sk != sq):
-        raise ValueError("rope_coords needs unmasked self-attention (keys = queries)")
+    if (rope_coords is not None or window is not None) and (keep is not None or sk != sq):
+        raise ValueError("rope_coords and window need unmasked self-attention (keys = queries)")
     qp = q.reshape(b * sq, heads, -1)
     if keep is None:
         kp, vp = k.reshape(b * sk, heads, -1), v.reshape(b * sk, heads, -1)
@@ -143,9 +146,9 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
         kp, vp = k.reshape(b * sk, heads, -1)[order], v.reshape(b * sk, heads, -1)[order]
         cu_q = torch.cat([cu_q, cu_q[-1:]])                               # (B+2,): an empty last query sequence
         max_k = None
-    if rope_coords is not None:
-        out = ops.spacetime_attention(qp, kp, vp, cu_q, None, sq, scale=scale, rope_coords=rope_coords,
-                                      backend=backend, plan=plan)
+    if rope_coords is not None or window is not None:
+        out = ops.spacetime_attention(qp, kp, vp, cu_q, None, sq, scale=scale, window=window, grid=grid,
+                                      rope_coords=rope_coords, backend=backend, plan=plan)
     else:
         out = ops.spacetime_attention(qp, kp, vp, cu_q, cu_k, sq, max_k, scale=scale, backend=backend, plan=plan)
     return out.view(b, sq, heads, -1)                                     # (B, Sq, H, Dv)

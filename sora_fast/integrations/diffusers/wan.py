@@ -39,6 +39,13 @@ class _GridRope(tuple):
             self._coords[key] = ops.grid_coords(self.grid, device).to(torch.int32).repeat(batch, 1)
         return self._coords[key]
 
+    def grid_tensor(self, batch: int, device) -> torch.Tensor:
+        """``(batch, 3)`` int32: the latent patch grid of every batch element (the plan's, when there is one)."""
+        plan = self.plan(batch, device)
+        if plan is not None:
+            return plan.grid
+        return torch.tensor([self.grid] * batch, dtype=torch.int32, device=device)
+
     def plan(self, batch: int, device) -> Optional[PackPlan]:
         """The plan of ``batch`` videos of this grid: offsets, grid and coordinates made once, the RoPE
         table and the attention layout on first use, shared by every layer and every later forward."""
@@ -75,10 +82,16 @@ class WanAttnProcessor:
     :class:`_GridRope` (what the patched ``rope`` module returns) rotates q and k inside the kernel;
     with plain cos/sin tables (the sequence split by context parallelism, a hand-made call) they are
     rotated first, as diffusers does.
+
+    ``window`` ``(wt, wh, ww)`` (self-attention processors only): each query attends only to the keys of
+    its own video within those half-sizes of latent patches, on the grid the :class:`_GridRope` carries
+    (diffusers' tokens are the t-major raster of that grid). It needs that grid: a call with plain cos/sin
+    tables or without RoPE raises ValueError.
     """
 
-    def __init__(self, backend: Optional[str] = None, *, qkv: Callable, added_kv: Callable):
-        self.backend, self._qkv, self._added_kv = backend, qkv, added_kv
+    def __init__(self, backend: Optional[str] = None, *, qkv: Callable, added_kv: Callable,
+                 window: Optional[tuple] = None):
+        self.backend, self._qkv, self._added_kv, self.window = backend, qkv, added_kv, window
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None, rotary_emb=None) -> torch.Tensor:
@@ -92,15 +105,23 @@ class WanAttnProcessor:
         q, k, v = self._qkv(attn, hidden_states, encoder_hidden_states)   # (B, S|L, H*d)
         q, k = attn.norm_q(q), attn.norm_k(k)
         q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))   # (B, S|L, H, d)
-        coords = plan = None
-        if rotary_emb is not None:
-            b, s = q.shape[:2]
-            if isinstance(rotary_emb, _GridRope) and math.prod(rotary_emb.grid) == s:
-                plan = rotary_emb.plan(b, q.device)                         # None under torch.compile
-                coords = rotary_emb.coords(b, q.device)                     # (B*S, 3) int32
-            else:
-                q, k = _rotate(q, *rotary_emb), _rotate(k, *rotary_emb)
-        out = packed_attention(q, k, v, rope_coords=coords, backend=self.backend, plan=plan).flatten(2, 3).type_as(q)
+        coords = plan = grid = None
+        b, s = q.shape[:2]
+        on_grid = isinstance(rotary_emb, _GridRope) and math.prod(rotary_emb.grid) == s
+        if self.window is not None and not on_grid:
+            got = "no rotary embedding" if rotary_emb is None else "plain cos/sin tables"
+            raise ValueError(f"a window {self.window} needs the whole latent grid of the self-attention (the "
+                             f"patched rope module's output), got {got} for {s} tokens (a sequence split by "
+                             "context parallelism or a hand-made call); accelerate without window for these")
+        if on_grid:
+            plan = rotary_emb.plan(b, q.device)                             # None under torch.compile
+            coords = rotary_emb.coords(b, q.device)                         # (B*S, 3) int32
+            if self.window is not None:
+                grid = rotary_emb.grid_tensor(b, q.device)                  # (B, 3) int32
+        elif rotary_emb is not None:
+            q, k = _rotate(q, *rotary_emb), _rotate(k, *rotary_emb)
+        out = packed_attention(q, k, v, rope_coords=coords, window=self.window, grid=grid, backend=self.backend,
+                               plan=plan).flatten(2, 3).type_as(q)
         if img is not None:
             k_img, v_img = self._added_kv(attn, img)
             k_img = attn.norm_added_k(k_img).unflatten(2, (attn.heads, -1))
@@ -259,15 +280,19 @@ def _plan_wan(name: str, model: nn.Module, flags: dict, backends: dict) -> list:
             if not isinstance(attn.processor, proc_cls):
                 raise ValueError(f"{where} has processor {type(attn.processor).__name__}; sora_fast replaces "
                                  f"diffusers' {proc_cls.__name__} only (call model.set_default_attn_processor())")
+        window = flags.get("window")
         proc = WanAttnProcessor(backends["attention"], qkv=qkv, added_kv=added_kv)
+        self_proc = proc if window is None else WanAttnProcessor(backends["attention"], qkv=qkv, added_kv=added_kv,
+                                                                 window=window)
         chain = _WanChain()
 
         def apply_attention(p):
             p.set(rope, "forward", _WanRopeForward(rope, chain))
-            for _, attn in attns:
-                p.set(attn, "processor", proc)
+            for where, attn in attns:
+                p.set(attn, "processor", self_proc if where.endswith(".attn1") else proc)
 
-        steps.append((f"{name}: {len(attns)} attention processors (RoPE fused)", apply_attention))
+        how = "RoPE fused" + ("" if window is None else f"; self-attention window {window}, cross-attention dense")
+        steps.append((f"{name}: {len(attns)} attention processors ({how})", apply_attention))
     if flags["norms"]:
         for i, blk in enumerate(blocks):
             where = f"{name}.blocks.{i}"
