@@ -12,7 +12,8 @@ credited with the same useful work. Windowed cases run in t-major and in tile-ma
 Sliding-tile windows (GPU or not): at Wan 480p and 720p, for our default window and STA's, in t-major and
 tile-major packs, the fraction of key blocks the kernels visit, the share of them that are full (no mask),
 the FLOPs executed against the dense kernel and the share of executed pairs inside the window; on a GPU,
-the projection of each from the measured dense kernel.
+the projection of each from the measured dense kernel. With ``--pipeline DIR`` (a trained demo pipeline):
+the checker's pass rate and PSNR against dense attention of training-free windows on held-out prompts.
 
 Without a GPU (or with ``--cpu``) it says so and runs the CPU-side parts: reference timings on a small
 pack (sora_fast's torch reference against an SDPA per-sequence loop, interleaved in one process), the
@@ -239,6 +240,22 @@ def project_windowed_ms(dense_ms: dict, table: list[dict]) -> list[dict]:
                 out.append(dict(shape=e["shape"], window=e["window"], order=e["order"], mode=mode,
                                 dense_ms=ms, projected_ms=ms * frac, speedup=1 / frac))
     return out
+
+
+def quality_rows(rows: Rows, pipeline, windows, prompts: int, **kw) -> list[dict]:
+    """Training-free windows on a trained pipeline (``bench/_window_quality.py``): per window, the checker's
+    pass rate on held-out prompts and PSNR against the dense run, written as rows. ``kw`` goes to
+    ``window_quality`` (sizes, steps, ...)."""
+    from bench._window_quality import report, window_quality
+
+    table = window_quality(pipeline, windows, prompts, **kw)
+    for r in table:
+        shape = f"demo {r['label']} ({r['clips']} held-out prompts)"
+        note = f"pairs kept {r['pairs_kept']:.1%}; {r['passed']}/{r['clips']} pass"
+        for metric in ("pass_rate", "psnr_vs_dense", "pairs_kept"):
+            rows.add("sora_fast", shape, metric, r[metric], kernel=KERNEL + "_window_quality", note=note, dtype="-")
+    print(report(table))
+    return table
 
 
 # --- inputs --------------------------------------------------------------------------------------
@@ -492,6 +509,14 @@ def main(argv=None) -> int:
                         help="3D window half-sizes for the windowed cases and the density report (default 3,8,8)")
     cli.add_do_bench_flags(parser, warmup_help="do_bench warm-up in ms (default 100, 25 with --quick)",
                            rep_help="do_bench measuring time in ms (default 500, 100 with --quick)")
+    parser.add_argument("--pipeline", type=Path, default=None, metavar="DIR",
+                        help="a trained pipeline (a demo's OUT/pipeline): also report training-free windows' checker "
+                             "pass rate and PSNR against dense attention on held-out prompts")
+    parser.add_argument("--quality-windows", type=parse_window, nargs="+", default=None, metavar="WT,WH,WW",
+                        help="windows for --pipeline (default: bench/_window_quality.py's two, about half and a "
+                             "quarter of the pairs on the demo's grids)")
+    parser.add_argument("--quality-prompts", type=int, default=24, metavar="N",
+                        help="held-out prompts per window for --pipeline (default 24)")
     parser.add_argument("--floor-tflops", type=float, default=None,
                         help="dense floor in TFLOP/s for %% of floor (default: 989 for H100/H200, else none)")
     args = parser.parse_args(argv)
@@ -515,6 +540,11 @@ def main(argv=None) -> int:
     table = sliding_tile_rows(rows, [(f"ours {args.window}", args.window, TILE),
                                      (f"STA (3,3,3) tiles ~ {STA_WINDOW}", STA_WINDOW, STA_TILE)],
                               block_m, block_n, bwd_blocks)
+    if args.pipeline is not None:
+        from bench._window_quality import DEFAULT_WINDOWS
+
+        print(f"training-free windows on {args.pipeline}:")
+        quality_rows(rows, args.pipeline, args.quality_windows or DEFAULT_WINDOWS, args.quality_prompts)
     if on_gpu:
         run_gpu(args, rows, block_m, block_n, bwd_blocks, table)
     else:

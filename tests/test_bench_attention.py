@@ -64,7 +64,7 @@ def test_bench_attention_cpu_quick_writes_expected_rows(tmp_path):
 def test_bench_attention_help_documents_every_flag():
     out = subprocess.run([sys.executable, str(BENCH), "--help"], capture_output=True, text=True, timeout=60).stdout
     for flag in ("--quick", "--out", "--cpu", "--providers", "--modes", "--dtype", "--window", "--warmup-ms",
-                 "--rep-ms", "--floor-tflops"):
+                 "--rep-ms", "--floor-tflops", "--pipeline", "--quality-windows", "--quality-prompts"):
         assert flag in out
 
 
@@ -109,3 +109,15 @@ def test_sliding_tile_rows_against_the_token_mask(monkeypatch):
     assert {(p["order"], p["mode"]): p["projected_ms"] for p in proj if p["shape"] == "wan480"} == {
         (e["order"], m): ms * e["visited" if m == "fwd" else "visited_bwd"]
         for e in table if e["shape"] == "wan480" for m, ms in (("fwd", 10.0), ("bwd", 30.0))}
+
+
+def test_quality_rows_on_a_tiny_pipeline(tiny_pipeline):
+    """--pipeline: the dense row and each window's pass rate, PSNR and kept pairs become rows."""
+    pipe, _ = tiny_pipeline
+    rows = bench.Rows("cpu", "fp32")
+    table = bench.quality_rows(rows, pipe, [(0, 0, 0)], 1, sizes=[(5, 32, 32)], steps=1)
+    got = {(r["shape"].split()[1], r["metric"]): r["value"] for r in rows.rows}
+    assert [t["label"] for t in table] == ["dense", "0,0,0"]
+    for t in table:
+        for metric in ("pass_rate", "psnr_vs_dense", "pairs_kept"):
+            assert got[(t["label"], metric)] == t[metric]
