@@ -61,6 +61,15 @@ def assert_same_state(a, b):
     assert a[1] == b[1]
 
 
+def input_and_param_grads(model, x, kw):
+    """Gradients of a fixed weighting of ``model(hidden_states=x, **kw)`` w.r.t. ``x`` and every parameter."""
+    model.zero_grad()
+    x.grad = None
+    out = model(hidden_states=x, **kw, return_dict=False)[0]
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return [x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
+
+
 def check_accelerated(model, kw, calls, expect_calls, *, backend=None, **flags):
     """Original output, accelerated output within FP32_REL with the expected sora_fast ops having run,
     then undo(): the original's output bit for bit and the same module/processor objects."""

@@ -4,7 +4,7 @@ multi-latent forward."""
 import _diffusers_utils
 import pytest
 import torch
-from _diffusers_utils import FP32_REL, WAN_ALL, B, check_accelerated, run, tiny_wan, wan_inputs
+from _diffusers_utils import FP32_REL, WAN_ALL, B, check_accelerated, input_and_param_grads, run, tiny_wan, wan_inputs
 from test_dit import rel_err
 
 from sora_fast.integrations.diffusers import accelerate, wan_packed_forward
@@ -49,16 +49,9 @@ def test_wan_training_gradients_match():
     kw = wan_inputs(thw=(2, 4, 6))
     x = kw.pop("hidden_states").requires_grad_(True)
 
-    def grads():
-        m.zero_grad()
-        x.grad = None
-        out = m(hidden_states=x, **kw, return_dict=False)[0]
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        return [x.grad.clone()] + [p.grad.clone() for p in m.parameters()]
-
-    ref = grads()
+    ref = input_and_param_grads(m, x, kw)
     with accelerate(m):
-        got = grads()
+        got = input_and_param_grads(m, x, kw)
     for r, g in zip(ref, got):
         assert rel_err(g, r) <= FP32_REL
 

@@ -7,6 +7,7 @@ import torch
 from _diffusers_utils import (
     FP32_REL,
     assert_same_state,
+    input_and_param_grads,
     run,
     state,
     tiny_cogvideox,
@@ -101,17 +102,10 @@ def test_wan_window_gradients_match_masked_attention():
     x = kw.pop("hidden_states").requires_grad_(True)
     window = (1, 0, 1)
 
-    def grads():
-        m.zero_grad()
-        x.grad = None
-        out = m(hidden_states=x, **kw, return_dict=False)[0]
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        return [x.grad.clone()] + [p.grad.clone() for p in m.parameters()]
-
     with masked_self_attention([m], (3, 2, 3), window):
-        ref = grads()
+        ref = input_and_param_grads(m, x, kw)
     with accelerate(m, window=window):
-        got = grads()
+        got = input_and_param_grads(m, x, kw)
     for r, g in zip(ref, got):
         assert rel_err(g, r) <= FP32_REL
 
