@@ -86,7 +86,9 @@ WAN720 = (21, 45, 80)     # Wan2.1 720p, 81 frames: 75,600 tokens
 PACKED4 = (WAN480, (11, 30, 52), (21, 20, 24), (6, 24, 28))
 TILE = (4, 8, 8)          # pack_videos(..., order="tile")'s default tile, in latent patches
 # FastVideo's Sliding Tile Attention: tiles of (6, 8, 8) tokens, a (3, 3, 3)-tile window (the query's tile and
-# one tile on each side). Our windows are centred on each token; the one of the same reach is +-(6, 8, 8).
+# one tile on each side), tile-granular: every query of a tile sees the same 27 tiles. Our windows are centred
+# on each token; the one of about the same reach is +-(6, 8, 8). Both are measured; the kernels run STA's mask
+# when given the coordinates // STA_TILE as ``coords`` with window (1, 1, 1).
 STA_TILE, STA_WINDOW = (6, 8, 8), (6, 8, 8)
 
 
@@ -126,11 +128,11 @@ def dense_fwd_flops(seqlens: Sequence[int], heads: int, head_dim: int) -> float:
     return float(sum(4 * n * n * heads * head_dim for n in seqlens))
 
 
-def window_stats(grids, window, block_m: int, block_n: int, order: str = "t-major", tile=None) -> dict:
+def window_stats(grids, window, block_m: int, block_n: int, order: str = "t-major", tile=None, granule=None) -> dict:
     """``{"visited", "full", "total"}`` block pairs of the kernels' block lists (``_blocks.window_block_stats``)."""
     from sora_fast.triton._blocks import window_block_stats
 
-    return window_block_stats(grids, window, block_m, block_n, order, tile)
+    return window_block_stats(grids, window, block_m, block_n, order, tile, granule)
 
 
 def window_density(grids, window, block_m: int, block_n: int, order: str = "t-major", tile=None) -> tuple[int, int]:
@@ -139,12 +141,14 @@ def window_density(grids, window, block_m: int, block_n: int, order: str = "t-ma
     return st["visited"], st["total"]
 
 
-def window_pairs(grid, window) -> int:
-    """(query, key) pairs inside a token-centred window on one video: a product over the axes of the summed
-    per-coordinate counts (a window clipped at the video's edges)."""
+def window_pairs(grid, window, granule=None) -> int:
+    """(query, key) pairs inside a window on one video: a product over the axes of the summed per-coordinate
+    counts (a window clipped at the video's edges). ``granule``: the window counted in whole cells of that
+    size (``|i // g - j // g| <= w``, STA's tile-granular mask); None: centred on each token."""
     count = 1
-    for n, w in zip(grid, window):
-        count *= sum(min(n - 1, i + w) - max(0, i - w) + 1 for i in range(n))
+    for axis, (n, w) in enumerate(zip(grid, window)):
+        g = 1 if granule is None else granule[axis]
+        count *= sum(sum(1 for j in range(n) if abs(i // g - j // g) <= w) for i in range(n))
     return count
 
 
@@ -199,16 +203,17 @@ def sliding_tile_rows(rows: Rows, windows, block_m: int, block_n: int, bwd_block
     """t-major vs tile-major packs at Wan 480p and 720p, for each window: the fraction of key blocks the
     kernels visit (forward tiles and the dK/dV kernel's), the share of visited blocks that are full (run
     without a mask), the FLOPs executed against the dense kernel and the share of executed (query, key)
-    pairs that are inside the window. ``windows``: ``[(label, window, tile for the tile-major pack)]``.
+    pairs that are inside the window. ``windows``: ``[(label, window, tile for the tile-major pack, granule)]``
+    (``granule``: the window in whole cells of that size, STA's tile-granular mask; None: token-centred).
     Returns the table as dicts (also written as rows)."""
     table = []
     for shape, grid in (("wan480", WAN480), ("wan720", WAN720)):
-        for label, window, tile in windows:
-            pairs = window_pairs(grid, window)
+        for label, window, tile, granule in windows:
+            pairs = window_pairs(grid, window, granule)
             for order in ("t-major", "tile"):
                 t = tile if order == "tile" else None
-                fwd = window_stats((grid,), window, block_m, block_n, order, t)
-                bwd = window_stats((grid,), window, *bwd_blocks, order, t)
+                fwd = window_stats((grid,), window, block_m, block_n, order, t, granule)
+                bwd = window_stats((grid,), window, *bwd_blocks, order, t, granule)
                 executed = fwd["visited"] * block_m * block_n
                 entry = dict(shape=shape, window=label, order=order if t is None else f"tile{t}",
                              visited=fwd["visited"] / fwd["total"], full=fwd["full"] / max(fwd["visited"], 1),
@@ -537,8 +542,9 @@ def main(argv=None) -> int:
     print(f"window block density (BLOCK_M={block_m}, BLOCK_N={block_n} from {block_src}):")
     analysis_rows(rows, args.window, block_m, block_n, block_src, bwd_blocks=bwd_blocks)
     print(f"sliding-tile windows: t-major vs tile-major packs (tile {TILE}; STA's window on its own tile {STA_TILE}):")
-    table = sliding_tile_rows(rows, [(f"ours {args.window}", args.window, TILE),
-                                     (f"STA (3,3,3) tiles ~ {STA_WINDOW}", STA_WINDOW, STA_TILE)],
+    table = sliding_tile_rows(rows, [(f"ours {args.window}", args.window, TILE, None),
+                                     (f"STA-sized, token-centred {STA_WINDOW}", STA_WINDOW, STA_TILE, None),
+                                     ("STA (3,3,3) tiles, tile-granular", (1, 1, 1), STA_TILE, STA_TILE)],
                               block_m, block_n, bwd_blocks)
     if args.pipeline is not None:
         from bench._window_quality import DEFAULT_WINDOWS

@@ -88,7 +88,7 @@ def test_sliding_tile_rows_against_the_token_mask(monkeypatch):
     monkeypatch.setattr(mod, "WAN480", grid)
     monkeypatch.setattr(mod, "WAN720", grid)
     rows = mod.Rows("cpu", "fp32")
-    table = mod.sliding_tile_rows(rows, [("w", window, tile)], bm, bn, (16, 32), heads=1, head_dim=8)
+    table = mod.sliding_tile_rows(rows, [("w", window, tile, None)], bm, bn, (16, 32), heads=1, head_dim=8)
     n = grid[0] * grid[1] * grid[2]
     for e in table[:2]:
         c = grid_coords(grid, order="tile", tile=tile) if e["order"].startswith("tile") else grid_coords(grid)
@@ -121,3 +121,15 @@ def test_quality_rows_on_a_tiny_pipeline(tiny_pipeline):
     for t in table:
         for metric in ("pass_rate", "psnr_vs_dense", "pairs_kept"):
             assert got[(t["label"], metric)] == t[metric]
+
+
+@pytest.mark.parametrize("grid,window,granule", [((5, 7, 9), (1, 1, 0), (2, 4, 4)), ((3, 8, 8), (0, 1, 2), (3, 3, 3))])
+def test_window_pairs_tile_granular(grid, window, granule):
+    """STA's tile-granular mask: pairs whose cells (coordinates // granule) are within the window."""
+    import torch
+
+    from sora_fast.ops import grid_coords
+
+    c = grid_coords(grid) // torch.tensor(granule)
+    mask = ((c[:, None] - c[None]).abs() <= torch.tensor(window)).all(-1)
+    assert bench.window_pairs(grid, window, granule) == int(mask.sum())

@@ -138,11 +138,17 @@ def window_block_lists(seqlens: Sequence[int], coords: torch.Tensor, window: Seq
 
 
 def window_block_stats(grids: Sequence[Sequence[int]], window: Sequence[int], block_m: int, block_n: int,
-                       order: str = "t-major", tile: Sequence[int] | None = None) -> dict:
+                       order: str = "t-major", tile: Sequence[int] | None = None,
+                       granule: Sequence[int] | None = None) -> dict:
     """What a windowed launch over videos of these grids, packed in ``order`` (``tile`` for ``"tile"``),
     visits at tiles ``block_m x block_n`` (query rows x key rows): ``{"visited", "full", "total"}`` block
     pairs. ``visited / total`` scales the dense attention FLOPs; ``full / visited`` is the share of visited
-    blocks run without a mask."""
+    blocks run without a mask. ``granule``: the window counted in whole cells of this size (coordinates
+    ``// granule``, Sliding Tile Attention's tile-granular mask; the kernels run it when given those
+    coordinates as ``coords``); None: centred on each token."""
     seqlens = [int(t) * int(h) * int(w) for t, h, w in grids]
-    lists = window_block_lists(seqlens, pack_coords(grids, "cpu", order, tile), window, block_m, block_n)
+    coords = pack_coords(grids, "cpu", order, tile)
+    if granule is not None:
+        coords = (coords // torch.tensor([int(g) for g in granule], dtype=torch.int32)).to(torch.int32)
+    lists = window_block_lists(seqlens, coords, window, block_m, block_n)
     return {"visited": lists.visited, "full": lists.full, "total": lists.total}
