@@ -1,6 +1,6 @@
 """diffusers -> sora_fast: configs and weights of ``WanTransformer3DModel`` (-> :class:`VideoDiT`) and
-``AutoencoderKLWan`` (Wan 2.1 and 2.2 -> :class:`CausalVAE`), and the Wan transformer's timesteps (per latent or, Wan 2.2
-TI2V, per patch token) in :class:`VideoDiT`'s per-frame form.
+``AutoencoderKLWan`` (Wan 2.1 and 2.2 -> :class:`CausalVAE`), and the Wan transformer's timesteps (per latent
+or, Wan 2.2 TI2V, per patch token) in :class:`VideoDiT`'s per-frame form.
 
 This module imports the models, never the other way: their ``from_diffusers*`` class methods import it
 when called.
