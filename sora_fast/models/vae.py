@@ -398,7 +398,9 @@ class CausalVAE(nn.Module):
     def enable_tiling(self, tile_sample_min_height: int = 256, tile_sample_min_width: int = 256,
                       tile_sample_stride_height: int = 192, tile_sample_stride_width: int = 192) -> None:
         """Spatial tiling as diffusers' ``enable_tiling`` (same arguments, defaults and blending): frames
-        larger than the tile are processed in overlapping tiles whose overlaps fade linearly."""
+        larger than the tile are processed in overlapping tiles whose overlaps fade linearly. With
+        ``patch_size`` p (Wan 2.2) encoding lays them on the patchified video, as diffusers does: its tiles and
+        strides are p times these sizes in pixels."""
         args = dict(tile_sample_min_height=tile_sample_min_height, tile_sample_min_width=tile_sample_min_width,
                     tile_sample_stride_height=tile_sample_stride_height,
                     tile_sample_stride_width=tile_sample_stride_width)
