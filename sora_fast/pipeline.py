@@ -116,7 +116,9 @@ class VideoPipeline(nn.Module):
         twice; from a ``WanPipeline`` object the models share its tensors. Not a Wan pipeline, a missing
         component, a mismatched text encoder or an unsupported option raise errors naming what was found
         and what was expected (:mod:`sora_fast.integrations.diffusers.wan_pipeline`). :meth:`save` writes
-        sora_fast's format."""
+        sora_fast's format. Wan 2.2 TI2V-5B (``expand_timesteps``, the residual 16x VAE) loads too; its
+        image-to-video is :meth:`generate` with ``conditions=[[Condition(image)]]`` (diffusers'
+        ``WanImageToVideoPipeline`` with ``expand_timesteps=True``)."""
         from .integrations.diffusers.wan_pipeline import load_wan_pipeline
 
         return load_wan_pipeline(path_or_pipeline, dtype=dtype, vae_dtype=vae_dtype, device=device,

@@ -158,7 +158,8 @@ def _set_json(path, **changes):
      r"mismatched text encoder: its width \(d_model\) is 32, the transformer's text_dim is 24"),
     (lambda d: _set_json(d / "scheduler" / "scheduler_config.json", use_karras_sigmas=True), ValueError,
      r"options use_karras_sigmas are set"),
-    (lambda d: _set_json(d / "vae" / "config.json", is_residual=True), ValueError, r"is_residual=True is a Wan2.2"),
+    (lambda d: _set_json(d / "vae" / "config.json", scale_factor_spatial=16), ValueError,
+     r"AutoencoderKLWan config scale_factor_spatial=16 does not match its architecture: expected 8"),
     (lambda d: (d / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"junk"), ValueError,
      r"not a readable safetensors file"),
 ])

@@ -1,6 +1,6 @@
 """diffusers -> sora_fast: configs and weights of ``WanTransformer3DModel`` (-> :class:`VideoDiT`) and
-``AutoencoderKLWan`` (-> :class:`CausalVAE`), and the Wan transformer's timesteps (per latent or, Wan 2.2
-TI2V, per patch token) in :class:`VideoDiT`'s per-frame form.
+``AutoencoderKLWan`` (Wan 2.1 and 2.2 -> :class:`CausalVAE`), and the Wan transformer's timesteps (per latent
+or, Wan 2.2 TI2V, per patch token) in :class:`VideoDiT`'s per-frame form.
 
 This module imports the models, never the other way: their ``from_diffusers*`` class methods import it
 when called.
@@ -132,24 +132,33 @@ def _frame_values(frames: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
 
 
 # --- AutoencoderKLWan -> CausalVAE -----------------------------------------------------------
-def wan_config_kwargs(config: Mapping, known: Iterable[str]) -> dict:
-    """``VAEConfig`` keyword arguments from an ``AutoencoderKLWan.config``.
+# in an AutoencoderKLWan config, read by no AutoencoderKLWan of the diffusers versions this matches (Wan 2.2's
+# TI2V-5B config has clip_output=false; diffusers' decode clamps to [-1, 1] whatever it says, as decode does)
+_IGNORED_VAE_FIELDS = ("clip_output",)
 
-    Wan2.2-only fields (``is_residual=True``, ``patch_size``) and fields outside ``known`` are rejected
-    by name; ``scale_factor_*`` are dropped (the factors follow from the architecture).
+
+def wan_config_kwargs(config: Mapping, known: Iterable[str]) -> dict:
+    """``VAEConfig`` keyword arguments from an ``AutoencoderKLWan.config`` (Wan 2.1 or Wan 2.2).
+
+    ``temperal_downsample`` -> ``temporal_downsample``, ``is_residual`` -> ``residual`` (a bool), ``patch_size``
+    None -> 1 (else a positive int); ``scale_factor_*`` and ``clip_output`` are dropped (see
+    :func:`vae_config_from_diffusers` for the factors). Any other field outside ``known`` is a ValueError naming it.
     """
     if not isinstance(config, Mapping):
         raise TypeError(f"config must be a mapping (AutoencoderKLWan.config), got {type(config).__name__}")
     cfg = {k: v for k, v in config.items() if not k.startswith("_")}
-    if cfg.pop("is_residual", False):
-        raise ValueError("is_residual=True is a Wan2.2 VAE field (residual down/up blocks); only the Wan2.1 "
-                         "architecture (is_residual=False) is supported")
+    residual = cfg.pop("is_residual", False)
+    if not isinstance(residual, bool):
+        raise ValueError(f"AutoencoderKLWan config is_residual must be a bool (true: Wan 2.2's residual stages), got "
+                         f"{residual!r}")
+    cfg["residual"] = residual
     patch_size = cfg.pop("patch_size", None)
-    if patch_size not in (None, 1):
-        raise ValueError(f"patch_size={patch_size!r} is a Wan2.2 VAE field (patchified input); only "
-                         f"patch_size=None is supported")
-    cfg.pop("scale_factor_temporal", None)
-    cfg.pop("scale_factor_spatial", None)
+    if patch_size is not None and (isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1):
+        raise ValueError(f"AutoencoderKLWan config patch_size must be None or a positive int (Wan 2.2: 2, pixels "
+                         f"folded into channels per side), got {patch_size!r}")
+    cfg["patch_size"] = patch_size or 1
+    for key in ("scale_factor_temporal", "scale_factor_spatial", *_IGNORED_VAE_FIELDS):
+        cfg.pop(key, None)
     if "temperal_downsample" in cfg:
         cfg["temporal_downsample"] = cfg.pop("temperal_downsample")
     unknown = sorted(set(cfg) - set(known))
@@ -159,8 +168,20 @@ def wan_config_kwargs(config: Mapping, known: Iterable[str]) -> dict:
 
 
 def vae_config_from_diffusers(config: Mapping) -> VAEConfig:
-    """A :class:`VAEConfig` from an ``AutoencoderKLWan.config`` (see :func:`wan_config_kwargs`)."""
-    return VAEConfig(**wan_config_kwargs(config, {f.name for f in fields(VAEConfig)}))
+    """A :class:`VAEConfig` from an ``AutoencoderKLWan.config`` (see :func:`wan_config_kwargs`).
+
+    ``scale_factor_temporal`` / ``scale_factor_spatial``, where set, must be the architecture's factors (diffusers'
+    pipelines size latents and tiles by them, the architecture sizes what the VAE returns): a ValueError names
+    the field, the expected and the received value.
+    """
+    vc = VAEConfig(**wan_config_kwargs(config, {f.name for f in fields(VAEConfig)}))
+    for key, have, why in (("scale_factor_temporal", vc.temporal_factor, "2 ** temporal downsamplings"),
+                           ("scale_factor_spatial", vc.spatial_factor, "patch_size x 2 ** (len(dim_mult) - 1)")):
+        got = config.get(key)
+        if got is not None and got != have:
+            raise ValueError(f"AutoencoderKLWan config {key}={got!r} does not match its architecture: expected "
+                             f"{have} ({why})")
+    return vc
 
 
 def _squeezed(shape) -> tuple:
@@ -170,7 +191,8 @@ def _squeezed(shape) -> tuple:
 def convert_wan_vae_state_dict(state_dict: Mapping[str, torch.Tensor], config: VAEConfig) -> dict:
     """diffusers ``AutoencoderKLWan`` names and shapes -> :class:`CausalVAE`'s for ``config``.
 
-    Renames ``*.resample.1.*`` -> ``*.conv.*`` and ``*.upsamplers.0.*`` -> ``*.upsampler.*``; reshapes
+    Renames ``*.resample.1.*`` -> ``*.conv.*`` and ``*.upsamplers.0.*`` -> ``*.upsampler.*`` (Wan 2.2's residual
+    stages already say ``downsampler`` / ``upsampler``, their shortcuts have no weights); reshapes
     where only unit dims differ: norm gammas ``(C, 1, 1[, 1])`` -> ``(C,)``, the resamplers' Conv2d
     ``(O, I, 3, 3)`` -> ``(O, I, 1, 3, 3)``, the attention's 1x1 Conv2d -> Linear. Other keys pass
     unchanged, so :func:`~sora_fast.models._convert.load_converted` names whatever does not fit.

@@ -1,7 +1,9 @@
-"""CausalVAE: the Wan2.1 video VAE (diffusers ``AutoencoderKLWan``) on sora_fast ops.
+"""CausalVAE: the Wan 2.1 and Wan 2.2 video VAEs (diffusers ``AutoencoderKLWan``) on sora_fast ops.
 
 A video ``(B, 3, T, H, W)`` in [-1, 1] with ``T = 1 + tf*k`` frames becomes latents
-``(B, z, 1 + k, H/sf, W/sf)`` (Wan2.1: tf = 4, sf = 8, z = 16) and back. Both directions run chunk by
+``(B, z, 1 + k, H/sf, W/sf)`` (Wan 2.1: tf = 4, sf = 8, z = 16; Wan 2.2 TI2V-5B: tf = 4, sf = 16, z = 48) and
+back. Wan 2.2's VAE first folds each 2x2 block of pixels into channels (``patch_size``) and gives every stage a
+parameter-free shortcut (``residual``). Both directions run chunk by
 chunk in time — the encoder takes the first frame, then ``tf`` frames per chunk; the decoder one latent
 frame per chunk — and each causal conv hands its last input frames to the next chunk through
 ``causal_conv3d(cache=...)``. The result is the one of the whole video at once, and the working memory
@@ -30,6 +32,8 @@ from .vae_blocks import (  # noqa: F401 (old home)
     RMSNorm,
     UpBlock,
     _Stream,
+    patchify,
+    unpatchify,
 )
 
 # convert_wan_vae_state_dict: from models.convert, on first use (module __getattr__ below)
@@ -40,6 +44,15 @@ WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.151
                       0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
 WAN21_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
                      3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+WAN22_LATENTS_MEAN = (-0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813,
+                      0.0891, 0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108,
+                      -0.2158, 0.2502, -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313,
+                      -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944,
+                      0.3573, -0.0548, -0.1681, -0.0667)
+WAN22_LATENTS_STD = (0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+                     0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+                     0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+                     0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744)
 
 
 # --- config -----------------------------------------------------------------------------------
@@ -50,6 +63,12 @@ class VAEConfig:
     One stage per ``dim_mult`` entry; every stage but the last halves H and W, and those flagged in
     ``temporal_downsample`` also halve time. ``latents_mean``/``latents_std`` (z values each) normalize
     latents for the DiT; None means 0 and 1.
+
+    Wan 2.2 (TI2V-5B) adds two fields, off by default: ``patch_size`` p folds each p x p block of pixels into
+    channels before the encoder and back after the decoder (``in_channels``/``out_channels`` count the folded
+    channels, as diffusers': 3·p² for RGB), and ``residual`` makes each stage one block with a parameter-free
+    shortcut (diffusers' ``is_residual``: channel-group averages down, repeats up; the decoder's upsamplers then
+    keep their channels).
     """
     base_dim: int = 96
     z_dim: int = 16
@@ -63,13 +82,15 @@ class VAEConfig:
     out_channels: int = 3
     latents_mean: Optional[tuple] = None
     latents_std: Optional[tuple] = None
+    residual: bool = False
+    patch_size: int = 1
 
     def __post_init__(self):
         for name in ("dim_mult", "attn_scales", "temporal_downsample", "latents_mean", "latents_std"):
             if getattr(self, name) is not None:
                 setattr(self, name, tuple(getattr(self, name)))
         ints = {n: getattr(self, n) for n in ("base_dim", "z_dim", "num_res_blocks", "in_channels", "out_channels",
-                                              "decoder_base_dim")}
+                                              "decoder_base_dim", "patch_size")}
         ints.update({f"dim_mult[{i}]": m for i, m in enumerate(self.dim_mult)})
         for name, v in ints.items():
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -90,6 +111,34 @@ class VAEConfig:
                 raise ValueError(f"VAEConfig.{name} must hold z_dim={self.z_dim} values, got {len(v)}")
         if self.latents_std is not None and any(s == 0 for s in self.latents_std):
             raise ValueError(f"VAEConfig.latents_std must be nonzero, got {self.latents_std}")
+        if not isinstance(self.residual, bool):
+            raise ValueError(f"VAEConfig.residual must be a bool, got {self.residual!r}")
+        p2 = self.patch_size ** 2
+        for name in ("in_channels", "out_channels"):
+            if getattr(self, name) % p2:
+                raise ValueError(f"VAEConfig.{name} must be a multiple of patch_size**2 = {p2} (video channels x "
+                                 f"{self.patch_size}x{self.patch_size} folded pixels), got {getattr(self, name)}")
+        if self.residual:
+            self._check_shortcuts()
+
+    def _check_shortcuts(self) -> None:
+        """Each residual shortcut spreads channel x (time x) 2 x 2 values over the stage's output channels
+        evenly (down: cout divides cin·factor; up: cin divides cout·factor), as diffusers requires."""
+        n, down = len(self.dim_mult), [self.base_dim * m for m in (1, *self.dim_mult)]
+        up = [(self.decoder_base_dim or self.base_dim) * m for m in (self.dim_mult[-1], *self.dim_mult[::-1])]
+        for i in range(n):
+            last = i == n - 1
+            f = 1 if last else 4 * (2 if self.temporal_downsample[i] else 1)
+            if down[i] * f % down[i + 1]:
+                raise ValueError(f"VAEConfig: residual encoder stage {i} averages {down[i]} channels x {f} pixels "
+                                 f"into {down[i + 1]} channels, expected {down[i + 1]} to divide {down[i] * f} "
+                                 f"(base_dim={self.base_dim}, dim_mult={self.dim_mult})")
+            f = 4 * (2 if self.temporal_downsample[::-1][i] else 1) if not last else 0
+            if f and up[i + 1] * f % up[i]:
+                raise ValueError(f"VAEConfig: residual decoder stage {i} repeats {up[i]} channels over {f} pixels "
+                                 f"of {up[i + 1]} channels, expected {up[i]} to divide {up[i + 1] * f} "
+                                 f"(decoder_base_dim={self.decoder_base_dim or self.base_dim}, "
+                                 f"dim_mult={self.dim_mult})")
 
     @property
     def temporal_factor(self) -> int:
@@ -98,25 +147,36 @@ class VAEConfig:
 
     @property
     def spatial_factor(self) -> int:
-        """Pixels per latent pixel along H and W: 2 ** (len(dim_mult) - 1)."""
-        return 2 ** (len(self.dim_mult) - 1)
+        """Pixels per latent pixel along H and W: patch_size * 2 ** (len(dim_mult) - 1)."""
+        return self.patch_size * 2 ** (len(self.dim_mult) - 1)
 
     @property
     def latent_channels(self) -> int:
         return self.z_dim
 
+    @property
+    def video_in_channels(self) -> int:
+        """Channels of the videos :meth:`CausalVAE.encode` takes: in_channels / patch_size²."""
+        return self.in_channels // self.patch_size ** 2
+
+    @property
+    def video_out_channels(self) -> int:
+        """Channels of the videos :meth:`CausalVAE.decode` returns: out_channels / patch_size²."""
+        return self.out_channels // self.patch_size ** 2
+
     @classmethod
     def from_name(cls, name: str) -> "VAEConfig":
-        """A preset: ``"wan2.1"`` (4x time, 8x space, 16 channels), ``"tiny"`` (tests: 4x, 8x, 4) or
-        ``"demo"`` (a CPU-trainable VAE: 2x time, 4x space, 8 channels)."""
+        """A preset: ``"wan2.1"`` (4x time, 8x space, 16 channels), ``"wan2.2"`` (TI2V-5B's residual VAE: 4x,
+        16x, 48), ``"tiny"`` (tests: 4x, 8x, 4) or ``"demo"`` (a CPU-trainable VAE: 2x time, 4x space, 8 channels)."""
         if name not in VAE_PRESETS:
             raise ValueError(f"unknown VAE preset {name!r}; valid names: {', '.join(sorted(VAE_PRESETS))}")
         return cls(**VAE_PRESETS[name])
 
     @classmethod
     def from_diffusers_config(cls, config: Mapping) -> "VAEConfig":
-        """From an ``AutoencoderKLWan.config``. Wan2.2-only fields (``is_residual=True``, ``patch_size``)
-        are rejected by name; ``scale_factor_*`` are ignored (the factors follow from the architecture)."""
+        """From an ``AutoencoderKLWan.config`` (Wan 2.1 or 2.2: ``is_residual`` -> ``residual``, ``patch_size``
+        None -> 1). ``scale_factor_*`` must equal the architecture's factors; fields CausalVAE does not reproduce
+        are ValueErrors naming them (:func:`~sora_fast.models.convert.wan_config_kwargs`)."""
         from .convert import vae_config_from_diffusers
 
         return vae_config_from_diffusers(config)
@@ -124,6 +184,8 @@ class VAEConfig:
 
 VAE_PRESETS = {
     "wan2.1": dict(latents_mean=WAN21_LATENTS_MEAN, latents_std=WAN21_LATENTS_STD),
+    "wan2.2": dict(base_dim=160, decoder_base_dim=256, z_dim=48, in_channels=12, out_channels=12, residual=True,
+                   patch_size=2, latents_mean=WAN22_LATENTS_MEAN, latents_std=WAN22_LATENTS_STD),
     "tiny": dict(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
     "demo": dict(base_dim=8, z_dim=8, dim_mult=(1, 2, 4), num_res_blocks=1, temporal_downsample=(False, True)),
 }
@@ -187,7 +249,8 @@ class LatentPosterior:
 
 
 class CausalVAE(nn.Module):
-    """Wan2.1-style causal video VAE; loads diffusers ``AutoencoderKLWan`` weights (:meth:`from_diffusers`).
+    """Wan-style causal video VAE (Wan 2.1, and Wan 2.2's residual, patchified one); loads diffusers
+    ``AutoencoderKLWan`` weights (:meth:`from_diffusers`).
 
     ``backend``: None (auto), one backend name for every op, or a mapping from op name
     (``"causal_conv3d"``, ``"channel_rms_norm_silu"``, ``"spacetime_attention"``) to a backend; an op the
@@ -250,31 +313,35 @@ class CausalVAE(nn.Module):
 
     # --- encode / decode ---
     def _encode_frames(self, x: torch.Tensor, chunked: bool = True) -> torch.Tensor:
-        """(B, 3, 1 + tf*k, H, W) -> moments (B, 2z, 1 + k, H/sf, W/sf): the first frame, then tf at a time
-        (``chunked=False``: all frames in one pass)."""
+        """(B, 3, 1 + tf*k, H, W) -> moments (B, 2z, 1 + k, H/sf, W/sf): the first frame, then tf at a time, each
+        chunk patchified on its own (``chunked=False``: all frames in one pass)."""
+        p = self.config.patch_size
         if not chunked:
             s = _Stream(self._backends(), whole=True)
-            return self.quant_conv(self.encoder(x, s), s)
+            return self.quant_conv(self.encoder(patchify(x, p), s), s)
         b, _, t, h, w = x.shape
         tf, sf, s = self.temporal_factor, self.spatial_factor, _Stream(self._backends())
         moments = x.new_empty(b, 2 * self.config.z_dim, 1 + (t - 1) // tf, h // sf, w // sf)
         for i in range(moments.shape[2]):
-            chunk = x[:, :, max(0, 1 + tf * (i - 1)):1 + tf * i]                # (B, 3, 1 or tf, H, W)
+            chunk = patchify(x[:, :, max(0, 1 + tf * (i - 1)):1 + tf * i], p)   # (B, Cin, 1 or tf, H/p, W/p)
             moments[:, :, i:i + 1] = self.quant_conv(self.encoder(chunk, s), s)  # (B, 2z, 1, h, w)
         return moments
 
-    def _decode_frames(self, z: torch.Tensor, clamp: bool, chunked: bool = True) -> torch.Tensor:
+    def _decode_frames(self, z: torch.Tensor, clamp: bool, chunked: bool = True, unpatch: bool = True) -> torch.Tensor:
         """(B, z, T', h, w) -> (B, 3, 1 + tf*(T'-1), h*sf, w*sf), one latent frame at a time
-        (``chunked=False``: all frames in one pass)."""
+        (``chunked=False``: all frames in one pass); ``unpatch=False``: the decoder's patchified output
+        (B, out_channels, ..., h*sf/p, w*sf/p)."""
+        p = self.config.patch_size if unpatch else 1
         if not chunked:
             s = _Stream(self._backends(), whole=True)
-            y = self.decoder(self.post_quant_conv(z, s), s)
+            y = unpatchify(self.decoder(self.post_quant_conv(z, s), s), p)
             return y.clamp(-1.0, 1.0) if clamp else y
         b, _, t, h, w = z.shape
-        tf, sf, s = self.temporal_factor, self.spatial_factor, _Stream(self._backends())
-        out = z.new_empty(b, self.config.out_channels, 1 + tf * (t - 1), h * sf, w * sf)
+        tf, sf, s = self.temporal_factor, self.spatial_factor // self.config.patch_size * p, _Stream(self._backends())
+        out = z.new_empty(b, self.config.out_channels // p ** 2, 1 + tf * (t - 1), h * sf, w * sf)
         for i in range(t):
-            y = self.decoder(self.post_quant_conv(z[:, :, i:i + 1], s), s)      # (B, 3, 1 or tf, H, W)
+            y = self.decoder(self.post_quant_conv(z[:, :, i:i + 1], s), s)      # (B, Cout, 1 or tf, H/p, W/p)
+            y = unpatchify(y, p)                                                # (B, 3, 1 or tf, H, W)
             out[:, :, max(0, 1 + tf * (i - 1)):1 + tf * i] = y.clamp(-1.0, 1.0) if clamp else y
         return out
 
@@ -286,13 +353,15 @@ class CausalVAE(nn.Module):
         same result up to rounding, fewer and larger convolutions (faster for short clips; training uses it),
         activation memory for the whole clip."""
         _check_chunked(chunked)
-        x = self._check("video", video, self.config.in_channels, f"(B, {self.config.in_channels}, T, H, W)",
-                        True, self.spatial_factor)
+        c = self.config.video_in_channels
+        x = self._check("video", video, c, f"(B, {c}, T, H, W)", True, self.spatial_factor)
         tl = self.tiling
         if tl is not None and (x.shape[3] > tl[0] or x.shape[4] > tl[1]):
-            sf = self.spatial_factor
-            moments = tiled(x, lambda t: self._encode_frames(t, chunked), tl[:2], tl[2:], [v // sf for v in tl[:2]],
-                             [v // sf for v in tl[2:]], [v // sf for v in x.shape[3:]])
+            # as diffusers, whose tiles are laid on the patchified video: p times the sizes in pixels
+            sf, p = self.spatial_factor, self.config.patch_size
+            moments = tiled(x, lambda t: self._encode_frames(t, chunked), [v * p for v in tl[:2]],
+                            [v * p for v in tl[2:]], [v * p // sf for v in tl[:2]], [v * p // sf for v in tl[2:]],
+                            [v // sf for v in x.shape[3:]])
         else:
             moments = self._encode_frames(x, chunked)
         return LatentPosterior(*moments.chunk(2, dim=1))
@@ -311,10 +380,13 @@ class CausalVAE(nn.Module):
         latent frame at a time, or (``False``) all in one pass, as in :meth:`encode_posterior`."""
         _check_chunked(chunked)
         z = self._check("latent", latent, self.config.z_dim, f"(B, {self.config.z_dim}, T', h, w)", False, 1)
-        tl, sf = self.tiling, self.spatial_factor
+        tl, sf, p = self.tiling, self.spatial_factor, self.config.patch_size
         if tl is not None and (z.shape[3] > tl[0] // sf or z.shape[4] > tl[1] // sf):
-            out = tiled(z, lambda t: self._decode_frames(t, False, chunked), [v // sf for v in tl[:2]],
-                         [v // sf for v in tl[2:]], tl[:2], tl[2:], [v * sf for v in z.shape[3:]])
+            # as diffusers: tiles of tl/sf latents, blended in the decoder's patchified output, then unfolded
+            out = tiled(z, lambda t: self._decode_frames(t, False, chunked, unpatch=False), [v // sf for v in tl[:2]],
+                        [v // sf for v in tl[2:]], [v // p for v in tl[:2]], [v // p for v in tl[2:]],
+                        [v * sf // p for v in z.shape[3:]])
+            out = unpatchify(out, p)
             return out.clamp(-1.0, 1.0) if clamp else out
         return self._decode_frames(z, clamp, chunked)
 
@@ -326,7 +398,9 @@ class CausalVAE(nn.Module):
     def enable_tiling(self, tile_sample_min_height: int = 256, tile_sample_min_width: int = 256,
                       tile_sample_stride_height: int = 192, tile_sample_stride_width: int = 192) -> None:
         """Spatial tiling as diffusers' ``enable_tiling`` (same arguments, defaults and blending): frames
-        larger than the tile are processed in overlapping tiles whose overlaps fade linearly."""
+        larger than the tile are processed in overlapping tiles whose overlaps fade linearly. With
+        ``patch_size`` p (Wan 2.2) encoding lays them on the patchified video, as diffusers does: its tiles and
+        strides are p times these sizes in pixels."""
         args = dict(tile_sample_min_height=tile_sample_min_height, tile_sample_min_width=tile_sample_min_width,
                     tile_sample_stride_height=tile_sample_stride_height,
                     tile_sample_stride_width=tile_sample_stride_width)

@@ -195,7 +195,7 @@ def _from_dir(d: Path, dtype, vae_dtype, device, max_length: int):
                          f"{ecfg.get('model_type')!r}, expected 'umt5' (Wan's umT5) or 't5'")
     _check_widths(tcfg, vcfg, ecfg.get("d_model"), str(d))
     dit_config = DiTConfig.from_diffusers_config(tcfg)          # I2V / image fields refused by name here
-    vae_config = VAEConfig.from_diffusers_config(vcfg)          # Wan 2.2's residual VAE refused by name here
+    vae_config = VAEConfig.from_diffusers_config(vcfg)          # Wan 2.1, or TI2V-5B's residual VAE; bad options named
     sampling = scheduler_settings(index["scheduler"][1], scfg, str(d / "scheduler"))
     dev = "cpu" if device is None else str(torch.device(device))
 
