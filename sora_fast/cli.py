@@ -178,12 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--frames", type=int, metavar="N",
                    help="a long video of N pixel frames (1 + 4k) per prompt, rolled out in windows of --window "
                         "frames, each given the previous one's last --overlap latent frames; --size (if given) is "
-                        "the whole video's (default Nx32x32)")
+                        "the whole video's (default Nx32x32, or the --image / --video / --keyframe / --edit media's "
+                        "height and width). Takes --image, --video --extend, --keyframe (frames count in the whole "
+                        "video; each goes to the window that covers it) and --edit --strength (an N-frame video)")
     g.add_argument("--window", type=int, metavar="W",
                    help="with --frames: pixel frames per window (1 + 4m, m >= 1; e.g. the trained length)")
     g.add_argument("--overlap", type=int, metavar="K",
                    help="with --frames: latent frames each window takes from the previous one (1 <= K < the "
-                        "window's latent frames, 1 + (W - 1)/4)")
+                        "window's latent frames, 1 + (W - 1)/4; a multiple of the DiT's temporal patch)")
+    g.add_argument("--schedule", choices=["synchronous", "staggered"], default=None,
+                   help="with --frames: synchronous (default: every frame of a window on one noise level) or "
+                        "staggered (Diffusion Forcing: each frame starts --ar-step steps after the one before, so "
+                        "later frames are noisier; steps + ar_step x (frames - 1) DiT forwards per window)")
+    g.add_argument("--ar-step", type=int, default=None, metavar="N",
+                   help="with --schedule staggered: steps each latent frame lags the one before (default 1; 0 is "
+                        "the synchronous schedule)")
     g.add_argument("--attention-window", type=attention_window_arg, default=None, metavar="WT,WH,WW",
                    help="training-free local self-attention: each token attends only to tokens within WT latent "
                         "frames, WH and WW patches (half-sizes; cross-attention stays dense); default: the "

@@ -46,20 +46,28 @@ def check_video_size(size, temporal_factor: int, spatial_factor: int, patch: Seq
                      name: str = "size") -> Size:
     """Validate a ``(frames, height, width)`` request against the VAE and patch factors.
 
-    Frames must be ``1 + temporal_factor·k·pt`` (the causal VAE keeps the first frame alone) and height /
-    width multiples of ``spatial_factor·ph`` / ``spatial_factor·pw``; the error says which and suggests
-    the nearest valid values.
+    Frames must be ``1 + temporal_factor·k`` (the causal VAE keeps the first frame alone and gives ``1 + k``
+    latent frames) with ``1 + k`` a multiple of the temporal patch ``pt`` (the DiT takes latent frames ``pt``
+    at a time), and height / width multiples of ``spatial_factor·ph`` / ``spatial_factor·pw``; the error says
+    which and suggests the nearest valid values.
     """
     if not isinstance(size, (tuple, list)) or len(size) != 3 or not all(
             isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size):
         raise ValueError(f"{name} must be (frames, height, width) positive ints, got {size!r}")
     t, h, w = size
     pt, ph, pw = patch
-    ft = temporal_factor * pt
-    if (t - 1) % ft:
-        lo = 1 + (t - 1) // ft * ft
-        raise ValueError(f"{name}: frames={t} must be 1 + {ft}k (VAE time factor {temporal_factor} x patch "
-                         f"{pt}); nearest valid: {lo} or {lo + ft}")
+    tf = temporal_factor
+    if pt == 1 and (t - 1) % tf:
+        lo = 1 + (t - 1) // tf * tf
+        raise ValueError(f"{name}: frames={t} must be 1 + {tf}k (VAE time factor {tf} x patch {pt}); nearest "
+                         f"valid: {lo} or {lo + tf}")
+    if pt > 1 and ((t - 1) % tf or (1 + (t - 1) // tf) % pt):
+        m = (t - 1 + tf) // (tf * pt)                 # valid frames: tf·pt·m − tf + 1 (pt·m latent frames)
+        lo, hi = tf * pt * m - tf + 1, tf * pt * (m + 1) - tf + 1
+        near = f"{lo} or {hi}" if m >= 1 else f"{hi}"
+        raise ValueError(f"{name}: frames={t} must be 1 + {tf}k with 1 + k a multiple of {pt} (the VAE, time factor "
+                         f"{tf}, gives 1 + k latent frames, and the DiT takes them in temporal patches of {pt}); "
+                         f"nearest valid: {near}")
     for axis, v, p in (("height", h, ph), ("width", w, pw)):
         m = spatial_factor * p
         if v % m:
@@ -303,7 +311,8 @@ class VideoPipeline(LongVideoMixin, nn.Module):
                                  "resized: pass a video of the requested size, or leave its size None")
             sizes[i] = have
         shapes = [self.latent_shape(s) for s in sizes]
-        conds = check_conditions(conditions, [self.check_size(s) for s in sizes], b, self.vae.temporal_factor)
+        conds = check_conditions(conditions, [self.check_size(s) for s in sizes], b, self.vae.temporal_factor,
+                                 self.dit.config.patch[0])
         seeds = [seed + i for i in range(b)] if isinstance(seed, int) else list(seed)
         if len(seeds) != b or not all(isinstance(s, int) for s in seeds):
             raise ValueError(f"seed must be an int or a list of {b} ints, got {seed!r}")
