@@ -164,10 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "noise; in between, re-noised to that level and denoised over the remaining steps")
     g.add_argument("--image", metavar="PATH",
                    help="image-to-video: this image is the first frame of every prompt's video; the size defaults "
-                        "to 9 frames at the image's height and width")
+                        "to 9 frames (--frames N with a long video) at the image's height and width")
     g.add_argument("--video", metavar="PATH",
-                   help="extend this clip (needs --extend); the size defaults to 2n - 1 frames (n the clip's) at its "
-                        "height and width")
+                   help="extend this clip (needs --extend); the size defaults to 2n - 1 frames (n the clip's; --frames "
+                        "N with a long video) at its height and width")
     g.add_argument("--extend", choices=["forward", "backward"],
                    help="with --video: forward puts the clip at the start and generates what follows, backward "
                         "puts it at the end and generates what comes before")

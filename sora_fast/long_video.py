@@ -166,8 +166,8 @@ class LongVideoMixin:
         h, w = self.DEFAULT_SIZE[1:] if size is None else tuple(size)
         if init is not None and tuple(init.shape[1:]) != (frames, h, w):
             raise ValueError(f"init_video is {'x'.join(map(str, init.shape[1:]))} (frames x height x width) but the "
-                             f"long video is {frames}x{h}x{w}; an init video is never cut or resized: pass one of "
-                             "frames frames at size (or leave size None to take its height and width)")
+                             f"long video is {frames}x{h}x{w}; an init video is never cut or resized: pass a video of "
+                             f"{frames} frames at {h}x{w} (or leave size None to take its height and width)")
         placed = check_condition_list(conditions or [], (frames, h, w), self.vae.temporal_factor,
                                       self.dit.config.patch[0], name="conditions", video="the long video")
         (strength,) = check_strength(strength, 1)
@@ -225,8 +225,8 @@ class LongVideoMixin:
             (z,) = self._denoise([noise], text, denoiser=denoiser, attention_window=attention_window, steps=steps,
                                  guidance=guidance, uncond_text=uncond, shift=shift, given=given,
                                  given_levels=levels, solver=solver, order=order, cache=cache, stats=stats,
-                                 **({} if x0 is None else dict(init=[x0[:, s:s + wl]], strength=strength)),
-                                 **({} if ar_step == 0 else dict(ar_step=ar_step)))
+                                 init=None if x0 is None else [x0[:, s:s + wl]], strength=strength,
+                                 ar_step=ar_step)
             evaluations += stats["evaluations"][0]
             chunks.append(z[:, have:])
             prev, prev_start, end = z, s, s + wl
