@@ -164,10 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "noise; in between, re-noised to that level and denoised over the remaining steps")
     g.add_argument("--image", metavar="PATH",
                    help="image-to-video: this image is the first frame of every prompt's video; the size defaults "
-                        "to 9 frames at the image's height and width")
+                        "to 9 frames (--frames N with a long video) at the image's height and width")
     g.add_argument("--video", metavar="PATH",
-                   help="extend this clip (needs --extend); the size defaults to 2n - 1 frames (n the clip's) at its "
-                        "height and width")
+                   help="extend this clip (needs --extend); the size defaults to 2n - 1 frames (n the clip's; --frames "
+                        "N with a long video) at its height and width")
     g.add_argument("--extend", choices=["forward", "backward"],
                    help="with --video: forward puts the clip at the start and generates what follows, backward "
                         "puts it at the end and generates what comes before")
@@ -178,12 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--frames", type=int, metavar="N",
                    help="a long video of N pixel frames (1 + 4k) per prompt, rolled out in windows of --window "
                         "frames, each given the previous one's last --overlap latent frames; --size (if given) is "
-                        "the whole video's (default Nx32x32)")
+                        "the whole video's (default Nx32x32, or the --image / --video / --keyframe / --edit media's "
+                        "height and width). Takes --image, --video --extend, --keyframe (frames count in the whole "
+                        "video; each goes to the window that covers it) and --edit --strength (an N-frame video)")
     g.add_argument("--window", type=int, metavar="W",
                    help="with --frames: pixel frames per window (1 + 4m, m >= 1; e.g. the trained length)")
     g.add_argument("--overlap", type=int, metavar="K",
                    help="with --frames: latent frames each window takes from the previous one (1 <= K < the "
-                        "window's latent frames, 1 + (W - 1)/4)")
+                        "window's latent frames, 1 + (W - 1)/4; a multiple of the DiT's temporal patch)")
+    g.add_argument("--schedule", choices=["synchronous", "staggered"], default=None,
+                   help="with --frames: synchronous (default: every frame of a window on one noise level) or "
+                        "staggered (Diffusion Forcing: each frame starts --ar-step steps after the one before, so "
+                        "later frames are noisier; steps + ar_step x (frames - 1) DiT forwards per window)")
+    g.add_argument("--ar-step", type=int, default=None, metavar="N",
+                   help="with --schedule staggered: steps each latent frame lags the one before (default 1; 0 is "
+                        "the synchronous schedule)")
     g.add_argument("--attention-window", type=attention_window_arg, default=None, metavar="WT,WH,WW",
                    help="training-free local self-attention: each token attends only to tokens within WT latent "
                         "frames, WH and WW patches (half-sizes; cross-attention stays dense); default: the "

@@ -13,7 +13,8 @@ import torch
 
 Media = Union[torch.Tensor, str, "os.PathLike[str]"]  # a tensor or the path of a video or image file
 
-__all__ = ["Condition", "read_media", "check_media", "check_init_videos", "check_conditions"]
+__all__ = ["Condition", "read_media", "check_media", "check_init_videos", "check_conditions",
+           "check_condition_list"]
 
 
 def read_media(path: Union[str, "os.PathLike[str]"], name: str = "path") -> torch.Tensor:
@@ -117,7 +118,8 @@ def check_media(v, name: str) -> torch.Tensor:
                          f"[{lo:.4g}, {hi:.4g}]")
     return v
 
-def check_conditions(conditions, sizes: list, b: int, temporal_factor: int) -> list[list[tuple]]:
+def check_conditions(conditions, sizes: list, b: int, temporal_factor: int, temporal_patch: int = 1
+                     ) -> list[list[tuple]]:
     """``conditions`` -> per prompt a list of ``(media (3, T, H, W) CPU float, first latent frame, level)``,
     every rule checked against the prompt's size (see :meth:`VideoPipeline.generate`)."""
     if conditions is None:
@@ -126,55 +128,66 @@ def check_conditions(conditions, sizes: list, b: int, temporal_factor: int) -> l
         got = f"a list of {len(conditions)}" if isinstance(conditions, (list, tuple)) else type(conditions).__name__
         raise TypeError(f"conditions must be a list of {b} lists of Condition (one per prompt; [] for none), "
                         f"got {got}")
-    tf = temporal_factor
-    out = []
-    for i, (conds, size) in enumerate(zip(conditions, sizes)):
-        if isinstance(conds, Condition) or not isinstance(conds, (list, tuple)):
-            raise TypeError(f"conditions[{i}] must be a list of Condition (empty for none), got "
-                            f"{type(conds).__name__}")
-        t, h, w = size
-        placed, used = [], {}
-        for j, c in enumerate(conds):
-            name = f"conditions[{i}][{j}]"
-            if not isinstance(c, Condition):
-                raise TypeError(f"{name} must be a sora_fast.Condition, got {type(c).__name__}")
-            st = c.strength
-            if isinstance(st, bool) or not isinstance(st, (int, float)):
-                raise TypeError(f"{name}.strength must be a number in [0, 1], got {type(st).__name__}")
-            if not (0.0 <= st <= 1.0):  # NaN fails too
-                raise ValueError(f"{name}.strength must be a number in [0, 1], got {st!r}")
-            fr = c.frame
-            if isinstance(fr, bool) or not isinstance(fr, int):
-                raise TypeError(f"{name}.frame must be an int (a pixel frame index, negative from the end), got "
-                                f"{type(fr).__name__}")
-            if not -t <= fr < t:
-                raise ValueError(f"{name}.frame={fr} is outside the video of prompt {i}: expected a pixel frame "
-                                 f"in [{-t}, {t - 1}] (it has {t} frames)")
-            p = fr + t if fr < 0 else fr
-            (v,) = check_init_videos([c.media], 1, name=f"{name}.media")
-            n = v.shape[1]
-            if (n - 1) % tf:
-                raise ValueError(f"{name}.media has {n} frames; expected 1 + {tf}k (1 for an image) so that it "
-                                 "encodes to whole latent frames")
-            if tuple(v.shape[2:]) != (h, w):
-                raise ValueError(f"{name}.media is {v.shape[2]}x{v.shape[3]} (height x width) but prompt {i} is "
-                                 f"{h}x{w}; a condition is never resized: pass media of the requested size")
-            if n > t:
-                raise ValueError(f"{name}.media has {n} frames, more than the {t} of prompt {i}'s video")
-            if p % tf:
-                raise ValueError(f"{name}.frame={fr} (pixel frame {p}) must be a multiple of {tf} (0, {tf}, "
-                                 f"{2 * tf}, ..., or a negative index that lands on one, e.g. -1 for the last "
-                                 f"frame): a condition's first frame goes into latent frame frame/{tf}; nearest "
-                                 f"valid: {p // tf * tf} or {p // tf * tf + tf}")
-            if p + n > t:
-                raise ValueError(f"{name}: its {n} frames from pixel frame {p} run past the end of prompt {i}'s "
-                                 f"video ({t} frames; the last starts at {t - n} at most)")
-            first, count = p // tf, 1 + (n - 1) // tf
-            for k in range(first, first + count):
-                if k in used:
-                    raise ValueError(f"{name} overlaps conditions[{i}][{used[k]}]: both give latent frame {k} "
-                                     f"(pixel frames {max(0, tf * k - tf + 1)}..{tf * k})")
-                used[k] = j
-            placed.append((v, first, 1.0 - float(st)))
-        out.append(placed)
-    return out
+    return [check_condition_list(conds, size, temporal_factor, temporal_patch, name=f"conditions[{i}]",
+                                 video=f"prompt {i}'s video") for i, (conds, size) in enumerate(zip(conditions, sizes))]
+
+
+def check_condition_list(conds, size, temporal_factor: int, temporal_patch: int = 1, *, name: str = "conditions",
+                         video: str = "the video") -> list[tuple]:
+    """One video's list of :class:`Condition` -> ``(media (3, T, H, W) CPU float, first latent frame, level)``
+    per condition (media read from files), every rule checked against the video's ``size`` ``(frames, height,
+    width)``: errors name ``name[j]`` and ``video``. With a temporal patch ``pt > 1`` a condition's latent
+    frames must be whole patch frames (the DiT has one timestep per ``pt`` latent frames)."""
+    if isinstance(conds, Condition) or not isinstance(conds, (list, tuple)):
+        raise TypeError(f"{name} must be a list of Condition (empty for none), got {type(conds).__name__}")
+    tf, pt = temporal_factor, temporal_patch
+    t, h, w = size
+    placed, used = [], {}
+    for j, c in enumerate(conds):
+        cname = f"{name}[{j}]"
+        if not isinstance(c, Condition):
+            raise TypeError(f"{cname} must be a sora_fast.Condition, got {type(c).__name__}")
+        st = c.strength
+        if isinstance(st, bool) or not isinstance(st, (int, float)):
+            raise TypeError(f"{cname}.strength must be a number in [0, 1], got {type(st).__name__}")
+        if not (0.0 <= st <= 1.0):  # NaN fails too
+            raise ValueError(f"{cname}.strength must be a number in [0, 1], got {st!r}")
+        fr = c.frame
+        if isinstance(fr, bool) or not isinstance(fr, int):
+            raise TypeError(f"{cname}.frame must be an int (a pixel frame index, negative from the end), got "
+                            f"{type(fr).__name__}")
+        if not -t <= fr < t:
+            raise ValueError(f"{cname}.frame={fr} is outside {video}: expected a pixel frame in [{-t}, {t - 1}] "
+                             f"(it has {t} frames)")
+        p = fr + t if fr < 0 else fr
+        (v,) = check_init_videos([c.media], 1, name=f"{cname}.media")
+        n = v.shape[1]
+        if (n - 1) % tf:
+            raise ValueError(f"{cname}.media has {n} frames; expected 1 + {tf}k (1 for an image) so that it "
+                             "encodes to whole latent frames")
+        if tuple(v.shape[2:]) != (h, w):
+            raise ValueError(f"{cname}.media is {v.shape[2]}x{v.shape[3]} (height x width) but {video} is "
+                             f"{h}x{w}; a condition is never resized: pass media of the requested size")
+        if n > t:
+            raise ValueError(f"{cname}.media has {n} frames, more than the {t} of {video}")
+        if p % tf:
+            raise ValueError(f"{cname}.frame={fr} (pixel frame {p}) must be a multiple of {tf} (0, {tf}, "
+                             f"{2 * tf}, ..., or a negative index that lands on one, e.g. -1 for the last "
+                             f"frame): a condition's first frame goes into latent frame frame/{tf}; nearest "
+                             f"valid: {p // tf * tf} or {p // tf * tf + tf}")
+        if p + n > t:
+            raise ValueError(f"{cname}: its {n} frames from pixel frame {p} run past the end of {video} ({t} "
+                             f"frames; the last starts at {t - n} at most)")
+        first, count = p // tf, 1 + (n - 1) // tf
+        if pt > 1 and (first % pt or count % pt):
+            raise ValueError(f"{cname} gives latent frames {first}..{first + count - 1}, but the DiT's temporal "
+                             f"patch is {pt}: a condition must give whole patch frames (a first latent frame "
+                             f"and a count that are multiples of {pt}; {1 + tf * (pt - 1)} media frames at pixel "
+                             f"frame 0, {tf * pt}, {2 * tf * pt}, ...)")
+        for k in range(first, first + count):
+            if k in used:
+                raise ValueError(f"{cname} overlaps {name}[{used[k]}]: both give latent frame {k} "
+                                 f"(pixel frames {max(0, tf * k - tf + 1)}..{tf * k})")
+            used[k] = j
+        placed.append((v, first, 1.0 - float(st)))
+    return placed

@@ -30,6 +30,7 @@ from ._pipeline_desc import text_encoder_from as _text_encoder
 from .captions.expand import Expansion, PromptExpander, make_expander
 from .captions.stats import CaptionStats
 from .conditioning import Condition, Media, check_conditions, check_init_videos, check_media, read_media
+from .long_video import LongVideoMixin
 from .models.dit import DiTConfig, VideoDiT
 from .models.text import T5TextEncoder, TextEncoder, TinyTextEncoder
 from .models.vae import CausalVAE, VAEConfig
@@ -45,20 +46,28 @@ def check_video_size(size, temporal_factor: int, spatial_factor: int, patch: Seq
                      name: str = "size") -> Size:
     """Validate a ``(frames, height, width)`` request against the VAE and patch factors.
 
-    Frames must be ``1 + temporal_factor·k·pt`` (the causal VAE keeps the first frame alone) and height /
-    width multiples of ``spatial_factor·ph`` / ``spatial_factor·pw``; the error says which and suggests
-    the nearest valid values.
+    Frames must be ``1 + temporal_factor·k`` (the causal VAE keeps the first frame alone and gives ``1 + k``
+    latent frames) with ``1 + k`` a multiple of the temporal patch ``pt`` (the DiT takes latent frames ``pt``
+    at a time), and height / width multiples of ``spatial_factor·ph`` / ``spatial_factor·pw``; the error says
+    which and suggests the nearest valid values.
     """
     if not isinstance(size, (tuple, list)) or len(size) != 3 or not all(
             isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size):
         raise ValueError(f"{name} must be (frames, height, width) positive ints, got {size!r}")
     t, h, w = size
     pt, ph, pw = patch
-    ft = temporal_factor * pt
-    if (t - 1) % ft:
-        lo = 1 + (t - 1) // ft * ft
-        raise ValueError(f"{name}: frames={t} must be 1 + {ft}k (VAE time factor {temporal_factor} x patch "
-                         f"{pt}); nearest valid: {lo} or {lo + ft}")
+    tf = temporal_factor
+    if pt == 1 and (t - 1) % tf:
+        lo = 1 + (t - 1) // tf * tf
+        raise ValueError(f"{name}: frames={t} must be 1 + {tf}k (VAE time factor {tf} x patch {pt}); nearest "
+                         f"valid: {lo} or {lo + tf}")
+    if pt > 1 and ((t - 1) % tf or (1 + (t - 1) // tf) % pt):
+        m = (t - 1 + tf) // (tf * pt)                 # valid frames: tf·pt·m − tf + 1 (pt·m latent frames)
+        lo, hi = tf * pt * m - tf + 1, tf * pt * (m + 1) - tf + 1
+        near = f"{lo} or {hi}" if m >= 1 else f"{hi}"
+        raise ValueError(f"{name}: frames={t} must be 1 + {tf}k with 1 + k a multiple of {pt} (the VAE, time factor "
+                         f"{tf}, gives 1 + k latent frames, and the DiT takes them in temporal patches of {pt}); "
+                         f"nearest valid: {near}")
     for axis, v, p in (("height", h, ph), ("width", w, pw)):
         m = spatial_factor * p
         if v % m:
@@ -87,7 +96,7 @@ def local_attention(dit: VideoDiT, window):
             b.cfg = cfg
 
 
-class VideoPipeline(nn.Module):
+class VideoPipeline(LongVideoMixin, nn.Module):
     """A DiT, a causal VAE and a text encoder that generate videos from prompts.
 
     ``dit.config.in_channels`` must equal the VAE's latent channels and ``dit.config.text_dim`` the text
@@ -98,7 +107,8 @@ class VideoPipeline(nn.Module):
     default shift and its noise levels (:func:`sora_fast.sampling.schedule_sigmas`). ``caption_stats`` (None, or the
     :class:`~sora_fast.captions.expand.CaptionStats` of the training captions, saved in ``pipeline.json``'s
     ``captions``) is what ``generate(expand="schema")`` fills prompts from; ``last_prompts`` holds the last call's
-    :class:`~sora_fast.captions.expand.Expansion` per prompt (original and expanded text).
+    :class:`~sora_fast.captions.expand.Expansion` per prompt (original and expanded text). Long videos
+    (:meth:`generate_long`, :meth:`plan_long`, :meth:`window_seed`) are :mod:`sora_fast.long_video`'s.
     """
 
     @classmethod
@@ -172,6 +182,15 @@ class VideoPipeline(nn.Module):
     def _shift(self, shift):
         """``shift`` as given, or (None) the pipeline's: its scheduler's shift, else ``"auto"``."""
         return shift if shift is not None else self.sampling["shift"] if self.sampling else "auto"
+
+    def _denoise(self, noise, text, *, denoiser=None, attention_window=None, **kw) -> list[torch.Tensor]:
+        """:func:`sora_fast.sampling.sample` of ``noise`` with ``denoiser`` (default the DiT) under the local
+        attention window ``attention_window``, in the DiT's patch and token order, on :attr:`sampling`'s
+        schedule; ``kw`` are the other arguments of ``sample``."""
+        c = self.dit.config
+        with local_attention(self.dit, attention_window):
+            return sample(denoiser or self.dit, noise, text, patch=c.patch, token_order=c.token_order,
+                          token_tile=c.token_tile, schedule=self.sampling and self.sampling["schedule"], **kw)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], sizes: Union[Size, Sequence[Optional[Size]], None] = None, *,
@@ -294,7 +313,8 @@ class VideoPipeline(nn.Module):
                                  "resized: pass a video of the requested size, or leave its size None")
             sizes[i] = have
         shapes = [self.latent_shape(s) for s in sizes]
-        conds = check_conditions(conditions, [self.check_size(s) for s in sizes], b, self.vae.temporal_factor)
+        conds = check_conditions(conditions, [self.check_size(s) for s in sizes], b, self.vae.temporal_factor,
+                                 self.dit.config.patch[0])
         seeds = [seed + i for i in range(b)] if isinstance(seed, int) else list(seed)
         if len(seeds) != b or not all(isinstance(s, int) for s in seeds):
             raise ValueError(f"seed must be an int or a list of {b} ints, got {seed!r}")
@@ -358,14 +378,11 @@ class VideoPipeline(nn.Module):
                 progress(i, n)
 
         t0, stats = time.perf_counter(), {}
-        with local_attention(self.dit, attention_window):
-            latents = sample(denoiser or self.dit, noise, text, patch=self.dit.config.patch, steps=steps,
-                             token_order=self.dit.config.token_order, token_tile=self.dit.config.token_tile,
-                             guidance=guidance, uncond_text=uncond, shift=shift, progress=on_step,
-                             init=x0 if any(z is not None for z in x0) else None, strength=strengths,
-                             given=given if any(conds) else None, given_levels=levels if any(conds) else None,
-                             solver=solver, order=order, cache=cache, stats=stats,
-                             schedule=self.sampling and self.sampling["schedule"])
+        latents = self._denoise(noise, text, denoiser=denoiser, attention_window=attention_window, steps=steps,
+                                guidance=guidance, uncond_text=uncond, shift=shift, progress=on_step,
+                                init=x0 if any(z is not None for z in x0) else None, strength=strengths,
+                                given=given if any(conds) else None, given_levels=levels if any(conds) else None,
+                                solver=solver, order=order, cache=cache, stats=stats)
         timings["denoise"], timings["steps"] = time.perf_counter() - t0, step_times
         timings["evaluations"] = stats["evaluations"]
 
@@ -377,168 +394,6 @@ class VideoPipeline(nn.Module):
         timings["decode"] = time.perf_counter() - t0
         self.last_timings = timings
         return videos
-
-    # --- long videos ---------------------------------------------------------------------------
-    @staticmethod
-    def window_seed(seed: int, w: int) -> int:
-        """The seed of window ``w`` of a :meth:`generate_long` rollout: ``seed`` itself for window 0 (so the
-        first window is ``generate``'s video), then a fixed odd-multiplier mix of ``(seed, w)`` mod 2**64."""
-        return seed if w == 0 else (seed + w * 0x9E3779B97F4A7C15) % 2**64
-
-    def plan_long(self, frames: int, window: int, overlap: int, size=None) -> list[int]:
-        """Check :meth:`generate_long`'s ``frames`` / ``window`` / ``overlap`` / ``size`` and return the first
-        latent frame of every window (see :meth:`generate_long` for the rule); raises ValueError / TypeError
-        naming the argument, what was expected and what was received."""
-        for name, v in (("frames", frames), ("window", window), ("overlap", overlap)):
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
-        h, w = self.DEFAULT_SIZE[1:] if size is None else (size if isinstance(size, (tuple, list)) and len(size) == 2
-                                                           else (None, None))
-        if h is None:
-            raise ValueError(f"size must be (height, width), got {size!r}")
-        tf, pt = self.vae.temporal_factor, self.dit.config.patch[0]
-        if window < 1 + tf:
-            raise ValueError(f"window must be at least {1 + tf} pixel frames (1 + {tf}m, m >= 1: two latent frames "
-                             f"or more), got {window}")
-        self.check_size((1, h, w), name="size")
-        self.check_size((window, h, w), name="window")
-        self.check_size((frames, h, w), name="frames")
-        if frames < window:
-            raise ValueError(f"frames must be >= window ({window}), got {frames}; for a shorter video use generate")
-        wl, lat = 1 + (window - 1) // tf, 1 + (frames - 1) // tf
-        if not 0 < overlap < wl:
-            raise ValueError(f"overlap must be in [1, {wl - 1}] latent frames (the window of {window} pixel frames "
-                             f"has {wl}), got {overlap}")
-        stride = wl - overlap
-        n = 1 + -(-(lat - wl) // stride)                               # ceil((lat - overlap) / stride)
-        starts = [min(k * stride, lat - wl) for k in range(n)]
-        if pt > 1 and n > 1:  # a window of 1 + pt*k latent frames cannot hold given frames per patch frame
-            raise ValueError(f"frames={frames} needs {n} windows, but the DiT's temporal patch is {pt}: windows after "
-                             "the first are given latent frames, which the sampler takes with a temporal patch of 1 "
-                             f"only; use frames={window} (one window) or a DiT with patch (1, ph, pw)")
-        return starts
-
-    @torch.no_grad()
-    def generate_long(self, prompt: str, frames: int, *, window: int, overlap: int, size=None, steps: int = 30,
-                      guidance: float = 5.0, negative_prompt: str = "", shift: Union[float, str, None] = None,
-                      seed: int = 0, progress: Optional[Callable[[int, int], None]] = None,
-                      denoiser: Optional[Callable] = None, return_latents: bool = False,
-                      solver: str = "euler", order: Optional[int] = None, cache=None,
-                      expand: Union[str, PromptExpander, None] = None,
-                      attention_window: Optional[Sequence[int]] = None):
-        """One long video of ``frames`` pixel frames, rolled out in autoregressive windows of ``window`` frames.
-
-        **Design.** The rollout works in latent space. A window is a video of ``window = 1 + 4m`` pixel frames
-        (``W = 1 + m`` latent frames), denoised by :func:`sora_fast.sampling.sample` exactly as
-        :meth:`generate` denoises one prompt. Window 0 is plain generation. Every next window starts
-        ``W − overlap`` latent frames later: its first ``overlap`` latent frames are the previous window's
-        last ``overlap`` generated latents, given at level 0 through the per-frame held levels
-        (``given=`` / ``given_levels=``: never updated, timestep 0 at those frames, returned exactly), and the
-        rest is denoised. The schedule is **synchronous**: every non-given frame of a window is on the same
-        level at every step. The last window is not trimmed: it keeps ``W`` latent frames and is moved back
-        to end at the video's last latent frame, so it may be given more than ``overlap`` frames (all already
-        generated). Windows: ``1 + ceil((L − W) / (W − overlap))`` for ``L = 1 + (frames − 1)/4`` latent
-        frames. Note that in windows after the first, latent frame 0 of the window is a 4-frame latent
-        (the causal VAE's single-frame latent is only the video's first).
-
-        **Memory** is flat in the total length: each window is one ``sample`` call over one window's
-        tokens (no activation of an earlier window is kept; every DiT forward sees one window, CFG doubled);
-        only the latents (a list of per-window chunks of new frames, ``L`` latent frames in all) are kept,
-        and they are decoded at the end by the causal VAE's chunked decode (one latent frame per chunk, a
-        frame cache between chunks), so decode memory does not grow with the length except for the output.
-
-        **Seeds.** Window ``w`` draws its noise from :meth:`window_seed` ``(seed, w)``; window 0 uses ``seed``,
-        so ``generate_long(p, window, window=window, ...)`` equals ``generate([p], (window, H, W), seed=seed)``
-        and the first window's latents are generate's. A rollout is reproducible from its seed.
-
-        Args:
-            prompt: the text.
-            frames: total pixel frames, ``1 + 4k`` and ``>= window``.
-            window: pixel frames per window, ``1 + 4m`` with ``m >= 1``.
-            overlap: latent frames each window takes from the previous one, ``0 < overlap < W``.
-            size: ``(height, width)`` in pixels (default: :attr:`DEFAULT_SIZE`'s).
-            steps, guidance, negative_prompt, shift, denoiser, solver, order, cache, expand, attention_window: as
-                in :meth:`generate`, for every window (the prompt is expanded once).
-            seed: an int (see Seeds).
-            progress: called with ``(windows done, windows)`` after every window.
-            return_latents: also return the list of every window's normalized latents ``(C, W, h, w)``.
-        Returns a float tensor ``(3, frames, height, width)`` in [-1, 1] on the CPU (and the list of window
-        latents with ``return_latents=True``). Every argument is checked before any work; ``last_timings``
-        holds ``text``, ``denoise`` (all windows), ``windows`` (seconds per window), ``decode`` and
-        ``evaluations`` (full DiT evaluations over all windows).
-        """
-        from .memory import check_generate_memory
-        from .sampling import check_finite, check_sampling
-
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
-        if not isinstance(negative_prompt, str):
-            raise TypeError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
-        starts = self.plan_long(frames, window, overlap, size)
-        h, w = self.DEFAULT_SIZE[1:] if size is None else tuple(size)
-        shift = self._shift(shift)
-        check_sampling(steps, guidance, shift, 1, solver=solver, order=order, cache=cache, denoiser=denoiser)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        if not isinstance(return_latents, bool):
-            raise TypeError(f"return_latents must be a bool, got {type(return_latents).__name__}")
-        attention_window = check_window("attention_window", attention_window)
-        shape = self.latent_shape((window, h, w))
-        check_generate_memory(self, [shape], [(frames, h, w)], cfg=guidance != 1.0)  # one window; the whole output
-        expander = self._expander(expand)
-        self.eval()
-        dev, timings = self.device, {}
-
-        t0 = time.perf_counter()
-        (prompt,) = self._expand([prompt], expander)
-        if expander is not None:
-            timings["expand"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        text = self.text_encoder.encode([prompt]).to(dev)
-        uncond = self.text_encoder.encode([negative_prompt]).to(dev) if guidance != 1.0 else None
-        timings["text"] = time.perf_counter() - t0
-
-        wl = shape[1]
-        chunks: list[torch.Tensor] = []   # new latent frames of every window, on the device
-        windows, window_times, end, evaluations = [], [], 0, 0
-        prev, prev_start = None, 0
-        t0 = time.perf_counter()
-        for k, s in enumerate(starts):
-            tw = time.perf_counter()
-            noise = torch.randn(shape, generator=torch.Generator().manual_seed(self.window_seed(seed, k))).to(dev)
-            have = end - s                                            # latent frames already generated
-            given = levels = None
-            if have > 0:  # the previous window's last latents, given at level 0
-                g = torch.zeros_like(noise)
-                g[:, :have] = prev[:, s - prev_start:].to(noise.dtype)
-                lv = torch.full((wl,), float("nan"), dtype=torch.float64)
-                lv[:have] = 0.0
-                given, levels = [g], [lv]
-            stats = {}
-            with local_attention(self.dit, attention_window):
-                (z,) = sample(denoiser or self.dit, [noise], text, patch=self.dit.config.patch, steps=steps,
-                              token_order=self.dit.config.token_order, token_tile=self.dit.config.token_tile,
-                              guidance=guidance, uncond_text=uncond, shift=shift, given=given, given_levels=levels,
-                              solver=solver, order=order, cache=cache, stats=stats,
-                              schedule=self.sampling and self.sampling["schedule"])
-            evaluations += stats["evaluations"][0]
-            chunks.append(z[:, have:])
-            prev, prev_start, end = z, s, s + wl
-            if return_latents:
-                windows.append(z.cpu())
-            window_times.append(time.perf_counter() - tw)
-            if progress is not None:
-                progress(k + 1, len(starts))
-        timings["denoise"], timings["windows"] = time.perf_counter() - t0, window_times
-        timings["evaluations"] = evaluations
-
-        t0 = time.perf_counter()
-        latents = torch.cat(chunks, dim=1)
-        video = self.vae.decode(self.vae.denormalize_latents(latents[None]), chunked=True)[0].float().cpu()
-        check_finite([video], "the decoded video")
-        timings["decode"] = time.perf_counter() - t0
-        self.last_timings = timings
-        return (video, windows) if return_latents else video
 
     # --- persistence ---------------------------------------------------------------------------
     def describe(self) -> dict:

@@ -56,7 +56,7 @@ def default_size(pipe) -> tuple[int, int, int]:
     except ValueError:
         pt, ph, pw = pipe.dit.config.patch
         s = pipe.vae.spatial_factor
-        return (1 + pipe.vae.temporal_factor * pt, s * ph, s * pw)
+        return (1 + pipe.vae.temporal_factor * max(1, pt - 1), s * ph, s * pw)  # max(2, pt) latent frames
 
 
 def _stats(xs: Sequence[float]) -> dict:

@@ -174,10 +174,11 @@ def test_cli_long_writes_each_prompts_rollout(tiny_pipeline, tmp_path, capsys, m
 @pytest.mark.parametrize("args, match", [
     (["--frames", "17", "--window", "9"], "missing --overlap"),
     (["--window", "9", "--overlap", "1"], "missing --frames"),
+    # conditions and edits are taken with a long video (tests/test_long_video.py): their files are read first
     (["--frames", "17", "--window", "9", "--overlap", "1", "--edit", "x.mp4", "--strength", "0.5"],
-     "cannot be combined with --edit"),
-    (["--frames", "17", "--window", "9", "--overlap", "1", "--keyframe", "a.png@0"], "cannot be combined with "
-                                                                                    "--keyframe"),
+     "--edit: cannot read"),
+    (["--frames", "17", "--window", "9", "--overlap", "1", "--keyframe", "a.png@0"], r"--keyframe a.png@0: cannot "
+                                                                                    "read"),
     # taken with a long video; alone (no torchrun) the launch check says how to run it
     (["--frames", "17", "--window", "9", "--overlap", "1", "--cfg-parallel"], "--cfg-parallel needs 2 processes"),
     (["--frames", "5", "--window", "9", "--overlap", "1"], r"--frames must be >= --window \(9\), got 5"),
@@ -208,9 +209,14 @@ def test_cli_long_bad_args_after_loading_before_work(tiny_pipeline, tmp_path, ca
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
-def test_temporal_patch_above_one_is_refused_beyond_one_window(tiny_pipeline, monkeypatch):
+def test_temporal_patch_above_one_aligns_windows_to_whole_patches(tiny_pipeline, monkeypatch):
+    """A DiT of temporal patch 2 takes latent frames 2 at a time: videos, windows and overlaps are whole patch
+    frames, so every window starts on a patch boundary (tests/test_long_video.py rolls such a DiT out)."""
     pipe, _ = tiny_pipeline
     monkeypatch.setattr(pipe.dit.config, "patch", (2, 2, 2))
-    assert pipe.plan_long(9, 9, 1, (16, 16)) == [0]                   # one window: nothing given
-    with pytest.raises(ValueError, match=r"frames=17 needs 2 windows, but the DiT's temporal patch is 2"):
-        pipe.plan_long(17, 9, 1, (16, 16))
+    assert pipe.plan_long(13, 13, 2, (16, 16)) == [0]                 # 4 latent frames: one window
+    assert pipe.plan_long(29, 13, 2, (16, 16)) == [0, 2, 4]
+    with pytest.raises(ValueError, match=r"overlap must be a multiple of the DiT's temporal patch 2"):
+        pipe.plan_long(29, 13, 1, (16, 16))
+    with pytest.raises(ValueError, match=r"window: frames=9 must be 1 \+ 4k with 1 \+ k a multiple of 2"):
+        pipe.plan_long(17, 9, 2, (16, 16))

@@ -96,6 +96,8 @@ def _check_condition_args(args) -> None:
         args.conditions.append((f"--keyframe {path}@{frame}", Condition(media, frame)))
         if args.condition_size is None:
             args.condition_size = (9, *media.shape[2:])
+    if args.frames is not None and args.condition_size is not None:  # a long video: --frames is the whole video's
+        args.condition_size = (args.frames, *args.condition_size[1:])
     for i, s in enumerate((args.size or [args.condition_size]) if args.conditions else []):
         t, h, w = s
         for flag, c in args.conditions:
@@ -200,6 +202,9 @@ def _check_generate_args(args) -> None:
 
         args.edit_video = read_media(args.edit, "--edit")
         have = tuple(args.edit_video.shape[1:])
+        if args.frames is not None and have[0] != args.frames:
+            raise ValueError(f"--edit video has {have[0]} frames but --frames is {args.frames}; an edited long video "
+                             "is never cut: give --frames its frame count")
         for i, s in enumerate(args.size or []):
             if tuple(s) != have:
                 raise ValueError(f"--size #{i + 1} {'x'.join(map(str, s))} differs from the --edit video's size "
@@ -209,20 +214,24 @@ def _check_generate_args(args) -> None:
 
 
 def _check_long_args(args) -> None:
-    """``--frames N --window W --overlap K`` (long videos): all three or none, not combined with the flags that
-    condition or edit a video, a ``--size`` whose frames are ``--frames``; checked without a model (the VAE's
-    frame rules are checked by ``VideoPipeline.plan_long`` once it is loaded, before any work)."""
+    """``--frames N --window W --overlap K`` (long videos): all three or none, ``--schedule`` / ``--ar-step`` only
+    with them, a ``--size`` whose frames are ``--frames``; checked without a model (the VAE's frame rules are
+    checked by ``VideoPipeline.plan_long`` once it is loaded, before any work). ``--image``, ``--video``,
+    ``--keyframe`` and ``--edit`` combine with them: frames count in the whole long video."""
     flags = {"--frames": args.frames, "--window": args.window, "--overlap": args.overlap}
     if all(v is None for v in flags.values()):
+        given = [f for f, v in (("--schedule", args.schedule), ("--ar-step", args.ar_step)) if v is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to long videos only "
+                             "(--frames N --window W --overlap K)")
         return
     missing = [f for f, v in flags.items() if v is None]
     if missing:
         raise ValueError(f"long videos need --frames N --window W --overlap K together; missing {', '.join(missing)}")
-    other = [f for f, v in (("--edit", args.edit), ("--image", args.image), ("--video", args.video),
-                            ("--keyframe", args.keyframe)) if v]
-    if other:
-        raise ValueError(f"--frames/--window/--overlap (a long video) cannot be combined with {', '.join(other)}; "
-                         "generate the long video without them")
+    if args.ar_step is not None and args.schedule != "staggered":
+        raise ValueError(f"--ar-step needs --schedule staggered (got --schedule {args.schedule or 'synchronous'})")
+    if args.ar_step is not None and args.ar_step < 0:
+        raise ValueError(f"--ar-step must be >= 0 (steps each frame lags the one before), got {args.ar_step}")
     if args.window < 1:
         raise ValueError(f"--window must be a positive number of pixel frames (1 + 4m, m >= 1), got {args.window}")
     if args.frames < args.window:
@@ -244,6 +253,11 @@ def _generate_long(pipe, args, prompts, sizes, mesh) -> list:
 
     plans = [pipe.plan_long(args.frames, args.window, args.overlap, tuple(s[1:])) for s in sizes]  # before work
     denoiser = None if mesh is None else make_denoiser(pipe.dit, mesh)
+    kw = dict(schedule=args.schedule or "synchronous", ar_step=args.ar_step)
+    if args.conditions:
+        kw["conditions"] = [c for _, c in args.conditions]
+    if args.edit_video is not None:
+        kw.update(init_video=args.edit_video, strength=args.strength)
     clips, total, evaluations = [], {"text": 0.0, "denoise": 0.0, "decode": 0.0}, []
     for i, (prompt, s, plan) in enumerate(zip(prompts, sizes, plans)):
         bar = ProgressBar(len(plan), desc=f"video {i + 1}/{len(sizes)} windows",
@@ -253,7 +267,7 @@ def _generate_long(pipe, args, prompts, sizes, mesh) -> list:
                                         shift=args.shift, negative_prompt=args.negative_prompt, seed=args.seed + i,
                                         progress=lambda k, n: bar.update(), denoiser=denoiser,
                                         solver=args.solver, order=args.order, cache=args.cache,
-                                        attention_window=args.attention_window))
+                                        attention_window=args.attention_window, **kw))
         bar.close()
         for k in total:
             total[k] += pipe.last_timings[k]
@@ -280,8 +294,8 @@ def cmd_generate(args) -> int:
         load_lora_file(pipe.dit, args.lora)
     edit = args.edit_video
     long = args.frames is not None
-    sizes = args.size or [(args.frames, 32, 32) if long else
-                          args.condition_size or ((9, 32, 32) if edit is None else tuple(edit.shape[1:]))]
+    sizes = args.size or [args.condition_size or ((9 if not long else args.frames, 32, 32) if edit is None
+                                                  else tuple(edit.shape[1:]))]
     if len(sizes) not in (1, len(args.prompt)):
         raise ValueError(f"--size given {len(sizes)} times; give it once or once per --prompt ({len(args.prompt)})")
     sizes = sizes * len(args.prompt) if len(sizes) == 1 else sizes
@@ -316,10 +330,14 @@ def cmd_generate(args) -> int:
         "prompts": list(args.prompt), **expand, "sizes": [list(c.shape[1:]) for c in clips], "seed": args.seed,
         "steps": args.steps, "guidance": args.guidance, "solver": args.solver, "order": args.order,
         "cache": args.cache, "attention_window": args.attention_window, "files": [p.name for p in written],
-        "evaluations": t["evaluations"], "seconds": {k: t[k] for k in ("text", "denoise", "decode") if k in t}})
+        "evaluations": t["evaluations"], "seconds": {k: t[k] for k in ("text", "denoise", "decode") if k in t},
+        **({} if not long else {"long": {"frames": args.frames, "window": args.window, "overlap": args.overlap,
+                                         "schedule": args.schedule or "synchronous", "ar_step": args.ar_step}})})
     if long:
+        lag = 1 if args.ar_step is None else args.ar_step
+        stagger = f", staggered by {lag}" if args.schedule == "staggered" else ""
         print(f"text {t['text'] * 1e3:.0f} ms | denoise {t['denoise']:.2f} s (windows of {args.window} frames, "
-              f"{args.steps} {args.solver} steps each; DiT evaluations per video {t['evaluations']}) | "
+              f"{args.steps} {args.solver} steps each{stagger}; DiT evaluations per video {t['evaluations']}) | "
               f"decode {t['decode'] * 1e3:.0f} ms")
     else:
         print(f"text {t['text'] * 1e3:.0f} ms | denoise {t['denoise']:.2f} s ({args.steps} {args.solver} steps, "

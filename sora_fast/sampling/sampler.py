@@ -13,11 +13,15 @@ from ..training.flow import resolution_shift
 from .schedule import (
     DenoiseFn,
     _check_shift,
+    check_ar_step,
     check_finite,
     check_given,
     check_strength,
     concat_text,
+    frame_schedule,
     frame_sigmas,
+    staggered_steps,
+    step_levels,
     strength_sigmas,
 )
 from .solvers import check_solver, dpmpp_step, solver_levels, step_orders, unipc_corrector, unipc_predictor
@@ -27,14 +31,15 @@ __all__ = ["sample", "sample_euler"]
 
 class _Multistep:
     """UniPC / DPM++ state over the packed tokens: the last data predictions (newest first), UniPC's last
-    corrected state, and per video its levels, join step and step orders. Every update is the linear
-    combination :mod:`.solvers` gives, with one row of float64 coefficients per video."""
+    corrected state, and per unit (a video, or a frame under a staggered schedule) its levels, start step,
+    step count and step orders. Every update is the linear combination :mod:`.solvers` gives, with one row
+    of float64 coefficients per unit; a unit before its start or after its last step is held."""
 
     def __init__(self, solver: str, order: int, variant: str, levels: torch.Tensor, first: list[int],
-                 seq_ids: torch.Tensor):
-        self.solver, self.variant, self.levels, self.first, self.seq = solver, variant, levels, first, seq_ids
-        total = levels.shape[1] - 1
-        self.orders = [step_orders(solver, order, total - f) for f in first]   # per video, its own steps
+                 steps: list[int], unit_ids: torch.Tensor):
+        self.solver, self.variant, self.levels, self.first, self.seq = solver, variant, levels, first, unit_ids
+        self.steps = steps
+        self.orders = [step_orders(solver, order, n) for n in steps]            # per unit, its own steps
         self.hist: list[torch.Tensor] = []                                      # D_j, D_{j-1}, ... (N, D)
         self.last: Optional[torch.Tensor] = None
 
@@ -61,7 +66,7 @@ class _Multistep:
             rows = torch.zeros(b, 2 + h, dtype=torch.float64)
             for k in range(b):
                 j = i - self.first[k]
-                if j < 1:
+                if j < 1 or j >= self.steps[k]:                                 # the last step is never corrected
                     rows[k, 0] = 1.0
                     continue
                 p = self.orders[k][j - 1]
@@ -71,7 +76,7 @@ class _Multistep:
         rows = torch.zeros(b, 1 + h, dtype=torch.float64)                       # predictor: [x, D_0, D_1...]
         for k in range(b):
             j = i - self.first[k]
-            if j < 0:
+            if j < 0 or j >= self.steps[k]:
                 rows[k, 0] = 1.0
                 continue
             p, nxt = self.orders[k][j], float(self.levels[k, i + 1])
@@ -81,7 +86,7 @@ class _Multistep:
                 a, c = dpmpp_step(nxt, self._sigs(k, i, p), p)
             rows[k, 0], rows[k, 1:1 + len(c)] = a, torch.tensor(c, dtype=torch.float64)
         self.last = x
-        self.hist = hist[:max(max(o) for o in self.orders)]
+        self.hist = hist[:max((max(o) for o in self.orders if o), default=1)]
         return self._apply(rows, [x, *hist])
 
 
@@ -97,7 +102,7 @@ def sample(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequen
            given: Optional[Sequence[Optional[torch.Tensor]]] = None,
            given_levels: Optional[Sequence[Optional[torch.Tensor]]] = None,
            stats: Optional[dict] = None, schedule: Optional[dict] = None, token_order: Optional[str] = None,
-           token_tile: Optional[Sequence[int]] = None) -> list[torch.Tensor]:
+           token_tile: Optional[Sequence[int]] = None, ar_step: int = 0) -> list[torch.Tensor]:
     """Denoise a list of noise latents, all videos in one pack, with a flow-matching solver.
 
     Args:
@@ -134,6 +139,13 @@ def sample(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequen
             and the video's level at the others (:func:`frame_sigmas`). In the returned latents a given frame
             holds ``x0`` exactly. With a temporal patch ``pt > 1`` a patch frame is given whole or not at all.
             Without any given frame the DiT gets ``(B,)`` timesteps, as before.
+        ar_step: the schedule within a video (:func:`~.schedule.frame_schedule`, the one place it is decided):
+            0 (synchronous, the default) puts every denoised frame of a video on its level at every step;
+            ``k > 0`` staggers them (Diffusion Forcing; SkyReels-V2's asynchronous ``ar_step``): the r-th
+            denoised frame (a DiT frame, one per temporal patch, counted in time order) runs the video's levels
+            ``k·r`` steps after the first, so later frames are noisier at every step and all end at 0; a video of
+            ``n`` steps and ``D`` denoised frames then takes ``n + k·(D − 1)`` DiT forwards, and the DiT gets
+            per-frame timesteps. Given frames are held as above.
         schedule: the levels of a full run (:func:`~.schedule.schedule_sigmas`; None: sora_fast's own), e.g. a
             diffusers scheduler's, recorded by :meth:`sora_fast.pipeline.VideoPipeline.from_diffusers`.
         stats: a dict to fill: ``evaluations`` (per video, full DiT evaluations of its copies, CFG halves
@@ -183,13 +195,28 @@ def sample(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequen
         if z is not None and tuple(z.shape) != tuple(e.shape):
             raise ValueError(f"init[{i}] has shape {tuple(z.shape)}, expected its noise's {tuple(e.shape)}")
     g_lat, g_lev = check_given(given, given_levels, noise, patch)
+    ar_step = check_ar_step(ar_step)
     runner = start_cache(cache, denoise, 2 * b if cfg else b)
     shifts = [resolution_shift(n) if s == "auto" else s for s, n in zip(shifts, x.seqlens)]
     scheds = [strength_sigmas(steps, s, st, schedule) for s, st in zip(shifts, strengths)]
-    total = max(len(sc) - 1 for sc in scheds)                                 # DiT forwards
-    first = [total - (len(sc) - 1) for sc in scheds]                          # the step each video joins
-    # (B, total+1): a video holds its starting level until it joins, so its dσ is 0 before that
-    sigmas = torch.stack([torch.cat([sc[:1].expand(f), sc]) for sc, f in zip(scheds, first)])
+    pt = int(patch[0])
+    # per patch frame (the DiT's frame): fixed level (NaN = denoised), for all videos in pack order
+    frame_lv = [torch.full((int(g),), float("nan"), dtype=torch.float64) if lv is None else lv[::pt]
+                for lv, g in zip(g_lev, x.frames_per_video)]
+    spans = [staggered_steps(len(sc) - 1, int(torch.isnan(lv).sum()), ar_step) for sc, lv in zip(scheds, frame_lv)]
+    total = max(spans)                                                        # DiT forwards
+    first = [total - n for n in spans]                                        # the step each video joins
+    # units: the rows that share one level per step -- videos, or under a staggered schedule every frame
+    if ar_step == 0:  # (B, total+1): a video holds its starting level until it joins, so its dσ is 0 before that
+        sigmas = torch.stack([step_levels(sc, f, total) for sc, f in zip(scheds, first)])
+        unit_first, unit_steps, unit_ids = first, [len(sc) - 1 for sc in scheds], x.seq_ids.long()
+    else:  # (F, total+1), every frame of the pack
+        tables = [frame_schedule(sc, lv, total, ar_step) for sc, lv in zip(scheds, frame_lv)]
+        sigmas = torch.cat([t for t, _ in tables])
+        unit_first = [s for _, st in tables for s in st]
+        unit_steps = [len(sc) - 1 if torch.isnan(v) else 0 for sc, lv in zip(scheds, frame_lv) for v in lv]
+        unit_ids = frame_ids(x).long()
+    frame_rows = torch.cumsum(torch.tensor([0] + [len(lv) for lv in frame_lv]), 0).tolist()
 
     md = torch.promote_types(x.tokens.dtype, torch.float32)                    # state in >= fp32
     start = []
@@ -214,18 +241,15 @@ def sample(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequen
         start[k] = st
     x = pack(start)
     conditioned = any(lv is not None for lv in g_lev)
-    pt = int(patch[0])
-    # per patch frame (the DiT's frame): fixed level (NaN = denoised), for all videos in pack order
-    frame_lv = [torch.full((int(g),), float("nan"), dtype=torch.float64) if lv is None else lv[::pt]
-                for lv, g in zip(g_lev, x.frames_per_video)]
     fixed_tok = ~torch.isnan(torch.cat(frame_lv))[frame_ids(x).long().cpu()].to(x.tokens.device)  # (N,)
-    seq_ids = x.seq_ids.long()
     tokens = x.tokens.to(md)                                                   # (N, D)
     cu = x.cu_seqlens.tolist()
     texts = text.unpack(text.tokens)
     utexts = uncond_text.unpack(uncond_text.tokens) if cfg else None
     levels = sigmas if solver == "euler" else solver_levels(sigmas)          # what the model and the solver see
-    multistep = None if solver == "euler" else _Multistep(solver, order, variant, levels, first, seq_ids)
+    unit_ids = unit_ids.to(tokens.device)
+    multistep = None if solver == "euler" else _Multistep(solver, order, variant, levels, unit_first, unit_steps,
+                                                          unit_ids)
     evaluations = [0] * b
     subs: dict = {}
 
@@ -243,7 +267,11 @@ def sample(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequen
         return subs[active]
 
     def timesteps(sig: torch.Tensor, active) -> torch.Tensor:
-        """``(B_active,)`` timesteps, or ``(F_active,)`` per-frame ones when any video has given frames."""
+        """``(B_active,)`` timesteps, or ``(F_active,)`` per-frame ones when any video has given frames or the
+        schedule is staggered (``sig``: the level of every unit at this step)."""
+        if ar_step:
+            lv = torch.cat([frame_sigmas(sig[frame_rows[k]:frame_rows[k + 1]], frame_lv[k]) for k in active])
+            return (lv * 1000).to(md).to(tokens.device)
         if not conditioned:
             return (sig[list(active)] * 1000).to(md).to(tokens.device)
         lv = torch.cat([frame_sigmas(sig[k], frame_lv[k]) for k in active])
@@ -277,8 +305,8 @@ def sample(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequen
         active = tuple(k for k in range(b) if first[k] <= i)
         v = velocity(i, active)
         if multistep is None:
-            dsig = (sigmas[:, i + 1] - sigmas[:, i]).to(md).to(tokens.device)  # (B,); 0 before a video joins
-            new = tokens + dsig[seq_ids, None] * v
+            dsig = (sigmas[:, i + 1] - sigmas[:, i]).to(md).to(tokens.device)  # (units,); 0 while a unit waits
+            new = tokens + dsig[unit_ids, None] * v
         else:
             new = multistep.step(i, tokens, v)
         tokens = torch.where(fixed_tok[:, None], tokens, new) if conditioned else new

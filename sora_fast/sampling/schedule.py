@@ -9,7 +9,9 @@ Conditioning (image-to-video, extension, keyframes) gives every latent frame its
 *given* frame is held at a fixed level ``σc`` (0 = clean) from ``(1 − σc)·x0 + σc·ε`` and never updated,
 the others follow their video's schedule, and the DiT gets per-frame timesteps ``(F,)``.
 :func:`frame_sigmas` is the one place that turns a video's schedule and its given levels into per-frame
-levels; samplers take them from it.
+levels; samplers take them from it. Within a video the denoised frames are on one level at every step
+(synchronous) or follow its levels one after another (staggered, Diffusion Forcing): :func:`frame_schedule`
+is the one place that decides it.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from ..packing import PackedSequences, PackedVideos, pack_sequences
 from ..training.flow import shift_sigmas, sigma_schedule
 
 __all__ = ["concat_text", "strength_sigmas", "schedule_sigmas", "SCHEDULES", "frame_sigmas", "check_given",
-           "check_strength", "check_finite", "check_sampling", "DenoiseFn"]
+           "check_strength", "check_finite", "check_sampling", "DenoiseFn", "FRAME_SCHEDULES", "check_ar_step",
+           "staggered_steps", "step_levels", "frame_schedule"]
 
 DenoiseFn = Callable[[PackedVideos, torch.Tensor, PackedSequences], torch.Tensor]
 
@@ -155,8 +158,73 @@ def strength_sigmas(steps: int, shift: float, strength: float = 1.0, schedule: O
 def frame_sigmas(sigma: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Per-frame noise levels of one video at one step: ``levels`` ``(T,)`` holds the fixed level of each
     given frame and NaN for a frame that is denoised; those take the video's current level ``sigma`` (a
-    0-dim tensor). The result is ``(T,)`` in ``levels``' dtype."""
+    0-dim tensor, or ``(T,)``: each frame's own, as a staggered schedule gives). The result is ``(T,)`` in
+    ``levels``' dtype."""
     return torch.where(torch.isnan(levels), sigma.to(levels.dtype), levels)
+
+
+# The noise-level schedules of the frames within one video (``ar_step`` 0: synchronous, else staggered).
+FRAME_SCHEDULES = ("synchronous", "staggered")
+
+
+def check_ar_step(ar_step, name: str = "ar_step") -> int:
+    """``ar_step`` as an int >= 0 (0: synchronous; see :func:`frame_schedule`)."""
+    if isinstance(ar_step, bool) or not isinstance(ar_step, int) or ar_step < 0:
+        raise ValueError(f"{name} must be an int >= 0 (steps each denoised frame lags the one before; 0: "
+                         f"synchronous), got {ar_step!r}")
+    return ar_step
+
+
+def staggered_steps(steps: int, denoised: int, ar_step: int) -> int:
+    """Model forwards of a video whose ``denoised`` frames each run ``steps`` steps, each frame ``ar_step``
+    steps after the one before: ``steps + ar_step·(denoised − 1)`` (``steps`` when it runs no step or has at
+    most one denoised frame)."""
+    return steps + ar_step * (denoised - 1) if steps > 0 and denoised > 1 else steps
+
+
+def step_levels(sched: torch.Tensor, start: int, total: int) -> torch.Tensor:
+    """``(total + 1,)``: the levels ``sched`` (``n + 1`` of them) run from global step ``start``, held at
+    ``sched[0]`` before it and at ``sched[n]`` after it ends (level at step i: ``sched[clamp(i − start, 0,
+    n)]``); values copied exactly."""
+    n = len(sched) - 1
+    return torch.cat([sched[:1].expand(start), sched, sched[-1:].expand(total - start - n)])
+
+
+def frame_schedule(sched: torch.Tensor, levels: torch.Tensor, total: int, ar_step: int = 0
+                   ) -> tuple[torch.Tensor, list[int]]:
+    """The level of every frame of one video at every global step of a pack of ``total`` steps, and the step
+    at which each frame starts. The one place the schedule within a video is decided.
+
+    ``sched``: the video's ``n + 1`` levels (:func:`strength_sigmas`); ``levels`` ``(F,)``: per frame (the
+    DiT's frames, one per temporal patch) the fixed level of a given frame or NaN for a denoised one.
+    Let ``D`` be the number of denoised frames and ``r`` a denoised frame's rank among them in time order
+    (0 for the earliest). The video runs :func:`staggered_steps` ``(n, D, ar_step)`` steps, ending with
+    the pack (it joins at ``first = total − that``), and denoised frame ``r`` runs ``sched`` from step
+    ``first + ar_step·r`` (:func:`step_levels`):
+
+    - ``ar_step == 0`` (**synchronous**): every denoised frame is on one level at every step;
+    - ``ar_step > 0`` (**staggered**, Diffusion Forcing / SkyReels-V2's asynchronous ``ar_step``): frame
+      ``r`` lags frame ``r − 1`` by ``ar_step`` steps, so at every step the levels of the denoised frames
+      are non-decreasing in the frame index (a later frame is as noisy or noisier), every one runs all
+      ``n`` steps of ``sched`` and ends at ``sched[n]`` (0) by step ``total``; frame 0 finishes ``ar_step·(D
+      − 1)`` steps before the last.
+
+    A given frame holds its fixed level at every step (start ``total``: it never runs). Returns ``(F,
+    total + 1)`` float64 levels and the F start steps.
+    """
+    n = len(sched) - 1
+    denoised = torch.isnan(levels)
+    first = total - staggered_steps(n, int(denoised.sum()), ar_step)
+    rows, starts, r = [], [], 0
+    for f in range(len(levels)):
+        if denoised[f]:
+            starts.append(first + ar_step * r)
+            rows.append(step_levels(sched, starts[-1], total))
+            r += 1
+        else:
+            starts.append(total)
+            rows.append(levels[f:f + 1].to(torch.float64).expand(total + 1))
+    return torch.stack(rows) if rows else torch.zeros(0, total + 1, dtype=torch.float64), starts
 
 
 def check_given(given, given_levels, noise: Sequence[torch.Tensor], patch: Sequence[int]
