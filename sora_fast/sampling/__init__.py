@@ -12,9 +12,11 @@ own shift (``shift="auto"``: from its token count), which a padded batch could n
 - :mod:`.schedule`: the levels of every video (shift, editing strength, per-frame held levels);
 - :mod:`.solvers`: the UniPC / DPM-Solver++ coefficients for flow prediction;
 - :mod:`.sampler`: :func:`sample` (every solver, every cache) and :func:`sample_euler`;
-- :mod:`.cache`: first-block and TeaCache-style step caches, decided per video and per CFG half.
+- :mod:`.cache`: first-block and TeaCache-style step caches, decided per video and per CFG half;
+- :mod:`.experts`: :class:`Experts`, several denoisers sharing the noise levels (Wan 2.2 A14B) as one.
 """
 from .cache import CACHES, FirstBlockCache, TeaCache, calibrate_teacache, parse_cache
+from .experts import Experts
 from .sampler import sample, sample_euler
 from .schedule import (
     SCHEDULES,
@@ -26,11 +28,12 @@ from .schedule import (
     concat_text,
     frame_sigmas,
     schedule_sigmas,
+    schedule_timesteps,
     strength_sigmas,
 )
 from .solvers import DEFAULT_ORDER, MAX_ORDER, SOLVERS, check_solver
 
-__all__ = ["sample", "sample_euler", "concat_text", "strength_sigmas", "schedule_sigmas", "SCHEDULES", "frame_sigmas",
-           "check_given",
-           "check_strength", "check_finite", "check_sampling", "check_solver", "DenoiseFn", "SOLVERS",
-           "MAX_ORDER", "DEFAULT_ORDER", "CACHES", "FirstBlockCache", "TeaCache", "parse_cache", "calibrate_teacache"]
+__all__ = ["sample", "sample_euler", "concat_text", "strength_sigmas", "schedule_sigmas", "schedule_timesteps",
+           "SCHEDULES", "frame_sigmas", "check_given", "check_strength", "check_finite", "check_sampling",
+           "check_solver", "DenoiseFn", "SOLVERS", "MAX_ORDER", "DEFAULT_ORDER", "CACHES", "FirstBlockCache",
+           "TeaCache", "parse_cache", "calibrate_teacache", "Experts"]
