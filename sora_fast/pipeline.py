@@ -111,12 +111,16 @@ class VideoPipeline(nn.Module):
                        vae_dtype: Optional[torch.dtype] = torch.float32, device=None,
                        max_length: int = 512) -> "VideoPipeline":
         """A diffusers Wan 2.1 / 2.2 text-to-video pipeline: a directory as distributed (``model_index.json``,
-        ``transformer/``, ``vae/``, ``text_encoder/`` umT5, ``tokenizer/``, ``scheduler/``) or a ``WanPipeline``.
+        ``transformer/``, ``vae/``, ``text_encoder/`` umT5, ``tokenizer/``, ``scheduler/``; Wan 2.2 A14B's
+        ``transformer_2/``) or a ``WanPipeline``.
 
         The transformer becomes a :class:`VideoDiT`, the VAE a :class:`CausalVAE` (``vae_dtype``, default fp32
         as Wan runs it), the text encoder a :class:`T5TextEncoder` (prompts cut to ``max_length`` tokens and
-        padded with zero rows to it, as diffusers does), and the scheduler's shift and levels
-        :attr:`sampling`. ``dtype`` None keeps the stored dtypes; otherwise the transformer and text encoder are
+        padded with zero rows to it, as diffusers does), and the scheduler's solver (UniPC with its order for
+        Wan's ``UniPCMultistepScheduler``, Euler for ``FlowMatchEulerDiscreteScheduler``), shift, levels and
+        timesteps :attr:`sampling`, so :meth:`generate`'s defaults give ``WanPipeline.__call__``'s video. A
+        ``transformer_2`` (the low-noise expert) becomes ``dit_2`` and ``boundary_ratio · num_train_timesteps``
+        :attr:`boundary`. ``dtype`` None keeps the stored dtypes; otherwise the transformer and text encoder are
         cast (diffusers' fp32 modules stay fp32). Weights are read lazily, tensor by tensor, and never held
         twice; from a ``WanPipeline`` object the models share its tensors. Not a Wan pipeline, a missing
         component, a mismatched text encoder or an unsupported option raise errors naming what was found
