@@ -637,10 +637,10 @@ class VideoPipeline(nn.Module):
 
     def save(self, directory: Union[str, os.PathLike]) -> Path:
         """Write ``pipeline.json`` + ``dit``/``vae``/``text.safetensors`` (and ``dit_2.safetensors``, the second
-        expert) to ``directory`` atomically (a crash
-        leaves the previous contents or the new ones, never a half-written pipeline). ``pipeline.json``,
-        written last, records the size and sha256 of every weight file. A frozen T5 is stored by path only (one
-        wrapped from memory, :meth:`T5TextEncoder.from_model`, is written inside: ``text_encoder/``, ``tokenizer/``)."""
+        expert) to ``directory`` atomically (a crash leaves the previous contents or the new ones, never a
+        half-written pipeline). ``pipeline.json``, written last, records the size and sha256 of every weight file.
+        A frozen T5 is stored by path only (one wrapped from memory, :meth:`T5TextEncoder.from_model`, is written
+        inside: ``text_encoder/``, ``tokenizer/``)."""
         from safetensors.torch import save_file
 
         from ._files import file_records

@@ -110,6 +110,11 @@ def test_experts_pick_by_the_step_timestep():
     frames = torch.tensor([0.0, 800.0, 800.0, 0.0, 800.0])           # (F,): frame 0 of videos 0 and 2 given at 0
     ex(x, frames, text, step=torch.tensor([800.0, 800.0, 800.0]))
     assert seen == [(0, 3, frames.tolist())]
+    seen.clear()
+    frames = torch.tensor([0.0, 800.0, 300.0, 0.0, 800.0])           # video 1 (one frame) past the boundary
+    v = ex(x, frames, text, step=torch.tensor([800.0, 300.0, 800.0]))
+    assert seen == [(0, 2, [0.0, 800.0, 0.0, 800.0]), (1, 1, [300.0])]
+    assert torch.equal(v[:, 0], (rows == 1).float())
     with pytest.raises(ValueError, match=r"with per-frame timesteps \(5 for 3 videos\) pass step"):
         ex(x, frames, text)
 
@@ -189,6 +194,16 @@ def test_cli_generates_with_two_experts(experts_dir, tmp_path, capsys):
                           "a long video \\(--frames\\) takes --guidance for both experts")):
         assert cli.main(["generate", "--pipeline", str(d), "--prompt", PROMPT, "--out", str(out), *flags]) == 2
         assert re.search(match, capsys.readouterr().err)
+
+
+def test_training_refuses_two_experts(experts_dir, tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    run = {"data": str(tmp_path / "data"), "out": str(tmp_path / "run"), "pipeline": str(experts_dir[1]),
+           "train": {"steps": 1, "token_budget": 64, "lora_rank": 2}}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    assert cli.main(["train", "--config", str(tmp_path / "run.json")]) == 2
+    assert "has two experts (Wan 2.2 A14B: dit and dit_2); training takes a one-DiT pipeline" in \
+        capsys.readouterr().err
 
 
 def _broken(src, tmp_path, edit):
