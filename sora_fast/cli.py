@@ -77,12 +77,16 @@ def cmd_profile(args) -> int:
 
 
 # --- parser --------------------------------------------------------------------------------------
-def _add_solver_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--solver", default="euler", choices=["euler", "unipc", "dpm++"],
+def _add_solver_args(p: argparse.ArgumentParser, pipeline_default: bool = False) -> None:
+    """``--solver`` / ``--order`` / ``--cache``; with ``pipeline_default`` the solver defaults to the pipeline's."""
+    default = "the pipeline's: a diffusers pipeline's scheduler (UniPC for Wan), else euler" if pipeline_default \
+        else "%(default)s"
+    p.add_argument("--solver", default=None if pipeline_default else "euler", choices=["euler", "unipc", "dpm++"],
                    help="flow solver: euler, unipc (UniPC predictor-corrector) or dpm++ (DPM-Solver++ multistep); "
-                        "one DiT forward per step each (default: %(default)s)")
+                        f"one DiT forward per step each (default: {default})")
     p.add_argument("--order", type=int, metavar="K",
-                   help="solver order: unipc 1-3 (default 2), dpm++ 1-2 (default 2), euler 1")
+                   help="solver order: unipc 1-3 (default 2), dpm++ 1-2 (default 2), euler 1"
+                        + (" (default with the pipeline's solver: its scheduler's)" if pipeline_default else ""))
     p.add_argument("--cache", metavar="SPEC",
                    help="step cache, decided per video and CFG half: first-block:THRESH (e.g. first-block:0.05) or "
                         "teacache:THRESH[:C_n,...,C_0] (coefficients from `sora-fast calibrate-cache`); default none")
@@ -149,8 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "video's size)")
     g.add_argument("--steps", type=int, default=20, metavar="N",
                    help="solver steps, one DiT forward each (default: %(default)s)")
-    _add_solver_args(g)
+    _add_solver_args(g, pipeline_default=True)
     g.add_argument("--guidance", type=float, default=4.0, metavar="G", help="CFG scale (default: %(default)s)")
+    g.add_argument("--guidance-2", type=float, default=None, metavar="G",
+                   help="a two-expert pipeline's (Wan 2.2 A14B) CFG scale on the low-noise expert's steps (default: "
+                        "--guidance)")
     g.add_argument("--shift", default=None, metavar="S",
                    help="schedule shift: a number, or 'auto' per video from its size (default: a diffusers "
                         "pipeline's scheduler shift, else auto)")

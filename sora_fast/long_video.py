@@ -67,7 +67,7 @@ class LongVideoMixin:
                       guidance: float = 5.0, negative_prompt: str = "", shift: Union[float, str, None] = None,
                       seed: int = 0, progress: Optional[Callable[[int, int], None]] = None,
                       denoiser: Optional[Callable] = None, return_latents: bool = False,
-                      solver: str = "euler", order: Optional[int] = None, cache=None,
+                      solver: Optional[str] = None, order: Optional[int] = None, cache=None,
                       expand: Union[str, PromptExpander, None] = None,
                       attention_window: Optional[Sequence[int]] = None,
                       conditions: Optional[Sequence[Condition]] = None, init_video: Optional[Media] = None,
@@ -175,7 +175,12 @@ class LongVideoMixin:
             raise ValueError(f"strength {strength} needs an init_video (without one the video is generated from "
                              "noise at strength 1)")
         ar_step = _check_schedule(schedule, ar_step)
+        if ar_step and self.dit_2 is not None:
+            raise ValueError("schedule='staggered' needs one DiT: this pipeline has two experts (dit_2), picked per "
+                             "video by its step timestep, which staggered frames do not share; use 'synchronous'")
         shift = self._shift(shift)
+        solver, order = self.solver_settings(solver, order)
+        denoiser = self.denoiser() if denoiser is None else denoiser
         check_sampling(steps, guidance, shift, 1, solver=solver, order=order, cache=cache, denoiser=denoiser)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")

@@ -44,7 +44,7 @@ def _gib(n: float) -> str:
 def estimate_generate_memory(pipe, shapes: Sequence[Sequence[int]], sizes: Sequence[Sequence[int]],
                              cfg: bool) -> dict:
     """Lower bounds in bytes of what :meth:`VideoPipeline.generate` allocates for latents ``shapes``
-    ``(C, T', H', W')`` and videos ``sizes`` ``(T, H, W)``: ``weights`` (DiT + VAE + text), ``stream``
+    ``(C, T', H', W')`` and videos ``sizes`` ``(T, H, W)``: ``weights`` (DiT(s) + VAE + text), ``stream``
     (the packed tokens, doubled by CFG, times the widest per-token activations), ``video`` (the largest
     decoded video, on the device) and ``videos`` (all decoded videos, kept on the CPU)."""
     cfg_d = pipe.dit.config
@@ -52,8 +52,8 @@ def estimate_generate_memory(pipe, shapes: Sequence[Sequence[int]], sizes: Seque
     tokens = sum(math.prod(s[1:]) // p for s in shapes) * (2 if cfg else 1)
     act = next(pipe.dit.parameters()).element_size()
     width = 4 * cfg_d.dim + cfg_d.ffn_dim        # hidden state, q/k/v and the FFN's inner activation
-    weights = sum(t.numel() * t.element_size() for m in (pipe.dit, pipe.vae, pipe.text_encoder)
-                  for t in m.parameters())
+    models = (pipe.dit, getattr(pipe, "dit_2", None), pipe.vae, pipe.text_encoder)   # dit_2: a second expert
+    weights = sum(t.numel() * t.element_size() for m in models if m is not None for t in m.parameters())
     video_bytes = [3 * math.prod(s) * 4 for s in sizes]       # float32 (3, T, H, W)
     return {"weights": weights, "stream": tokens * width * act, "video": max(video_bytes),
             "videos": sum(video_bytes), "tokens": tokens}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import time
 import warnings
@@ -25,6 +26,7 @@ from ._files import atomic_dir, load_safetensors, read_json, recover_dir, verify
 from ._pipeline_desc import DESC as _DESC
 from ._pipeline_desc import FORMAT as _FORMAT
 from ._pipeline_desc import check_description as _check_description
+from ._pipeline_desc import check_experts as _check_experts
 from ._pipeline_desc import check_sampling_settings as _check_sampling_settings
 from ._pipeline_desc import text_encoder_from as _text_encoder
 from .captions.expand import Expansion, PromptExpander, make_expander
@@ -97,18 +99,21 @@ def local_attention(dit: VideoDiT, window):
 
 
 class VideoPipeline(LongVideoMixin, nn.Module):
-    """A DiT, a causal VAE and a text encoder that generate videos from prompts.
+    """A DiT (or two experts), a causal VAE and a text encoder that generate videos from prompts.
 
     ``dit.config.in_channels`` must equal the VAE's latent channels and ``dit.config.text_dim`` the text
     encoder's ``dim``. The DiT works on normalized latents (:meth:`CausalVAE.normalize_latents`).
     After :meth:`generate`, ``last_timings`` holds seconds per stage (``expand`` when prompts were expanded,
     ``text``, ``encode`` (init videos), ``denoise``, per-step ``steps``, ``decode``). ``sampling`` (None, or the
-    settings of a diffusers pipeline's scheduler: ``solver``, ``shift``, ``schedule``) gives :meth:`generate` its
-    default shift and its noise levels (:func:`sora_fast.sampling.schedule_sigmas`). ``caption_stats`` (None, or the
-    :class:`~sora_fast.captions.expand.CaptionStats` of the training captions, saved in ``pipeline.json``'s
-    ``captions``) is what ``generate(expand="schema")`` fills prompts from; ``last_prompts`` holds the last call's
-    :class:`~sora_fast.captions.expand.Expansion` per prompt (original and expanded text). Long videos
-    (:meth:`generate_long`, :meth:`plan_long`, :meth:`window_seed`) are :mod:`sora_fast.long_video`'s.
+    settings of a diffusers pipeline's scheduler: ``solver``, ``shift``, ``schedule``, and ``order`` for UniPC) gives
+    :meth:`generate` its default solver, order and shift and its noise levels and timesteps
+    (:func:`sora_fast.sampling.schedule_sigmas`). ``dit_2`` (None, or a second :class:`VideoDiT` of ``dit``'s
+    config: Wan 2.2 A14B's low-noise expert) takes over from ``dit`` once a video's step timestep is below
+    ``boundary`` (:class:`sora_fast.sampling.Experts`; diffusers' ``boundary_ratio · num_train_timesteps``).
+    ``caption_stats`` (None, or the :class:`~sora_fast.captions.expand.CaptionStats` of the training captions, saved
+    in ``pipeline.json``'s ``captions``) is what ``generate(expand="schema")`` fills prompts from; ``last_prompts``
+    holds the last call's :class:`~sora_fast.captions.expand.Expansion` per prompt (original and expanded text).
+    Long videos (:meth:`generate_long`, :meth:`plan_long`, :meth:`window_seed`) are :mod:`sora_fast.long_video`'s.
     """
 
     @classmethod
@@ -116,12 +121,16 @@ class VideoPipeline(LongVideoMixin, nn.Module):
                        vae_dtype: Optional[torch.dtype] = torch.float32, device=None,
                        max_length: int = 512) -> "VideoPipeline":
         """A diffusers Wan 2.1 / 2.2 text-to-video pipeline: a directory as distributed (``model_index.json``,
-        ``transformer/``, ``vae/``, ``text_encoder/`` umT5, ``tokenizer/``, ``scheduler/``) or a ``WanPipeline``.
+        ``transformer/``, ``vae/``, ``text_encoder/`` umT5, ``tokenizer/``, ``scheduler/``; Wan 2.2 A14B's
+        ``transformer_2/``) or a ``WanPipeline``.
 
         The transformer becomes a :class:`VideoDiT`, the VAE a :class:`CausalVAE` (``vae_dtype``, default fp32
         as Wan runs it), the text encoder a :class:`T5TextEncoder` (prompts cut to ``max_length`` tokens and
-        padded with zero rows to it, as diffusers does), and the scheduler's shift and levels
-        :attr:`sampling`. ``dtype`` None keeps the stored dtypes; otherwise the transformer and text encoder are
+        padded with zero rows to it, as diffusers does), and the scheduler's solver (UniPC with its order for
+        Wan's ``UniPCMultistepScheduler``, Euler for ``FlowMatchEulerDiscreteScheduler``), shift, levels and
+        timesteps :attr:`sampling`, so :meth:`generate`'s defaults give ``WanPipeline.__call__``'s video. A
+        ``transformer_2`` (the low-noise expert) becomes ``dit_2`` and ``boundary_ratio · num_train_timesteps``
+        :attr:`boundary`. ``dtype`` None keeps the stored dtypes; otherwise the transformer and text encoder are
         cast (diffusers' fp32 modules stay fp32). Weights are read lazily, tensor by tensor, and never held
         twice; from a ``WanPipeline`` object the models share its tensors. Not a Wan pipeline, a missing
         component, a mismatched text encoder or an unsupported option raise errors naming what was found
@@ -135,9 +144,11 @@ class VideoPipeline(LongVideoMixin, nn.Module):
                                  max_length=max_length)
 
     def __init__(self, dit: VideoDiT, vae: CausalVAE, text_encoder: TextEncoder, sampling: Optional[dict] = None,
-                 caption_stats: Optional[CaptionStats] = None):
+                 caption_stats: Optional[CaptionStats] = None, dit_2: Optional[VideoDiT] = None,
+                 boundary: Optional[float] = None):
         super().__init__()
         self.sampling = _check_sampling_settings(sampling)
+        self.boundary = _check_experts(dit, dit_2, boundary)
         if caption_stats is not None and not isinstance(caption_stats, CaptionStats):
             raise TypeError(f"caption_stats must be a CaptionStats or None, got {type(caption_stats).__name__}")
         self.caption_stats = caption_stats
@@ -147,7 +158,7 @@ class VideoPipeline(LongVideoMixin, nn.Module):
         if dit.config.text_dim != text_encoder.dim:
             raise ValueError(f"dit.config.text_dim={dit.config.text_dim} must equal the text encoder's "
                              f"dim={text_encoder.dim}")
-        self.dit, self.vae, self.text_encoder = dit, vae, text_encoder
+        self.dit, self.vae, self.text_encoder, self.dit_2 = dit, vae, text_encoder, dit_2
         self.last_timings: dict = {}
         self.last_prompts: list[Expansion] = []
 
@@ -183,14 +194,63 @@ class VideoPipeline(LongVideoMixin, nn.Module):
         """``shift`` as given, or (None) the pipeline's: its scheduler's shift, else ``"auto"``."""
         return shift if shift is not None else self.sampling["shift"] if self.sampling else "auto"
 
+    def solver_settings(self, solver: Optional[str] = None, order: Optional[int] = None) -> tuple[str, Optional[int]]:
+        """``(solver, order)`` :meth:`generate` runs: ``solver`` None takes :attr:`sampling`'s (a diffusers
+        pipeline's scheduler: ``"unipc"`` with its ``solver_order`` for Wan's UniPC), else ``"euler"``; ``order``
+        None takes :attr:`sampling`'s when the solver is its, else the solver's default."""
+        s = self.sampling or {}
+        solver = s.get("solver", "euler") if solver is None else solver
+        if order is None and solver == s.get("solver"):
+            order = s.get("order")
+        return solver, order
+
+    @property
+    def experts(self) -> list[VideoDiT]:
+        """The DiTs, highest noise first: ``[dit]``, or ``[dit, dit_2]``."""
+        return [self.dit] if self.dit_2 is None else [self.dit, self.dit_2]
+
+    def denoiser(self, wrap: Optional[Callable] = None):
+        """What :meth:`generate` runs at every step: the DiT, or (two experts) an
+        :class:`~sora_fast.sampling.Experts` that gives each video ``dit`` while its step timestep is >= ``boundary``,
+        then ``dit_2``. ``wrap`` (e.g. ``lambda dit: make_denoiser(dit, mesh)`` for a parallel run) maps every DiT
+        to the denoiser that runs it."""
+        from .sampling import Experts
+
+        runs = [d if wrap is None else wrap(d) for d in self.experts]
+        return runs[0] if len(runs) == 1 else Experts(runs, [self.boundary])
+
+    def _guidance(self, guidance, guidance_2, denoiser):
+        """The CFG scale ``sample`` takes: ``guidance``, or ``[guidance, guidance_2]`` for an Experts denoiser
+        (``guidance_2`` None: ``guidance``, as diffusers)."""
+        from .sampling import Experts
+
+        if guidance_2 is None:
+            return guidance
+        if not isinstance(denoiser, Experts):
+            raise ValueError(f"guidance_2 is the low-noise expert's CFG scale; this pipeline runs one DiT (no dit_2), "
+                             f"expected guidance_2=None, got {guidance_2!r}")
+        if isinstance(guidance_2, bool) or not isinstance(guidance_2, (int, float)) or not math.isfinite(guidance_2):
+            raise ValueError(f"guidance_2 must be a finite number or None, got {guidance_2!r}")
+        return [guidance, guidance_2]
+
+    @contextlib.contextmanager
+    def _attention_window(self, window):
+        """:func:`local_attention` on every expert."""
+        with contextlib.ExitStack() as stack:
+            for dit in self.experts:
+                stack.enter_context(local_attention(dit, window))
+            yield
+
     def _denoise(self, noise, text, *, denoiser=None, attention_window=None, **kw) -> list[torch.Tensor]:
-        """:func:`sora_fast.sampling.sample` of ``noise`` with ``denoiser`` (default the DiT) under the local
-        attention window ``attention_window``, in the DiT's patch and token order, on :attr:`sampling`'s
-        schedule; ``kw`` are the other arguments of ``sample``."""
+        """:func:`sora_fast.sampling.sample` of ``noise`` with ``denoiser`` (default :meth:`denoiser`: the DiT, or
+        both experts) under the local attention window ``attention_window`` (on every expert), in the DiT's patch
+        and token order, on :attr:`sampling`'s schedule; ``kw`` are the other arguments of ``sample``."""
         c = self.dit.config
-        with local_attention(self.dit, attention_window):
-            return sample(denoiser or self.dit, noise, text, patch=c.patch, token_order=c.token_order,
-                          token_tile=c.token_tile, schedule=self.sampling and self.sampling["schedule"], **kw)
+        with self._attention_window(attention_window):
+            return sample(self.denoiser() if denoiser is None else denoiser, noise, text, patch=c.patch,
+                          token_order=c.token_order, token_tile=c.token_tile,
+                          schedule=self.sampling and self.sampling["schedule"], **kw)
+
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], sizes: Union[Size, Sequence[Optional[Size]], None] = None, *,
@@ -201,9 +261,10 @@ class VideoPipeline(LongVideoMixin, nn.Module):
                  init_videos: Optional[Sequence[Optional[Media]]] = None,
                  strength: Union[float, Sequence[float]] = 1.0,
                  conditions: Optional[Sequence[Sequence[Condition]]] = None,
-                 solver: str = "euler", order: Optional[int] = None, cache=None,
+                 solver: Optional[str] = None, order: Optional[int] = None, cache=None,
                  expand: Union[str, PromptExpander, None] = None,
-                 attention_window: Optional[Sequence[int]] = None) -> list[torch.Tensor]:
+                 attention_window: Optional[Sequence[int]] = None,
+                 guidance_2: Optional[float] = None) -> list[torch.Tensor]:
         """Videos for ``prompts``, all denoised in one packed stream.
 
         Args:
@@ -213,14 +274,18 @@ class VideoPipeline(LongVideoMixin, nn.Module):
                 frames at its first condition's height and width; else :attr:`DEFAULT_SIZE` ``(9, 32, 32)``.
             steps, guidance, shift: see :func:`sora_fast.sampling.sample`; ``negative_prompt`` is the
                 unconditional text of CFG. ``shift`` None: :attr:`sampling`'s, else ``"auto"``.
-            solver, order: ``"euler"`` (default), ``"unipc"`` (order 1-3, default 2) or ``"dpm++"`` (order 1-2,
-                default 2), one DiT forward per step each (:func:`sora_fast.sampling.sample`).
+            guidance_2: with two experts (``dit_2``), the CFG scale of the steps ``dit_2`` runs (diffusers'
+                ``guidance_scale_2``); None: ``guidance``.
+            solver, order: ``"euler"``, ``"unipc"`` (order 1-3, default 2) or ``"dpm++"`` (order 1-2, default 2), one
+                DiT forward per step each (:func:`sora_fast.sampling.sample`); None: :meth:`solver_settings` (a
+                diffusers pipeline's scheduler's, else ``"euler"``).
             cache: None, or a step cache such as ``"first-block:0.05"`` or ``"teacache:0.1"``
                 (:func:`sora_fast.sampling.parse_cache`): deep features reused per video and CFG half on steps
                 where its input barely changed. ``last_timings["evaluations"]`` counts the full DiT
                 evaluations of every prompt (its CFG copies apart).
-            denoiser: what runs the DiT at each step (default the DiT itself), e.g. a CFG- or
-                sequence-parallel one from :func:`sora_fast.distributed.make_denoiser`.
+            denoiser: what runs the DiT at each step (default :meth:`denoiser`: the DiT itself, or both experts),
+                e.g. a CFG- or sequence-parallel one from :func:`sora_fast.distributed.make_denoiser`
+                (``pipe.denoiser(lambda dit: make_denoiser(dit, mesh))``).
             expand: prompt expansion (:mod:`sora_fast.captions.expand`) before the text encoder: None (the
                 prompts as given), ``"schema"`` (:class:`~sora_fast.captions.expand.SchemaExpander` of
                 :attr:`caption_stats`; uniform over the grammar without them) or any ``PromptExpander``, e.g.
@@ -326,7 +391,11 @@ class VideoPipeline(LongVideoMixin, nn.Module):
         if not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
         shift = self._shift(shift)
+        solver, order = self.solver_settings(solver, order)
+        denoiser = self.denoiser() if denoiser is None else denoiser
         check_sampling(steps, guidance, shift, b, solver=solver, order=order, cache=cache, denoiser=denoiser)
+        guidances = self._guidance(guidance, guidance_2, denoiser)
+        cfg = guidance != 1.0 or guidance_2 not in (None, 1.0)
         attention_window = check_window("attention_window", attention_window)
         expander = self._expander(expand)
         strengths = check_strength(strength, b)
@@ -334,7 +403,7 @@ class VideoPipeline(LongVideoMixin, nn.Module):
             if v is None and st != 1.0:
                 raise ValueError(f"strength {st} for prompt {i} needs an init video (init_videos[{i}] is None; a "
                                  "prompt without one is generated from noise at strength 1)")
-        check_generate_memory(self, shapes, [self.check_size(s) for s in sizes], cfg=guidance != 1.0)
+        check_generate_memory(self, shapes, [self.check_size(s) for s in sizes], cfg=cfg)
         self.eval()
         dev, timings = self.device, {}
 
@@ -344,7 +413,7 @@ class VideoPipeline(LongVideoMixin, nn.Module):
             timings["expand"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         text = self.text_encoder.encode(prompts).to(dev)
-        uncond = self.text_encoder.encode([negative_prompt] * b).to(dev) if guidance != 1.0 else None
+        uncond = self.text_encoder.encode([negative_prompt] * b).to(dev) if cfg else None
         timings["text"] = time.perf_counter() - t0
 
         noise = [torch.randn(s, generator=torch.Generator().manual_seed(sd)).to(dev) for s, sd in zip(shapes, seeds)]
@@ -379,7 +448,7 @@ class VideoPipeline(LongVideoMixin, nn.Module):
 
         t0, stats = time.perf_counter(), {}
         latents = self._denoise(noise, text, denoiser=denoiser, attention_window=attention_window, steps=steps,
-                                guidance=guidance, uncond_text=uncond, shift=shift, progress=on_step,
+                                guidance=guidances, uncond_text=uncond, shift=shift, progress=on_step,
                                 init=x0 if any(z is not None for z in x0) else None, strength=strengths,
                                 given=given if any(conds) else None, given_levels=levels if any(conds) else None,
                                 solver=solver, order=order, cache=cache, stats=stats)
@@ -397,8 +466,9 @@ class VideoPipeline(LongVideoMixin, nn.Module):
 
     # --- persistence ---------------------------------------------------------------------------
     def describe(self) -> dict:
-        """JSON description of the three models (enough to rebuild them empty), the sampling settings and the
-        training captions' statistics (``captions``) when the pipeline has them."""
+        """JSON description of the three models (enough to rebuild them empty; with two experts ``dit_2`` and
+        ``boundary`` too), the sampling settings and the training captions' statistics (``captions``) when the
+        pipeline has them."""
         te = self.text_encoder
         if isinstance(te, TinyTextEncoder):
             text = {"kind": "tiny", "config": dataclasses.asdict(te.config)}
@@ -411,6 +481,8 @@ class VideoPipeline(LongVideoMixin, nn.Module):
             raise TypeError(f"cannot describe a text encoder of type {type(te).__name__}")
         desc = {"format": _FORMAT, "dit": dataclasses.asdict(self.dit.config),
                 "vae": dataclasses.asdict(self.vae.config), "text": text}
+        if self.dit_2 is not None:
+            desc.update(dit_2=dataclasses.asdict(self.dit_2.config), boundary=self.boundary)
         if self.sampling is not None:
             desc["sampling"] = self.sampling
         if self.caption_stats is not None:
@@ -421,10 +493,11 @@ class VideoPipeline(LongVideoMixin, nn.Module):
         return desc
 
     def save(self, directory: Union[str, os.PathLike]) -> Path:
-        """Write ``pipeline.json`` + ``dit``/``vae``/``text.safetensors`` to ``directory`` atomically (a crash
-        leaves the previous contents or the new ones, never a half-written pipeline). ``pipeline.json``,
-        written last, records the size and sha256 of every weight file. A frozen T5 is stored by path only (one
-        wrapped from memory, :meth:`T5TextEncoder.from_model`, is written inside: ``text_encoder/``, ``tokenizer/``)."""
+        """Write ``pipeline.json`` + ``dit``/``vae``/``text.safetensors`` (and ``dit_2.safetensors``, the second
+        expert) to ``directory`` atomically (a crash leaves the previous contents or the new ones, never a
+        half-written pipeline). ``pipeline.json``, written last, records the size and sha256 of every weight file.
+        A frozen T5 is stored by path only (one wrapped from memory, :meth:`T5TextEncoder.from_model`, is written
+        inside: ``text_encoder/``, ``tokenizer/``)."""
         from safetensors.torch import save_file
 
         from ._files import file_records
@@ -433,6 +506,8 @@ class VideoPipeline(LongVideoMixin, nn.Module):
 
         def write(tmp: Path):
             parts = {"dit": self.dit, "vae": self.vae}
+            if self.dit_2 is not None:
+                parts["dit_2"] = self.dit_2
             if desc["text"]["kind"] == "tiny":
                 parts["text"] = self.text_encoder
             for name, m in parts.items():
@@ -476,6 +551,7 @@ class VideoPipeline(LongVideoMixin, nn.Module):
         _check_description(desc, desc_path)
         text_desc = desc["text"]
         parts = ["dit", "vae"] + (["text"] if text_desc["kind"] == "tiny" else [])
+        parts += ["dit_2"] if "dit_2" in desc else []
         sizes, hashes = desc.get("files"), desc.get("sha256")
         if sizes is None:
             warnings.warn(f"{str(desc_path)!r} records no file sizes or hashes (saved by an older version): the "
@@ -487,20 +563,23 @@ class VideoPipeline(LongVideoMixin, nn.Module):
         models = {}
         for name, build in (("dit", lambda: VideoDiT(DiTConfig(**desc["dit"]))),
                             ("vae", lambda: CausalVAE(VAEConfig(**vae_desc))),
-                            ("text", lambda: _text_encoder(text_desc, d))):
+                            ("text", lambda: _text_encoder(text_desc, d)),
+                            ("dit_2", lambda: VideoDiT(DiTConfig(**desc["dit_2"])) if "dit_2" in desc else None)):
             try:
                 models[name] = build()
             except (TypeError, ValueError, KeyError) as e:
                 raise ValueError(f"{str(desc_path)!r}: its {name!r} entry does not describe a valid model "
                                  f"({type(e).__name__}: {e})") from e
         dit, vae, text = models["dit"], models["vae"], models["text"]
-        what = {"dit": "the DiT's weights", "vae": "the VAE's weights", "text": "the text encoder's weights"}
+        what = {"dit": "the DiT's weights", "vae": "the VAE's weights", "text": "the text encoder's weights",
+                "dit_2": "the second expert DiT's weights"}
         for name in parts:
             f = d / f"{name}.safetensors"
             load_converted(models[name], load_safetensors(f, what[name]), str(f))
         try:
             stats = None if desc.get("captions") is None else CaptionStats.from_dict(desc["captions"])
-            pipe = cls(dit, vae, text, sampling=desc.get("sampling"), caption_stats=stats)
+            pipe = cls(dit, vae, text, sampling=desc.get("sampling"), caption_stats=stats, dit_2=models["dit_2"],
+                       boundary=desc.get("boundary"))
         except ValueError as e:
             raise ValueError(f"{str(desc_path)!r}: {e}") from e
         return pipe.to(device) if device is not None else pipe

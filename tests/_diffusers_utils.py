@@ -263,3 +263,51 @@ def saved_tiny_wan_pipeline(tmp_path_factory):
     d = tmp_path_factory.mktemp("wan") / "pipe"
     pipe.save_pretrained(d)
     return pipe, d
+
+
+def wan_unipc(**options):
+    """Wan's default scheduler: UniPC on flow sigmas (flow prediction), ``flow_shift`` 3 unless given."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(**{"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0,
+                                      **options})
+
+
+def wan_call(pipe, noise, size, *, fp64=False, **call):
+    """``WanPipeline.__call__`` from ``noise`` (our seed's, so both start from the same latents) -> ``(3, T, H, W)``
+    float64 in [-1, 1], as ``VideoPipeline.generate`` returns it. ``fp64``: the whole run in float64 -- the models,
+    the latents (diffusers holds them in float32 whatever the models' dtype) and the scheduler's levels (float32 in
+    diffusers, and UniPC computes its coefficients from them): a reference without float32 rounding."""
+    t, h, w = size
+    sch = pipe.scheduler
+    if fp64:
+        set_timesteps = sch.set_timesteps
+
+        def set_timesteps_fp64(*a, **kw):
+            set_timesteps(*a, **kw)
+            sch.sigmas = sch.sigmas.double()
+
+        sch.set_timesteps = set_timesteps_fp64
+        pipe.prepare_latents = lambda *a, **kw: noise[None].double()
+        pipe.to(torch.float64)
+    try:
+        out = pipe(num_frames=t, height=h, width=w, latents=noise[None].to(pipe.transformer.dtype), output_type="pt",
+                   **call)
+    finally:
+        if fp64:
+            del sch.set_timesteps, pipe.prepare_latents
+            pipe.to(torch.float32)
+    return out.frames[0].permute(1, 0, 2, 3).double() * 2 - 1
+
+
+def assert_wan_parity(video, pipe, noise, size, **call) -> tuple[float, float]:
+    """STYLE's fp32 rule with diffusers as the reference: the error of our fp32 ``video`` against diffusers run in
+    fp64 may be at most twice diffusers' own fp32 error against it, plus an atol of a few fp32 ulps of the output
+    scale (both fp32 runs can be exact where the fp64 one rounds to the same frame). Returns both errors."""
+    d32 = wan_call(pipe, noise, size, **call)
+    d64 = wan_call(pipe, noise, size, fp64=True, **call)
+    assert video.shape == d64.shape == (3, *size)
+    ours_err, ref_err = rel_err(video, d64), rel_err(d32, d64)
+    assert ours_err <= 2 * ref_err + 4 * 2**-24, (ours_err, ref_err)
+    assert rel_err(video, d32) <= 2 * ref_err + 4 * 2**-24 + ref_err
+    return ours_err, ref_err

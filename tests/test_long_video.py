@@ -478,3 +478,24 @@ def test_cli_long_keyframe_off_a_latent_boundary_fails_before_generating(tiny_pi
                    "--overlap", "1", "--keyframe", f"{img}@-2", "--out", str(tmp_path / "o")])
     assert rc == 2
     assert re.search(r"conditions\[0\]\.frame=-2 \(pixel frame 15\) must be a multiple of 4", capsys.readouterr().err)
+
+
+def test_staggered_refuses_two_experts_before_any_work(tiny_pipeline):
+    """Experts are picked per video by its step timestep, which staggered frames do not share: the sampler and
+    the rollout refuse the combination (the rollout before any DiT forward or text encoding)."""
+    import copy
+
+    from sora_fast.pipeline import VideoPipeline
+    from sora_fast.sampling import Experts
+
+    pipe, _ = tiny_pipeline
+    two = VideoPipeline(pipe.dit, pipe.vae, pipe.text_encoder, dit_2=copy.deepcopy(pipe.dit), boundary=500.0)
+    calls = _spy_dit(two)
+    with pytest.raises(ValueError, match="staggered.*two experts"):
+        two.generate_long("x", 21, window=9, overlap=1, **{**KW, "schedule": "staggered"})
+    assert not calls
+    c = pipe.dit.config
+    noise = [torch.randn(c.in_channels, 3, 4, 4)]
+    text = pack_sequences([torch.randn(3, c.text_dim)])
+    with pytest.raises(ValueError, match="ar_step=1.*Experts"):
+        sample(Experts([pipe.dit, pipe.dit], [500.0]), noise, text, patch=c.patch, steps=2, guidance=1.0, ar_step=1)

@@ -121,11 +121,16 @@ def _finite(flag: str, value: float, positive: bool = False) -> float:
 
 
 def _check_solver_args(args) -> None:
-    """``--solver`` / ``--order`` / ``--cache``, errors naming the flag."""
-    from ..sampling import check_solver, parse_cache
+    """``--solver`` / ``--order`` / ``--cache``, errors naming the flag (``--solver`` None: the pipeline's, checked
+    with ``--order`` once it is loaded)."""
+    from ..sampling import MAX_ORDER, check_solver, parse_cache
 
     try:
-        check_solver(args.solver, args.order)
+        if args.solver is not None:
+            check_solver(args.solver, args.order)
+        elif args.order is not None and not 1 <= args.order <= max(MAX_ORDER.values()):
+            raise ValueError(f"order must be in 1..{max(MAX_ORDER.values())} (unipc 1-3, dpm++ 1-2, euler 1), got "
+                             f"{args.order}")
     except (ValueError, TypeError) as e:
         raise ValueError(f"--order/--solver: {e}") from None
     try:
@@ -175,6 +180,11 @@ def _expand_prompts(pipe, args, mesh) -> list:
 def _check_generate_args(args) -> None:
     """Every argument of ``generate`` that needs no model, checked before anything loads or runs."""
     _finite("--guidance", args.guidance)
+    if args.guidance_2 is not None:
+        _finite("--guidance-2", args.guidance_2)
+        if args.frames is not None:
+            raise ValueError("--guidance-2 applies to generate's two-expert sampling; a long video (--frames) takes "
+                             "--guidance for both experts: leave out --guidance-2")
     _check_expand_args(args)
     _check_solver_args(args)
     if args.cache is not None and (args.sequence_parallel > 1 or args.cfg_parallel):
@@ -252,7 +262,7 @@ def _generate_long(pipe, args, prompts, sizes, mesh) -> list:
     from ..training.metrics import ProgressBar
 
     plans = [pipe.plan_long(args.frames, args.window, args.overlap, tuple(s[1:])) for s in sizes]  # before work
-    denoiser = None if mesh is None else make_denoiser(pipe.dit, mesh)
+    denoiser = None if mesh is None else pipe.denoiser(lambda dit: make_denoiser(dit, mesh))
     kw = dict(schedule=args.schedule or "synchronous", ar_step=args.ar_step)
     if args.conditions:
         kw["conditions"] = [c for _, c in args.conditions]
@@ -288,9 +298,17 @@ def cmd_generate(args) -> int:
     mesh = sampling_mesh(args.sequence_parallel, args.cfg_parallel, args.guidance)  # None unless under torchrun
     out = check_writable(args.out)
     pipe = VideoPipeline.load(args.pipeline, verify=not args.no_verify)
+    args.solver, args.order = pipe.solver_settings(args.solver, args.order)
+    _check_solver_args(args)
+    if args.guidance_2 is not None and pipe.dit_2 is None:
+        raise ValueError(f"--guidance-2 is the low-noise expert's CFG scale; {args.pipeline} has one DiT (no second "
+                         "expert): leave out --guidance-2")
     if args.lora is not None:
         from ..training.lora_formats import load_lora_file
 
+        if pipe.dit_2 is not None:
+            raise ValueError(f"--lora: {args.pipeline} has two experts (Wan 2.2 A14B); a LoRA applies to one DiT, "
+                             "expected a one-DiT pipeline")
         load_lora_file(pipe.dit, args.lora)
     edit = args.edit_video
     long = args.frames is not None
@@ -311,8 +329,8 @@ def cmd_generate(args) -> int:
         clips = _generate_long(pipe, args, prompts, sizes, mesh)
     else:
         clips = pipe.generate(prompts, sizes, steps=args.steps, guidance=args.guidance, shift=args.shift,
-                              negative_prompt=args.negative_prompt, seed=args.seed, **kw,
-                              denoiser=None if mesh is None else make_denoiser(pipe.dit, mesh),
+                              negative_prompt=args.negative_prompt, seed=args.seed, **kw, guidance_2=args.guidance_2,
+                              denoiser=None if mesh is None else pipe.denoiser(lambda dit: make_denoiser(dit, mesh)),
                               solver=args.solver, order=args.order, cache=args.cache,
                               attention_window=args.attention_window)
     if mesh is not None and not mesh.is_main:
@@ -328,7 +346,9 @@ def cmd_generate(args) -> int:
                                              "expansions": [e.to_dict() for e in expansions]}
     _write_metadata(out / "generate.json", {
         "prompts": list(args.prompt), **expand, "sizes": [list(c.shape[1:]) for c in clips], "seed": args.seed,
-        "steps": args.steps, "guidance": args.guidance, "solver": args.solver, "order": args.order,
+        "steps": args.steps, "guidance": args.guidance, **({} if args.guidance_2 is None else
+                                                          {"guidance_2": args.guidance_2}),
+        "solver": args.solver, "order": args.order,
         "cache": args.cache, "attention_window": args.attention_window, "files": [p.name for p in written],
         "evaluations": t["evaluations"], "seconds": {k: t[k] for k in ("text", "denoise", "decode") if k in t},
         **({} if not long else {"long": {"frames": args.frames, "window": args.window, "overlap": args.overlap,

@@ -191,6 +191,9 @@ def cmd_train(args) -> int:
 
     out = check_writable(run.out)
     pipe = VideoPipeline.load(run.pipeline, verify=not args.no_verify)
+    if pipe.dit_2 is not None and run.dit is None and run.diffusers_transformer is None:
+        raise ValueError(f"pipeline {run.pipeline} has two experts (Wan 2.2 A14B: dit and dit_2); training takes a "
+                         "one-DiT pipeline (or a new DiT: dit / diffusers_transformer in the run description)")
     vae, text = pipe.vae, pipe.text_encoder
     if run.dit is not None:
         dit = VideoDiT(DiTConfig.from_name(run.dit, in_channels=vae.latent_channels,

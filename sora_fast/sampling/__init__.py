@@ -13,9 +13,11 @@ own shift (``shift="auto"``: from its token count), which a padded batch could n
   frame within it (synchronous or staggered);
 - :mod:`.solvers`: the UniPC / DPM-Solver++ coefficients for flow prediction;
 - :mod:`.sampler`: :func:`sample` (every solver, every cache) and :func:`sample_euler`;
-- :mod:`.cache`: first-block and TeaCache-style step caches, decided per video and per CFG half.
+- :mod:`.cache`: first-block and TeaCache-style step caches, decided per video and per CFG half;
+- :mod:`.experts`: :class:`Experts`, several denoisers sharing the noise levels (Wan 2.2 A14B) as one.
 """
 from .cache import CACHES, FirstBlockCache, TeaCache, calibrate_teacache, parse_cache
+from .experts import Experts
 from .sampler import sample, sample_euler
 from .schedule import (
     FRAME_SCHEDULES,
@@ -30,13 +32,15 @@ from .schedule import (
     frame_schedule,
     frame_sigmas,
     schedule_sigmas,
+    schedule_timesteps,
     staggered_steps,
     step_levels,
     strength_sigmas,
 )
 from .solvers import DEFAULT_ORDER, MAX_ORDER, SOLVERS, check_solver
 
-__all__ = ["sample", "sample_euler", "concat_text", "strength_sigmas", "schedule_sigmas", "SCHEDULES", "frame_sigmas",
-           "check_given", "FRAME_SCHEDULES", "frame_schedule", "staggered_steps", "step_levels", "check_ar_step",
-           "check_strength", "check_finite", "check_sampling", "check_solver", "DenoiseFn", "SOLVERS",
-           "MAX_ORDER", "DEFAULT_ORDER", "CACHES", "FirstBlockCache", "TeaCache", "parse_cache", "calibrate_teacache"]
+__all__ = ["sample", "sample_euler", "concat_text", "strength_sigmas", "schedule_sigmas", "schedule_timesteps",
+           "SCHEDULES", "frame_sigmas", "check_given", "FRAME_SCHEDULES", "frame_schedule", "staggered_steps",
+           "step_levels", "check_ar_step", "check_strength", "check_finite", "check_sampling", "check_solver",
+           "DenoiseFn", "SOLVERS", "MAX_ORDER", "DEFAULT_ORDER", "CACHES", "FirstBlockCache", "TeaCache",
+           "parse_cache", "calibrate_teacache", "Experts"]

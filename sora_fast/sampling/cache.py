@@ -114,7 +114,7 @@ def start_cache(cache, denoise, streams: int):
 
     if not isinstance(denoise, VideoDiT):
         raise TypeError(f"a step cache runs the DiT block by block and needs denoise to be a sora_fast VideoDiT, got "
-                        f"{type(denoise).__name__} (leave cache None with a custom or parallel denoiser)")
+                        f"{type(denoise).__name__} (leave cache None with a custom, parallel or two-expert denoiser)")
     return _CacheRun(cfg, denoise, streams)
 
 

@@ -20,6 +20,7 @@ from .schedule import (
     concat_text,
     frame_schedule,
     frame_sigmas,
+    schedule_timesteps,
     staggered_steps,
     step_levels,
     strength_sigmas,
@@ -93,7 +94,7 @@ class _Multistep:
 @torch.no_grad()
 def sample(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequences, *,
            solver: str = "euler", order: Optional[int] = None, variant: str = "bh2", cache=None,
-           patch: Sequence[int] = (1, 2, 2), steps: int = 30, guidance: float = 5.0,
+           patch: Sequence[int] = (1, 2, 2), steps: int = 30, guidance: Union[float, Sequence[float]] = 5.0,
            uncond_text: Optional[PackedSequences] = None,
            shift: Union[float, Sequence[float], str] = 5.0,
            progress: Optional[Callable[[int, int], None]] = None,
@@ -107,7 +108,9 @@ def sample(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequen
 
     Args:
         denoise: ``f(x: PackedVideos, timesteps (B,), text: PackedSequences) -> (N, C·pt·ph·pw)`` velocity
-            tokens, e.g. a :class:`sora_fast.models.VideoDiT`.
+            tokens, e.g. a :class:`sora_fast.models.VideoDiT`, or an :class:`~sora_fast.sampling.Experts` of several
+            (Wan 2.2 A14B's high- and low-noise experts), which also gets ``step``: each video's step timestep, the
+            timestep of its denoised frames, by which it picks the video's expert (given frames do not count).
         noise: B latents ``(C, T, H, W)`` of standard normal noise, any sizes divisible by ``patch``.
         text: packed conditional text, B sequences.
         solver: ``"euler"`` (one model call per step, ``x ← x + (σ' − σ)·v``), ``"unipc"`` (UniPC, predictor
@@ -118,7 +121,8 @@ def sample(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequen
             :mod:`sora_fast.sampling.cache`: reuse the DiT's deep features on steps where a video's input
             barely changed, decided per video and per CFG half; ``denoise`` must then be a VideoDiT.
         guidance: CFG scale g; ``v = v_u + g·(v_c − v_u)``. ``g == 1`` or ``uncond_text=None`` runs the
-            conditional branch alone; otherwise both branches go in one pack of 2B videos.
+            conditional branch alone; otherwise both branches go in one pack of 2B videos. With an ``Experts``
+            denoiser, one number for all or one per expert (each video takes its step's expert's).
         uncond_text: packed unconditional text (e.g. the empty prompt), B sequences.
         shift: the schedule shift s, one for all, one per video, or ``"auto"`` (per video, from its
             token count: :func:`sora_fast.training.flow.resolution_shift`).
@@ -145,9 +149,12 @@ def sample(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequen
             denoised frame (a DiT frame, one per temporal patch, counted in time order) runs the video's levels
             ``k·r`` steps after the first, so later frames are noisier at every step and all end at 0; a video of
             ``n`` steps and ``D`` denoised frames then takes ``n + k·(D − 1)`` DiT forwards, and the DiT gets
-            per-frame timesteps. Given frames are held as above.
+            per-frame timesteps (each frame's ``1000·σ``, also under a recorded ``schedule``). Given frames are
+            held as above. Not with an ``Experts`` denoiser (ValueError).
         schedule: the levels of a full run (:func:`~.schedule.schedule_sigmas`; None: sora_fast's own), e.g. a
-            diffusers scheduler's, recorded by :meth:`sora_fast.pipeline.VideoPipeline.from_diffusers`.
+            diffusers scheduler's, recorded by :meth:`sora_fast.pipeline.VideoPipeline.from_diffusers`; the model
+            sees that scheduler's timesteps (:func:`~.schedule.schedule_timesteps`) at the denoised frames, else
+            ``1000·σ``. An edit (strength < 1) takes sora_fast's levels and ``1000·σ``.
         stats: a dict to fill: ``evaluations`` (per video, full DiT evaluations of its copies, CFG halves
             counted apart) and ``forwards`` (DiT calls).
         token_order, token_tile: the order of the tokens in the packs ``denoise`` gets
@@ -160,14 +167,13 @@ def sample(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequen
     their count instead of being returned.
     """
     from .cache import start_cache
+    from .experts import Experts
 
     solver, order, variant = check_solver(solver, order, variant)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
-        raise TypeError(f"guidance must be a number, got {type(guidance).__name__}")
-    if not math.isfinite(guidance):
-        raise ValueError(f"guidance must be a finite number, got {guidance!r}")
+    experts = denoise if isinstance(denoise, Experts) else None
+    guidances = _check_guidance(guidance, experts)
     if stats is not None and not isinstance(stats, dict):
         raise TypeError(f"stats must be a dict (filled with the evaluation counts) or None, got {type(stats).__name__}")
     layout = _token_layout(denoise, token_order, token_tile, patch)
@@ -179,7 +185,7 @@ def sample(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequen
     b = x.num_sequences
     if text.num_sequences != b:
         raise ValueError(f"text has {text.num_sequences} sequences, expected one per video ({b})")
-    cfg = uncond_text is not None and guidance != 1.0
+    cfg = uncond_text is not None and any(g != 1.0 for g in guidances)
     if cfg and uncond_text.num_sequences != b:
         raise ValueError(f"uncond_text has {uncond_text.num_sequences} sequences, expected one per video ({b})")
 
@@ -196,6 +202,9 @@ def sample(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequen
             raise ValueError(f"init[{i}] has shape {tuple(z.shape)}, expected its noise's {tuple(e.shape)}")
     g_lat, g_lev = check_given(given, given_levels, noise, patch)
     ar_step = check_ar_step(ar_step)
+    if ar_step and experts is not None:
+        raise ValueError(f"ar_step={ar_step} (a staggered schedule) cannot run an Experts denoiser: the experts are "
+                         "picked per video by its step timestep, and staggered frames have one each; use ar_step=0")
     runner = start_cache(cache, denoise, 2 * b if cfg else b)
     shifts = [resolution_shift(n) if s == "auto" else s for s, n in zip(shifts, x.seqlens)]
     scheds = [strength_sigmas(steps, s, st, schedule) for s, st in zip(shifts, strengths)]
@@ -217,12 +226,21 @@ def sample(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequen
         unit_steps = [len(sc) - 1 if torch.isnan(v) else 0 for sc, lv in zip(scheds, frame_lv) for v in lv]
         unit_ids = frame_ids(x).long()
     frame_rows = torch.cumsum(torch.tensor([0] + [len(lv) for lv in frame_lv]), 0).tolist()
+    levels = sigmas if solver == "euler" else solver_levels(sigmas)          # what the model and the solver see
+    step_t = None
+    if ar_step == 0:
+        # (B, total): the timestep of each video's denoised frames at every step: its scheduler's, else 1000·σ
+        step_t = levels[:, :-1] * 1000
+        for k, (s, st) in enumerate(zip(shifts, strengths)):
+            ts = schedule_timesteps(steps, s, schedule) if st == 1.0 else None
+            if ts is not None:
+                step_t[k, first[k]:] = ts
 
     md = torch.promote_types(x.tokens.dtype, torch.float32)                    # state in >= fp32
     start = []
-    for z, e, sc in zip(inits, noise, scheds):
+    for z, e, sc, st in zip(inits, noise, scheds, strengths):
         s0 = float(sc[0])
-        if z is None or s0 == 1.0:
+        if z is None or s0 == 1.0 or st == 1.0:                                # strength 1: from noise
             start.append(e)
         elif s0 == 0.0:
             start.append(z.to(e.dtype))
@@ -246,7 +264,6 @@ def sample(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequen
     cu = x.cu_seqlens.tolist()
     texts = text.unpack(text.tokens)
     utexts = uncond_text.unpack(uncond_text.tokens) if cfg else None
-    levels = sigmas if solver == "euler" else solver_levels(sigmas)          # what the model and the solver see
     unit_ids = unit_ids.to(tokens.device)
     multistep = None if solver == "euler" else _Multistep(solver, order, variant, levels, unit_first, unit_steps,
                                                           unit_ids)
@@ -266,26 +283,40 @@ def sample(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequen
                 subs[active] = (pack(vids * (2 if cfg else 1)), pack_sequences(txt), rows)
         return subs[active]
 
-    def timesteps(sig: torch.Tensor, active) -> torch.Tensor:
+    def timesteps(i: int, active) -> torch.Tensor:
         """``(B_active,)`` timesteps, or ``(F_active,)`` per-frame ones when any video has given frames or the
-        schedule is staggered (``sig``: the level of every unit at this step)."""
+        schedule is staggered (then every frame's ``1000·σ``)."""
         if ar_step:
+            sig = levels[:, i]
             lv = torch.cat([frame_sigmas(sig[frame_rows[k]:frame_rows[k + 1]], frame_lv[k]) for k in active])
             return (lv * 1000).to(md).to(tokens.device)
         if not conditioned:
-            return (sig[list(active)] * 1000).to(md).to(tokens.device)
-        lv = torch.cat([frame_sigmas(sig[k], frame_lv[k]) for k in active])
-        return (lv * 1000).to(md).to(tokens.device)
+            return step_t[list(active), i].to(md).to(tokens.device)
+        lv = torch.cat([frame_sigmas(step_t[k, i], frame_lv[k] * 1000) for k in active])
+        return lv.to(md).to(tokens.device)
+
+    def guidance_rows(i: int, active: tuple, seq: torch.Tensor) -> Union[float, torch.Tensor]:
+        """The CFG scale of the conditional tokens (``seq`` their video in ``active``): one number, or ``(M, 1)``
+        when the videos' experts take different scales."""
+        g = [guidances[0 if experts is None else experts.index(step_t[k, i])] for k in active]
+        if len(set(g)) == 1:
+            return g[0]
+        return torch.tensor(g, dtype=md, device=tokens.device)[seq.long(), None]
 
     def velocity(i: int, active: tuple) -> torch.Tensor:
         """The guided velocity ``(N, D)`` at step i (zero rows for the videos not yet active)."""
         pack, txt, rows = sub_pack(active)
         sub = tokens if rows is None else tokens[rows]
         m = sub.shape[0]
-        t = timesteps(levels[:, i], active)
+        t = timesteps(i, active)
         inp = pack.with_tokens((torch.cat([sub, sub]) if cfg else sub).to(x.tokens.dtype))
         tt = torch.cat([t, t]) if cfg else t
-        if runner is None:
+        if experts is not None:
+            st = step_t[list(active), i]                                     # (B_active,) float64, on the host
+            v = denoise(inp, tt, txt, step=torch.cat([st, st]) if cfg else st)
+            for k in active:
+                evaluations[k] += 2 if cfg else 1
+        elif runner is None:
             v = denoise(inp, tt, txt)
             for k in active:
                 evaluations[k] += 2 if cfg else 1
@@ -298,7 +329,7 @@ def sample(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequen
         v = v.to(md)                                                           # (M or 2M, D)
         if cfg:
             v_c, v_u = v[:m], v[m:]
-            v = v_u + guidance * (v_c - v_u)
+            v = v_u + guidance_rows(i, active, pack.seq_ids[:m]) * (v_c - v_u)
         return v if rows is None else torch.zeros_like(tokens).index_copy(0, rows, v)
 
     for i in range(total):
@@ -322,6 +353,24 @@ def sample(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequen
             out[k][:, keep] = z[:, keep].to(out[k].dtype)
     check_finite(out, f"the latents after {total} denoising steps")
     return out
+
+
+def _check_guidance(guidance, experts) -> list[float]:
+    """``guidance`` as one CFG scale per expert (a list of one without experts), checked."""
+    n = 1 if experts is None else len(experts)
+    values = list(guidance) if isinstance(guidance, (list, tuple)) else [guidance] * n
+    if isinstance(guidance, (list, tuple)) and len(values) != n:
+        if experts is None:
+            raise ValueError(f"guidance must be a number (a list, one per expert, needs an Experts denoiser), got "
+                             f"{guidance!r}")
+        raise ValueError(f"guidance must be a number or a list of {n} (one per expert of the Experts denoiser), got "
+                         f"a list of {len(values)}")
+    for g in values:
+        if isinstance(g, bool) or not isinstance(g, (int, float)):
+            raise TypeError(f"guidance must be a number, got {type(g).__name__}")
+        if not math.isfinite(g):
+            raise ValueError(f"guidance must be a finite number, got {g!r}")
+    return [float(g) for g in values]
 
 
 def _token_layout(denoise, token_order, token_tile, patch) -> dict:

@@ -23,9 +23,9 @@ import torch
 from ..packing import PackedSequences, PackedVideos, pack_sequences
 from ..training.flow import shift_sigmas, sigma_schedule
 
-__all__ = ["concat_text", "strength_sigmas", "schedule_sigmas", "SCHEDULES", "frame_sigmas", "check_given",
-           "check_strength", "check_finite", "check_sampling", "DenoiseFn", "FRAME_SCHEDULES", "check_ar_step",
-           "staggered_steps", "step_levels", "frame_schedule"]
+__all__ = ["concat_text", "strength_sigmas", "schedule_sigmas", "schedule_timesteps", "SCHEDULES", "frame_sigmas",
+           "check_given", "check_strength", "check_finite", "check_sampling", "DenoiseFn", "FRAME_SCHEDULES",
+           "check_ar_step", "staggered_steps", "step_levels", "frame_schedule"]
 
 DenoiseFn = Callable[[PackedVideos, torch.Tensor, PackedSequences], torch.Tensor]
 
@@ -94,36 +94,77 @@ def check_strength(strength, n: int, name: str = "strength") -> list[float]:
 
 
 # Named noise-level schedules of a full (strength 1) run; ``None`` is sora_fast's own.
-SCHEDULES = ("sora_fast", "diffusers_flow_euler")
+SCHEDULES = ("sora_fast", "diffusers_flow_euler", "diffusers_flow_unipc")
+
+
+def _schedule_kind(schedule) -> tuple[str, int]:
+    """``(kind, num_train_timesteps)`` of a schedule dict (None: sora_fast's own), checked."""
+    kind = "sora_fast" if schedule is None else schedule.get("kind") if isinstance(schedule, dict) else None
+    if kind not in SCHEDULES:
+        raise ValueError(f"schedule must be None or a dict with 'kind' one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    t = 1000 if schedule is None else schedule.get("num_train_timesteps", 1000)
+    if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+        raise ValueError(f"schedule['num_train_timesteps'] must be a positive int, got {t!r}")
+    return kind, t
+
+
+def _unipc_levels(steps: int, shift: float, t: int):
+    """diffusers' ``UniPCMultistepScheduler.set_timesteps`` with flow sigmas, in numpy float64 as it computes them:
+    ``linspace(1, 1/T, steps + 1)[:-1]`` shifted, the top level 1 taken as ``1 - 1e-6``."""
+    import numpy as np
+
+    levels = np.linspace(1, 1 / t, steps + 1)[:-1]
+    levels = shift * levels / (1 + (shift - 1) * levels)
+    if np.fabs(levels[0] - 1) < 1e-6:
+        levels[0] -= 1e-6
+    return levels
 
 
 def schedule_sigmas(steps: int, shift: float, schedule: Optional[dict] = None) -> torch.Tensor:
     """The ``steps + 1`` noise levels (float64, from the start level down to exactly 0) of a full run.
 
     ``schedule`` None or ``{"kind": "sora_fast"}``: :func:`sigma_schedule` (``shift_sigmas(linspace(1, 0,
-    steps + 1))``). ``{"kind": "diffusers_flow_euler", "num_train_timesteps": T}``: what diffusers'
-    ``FlowMatchEulerDiscreteScheduler(shift=s, num_train_timesteps=T)`` (no dynamic shifting, no Karras /
-    exponential / beta levels) runs: ``linspace(1, m, steps)`` with ``m = shift(1 / T)`` (its smallest
-    training level, already shifted), shifted once more, each level rounded to float32 as diffusers holds it,
-    then 0. Loading a diffusers pipeline records its scheduler's schedule, so the same steps give the same
-    levels and the same video.
+    steps + 1))``). The others reproduce a diffusers scheduler's ``set_timesteps(steps)`` (``num_train_timesteps``
+    T, default 1000), each level rounded to float32 as diffusers holds it, then 0:
+
+    - ``{"kind": "diffusers_flow_euler"}``: ``FlowMatchEulerDiscreteScheduler(shift=s)`` (no dynamic shifting,
+      no Karras / exponential / beta levels): ``linspace(1, m, steps)`` with ``m = shift(1 / T)`` (its smallest
+      training level, already shifted), shifted once more;
+    - ``{"kind": "diffusers_flow_unipc"}``: ``UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=s)``:
+      ``linspace(1, 1/T, steps + 1)[:-1]`` shifted, the first level (1) taken as ``1 - 1e-6``.
+
+    Loading a diffusers pipeline records its scheduler's schedule, so the same steps give the same levels (and,
+    with :func:`schedule_timesteps`, the same model timesteps) and the same video.
     """
-    kind = "sora_fast" if schedule is None else schedule.get("kind") if isinstance(schedule, dict) else None
-    if kind not in SCHEDULES:
-        raise ValueError(f"schedule must be None or a dict with 'kind' one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    kind, t = _schedule_kind(schedule)
     if kind == "sora_fast":
         return sigma_schedule(steps, shift, dtype=torch.float64)
     import numpy as np
 
-    t = schedule.get("num_train_timesteps", 1000)
-    if isinstance(t, bool) or not isinstance(t, int) or t < 1:
-        raise ValueError(f"schedule['num_train_timesteps'] must be a positive int, got {t!r}")
-    lowest = torch.tensor(1.0, dtype=torch.float32) / t                         # float32, as diffusers' init
-    sigma_min = (shift * lowest / (1 + (shift - 1) * lowest)).item()
-    levels = np.linspace(1.0 * t, sigma_min * t, steps) / t                    # numpy float64, as set_timesteps
-    levels = shift * levels / (1 + (shift - 1) * levels)
+    if kind == "diffusers_flow_euler":
+        lowest = torch.tensor(1.0, dtype=torch.float32) / t                     # float32, as diffusers' init
+        sigma_min = (shift * lowest / (1 + (shift - 1) * lowest)).item()
+        levels = np.linspace(1.0 * t, sigma_min * t, steps) / t                # numpy float64, as set_timesteps
+        levels = shift * levels / (1 + (shift - 1) * levels)
+    else:
+        levels = _unipc_levels(steps, shift, t)
     levels = torch.from_numpy(levels).to(torch.float32).to(torch.float64)
     return torch.cat([levels, levels.new_zeros(1)])
+
+
+def schedule_timesteps(steps: int, shift: float, schedule: Optional[dict] = None) -> Optional[torch.Tensor]:
+    """The ``steps`` timesteps (float64) the model sees on a full run of ``schedule``, or None where it sees
+    ``1000·σ`` (sora_fast's own schedule). diffusers feeds its scheduler's ``timesteps``: for
+    ``"diffusers_flow_euler"`` ``σ·T`` in float32 (σ its float32 level), for ``"diffusers_flow_unipc"`` the integer
+    part of ``σ·T`` taken before the float32 rounding (999, not 999.999, at the top level)."""
+    kind, t = _schedule_kind(schedule)
+    if kind == "sora_fast":
+        return None
+    if kind == "diffusers_flow_euler":
+        return (schedule_sigmas(steps, shift, schedule)[:-1].to(torch.float32) * t).to(torch.float64)
+    import numpy as np
+
+    return torch.from_numpy((_unipc_levels(steps, shift, t) * t).astype(np.int64)).to(torch.float64)
 
 
 def strength_sigmas(steps: int, shift: float, strength: float = 1.0, schedule: Optional[dict] = None

@@ -1,6 +1,7 @@
 """A diffusers Wan text-to-video pipeline -> :class:`sora_fast.pipeline.VideoPipeline`, from a directory as it is
 distributed (``model_index.json``, ``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
-``scheduler/``) or from a ``WanPipeline`` object.
+``scheduler/``; Wan 2.2 A14B adds ``transformer_2/``, its low-noise expert, and ``boundary_ratio``) or from a
+``WanPipeline`` object.
 
 Nothing is copied twice. From a directory the transformer's and the VAE's safetensors files are read tensor by
 tensor, each cast and converted as it is read and taken as the model's own (``assign``) on a model built on the
@@ -10,12 +11,12 @@ accelerate is needed for a directory (safetensors and, for the umT5 encoder, tra
 
 Everything that can be checked from the JSON files is checked before any weight is read: the pipeline class,
 each component's presence and class, the text encoder's width against the transformer's ``text_dim``, the
-VAE's latent channels against the transformer's, the scheduler's options.
+VAE's latent channels against the transformer's, the second expert's config against the first's and its
+``boundary_ratio``, the scheduler's options.
 """
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional
 
@@ -37,6 +38,14 @@ WAN_COMPONENTS = {  # component -> the classes sora_fast reads (None: any)
 _KEEP_FP32 = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
 _EULER_UNSUPPORTED = ("use_dynamic_shifting", "invert_sigmas", "shift_terminal", "use_karras_sigmas",
                       "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling")
+# UniPCMultistepScheduler options -> the value sora_fast reproduces (the others do not change a flow-sigma run:
+# the betas, timestep_spacing and steps_offset are overwritten by the flow levels). solver_type "bh1" is refused:
+# diffusers' bh1 computes B(h)·0 with B(h) = -inf on the last step to σ = 0 and returns NaN.
+_UNIPC_REPRODUCED = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "predict_x0": True,
+                     "solver_type": "bh2", "lower_order_final": True, "final_sigmas_type": "zero",
+                     "thresholding": False, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+                     "use_beta_sigmas": False, "use_dynamic_shifting": False, "shift_terminal": None,
+                     "disable_corrector": [], "solver_p": None}
 
 
 def is_diffusers_pipeline_dir(path) -> bool:
@@ -53,9 +62,6 @@ def _model_index(d: Path) -> dict:
     if cls not in PIPELINE_CLASSES:
         raise ValueError(f"{str(d)!r} holds a diffusers {cls!r}, expected a Wan text-to-video pipeline "
                          f"({', '.join(PIPELINE_CLASSES)}: Wan 2.1 / 2.2 T2V)")
-    if index.get("transformer_2") not in (None, [None, None]):
-        raise ValueError(f"{str(d)!r} has transformer_2 (Wan 2.2 A14B's second, low-noise expert), expected none: "
-                         "VideoPipeline runs one DiT; two-expert pipelines are not supported yet")
     for name, classes in WAN_COMPONENTS.items():
         entry = index.get(name)
         if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
@@ -66,13 +72,52 @@ def _model_index(d: Path) -> dict:
         if not (d / name).is_dir():
             raise FileNotFoundError(f"{str(d)!r}: the {name!r} component ({entry[1]}) is missing: expected the "
                                     f"directory {str(d / name)!r}")
+    second = index.get("transformer_2")
+    if second not in (None, [None, None]):
+        if not (isinstance(second, list) and len(second) == 2 and second[1] in WAN_COMPONENTS["transformer"]):
+            raise ValueError(f"{str(d)!r}: component 'transformer_2' is {second!r}, expected [library, "
+                             f"{WAN_COMPONENTS['transformer'][0]!r}] (Wan 2.2 A14B's low-noise expert)")
+        if not (d / "transformer_2").is_dir():
+            raise FileNotFoundError(f"{str(d)!r}: the 'transformer_2' component ({second[1]}) is missing: expected "
+                                    f"the directory {str(d / 'transformer_2')!r}")
+    _boundary_ratio(second not in (None, [None, None]), index.get("boundary_ratio"), str(d / "model_index.json"))
     return index
+
+
+def _boundary_ratio(two: bool, ratio, where: str) -> Optional[float]:
+    """``boundary_ratio`` checked against the presence of a second expert: a number in [0, 1] with one, None
+    without (diffusers would ignore a transformer_2 without it, and fail at the boundary without transformer_2)."""
+    if not two:
+        if ratio is not None:
+            raise ValueError(f"{where}: boundary_ratio={ratio!r} but no transformer_2 (the low-noise expert it "
+                             "switches to); expected boundary_ratio None for one transformer")
+        return None
+    if ratio is None:
+        raise ValueError(f"{where}: transformer_2 (Wan 2.2 A14B's low-noise expert) without boundary_ratio (the "
+                         "fraction of num_train_timesteps below which it runs); expected a number in [0, 1], got None")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"{where}: boundary_ratio must be a number in [0, 1] with transformer_2, got {ratio!r}")
+    return float(ratio)
+
+
+def _check_experts_configs(first: Mapping, second: Mapping, where: str) -> None:
+    """The two experts must share one architecture (sora_fast runs both on one config)."""
+    keys = sorted(k for k in set(first) | set(second) if not k.startswith("_"))      # not _class_name, ...
+    diff = [k for k in keys if first.get(k) != second.get(k)]
+    if diff:
+        raise ValueError(f"{where}: mismatched experts: transformer_2's config differs from transformer's in "
+                         + ", ".join(f"{k} (transformer: {first.get(k)!r}, transformer_2: {second.get(k)!r})"
+                                     for k in diff) + "; expected the same architecture")
 
 
 def scheduler_settings(class_name: str, config: Mapping, where: str = "scheduler") -> dict:
     """A diffusers scheduler (class name + config) -> ``VideoPipeline.sampling``: ``solver``, ``shift`` and
-    ``schedule`` (:func:`sora_fast.sampling.schedule_sigmas`). Options sora_fast does not reproduce are errors
-    naming them; a UniPC scheduler is recorded as such and sampled with flow Euler (a warning says so)."""
+    ``schedule`` (:func:`sora_fast.sampling.schedule_sigmas`), and for UniPC its ``order``. Options sora_fast does
+    not reproduce are errors naming the option, what it reproduces and what was found.
+
+    ``FlowMatchEulerDiscreteScheduler``: flow Euler on its levels. ``UniPCMultistepScheduler`` (Wan's default:
+    flow sigmas, flow prediction, ``flow_shift``): sora_fast's UniPC (bh2, data prediction, ``solver_order`` 1-3,
+    lower order on the last step, to σ = 0) on its levels, the model seeing its integer timesteps."""
     cfg = dict(config)
     t = int(cfg.get("num_train_timesteps", 1000))
     if class_name == "FlowMatchEulerDiscreteScheduler":
@@ -83,15 +128,32 @@ def scheduler_settings(class_name: str, config: Mapping, where: str = "scheduler
         return {"solver": "euler", "shift": float(cfg.get("shift", 1.0)),
                 "schedule": {"kind": "diffusers_flow_euler", "num_train_timesteps": t}}
     if class_name == "UniPCMultistepScheduler":
-        if not cfg.get("use_flow_sigmas") or cfg.get("prediction_type") != "flow_prediction":
-            raise ValueError(f"{where}: UniPCMultistepScheduler must have use_flow_sigmas=True and prediction_type="
-                             f"'flow_prediction' (a flow-matching Wan scheduler), got use_flow_sigmas="
-                             f"{cfg.get('use_flow_sigmas')!r}, prediction_type={cfg.get('prediction_type')!r}")
-        warnings.warn(f"{where}: UniPCMultistepScheduler (flow_shift={cfg.get('flow_shift', 1.0)}) is sampled with "
-                      "flow Euler on sora_fast's schedule by this version; videos differ from diffusers' UniPC ones",
-                      stacklevel=3)
-        return {"solver": "unipc", "shift": float(cfg.get("flow_shift", 1.0)), "schedule": None}
+        from ...sampling import MAX_ORDER
+
+        defaults = {"use_flow_sigmas": False, "prediction_type": "epsilon", "predict_x0": True, "solver_type": "bh2",
+                    "lower_order_final": True, "final_sigmas_type": "zero", "disable_corrector": []}
+        for key, want in _UNIPC_REPRODUCED.items():
+            got = cfg.get(key, defaults.get(key, want))
+            if got != want and not (want in (None, False, []) and not got):
+                raise ValueError(f"{where}: UniPCMultistepScheduler option {key}={got!r}; sora_fast reproduces "
+                                 f"{key}={want!r} (a flow-matching Wan UniPC: use_flow_sigmas=True, prediction_type="
+                                 "'flow_prediction', bh2, lower order on the last step to sigma 0)")
+        order = cfg.get("solver_order", 2)
+        if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= MAX_ORDER["unipc"]:
+            raise ValueError(f"{where}: UniPCMultistepScheduler option solver_order={order!r}; sora_fast reproduces "
+                             f"solver_order 1..{MAX_ORDER['unipc']}")
+        shift = cfg.get("flow_shift", 1.0)
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
+            raise ValueError(f"{where}: UniPCMultistepScheduler option flow_shift={shift!r}; expected a positive "
+                             "number")
+        return {"solver": "unipc", "order": order, "shift": float(shift),
+                "schedule": {"kind": "diffusers_flow_unipc", "num_train_timesteps": t}}
     raise ValueError(f"{where}: scheduler {class_name!r}, expected one of {', '.join(WAN_COMPONENTS['scheduler'])}")
+
+
+def _boundary(ratio: float, scheduler_config: Mapping) -> float:
+    """The timestep where the second expert takes over: diffusers' ``boundary_ratio · num_train_timesteps``."""
+    return float(ratio) * int(scheduler_config.get("num_train_timesteps", 1000))
 
 
 def _caster(dtype: Optional[torch.dtype], keep_fp32: bool) -> Callable[[str, torch.Tensor], torch.Tensor]:
@@ -187,6 +249,10 @@ def _from_dir(d: Path, dtype, vae_dtype, device, max_length: int):
 
     index = _model_index(d)
     tcfg = read_json(d / "transformer" / "config.json", "a WanTransformer3DModel config")
+    two = index.get("transformer_2") not in (None, [None, None])
+    if two:
+        _check_experts_configs(tcfg, read_json(d / "transformer_2" / "config.json", "a WanTransformer3DModel config"),
+                               str(d))
     vcfg = read_json(d / "vae" / "config.json", "an AutoencoderKLWan config")
     ecfg = read_json(d / "text_encoder" / "config.json", "a T5 / umT5 encoder config")
     scfg = read_json(d / "scheduler" / "scheduler_config.json", "a scheduler config")
@@ -197,13 +263,17 @@ def _from_dir(d: Path, dtype, vae_dtype, device, max_length: int):
     dit_config = DiTConfig.from_diffusers_config(tcfg)          # I2V / image fields refused by name here
     vae_config = VAEConfig.from_diffusers_config(vcfg)          # Wan 2.1, or TI2V-5B's residual VAE; bad options named
     sampling = scheduler_settings(index["scheduler"][1], scfg, str(d / "scheduler"))
+    boundary = _boundary(index.get("boundary_ratio"), scfg) if two else None
     dev = "cpu" if device is None else str(torch.device(device))
 
-    tdir = d / "transformer"
-    raw = _LazyTensors(_weight_files(tdir, "diffusion_pytorch_model"), _caster(dtype, True), dev,
-                       "WanTransformer3DModel weights")
-    dit = _assigned(lambda: VideoDiT(dit_config), convert_wan_transformer_state_dict(raw, dit_config),
-                    f"diffusers WanTransformer3DModel in {tdir}")
+    def dit_from(tdir: Path):
+        raw = _LazyTensors(_weight_files(tdir, "diffusion_pytorch_model"), _caster(dtype, True), dev,
+                           "WanTransformer3DModel weights")
+        return _assigned(lambda: VideoDiT(dit_config), convert_wan_transformer_state_dict(raw, dit_config),
+                         f"diffusers WanTransformer3DModel in {tdir}")
+
+    dit = dit_from(d / "transformer")
+    dit_2 = dit_from(d / "transformer_2") if two else None
     vdir = d / "vae"
     raw = _LazyTensors(_weight_files(vdir, "diffusion_pytorch_model"), _caster(vae_dtype, False), dev,
                        "AutoencoderKLWan weights")
@@ -212,7 +282,7 @@ def _from_dir(d: Path, dtype, vae_dtype, device, max_length: int):
     text = T5TextEncoder(os.path.abspath(d / "text_encoder"), tokenizer_path=os.path.abspath(d / "tokenizer"),
                          max_length=max_length,
                          pad_to=max_length, dtype=dtype or "auto", device=device)
-    return VideoPipeline(dit, vae, text, sampling=sampling)
+    return VideoPipeline(dit, vae, text, sampling=sampling, dit_2=dit_2, boundary=boundary)
 
 
 def _from_object(pipe, dtype, vae_dtype, device, max_length: int):
@@ -226,9 +296,13 @@ def _from_object(pipe, dtype, vae_dtype, device, max_length: int):
     if name not in PIPELINE_CLASSES:
         raise TypeError(f"path_or_pipeline must be a Wan pipeline directory or a {' / '.join(PIPELINE_CLASSES)}, got "
                         f"a {name}")
-    if getattr(pipe, "transformer_2", None) is not None:
-        raise ValueError("the pipeline has transformer_2 (Wan 2.2 A14B's low-noise expert), expected none: "
-                         "VideoPipeline runs one DiT; two-expert pipelines are not supported yet")
+    tr_2 = getattr(pipe, "transformer_2", None)
+    ratio = _boundary_ratio(tr_2 is not None, pipe.config.get("boundary_ratio"), f"the {name}")
+    if tr_2 is not None:
+        if type(tr_2).__name__ not in WAN_COMPONENTS["transformer"]:
+            raise ValueError(f"the {name}'s 'transformer_2' is a {type(tr_2).__name__}, expected "
+                             f"{WAN_COMPONENTS['transformer'][0]}")
+        _check_experts_configs(pipe.transformer.config, tr_2.config, f"the {name}")
     for comp, classes in WAN_COMPONENTS.items():
         obj = getattr(pipe, comp, None)
         if obj is None:
@@ -245,9 +319,14 @@ def _from_object(pipe, dtype, vae_dtype, device, max_length: int):
     def shared(sd, cast):  # diffusers' own tensors (views), cast / moved only where asked
         return {k: (cast(k, v) if device is None else cast(k, v).to(device)) for k, v in sd.items()}
 
-    dit = _assigned(lambda: VideoDiT(dit_config),
-                    convert_wan_transformer_state_dict(shared(tr.state_dict(), _caster(dtype, True)), dit_config),
-                    f"the {name}'s WanTransformer3DModel")
+    def dit_from(model, what: str):
+        return _assigned(lambda: VideoDiT(dit_config),
+                         convert_wan_transformer_state_dict(shared(model.state_dict(), _caster(dtype, True)),
+                                                            dit_config), f"the {name}'s {what}")
+
+    dit = dit_from(tr, "WanTransformer3DModel")
+    dit_2 = None if tr_2 is None else dit_from(tr_2, "transformer_2 (WanTransformer3DModel)")
+    boundary = None if tr_2 is None else _boundary(ratio, pipe.scheduler.config)
     vae = _assigned(lambda: CausalVAE(vae_config),
                     convert_wan_vae_state_dict(shared(vae_d.state_dict(), _caster(vae_dtype, False)), vae_config),
                     f"the {name}'s AutoencoderKLWan")
@@ -255,7 +334,7 @@ def _from_object(pipe, dtype, vae_dtype, device, max_length: int):
     if dtype is not None or device is not None:
         enc = enc.to(dtype=dtype, device=device)
     text = T5TextEncoder.from_model(enc, pipe.tokenizer, max_length=max_length, pad_to=max_length)
-    return VideoPipeline(dit, vae, text, sampling=sampling)
+    return VideoPipeline(dit, vae, text, sampling=sampling, dit_2=dit_2, boundary=boundary)
 
 
 def load_wan_pipeline(path_or_pipeline, *, dtype: Optional[torch.dtype] = None,
