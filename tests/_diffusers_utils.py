@@ -1,7 +1,9 @@
 """Shared by the diffusers integration tests: tiny random-weight diffusers models (nothing downloaded;
 every weight randomized so zero-init gates or tables cannot hide a bug), their inputs, the state
 comparison that proves undo() restores everything, and the fixtures recording which ops and kernels ran."""
+import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -311,3 +313,16 @@ def assert_wan_parity(video, pipe, noise, size, **call) -> tuple[float, float]:
     assert ours_err <= 2 * ref_err + 4 * 2**-24, (ours_err, ref_err)
     assert rel_err(video, d32) <= 2 * ref_err + 4 * 2**-24 + ref_err
     return ours_err, ref_err
+
+
+def broken_copy(src, tmp_path, edit):
+    """A copy of the pipeline directory ``src`` under ``tmp_path``, changed by ``edit(copy)``."""
+    d = tmp_path / "broken"
+    shutil.copytree(src, d)
+    edit(d)
+    return d
+
+
+def set_json(path, **changes):
+    """Update the JSON object in ``path`` with ``changes``."""
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))

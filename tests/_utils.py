@@ -67,3 +67,19 @@ def assert_resume_bit_identical(setup, tmp_path):
     for (n, p), (_, q) in zip(a.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.equal(p, q), n
     return full
+
+
+def run_generate_cli(monkeypatch, pipeline, tmp_path, *args):
+    """``sora-fast generate`` on ``pipeline`` for the prompts "a" and "b" (2 steps, gif, out under ``tmp_path``)
+    with ``args`` more: ``(exit code, {file name: the clip written})``."""
+    import sora_fast.data as data
+    from sora_fast import cli
+    real, written = data.write_video, {}
+
+    def spy(p, clip, **kw):
+        written[Path(p).name] = clip.clone()
+        return real(p, clip, **kw)
+    monkeypatch.setattr(data, "write_video", spy)
+    rc = cli.main(["generate", "--pipeline", str(pipeline), "--prompt", "a", "--prompt", "b", "--steps", "2",
+                   "--out", str(tmp_path / "gen"), "--format", "gif", *args])
+    return rc, written

@@ -3,7 +3,6 @@ the per-frame levels of ``sample_euler(..., given=, given_levels=)``."""
 
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import sora_fast
 from sora_fast import Condition
 from sora_fast.packing import frame_ids, pack_sequences, pack_videos
 from sora_fast.sampling import sample_euler
+from tests._utils import run_generate_cli
 
 PATCH = (1, 2, 2)
 
@@ -319,19 +319,6 @@ def _write(tmp_path, name, clip):
     return write_video(tmp_path / name, clip, fps=8)
 
 
-def _run_cli(monkeypatch, path, tmp_path, *args):
-    import sora_fast.data as data
-    from sora_fast import cli
-    from sora_fast.data import write_video
-    written = {}
-
-    def spy(p, clip, **kw):
-        written[Path(p).name] = clip.clone()
-        return write_video(p, clip, **kw)
-    monkeypatch.setattr(data, "write_video", spy)
-    rc = cli.main(["generate", "--pipeline", str(path), "--prompt", "a", "--prompt", "b", "--steps", "2",
-                   "--out", str(tmp_path / "gen"), "--format", "gif", *args])
-    return rc, written
 
 
 @pytest.mark.parametrize("flags, conds, size", [
@@ -346,7 +333,7 @@ def test_cli_conditions_equal_the_api(tiny_pipeline, tmp_path, capsys, monkeypat
     media = {"img": str(_write(tmp_path, "img.png", _video((1, 16, 32), 1))),
              "img2": str(_write(tmp_path, "img2.png", _video((1, 16, 32), 2))),
              "clip": str(_write(tmp_path, "clip.gif", _video((5, 16, 32), 3)))}
-    rc, written = _run_cli(monkeypatch, path, tmp_path, *[f.format(**media) for f in flags])
+    rc, written = run_generate_cli(monkeypatch, path, tmp_path, *[f.format(**media) for f in flags])
     assert rc == 0, capsys.readouterr().err
     c = conds(media)
     ref = pipe.generate(["a", "b"], size, conditions=[c, c], steps=2, guidance=4.0, seed=0)

@@ -4,11 +4,10 @@ step), saves and loads in sora_fast's format, runs from the CLI; the one-denoise
 step timestep; bad input is refused naming what was found and what was expected."""
 import json
 import re
-import shutil
 
 import pytest
 import torch
-from _diffusers_utils import assert_wan_parity, tiny_wan, tiny_wan_pipeline, wan_unipc
+from _diffusers_utils import assert_wan_parity, broken_copy, set_json, tiny_wan, tiny_wan_pipeline, wan_unipc
 from test_dit import rel_err
 
 from sora_fast import cli
@@ -206,33 +205,24 @@ def test_training_refuses_two_experts(experts_dir, tmp_path, capsys):
         capsys.readouterr().err
 
 
-def _broken(src, tmp_path, edit):
-    d = tmp_path / "broken"
-    shutil.copytree(src, d)
-    edit(d)
-    return d
-
-
-def _set_json(path, **changes):
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
 @pytest.mark.parametrize("edit, match", [
-    (lambda d: _set_json(d / "model_index.json", boundary_ratio=None),
+    (lambda d: set_json(d / "model_index.json", boundary_ratio=None),
      r"transformer_2 \(Wan 2.2 A14B's low-noise expert\) without boundary_ratio .* expected a number in \[0, 1\], got "
      r"None"),
-    (lambda d: _set_json(d / "model_index.json", boundary_ratio=1.5),
+    (lambda d: set_json(d / "model_index.json", boundary_ratio=1.5),
      r"boundary_ratio must be a number in \[0, 1\] with transformer_2, got 1.5"),
-    (lambda d: _set_json(d / "transformer_2" / "config.json", num_layers=3, ffn_dim=48),
+    (lambda d: set_json(d / "transformer_2" / "config.json", num_layers=3, ffn_dim=48),
      r"mismatched experts: transformer_2's config differs from transformer's in ffn_dim \(transformer: 40, "
      r"transformer_2: 48\), num_layers \(transformer: 2, transformer_2: 3\); expected the same architecture"),
-    (lambda d: _set_json(d / "model_index.json", transformer_2=["diffusers", "CogVideoXTransformer3DModel"]),
+    (lambda d: set_json(d / "model_index.json", transformer_2=["diffusers", "CogVideoXTransformer3DModel"]),
      r"component 'transformer_2' is \['diffusers', 'CogVideoXTransformer3DModel'\], expected \[library, "
      r"'WanTransformer3DModel'\]"),
 ])
 def test_bad_two_expert_directories_are_named(experts_dir, tmp_path, edit, match):
     with pytest.raises(ValueError, match=match):
-        VideoPipeline.from_diffusers(_broken(experts_dir[1], tmp_path, edit))
+        VideoPipeline.from_diffusers(broken_copy(experts_dir[1], tmp_path, edit))
 
 
 def test_bad_two_expert_objects_and_arguments(experts_dir):

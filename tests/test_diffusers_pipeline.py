@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from _diffusers_utils import saved_tiny_wan_pipeline
+from _diffusers_utils import broken_copy, saved_tiny_wan_pipeline, set_json
 from test_dit import rel_err
 
 from sora_fast import cli
@@ -130,43 +130,32 @@ def test_cli_generate_and_train_take_a_diffusers_directory(wan_dir, tmp_path, ca
                          "--steps", "1", "--format", "gif", "--out", str(tmp_path / "g")]) == 0
 
 
-def _broken(src, tmp_path, edit):
-    d = tmp_path / "broken"
-    shutil.copytree(src, d)
-    edit(d)
-    return d
-
-
-def _set_json(path, **changes):
-    data = json.loads(path.read_text())
-    data.update(changes)
-    path.write_text(json.dumps(data))
 
 
 @pytest.mark.parametrize("edit, error, match", [
     (lambda d: (d / "model_index.json").unlink(), ValueError, r"not a diffusers pipeline directory: expected "
      r"model_index.json, found scheduler, text_encoder"),
-    (lambda d: _set_json(d / "model_index.json", _class_name="WanImageToVideoPipeline"), ValueError,
+    (lambda d: set_json(d / "model_index.json", _class_name="WanImageToVideoPipeline"), ValueError,
      r"holds a diffusers 'WanImageToVideoPipeline', expected a Wan text-to-video pipeline \(WanPipeline"),
     (lambda d: shutil.rmtree(d / "vae"), FileNotFoundError, r"the 'vae' component \(AutoencoderKLWan\) is missing"),
-    (lambda d: _set_json(d / "model_index.json", tokenizer=None), ValueError, r"no 'tokenizer' component"),
-    (lambda d: _set_json(d / "model_index.json", transformer_2=["diffusers", "WanTransformer3DModel"]),
+    (lambda d: set_json(d / "model_index.json", tokenizer=None), ValueError, r"no 'tokenizer' component"),
+    (lambda d: set_json(d / "model_index.json", transformer_2=["diffusers", "WanTransformer3DModel"]),
      FileNotFoundError, r"the 'transformer_2' component \(WanTransformer3DModel\) is missing"),
-    (lambda d: _set_json(d / "model_index.json", boundary_ratio=0.875), ValueError,
+    (lambda d: set_json(d / "model_index.json", boundary_ratio=0.875), ValueError,
      r"boundary_ratio=0.875 but no transformer_2"),
-    (lambda d: _set_json(d / "model_index.json", text_encoder=["transformers", "CLIPTextModel"]), ValueError,
+    (lambda d: set_json(d / "model_index.json", text_encoder=["transformers", "CLIPTextModel"]), ValueError,
      r"component 'text_encoder' is a CLIPTextModel, expected UMT5EncoderModel or T5EncoderModel"),
-    (lambda d: _set_json(d / "text_encoder" / "config.json", d_model=32), ValueError,
+    (lambda d: set_json(d / "text_encoder" / "config.json", d_model=32), ValueError,
      r"mismatched text encoder: its width \(d_model\) is 32, the transformer's text_dim is 24"),
-    (lambda d: _set_json(d / "scheduler" / "scheduler_config.json", use_karras_sigmas=True), ValueError,
+    (lambda d: set_json(d / "scheduler" / "scheduler_config.json", use_karras_sigmas=True), ValueError,
      r"options use_karras_sigmas are set"),
-    (lambda d: _set_json(d / "vae" / "config.json", scale_factor_spatial=16), ValueError,
+    (lambda d: set_json(d / "vae" / "config.json", scale_factor_spatial=16), ValueError,
      r"AutoencoderKLWan config scale_factor_spatial=16 does not match its architecture: expected 8"),
     (lambda d: (d / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"junk"), ValueError,
      r"not a readable safetensors file"),
 ])
 def test_bad_directories_are_named(wan_dir, tmp_path, edit, error, match):
-    d = _broken(wan_dir[1], tmp_path, edit)
+    d = broken_copy(wan_dir[1], tmp_path, edit)
     with pytest.raises(error, match=match):
         VideoPipeline.from_diffusers(d)
 

@@ -12,6 +12,7 @@ from sora_fast import Condition
 from sora_fast.packing import frame_ids, pack_sequences
 from sora_fast.sampling import frame_schedule, sample, staggered_steps, strength_sigmas
 from sora_fast.training.flow import sigma_schedule
+from tests._utils import run_generate_cli
 
 KW = dict(size=(16, 16), steps=2, guidance=2.0, seed=3)
 NAN = float("nan")
@@ -400,18 +401,6 @@ def _write(tmp_path, name, clip):
     return str(write_video(tmp_path / name, clip, fps=8))
 
 
-def _run(monkeypatch, path, tmp_path, *args):
-    import sora_fast.data as data
-    from sora_fast import cli
-    real, written = data.write_video, {}
-
-    def spy(p, clip, **kw):
-        written[Path(p).name] = clip.clone()
-        return real(p, clip, **kw)
-    monkeypatch.setattr(data, "write_video", spy)
-    rc = cli.main(["generate", "--pipeline", str(path), "--prompt", "a", "--prompt", "b", "--steps", "2",
-                   "--out", str(tmp_path / "gen"), "--format", "gif", *args])
-    return rc, written
 
 
 @pytest.mark.parametrize("flags, api", [
@@ -430,7 +419,7 @@ def test_cli_long_with_conditions_edits_and_schedules_equals_the_api(tiny_pipeli
                                                                                      _video(1, 16, 32)),
              "clip": _write(tmp_path, "clip.gif", _video(5, 16, 32)), "long": _write(tmp_path, "long.gif",
                                                                                      _video(17, 16, 32))}
-    rc, written = _run(monkeypatch, path, tmp_path, "--frames", "17", "--window", "9", "--overlap", "1",
+    rc, written = run_generate_cli(monkeypatch, path, tmp_path, "--frames", "17", "--window", "9", "--overlap", "1",
                        *[f.format(**media) for f in flags])
     cap = capsys.readouterr()
     assert rc == 0, cap.err

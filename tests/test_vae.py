@@ -251,15 +251,13 @@ def test_residual_other_architecture_matches_diffusers():
         assert rel_err(ours.decode(ref), ref_out) <= RTOL and rel_err(ours.decode(ref, chunked=False), ref_out) <= RTOL
 
 
-def test_residual_tiled_matches_diffusers_tiled(residual):
-    """diffusers tiles the patchified video for encoding (tiles p times larger in pixels) and blends decoded tiles
-    before unfolding them: the same tiles and blending here."""
-    dv, ours = residual
-    x, z = video(1, 3, 5, 48, 64), torch.randn(1, 6, 2, 3, 4)
+def _check_tiled(dv, ours, x, z, tiles):
+    """Tiled encode of ``x`` and decode of ``z`` with ``enable_tiling(*tiles)`` on both models: ours (chunked
+    and not) equals diffusers', and differs from the untiled result (tiling did happen)."""
     with torch.no_grad():
         plain_z, plain_x = ours.encode(x), ours.decode(z)
-        dv.enable_tiling(32, 32, 16, 16)
-        ours.enable_tiling(32, 32, 16, 16)
+        dv.enable_tiling(*tiles)
+        ours.enable_tiling(*tiles)
         try:
             ref_z, ref_x = dv.encode(x).latent_dist.mean, dv.decode(z).sample
             got_z, got_x = ours.encode(x), ours.decode(z)
@@ -270,6 +268,14 @@ def test_residual_tiled_matches_diffusers_tiled(residual):
     assert rel_err(got_z, ref_z) <= RTOL and rel_err(got_x, ref_x) <= RTOL
     assert rel_err(one_z, ref_z) <= RTOL and rel_err(one_x, ref_x) <= RTOL
     assert rel_err(got_z, plain_z) > 1e-3 and rel_err(got_x, plain_x) > 1e-3  # tiling did happen
+
+
+def test_residual_tiled_matches_diffusers_tiled(residual):
+    """diffusers tiles the patchified video for encoding (tiles p times larger in pixels) and blends decoded tiles
+    before unfolding them: the same tiles and blending here."""
+    dv, ours = residual
+    x, z = video(1, 3, 5, 48, 64), torch.randn(1, 6, 2, 3, 4)
+    _check_tiled(dv, ours, x, z, (32, 32, 16, 16))
 
 
 def test_residual_gradients_match_diffusers(residual):
@@ -312,20 +318,7 @@ def test_residual_bad_inputs(residual):
 def test_tiled_matches_diffusers_tiled(tiny):
     dv, ours = tiny
     x, z = video(1, 3, 5, 16, 24), torch.randn(1, 4, 2, 2, 3)
-    with torch.no_grad():
-        plain_z, plain_x = ours.encode(x), ours.decode(z)
-        dv.enable_tiling(16, 16, 8, 8)
-        ours.enable_tiling(16, 16, 8, 8)
-        try:
-            ref_z, ref_x = dv.encode(x).latent_dist.mean, dv.decode(z).sample
-            got_z, got_x = ours.encode(x), ours.decode(z)
-            one_z, one_x = ours.encode(x, chunked=False), ours.decode(z, chunked=False)
-        finally:
-            dv.disable_tiling()
-            ours.disable_tiling()
-    assert rel_err(got_z, ref_z) <= RTOL and rel_err(got_x, ref_x) <= RTOL
-    assert rel_err(one_z, ref_z) <= RTOL and rel_err(one_x, ref_x) <= RTOL
-    assert rel_err(got_z, plain_z) > 1e-3 and rel_err(got_x, plain_x) > 1e-3  # tiling did happen
+    _check_tiled(dv, ours, x, z, (16, 16, 8, 8))
 
 
 def test_posterior_and_sample_match_diffusers(tiny):
