@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expand-model", metavar="NAME", help="with --expand chat: the chat model's name")
     g.add_argument("--lora", metavar="PATH",
                    help="a Wan LoRA to apply: a diffusers (pytorch_lora_weights.safetensors, or its directory), "
-                        "ComfyUI or sora_fast adapter file")
+                        "ComfyUI or sora_fast adapter file; for a two-expert pipeline (Wan 2.2 A14B) a directory "
+                        "holding high_noise/ and low_noise/ (what sora-fast train writes)")
     g.add_argument("--size", action="append", type=_size, metavar="TxHxW",
                    help="frames x height x width, once for all or once per prompt (default 9x32x32, or the --edit "
                         "video's size)")

@@ -30,6 +30,7 @@ __all__ = [
     "pack_sequences",
     "plan_batches",
     "frame_ids",
+    "select_videos",
     "PackPlan",
 ]
 
@@ -297,6 +298,23 @@ def frame_ids(x: PackedVideos) -> torch.Tensor:
         offsets = torch.cumsum(frames, 0) - frames                     # (B,) first row of each video
         return (offsets[x.seq_ids.long()] + x.coords[:, 0].long()).to(torch.int32)
     return build() if torch.compiler.is_compiling() else x.plan.memo("frame_ids", build)
+
+
+def select_videos(x: PackedVideos, keep: Sequence[int]) -> tuple[PackedVideos, torch.Tensor, torch.Tensor]:
+    """The sub-pack of videos ``keep`` (in that order): ``(x_sub, token rows (N_sub,), frame rows (F_sub,))``, the
+    rows of ``x.tokens`` and of per-frame tables (``(F,)``, video by video) that the sub-pack's rows come from."""
+    cu, frames = x.cu_seqlens.tolist(), x.frames_per_video
+    f0 = [sum(frames[:k]) for k in range(len(frames))]
+    dev = x.tokens.device
+    rows = torch.cat([torch.arange(cu[k], cu[k + 1]) for k in keep]).to(dev)
+    frows = torch.cat([torch.arange(f0[k], f0[k] + frames[k]) for k in keep]).to(dev)
+    lens = [cu[k + 1] - cu[k] for k in keep]
+    sub_cu = torch.tensor([0] + lens, dtype=torch.int32, device=dev).cumsum(0).to(torch.int32)
+    seq = torch.repeat_interleave(torch.arange(len(keep), dtype=torch.int32, device=dev),
+                                  torch.tensor(lens, device=dev), output_size=int(sum(lens)))
+    xs = PackedVideos(tokens=x.tokens[rows], cu_seqlens=sub_cu, grid=x.grid[list(keep)], coords=x.coords[rows],
+                      seq_ids=seq, max_seqlen=max(lens), patch=x.patch, order=x.order, tile=x.tile)
+    return xs, rows, frows
 
 
 def segment_mean(x: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int) -> tuple[torch.Tensor, torch.Tensor]:

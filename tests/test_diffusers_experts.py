@@ -187,7 +187,7 @@ def test_cli_generates_with_two_experts(experts_dir, tmp_path, capsys):
     assert gif.read_bytes() == write_video(tmp_path / "ref.gif", ref).read_bytes()
     meta = json.loads((out / "generate.json").read_text())
     assert (meta["solver"], meta["order"], meta["guidance_2"]) == ("unipc", 2, 2.5)
-    for flags, match in ((["--lora", str(tmp_path)], "--lora: .* has two experts"),
+    for flags, match in ((["--lora", str(tmp_path)], "--lora: .* has two experts .* holding high_noise/ and low_noise/"),
                          (["--cache", "first-block:0.05"], "needs denoise to be a sora_fast VideoDiT, got Experts"),
                          (["--frames", "9", "--window", "5", "--overlap", "1", "--guidance-2", "2"],
                           "a long video \\(--frames\\) takes --guidance for both experts")):
@@ -195,16 +195,96 @@ def test_cli_generates_with_two_experts(experts_dir, tmp_path, capsys):
         assert re.search(match, capsys.readouterr().err)
 
 
-def test_training_refuses_two_experts(experts_dir, tmp_path, capsys):
-    (tmp_path / "data").mkdir()
-    run = {"data": str(tmp_path / "data"), "out": str(tmp_path / "run"), "pipeline": str(experts_dir[1]),
-           "train": {"steps": 1, "token_budget": 64, "lora_rank": 2}}
+def _adapted(dit, seed):
+    """LoRA on ``dit`` with random nonzero A and B (a fresh adapter's B is zero and would hide every bug)."""
+    import math
+
+    from sora_fast.training.lora import LoRALinear, apply_lora
+
+    apply_lora(dit, 2, 3.0)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in dit.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_A.weight.copy_(torch.randn(m.lora_A.weight.shape, generator=g) / math.sqrt(m.in_features))
+                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.3)
+    return dit
+
+
+def test_lora_of_both_experts_loads_into_diffusers(experts_dir, tmp_path):
+    """The pair save_expert_lora_files writes: diffusers' load_lora_weights puts high_noise/ into transformer and
+    low_noise/ (load_into_transformer_2=True) into transformer_2, and generates what sora_fast does with the
+    adapters (within the fp32 rule); the pair swapped does not."""
+    import copy
+
+    from sora_fast.training.lora_formats import load_expert_lora_files, save_expert_lora_files
+
+    pytest.importorskip("peft")  # diffusers' LoRA backend (the test extra lists it)
+    pipe, d = experts_dir
+    ours = VideoPipeline.from_diffusers(d)
+    _adapted(ours.dit, 1), _adapted(ours.dit_2, 2)
+    lora = save_expert_lora_files(ours.dit, ours.dit_2, tmp_path / "lora")
+    assert {p.name for p in lora.iterdir()} == {"high_noise", "low_noise", "lora.json"}
+    assert {p.name for p in (lora / "low_noise").iterdir()} == {"pytorch_lora_weights.safetensors",
+                                                               "comfyui.safetensors", "lora.json"}
+    seed, size = 5, (5, 16, 32)
+    video = ours.generate([PROMPT], size, steps=5, guidance=GUIDANCE, negative_prompt=NEG, seed=seed)[0]
+    noise = torch.randn(ours.latent_shape(size), generator=torch.Generator().manual_seed(seed))
+    call = dict(prompt=PROMPT, negative_prompt=NEG, num_inference_steps=5, guidance_scale=GUIDANCE)
+
+    def diffusers_with(high, low):
+        p = copy.deepcopy(pipe)
+        p.load_lora_weights(high, adapter_name="high")
+        p.load_lora_weights(low, adapter_name="low", load_into_transformer_2=True)
+        return p
+
+    assert_wan_parity(video, diffusers_with(lora / "high_noise", lora / "low_noise"), noise, size, **call)
+    from _diffusers_utils import wan_call
+    swapped = wan_call(diffusers_with(lora / "low_noise", lora / "high_noise"), noise, size, **call)
+    assert rel_err(swapped, video) > 1e-3
+    back = VideoPipeline.from_diffusers(d)        # and back into sora_fast (what generate --lora does)
+    load_expert_lora_files(back.dit, back.dit_2, lora)
+    again = back.generate([PROMPT], size, steps=5, guidance=GUIDANCE, negative_prompt=NEG, seed=seed)[0]
+    assert rel_err(again, video) <= 1e-5      # diffusers' layout folds alpha / rank into lora_B: rounding only
+    with pytest.raises(ValueError, match=r"a LoRA of two experts \(Wan 2.2 A14B\) is a directory holding high_noise/ "
+                                         r"and low_noise/ .* got one without high_noise, low_noise"):
+        load_expert_lora_files(back.dit, back.dit_2, lora / "high_noise")
+
+
+def test_cli_trains_both_experts(experts_dir, tmp_path, capsys):
+    """sora-fast train on a two-expert directory: both experts train (LoRA), the pipeline is saved with both, the
+    adapters as the high_noise/ + low_noise/ pair, which generate --lora applies; resume continues."""
+    from sora_fast.data import make_synthetic_dataset
+    from sora_fast.training.checkpoint import latest_checkpoint
+
+    data = tmp_path / "data"
+    make_synthetic_dataset(data, 4, seed=1, sizes=((16, 16),), lengths=(1, 5), progress=False)
+    run = {"data": str(data), "out": str(tmp_path / "run"), "pipeline": str(experts_dir[1]),
+           "train": {"steps": 2, "token_budget": 64, "lora_rank": 2, "save_every": 1, "caption_dropout": 0.0}}
     (tmp_path / "run.json").write_text(json.dumps(run))
-    assert cli.main(["train", "--config", str(tmp_path / "run.json")]) == 2
-    assert "has two experts (Wan 2.2 A14B: dit and dit_2); training takes a one-DiT pipeline" in \
+    assert cli.main(["train", "--config", str(tmp_path / "run.json")]) == 0, capsys.readouterr().err
+    start = VideoPipeline.from_diffusers(experts_dir[1])
+    trained = VideoPipeline.load(tmp_path / "run" / "pipeline")
+    assert trained.boundary == 500.0 and trained.dit_2 is not None
+    lora = tmp_path / "run" / "lora"
+    assert {p.name for p in lora.iterdir()} == {"high_noise", "low_noise", "lora.json"}
+    from safetensors.torch import load_file
+    ckpt = load_file(str(latest_checkpoint(tmp_path / "run") / "model.safetensors"))
+    assert {k.split(".")[0] for k in ckpt} == {"dit", "dit_2"}
+    for name in ("dit", "dit_2"):  # the pipeline holds the merged adapters of the experts that trained
+        a, b = getattr(start, name).state_dict(), getattr(trained, name).state_dict()
+        assert any(not torch.equal(a[k], b[k]) for k in a), name
+    gen = tmp_path / "gen"
+    assert cli.main(["generate", "--pipeline", str(experts_dir[1]), "--lora", str(lora), "--prompt", PROMPT,
+                     "--size", "1x16x16", "--steps", "2", "--format", "gif", "--out", str(gen)]) == 0, \
         capsys.readouterr().err
-
-
+    assert cli.main(["generate", "--pipeline", str(experts_dir[1]), "--lora", str(lora / "high_noise"), "--prompt",
+                     PROMPT, "--out", str(gen)]) == 2
+    assert "--lora: " in capsys.readouterr().err
+    run["train"]["steps"] = 3
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    assert cli.main(["train", "--config", str(tmp_path / "run.json"), "--resume"]) == 0, capsys.readouterr().err
+    assert "resuming from step 2" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("edit, match", [

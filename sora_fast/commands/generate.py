@@ -304,12 +304,15 @@ def cmd_generate(args) -> int:
         raise ValueError(f"--guidance-2 is the low-noise expert's CFG scale; {args.pipeline} has one DiT (no second "
                          "expert): leave out --guidance-2")
     if args.lora is not None:
-        from ..training.lora_formats import load_lora_file
+        from ..training.lora_formats import load_expert_lora_files, load_lora_file
 
-        if pipe.dit_2 is not None:
-            raise ValueError(f"--lora: {args.pipeline} has two experts (Wan 2.2 A14B); a LoRA applies to one DiT, "
-                             "expected a one-DiT pipeline")
-        load_lora_file(pipe.dit, args.lora)
+        if pipe.dit_2 is not None:  # Wan 2.2 A14B: the pair sora-fast train writes (high_noise/, low_noise/)
+            try:
+                load_expert_lora_files(pipe.dit, pipe.dit_2, args.lora)
+            except ValueError as e:
+                raise ValueError(f"--lora: {args.pipeline} has two experts (Wan 2.2 A14B): {e}") from None
+        else:
+            load_lora_file(pipe.dit, args.lora)
     edit = args.edit_video
     long = args.frames is not None
     sizes = args.size or [args.condition_size or ((9 if not long else args.frames, 32, 32) if edit is None

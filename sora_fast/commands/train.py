@@ -191,10 +191,13 @@ def cmd_train(args) -> int:
 
     out = check_writable(run.out)
     pipe = VideoPipeline.load(run.pipeline, verify=not args.no_verify)
-    if pipe.dit_2 is not None and run.dit is None and run.diffusers_transformer is None:
-        raise ValueError(f"pipeline {run.pipeline} has two experts (Wan 2.2 A14B: dit and dit_2); training takes a "
-                         "one-DiT pipeline (or a new DiT: dit / diffusers_transformer in the run description)")
     vae, text = pipe.vae, pipe.text_encoder
+    # Wan 2.2 A14B: both experts train (a new DiT from 'dit' / 'diffusers_transformer' is one DiT)
+    dit_2, boundary = (pipe.dit_2, pipe.boundary) if run.dit is None and run.diffusers_transformer is None \
+        else (None, None)
+    if dit_2 is not None and mesh is not None:
+        raise ValueError(f"pipeline {run.pipeline} has two experts (Wan 2.2 A14B: dit and dit_2); training both runs "
+                         "in one process for now, not under torchrun")
     if run.dit is not None:
         dit = VideoDiT(DiTConfig.from_name(run.dit, in_channels=vae.latent_channels,
                                            out_channels=vae.latent_channels, text_dim=text.dim))
@@ -202,7 +205,7 @@ def cmd_train(args) -> int:
         dit = VideoDiT.from_diffusers_dir(run.diffusers_transformer)
     else:
         dit = pipe.dit
-    pipe = VideoPipeline(dit, vae, text, sampling=pipe.sampling)  # checks channels and text width agree
+    pipe = VideoPipeline(dit, vae, text, sampling=pipe.sampling, dit_2=dit_2, boundary=boundary)  # checks they agree
 
     ph = dit.config.patch[1]
     folder = VideoFolder(run.data, manifest=run.manifest, max_area=run.max_area, max_frames=run.max_frames,
@@ -224,15 +227,19 @@ def cmd_train(args) -> int:
     if mesh is None or mesh.is_main:
         print(pipe.caption_stats.summary(), file=sys.stderr)
     model_config = {"dit": dataclasses.asdict(dit.config), "text": pipe.describe()["text"]}
+    if dit_2 is not None:  # a one-DiT run's checkpoints stay as they were
+        model_config["experts"] = {"boundary": boundary}
     val = run.validation
     if val is not None and mesh is not None:
         raise ValueError(f"{args.config}: 'validation' samples are not supported under torchrun yet; remove it")
     captions = [it["caption"] for it in items] + (val["prompts"] if val else [])
     text = _cached_text(text, captions, train_cfg, out, mesh, next(dit.parameters()).device)
-    trainer = make_trainer(dit, text, items, train_cfg, out, mesh=mesh, model_config=model_config)
+    trainer = make_trainer(dit, text, items, train_cfg, out, mesh=mesh, model_config=model_config,
+                           dit_2=dit_2, boundary=boundary)
     from ..training.run_logs import run_callbacks
 
-    on_step, closers = run_callbacks(run.log, val, VideoPipeline(dit, vae, text, sampling=pipe.sampling), out,
+    on_step, closers = run_callbacks(run.log, val, VideoPipeline(dit, vae, text, sampling=pipe.sampling, dit_2=dit_2,
+                                                                 boundary=boundary), out,
                                      train_cfg.log_every, is_main=trainer.is_main)
     if args.resume:
         if not has_checkpoint(out, mesh):
@@ -250,10 +257,15 @@ def cmd_train(args) -> int:
         trainer.ema.copy_to(trainer.model)
     if train_cfg.lora_rank:
         if mesh is None:  # the adapters alone, in diffusers' and ComfyUI's layouts, before they are merged
-            from ..training.lora_formats import save_lora_files
+            from ..training.lora_formats import save_lora_files, save_expert_lora_files
 
-            save_lora_files(dit, out / "lora")
+            if dit_2 is None:
+                save_lora_files(dit, out / "lora")
+            else:
+                save_expert_lora_files(dit, dit_2, out / "lora")
         merge_lora(dit)
+        if dit_2 is not None:
+            merge_lora(dit_2)
     if not save_pipeline(pipe, out / "pipeline", mesh):
         return 0  # ranks other than 0 print nothing
     state = "interrupted at" if res["interrupted"] else "finished"

@@ -78,14 +78,17 @@ def load_unsharded(target: nn.Module, sharded: nn.Module) -> bool:
 
 
 def make_trainer(dit: nn.Module, text_encoder: nn.Module, items, config, run_dir, *, mesh: Optional[ParallelMesh],
-                 model_config: dict):
-    """The single-process :class:`~sora_fast.training.trainer.Trainer` when ``mesh`` is None, else a
-    :class:`~sora_fast.distributed.trainer.DistributedTrainer` on it."""
+                 model_config: dict, dit_2: Optional[nn.Module] = None, boundary: Optional[float] = None):
+    """The single-process :class:`~sora_fast.training.trainer.Trainer` when ``mesh`` is None (with ``dit_2`` and
+    ``boundary``: two experts), else a :class:`~sora_fast.distributed.trainer.DistributedTrainer` on it (one DiT)."""
     from ..training.trainer import Trainer
     from .trainer import DistributedTrainer
 
     if mesh is None:
-        return Trainer(dit, text_encoder, items, config, run_dir, model_config=model_config)
+        return Trainer(dit, text_encoder, items, config, run_dir, model_config=model_config, dit_2=dit_2,
+                       boundary=boundary)
+    if dit_2 is not None:
+        raise ValueError("two experts (dit_2) train in one process for now, not under torchrun")
     return DistributedTrainer(dit, text_encoder, items, config, run_dir, mesh=mesh, model_config=model_config)
 
 

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import ops
-from ..packing import PackedSequences, PackedVideos, frame_ids, pack_sequences
+from ..packing import PackedSequences, PackedVideos, frame_ids, pack_sequences, select_videos
 
 __all__ = ["CACHES", "FirstBlockCache", "TeaCache", "parse_cache", "start_cache", "calibrate_teacache"]
 
@@ -124,19 +124,9 @@ def _rel_l1(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 def _select(x: PackedVideos, text: PackedSequences, keep: list[int]):
     """The sub-pack of sequences ``keep``: ``(x_sub, text_sub, token rows, frame rows, text rows)``."""
-    cu, tcu = x.cu_seqlens.tolist(), text.cu_seqlens.tolist()
-    frames = x.frames_per_video
-    f0 = [sum(frames[:k]) for k in range(len(frames))]
-    dev = x.tokens.device
-    rows = torch.cat([torch.arange(cu[k], cu[k + 1]) for k in keep]).to(dev)
-    frows = torch.cat([torch.arange(f0[k], f0[k] + frames[k]) for k in keep]).to(dev)
-    trows = torch.cat([torch.arange(tcu[k], tcu[k + 1]) for k in keep]).to(dev)
-    lens = [cu[k + 1] - cu[k] for k in keep]
-    sub_cu = torch.tensor([0] + lens, dtype=torch.int32, device=dev).cumsum(0).to(torch.int32)
-    seq = torch.repeat_interleave(torch.arange(len(keep), dtype=torch.int32, device=dev),
-                                  torch.tensor(lens, device=dev), output_size=int(sum(lens)))
-    xs = PackedVideos(tokens=x.tokens[rows], cu_seqlens=sub_cu, grid=x.grid[keep], coords=x.coords[rows],
-                      seq_ids=seq, max_seqlen=max(lens), patch=x.patch, order=x.order, tile=x.tile)
+    xs, rows, frows = select_videos(x, keep)
+    tcu = text.cu_seqlens.tolist()
+    trows = torch.cat([torch.arange(tcu[k], tcu[k + 1]) for k in keep]).to(x.tokens.device)
     ts = pack_sequences([text.tokens[tcu[k]:tcu[k + 1]] for k in keep])
     return xs, ts, rows, frows, trows
 

@@ -27,10 +27,13 @@ from .._files import atomic_dir, file_records, load_safetensors
 from .lora import LoRALinear, apply_lora, load_lora, lora_state_dict
 
 __all__ = ["FORMATS", "DIFFUSERS_FILE", "COMFYUI_FILE", "export_lora", "import_lora", "save_lora_files",
-           "load_lora_file", "module_name"]
+           "load_lora_file", "module_name", "EXPERT_DIRS", "save_expert_lora_files", "load_expert_lora_files"]
 
 FORMATS = ("sora_fast", "diffusers", "comfyui")
 DIFFUSERS_FILE, COMFYUI_FILE, RECORD = "pytorch_lora_weights.safetensors", "comfyui.safetensors", "lora.json"
+# Wan 2.2 A14B: one directory per expert, each in the one-DiT layout (diffusers loads the second with
+# ``load_lora_weights(dir, load_into_transformer_2=True)``), highest noise first
+EXPERT_DIRS = ("high_noise", "low_noise")
 _PREFIX = {"diffusers": "transformer.", "comfyui": "diffusion_model."}
 
 # sora_fast module -> (diffusers module, original Wan module); ``{i}`` is a block index
@@ -171,26 +174,61 @@ def import_lora(sd: Mapping[str, torch.Tensor], config) -> tuple[dict[str, torch
     return out, fmt
 
 
-def save_lora_files(dit: nn.Module, directory: Union[str, Path]) -> Path:
-    """Write ``dit``'s adapters to ``directory`` atomically: :data:`DIFFUSERS_FILE` (diffusers' layout and file
-    name), :data:`COMFYUI_FILE` (ComfyUI's) and ``lora.json`` (rank, alpha, modules, sizes and sha256)."""
+def _write_lora_files(dit: nn.Module, directory: Path) -> dict:
+    """Write ``dit``'s adapters into the existing ``directory`` (the three files); returns its record."""
     from safetensors.torch import save_file
 
     adapters = {k: v.detach().cpu() for k, v in lora_state_dict(dit).items()}
     mods = _split(adapters)
     ranks = sorted({int(m["A"].shape[0]) for m in mods.values()})
     alphas = sorted({float(m["alpha"]) for m in mods.values()})
+    for fmt, name in (("diffusers", DIFFUSERS_FILE), ("comfyui", COMFYUI_FILE)):
+        save_file(export_lora(adapters, fmt, dit.config), str(directory / name), metadata={"format": "pt"})
+    sizes, hashes = file_records(directory, [DIFFUSERS_FILE, COMFYUI_FILE])
+    record = {"ranks": ranks, "alphas": alphas, "modules": sorted(mods), "files": sizes, "sha256": hashes}
+    (directory / RECORD).write_text(json.dumps(record, indent=2))
+    return record
 
+
+def save_lora_files(dit: nn.Module, directory: Union[str, Path]) -> Path:
+    """Write ``dit``'s adapters to ``directory`` atomically: :data:`DIFFUSERS_FILE` (diffusers' layout and file
+    name), :data:`COMFYUI_FILE` (ComfyUI's) and ``lora.json`` (rank, alpha, modules, sizes and sha256)."""
+    final = Path(directory)
+    atomic_dir(final, lambda tmp: _write_lora_files(dit, tmp), RECORD)
+    return final
+
+
+def save_expert_lora_files(dit: nn.Module, dit_2: nn.Module, directory: Union[str, Path]) -> Path:
+    """Wan 2.2 A14B: the adapters of both experts, atomically, ``high_noise/`` (``dit``'s) and ``low_noise/``
+    (``dit_2``'s) under ``directory``, each as :func:`save_lora_files` writes it, and a ``lora.json`` listing
+    both directories' files (sizes and sha256)."""
     def write(tmp: Path):
-        for fmt, name in (("diffusers", DIFFUSERS_FILE), ("comfyui", COMFYUI_FILE)):
-            save_file(export_lora(adapters, fmt, dit.config), str(tmp / name), metadata={"format": "pt"})
-        sizes, hashes = file_records(tmp, [DIFFUSERS_FILE, COMFYUI_FILE])
-        (tmp / RECORD).write_text(json.dumps({"ranks": ranks, "alphas": alphas, "modules": sorted(mods),
-                                              "files": sizes, "sha256": hashes}, indent=2))
+        files, hashes = {}, {}
+        for name, model in zip(EXPERT_DIRS, (dit, dit_2)):
+            (tmp / name).mkdir()
+            rec = _write_lora_files(model, tmp / name)
+            files.update({f"{name}/{k}": v for k, v in rec["files"].items()})
+            hashes.update({f"{name}/{k}": v for k, v in rec["sha256"].items()})
+        (tmp / RECORD).write_text(json.dumps({"experts": list(EXPERT_DIRS), "files": files, "sha256": hashes},
+                                             indent=2))
 
     final = Path(directory)
     atomic_dir(final, write, RECORD)
     return final
+
+
+def load_expert_lora_files(dit: nn.Module, dit_2: nn.Module, directory: Union[str, Path]) -> str:
+    """Load the pair :func:`save_expert_lora_files` writes (``high_noise/`` into ``dit``, ``low_noise/`` into
+    ``dit_2``; each a LoRA directory or file :func:`load_lora_file` reads). Returns the format read."""
+    d = Path(directory)
+    missing = [n for n in EXPERT_DIRS if not (d / n).exists()]
+    if not d.is_dir() or missing:
+        raise ValueError(f"{str(d)!r}: a LoRA of two experts (Wan 2.2 A14B) is a directory holding "
+                         f"{' and '.join(n + '/' for n in EXPERT_DIRS)} (the high- and the low-noise expert's "
+                         f"adapters), got {'no directory' if not d.is_dir() else 'one without ' + ', '.join(missing)}")
+    fmt = load_lora_file(dit, d / EXPERT_DIRS[0])
+    load_lora_file(dit_2, d / EXPERT_DIRS[1])
+    return fmt
 
 
 def load_lora_file(dit: nn.Module, path: Union[str, Path]) -> str:

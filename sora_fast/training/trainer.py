@@ -26,8 +26,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..packing import frame_ids, pack_videos, plan_batches
-from .checkpoint import check_writable, latest_checkpoint, load_checkpoint, save_checkpoint
+from ..packing import frame_ids, pack_videos, plan_batches, select_videos
+from .checkpoint import StateDictMismatchError, check_writable, latest_checkpoint, load_checkpoint, save_checkpoint
 from .conditioning import COND_MODES, draw_conditioning, swap_given
 from .ema import EMA
 from .flow import add_noise, flow_matching_loss, resolution_shift, sample_timesteps, token_levels
@@ -230,17 +230,26 @@ class LatentItem:
 
 
 class _Adapters(nn.Module):
-    """A view whose state dict is the LoRA adapters only (what LoRA checkpoints hold)."""
+    """A view whose state dict is the LoRA adapters only (what LoRA checkpoints hold): of one model, keys as
+    :func:`lora_state_dict` gives them, or of several, each model's keys under its prefix (``{"dit.": dit,
+    "dit_2.": dit_2}``: both experts' adapters in one file)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, models: Union[nn.Module, Mapping[str, nn.Module]]):
         super().__init__()
-        self._model = [model]  # not a submodule: its own weights must not appear here
+        # not submodules: their own weights must not appear here
+        self._models = list(({"": models} if isinstance(models, nn.Module) else models).items())
 
     def state_dict(self, *args, **kwargs):
-        return lora_state_dict(self._model[0])
+        return {p + k: v for p, m in self._models for k, v in lora_state_dict(m).items()}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        load_lora(self._model[0], state_dict)
+        prefixes = [p for p, _ in self._models]
+        stray = sorted(k for k in state_dict if not any(k.startswith(p) for p in prefixes))
+        if stray:
+            raise StateDictMismatchError(f"LoRA state dict does not fit the model's adapters: unexpected "
+                                         f"({len(stray)}): {', '.join(stray[:20])}")
+        for p, m in self._models:
+            load_lora(m, {k[len(p):]: v for k, v in state_dict.items() if k.startswith(p)})
 
 
 def _can_fuse(params: list) -> bool:
@@ -256,7 +265,7 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
 
 
 class Trainer:
-    """Trains ``dit`` (and a trainable text encoder) on ``items`` with flow matching.
+    """Trains ``dit`` (and a trainable text encoder) on ``items`` with flow matching; with ``dit_2``, two experts.
 
     Args:
         dit: a :class:`sora_fast.models.VideoDiT` (any module with its forward signature and ``config``).
@@ -268,6 +277,14 @@ class Trainer:
             checked writable before anything runs.
         model_config: JSON-able description of the model, stored in checkpoints and compared on resume
             (a checkpoint of another configuration is refused, its mismatched tensors listed).
+        dit_2, boundary: Wan 2.2 A14B's low-noise expert and the timestep (in [0, 1000]) where it takes over from
+            ``dit`` (the high-noise expert). Each video of a step trains the expert that sampling gives its level:
+            ``dit`` when ``1000 · level >= boundary``, else ``dit_2`` (diffusers' and Wan's A14B rule), where a
+            video's level is that of its noisiest denoised frame -- its drawn timestep, except under
+            ``diffusion_forcing`` where every frame has its own. A step packs each expert's videos on their own
+            (one forward and backward per expert that has videos) and takes one optimizer step over both experts'
+            trainable weights (an expert without videos that step keeps its weights); the loss is still the mean
+            over all the step's videos. EMA and checkpoints hold both experts.
     """
 
     is_main = True  # False on the ranks of a distributed run that must not write logs or plots
@@ -275,10 +292,21 @@ class Trainer:
 
     def __init__(self, dit: nn.Module, text_encoder: nn.Module, items: Sequence, config: TrainConfig,
                  run_dir: Union[str, Path], *, model_config: Optional[Mapping[str, Any]] = None,
-                 progress: bool = True):
+                 progress: bool = True, dit_2: Optional[nn.Module] = None, boundary: Optional[float] = None):
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        if dit_2 is not None:
+            if isinstance(boundary, bool) or not isinstance(boundary, (int, float)) or not 0 <= boundary <= 1000:
+                raise ValueError(f"boundary must be a timestep in [0, 1000] (where dit_2 takes over from dit) with "
+                                 f"dit_2, got {boundary!r}")
+            if dit_2.config != dit.config:
+                raise ValueError("dit_2 must have dit's configuration (the experts share one architecture), got "
+                                 f"{dit_2.config} for dit's {dit.config}")
+        elif boundary is not None:
+            raise ValueError(f"boundary={boundary!r} is where dit_2 takes over from dit; without dit_2, expected None")
         self.config, self.dit, self.text_encoder = config, dit, text_encoder
+        self.dit_2, self.boundary = dit_2, (None if boundary is None else float(boundary))
+        self.experts = [dit] if dit_2 is None else [dit, dit_2]
         self.run_dir = check_writable(run_dir)
         self.items = [it if isinstance(it, LatentItem) else LatentItem(it["latent"], it["caption"], it.get("alone"))
                       for it in items]
@@ -299,13 +327,15 @@ class Trainer:
         self.model_config = dict(model_config or {})
         self.progress = progress
 
-        dit.checkpointing = config.checkpointing
-        if config.lora_rank:
-            apply_lora(dit, config.lora_rank, config.lora_alpha)
+        for e in self.experts:
+            e.checkpointing = config.checkpointing
+            if config.lora_rank:
+                apply_lora(e, config.lora_rank, config.lora_alpha)
+        if config.lora_rank or not config.train_text_encoder:
             text_encoder.requires_grad_(False)
-        elif not config.train_text_encoder:
-            text_encoder.requires_grad_(False)
-        self.model = self._wrap_model(nn.ModuleDict({"dit": dit, "text": text_encoder}))
+        parts = {"dit": dit, "text": text_encoder} if dit_2 is None else {"dit": dit, "dit_2": dit_2,
+                                                                            "text": text_encoder}
+        self.model = self._wrap_model(nn.ModuleDict(parts))
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("nothing to train: every parameter of the DiT and text encoder is frozen")
@@ -378,6 +408,18 @@ class Trainer:
             return None
         return ~given[frame_ids(x0).long()]
 
+    def expert_of(self, d: Mapping[str, Any]) -> list[int]:
+        """The expert each video of draw ``d`` trains (0: ``dit``, 1: ``dit_2``): by the level of its noisiest
+        denoised frame, ``dit`` while ``1000 · level >= boundary`` (all 0 with one DiT)."""
+        b = len(d["indices"])
+        if self.dit_2 is None:
+            return [0] * b
+        frames = d["x0"].frames_per_video
+        video = torch.repeat_interleave(torch.arange(b), torch.tensor(frames))
+        t = (d["levels"] * 1000).float().cpu().masked_fill(d["given"].cpu(), -math.inf)   # (F,) given frames out
+        step_t = torch.full((b,), -math.inf).scatter_reduce(0, video, t, "amax")           # (B,)
+        return [0 if v >= self.boundary else 1 for v in step_t.tolist()]
+
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.config
         d = self.draw(step)
@@ -387,14 +429,29 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr(step)
         self.model.train()
-        with self._autocast():
-            text = self.text_encoder.encode(d["captions"])
-            pred = self.dit(x0.with_tokens(xt), levels * 1000, text)               # (N, C·p) velocity
-        # given frames are left out: per video, the mean over its denoised tokens (at least one frame's)
-        loss = flow_matching_loss(pred.float(), x0.tokens, noise, x0.seq_ids, len(idx),
-                                  mask=self._loss_mask(x0, d["given"]))
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        which, b = self.expert_of(d), len(idx)
+        groups = [(k, [i for i in range(b) if which[i] == k]) for k in range(len(self.experts)) if k in which]
+        loss = None
+        for k, keep in groups:  # one pack, forward and backward per expert (activations of one at a time)
+            if len(keep) == b:  # the whole step on one expert: the pack as drawn
+                xs, xts, ns, lv, given, caps = x0, xt, noise, levels, d["given"], d["captions"]
+            else:
+                xs, rows, frows = select_videos(x0, keep)
+                xts, ns, lv, given = xt[rows], noise[rows], levels[frows], d["given"][frows]
+                caps = [d["captions"][i] for i in keep]
+            with self._autocast():
+                text = self.text_encoder.encode(caps)
+                pred = self.experts[k](xs.with_tokens(xts), lv * 1000, text)          # (N_k, C·p) velocity
+            # given frames are left out: per video, the mean over its denoised tokens (at least one frame's)
+            part = flow_matching_loss(pred.float(), xs.tokens, ns, xs.seq_ids, len(keep),
+                                      mask=self._loss_mask(xs, given))
+            if len(keep) == b:
+                part.backward()
+                loss = part
+            else:  # the step's loss is the mean over all its videos: each pack weighs by its videos
+                (part * (len(keep) / b)).backward()
+                loss = part.detach() * (len(keep) / b) + (0 if loss is None else loss)
         params = [p for p in self.model.parameters() if p.requires_grad]
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf,
                                                foreach=_can_fuse(params) or None)
@@ -406,7 +463,9 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------------
     def _ckpt_model(self) -> nn.Module:
-        return _Adapters(self.dit) if self.config.lora_rank else self.model
+        if not self.config.lora_rank:
+            return self.model
+        return _Adapters(self.dit if self.dit_2 is None else {"dit.": self.dit, "dit_2.": self.dit_2})
 
     def _state(self) -> dict[str, Any]:
         return {"step": self.step, "config": self.model_config, "train": dataclasses.asdict(self.config)}
