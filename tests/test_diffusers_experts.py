@@ -187,7 +187,8 @@ def test_cli_generates_with_two_experts(experts_dir, tmp_path, capsys):
     assert gif.read_bytes() == write_video(tmp_path / "ref.gif", ref).read_bytes()
     meta = json.loads((out / "generate.json").read_text())
     assert (meta["solver"], meta["order"], meta["guidance_2"]) == ("unipc", 2, 2.5)
-    for flags, match in ((["--lora", str(tmp_path)], "--lora: .* has two experts .* holding high_noise/ and low_noise/"),
+    lora = "--lora: .* has two experts .* holding high_noise/ and low_noise/"
+    for flags, match in ((["--lora", str(tmp_path)], lora),
                          (["--cache", "first-block:0.05"], "needs denoise to be a sora_fast VideoDiT, got Experts"),
                          (["--frames", "9", "--window", "5", "--overlap", "1", "--guidance-2", "2"],
                           "a long video \\(--frames\\) takes --guidance for both experts")):

@@ -153,7 +153,11 @@ def test_diffusers_load_lora_weights(wan, tmp_path):
     with_peft.load_lora_weights(tmp_path / "lora")
     got, want = run_diffusers(with_peft, noise), run_diffusers(ref, noise)
     video = ours.generate([PROMPT], SIZE, steps=STEPS, guidance=GUIDANCE, seed=11)[0]
-    assert rel_err(got, want) <= 1e-5 and rel_err(video, got) <= 1e-5
+    # peft adds B(Ax) beside the base weight, the merged file folds it in: both are fp32 roundings of the
+    # merged pipeline in fp64, so each may be off by at most 2x diffusers' own fp32 error (STYLE's rule)
+    d64 = run_diffusers(ref.to(torch.float64), noise.double())
+    bound = 2 * rel_err(want, d64) + 4 * 2**-24
+    assert rel_err(got, d64) <= bound and rel_err(video, d64) <= bound, (rel_err(got, d64), rel_err(video, d64), bound)
 
 
 def test_load_either_file_back(wan, tmp_path):

@@ -257,7 +257,7 @@ def cmd_train(args) -> int:
         trainer.ema.copy_to(trainer.model)
     if train_cfg.lora_rank:
         if mesh is None:  # the adapters alone, in diffusers' and ComfyUI's layouts, before they are merged
-            from ..training.lora_formats import save_lora_files, save_expert_lora_files
+            from ..training.lora_formats import save_expert_lora_files, save_lora_files
 
             if dit_2 is None:
                 save_lora_files(dit, out / "lora")
