@@ -6,7 +6,7 @@ from test_dit import randomize
 
 from sora_fast.models.dit import VideoDiT
 from sora_fast.packing import pack_sequences
-from sora_fast.sampling import FirstBlockCache, TeaCache, calibrate_teacache, parse_cache, sample
+from sora_fast.sampling import Experts, FirstBlockCache, TeaCache, calibrate_teacache, parse_cache, sample
 
 SHAPES = [(4, 1, 4, 4), (4, 3, 4, 6), (4, 2, 6, 4)]     # an image and two videos, mixed sizes
 
@@ -102,3 +102,83 @@ def test_cache_needs_a_videodit():
     f = lambda x, t, text: x.tokens  # noqa: E731
     with pytest.raises(TypeError, match="needs denoise to be a sora_fast VideoDiT, got function"):
         sample(f, [torch.randn(SHAPES[0])], _text(1, 0).to("cpu"), cache="first-block:0.05", guidance=1.0)
+
+
+@pytest.fixture(scope="module")
+def experts(dit):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        low = randomize(VideoDiT.from_name("tiny", num_layers=3)).double().eval()
+    return Experts([dit, low], [500.0])
+
+
+def _spy(experts):
+    """Record ``(step, expert, sequences)`` each time an expert's last block runs (a full evaluation)."""
+    seen, step = [], [0]
+    hooks = [e.blocks[-1].register_forward_pre_hook(
+        lambda m, args, k=k: seen.append((step[0], k, args[5].num_sequences))) for k, e in enumerate(experts.experts)]
+    return seen, step, hooks
+
+
+@pytest.mark.parametrize("cache", ["first-block:0", "teacache:0"])
+def test_experts_threshold_zero_is_the_plain_two_expert_run(experts, cache):
+    """Per-video shifts put the videos of one step on different experts: one sub-pack per expert, bit-exact."""
+    noise = [torch.randn(s, dtype=torch.float64) for s in SHAPES]
+    seen, _, hooks = _spy(experts)
+    try:
+        s0, st = {}, {}
+        plain = _run(experts, noise, None, stats=s0, shift=[1.0, 8.0, 2.0])
+        split = any(n < 6 for _, _, n in seen)                      # some step ran fewer than all 2x3 sequences
+        cached = _run(experts, noise, cache, stats=st, shift=[1.0, 8.0, 2.0])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert split
+    assert all(torch.equal(a, b) for a, b in zip(plain, cached))
+    assert st["evaluations"] == s0["evaluations"] == [16, 16, 16]
+
+
+@pytest.mark.parametrize("cache", ["first-block:1e9", "teacache:1e9"])
+def test_experts_unbounded_threshold_computes_each_experts_first_and_last_step(experts, cache):
+    noise = [torch.randn(s, dtype=torch.float64) for s in SHAPES]
+    seen, step, hooks = _spy(experts)
+    prog = lambda i, n: step.__setitem__(0, i)  # noqa: E731
+    try:
+        _run(experts, noise, None, progress=prog)
+        ranges = [sorted({i for i, k, _ in seen if k == e}) for e in (0, 1)]
+        seen.clear()
+        step[0] = 0
+        st = {}
+        _run(experts, noise, cache, stats=st, progress=prog)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert all(len(r) >= 2 for r in ranges) and ranges[0][-1] + 1 == ranges[1][0], ranges
+    for e, r in enumerate(ranges):      # all 3 videos x 2 CFG halves, in one pack, on the range's ends only
+        assert [(i, n) for i, k, n in seen if k == e] == [(r[0], 6), (r[-1], 6)], (e, seen)
+    assert st["evaluations"] == [8, 8, 8]
+
+
+@pytest.mark.parametrize("cache", ["first-block:1e9", "teacache:1e9"])
+def test_experts_cached_output_comes_from_its_expert(dit, cache):
+    """Experts whose outputs are two constants: a step reused on either expert still gives that expert's."""
+    torch.manual_seed(2)
+    consts = []
+    for c in (1.0, -2.0):
+        with torch.no_grad():
+            m = randomize(VideoDiT.from_name("tiny", num_layers=3)).double().eval()
+            m.proj_out.weight.zero_()
+            m.proj_out.bias.fill_(c)
+        consts.append(m)
+    ex = Experts(consts, [500.0])
+    noise = [torch.randn(s, dtype=torch.float64) for s in SHAPES]
+    plain = _run(ex, noise, None, solver="euler")
+    cached = _run(ex, noise, cache, solver="euler")
+    assert all(torch.equal(a, b) for a, b in zip(plain, cached))
+
+
+def test_cache_refuses_parallel_experts(dit):
+    f = lambda x, t, text: x.tokens  # noqa: E731
+    with pytest.raises(TypeError, match="needs every expert to be a sora_fast VideoDiT, got function for expert 1"):
+        sample(Experts([dit, f], [500.0]), [torch.randn(SHAPES[0], dtype=torch.float64)], _text(1, 0),
+               cache="first-block:0.05", guidance=1.0)

@@ -106,15 +106,24 @@ def parse_cache(cache):
 
 
 def start_cache(cache, denoise, streams: int):
-    """A fresh per-call cache state over ``streams`` streams, or None without a cache."""
+    """A fresh per-call cache state over ``streams`` streams, or None without a cache. ``denoise``: a VideoDiT,
+    or an :class:`~sora_fast.sampling.Experts` of VideoDiTs (one cache state per expert)."""
     cfg = parse_cache(cache)
     if cfg is None:
         return None
     from ..models.dit import VideoDiT
+    from .experts import Experts
 
+    if isinstance(denoise, Experts):
+        for k, e in enumerate(denoise.experts):
+            if not isinstance(e, VideoDiT):
+                raise TypeError(f"a step cache runs each expert block by block and needs every expert to be a "
+                                f"sora_fast VideoDiT, got {type(e).__name__} for expert {k} (leave cache None with "
+                                f"custom or parallel experts)")
+        return _ExpertsRun(denoise, [_CacheRun(cfg, e, streams) for e in denoise.experts])
     if not isinstance(denoise, VideoDiT):
         raise TypeError(f"a step cache runs the DiT block by block and needs denoise to be a sora_fast VideoDiT, got "
-                        f"{type(denoise).__name__} (leave cache None with a custom, parallel or two-expert denoiser)")
+                        f"{type(denoise).__name__} (leave cache None with a custom or parallel denoiser)")
     return _CacheRun(cfg, denoise, streams)
 
 
@@ -214,6 +223,37 @@ class _CacheRun:
             if run:
                 y_out = y_out.index_copy(0, rows, ys)            # the computed streams' fused head norm, as forward
         return dit.proj_out(y_out), [streams[k] for k in run]
+
+
+class _ExpertsRun:
+    """The cache state of an :class:`~sora_fast.sampling.Experts` denoiser: one :class:`_CacheRun` per expert,
+    so a stream never reuses another expert's residual and TeaCache's accumulator starts over on each expert.
+    Each step, the streams go to the cache run of their video's expert (by its step timestep); streams on
+    different experts in one step (editing strengths, per-video shifts) are split into one sub-pack per expert,
+    as :meth:`Experts.__call__` does. A stream's first step on an expert always computes (the expert's state
+    holds nothing for it yet; the sampler also marks it ``fresh``)."""
+
+    def __init__(self, experts, runs: list):
+        self.experts, self.runs = experts, runs
+
+    def __call__(self, x: PackedVideos, timesteps: torch.Tensor, text: PackedSequences, streams: Sequence[int],
+                 fresh: Sequence[bool], step: torch.Tensor):
+        """``step``: ``(B,)`` each sequence's step timestep. -> ``(velocity (N, D_out), the streams computed)``."""
+        which = [self.experts.index(t) for t in step.tolist()]
+        if len(set(which)) == 1:
+            return self.runs[which[0]](x, timesteps, text, streams, fresh)
+        per_frame = timesteps.shape[0] != x.num_sequences
+        out, ran = None, []
+        for e in sorted(set(which)):
+            keep = [i for i, w in enumerate(which) if w == e]
+            xs, ts, rows, frows, _ = _select(x, text, keep)
+            v, r = self.runs[e](xs, timesteps[frows] if per_frame else timesteps[keep], ts,
+                                [streams[i] for i in keep], [fresh[i] for i in keep])
+            if out is None:
+                out = v.new_empty((x.tokens.shape[0], v.shape[1]))
+            out[rows] = v
+            ran += r
+        return out, ran
 
 
 def calibrate_teacache(dit, noise: Sequence[torch.Tensor], text: PackedSequences, *, degree: int = 4,

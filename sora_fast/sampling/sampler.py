@@ -119,7 +119,9 @@ def sample(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequen
             :mod:`sora_fast.sampling.solvers` for the math and where it meets diffusers' schedulers.
         cache: None, a spec string (``"first-block:0.05"``, ``"teacache:0.1"``) or a cache object of
             :mod:`sora_fast.sampling.cache`: reuse the DiT's deep features on steps where a video's input
-            barely changed, decided per video and per CFG half; ``denoise`` must then be a VideoDiT.
+            barely changed, decided per video and per CFG half; ``denoise`` must then be a VideoDiT or an
+            ``Experts`` of VideoDiTs (one cache state per expert; a video's first and last step on each expert
+            always compute, and videos on different experts at one step run as one sub-pack per expert).
         guidance: CFG scale g; ``v = v_u + g·(v_c − v_u)``. ``g == 1`` or ``uncond_text=None`` runs the
             conditional branch alone; otherwise both branches go in one pack of 2B videos. With an ``Experts``
             denoiser, one number for all or one per expert (each video takes its step's expert's).
@@ -311,19 +313,22 @@ def sample(denoise: DenoiseFn, noise: Sequence[torch.Tensor], text: PackedSequen
         t = timesteps(i, active)
         inp = pack.with_tokens((torch.cat([sub, sub]) if cfg else sub).to(x.tokens.dtype))
         tt = torch.cat([t, t]) if cfg else t
-        if experts is not None:
-            st = step_t[list(active), i]                                     # (B_active,) float64, on the host
-            v = denoise(inp, tt, txt, step=torch.cat([st, st]) if cfg else st)
-            for k in active:
-                evaluations[k] += 2 if cfg else 1
-        elif runner is None:
-            v = denoise(inp, tt, txt)
+        st = None if experts is None else step_t[list(active), i]           # (B_active,) float64, on the host
+        if runner is None:
+            v = denoise(inp, tt, txt) if st is None else denoise(inp, tt, txt, step=torch.cat([st, st]) if cfg else st)
             for k in active:
                 evaluations[k] += 2 if cfg else 1
         else:
             streams = list(active) + ([b + k for k in active] if cfg else [])
             fresh = [i == first[s % b] or i == total - 1 for s in streams]
-            v, ran = runner(inp, tt, txt, streams, fresh)
+            if st is None:
+                v, ran = runner(inp, tt, txt, streams, fresh)
+            else:  # also fresh: a video's first and last step on each expert
+                ex = [experts.index(step_t[s % b, j]) if 0 <= j < total else None
+                      for s in streams for j in (i - 1, i, i + 1)]
+                fresh = [f or ex[3 * n] != ex[3 * n + 1] or ex[3 * n + 2] != ex[3 * n + 1]
+                         for n, f in enumerate(fresh)]
+                v, ran = runner(inp, tt, txt, streams, fresh, torch.cat([st, st]) if cfg else st)
             for s in ran:
                 evaluations[s % b] += 1
         v = v.to(md)                                                           # (M or 2M, D)
