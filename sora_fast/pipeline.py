@@ -281,8 +281,8 @@ class VideoPipeline(LongVideoMixin, nn.Module):
                 diffusers pipeline's scheduler's, else ``"euler"``).
             cache: None, or a step cache such as ``"first-block:0.05"`` or ``"teacache:0.1"``
                 (:func:`sora_fast.sampling.parse_cache`): deep features reused per video and CFG half on steps
-                where its input barely changed. ``last_timings["evaluations"]`` counts the full DiT
-                evaluations of every prompt (its CFG copies apart).
+                where its input barely changed; with two experts, one cache per expert. ``last_timings
+                ["evaluations"]`` counts the full DiT evaluations of every prompt (its CFG copies apart).
             denoiser: what runs the DiT at each step (default :meth:`denoiser`: the DiT itself, or both experts),
                 e.g. a CFG- or sequence-parallel one from :func:`sora_fast.distributed.make_denoiser`
                 (``pipe.denoiser(lambda dit: make_denoiser(dit, mesh))``).

@@ -187,13 +187,34 @@ def test_cli_generates_with_two_experts(experts_dir, tmp_path, capsys):
     assert gif.read_bytes() == write_video(tmp_path / "ref.gif", ref).read_bytes()
     meta = json.loads((out / "generate.json").read_text())
     assert (meta["solver"], meta["order"], meta["guidance_2"]) == ("unipc", 2, 2.5)
+    cached = tmp_path / "cached"
+    assert cli.main(["generate", "--pipeline", str(d), "--prompt", PROMPT, "--size", "5x16x32", "--steps", "5",
+                     "--seed", "7", "--guidance-2", "2.5", "--format", "gif", "--cache", "first-block:0",
+                     "--out", str(cached)]) == 0, capsys.readouterr().err
+    assert next(cached.glob("*.gif")).read_bytes() == gif.read_bytes()       # threshold 0: every step computed
     lora = "--lora: .* has two experts .* holding high_noise/ and low_noise/"
     for flags, match in ((["--lora", str(tmp_path)], lora),
-                         (["--cache", "first-block:0.05"], "needs denoise to be a sora_fast VideoDiT, got Experts"),
+                         (["--cache", "first-block:0.05", "--cfg-parallel"], "--cache runs the DiT block by block on one process"),
                          (["--frames", "9", "--window", "5", "--overlap", "1", "--guidance-2", "2"],
                           "a long video \\(--frames\\) takes --guidance for both experts")):
         assert cli.main(["generate", "--pipeline", str(d), "--prompt", PROMPT, "--out", str(out), *flags]) == 2
         assert re.search(match, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("cache", ["first-block", "teacache"])
+def test_generate_with_a_step_cache_on_two_experts(experts_dir, cache):
+    """Threshold 0: the uncached run exactly. Unbounded: each expert computes its first and last step only."""
+    ours = VideoPipeline.from_diffusers(experts_dir[1])
+    kw = dict(steps=8, guidance=GUIDANCE, guidance_2=2.0, negative_prompt=NEG, seed=3)
+    ts = _timesteps(experts_dir[0], 8)
+    n = [sum(t >= 500 for t in ts), sum(t < 500 for t in ts)]                  # steps per expert, e.g. 7 and 1
+    assert min(n) >= 1, ts
+    plain = ours.generate([PROMPT], (5, 16, 32), **kw)[0]
+    assert torch.equal(ours.generate([PROMPT], (5, 16, 32), cache=f"{cache}:0", **kw)[0], plain)
+    assert ours.last_timings["evaluations"] == [16]
+    far = ours.generate([PROMPT], (5, 16, 32), cache=f"{cache}:1e9", **kw)[0]
+    assert ours.last_timings["evaluations"] == [2 * sum(min(k, 2) for k in n)]   # per expert <= 2 steps x 2 halves
+    assert torch.isfinite(far).all()
 
 
 def _adapted(dit, seed):
