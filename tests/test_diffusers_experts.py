@@ -194,7 +194,8 @@ def test_cli_generates_with_two_experts(experts_dir, tmp_path, capsys):
     assert next(cached.glob("*.gif")).read_bytes() == gif.read_bytes()       # threshold 0: every step computed
     lora = "--lora: .* has two experts .* holding high_noise/ and low_noise/"
     for flags, match in ((["--lora", str(tmp_path)], lora),
-                         (["--cache", "first-block:0.05", "--cfg-parallel"], "--cache runs the DiT block by block on one process"),
+                         (["--cache", "first-block:0.05", "--cfg-parallel"],
+                          "--cache runs the DiT block by block on one process"),
                          (["--frames", "9", "--window", "5", "--overlap", "1", "--guidance-2", "2"],
                           "a long video \\(--frames\\) takes --guidance for both experts")):
         assert cli.main(["generate", "--pipeline", str(d), "--prompt", PROMPT, "--out", str(out), *flags]) == 2
