@@ -7,7 +7,15 @@ import re
 
 import pytest
 import torch
-from _diffusers_utils import assert_wan_parity, broken_copy, set_json, tiny_wan, tiny_wan_pipeline, wan_unipc
+from _diffusers_utils import (
+    assert_wan_parity,
+    broken_copy,
+    set_json,
+    tiny_wan,
+    tiny_wan_pipeline,
+    wan_call,
+    wan_unipc,
+)
 from test_dit import rel_err
 
 from sora_fast import cli
@@ -244,15 +252,13 @@ def test_lora_of_both_experts_loads_into_diffusers(experts_dir, tmp_path):
 
     pytest.importorskip("peft")  # diffusers' LoRA backend (the test extra lists it)
     pipe, d = experts_dir
-    ours = VideoPipeline.from_diffusers(d)
-    _adapted(ours.dit, 1), _adapted(ours.dit_2, 2)
-    lora = save_expert_lora_files(ours.dit, ours.dit_2, tmp_path / "lora")
+    ours_pipe = VideoPipeline.from_diffusers(d)
+    _adapted(ours_pipe.dit, 1), _adapted(ours_pipe.dit_2, 2)
+    lora = save_expert_lora_files(ours_pipe.dit, ours_pipe.dit_2, tmp_path / "lora")
     assert {p.name for p in lora.iterdir()} == {"high_noise", "low_noise", "lora.json"}
     assert {p.name for p in (lora / "low_noise").iterdir()} == {"pytorch_lora_weights.safetensors",
                                                                "comfyui.safetensors", "lora.json"}
-    seed, size = 5, (5, 16, 32)
-    video = ours.generate([PROMPT], size, steps=5, guidance=GUIDANCE, negative_prompt=NEG, seed=seed)[0]
-    noise = torch.randn(ours.latent_shape(size), generator=torch.Generator().manual_seed(seed))
+    size = (5, 16, 32)
     call = dict(prompt=PROMPT, negative_prompt=NEG, num_inference_steps=5, guidance_scale=GUIDANCE)
 
     def diffusers_with(high, low):
@@ -261,14 +267,22 @@ def test_lora_of_both_experts_loads_into_diffusers(experts_dir, tmp_path):
         p.load_lora_weights(low, adapter_name="low", load_into_transformer_2=True)
         return p
 
-    assert_wan_parity(video, diffusers_with(lora / "high_noise", lora / "low_noise"), noise, size, **call)
-    from _diffusers_utils import wan_call
-    swapped = wan_call(diffusers_with(lora / "low_noise", lora / "high_noise"), noise, size, **call)
-    assert rel_err(swapped, video) > 1e-3
+    ref = diffusers_with(lora / "high_noise", lora / "low_noise")
     back = VideoPipeline.from_diffusers(d)        # and back into sora_fast (what generate --lora does)
     load_expert_lora_files(back.dit, back.dit_2, lora)
-    again = back.generate([PROMPT], size, steps=5, guidance=GUIDANCE, negative_prompt=NEG, seed=seed)[0]
-    assert rel_err(again, video) <= 1e-5      # diffusers' layout folds alpha / rank into lora_B: rounding only
+    # STYLE's fp32 rule, on errors summed over three noises: one run's ratio of two small fp32 errors through a
+    # guided multistep sampler scatters past 2 now and then (seen: 2.7); the sum's does not
+    ours = theirs = loaded = 0.0
+    for seed in (5, 6, 7):
+        video = ours_pipe.generate([PROMPT], size, steps=5, guidance=GUIDANCE, negative_prompt=NEG, seed=seed)[0]
+        noise = torch.randn(ours_pipe.latent_shape(size), generator=torch.Generator().manual_seed(seed))
+        again = back.generate([PROMPT], size, steps=5, guidance=GUIDANCE, negative_prompt=NEG, seed=seed)[0]
+        d32, d64 = wan_call(ref, noise, size, **call), wan_call(ref, noise, size, fp64=True, **call)
+        ours, theirs, loaded = ours + rel_err(video, d64), theirs + rel_err(d32, d64), loaded + rel_err(again, d64)
+    bound = 2 * theirs + 3 * 4 * 2**-24
+    assert ours <= bound and loaded <= bound, (ours, loaded, theirs)
+    swapped = wan_call(diffusers_with(lora / "low_noise", lora / "high_noise"), noise, size, **call)
+    assert rel_err(swapped, video) > 1e-3
     with pytest.raises(ValueError, match=r"a LoRA of two experts \(Wan 2.2 A14B\) is a directory holding high_noise/ "
                                          r"and low_noise/ .* got one without high_noise, low_noise"):
         load_expert_lora_files(back.dit, back.dit_2, lora / "high_noise")
