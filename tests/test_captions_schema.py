@@ -26,7 +26,8 @@ def _specs(seed: int):
     out = [S.sample_spec(rng, occluder_prob=0.5, bounce_prob=0.3) for _ in range(40)]
     out += [S.sample_spec(rng, sizes=((32, 32), (32, 48)), lengths=(1, 5, 9), object_size=0.4, bounce_prob=0.2)
             for _ in range(20)]
-    out += [W.sample_world(rng, scene) for scene in W.SCENES for _ in range(6)]
+    # held_out_world redraws the draws a scene cannot fit (sample_world refuses those with a ValueError)
+    out += [spec for scene in W.SCENES for spec in W.held_out_world(6, scene, seed=seed)]
     return out
 
 

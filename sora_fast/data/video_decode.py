@@ -67,9 +67,18 @@ class Orientation(NamedTuple):
         return frame
 
 
+def _side_data(frame) -> list:
+    """A decoded frame's side data entries. PyAV's container yields the entries themselves up to 18.1.0 and
+    their types (mapping keys) from 18.1.1 on; both are read here."""
+    container = getattr(frame, "side_data", None)
+    if container is None:
+        return []
+    return [item if hasattr(item, "type") else container[item] for item in container]
+
+
 def display_matrix(frame) -> Optional[tuple[int, ...]]:
     """The 9 int32 values of a decoded frame's display matrix side data, None when it has none."""
-    for sd in getattr(frame, "side_data", ()):
+    for sd in _side_data(frame):
         kind = getattr(sd.type, "name", str(sd.type))
         if kind.endswith("DISPLAYMATRIX"):
             raw = bytes(sd)
