@@ -250,7 +250,6 @@ def test_lora_of_both_experts_loads_into_diffusers(experts_dir, tmp_path):
 
     from sora_fast.training.lora_formats import load_expert_lora_files, save_expert_lora_files
 
-    pytest.importorskip("peft")  # diffusers' LoRA backend (the test extra lists it)
     pipe, d = experts_dir
     ours_pipe = VideoPipeline.from_diffusers(d)
     _adapted(ours_pipe.dit, 1), _adapted(ours_pipe.dit_2, 2)
