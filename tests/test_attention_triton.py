@@ -597,7 +597,7 @@ def test_window_block_lists_are_exact(grids, window, blocks, order):
     seqlens = [t * h * w for t, h, w in grids]
     parts = []
     for g, n in zip(grids, seqlens):
-        c = _blocks.t_major_coords([n], [g], "cpu")
+        c = _blocks.pack_coords([g], "cpu")
         parts.append(_tile_order(g, (2, 4, 4)) if order == "tile" and n else
                      c[torch.randperm(n)] if order == "random" else c)
     coords = torch.cat(parts)
@@ -643,14 +643,14 @@ def test_window_kernels_follow_any_token_order(window, rope, order):
     cu, grid = _cu(lens), torch.tensor(grids, dtype=torch.int32)
     perm, coords, start = [], [], 0
     for g, n in zip(grids, lens):
-        c = _blocks.t_major_coords([n], [g], "cpu").long()
+        c = _blocks.pack_coords([g], "cpu").long()
         o = _tile_order(g, (2, 4, 4)).long() if order == "tile" and n else c[torch.randperm(n)]
         flat = (o[:, 0] * g[1] + o[:, 1]) * g[2] + o[:, 2] if n else o[:, 0]
         perm.append(flat + start)
         coords.append(o)
         start += n
     perm, coords = torch.cat(perm), torch.cat(coords).to(torch.int32)
-    tmajor = torch.cat([_blocks.t_major_coords([n], [g], "cpu") for g, n in zip(grids, lens)])
+    tmajor = torch.cat([_blocks.pack_coords([g], "cpu") for g, n in zip(grids, lens)])
     q, k, v, dout = (torch.randn(sum(lens), 2, 32) for _ in range(4))
     kw = dict(scale=32 ** -0.5, window=window, grid=grid, rope_theta=1e4)
 

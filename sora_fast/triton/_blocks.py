@@ -24,7 +24,7 @@ import torch
 
 from ..reference._order import order_coords
 
-__all__ = ["block_table", "BlockLists", "window_block_lists", "window_block_stats", "pack_coords", "t_major_coords"]
+__all__ = ["block_table", "BlockLists", "window_block_lists", "window_block_stats", "pack_coords"]
 
 
 def block_table(seqlens: Sequence[int], block: int, device) -> torch.Tensor:
@@ -70,10 +70,6 @@ def pack_coords(grids: Sequence[Sequence[int]], device=None, order: str = "t-maj
         return torch.empty(0, 3, dtype=torch.int32, device=device)
     return torch.cat([order_coords(g, order, tile, device) for g in grids]).to(torch.int32)
 
-
-def t_major_coords(seqlens: Sequence[int], grid: Sequence[Sequence[int]], device) -> torch.Tensor:
-    """``(N, 3)`` int32 (t, h, w) of every token of a pack in t-major raster order, from host values."""
-    return pack_coords(grid, device)
 
 
 def _boxes(coords: torch.Tensor, seqlens: Sequence[int], block: int):

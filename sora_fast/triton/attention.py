@@ -41,7 +41,7 @@ import triton
 from ..reference import attention as _reference
 from ..reference.rope import rope3d_split
 from ._attention_kernels import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_fwd_kernel
-from ._blocks import BlockLists, block_table, t_major_coords, window_block_lists
+from ._blocks import BlockLists, block_table, pack_coords, window_block_lists
 from ._common import dot_precision, extent
 from ._common import interpreting as _interpreting
 from ._spec import KernelConfig
@@ -237,7 +237,7 @@ def _window_coords(coords, grid, host, device) -> torch.Tensor:
     entry = _LISTS.setdefault(grid, {})
     key = ("t-major", tuple(host.cu_q), _version(grid))
     if key not in entry:
-        entry[key] = t_major_coords(_seqlens(host.cu_q), host.grid, device)
+        entry[key] = pack_coords(host.grid, device)
     return entry[key]
 
 
