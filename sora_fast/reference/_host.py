@@ -7,7 +7,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._order import coords_moved, coords_outside
+from ._order import coords_counts
 
 __all__ = ["PackOnHost", "read_pack"]
 
@@ -35,7 +35,7 @@ def read_pack(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, grid: Opti
     their device first)."""
     counts = None
     if coords is not None and grid is not None:
-        counts = torch.stack([coords_outside(cu_seqlens_q, grid, coords), coords_moved(cu_seqlens_q, grid, coords)])
+        counts = coords_counts(cu_seqlens_q, grid, coords)
     parts = [cu_seqlens_q.reshape(-1), cu_seqlens_k.reshape(-1)] + ([] if grid is None else [grid.reshape(-1)])
     if counts is not None:
         parts.insert(0, counts)

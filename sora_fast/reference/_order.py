@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 __all__ = ["ORDERS", "DEFAULT_TILE", "check_tile", "check_order", "order_rows", "order_coords", "pack_t_major_rows",
-           "coords_outside", "coords_moved", "t_major_permutation", "t_major_order"]
+           "coords_counts", "t_major_permutation", "t_major_order"]
 
 ORDERS = ("t-major", "tile")
 DEFAULT_TILE = (4, 8, 8)
@@ -80,27 +80,28 @@ def _sequence_of_rows(cu_seqlens: torch.Tensor, n: int, device) -> torch.Tensor:
     return seq.clamp_max(max(cu_seqlens.shape[0] - 2, 0))
 
 
+def _placed(cu_seqlens: torch.Tensor, grid: torch.Tensor, coords: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, outside)``: :func:`pack_t_major_rows` and the 0-d count of tokens outside their grid, from one
+    lookup of every token's sequence (no host sync)."""
+    seq = _sequence_of_rows(cu_seqlens, coords.shape[0], coords.device)                              # (N,)
+    g, c = grid.long()[seq], coords.long()                                                             # (N, 3)
+    rows = cu_seqlens.long()[seq] + (c[:, 0] * g[:, 1] + c[:, 1]) * g[:, 2] + c[:, 2]
+    return rows, ((c < 0) | (c >= g)).any(dim=1).sum()
+
+
 def pack_t_major_rows(cu_seqlens: torch.Tensor, grid: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """``(N,)`` int64: the row each token would have in the t-major pack of the same sequences, from its
     ``(t, h, w)`` (``coords`` ``(N, 3)``) and its sequence's grid. A permutation of ``0..N-1`` when every
     sequence's coords are a permutation of its grid (not checked here). No host sync."""
-    seq = _sequence_of_rows(cu_seqlens, coords.shape[0], coords.device)                              # (N,)
-    g, c = grid.long()[seq], coords.long()                                                             # (N, 3)
-    return cu_seqlens.long()[seq] + (c[:, 0] * g[:, 1] + c[:, 1]) * g[:, 2] + c[:, 2]
+    return _placed(cu_seqlens, grid, coords)[0]
 
 
-def coords_outside(cu_seqlens: torch.Tensor, grid: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """0-d int64 on the device: how many tokens have a ``(t, h, w)`` outside their sequence's grid (no sync)."""
-    seq = _sequence_of_rows(cu_seqlens, coords.shape[0], coords.device)
-    c = coords.long()
-    return ((c < 0) | (c >= grid.long()[seq])).any(dim=1).sum()
-
-
-def coords_moved(cu_seqlens: torch.Tensor, grid: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """0-d int64 on the device: how many tokens are not at their row of the t-major raster (0: the coords
-    are the raster of ``grid``; no sync)."""
-    rows = pack_t_major_rows(cu_seqlens, grid, coords)
-    return (rows != torch.arange(coords.shape[0], device=coords.device)).sum()
+def coords_counts(cu_seqlens: torch.Tensor, grid: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """``(2,)`` int64 on the device: how many tokens have a ``(t, h, w)`` outside their sequence's grid, and how
+    many are not at their row of the t-major raster (0: the coords are the raster of ``grid``); no sync."""
+    rows, outside = _placed(cu_seqlens, grid, coords)
+    return torch.stack([outside, (rows != torch.arange(coords.shape[0], device=coords.device)).sum()])
 
 
 def t_major_permutation(cu_seqlens: torch.Tensor, grid: torch.Tensor, coords: torch.Tensor
@@ -109,9 +110,9 @@ def t_major_permutation(cu_seqlens: torch.Tensor, grid: torch.Tensor, coords: to
     ``x`` at ``coords``; None when the tokens already are in the t-major raster. Checks (one host sync) that
     each sequence's coords are a permutation of its grid: ValueError naming ``coords`` otherwise."""
     n = coords.shape[0]
-    rows = pack_t_major_rows(cu_seqlens, grid, coords)                                  # (N,)
+    rows, outside = _placed(cu_seqlens, grid, coords)                                   # (N,), ()
     counts = torch.bincount(rows.clamp(0, max(n - 1, 0)), minlength=n)[:n]
-    outside, repeated = torch.stack([coords_outside(cu_seqlens, grid, coords), (counts != 1).sum()]).tolist()
+    outside, repeated = torch.stack([outside, (counts != 1).sum()]).tolist()
     if outside or repeated:
         raise ValueError(f"coords must hold each token's (t, h, w) inside its own video's grid, every position of "
                          f"the grid once per sequence (a permutation of the grid), got {outside} tokens outside "
