@@ -239,21 +239,12 @@ class _ExpertsRun:
     def __call__(self, x: PackedVideos, timesteps: torch.Tensor, text: PackedSequences, streams: Sequence[int],
                  fresh: Sequence[bool], step: torch.Tensor):
         """``step``: ``(B,)`` each sequence's step timestep. -> ``(velocity (N, D_out), the streams computed)``."""
+        from .experts import split_by_expert
+
         which = [self.experts.index(t) for t in step.tolist()]
-        if len(set(which)) == 1:
-            return self.runs[which[0]](x, timesteps, text, streams, fresh)
-        per_frame = timesteps.shape[0] != x.num_sequences
-        out, ran = None, []
-        for e in sorted(set(which)):
-            keep = [i for i, w in enumerate(which) if w == e]
-            xs, ts, rows, frows, _ = _select(x, text, keep)
-            v, r = self.runs[e](xs, timesteps[frows] if per_frame else timesteps[keep], ts,
-                                [streams[i] for i in keep], [fresh[i] for i in keep])
-            if out is None:
-                out = v.new_empty((x.tokens.shape[0], v.shape[1]))
-            out[rows] = v
-            ran += r
-        return out, ran
+        v, ran = split_by_expert(which, x, timesteps, text, lambda k, xs, ts, txt, keep: self.runs[k](
+            xs, ts, txt, [streams[i] for i in keep], [fresh[i] for i in keep]))
+        return v, [s for r in ran for s in r]
 
 
 def calibrate_teacache(dit, noise: Sequence[torch.Tensor], text: PackedSequences, *, degree: int = 4,

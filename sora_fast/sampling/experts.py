@@ -18,7 +18,7 @@ import torch
 from ..packing import PackedSequences, PackedVideos
 from .schedule import DenoiseFn
 
-__all__ = ["Experts"]
+__all__ = ["Experts", "split_by_expert"]
 
 
 class Experts:
@@ -74,17 +74,29 @@ class Experts:
         if tuple(step.shape) != (b,):
             raise ValueError(f"step must hold one timestep per video, shape ({b},), got {tuple(step.shape)}")
         which = [self.index(t) for t in step.tolist()]
-        if len(set(which)) == 1:
-            return self.experts[which[0]](x, timesteps, text)
-        from .cache import _select
+        return split_by_expert(which, x, timesteps, text, lambda k, xs, ts, txt, keep: (self.experts[k](xs, ts, txt),
+                                                                                         None))[0]
 
-        per_frame = timesteps.shape[0] != b
-        out = None
-        for k in sorted(set(which)):
-            keep = [i for i, e in enumerate(which) if e == k]
-            xs, ts, rows, frows, _ = _select(x, text, keep)
-            v = self.experts[k](xs, timesteps[frows] if per_frame else timesteps[keep], ts)
-            if out is None:
-                out = v.new_empty((x.tokens.shape[0], v.shape[1]))
-            out[rows] = v
-        return out
+
+def split_by_expert(which: Sequence[int], x: PackedVideos, timesteps: torch.Tensor, text: PackedSequences, run
+                    ) -> tuple[torch.Tensor, list]:
+    """Run each expert on its videos: ``which[i]`` is video ``i``'s expert; ``run(k, x_k, timesteps_k, text_k,
+    keep)`` denoises the sub-pack of videos ``keep`` with expert ``k`` and returns ``(velocity, extra)``. One call
+    on the whole pack when every video has one expert, else one per expert on a sub-pack, the velocities put
+    back in the pack's rows. Returns ``(velocity (N, D), [extra of each call])``."""
+    if len(set(which)) == 1:
+        v, extra = run(which[0], x, timesteps, text, list(range(len(which))))
+        return v, [extra]
+    from .cache import _select
+
+    per_frame = timesteps.shape[0] != x.num_sequences
+    out, extras = None, []
+    for k in sorted(set(which)):
+        keep = [i for i, e in enumerate(which) if e == k]
+        xs, ts, rows, frows, _ = _select(x, text, keep)
+        v, extra = run(k, xs, timesteps[frows] if per_frame else timesteps[keep], ts, keep)
+        if out is None:
+            out = v.new_empty((x.tokens.shape[0], v.shape[1]))
+        out[rows] = v
+        extras.append(extra)
+    return out, extras
