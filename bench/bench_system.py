@@ -1,6 +1,6 @@
 """System benchmarks measurable on a CPU, each reported as a ratio of two paths timed in one run.
 
-Six measurements, fp32, every one checked for correctness before it is timed (a row whose check fails
+Seven measurements, fp32, every one checked for correctness before it is timed (a row whose check fails
 is reported as failed and its timings are not written):
 
 1. ``packed``: VideoDiT forward+backward on a mixed-resolution batch (an image and two videos of
@@ -27,13 +27,17 @@ is reported as failed and its timings are not written):
    weights) for several output frame counts: peak live tensor storage during the call (counted
    deterministically by a dispatch-mode storage tracker), the working memory (peak minus the output),
    decode time, and the max relative difference.
+7. ``sdpa``: the per-call choice of the eager attention path (``sora_fast.reference.attention._attend``):
+   torch's fused CPU SDPA against the explicit math (scores, softmax, weighted values) on the demo's
+   self- and cross-attention shapes and longer sequences, forward (no grad) and forward + backward; the
+   outputs and gradients must match. Reports which of the two the eager path takes at this thread count.
 
 Timing: the two paths are interleaved in one process (CPU timings are only compared within a run),
 warm-up runs first, and the median of ``--reps`` repetitions is reported (``ratio_of_min``: the same
 ratio from each path's fastest repetition). Ratios are peer / sora_fast time (> 1: sora_fast's path is
 faster; for ``packed`` the padded baseline is the peer) and peer / sora_fast peak memory.
 
-    python bench/bench_system.py [--quick] [--threads 1] [--only packed,diffusers,mixed,train,cfg,vae] [--json P]
+    python bench/bench_system.py [--quick] [--threads 1] [--only packed,diffusers,mixed,train,cfg,vae,sdpa] [--json P]
 """
 from __future__ import annotations
 
@@ -54,7 +58,7 @@ from sora_fast.bench import args as cli
 from sora_fast.bench.report import versions, write_csv, write_json
 from sora_fast.bench.timing import time_interleaved
 
-SECTIONS = ("packed", "diffusers", "mixed", "train", "cfg", "vae")
+SECTIONS = ("packed", "diffusers", "mixed", "train", "cfg", "vae", "sdpa")
 TF, SF = 4, 8  # Wan VAE: 4x time, 8x space
 PATCH = (1, 2, 2)
 REL_TOL = 1e-4  # fp32 max|a - b| / max|b| for model outputs and gradients (fp32 rounding is ~1e-6)
@@ -68,7 +72,8 @@ def settings(quick: bool) -> dict:
                     videos=[(1, 64, 64), (5, 48, 80), (9, 48, 48)], text_len=8,
                     same_size=(5, 48, 48), batch=2, cfg_steps=1,
                     mixes=[[(1, 64, 64), (5, 48, 80), (5, 48, 80)], [(1, 32, 32), (5, 32, 48), (1, 32, 32)]],
-                    vae=dict(base_dim=8, hw=4, frames=(5, 9)), reps=1, warmup=0)
+                    vae=dict(base_dim=8, hw=4, frames=(5, 9)), reps=1, warmup=0,
+                sdpa=[(4, 2, 24, 24, 32), (4, 2, 24, 5, 32)])
     return dict(dit=dict(heads=4, head_dim=64, layers=2, ffn=1024, text_dim=64, in_ch=16),
                 videos=[(1, 256, 256), (17, 192, 320), (33, 192, 192)], text_len=16,
                 same_size=(9, 192, 192), batch=4, cfg_steps=1,
@@ -81,7 +86,11 @@ def settings(quick: bool) -> dict:
                         (9, 128, 128), (1, 128, 128)],
                        [(t, h, w) for t in (1, 9, 17) for h, w in ((64, 64), (64, 96), (96, 64))]
                        + [(17, 64, 96), (9, 96, 64), (17, 96, 64), (9, 64, 64), (17, 64, 64), (1, 64, 96)]],
-                vae=dict(base_dim=8, hw=8, frames=(9, 17, 33)), reps=7, warmup=1)
+                vae=dict(base_dim=8, hw=8, frames=(9, 17, 33)), reps=7, warmup=1,
+                # (batch, heads, Lq, Lk, head dim): the demo's self-attention (48 and 120 tokens) and cross-attention
+                # (7 text tokens), then the diffusers rows' 432 tokens and a longer sequence
+                sdpa=[(37, 4, 48, 48, 32), (9, 4, 120, 120, 32), (10, 4, 120, 7, 32), (4, 4, 432, 432, 64),
+                      (4, 4, 432, 16, 64), (1, 4, 1296, 1296, 64)])
 
 
 def latent_shape(thw) -> tuple[int, int, int]:
@@ -523,6 +532,44 @@ def bench_vae(s: dict, gen) -> list[dict]:
     return rows
 
 
+# --- 7. the eager attention's per-call kernel -----------------------------------------------------------------
+def bench_sdpa(s: dict, gen) -> list[dict]:
+    from sora_fast.reference import attention as R
+
+    def math(q, k, v):
+        return torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5), -1), v)
+
+    rows = []
+    for b, h, lq, lk, d in s["sdpa"]:
+        q = torch.randn(b, h, lq, d, generator=gen, requires_grad=True)
+        k, v = (torch.randn(b, h, lk, d, generator=gen, requires_grad=True) for _ in range(2))
+        dout = torch.randn(b, h, lq, d, generator=gen)
+        pick = "math" if R._math_pays(q, lq, lk) else "fused"
+        fused = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+        ref = (q.double() @ k.double().transpose(-1, -2) * d ** -0.5).softmax(-1) @ v.double()
+        gref = torch.autograd.grad(ref, (q, k, v), dout.double())
+        outs = {"fused": fused(), "math": math(q, k, v)}
+        grads = {n: torch.autograd.grad(o, (q, k, v), dout) for n, o in outs.items()}
+        err = max(rel_err(o, ref) for o in outs.values())
+        gerr = max(rel_err(g, w) for gs in grads.values() for g, w in zip(gs, gref))
+        passed = err <= REL_TOL and gerr <= REL_TOL
+        for mode in ("forward", "forward+backward"):
+            row = dict(section="sdpa", case=f"{mode}, Lq {lq} x Lk {lk}, d {d}", model=f"{b} x {h} heads",
+                       shapes=f"q ({b}, {h}, {lq}, {d}), k/v ({b}, {h}, {lk}, {d})", eager_choice=pick,
+                       max_rel_err_out=err, max_rel_err_grad=gerr, passed=passed)
+            if passed:
+                if mode == "forward":
+                    with torch.no_grad():
+                        ts = time_interleaved({"fused": fused, "math": lambda: math(q, k, v)}, s["reps"], s["warmup"])
+                else:
+                    ts = time_interleaved({"fused": lambda: fused().backward(dout),
+                                           "math": lambda: math(q, k, v).backward(dout)}, s["reps"], s["warmup"])
+                row.update(ms_fused=1e3 * ts["fused"], ms_math=1e3 * ts["math"], ratio=ts["fused"] / ts["math"],
+                           ratio_of_min=ts["min:fused"] / ts["min:math"])
+            rows.append(row)
+    return rows
+
+
 # --- output --------------------------------------------------------------------------------------------
 def _fmt(v) -> str:
     if isinstance(v, bool):
@@ -545,6 +592,8 @@ TABLE = {  # section -> columns shown on stdout (all fields go to JSON/CSV)
             "max_rel_err_out", "passed"],
     "vae": ["case", "peak_mib_ours", "peak_mib_diffusers", "mem_ratio", "work_mib_ours", "work_mib_diffusers",
             "ms_ours", "ms_diffusers", "ratio", "ratio_of_min", "max_rel_err_out", "passed"],
+    "sdpa": ["case", "eager_choice", "ms_fused", "ms_math", "ratio", "ratio_of_min", "max_rel_err_out",
+             "max_rel_err_grad", "passed"],
 }
 RATIO_MEANING = {  # ratio_of_min: the same ratio from each provider's fastest repetition
     "packed": "ratio = padded time / packed time (useful tokens/s gain of packing)",
@@ -552,7 +601,8 @@ RATIO_MEANING = {  # ratio_of_min: the same ratio from each provider's fastest r
                  "mixed": "ratio = diffusers time (one forward per size) / VideoDiT time (one packed forward)",
                  "train": "ratio = diffusers step time / VideoDiT step time (forward, backward, fused AdamW)",
                  "cfg": "ratio = two-forward time / packed-CFG time per step",
-                 "vae": "mem_ratio = diffusers peak / ours; ratio = diffusers time / ours"}
+                 "vae": "mem_ratio = diffusers peak / ours; ratio = diffusers time / ours",
+                 "sdpa": "ratio = fused SDPA time / explicit math time (> 1: the math is faster)"}
 
 
 def print_table(section: str, rows: list[dict]) -> None:
@@ -626,6 +676,8 @@ def run(args, argv, only, s) -> int:
             rows = bench_train(s, wan, dit, gen)
         elif section == "cfg":
             rows = bench_cfg(s, dit, gen)
+        elif section == "sdpa":
+            rows = bench_sdpa(s, gen)
         else:
             rows = bench_vae(s, gen)
         for r in rows:

@@ -459,16 +459,22 @@ def test_fp32_grads_match_sdpa_loop(case):
         assert torch.isfinite(g).all()
 
 
+@pytest.mark.parametrize("kernel", ["fused", "math"])
 @pytest.mark.parametrize("layout", ["runs", "padded"])
 @pytest.mark.parametrize("case", ["self", "window", "rope", "cross", "window+rope"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_eager_path_matches_sdpa_loop(case, dtype, layout, monkeypatch):
+def test_eager_path_matches_sdpa_loop(case, dtype, layout, kernel, monkeypatch):
     """Without ``return_lse`` the eager torch path runs torch's SDPA one call per run of equal-length
     sequences, or pads every sequence into one masked batch (each forced here through the rule's constant),
-    or, with a window, frame block by frame block; its values and gradients must equal the per-sequence
-    loop, including empty queries, empty keys and 1-token videos."""
+    or, with a window, frame block by frame block; each call on the fused kernel or on the explicit math
+    (forced through its rule's constants, whatever the thread count); its values and gradients must equal
+    the per-sequence loop, including empty queries, empty keys and 1-token videos."""
     from sora_fast.reference import attention as R
     monkeypatch.setattr(R, "_CALL_WORK", -1 if layout == "runs" else 2 ** 62)
+    monkeypatch.setattr(R, "_MATH_MAX_SCORES", -1 if kernel == "fused" else 2 ** 62)
+    monkeypatch.setattr(R, "_MATH_MIN_THREADS", 1)
+    chosen, math_pays = [], R._math_pays
+    monkeypatch.setattr(R, "_math_pays", lambda *a: chosen.append(math_pays(*a)) or chosen[-1])
     kw, masks, lens_k, rope = {}, None, None, None
     if "window" in case or "rope" in case:
         grids = shuffled([(3, 5, 7), (1, 4, 3), (0, 2, 2), (1, 1, 1), (2, 1, 6), (6, 2, 2)])
@@ -496,6 +502,7 @@ def test_eager_path_matches_sdpa_loop(case, dtype, layout, monkeypatch):
     ref = sdpa_loop(qr, kr, v64, lens, lens_k, masks=masks)
     want = torch.autograd.grad(ref, [q64, k64, v64], dout.double())
     assert out.dtype == dtype
+    assert chosen and set(chosen) == {kernel == "math"}
     assert_close(out, ref, dtype, msg=f"out ({case})")
     for name, g, w in zip("qkv", got, want):
         assert torch.isfinite(g).all(), f"d{name} ({case}) has non-finite values"
@@ -816,3 +823,16 @@ def test_unsupported_head_dim_on_triton_is_clear(backend):
 def test_infinite_scale_is_rejected():
     with pytest.raises(ValueError, match=r"scale must be a positive number, got inf"):
         _call(scale=float("inf"))
+
+
+def test_explicit_math_only_for_short_sequences_on_several_threads(monkeypatch):
+    """The eager path leaves torch's fused SDPA for the explicit math only on the CPU, with at least two threads,
+    for calls of at most 128 x 128 scores per head (the measured rule); the thread count is read per call."""
+    from sora_fast.reference import attention as R
+    q = torch.zeros(1)
+    monkeypatch.setattr(R.torch, "get_num_threads", lambda: 2)
+    assert R._math_pays(q, 128, 128) and R._math_pays(q, 1152, 7) and R._math_pays(q, 1, 1)
+    assert not R._math_pays(q, 129, 128) and not R._math_pays(q, 432, 432)
+    monkeypatch.setattr(R.torch, "get_num_threads", lambda: 1)
+    assert not R._math_pays(q, 16, 16)
+    assert not R._math_pays(torch.zeros(1, device="meta"), 16, 16)

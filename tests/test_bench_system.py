@@ -1,5 +1,5 @@
 """The system benchmark (``bench/bench_system.py --quick``) runs in-process, every row passes its
-correctness check, and the JSON/CSV hold the six sections with positive finite ratios."""
+correctness check, and the JSON/CSV hold the seven sections with positive finite ratios."""
 import csv
 import json
 import math
@@ -8,7 +8,7 @@ import torch
 
 from bench import bench_system as bench
 
-SECTIONS = ("packed", "diffusers", "mixed", "train", "cfg", "vae")
+SECTIONS = ("packed", "diffusers", "mixed", "train", "cfg", "vae", "sdpa")
 
 
 def test_bench_system_quick(tmp_path, capsys):
@@ -37,6 +37,9 @@ def test_bench_system_quick(tmp_path, capsys):
     assert [r["diffusers_forwards"] for r in mixed] == [2, 2]     # one diffusers forward per size
     assert [r["diffusers_forwards"] for r in train] == [1, 2, 2]  # same-size batch, then the mixed ones
     assert all(r["max_rel_err_grad"] <= bench.REL_TOL and r["max_rel_err_loss"] <= bench.REL_TOL for r in train)
+    sdpa = result["sdpa"]
+    assert [r["case"].split(",")[0] for r in sdpa] == ["forward", "forward+backward"] * 2
+    assert {r["eager_choice"] for r in sdpa} == {"fused"}   # one thread: the eager path keeps torch's fused SDPA
     with cs.open() as f:
         assert len(list(csv.DictReader(f))) == len(rows)
 

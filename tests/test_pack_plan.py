@@ -170,13 +170,13 @@ def test_windowed_attention_skips_frames_and_equals_the_reference(window, monkey
     grid = torch.tensor(grids, dtype=torch.int32)
     coords = random_coords(grids)
     pairs = []
-    real = R.F.scaled_dot_product_attention
+    real = R._attend
 
-    def spy(q, k, v, **kw):
+    def spy(q, k, v, *args):     # every attention call, on the fused kernel or the explicit math
         pairs.append(q.shape[0] * q.shape[2] * k.shape[2])                 # batch x query rows x keys each sees
-        return real(q, k, v, **kw)
+        return real(q, k, v, *args)
 
-    monkeypatch.setattr(R.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(R, "_attend", spy)
     q, k, v = rand_qkv(sum(lens), sum(lens), 2, 12, dtype=torch.float64, requires_grad=True)
     out = ops.spacetime_attention(q, k, v, cu(lens), window=window, grid=grid, rope_coords=coords, backend="torch")
     assert sum(pairs) == window_pairs(grids, window[0])
@@ -212,7 +212,8 @@ def test_windowed_dit_forward_equals_the_reference_attention(monkeypatch):
 
 
 def test_one_sdpa_call_per_run_of_equal_lengths(monkeypatch):
-    calls = count_calls(monkeypatch, R.F, "scaled_dot_product_attention")
+    """One attention call (fused kernel or explicit math) per run of equal-length sequences."""
+    calls = count_calls(monkeypatch, R, "_attend")
     lens = [64, 64, 64, 200, 200, 64]
     assert R._runs(lens, lens) == [(3, 64, 64), (2, 200, 200), (1, 64, 64)]
     assert not R._padding_pays(cu(lens), None, 4, 64)

@@ -102,6 +102,14 @@ def spacetime_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, scale=N
 # padding adds less work than the calls it saves, never past a memory cap (padded scores over all heads).
 _CALL_WORK = 2 ** 18
 _PAD_MAX_ELEMS = 1 << 28
+# The fused CPU kernel does not gain from a second thread on short sequences (its per-call setup and query
+# blocks dominate); there the explicit math (scores, softmax, weighted values: three parallel ops) is faster.
+# Measured with torch 2.13 on 2 CPU threads, fp32, head dims 32-128: forward + backward 1.3-2.5x and forward
+# 1.1-1.6x faster at Lq x Lk <= 128 x 128; at 1 thread, and for longer sequences, the fused kernel is as fast
+# or faster (bench/README.md). The scores of one call (B x H x Lq x Lk) then live in memory, at most 2**14
+# elements per head.
+_MATH_MAX_SCORES = 128 * 128
+_MATH_MIN_THREADS = 2
 
 
 def _runs(lq: Sequence[int], lk: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -132,6 +140,26 @@ def _padding_pays(cu_seqlens_q, cu_seqlens_k, heads: int, head_dim: int = 64) ->
     return _pad_choice(lq, lk, heads, head_dim)
 
 
+def _math_pays(q: torch.Tensor, lq: int, lk: int) -> bool:
+    """Whether :func:`_attend` takes the explicit math for one call of ``lq`` queries and ``lk`` keys (the rule
+    above; CPU only, never under torch.compile, which fuses on its own)."""
+    return (q.device.type == "cpu" and lq * lk <= _MATH_MAX_SCORES and not torch.compiler.is_compiling()
+            and torch.get_num_threads() >= _MATH_MIN_THREADS)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: Optional[torch.Tensor] = None
+            ) -> torch.Tensor:
+    """``(B, H, Lq, D)``, ``(B, H, Lk, D)``, ``(B, H, Lk, Dv)`` -> ``(B, H, Lq, Dv)``: softmax attention with an
+    optional additive float or keep-where-True bool ``mask`` broadcast over the scores, on torch's fused SDPA
+    or, where :func:`_math_pays`, as the explicit math in the inputs' dtype. Every query must see a key."""
+    if not _math_pays(q, q.shape[-2], k.shape[-2]):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)                     # (B, H, Lq, Lk), a fresh tensor
+    if mask is not None:
+        s = s.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else s.add_(mask)
+    return torch.matmul(torch.softmax(s, dim=-1), v)
+
+
 def _heads_first(x: torch.Tensor, batch: int, length: int) -> torch.Tensor:
     """``(batch * length, H, D)`` rows -> a ``(batch, H, length, D)`` view."""
     return x.view(batch, length, *x.shape[1:]).transpose(1, 2)
@@ -152,8 +180,7 @@ def _sdpa_runs(q, k, v, runs, scale) -> list[torch.Tensor]:
         if b == 0:                                   # no keys: zeros (the reference's convention)
             outs.append(q.new_zeros(c * a, heads, dv))
             continue
-        o = F.scaled_dot_product_attention(_heads_first(qi, c, a), _heads_first(ki, c, b), _heads_first(vi, c, b),
-                                           scale=scale)                   # (c, H, Lq, Dv)
+        o = _attend(_heads_first(qi, c, a), _heads_first(ki, c, b), _heads_first(vi, c, b), scale)  # (c, H, Lq, Dv)
         outs.append(o.transpose(1, 2).reshape(c * a, heads, dv))
     return outs
 
@@ -178,8 +205,7 @@ def _sdpa_padded(q, k, v, lq, lk, scale, plan: PackPlan) -> torch.Tensor:
     def pad(x, idx, length):
         return _heads_first(x.new_zeros(b * length, *x.shape[1:]).index_copy_(0, idx, x), b, length)
 
-    o = F.scaled_dot_product_attention(pad(q, rows_q, mq), pad(k, rows_k, mk), pad(v, rows_k, mk), attn_mask=mask,
-                                       scale=scale)                       # (B, H, Lq, Dv)
+    o = _attend(pad(q, rows_q, mq), pad(k, rows_k, mk), pad(v, rows_k, mk), scale, mask)  # (B, H, Lq, Dv)
     return o.transpose(1, 2).reshape(b * mq, q.shape[1], v.shape[2]).index_select(0, rows_q)
 
 
@@ -210,8 +236,7 @@ def _sdpa_windowed(q, k, v, window, scale, plan: PackPlan) -> torch.Tensor:
         def attend(qf, kf, vf):
             """qf ``(n, Lq, H, D)``, kf / vf ``(n, Lk, H, D)`` (whole frames) -> ``(n*Lq, H, Dv)``."""
             m = None if sp is None else sp.repeat(qf.shape[1] // p, kf.shape[1] // p)   # (Lq, Lk) tiled
-            o = F.scaled_dot_product_attention(qf.transpose(1, 2), kf.transpose(1, 2), vf.transpose(1, 2),
-                                               attn_mask=m, scale=scale)
+            o = _attend(qf.transpose(1, 2), kf.transpose(1, 2), vf.transpose(1, 2), scale, m)
             return o.transpose(1, 2).reshape(-1, heads, dv)
 
         def frames(x, f0, f1):                       # frames f0 .. f1-1 as one (1, (f1-f0)*P, H, D) view
