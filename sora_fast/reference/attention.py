@@ -105,9 +105,9 @@ _PAD_MAX_ELEMS = 1 << 28
 # The fused CPU kernel does not gain from a second thread on short sequences (its per-call setup and query
 # blocks dominate); there the explicit math (scores, softmax, weighted values: three parallel ops) is faster.
 # Measured with torch 2.13 on 2 CPU threads, fp32, head dims 32-128: forward + backward 1.3-2.5x and forward
-# 1.1-1.6x faster at Lq x Lk <= 128 x 128; at 1 thread, and for longer sequences, the fused kernel is as fast
-# or faster (`bench/bench_system.py --only sdpa`; docs/benchmarks.md). The scores of one call (B x H x Lq x Lk) then live in memory, at most 2**14
-# elements per head.
+# 1.1-1.9x faster at Lq x Lk <= 128 x 128; at 1 thread, and for longer sequences, the fused kernel is as fast
+# or faster (`bench/bench_system.py --only sdpa`; docs/benchmarks.md). The scores of one call
+# (B x H x Lq x Lk) then live in memory, at most 2**14 elements per head.
 _MATH_MAX_SCORES = 128 * 128
 _MATH_MIN_THREADS = 2
 
