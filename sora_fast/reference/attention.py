@@ -154,6 +154,12 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mas
     or, where :func:`_math_pays`, as the explicit math in the inputs' dtype. Every query must see a key."""
     if not _math_pays(q, q.shape[-2], k.shape[-2]):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return _attention_math(q, k, v, scale, mask)
+
+
+def _attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                    mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`_attend`'s explicit math: scaled scores, mask, softmax, weighted values, in the inputs' dtype."""
     s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)                     # (B, H, Lq, Lk), a fresh tensor
     if mask is not None:
         s = s.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else s.add_(mask)
