@@ -42,13 +42,41 @@ def test_strength_one_is_plain_generation_bit_for_bit(tiny_pipeline):
 def test_strength_runs_only_the_remaining_steps_and_moves_towards_the_input(tiny_pipeline):
     pipe, _ = tiny_pipeline
     v = _video((5, 16, 16), seed=3)
-    round_trip = pipe.generate(["x"], init_videos=[v], strength=0.0, steps=10)[0]
-    dist = []
     for st, n in [(0.2, 2), (0.55, 6), (1.0, 10)]:
-        out = pipe.generate(["x"], init_videos=[v], strength=st, steps=10, guidance=2.0, seed=5)[0]
+        pipe.generate(["x"], init_videos=[v], strength=st, steps=10, guidance=2.0, seed=5)
         assert len(pipe.last_timings["steps"]) == n
-        dist.append(float((out - round_trip).abs().mean()))
-    assert dist[0] < dist[1] < dist[2]                         # a lower strength keeps more of the input
+
+
+@pytest.mark.parametrize("solver", ["euler", "unipc"])
+def test_strength_starts_from_the_noised_input(tiny_pipeline, solver):
+    """With a DiT that predicts zero velocity every solver stands still, so the latents that reach the
+    decoder are the start point ``(1 − σ0)·x0 + σ0·ε``, ``σ0 = s·strength / (1 + (s − 1)·strength)``,
+    recomputed here from the VAE and the seed. A lower strength keeps more of the input: the distance to
+    ``x0`` is ``σ0·|ε − x0|``, increasing with the strength."""
+    pipe, _ = tiny_pipeline
+    v, shift, seed = _video((5, 16, 16), seed=3), 3.0, 5
+    with torch.no_grad():
+        x0 = pipe.vae.normalize_latents(pipe.vae.encode(v[None]))[0]
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    timesteps, decoded = [], []
+    pipe.dit.forward = lambda x, t, text: timesteps.append(t.clone()) or x.tokens.new_zeros(
+        x.tokens.shape[0], pipe.dit.config.out_channels * int(torch.tensor(pipe.dit.config.patch).prod()))
+    decode = pipe.vae.decode
+    pipe.vae.decode = lambda z: decoded.append(z.clone()) or decode(z)
+    dist = []
+    for st in (0.2, 0.55, 0.9):
+        timesteps.clear()
+        decoded.clear()
+        pipe.generate(["x"], init_videos=[v], strength=st, steps=10, guidance=2.0, seed=seed, shift=shift,
+                      solver=solver)
+        sigma0 = shift * st / (1 + (shift - 1) * st)
+        start = (1 - sigma0) * x0 + sigma0 * eps
+        (z,) = decoded
+        torch.testing.assert_close(pipe.vae.normalize_latents(z)[0], start, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(timesteps[0].double(), torch.full_like(timesteps[0].double(), 1000 * sigma0),
+                                   atol=1e-3, rtol=0)
+        dist.append(float((start - x0).abs().mean()))
+    assert dist[0] < dist[1] < dist[2]
 
 
 def test_packed_mix_of_edited_and_plain_prompts_equals_each_alone(tiny_pipeline):
