@@ -35,6 +35,7 @@ from ..ops._dispatch import resolve_family_backends
 from ..packing import PackedSequences, PackedVideos, frame_ids, pack_sequences, pack_videos, segment_mean
 from ..reference._order import DEFAULT_TILE, check_order, check_tile
 from ._convert import load_converted
+from .activations import GELUTanh
 
 # convert_wan_transformer_state_dict: from models.convert, on first use (module __getattr__ below)
 __all__ = ["DiTConfig", "VideoDiT", "PRESETS", "timestep_embedding", "convert_wan_transformer_state_dict"]  # noqa: F822
@@ -234,7 +235,7 @@ class DiTBlock(nn.Module):
         self.attn1 = Attention(cfg.dim, cfg.num_heads, cfg.eps)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.eps) if cfg.cross_attn_norm else None
         self.attn2 = Attention(cfg.dim, cfg.num_heads, cfg.eps)
-        self.ffn = _mlp(cfg.dim, cfg.ffn_dim, cfg.dim, nn.GELU(approximate="tanh"))
+        self.ffn = _mlp(cfg.dim, cfg.ffn_dim, cfg.dim, GELUTanh())
         self.scale_shift_table = nn.Parameter(torch.randn(6, cfg.dim) / cfg.dim**0.5)
 
     def modulation(self, t6: torch.Tensor) -> torch.Tensor:
@@ -281,7 +282,7 @@ class VideoDiT(nn.Module):
         self.config, self.backend, self.checkpointing = config, backend, checkpointing
         c, d = config, config.dim
         self.patch_embed = nn.Linear(c.in_channels * c.patch_volume, d)        # == Conv3d(kernel=stride=patch)
-        self.text_embed = _mlp(c.text_dim, d, d, nn.GELU(approximate="tanh"))
+        self.text_embed = _mlp(c.text_dim, d, d, GELUTanh())
         self.time_embed = _mlp(c.freq_dim, d, d, nn.SiLU())
         self.time_proj = nn.Linear(d, 6 * d)
         self.text_pool = nn.Linear(d, d) if c.pooled_text else None            # pooled text -> adaLN

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..ops import spacetime_attention
 from ..packing import PackedSequences, pack_sequences
+from .activations import GELUTanh
 
 __all__ = ["TextEncoder", "TinyTextConfig", "TinyTextEncoder", "T5TextEncoder", "load_text_encoder"]
 
@@ -84,7 +85,7 @@ class _Block(nn.Module):
         self.heads = heads
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), GELUTanh(), nn.Linear(4 * dim, dim))
 
     def forward(self, x: torch.Tensor, cu: torch.Tensor, max_len: int) -> torch.Tensor:
         n, d = x.shape

@@ -51,7 +51,8 @@ TORCH_PATHS = {
                  "sequences (one padded call only for many small runs), local windows by frame blocks; RoPE from a "
                  "table made once per latent grid and reused by every layer and step",
     "adaln": "torch's fused LayerNorm/RMSNorm; modulation tables broadcast over each element's tokens (no per-token "
-             "copy), gated adds in place, no zero/one tables; the block's FFN in L2-sized row chunks",
+             "copy), gated adds in place, no zero/one tables; the block's FFN in L2-sized row chunks, its tanh "
+             "GELU as x·sigmoid(2u) (torch's CPU sigmoid is faster than its tanh)",
     "causal_conv3d": "oneDNN conv3d (torch's own CPU heuristic skips it at batch 1)",
     "channel_rms_norm_silu": "channel RMS norm and SiLU in plain torch",
 }

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ... import ops
+from ...models.activations import gelu_tanh
 from ...models.dit import feed_forward
 from ...reference._plan import PackPlan
 from .attention import _offsets, packed_attention
@@ -189,6 +190,17 @@ def _ffn_hidden(ffn: nn.Module) -> Optional[int]:
     return proj.out_features if isinstance(proj, nn.Linear) else None
 
 
+def _ffn_rows(ffn: nn.Module):
+    """diffusers' ``FeedForward`` as a function of rows, its tanh GELU through :func:`gelu_tanh` (the same
+    function, faster on a CPU); any other FFN as it is."""
+    net = getattr(ffn, "net", None)
+    act = net[0] if isinstance(net, nn.ModuleList) and len(net) == 3 else None
+    if (type(act).__name__ != "GELU" or getattr(act, "approximate", None) != "tanh"
+            or not isinstance(getattr(act, "proj", None), nn.Module)):
+        return ffn
+    return lambda rows: net[2](net[1](gelu_tanh(act.proj(rows))))
+
+
 class _WanBlockForward:
     """``WanTransformerBlock.forward`` with its norm/modulate/gate/residual chain on sora_fast ops.
 
@@ -220,7 +232,7 @@ class _WanBlockForward:
         c = block.attn2(y.view(b, s, d), encoder_hidden_states, None, None).reshape(n, d)  # (N, D)
         h, y = ops.gated_residual_adaln(h, c, None, shift2, scale2, ids, eps=block.norm3.eps,
                                         backend=backend)                                # h + c, LN(h)*(1+s2)+sh2
-        f = feed_forward(block.ffn, y, _ffn_hidden(block.ffn))                         # (N, D)
+        f = feed_forward(_ffn_rows(block.ffn), y, _ffn_hidden(block.ffn))                         # (N, D)
         if next_block is not None and not torch.is_grad_enabled():
             (nshift, nscale), _ = _wan_tables(next_block, temb, n, count=2)
             h, y_next = ops.gated_residual_adaln(h, f, gate2, nshift, nscale, ids, eps=next_block.norm1.eps,
