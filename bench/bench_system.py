@@ -31,13 +31,18 @@ is reported as failed and its timings are not written):
    torch's fused CPU SDPA against the explicit math (scores, softmax, weighted values) on the demo's
    self- and cross-attention shapes and longer sequences, forward (no grad) and forward + backward; the
    outputs and gradients must match. Reports which of the two the eager path takes at this thread count.
+8. ``gelu``: the FFN's tanh GELU, torch's ``F.gelu(approximate="tanh")`` against
+   :func:`sora_fast.models.activations.gelu_tanh` (the same function through ``sigmoid``) at the FFN shapes of
+   the demo and of the rows above, forward (no grad) and forward + backward. Checked first against fp64: our
+   error at most twice torch's own fp32 error plus 1e-6, values and gradients. Reports GB/s of the forward
+   (one read, one write).
 
 Timing: the two paths are interleaved in one process (CPU timings are only compared within a run),
 warm-up runs first, and the median of ``--reps`` repetitions is reported (``ratio_of_min``: the same
 ratio from each path's fastest repetition). Ratios are peer / sora_fast time (> 1: sora_fast's path is
 faster; for ``packed`` the padded baseline is the peer) and peer / sora_fast peak memory.
 
-    python bench/bench_system.py [--quick] [--threads 1] [--only packed,diffusers,mixed,train,cfg,vae,sdpa] [--json P]
+    python bench/bench_system.py [--quick] [--threads 1] [--only packed,...,sdpa,gelu] [--json P]
 """
 from __future__ import annotations
 
@@ -58,7 +63,7 @@ from sora_fast.bench import args as cli
 from sora_fast.bench.report import versions, write_csv, write_json
 from sora_fast.bench.timing import time_interleaved
 
-SECTIONS = ("packed", "diffusers", "mixed", "train", "cfg", "vae", "sdpa")
+SECTIONS = ("packed", "diffusers", "mixed", "train", "cfg", "vae", "sdpa", "gelu")
 TF, SF = 4, 8  # Wan VAE: 4x time, 8x space
 PATCH = (1, 2, 2)
 REL_TOL = 1e-4  # fp32 max|a - b| / max|b| for model outputs and gradients (fp32 rounding is ~1e-6)
@@ -73,7 +78,7 @@ def settings(quick: bool) -> dict:
                     same_size=(5, 48, 48), batch=2, cfg_steps=1,
                     mixes=[[(1, 64, 64), (5, 48, 80), (5, 48, 80)], [(1, 32, 32), (5, 32, 48), (1, 32, 32)]],
                     vae=dict(base_dim=8, hw=4, frames=(5, 9)), reps=1, warmup=0,
-                    sdpa=[(4, 2, 24, 24, 32), (4, 2, 24, 5, 32)])
+                    sdpa=[(4, 2, 24, 24, 32), (4, 2, 24, 5, 32)], gelu=[(64, 256)])
     return dict(dit=dict(heads=4, head_dim=64, layers=2, ffn=1024, text_dim=64, in_ch=16),
                 videos=[(1, 256, 256), (17, 192, 320), (33, 192, 192)], text_len=16,
                 same_size=(9, 192, 192), batch=4, cfg_steps=1,
@@ -90,7 +95,10 @@ def settings(quick: bool) -> dict:
                 # (batch, heads, Lq, Lk, head dim): the demo's self-attention (48 and 120 tokens) and cross-attention
                 # (7 text tokens), then the diffusers rows' 432 tokens and a longer sequence
                 sdpa=[(37, 4, 48, 48, 32), (9, 4, 120, 120, 32), (10, 4, 120, 7, 32), (4, 4, 432, 432, 64),
-                      (4, 4, 432, 16, 64), (1, 4, 1296, 1296, 64)])
+                      (4, 4, 432, 16, 64), (1, 4, 1296, 1296, 64)],
+                # (rows, hidden) of the FFN activation: the demo's batch (1,152 tokens, ffn 384), one and four
+                # 9x192x192 videos of the rows above (ffn 1024)
+                gelu=[(1152, 384), (432, 1024), (1728, 1024)])
 
 
 def latent_shape(thw) -> tuple[int, int, int]:
@@ -570,6 +578,48 @@ def bench_sdpa(s: dict, gen) -> list[dict]:
     return rows
 
 
+# --- 8. the FFN's tanh GELU ------------------------------------------------------------------------------------
+def bench_gelu(s: dict, gen) -> list[dict]:
+    from sora_fast.models.activations import gelu_tanh
+
+    def torch_gelu(x):
+        return F.gelu(x, approximate="tanh")
+
+    rows = []
+    for n, hidden in s["gelu"]:
+        x = (torch.randn(n, hidden, generator=gen) * 3).requires_grad_(True)
+        dout = torch.randn(n, hidden, generator=gen)
+        xd = x.detach().double().requires_grad_(True)
+        ref = torch_gelu(xd)
+        (gref,) = torch.autograd.grad(ref, xd, dout.double())
+        errs, gerrs = {}, {}
+        for name, fn in (("torch", torch_gelu), ("ours", gelu_tanh)):
+            out = fn(x)
+            (g,) = torch.autograd.grad(out, x, dout)
+            errs[name] = float((out.double() - ref).abs().max())
+            gerrs[name] = float((g.double() - gref).abs().max())
+        passed = errs["ours"] <= 2 * errs["torch"] + 1e-6 and gerrs["ours"] <= 2 * gerrs["torch"] + 1e-6
+        for mode in ("forward", "forward+backward"):
+            row = dict(section="gelu", case=f"{mode}, {n} x {hidden}", model="tanh GELU, fp32",
+                       shapes=f"x ({n}, {hidden})", max_abs_err_ours=errs["ours"], max_abs_err_torch=errs["torch"],
+                       max_abs_err_grad_ours=gerrs["ours"], max_abs_err_grad_torch=gerrs["torch"],
+                       max_rel_err_out=errs["ours"] / float(ref.abs().max()), passed=passed)
+            if passed:
+                if mode == "forward":
+                    with torch.no_grad():
+                        ts = time_interleaved({"torch": lambda: torch_gelu(x), "ours": lambda: gelu_tanh(x)},
+                                              s["reps"], s["warmup"])
+                else:
+                    ts = time_interleaved({"torch": lambda: torch_gelu(x).backward(dout),
+                                           "ours": lambda: gelu_tanh(x).backward(dout)}, s["reps"], s["warmup"])
+                row.update(ms_torch=1e3 * ts["torch"], ms_ours=1e3 * ts["ours"], ratio=ts["torch"] / ts["ours"],
+                           ratio_of_min=ts["min:torch"] / ts["min:ours"])
+                if mode == "forward":
+                    row["gbs_ours"] = 2 * x.numel() * x.element_size() / ts["ours"] / 1e9
+            rows.append(row)
+    return rows
+
+
 # --- output --------------------------------------------------------------------------------------------
 def _fmt(v) -> str:
     if isinstance(v, bool):
@@ -594,6 +644,8 @@ TABLE = {  # section -> columns shown on stdout (all fields go to JSON/CSV)
             "ms_ours", "ms_diffusers", "ratio", "ratio_of_min", "max_rel_err_out", "passed"],
     "sdpa": ["case", "eager_choice", "ms_fused", "ms_math", "ratio", "ratio_of_min", "max_rel_err_out",
              "max_rel_err_grad", "passed"],
+    "gelu": ["case", "ms_torch", "ms_ours", "ratio", "ratio_of_min", "gbs_ours", "max_abs_err_torch",
+             "max_abs_err_ours", "passed"],
 }
 RATIO_MEANING = {  # ratio_of_min: the same ratio from each provider's fastest repetition
     "packed": "ratio = padded time / packed time (useful tokens/s gain of packing)",
@@ -602,7 +654,8 @@ RATIO_MEANING = {  # ratio_of_min: the same ratio from each provider's fastest r
                  "train": "ratio = diffusers step time / VideoDiT step time (forward, backward, fused AdamW)",
                  "cfg": "ratio = two-forward time / packed-CFG time per step",
                  "vae": "mem_ratio = diffusers peak / ours; ratio = diffusers time / ours",
-                 "sdpa": "ratio = fused SDPA time / explicit math time (> 1: the math is faster)"}
+                 "sdpa": "ratio = fused SDPA time / explicit math time (> 1: the math is faster)",
+                 "gelu": "ratio = torch's tanh GELU time / gelu_tanh time"}
 
 
 def print_table(section: str, rows: list[dict]) -> None:
@@ -678,6 +731,8 @@ def run(args, argv, only, s) -> int:
             rows = bench_cfg(s, dit, gen)
         elif section == "sdpa":
             rows = bench_sdpa(s, gen)
+        elif section == "gelu":
+            rows = bench_gelu(s, gen)
         else:
             rows = bench_vae(s, gen)
         for r in rows:

@@ -1,5 +1,5 @@
 """The system benchmark (``bench/bench_system.py --quick``) runs in-process, every row passes its
-correctness check, and the JSON/CSV hold the seven sections with positive finite ratios."""
+correctness check, and the JSON/CSV hold the eight sections with positive finite ratios."""
 import csv
 import json
 import math
@@ -8,7 +8,7 @@ import torch
 
 from bench import bench_system as bench
 
-SECTIONS = ("packed", "diffusers", "mixed", "train", "cfg", "vae", "sdpa")
+SECTIONS = ("packed", "diffusers", "mixed", "train", "cfg", "vae", "sdpa", "gelu")
 
 
 def test_bench_system_quick(tmp_path, capsys):
@@ -40,6 +40,9 @@ def test_bench_system_quick(tmp_path, capsys):
     sdpa = result["sdpa"]
     assert [r["case"].split(",")[0] for r in sdpa] == ["forward", "forward+backward"] * 2
     assert {r["eager_choice"] for r in sdpa} == {"fused"}   # one thread: the eager path keeps torch's fused SDPA
+    gelu = result["gelu"]
+    assert [r["case"].split(",")[0] for r in gelu] == ["forward", "forward+backward"]
+    assert all(r["max_abs_err_ours"] <= 2 * r["max_abs_err_torch"] + 1e-6 for r in gelu)
     with cs.open() as f:
         assert len(list(csv.DictReader(f))) == len(rows)
 
