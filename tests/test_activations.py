@@ -16,7 +16,7 @@ def seeded_generator():
     return torch.Generator().manual_seed(int(torch.randint(2**31, (1,))))
 
 
-SHAPES = [(1,), (17, 769), (113, 3, 5), (0, 64)]
+SHAPES = [(1,), (17, 769), (113, 3, 5), (0, 64), (513, 1031)]   # the last: blocks of 1 MiB and a remainder
 
 
 def _input(shape, gen, dtype=torch.float32, scale=3.0):
@@ -53,7 +53,7 @@ def test_fp32_values_and_gradient_against_fp64(shape, strided):
 
 def test_fp64_against_the_tanh_form():
     gen = seeded_generator()
-    x = _input((4096,), gen, torch.float64).requires_grad_(True)
+    x = _input((300, 1001), gen, torch.float64).requires_grad_(True)         # 3 blocks of 1 MiB
     xd, yd = _ref(x)
     torch.testing.assert_close(gelu_tanh(x), yd, atol=1e-13, rtol=1e-12)
     (gx,) = torch.autograd.grad(gelu_tanh(x).sum(), x)
