@@ -380,7 +380,9 @@ def sample_spec(rng: Union[int, np.random.Generator], *, sizes: Sequence[tuple[i
         s0 = rng.uniform(lo, hi - travel)
         start[k] = s0 if direction in ("right", "down") else s0 + travel
     occluder, oc, ow = False, 0.0, 0.0
-    can_occlude = bounce or travel >= size
+    # a bounce travels its speed's distance too (back and forth): a bar across a path shorter than the object
+    # would hide the same part of it in every frame, and its centroid, biased to the visible part, barely moves
+    can_occlude = (SPEEDS[speed] * side * (t - 1) if bounce else travel) >= size
     if can_occlude and rng.random() < occluder_prob:
         occluder, ow = True, max(2.0, round(0.4 * size))
         if bounce:
