@@ -24,9 +24,9 @@ from sora_fast.eval.conditioning import _media
 SIZES = [(9, 32, 32), (9, 32, 48), (9, 48, 32)]
 
 
-@pytest.fixture(scope="module")
-def clips():
-    specs = held_out_specs(12, SIZES, seed=int(np.random.default_rng().integers(2**31)))
+@pytest.fixture
+def clips(fresh_seed):
+    specs = held_out_specs(12, SIZES, seed=fresh_seed)          # replayable with SORA_FAST_TEST_SEED
     return [(sp, render_clip(sp)) for sp in specs]
 
 
@@ -80,9 +80,14 @@ def test_extension_wrong_speed_fails(clips):
 
 
 def test_keyframes_path_that_turns_back_fails(clips):
+    """The path runs on to frame 7, turns back to frame 3, then on to 8. The step back is 4 frames of motion:
+    >= 0.08 of the side (slow: 0.02 of it per frame), well over the 0.03 tolerance plus the tracked centroid's
+    rasterization jitter (under a pixel). Turning back 2 frames (0.04 of the side) was within that jitter of
+    the tolerance: a slow triangle's tracked step back came out under 0.03 of the side for some seeds."""
     for sp, r in clips:
-        bad = r[[0, 1, 2, 6, 7, 5, 4, 3, 8]]
-        assert not judge_keyframes(bad, sp.caption).passed, sp.caption
+        bad = r[[0, 1, 2, 6, 7, 3, 4, 5, 8]]
+        v = judge_keyframes(bad, sp.caption)
+        assert not v.passed and any("turns back" in m for m in v.reasons), (sp.caption, v.reasons)
 
 
 def test_edit_defects_fail(clips):
@@ -99,8 +104,8 @@ def test_edit_defects_fail(clips):
         assert not v.passed and any("path" in m for m in v.reasons), v.reasons
 
 
-def test_long_rollout_judge():
-    specs = held_out_specs(6, [(33, 32, 48), (33, 48, 32)], seed=int(np.random.default_rng().integers(2**31)),
+def test_long_rollout_judge(fresh_seed):
+    specs = held_out_specs(6, [(33, 32, 48), (33, 48, 32)], seed=fresh_seed,
                            bounce=True)
     for sp in specs:
         r = render_clip(sp)
@@ -153,8 +158,8 @@ class _Oracle:
         return self._out(render_clip(dataclasses.replace(sp, frames=frames)))
 
 
-def test_evaluate_conditioning_scores_a_perfect_and_a_blank_model():
-    seed = int(np.random.default_rng().integers(2**20))
+def test_evaluate_conditioning_scores_a_perfect_and_a_blank_model(fresh_seed):
+    seed = fresh_seed % 2**20
     modes = [m for m in MODES if m != "t2v"]
     oracle = _Oracle(seed)
     scores = evaluate_conditioning(oracle, clips=6, seed=seed, modes=modes)

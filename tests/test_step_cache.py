@@ -65,16 +65,23 @@ def test_decisions_per_video_and_cfg_half(dit, cache):
 
 def test_cache_trades_evaluations_for_a_small_change(dit):
     noise = [torch.randn(s, dtype=torch.float64) for s in SHAPES]
-    ref = _run(dit, noise, None, steps=16)
-    for make, threshold in ((FirstBlockCache, 0.3), (TeaCache, 0.4)):
+    for make in (FirstBlockCache, TeaCache):
         st = {}
         _run(dit, noise, make(1e9), stats=st, steps=16)   # reuse whenever allowed: only the first and last steps run
         assert st["evaluations"] == [4, 4, 4], (make, st)                  # per video: 2 steps x 2 CFG halves
+    # How many steps a threshold saves and how far the video moves are properties of the model and its inputs,
+    # not bounds the caches guarantee: over fresh noise this random model's relative change had a median of 0.06
+    # but a tail up to 0.19 (of the 0.2 below), and first-block ran up to 87 of 96 evaluations. Fixed noise
+    # (the model is fixed by the fixture), so the figures are measured ones with a wide margin.
+    g = torch.Generator().manual_seed(0)
+    noise = [torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES]
+    ref = _run(dit, noise, None, steps=16)
+    for make, threshold in ((FirstBlockCache, 0.3), (TeaCache, 0.4)):
         st = {}
         out = _run(dit, noise, make(threshold), stats=st, steps=16)
-        assert sum(st["evaluations"]) < 3 * 32, (make, st)      # some steps reused (measured 0.56-0.85 of them run)
+        assert sum(st["evaluations"]) < 3 * 32, (make, st)      # some steps reused (measured 81 and 50 of 96)
         for a, b in zip(out, ref):
-            assert float((a - b).norm() / b.norm()) < 0.2, make     # measured 0.02-0.06
+            assert float((a - b).norm() / b.norm()) < 0.2, make     # measured 0.015-0.084
 
 
 def test_calibration_fits_a_polynomial(dit):
