@@ -9,6 +9,8 @@ for correctness before it is timed (a failed check is a row without timings):
    diffusers forward per latent (diffusers cannot batch different sizes); every output checked.
 3. ``vae``: a random ``AutoencoderKLWan`` decode before and after ``accelerate`` (causal convs, RMS
    norm + SiLU).
+4. ``wan small``: the Wan forward of 1. at small latents (32 and 192 tokens), where on a CPU the accelerated
+   model hands blocks and attention calls back to diffusers' own code (``wan.CPU_MIN_ELEMENTS``).
 
 Timing, as ``bench_system.py`` (whose model builders it uses): both paths interleaved, warm-up first, median
 of ``--reps``; ratio = before / after (> 1: the accelerated path is faster). Each row names the path every
@@ -43,10 +45,10 @@ def settings(quick: bool) -> dict:
     if quick:
         return dict(dit=dict(heads=2, head_dim=32, layers=1, ffn=128, text_dim=32, in_ch=4), latent=(2, 8, 8),
                     mixed=[(1, 8, 8), (2, 6, 10), (3, 4, 4)], text_len=8, vae=dict(base_dim=8, latent=(2, 4, 4)),
-                    reps=1, warmup=0)
+                    small=[(2, 4, 4)], reps=1, warmup=0)
     return dict(dit=dict(heads=4, head_dim=64, layers=4, ffn=1024, text_dim=64, in_ch=16), latent=(3, 24, 40),
                 mixed=[(1, 32, 32), (3, 24, 40), (5, 16, 16), (2, 30, 18)], text_len=32,
-                vae=dict(base_dim=16, latent=(3, 16, 16)), reps=5, warmup=1)
+                vae=dict(base_dim=16, latent=(3, 16, 16)), small=[(2, 8, 8), (3, 16, 16)], reps=5, warmup=1)
 
 
 def _accelerated_copy(model):
@@ -70,14 +72,14 @@ def _row(case, shape, before, after, outputs, s, paths) -> dict:
     return row
 
 
-def bench_wan(s, wan, device) -> dict:
+def bench_wan(s, wan, device, latent=None, case="wan forward") -> dict:
     c = s["dit"]
     fast, paths = _accelerated_copy(wan)
-    kw = dict(hidden_states=torch.randn(1, c["in_ch"], *s["latent"], device=device),
+    kw = dict(hidden_states=torch.randn(1, c["in_ch"], *(latent or s["latent"]), device=device),
               timestep=torch.tensor([500.0], device=device),
               encoder_hidden_states=torch.randn(1, s["text_len"], c["text_dim"], device=device), return_dict=False)
     before, after = (lambda: wan(**kw)[0]), (lambda: fast(**kw)[0])
-    return _row("wan forward", f"latent {tuple(kw['hidden_states'].shape)}", before, after,
+    return _row(case, f"latent {tuple(kw['hidden_states'].shape)}", before, after,
                 lambda: [(after(), before())], s, paths)
 
 
@@ -132,6 +134,7 @@ def run(args, s) -> int:
     wan, _ = make_dits(s["dit"])
     wan = wan.to(device)
     rows = [bench_wan(s, wan, device), bench_packed(s, wan, device), bench_vae(s, device)]
+    rows += [bench_wan(s, wan, device, lat, "wan forward, small") for lat in s["small"]]
     print(f"{device}, fp32, {torch.get_num_threads()} threads, median of {s['reps']}")
     for r in rows:
         timing = (f"before {r['ms_before']:.1f} ms, after {r['ms_after']:.1f} ms, ratio {r['ratio']:.2f}"

@@ -200,3 +200,39 @@ def test_wan_packed_forward_bad_inputs():
         wan_packed_forward(m, lat, 1.0, torch.randn(2, 24))
     with pytest.raises(ValueError, match="image conditioning"):
         wan_packed_forward(tiny_wan(layers=1, image_dim=20, added_kv_proj_dim=24), lat, 1.0, [torch.randn(2, 24)])
+
+
+@pytest.mark.parametrize("flags", [{}, dict(norms=False), dict(attention=False)], ids=["all", "attention", "norms"])
+def test_small_cpu_calls_run_diffusers_own_code(flags, calls, monkeypatch):
+    """On a CPU, blocks and unwindowed attention calls whose hidden states hold fewer than
+    ``wan.CPU_MIN_ELEMENTS`` elements run diffusers' own code (faster there): no sora_fast op runs and the
+    output is diffusers' bit for bit. At the threshold the patched path runs again; ``choices`` say so."""
+    from sora_fast.integrations.diffusers import wan
+
+    m = tiny_wan(layers=3)
+    kw = wan_inputs(thw=(2, 4, 6))
+    elements = B * (2 * 2 * 3) * m.config.num_attention_heads * m.config.attention_head_dim   # B·S·D
+    ref = run(m, **kw)
+    handle = accelerate(m, **flags)
+    monkeypatch.setattr(wan, "CPU_MIN_ELEMENTS", elements + 1)
+    calls.clear()
+    assert torch.equal(run(m, **kw), ref) and calls == []
+    assert all("diffusers' own code" in c for c in handle.choices.values()), handle.choices
+    monkeypatch.setattr(wan, "CPU_MIN_ELEMENTS", elements)
+    out = run(m, **kw)
+    assert calls and rel_err(out, ref) <= FP32_REL
+    handle.undo()
+
+
+def test_windowed_self_attention_never_falls_back(calls, monkeypatch):
+    """A windowed self-attention has no diffusers counterpart: it runs on sora_fast at any size, while the
+    cross-attention (unwindowed) and the blocks of a small call take diffusers' code."""
+    from sora_fast.integrations.diffusers import wan
+
+    m = tiny_wan()
+    kw = wan_inputs(thw=(2, 4, 6))
+    monkeypatch.setattr(wan, "CPU_MIN_ELEMENTS", 1 << 30)
+    with accelerate(m, window=(0, 1, 1)):
+        calls.clear()
+        run(m, **kw)
+    assert calls == ["spacetime_attention+rope"] * m.config.num_layers

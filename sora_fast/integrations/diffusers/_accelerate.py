@@ -8,6 +8,7 @@ from torch import nn
 
 from ...ops._common import check_window
 from ...ops._dispatch import resolve_backend, resolve_family_backends
+from . import wan
 from .cogvideox import _plan_cogvideox
 from .dispatch import _plan_dispatch
 from .patching import HANDLE_ATTR, AccelerationHandle, _Patcher
@@ -71,6 +72,10 @@ def _choices(name: str, model: nn.Module, cls_name: str, flags: dict, backends: 
             continue
         backend = resolve_backend(_OPS[family], backends[family], device)
         path = TORCH_PATHS[family] if backend == "torch" else f"the {backend} kernel"
+        if cls_name == "WanTransformer3DModel" and backend == "torch" and device.type == "cpu":
+            small = "unwindowed attention calls" if family == "attention" else "blocks"
+            path = (f"{small} of fewer than {wan.CPU_MIN_ELEMENTS} hidden-state elements (B·S·D) run diffusers' "
+                    f"own code (faster there), larger ones: {path}")
         if family == "attention" and flags.get("window") is not None and cls_name in WINDOW_MODELS:
             path += (f"; self-attention window {flags['window']} (|dt|, |dh|, |dw| in latent patches), "
                      "cross-attention dense")

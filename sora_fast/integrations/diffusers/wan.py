@@ -18,6 +18,15 @@ from .patching import _diffusers_attr, _own_forward_free
 
 __all__ = ["WanAttnProcessor"]
 
+#: On a CPU, a block or attention call whose hidden states hold fewer elements (B·S·D) than this runs diffusers'
+#: own code: at a few hundred tokens the patched path's per-call work (checks, tables, plans) costs more than
+#: its fused ops save (docs/benchmarks.md, "accelerate at small sizes"). None of it applies under torch.compile.
+CPU_MIN_ELEMENTS = 1 << 17
+
+
+def _diffusers_faster(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.numel() < CPU_MIN_ELEMENTS and not torch.compiler.is_compiling()
+
 
 class _GridRope(tuple):
     """Wan's ``(freqs_cos, freqs_sin)`` plus the latent patch grid they were built for, so that the
@@ -91,14 +100,17 @@ class WanAttnProcessor:
     """
 
     def __init__(self, backend: Optional[str] = None, *, qkv: Callable, added_kv: Callable,
-                 window: Optional[tuple] = None):
+                 window: Optional[tuple] = None, plain: Optional[Callable] = None):
         self.backend, self._qkv, self._added_kv, self.window = backend, qkv, added_kv, window
+        self._plain = plain if window is None else None    # diffusers' processor, for small calls on a CPU
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None, rotary_emb=None) -> torch.Tensor:
         if attention_mask is not None:
             raise ValueError("WanAttnProcessor (sora_fast) takes no attention_mask (Wan attends to every token), "
                              f"got a tensor of shape {tuple(attention_mask.shape)}")
+        if self._plain is not None and _diffusers_faster(hidden_states):
+            return self._plain(attn, hidden_states, encoder_hidden_states, None, rotary_emb)
         img = None
         if attn.add_k_proj is not None:
             image_len = encoder_hidden_states.shape[1] - 512          # diffusers: 512 text tokens follow
@@ -213,6 +225,9 @@ class _WanBlockForward:
     def __call__(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
                  rotary_emb) -> torch.Tensor:
         block, next_block, chain, backend = self.block, self.next_block, self.chain, self.backend
+        if _diffusers_faster(hidden_states):
+            chain.clear()
+            return type(block).forward(block, hidden_states, encoder_hidden_states, temb, rotary_emb)
         b, s, d = hidden_states.shape
         n = b * s
         x = hidden_states.reshape(n, d)                                                  # (N, D)
@@ -293,7 +308,7 @@ def _plan_wan(name: str, model: nn.Module, flags: dict, backends: dict) -> list:
                 raise ValueError(f"{where} has processor {type(attn.processor).__name__}; sora_fast replaces "
                                  f"diffusers' {proc_cls.__name__} only (call model.set_default_attn_processor())")
         window = flags.get("window")
-        proc = WanAttnProcessor(backends["attention"], qkv=qkv, added_kv=added_kv)
+        proc = WanAttnProcessor(backends["attention"], qkv=qkv, added_kv=added_kv, plain=proc_cls())
         self_proc = proc if window is None else WanAttnProcessor(backends["attention"], qkv=qkv, added_kv=added_kv,
                                                                  window=window)
         chain = _WanChain()
