@@ -247,7 +247,7 @@ class _WanBlockForward:
         c = block.attn2(y.view(b, s, d), encoder_hidden_states, None, None).reshape(n, d)  # (N, D)
         h, y = ops.gated_residual_adaln(h, c, None, shift2, scale2, ids, eps=block.norm3.eps,
                                         backend=backend)                                # h + c, LN(h)*(1+s2)+sh2
-        f = feed_forward(_ffn_rows(block.ffn), y, _ffn_hidden(block.ffn))                         # (N, D)
+        f = feed_forward(_ffn_rows(block.ffn), y, _ffn_hidden(block.ffn))             # (N, D)
         if next_block is not None and not torch.is_grad_enabled():
             (nshift, nscale), _ = _wan_tables(next_block, temb, n, count=2)
             h, y_next = ops.gated_residual_adaln(h, f, gate2, nshift, nscale, ids, eps=next_block.norm1.eps,
